@@ -1,0 +1,6 @@
+//! Tandem's failover machinery: cluster certificates and the authenticated
+//! channel between hosts (heartbeats, failure detection, arbiter and roles
+//! build on these).
+
+pub mod certs;
+pub mod channel;

@@ -1,0 +1,166 @@
+//! `tandem run` and `tandem restore`.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+
+use vmm::inputs::{Inputs, LiveInputs};
+use vmm::machine::{DiskConfig, Machine, MachineError, VmConfig};
+use vmm::run::{RunLimits, RunOutcome};
+use vmm::snapshot;
+
+use super::CmdError;
+use crate::cli::{DiskArg, RestoreArgs, RunArgs};
+use crate::{console, guest_image};
+
+/// The kernel image to load: a user's file or the built-in guest held in
+/// an anonymous memory file (so the loader reads it like any other file).
+pub struct KernelImage {
+    pub path: PathBuf,
+    _memfd: Option<File>,
+}
+
+impl KernelImage {
+    pub fn resolve(path: Option<&PathBuf>) -> Result<Self, CmdError> {
+        if let Some(p) = path {
+            if !p.exists() {
+                return Err(CmdError::Input(format!(
+                    "--kernel {}: no such file",
+                    p.display()
+                )));
+            }
+            return Ok(KernelImage {
+                path: p.clone(),
+                _memfd: None,
+            });
+        }
+        let name = c"tandem-guest";
+        // SAFETY: memfd_create takes a NUL-terminated name and flags; the
+        // returned descriptor is owned by the File below.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(CmdError::Internal(format!(
+                "memfd_create for the built-in guest: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let mut file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.write_all(guest_image::GUEST_ELF)
+            .map_err(|e| CmdError::Internal(format!("writing the built-in guest: {e}")))?;
+        Ok(KernelImage {
+            path: PathBuf::from(format!("/proc/self/fd/{fd}")),
+            _memfd: Some(file),
+        })
+    }
+}
+
+fn disk_config(disk: Option<&DiskArg>) -> Result<Option<DiskConfig>, CmdError> {
+    let Some(d) = disk else { return Ok(None) };
+    let meta = std::fs::metadata(&d.path)
+        .map_err(|e| CmdError::Input(format!("--disk {}: {e}", d.path.display())))?;
+    if !meta.is_file() {
+        return Err(CmdError::Input(format!(
+            "--disk {}: not a regular file",
+            d.path.display()
+        )));
+    }
+    Ok(Some(DiskConfig {
+        path: d.path.clone(),
+        read_only: d.read_only,
+    }))
+}
+
+/// Map a machine-building error to bad input or an internal failure.
+pub fn machine_error(e: MachineError) -> CmdError {
+    match e {
+        MachineError::TooLittleMemory(_)
+        | MachineError::TooMuchMemory(_)
+        | MachineError::Loader(_)
+        | MachineError::Devices(_) => CmdError::Input(e.to_string()),
+        MachineError::Vm(ref v) => match v {
+            vmm::vstate::vm::VmError::NoKvm | vmm::vstate::vm::VmError::KvmPermission => {
+                CmdError::Input(e.to_string())
+            }
+            _ => CmdError::Internal(e.to_string()),
+        },
+        other => CmdError::Internal(other.to_string()),
+    }
+}
+
+/// Turn a run outcome into the process exit status.
+pub fn outcome_status(outcome: RunOutcome) -> i32 {
+    match outcome {
+        RunOutcome::Exited(status) => status,
+        RunOutcome::Reset => {
+            eprintln!("tandem: the guest requested a reset; ending the VM");
+            0
+        }
+        RunOutcome::Halted => {
+            eprintln!("tandem: the guest halted with nothing left to wake it");
+            124
+        }
+        RunOutcome::Stopped => 0,
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<i32, CmdError> {
+    let kernel = KernelImage::resolve(args.kernel.as_ref())?;
+    if let Some(initrd) = &args.initrd {
+        if !initrd.is_file() {
+            return Err(CmdError::Input(format!(
+                "--initrd {}: no such file",
+                initrd.display()
+            )));
+        }
+    }
+    let config = VmConfig {
+        mem_mib: args.mem_mib,
+        kernel: args.kernel.clone(),
+        cmdline: args.cmdline.clone(),
+        initrd: args.initrd.clone(),
+        disk: disk_config(args.disk.as_ref())?,
+    };
+    let console = console::open(&args.serial)?;
+    let mut machine = Machine::boot(&config, &kernel.path, console.out).map_err(machine_error)?;
+    let mut inputs = LiveInputs::new(0, console.input);
+    let limits = RunLimits {
+        stop_at_exit: args.snapshot_at,
+    };
+    let outcome = machine.run(&mut inputs, limits)?;
+    if let (RunOutcome::Stopped, Some(path)) = (outcome, &args.snapshot) {
+        let virtual_ns = inputs.clock_ns(machine.exit_seq);
+        let state = machine
+            .save(virtual_ns)
+            .map_err(|e| CmdError::Internal(e.to_string()))?;
+        snapshot::write(path, &state, &machine.vm.memory)
+            .map_err(|e| CmdError::Internal(e.to_string()))?;
+        eprintln!(
+            "tandem: snapshot at exit {} written to {}",
+            machine.exit_seq,
+            path.display()
+        );
+        return Ok(0);
+    }
+    if let Some(at) = args.snapshot_at {
+        return Err(CmdError::Input(format!(
+            "--snapshot-at {at}: the guest ended at exit {} (status {}) before reaching it; no snapshot written",
+            machine.exit_seq,
+            outcome_status(outcome)
+        )));
+    }
+    Ok(outcome_status(outcome))
+}
+
+pub fn restore(args: RestoreArgs) -> Result<i32, CmdError> {
+    let snap = snapshot::read(&args.snapshot).map_err(|e| CmdError::Input(e.to_string()))?;
+    let console = console::open(&args.serial)?;
+    let disk = disk_config(args.disk.as_ref())?;
+    let mut machine = snap.restore(console.out, disk).map_err(|e| match e {
+        snapshot::SnapshotError::Restore { source, .. } => machine_error(source),
+        other => CmdError::Input(other.to_string()),
+    })?;
+    let mut inputs = LiveInputs::new(snap.state.virtual_ns, console.input);
+    let outcome = machine.run(&mut inputs, RunLimits::default())?;
+    Ok(outcome_status(outcome))
+}

@@ -1,0 +1,236 @@
+//! The device set of a Tandem VM and the dispatch of port and MMIO accesses.
+//!
+//! | device | where | IRQ |
+//! |---|---|---|
+//! | 8259A PIC pair | 0x20-0x21, 0xa0-0xa1, ELCR 0x4d0-0x4d1 | - |
+//! | 8254 PIT | 0x40-0x43, port 0x61 | 0 |
+//! | i8042 (reset only) | 0x60, 0x64 | - |
+//! | CMOS RTC | 0x70-0x71 | - |
+//! | POST code | 0x80 | - |
+//! | debug exit | 0xf4 | - |
+//! | 16550 UART (COM1) | 0x3f8-0x3ff | 4 |
+//! | virtio-mmio block | 0xd000_0000 + 4 KiB | 5 |
+//!
+//! Unclaimed port reads return all ones, writes are ignored (as on a PC).
+
+use serde::{Deserialize, Serialize};
+
+use super::legacy::debug_exit::{DebugExit, PostCode};
+use super::legacy::i8042::I8042;
+use super::legacy::pic::Pic;
+use super::legacy::pit::Pit;
+use super::legacy::rtc::Rtc;
+use super::legacy::serial::SerialDevice;
+use super::virtio::block::{BlockConfig, VirtioBlock};
+use crate::inputs::Inputs;
+use crate::loader::layout::{VIRTIO_BLK_IRQ, VIRTIO_MMIO_BASE};
+use crate::persist::Persist;
+use crate::GuestMemory;
+
+/// COM1 base port.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// COM1 IRQ.
+pub const SERIAL_IRQ: u8 = 4;
+/// PIT channel 0 IRQ.
+pub const TIMER_IRQ: u8 = 0;
+/// The debug-exit port.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// Size of the virtio-mmio window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+
+/// What a port write asks of the run loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoAction {
+    /// Nothing: continue.
+    None,
+    /// The guest wrote its exit status to the debug-exit port.
+    Exit(i32),
+    /// The guest asked for a CPU reset (i8042 command 0xfe).
+    Reset,
+}
+
+/// Errors of the device set.
+#[derive(Debug, thiserror::Error)]
+pub enum DevicesError {
+    #[error("virtio-blk: {0}")]
+    Block(#[from] super::virtio::block::BlockError),
+    #[error("restoring virtio-blk: {0}")]
+    BlockRestore(#[from] super::virtio::persist::PersistError),
+    #[error("restoring {device}: {reason}")]
+    Restore {
+        device: &'static str,
+        reason: String,
+    },
+    #[error("the snapshot has a disk but no disk image was given to restore it")]
+    MissingDisk,
+    #[error("a disk image was given but the snapshot has no disk")]
+    UnexpectedDisk,
+}
+
+/// Every device of the VM.
+pub struct Devices {
+    pub pic: Pic,
+    pub pit: Pit,
+    pub rtc: Rtc,
+    pub serial: SerialDevice,
+    pub i8042: I8042,
+    pub debug_exit: DebugExit,
+    pub post: PostCode,
+    pub block: Option<VirtioBlock>,
+}
+
+/// The state of every device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevicesState {
+    pub pic: <Pic as Persist>::State,
+    pub pit: <Pit as Persist>::State,
+    pub rtc: <Rtc as Persist>::State,
+    pub serial: <SerialDevice as Persist>::State,
+    pub i8042: <I8042 as Persist>::State,
+    pub post: <PostCode as Persist>::State,
+    pub block: Option<<VirtioBlock as Persist>::State>,
+}
+
+impl Devices {
+    /// A fresh device set.
+    pub fn new(
+        mem_below_4g: u64,
+        mem_above_4g: u64,
+        serial_out: Box<dyn std::io::Write + Send>,
+        disk: Option<BlockConfig>,
+    ) -> Result<Self, DevicesError> {
+        Ok(Devices {
+            pic: Pic::new(),
+            pit: Pit::new(),
+            rtc: Rtc::new(mem_below_4g, mem_above_4g),
+            serial: SerialDevice::new(serial_out),
+            i8042: I8042::new(),
+            debug_exit: DebugExit::new(),
+            post: PostCode::default(),
+            block: disk.map(VirtioBlock::new).transpose()?,
+        })
+    }
+
+    /// Port read. Time is requested from `inputs` only when the register
+    /// depends on it.
+    pub fn pio_in(&mut self, port: u16, data: &mut [u8], exit_seq: u64, inputs: &mut dyn Inputs) {
+        let value = match port {
+            0x20 | 0x21 | 0xa0 | 0xa1 | 0x4d0 | 0x4d1 => self.pic.read(port),
+            0x40..=0x42 | 0x61 => self.pit.read(port, &mut || inputs.clock_ns(exit_seq)),
+            0x60 | 0x64 => self.i8042.read(port),
+            0x70 | 0x71 => self.rtc.read(port, &mut || inputs.wall_clock_ns(exit_seq)),
+            0x80 => self.post.read(),
+            SERIAL_PORT..=0x3ff => self.serial.read((port - SERIAL_PORT) as u8),
+            _ => 0xff,
+        };
+        data.fill(0xff);
+        if let Some(first) = data.first_mut() {
+            *first = value;
+        }
+    }
+
+    /// Port write.
+    pub fn pio_out(
+        &mut self,
+        port: u16,
+        data: &[u8],
+        exit_seq: u64,
+        inputs: &mut dyn Inputs,
+    ) -> IoAction {
+        let Some(&value) = data.first() else {
+            return IoAction::None;
+        };
+        match port {
+            0x20 | 0x21 | 0xa0 | 0xa1 | 0x4d0 | 0x4d1 => self.pic.write(port, value),
+            0x40..=0x43 | 0x61 => self
+                .pit
+                .write(port, value, &mut || inputs.clock_ns(exit_seq)),
+            0x60 | 0x64 if self.i8042.write(port, value).is_some() => return IoAction::Reset,
+            0x70 | 0x71 => self
+                .rtc
+                .write_timed(port, value, &mut || inputs.wall_clock_ns(exit_seq)),
+            0x80 => self.post.write(value),
+            DEBUG_EXIT_PORT => return IoAction::Exit(self.debug_exit.write(value).status),
+            SERIAL_PORT..=0x3ff => self.serial.write((port - SERIAL_PORT) as u8, value),
+            _ => {}
+        }
+        IoAction::None
+    }
+
+    /// MMIO read; unclaimed addresses read as all ones.
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        match &mut self.block {
+            Some(b) if (VIRTIO_MMIO_BASE..VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE).contains(&addr) => {
+                b.mmio_read(addr - VIRTIO_MMIO_BASE, data)
+            }
+            _ => data.fill(0xff),
+        }
+    }
+
+    /// MMIO write; unclaimed addresses are ignored.
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8], mem: &GuestMemory) {
+        if let Some(b) = &mut self.block {
+            if (VIRTIO_MMIO_BASE..VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE).contains(&addr) {
+                b.mmio_write(addr - VIRTIO_MMIO_BASE, data, mem);
+            }
+        }
+    }
+
+    /// Propagate device interrupt outputs to the PIC.
+    pub fn update_irq_lines(&mut self) {
+        if self.serial.take_interrupt() {
+            self.pic.raise_irq(SERIAL_IRQ);
+        }
+        if let Some(b) = &self.block {
+            self.pic
+                .set_irq_level(VIRTIO_BLK_IRQ as u8, b.interrupt_level());
+        }
+    }
+
+    /// Capture every device.
+    pub fn save(&self) -> DevicesState {
+        DevicesState {
+            pic: self.pic.save(),
+            pit: self.pit.save(),
+            rtc: self.rtc.save(),
+            serial: self.serial.save(),
+            i8042: self.i8042.save(),
+            post: self.post.save(),
+            block: self.block.as_ref().map(Persist::save),
+        }
+    }
+
+    /// Rebuild every device from `state`.
+    pub fn restore(
+        state: &DevicesState,
+        serial_out: Box<dyn std::io::Write + Send>,
+        disk: Option<BlockConfig>,
+        mem: &GuestMemory,
+    ) -> Result<Self, DevicesError> {
+        fn r<T, E: std::fmt::Display>(
+            device: &'static str,
+            x: Result<T, E>,
+        ) -> Result<T, DevicesError> {
+            x.map_err(|e| DevicesError::Restore {
+                device,
+                reason: e.to_string(),
+            })
+        }
+        let block = match (&state.block, disk) {
+            (Some(s), Some(cfg)) => Some(VirtioBlock::restore((cfg, mem.clone()), s)?),
+            (Some(_), None) => return Err(DevicesError::MissingDisk),
+            (None, Some(_)) => return Err(DevicesError::UnexpectedDisk),
+            (None, None) => None,
+        };
+        Ok(Devices {
+            pic: r("PIC", Pic::restore((), &state.pic))?,
+            pit: r("PIT", Pit::restore((), &state.pit))?,
+            rtc: r("RTC", Rtc::restore((), &state.rtc))?,
+            serial: r("serial", SerialDevice::restore(serial_out, &state.serial))?,
+            i8042: r("i8042", I8042::restore((), &state.i8042))?,
+            debug_exit: DebugExit::new(),
+            post: r("POST code", PostCode::restore((), &state.post))?,
+            block,
+        })
+    }
+}

@@ -1,0 +1,5 @@
+//! virtio devices on the MMIO transport.
+
+pub mod block;
+pub mod mmio;
+pub mod persist;

@@ -1,0 +1,168 @@
+//! The determinism boundary: the one interface through which host-to-guest
+//! values enter the VM.
+//!
+//! Every call happens while the vCPU is stopped at an exit numbered
+//! `exit_seq` (the VM's logical clock). The live implementation reads the
+//! host; a recorder wraps it and logs `(exit_seq, value)`; a replayer returns
+//! the logged value for the same `exit_seq`. Device models never read the
+//! host themselves.
+
+use std::io::Read;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+pub use recordlog::Input;
+
+/// Host-to-guest values, requested by the run loop and the devices at exits.
+pub trait Inputs: Send {
+    /// Virtual monotonic time in ns (PIT counter reads, port 0x61).
+    fn clock_ns(&mut self, exit_seq: u64) -> u64;
+    /// Wall-clock time in ns since the Unix epoch (RTC reads).
+    fn wall_clock_ns(&mut self, exit_seq: u64) -> u64;
+    /// Has virtual time reached `deadline_ns` (the next timer interrupt)?
+    /// Only a `true` answer is an input worth logging.
+    fn deadline_reached(&mut self, exit_seq: u64, deadline_ns: u64) -> bool;
+    /// Bytes that arrived on the serial console since the last call.
+    fn console_input(&mut self, exit_seq: u64) -> Option<Vec<u8>>;
+    /// The guest halted with nothing pending: wait until `deadline_ns`
+    /// (virtual) or until input may have arrived. Live only; a replayer
+    /// returns at once because its inputs come from the log.
+    /// Returns `false` when nothing can ever wake the guest again.
+    fn wait_idle(&mut self, exit_seq: u64, deadline_ns: Option<u64>) -> bool;
+    /// An interrupt with `vector` was injected at `exit_seq`. The recorder
+    /// logs it; the replayer checks it against the log.
+    fn interrupt_injected(&mut self, exit_seq: u64, vector: u8) -> Result<(), Divergence>;
+    /// Host time at which `deadline_ns` falls, for kicking a vCPU that does
+    /// not exit by itself. `None` when virtual time is not host time (replay).
+    fn host_instant_of(&self, deadline_ns: u64) -> Option<Instant>;
+}
+
+/// A replayed run disagreed with its log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("divergence at exit {exit_seq}: expected {expected}, found {found}")]
+pub struct Divergence {
+    pub exit_seq: u64,
+    pub expected: String,
+    pub found: String,
+}
+
+/// The live implementation: the host's clocks and console.
+pub struct LiveInputs {
+    start: Instant,
+    /// Virtual ns at `start` (non-zero after a restore: virtual time
+    /// continues from the snapshot).
+    base_ns: u64,
+    console: Option<Receiver<Vec<u8>>>,
+    /// Bytes that arrived while waiting in `wait_idle`, handed to the guest
+    /// at the next `console_input`.
+    pending: Vec<u8>,
+}
+
+impl LiveInputs {
+    /// Live inputs whose virtual clock starts at `base_ns`, with console
+    /// input from `console` (a channel fed by a reader thread).
+    pub fn new(base_ns: u64, console: Option<Receiver<Vec<u8>>>) -> Self {
+        LiveInputs {
+            start: Instant::now(),
+            base_ns,
+            console,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Spawn a thread that forwards bytes from `reader` (e.g. stdin) and
+    /// return the receiving end for [`LiveInputs::new`].
+    pub fn spawn_console_reader<R: Read + Send + 'static>(mut reader: R) -> Receiver<Vec<u8>> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        std::thread::Builder::new()
+            .name("console-in".into())
+            .spawn(move || {
+                let mut buf = [0u8; 256];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if tx.send(buf[..n].to_vec()).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("spawn console reader thread");
+        rx
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.base_ns + self.start.elapsed().as_nanos() as u64
+    }
+}
+
+impl Inputs for LiveInputs {
+    fn clock_ns(&mut self, _exit_seq: u64) -> u64 {
+        self.now_ns()
+    }
+
+    fn wall_clock_ns(&mut self, _exit_seq: u64) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    }
+
+    fn deadline_reached(&mut self, _exit_seq: u64, deadline_ns: u64) -> bool {
+        self.now_ns() >= deadline_ns
+    }
+
+    fn console_input(&mut self, _exit_seq: u64) -> Option<Vec<u8>> {
+        let mut out = std::mem::take(&mut self.pending);
+        while let Some(rx) = self.console.as_ref() {
+            match rx.try_recv() {
+                Ok(bytes) => out.extend_from_slice(&bytes),
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => self.console = None,
+            }
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
+    fn wait_idle(&mut self, _exit_seq: u64, deadline_ns: Option<u64>) -> bool {
+        let timeout = deadline_ns.map(|d| Duration::from_nanos(d.saturating_sub(self.now_ns())));
+        if !self.pending.is_empty() {
+            return true;
+        }
+        match (&self.console, timeout) {
+            (None, None) => false,
+            (None, Some(t)) => {
+                std::thread::sleep(t);
+                true
+            }
+            (Some(rx), t) => {
+                let res = match t {
+                    Some(t) => rx.recv_timeout(t),
+                    None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                };
+                match res {
+                    Ok(bytes) => {
+                        self.pending = bytes;
+                        true
+                    }
+                    Err(RecvTimeoutError::Timeout) => true,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        self.console = None;
+                        deadline_ns.is_some()
+                    }
+                }
+            }
+        }
+    }
+
+    fn interrupt_injected(&mut self, _exit_seq: u64, _vector: u8) -> Result<(), Divergence> {
+        Ok(())
+    }
+
+    fn host_instant_of(&self, deadline_ns: u64) -> Option<Instant> {
+        Some(self.start + Duration::from_nanos(deadline_ns.saturating_sub(self.base_ns)))
+    }
+}

@@ -1,0 +1,208 @@
+//! A whole VM: KVM VM + vCPU + devices, its logical clock `exit_seq`, boot,
+//! state capture/restore and the run loop.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::devices::virtio::block::BlockConfig;
+use crate::devices::{Devices, DevicesError, DevicesState};
+use crate::dirty::DirtyTracker;
+use crate::loader::{self, layout, BootSource, LoaderError};
+use crate::vstate::cpuid::{self, CpuidError};
+use crate::vstate::memory::MemoryError;
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuState};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Smallest guest Tandem accepts.
+pub const MIN_MEM_MIB: u64 = 8;
+
+/// How a VM is put together. Serialized into snapshots and log headers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// The kernel, for the record (`None` = the built-in test guest).
+    pub kernel: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// The virtio-blk disk.
+    pub disk: Option<DiskConfig>,
+}
+
+/// A disk of a [`VmConfig`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+impl DiskConfig {
+    pub fn block_config(&self) -> BlockConfig {
+        BlockConfig {
+            path: self.path.clone(),
+            read_only: self.read_only,
+        }
+    }
+}
+
+/// Errors building or restoring a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("--mem-mib {0}: too little memory (at least {MIN_MEM_MIB} MiB)")]
+    TooLittleMemory(u64),
+    #[error("--mem-mib {0}: too much memory for this host")]
+    TooMuchMemory(u64),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Cpuid(#[from] CpuidError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Devices(#[from] DevicesError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
+/// Everything but guest memory: vCPU, devices, the logical clock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MachineState {
+    pub config: VmConfig,
+    /// The exit at which the state was taken.
+    pub exit_seq: u64,
+    /// Virtual time (ns) at that exit.
+    pub virtual_ns: u64,
+    pub vcpu: VcpuState,
+    pub devices: DevicesState,
+}
+
+/// A VM ready to run.
+pub struct Machine {
+    pub config: VmConfig,
+    pub vm: Vm,
+    pub vcpu: Vcpu,
+    pub devices: Devices,
+    /// The logical clock: guest-caused exits so far (DESIGN.md rule 1).
+    pub exit_seq: u64,
+    pub dirty: DirtyTracker,
+}
+
+fn check_mem(mib: u64) -> Result<(), MachineError> {
+    if mib < MIN_MEM_MIB {
+        return Err(MachineError::TooLittleMemory(mib));
+    }
+    if mib > (1 << 20) {
+        return Err(MachineError::TooMuchMemory(mib));
+    }
+    Ok(())
+}
+
+fn split_mem(mem: &crate::GuestMemory) -> (u64, u64) {
+    let mut below = 0;
+    let mut above = 0;
+    for r in mem.iter() {
+        if r.start_addr().0 < layout::MMIO_HOLE_START {
+            below += r.len();
+        } else {
+            above += r.len();
+        }
+    }
+    (below, above)
+}
+
+impl Machine {
+    fn create(config: &VmConfig) -> Result<(Vm, Vcpu), MachineError> {
+        check_mem(config.mem_mib)?;
+        let vm = Vm::new(&layout::ram_regions(config.mem_mib << 20))?;
+        let cpuid = cpuid::build(&vm.kvm)?;
+        let vcpu = Vcpu::new(&vm.kvm, &vm.fd, &cpuid)?;
+        Ok((vm, vcpu))
+    }
+
+    /// Build a VM and load `kernel` into it (`config.kernel` is only a
+    /// label: the built-in guest is passed here as a path to a memfd).
+    pub fn boot(
+        config: &VmConfig,
+        kernel: &std::path::Path,
+        serial_out: Box<dyn std::io::Write + Send>,
+    ) -> Result<Self, MachineError> {
+        let (vm, vcpu) = Self::create(config)?;
+        let entry = loader::load(
+            &vm.memory,
+            &BootSource {
+                kernel,
+                cmdline: &config.cmdline,
+                initrd: config.initrd.as_deref(),
+            },
+        )?;
+        loader::configure_vcpu(&vcpu.fd, &entry, &vm.memory)?;
+        let (below, above) = split_mem(&vm.memory);
+        let devices = Devices::new(
+            below,
+            above,
+            serial_out,
+            config.disk.as_ref().map(DiskConfig::block_config),
+        )?;
+        let dirty = DirtyTracker::new(&vm.memory);
+        Ok(Machine {
+            config: config.clone(),
+            vm,
+            vcpu,
+            devices,
+            exit_seq: 0,
+            dirty,
+        })
+    }
+
+    /// Capture vCPU and devices at the current exit (memory is captured
+    /// separately). Completes pending I/O first.
+    pub fn save(&mut self, virtual_ns: u64) -> Result<MachineState, MachineError> {
+        self.vcpu.complete_pending_io()?;
+        Ok(MachineState {
+            config: self.config.clone(),
+            exit_seq: self.exit_seq,
+            virtual_ns,
+            vcpu: self.vcpu.save()?,
+            devices: self.devices.save(),
+        })
+    }
+
+    /// Rebuild a machine from `state`; `fill_memory` loads guest memory
+    /// (from a snapshot file or a migration stream) before the vCPU state is
+    /// set. `disk` overrides the disk of the saved config (a moved image).
+    pub fn restore(
+        state: &MachineState,
+        serial_out: Box<dyn std::io::Write + Send>,
+        disk: Option<DiskConfig>,
+        fill_memory: impl FnOnce(&crate::GuestMemory) -> Result<(), MemoryError>,
+    ) -> Result<Self, MachineError> {
+        let mut config = state.config.clone();
+        if disk.is_some() {
+            config.disk = disk;
+        }
+        let (vm, vcpu) = Self::create(&config)?;
+        fill_memory(&vm.memory)?;
+        vcpu.restore(&state.vcpu)?;
+        let devices = Devices::restore(
+            &state.devices,
+            serial_out,
+            config.disk.as_ref().map(DiskConfig::block_config),
+            &vm.memory,
+        )?;
+        let dirty = DirtyTracker::new(&vm.memory);
+        Ok(Machine {
+            config,
+            vm,
+            vcpu,
+            devices,
+            exit_seq: state.exit_seq,
+            dirty,
+        })
+    }
+}

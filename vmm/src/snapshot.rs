@@ -1,0 +1,201 @@
+//! Snapshot files: a whole VM (machine state + guest memory) on disk.
+//!
+//! Layout (all integers little-endian):
+//!
+//! | bytes | content |
+//! |---|---|
+//! | 8 | magic `TNDMSNAP` |
+//! | 4 | format version ([`SNAPSHOT_VERSION`]) |
+//! | 8 | length N of the machine state |
+//! | N | [`MachineState`], postcard-encoded |
+//! | ... | memory image (`vstate::memory::write_image`: regions, then non-zero pages) |
+//! | 4 | CRC32C of everything before it |
+//!
+//! A snapshot is written to a temporary file beside the target and renamed
+//! into place, so a failed write never leaves a half snapshot under the
+//! requested name. Reading checks magic, version and checksum before
+//! anything is built.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::machine::{Machine, MachineError, MachineState};
+use crate::vstate::memory::{self, MemoryError};
+use crate::GuestMemory;
+
+/// Magic at the start of every snapshot file.
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"TNDMSNAP";
+/// Version of the snapshot format this build reads and writes.
+pub const SNAPSHOT_VERSION: u32 = 1;
+
+/// Errors reading or writing a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a Tandem snapshot (bad magic)")]
+    BadMagic { path: PathBuf },
+    #[error(
+        "snapshot {path} has format version {found}; this Tandem reads version {SNAPSHOT_VERSION}"
+    )]
+    Version { path: PathBuf, found: u32 },
+    #[error("snapshot {path} is corrupted: checksum {found:#010x}, expected {expected:#010x}")]
+    Checksum {
+        path: PathBuf,
+        expected: u32,
+        found: u32,
+    },
+    #[error("snapshot {path} is truncated or malformed: {reason}")]
+    Malformed { path: PathBuf, reason: String },
+    #[error("snapshot {path}: {source}")]
+    Memory { path: PathBuf, source: MemoryError },
+    #[error("restoring snapshot {path}: {source}")]
+    Restore { path: PathBuf, source: MachineError },
+}
+
+/// A writer that keeps a running CRC32C.
+struct CrcWriter<W> {
+    inner: W,
+    crc: u32,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Write `state` and `mem` to `path` (atomically: temp file + rename).
+pub fn write(path: &Path, state: &MachineState, mem: &GuestMemory) -> Result<(), SnapshotError> {
+    let io = |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp-snapshot");
+    let file = File::create(&tmp).map_err(io)?;
+    let result = (|| -> Result<(), SnapshotError> {
+        let mut w = CrcWriter {
+            inner: BufWriter::with_capacity(1 << 20, file),
+            crc: 0,
+        };
+        let encoded = postcard::to_stdvec(state).map_err(|e| SnapshotError::Malformed {
+            path: path.to_path_buf(),
+            reason: format!("encoding the machine state: {e}"),
+        })?;
+        w.write_all(&SNAPSHOT_MAGIC).map_err(io)?;
+        w.write_all(&SNAPSHOT_VERSION.to_le_bytes()).map_err(io)?;
+        w.write_all(&(encoded.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        w.write_all(&encoded).map_err(io)?;
+        memory::write_image(mem, &mut w).map_err(|source| SnapshotError::Memory {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let crc = w.crc;
+        let mut inner = w.inner;
+        inner.write_all(&crc.to_le_bytes()).map_err(io)?;
+        let file = inner.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => std::fs::rename(&tmp, path).map_err(io),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// A verified snapshot in memory: the machine state and the memory image.
+pub struct Snapshot {
+    pub path: PathBuf,
+    pub state: MachineState,
+    /// The memory image bytes (see `vstate::memory::read_image`).
+    memory_image: Vec<u8>,
+}
+
+/// Read and verify a snapshot file. Nothing is built yet.
+pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
+    let p = || path.to_path_buf();
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|source| SnapshotError::Io { path: p(), source })?;
+    let malformed = |reason: &str| SnapshotError::Malformed {
+        path: p(),
+        reason: reason.to_string(),
+    };
+    if bytes.len() < 8 || bytes[..8] != SNAPSHOT_MAGIC {
+        return Err(SnapshotError::BadMagic { path: p() });
+    }
+    if bytes.len() < 8 + 4 + 8 + 4 {
+        return Err(malformed("shorter than its header"));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default());
+    if version != SNAPSHOT_VERSION {
+        return Err(SnapshotError::Version {
+            path: p(),
+            found: version,
+        });
+    }
+    let body_len = bytes.len() - 4;
+    let expected = u32::from_le_bytes(bytes[body_len..].try_into().unwrap_or_default());
+    let found = crc32c::crc32c(&bytes[..body_len]);
+    if expected != found {
+        return Err(SnapshotError::Checksum {
+            path: p(),
+            expected,
+            found,
+        });
+    }
+    let state_len = u64::from_le_bytes(bytes[12..20].try_into().unwrap_or_default());
+    let state_end = 20usize
+        .checked_add(usize::try_from(state_len).map_err(|_| malformed("state length"))?)
+        .filter(|&end| end <= body_len)
+        .ok_or_else(|| malformed("machine state runs past the end"))?;
+    let state: MachineState = postcard::from_bytes(&bytes[20..state_end])
+        .map_err(|e| malformed(&format!("machine state: {e}")))?;
+    bytes.truncate(body_len);
+    let memory_image = bytes.split_off(state_end);
+    Ok(Snapshot {
+        path: p(),
+        state,
+        memory_image,
+    })
+}
+
+impl Snapshot {
+    /// Build the machine this snapshot describes. `disk` overrides the
+    /// saved disk path.
+    pub fn restore(
+        &self,
+        serial_out: Box<dyn Write + Send>,
+        disk: Option<crate::machine::DiskConfig>,
+    ) -> Result<Machine, SnapshotError> {
+        Machine::restore(&self.state, serial_out, disk, |mem| {
+            let mut r = self.memory_image.as_slice();
+            memory::read_image(mem, &mut r)?;
+            if !r.is_empty() {
+                return Err(MemoryError::Mismatch(format!(
+                    "{} bytes after the memory image",
+                    r.len()
+                )));
+            }
+            Ok(())
+        })
+        .map_err(|source| SnapshotError::Restore {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}

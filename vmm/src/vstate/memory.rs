@@ -1,0 +1,183 @@
+//! Guest memory: creation from the layout, registration with KVM, and the
+//! page-level image used by snapshots and state transfer.
+
+use std::io::{Read, Write};
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use crate::{GuestMemory, PAGE_SIZE};
+
+/// Errors of guest memory handling.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot allocate {mib} MiB of guest memory: {source}")]
+    Allocate {
+        mib: u64,
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("KVM refused memory slot {slot}: {source}")]
+    Register {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest memory access at {addr:#x}: {source}")]
+    Access {
+        addr: u64,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("memory image: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("memory image does not match this VM: {0}")]
+    Mismatch(String),
+}
+
+/// Allocate guest RAM for `ranges` (see `loader::layout::ram_regions`).
+pub fn create(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemory, MemoryError> {
+    let total: usize = ranges.iter().map(|r| r.1).sum();
+    GuestMemory::from_ranges(ranges).map_err(|source| MemoryError::Allocate {
+        mib: (total >> 20) as u64,
+        source,
+    })
+}
+
+/// Register (or re-register, to switch dirty logging) every region with KVM.
+/// Slot numbers are the region indices.
+pub fn register(vm: &VmFd, mem: &GuestMemory, dirty_log: bool) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|source| MemoryError::Access {
+                addr: region.start_addr().0,
+                source,
+            })?;
+        let desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: if dirty_log {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the host range belongs to `mem`, which the caller keeps
+        // alive (it is owned by the same `Vm`) for as long as the VM exists.
+        unsafe { vm.set_user_memory_region(desc) }.map_err(|source| MemoryError::Register {
+            slot: slot as u32,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// The regions of `mem` as `(start, size)` pairs.
+pub fn layout(mem: &GuestMemory) -> Vec<(u64, u64)> {
+    mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // 16-byte words let the compiler vectorise; early exit per chunk of 256.
+    page.chunks(256).all(|chunk| {
+        chunk
+            .chunks(16)
+            .map(|w| {
+                let mut b = [0u8; 16];
+                b[..w.len()].copy_from_slice(w);
+                u128::from_ne_bytes(b)
+            })
+            .fold(0, |acc, w| acc | w)
+            == 0
+    })
+}
+
+/// Does the page at `gpa` hold only zeroes?
+pub fn page_is_zero(page: &[u8]) -> bool {
+    is_zero(page)
+}
+
+/// Write the memory image: the region layout, then for every non-zero page
+/// its guest-physical page number and contents, ended by `u64::MAX`.
+pub fn write_image<W: Write>(mem: &GuestMemory, w: &mut W) -> Result<u64, MemoryError> {
+    let regions = layout(mem);
+    w.write_all(&(regions.len() as u32).to_le_bytes())?;
+    for (start, len) in &regions {
+        w.write_all(&start.to_le_bytes())?;
+        w.write_all(&len.to_le_bytes())?;
+    }
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut written = 0u64;
+    for (start, len) in regions {
+        for off in (0..len).step_by(PAGE_SIZE) {
+            let gpa = start + off;
+            read_page(mem, gpa, &mut page)?;
+            if is_zero(&page) {
+                continue;
+            }
+            w.write_all(&(gpa / PAGE_SIZE as u64).to_le_bytes())?;
+            w.write_all(&page)?;
+            written += 1;
+        }
+    }
+    w.write_all(&u64::MAX.to_le_bytes())?;
+    Ok(written)
+}
+
+/// Read a memory image written by [`write_image`] into `mem`, whose layout
+/// must be the same and which must be freshly allocated (all zero): pages
+/// absent from the image are left as they are.
+pub fn read_image<R: Read>(mem: &GuestMemory, r: &mut R) -> Result<u64, MemoryError> {
+    let mut b4 = [0u8; 4];
+    let mut b8 = [0u8; 8];
+    r.read_exact(&mut b4)?;
+    let n = u32::from_le_bytes(b4) as usize;
+    if n > 64 {
+        return Err(MemoryError::Mismatch(format!("{n} memory regions")));
+    }
+    let mut regions = Vec::with_capacity(n);
+    for _ in 0..n {
+        r.read_exact(&mut b8)?;
+        let start = u64::from_le_bytes(b8);
+        r.read_exact(&mut b8)?;
+        regions.push((start, u64::from_le_bytes(b8)));
+    }
+    if regions != layout(mem) {
+        return Err(MemoryError::Mismatch(format!(
+            "image regions {:x?}, VM regions {:x?}",
+            regions,
+            layout(mem)
+        )));
+    }
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut count = 0;
+    loop {
+        r.read_exact(&mut b8)?;
+        let pfn = u64::from_le_bytes(b8);
+        if pfn == u64::MAX {
+            return Ok(count);
+        }
+        r.read_exact(&mut page)?;
+        write_page(mem, pfn * PAGE_SIZE as u64, &page)?;
+        count += 1;
+    }
+}
+
+/// Read one page.
+pub fn read_page(mem: &GuestMemory, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+    mem.read_slice(buf, GuestAddress(gpa))
+        .map_err(|source| MemoryError::Access { addr: gpa, source })
+}
+
+/// Write one page (marks it dirty in the VMM bitmap).
+pub fn write_page(mem: &GuestMemory, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+    if mem.address_in_range(GuestAddress(gpa + data.len() as u64 - 1)) {
+        mem.write_slice(data, GuestAddress(gpa))
+            .map_err(|source| MemoryError::Access { addr: gpa, source })
+    } else {
+        Err(MemoryError::Mismatch(format!(
+            "page {gpa:#x} outside guest memory"
+        )))
+    }
+}

@@ -1,0 +1,425 @@
+//! The one vCPU: KVM vCPU state capture/restore, interrupt injection, kicks
+//! and the crash report for exits that end a VM.
+
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_interrupt, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVMIO,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::{ioctl::ioctl_with_ref, ioctl_iow_nr};
+
+use crate::GuestMemory;
+
+ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
+
+/// Errors of the vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot create the vCPU: {0}")]
+    Create(kvm_ioctls::Error),
+    #[error("KVM_SET_CPUID2 failed: {0}")]
+    Cpuid(kvm_ioctls::Error),
+    #[error("KVM_INTERRUPT (vector {vector:#x}) failed: {source}")]
+    Interrupt { vector: u8, source: std::io::Error },
+    #[error("{what} failed: {source}")]
+    State {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU state: {0}")]
+    Invalid(String),
+}
+
+fn st<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuError> {
+    r.map_err(|source| VcpuError::State { what, source })
+}
+
+/// Everything KVM holds about the vCPU.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    /// The 4 KiB legacy `kvm_xsave` region (x87, SSE, AVX... state).
+    pub xsave: Vec<u32>,
+    pub xcrs: kvm_xcrs,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub debug_regs: kvm_debugregs,
+    pub events: kvm_vcpu_events,
+    pub mp_state: kvm_mp_state,
+}
+
+/// The vCPU and the MSR list it saves.
+pub struct Vcpu {
+    pub fd: VcpuFd,
+    msr_indices: Vec<u32>,
+    kicker: Kicker,
+}
+
+/// MSRs that must not be saved or restored (host-specific or read-only).
+fn msr_excluded(index: u32) -> bool {
+    // KVM paravirt MSRs (kvmclock etc.) are hidden from the guest by CPUID.
+    (0x4b56_4d00..=0x4b56_4dff).contains(&index) || (0x11..=0x12).contains(&index)
+}
+
+impl Vcpu {
+    /// Create vCPU 0 with the given CPUID.
+    pub fn new(kvm: &Kvm, vm: &VmFd, cpuid: &kvm_bindings::CpuId) -> Result<Self, VcpuError> {
+        let fd = vm.create_vcpu(0).map_err(VcpuError::Create)?;
+        fd.set_cpuid2(cpuid).map_err(VcpuError::Cpuid)?;
+        let list = kvm
+            .get_msr_index_list()
+            .map_err(|source| VcpuError::State {
+                what: "KVM_GET_MSR_INDEX_LIST",
+                source,
+            })?;
+        let mut vcpu = Vcpu {
+            fd,
+            msr_indices: list
+                .as_slice()
+                .iter()
+                .copied()
+                .filter(|&i| !msr_excluded(i))
+                .collect(),
+            kicker: Kicker::new(),
+        };
+        vcpu.probe_msrs()?;
+        Ok(vcpu)
+    }
+
+    /// Keep only the MSRs this host lets us read (KVM stops at the first
+    /// failing index and returns how many it read).
+    fn probe_msrs(&mut self) -> Result<(), VcpuError> {
+        let mut keep = Vec::with_capacity(self.msr_indices.len());
+        let mut rest = self.msr_indices.clone();
+        while !rest.is_empty() {
+            let entries: Vec<kvm_msr_entry> = rest
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries)
+                .map_err(|e| VcpuError::Invalid(format!("MSR list: {e:?}")))?;
+            let n = st("KVM_GET_MSRS", self.fd.get_msrs(&mut msrs))?;
+            keep.extend_from_slice(&rest[..n]);
+            rest.drain(..(n + 1).min(rest.len()));
+        }
+        self.msr_indices = keep;
+        Ok(())
+    }
+
+    /// Capture the vCPU state. Pending I/O must have been completed first
+    /// (see [`Vcpu::complete_pending_io`]).
+    pub fn save(&self) -> Result<VcpuState, VcpuError> {
+        let entries: Vec<kvm_msr_entry> = self
+            .msr_indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| VcpuError::Invalid(format!("MSR list: {e:?}")))?;
+        let n = st("KVM_GET_MSRS", self.fd.get_msrs(&mut msrs))?;
+        if n != entries.len() {
+            return Err(VcpuError::Invalid(format!(
+                "KVM_GET_MSRS read {n} of {} MSRs",
+                entries.len()
+            )));
+        }
+        Ok(VcpuState {
+            regs: st("KVM_GET_REGS", self.fd.get_regs())?,
+            sregs: st("KVM_GET_SREGS", self.fd.get_sregs())?,
+            xsave: st("KVM_GET_XSAVE", self.fd.get_xsave())?.region.to_vec(),
+            xcrs: st("KVM_GET_XCRS", self.fd.get_xcrs())?,
+            msrs: msrs.as_slice().to_vec(),
+            debug_regs: st("KVM_GET_DEBUGREGS", self.fd.get_debug_regs())?,
+            events: st("KVM_GET_VCPU_EVENTS", self.fd.get_vcpu_events())?,
+            mp_state: st("KVM_GET_MP_STATE", self.fd.get_mp_state())?,
+        })
+    }
+
+    /// Overwrite the vCPU state. Pending I/O must have been completed first.
+    pub fn restore(&self, s: &VcpuState) -> Result<(), VcpuError> {
+        // Order as the kernel documentation and other VMMs do: sregs before
+        // regs (mode), xcrs before xsave, events and MSRs last.
+        st("KVM_SET_SREGS", self.fd.set_sregs(&s.sregs))?;
+        st("KVM_SET_REGS", self.fd.set_regs(&s.regs))?;
+        st("KVM_SET_XCRS", self.fd.set_xcrs(&s.xcrs))?;
+        let xsave = kvm_xsave {
+            region: s.xsave.as_slice().try_into().map_err(|_| {
+                VcpuError::Invalid(format!("xsave region of {} words", s.xsave.len()))
+            })?,
+            extra: kvm_bindings::__IncompleteArrayField::new(),
+        };
+        // SAFETY: `xsave` is a complete legacy `kvm_xsave` (4 KiB region),
+        // exactly what KVM_SET_XSAVE reads.
+        st("KVM_SET_XSAVE", unsafe { self.fd.set_xsave(&xsave) })?;
+        let msrs = Msrs::from_entries(&s.msrs)
+            .map_err(|e| VcpuError::Invalid(format!("MSR list: {e:?}")))?;
+        let n = st("KVM_SET_MSRS", self.fd.set_msrs(&msrs))?;
+        if n != s.msrs.len() {
+            let bad = s.msrs.get(n).map(|e| e.index).unwrap_or(0);
+            return Err(VcpuError::Invalid(format!(
+                "KVM_SET_MSRS stopped at MSR {bad:#x} ({n} of {})",
+                s.msrs.len()
+            )));
+        }
+        st("KVM_SET_DEBUGREGS", self.fd.set_debug_regs(&s.debug_regs))?;
+        st("KVM_SET_VCPU_EVENTS", self.fd.set_vcpu_events(&s.events))?;
+        st("KVM_SET_MP_STATE", self.fd.set_mp_state(s.mp_state))?;
+        Ok(())
+    }
+
+    /// Finish an IN or MMIO read that KVM completes only on re-entry, without
+    /// running guest code (`KVM_RUN` with `immediate_exit`). Must precede any
+    /// capture or overwrite of the vCPU state at an exit (DESIGN.md rule 4).
+    pub fn complete_pending_io(&mut self) -> Result<(), VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let r = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(source) => Err(VcpuError::State {
+                what: "KVM_RUN (immediate exit)",
+                source,
+            }),
+            Ok(_) => Err(VcpuError::Invalid(
+                "KVM_RUN with immediate_exit returned an exit".into(),
+            )),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        r
+    }
+
+    /// Inject an external interrupt (`KVM_INTERRUPT`, no in-kernel irqchip).
+    pub fn inject(&self, vector: u8) -> Result<(), VcpuError> {
+        let irq = kvm_interrupt { irq: vector.into() };
+        // SAFETY: KVM_INTERRUPT reads one `kvm_interrupt` from the pointer,
+        // which refers to a live local; the fd is a vCPU fd.
+        let ret = unsafe { ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &irq) };
+        if ret < 0 {
+            return Err(VcpuError::Interrupt {
+                vector,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Can an interrupt be injected now (IF set, no interrupt shadow)?
+    pub fn ready_for_interrupt(&mut self) -> bool {
+        let run = self.fd.get_kvm_run();
+        run.ready_for_interrupt_injection != 0 && run.if_flag != 0
+    }
+
+    /// Was IF set at the last exit?
+    pub fn interrupts_enabled(&mut self) -> bool {
+        self.fd.get_kvm_run().if_flag != 0
+    }
+
+    /// The suberror of the last `KVM_EXIT_INTERNAL_ERROR`.
+    pub fn internal_error_suberror(&mut self) -> u32 {
+        // SAFETY: only called right after a KVM_EXIT_INTERNAL_ERROR exit,
+        // for which the kernel fills the `internal` member of the union.
+        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror }
+    }
+
+    /// Ask KVM to exit as soon as the guest can take an interrupt.
+    pub fn request_interrupt_window(&mut self, on: bool) {
+        self.fd.get_kvm_run().request_interrupt_window = on.into();
+    }
+
+    /// The kicker of this vCPU (to stop a guest that does not exit).
+    pub fn kicker(&self) -> &Kicker {
+        &self.kicker
+    }
+
+    /// A human-readable report of the vCPU for a VM that ended abnormally:
+    /// RIP, the instruction bytes there, registers.
+    pub fn crash_report(&self, mem: &GuestMemory) -> String {
+        let mut out = String::new();
+        let regs = match self.fd.get_regs() {
+            Ok(r) => r,
+            Err(e) => return format!("(registers unavailable: {e})"),
+        };
+        let sregs = self.fd.get_sregs().ok();
+        out.push_str(&format!("RIP {:#018x}", regs.rip));
+        if let Some(s) = &sregs {
+            out.push_str(&format!(
+                " (CS {:#06x} base {:#x}, CR0 {:#x}, EFER {:#x})",
+                s.cs.selector, s.cs.base, s.cr0, s.efer
+            ));
+        }
+        out.push('\n');
+        let linear = sregs.map(|s| s.cs.base + regs.rip).unwrap_or(regs.rip);
+        match self.fd.translate_gva(linear) {
+            Ok(t) if t.valid != 0 => {
+                let mut bytes = [0u8; 16];
+                match mem.read_slice(&mut bytes, GuestAddress(t.physical_address)) {
+                    Ok(()) => {
+                        out.push_str(&format!("instruction bytes at {:#x}:", t.physical_address));
+                        for b in bytes {
+                            out.push_str(&format!(" {b:02x}"));
+                        }
+                        out.push('\n');
+                    }
+                    Err(e) => out.push_str(&format!("instruction bytes unreadable: {e}\n")),
+                }
+            }
+            _ => out.push_str("instruction bytes: RIP does not translate\n"),
+        }
+        out.push_str(&format!(
+            "RAX {:#018x} RBX {:#018x} RCX {:#018x} RDX {:#018x}\n\
+             RSI {:#018x} RDI {:#018x} RBP {:#018x} RSP {:#018x}\n\
+             R8  {:#018x} R9  {:#018x} R10 {:#018x} R11 {:#018x}\n\
+             R12 {:#018x} R13 {:#018x} R14 {:#018x} R15 {:#018x}\n\
+             RFLAGS {:#010x}",
+            regs.rax,
+            regs.rbx,
+            regs.rcx,
+            regs.rdx,
+            regs.rsi,
+            regs.rdi,
+            regs.rbp,
+            regs.rsp,
+            regs.r8,
+            regs.r9,
+            regs.r10,
+            regs.r11,
+            regs.r12,
+            regs.r13,
+            regs.r14,
+            regs.r15,
+            regs.rflags
+        ));
+        if let Some(s) = sregs {
+            out.push_str(&format!(
+                "\nCR2 {:#x} CR3 {:#x} CR4 {:#x}",
+                s.cr2, s.cr3, s.cr4
+            ));
+        }
+        out
+    }
+
+    /// The raw fd, for diagnostics.
+    pub fn raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Kicks the vCPU thread out of `KVM_RUN` at a host deadline, with a signal.
+///
+/// A kick lands at an arbitrary guest instruction: it is not an exit and
+/// not a tick of `exit_seq` (DESIGN.md rule 4). The signal is repeated every
+/// millisecond until the vCPU thread disarms, so that a signal arriving just
+/// before `KVM_RUN` is entered is not lost.
+#[derive(Clone)]
+pub struct Kicker {
+    inner: Arc<KickerInner>,
+}
+
+struct KickerInner {
+    /// The pthread to signal (0 = none yet).
+    thread: AtomicU64,
+    armed: Mutex<Option<Instant>>,
+    cond: Condvar,
+    kicks: AtomicU64,
+    started: AtomicBool,
+}
+
+fn kick_signal() -> i32 {
+    libc::SIGRTMIN() + 2
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+static HANDLER: Once = Once::new();
+
+impl Kicker {
+    fn new() -> Self {
+        HANDLER.call_once(|| {
+            // No SA_RESTART: the signal must make KVM_RUN return EINTR.
+            let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler);
+        });
+        Kicker {
+            inner: Arc::new(KickerInner {
+                thread: AtomicU64::new(0),
+                armed: Mutex::new(None),
+                cond: Condvar::new(),
+                kicks: AtomicU64::new(0),
+                started: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Bind to the calling thread (the vCPU thread) and start the timer
+    /// thread on first use.
+    pub fn bind_current_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() } as u64;
+        self.inner.thread.store(me, Ordering::SeqCst);
+        if !self.inner.started.swap(true, Ordering::SeqCst) {
+            let weak = Arc::downgrade(&self.inner);
+            std::thread::Builder::new()
+                .name("vcpu-kicker".into())
+                .spawn(move || kicker_thread(weak))
+                .expect("spawn kicker thread");
+        }
+    }
+
+    /// Kick the vCPU at `when` (and every millisecond after) until disarmed.
+    pub fn arm(&self, when: Instant) {
+        let mut armed = self.inner.armed.lock().unwrap_or_else(|e| e.into_inner());
+        *armed = Some(when);
+        self.inner.cond.notify_one();
+    }
+
+    /// Stop kicking.
+    pub fn disarm(&self) {
+        let mut armed = self.inner.armed.lock().unwrap_or_else(|e| e.into_inner());
+        *armed = None;
+    }
+
+    /// Kicks sent so far.
+    pub fn kicks(&self) -> u64 {
+        self.inner.kicks.load(Ordering::Relaxed)
+    }
+}
+
+fn kicker_thread(weak: std::sync::Weak<KickerInner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let guard = inner.armed.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        match *guard {
+            None => {
+                // Wake periodically so the thread ends when the VM is gone.
+                let _ = inner.cond.wait_timeout(guard, Duration::from_millis(200));
+            }
+            Some(when) if when > now => {
+                let _ = inner.cond.wait_timeout(guard, when - now);
+            }
+            Some(_) => {
+                drop(guard);
+                let t = inner.thread.load(Ordering::SeqCst);
+                if t != 0 {
+                    // SAFETY: `t` is the pthread id of the vCPU thread, which
+                    // outlives the VM (it owns it); the signal has a no-op
+                    // handler installed.
+                    unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+                    inner.kicks.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(inner);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
