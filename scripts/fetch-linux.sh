@@ -79,10 +79,15 @@ fi
 work="$(mktemp -d "$out/.fetch.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
+# As root, apt-get download would drop privileges to _apt, which cannot
+# write into our directory: download as root (no sandbox) instead.
+dl_opts=()
+[ "$(id -u)" -ne 0 ] || dl_opts=(-o APT::Sandbox::User=root)
+
 echo "fetch-linux: downloading $pkg" >&2
-( cd "$work" && apt-get download -qq "$pkg" >&2 ) || {
+( cd "$work" && apt-get download -qq "${dl_opts[@]}" "$pkg" >&2 ) || {
     apt_update
-    ( cd "$work" && apt-get download -qq "$pkg" >&2 ) || die "apt-get download $pkg failed (is the package archive reachable?)"
+    ( cd "$work" && apt-get download -qq "${dl_opts[@]}" "$pkg" >&2 ) || die "apt-get download $pkg failed (is the package archive reachable?)"
 }
 deb="$(ls "$work"/*.deb | head -n1)"
 dpkg-deb -x "$deb" "$work/root"

@@ -413,8 +413,15 @@ fn blocking_listener_survives_refused_peer() {
 fn bench_throughput() {
     const MSG_PAGES: u64 = 1024; // 4 MiB per message
     const TOTAL: u64 = 2 << 30; // 2 GiB
+    let mtu: u16 = std::env::var("TANDEM_BENCH_MTU")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(9000);
+    let (mut scfg, mut ccfg) = (server_cfg(), client_cfg());
+    scfg.max_udp_payload = mtu;
+    ccfg.max_udp_payload = mtu;
     let c = Cluster::new();
-    let listener = BlockingListener::bind(loopback(), &c.host("beta"), &server_cfg()).unwrap();
+    let listener = BlockingListener::bind(loopback(), &c.host("beta"), &scfg).unwrap();
     let addr = listener.local_addr().unwrap();
     let server = std::thread::spawn(move || {
         let mut conn = listener.accept().unwrap();
@@ -432,8 +439,7 @@ fn bench_throughput() {
         let _ = conn.recv_msg::<Message>();
         got
     });
-    let mut conn =
-        BlockingConnection::connect(addr, "localhost", &c.host("alpha"), &client_cfg()).unwrap();
+    let mut conn = BlockingConnection::connect(addr, "localhost", &c.host("alpha"), &ccfg).unwrap();
     let msg = Message::MemoryPages {
         round: 0,
         compressed: false,
@@ -460,7 +466,7 @@ fn bench_throughput() {
     let got = server.join().unwrap();
     assert_eq!(got, TOTAL);
     println!(
-        "loopback throughput: {:.1} MiB/s ({} MiB in {:.2} s)",
+        "loopback throughput: {:.1} MiB/s ({} MiB in {:.2} s, MTU bound {mtu})",
         TOTAL as f64 / (1 << 20) as f64 / secs,
         TOTAL >> 20,
         secs

@@ -262,20 +262,28 @@ fn rdtsc() -> u64 {
 }
 
 fn tsc(n: u64) -> ! {
-    let mut odd = 0u64;
+    // Branch on the low bits of the distance between consecutive reads:
+    // host timing decides them, so a replay that does not trap RDTSC takes
+    // other branches and ends with other data (a known divergence source).
+    let mut h = Hash::new();
+    let mut taken = 0u64;
+    let mut prev = rdtsc();
     for _ in 0..n {
-        if rdtsc() & 1 == 1 {
-            odd += 1;
+        let t = rdtsc();
+        let delta = t.wrapping_sub(prev);
+        prev = t;
+        h.u64(delta);
+        if (delta >> 3) & 1 == 1 {
+            taken += 1;
         }
     }
-    io::puts(b"tsc odd ");
-    io::put_dec(odd);
+    io::puts(b"tsc branch taken ");
+    io::put_dec(taken);
     io::puts(b" of ");
     io::put_dec(n);
     io::putc(b'\n');
-    let mut h = Hash::new();
     h.u64(n);
-    h.u64(odd);
+    h.u64(taken);
     result(b"tsc", h.finish())
 }
 

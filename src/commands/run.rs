@@ -100,7 +100,7 @@ pub fn outcome_status(outcome: RunOutcome) -> i32 {
             eprintln!("tandem: the guest halted with nothing left to wake it");
             124
         }
-        RunOutcome::Stopped => 0,
+        RunOutcome::Stopped | RunOutcome::Paused | RunOutcome::LogEnded => 0,
     }
 }
 
@@ -126,6 +126,7 @@ pub fn run(args: RunArgs) -> Result<i32, CmdError> {
     let mut inputs = LiveInputs::new(0, console.input);
     let limits = RunLimits {
         stop_at_exit: args.snapshot_at,
+        ..Default::default()
     };
     let outcome = machine.run(&mut inputs, limits)?;
     if let (RunOutcome::Stopped, Some(path)) = (outcome, &args.snapshot) {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-pub use recordlog::Input;
+pub use recordlog::{Fingerprint, Input, SyncPoint};
 
 /// Host-to-guest values, requested by the run loop and the devices at exits.
 pub trait Inputs: Send {
@@ -36,6 +36,57 @@ pub trait Inputs: Send {
     /// Host time at which `deadline_ns` falls, for kicking a vCPU that does
     /// not exit by itself. `None` when virtual time is not host time (replay).
     fn host_instant_of(&self, deadline_ns: u64) -> Option<Instant>;
+
+    // ---- Verification and sync points (DESIGN.md rules 4 and 5). The live
+    // ---- implementation keeps the defaults: nothing to log or check.
+
+    /// Take a fingerprint every this many exits (`None`: never).
+    fn fingerprint_interval(&self) -> Option<u64> {
+        None
+    }
+    /// A fingerprint at `exit_seq`: the recorder logs it, the replayer
+    /// compares it with the log.
+    fn fingerprint(&mut self, _exit_seq: u64, _fp: &Fingerprint) -> Result<(), Divergence> {
+        Ok(())
+    }
+    /// A mismatch found inside a call that returns a value (replayer).
+    fn take_divergence(&mut self) -> Option<Divergence> {
+        None
+    }
+    /// Recorder: should a sync point be captured now, before the vCPU
+    /// re-enters the guest at `exit_seq`?
+    fn wants_sync_point(&mut self, _exit_seq: u64, _reason: SyncReason) -> bool {
+        false
+    }
+    /// Recorder: a captured sync point, to be logged.
+    fn sync_point(&mut self, _exit_seq: u64, _sp: SyncPoint) -> Result<(), Divergence> {
+        Ok(())
+    }
+    /// Replayer: the logged sync point to apply at `exit_seq` instead of
+    /// running the guest, if the log has one there.
+    fn take_sync_point(&mut self, _exit_seq: u64) -> Option<SyncPoint> {
+        None
+    }
+    /// Replayer in repair mode, after a divergence: skip the log to the next
+    /// sync point and return it (with the exit it was taken at). `None`:
+    /// not repairing, or the log has no further sync point.
+    fn skip_to_sync_point(&mut self) -> Option<(u64, SyncPoint)> {
+        None
+    }
+    /// Replayer: the log has ended at the current exit (nothing more will
+    /// come): stop here instead of running ahead of the primary.
+    fn ended(&mut self) -> bool {
+        false
+    }
+}
+
+/// Why a sync point is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncReason {
+    /// The vCPU was kicked (not an exit): the primary must ship its state.
+    Kick,
+    /// The periodic checkpoint (carries a full state digest).
+    Interval,
 }
 
 /// A replayed run disagreed with its log.

@@ -16,6 +16,7 @@ pub mod machine;
 pub mod persist;
 pub mod run;
 pub mod snapshot;
+pub mod sync;
 pub mod vstate;
 
 /// Guest memory as every part of the VMM sees it: mmap-backed regions whose

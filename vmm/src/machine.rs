@@ -91,6 +91,10 @@ pub struct Machine {
     /// The logical clock: guest-caused exits so far (DESIGN.md rule 1).
     pub exit_seq: u64,
     pub dirty: DirtyTracker,
+    /// Sync-point tracking, when recording or replaying.
+    pub sync: Option<crate::sync::SyncState>,
+    /// Counters of the runs so far.
+    pub stats: crate::run::RunStats,
 }
 
 fn check_mem(mib: u64) -> Result<(), MachineError> {
@@ -157,6 +161,8 @@ impl Machine {
             devices,
             exit_seq: 0,
             dirty,
+            sync: None,
+            stats: Default::default(),
         })
     }
 
@@ -203,6 +209,8 @@ impl Machine {
             devices,
             exit_seq: state.exit_seq,
             dirty,
+            sync: None,
+            stats: Default::default(),
         })
     }
 }

@@ -7,16 +7,24 @@
 //! 3. propagate device interrupt lines to the PIC;
 //! 4. inject the PIC's interrupt if the vCPU can take it, else ask for an
 //!    interrupt-window exit;
-//! 5. arm the kicker at the host time of the next timer deadline;
-//! 6. `KVM_RUN`; a guest-caused exit increments `exit_seq` and is handled.
+//! 5. sync points: a replayer applies the logged one instead of running
+//!    (then goes back to 2); a recorder captures a periodic one (and also
+//!    goes back to 2, so both sides make the same calls in the same order);
+//! 6. arm the kicker at the host time of the next timer deadline;
+//! 7. `KVM_RUN`; a guest-caused exit increments `exit_seq`, is handled and
+//!    every N exits fingerprinted.
 //!
-//! A kick (`EINTR`) is not an exit: nothing is counted. In this live-only
-//! version the due interrupt is then delivered at the kick point; recording
-//! turns such a delivery into a sync point (DESIGN.md rule 4).
+//! A kick (`EINTR`) is not an exit: nothing is counted. A recorder captures
+//! a sync point right after it (DESIGN.md rule 4); the replayer meets that
+//! sync point at step 5 of the same exit.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::devices::IoAction;
-use crate::inputs::{Divergence, Inputs};
+use crate::inputs::{Divergence, Fingerprint, Inputs, SyncReason};
 use crate::machine::Machine;
+use crate::sync::SyncError;
 use crate::vstate::vcpu::VcpuError;
 use kvm_ioctls::VcpuExit;
 
@@ -31,13 +39,32 @@ pub enum RunOutcome {
     Stopped,
     /// The guest halted and nothing can ever wake it.
     Halted,
+    /// `RunLimits::pause` was raised; state is ready to be captured and
+    /// `run` may be called again to continue.
+    Paused,
+    /// A replayer's log ended (the primary stopped writing); the machine is
+    /// at the last exit the log covers.
+    LogEnded,
 }
 
 /// Where to stop.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RunLimits {
     /// Stop at this exit (after handling it, before re-entering).
     pub stop_at_exit: Option<u64>,
+    /// Pause at the next exit or kick once this is set (see
+    /// [`crate::vstate::vcpu::Kicker::kick_now`] to force one).
+    pub pause: Option<Arc<AtomicBool>>,
+}
+
+/// Counters of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunStats {
+    pub kicks: u64,
+    pub sync_points: u64,
+    pub fingerprints: u64,
+    /// Divergences found and repaired (replay with repair).
+    pub repaired: u64,
 }
 
 /// A run that ended in error. The report says what the vCPU was doing.
@@ -69,17 +96,20 @@ pub enum RunError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Divergence(#[from] Divergence),
+    #[error("sync point at exit {exit_seq}: {source}")]
+    Sync { exit_seq: u64, source: SyncError },
 }
 
 /// What a handled exit asks for.
 enum Next {
     Continue,
+    Kicked,
     Halt,
     End(RunOutcome),
 }
 
 impl Machine {
-    /// Run until the guest ends, errs, or reaches `limits.stop_at_exit`.
+    /// Run until the guest ends, errs, or reaches a limit.
     pub fn run(
         &mut self,
         inputs: &mut dyn Inputs,
@@ -92,15 +122,65 @@ impl Machine {
                 self.vcpu.complete_pending_io()?;
                 return Ok(RunOutcome::Stopped);
             }
-            self.service(inputs)?;
+            if limits
+                .pause
+                .as_ref()
+                .is_some_and(|p| p.load(Ordering::SeqCst))
+            {
+                self.vcpu.complete_pending_io()?;
+                return Ok(RunOutcome::Paused);
+            }
+            let serviced = self
+                .service(inputs)
+                .and_then(|()| match inputs.take_divergence() {
+                    Some(d) => Err(RunError::Divergence(d)),
+                    None => Ok(()),
+                });
+            if let Err(e) = serviced {
+                self.repair(inputs, e)?;
+                continue;
+            }
+            let seq = self.exit_seq;
+            if let Some(sp) = inputs.take_sync_point(seq) {
+                let found = self
+                    .apply_sync_point(seq, &sp)
+                    .map_err(|source| RunError::Sync {
+                        exit_seq: seq,
+                        source,
+                    })?;
+                self.stats.sync_points += 1;
+                self.stats.repaired += found;
+                continue;
+            }
+            if self.sync.is_some() && inputs.wants_sync_point(seq, SyncReason::Interval) {
+                self.record_sync_point(inputs, true)?;
+                continue;
+            }
+            if inputs.ended() {
+                self.vcpu.complete_pending_io()?;
+                return Ok(RunOutcome::LogEnded);
+            }
             let deadline = self.devices.pit.next_irq0_deadline();
             if let Some(at) = deadline.and_then(|d| inputs.host_instant_of(d)) {
                 kicker.arm(at);
             }
             let next = self.run_once(inputs);
             kicker.disarm();
-            match next? {
+            let next = match next {
+                Err(RunError::Divergence(d)) => {
+                    self.repair(inputs, RunError::Divergence(d))?;
+                    continue;
+                }
+                other => other?,
+            };
+            match next {
                 Next::Continue => {}
+                Next::Kicked => {
+                    self.stats.kicks += 1;
+                    if self.sync.is_some() && inputs.wants_sync_point(seq, SyncReason::Kick) {
+                        self.record_sync_point(inputs, false)?;
+                    }
+                }
                 Next::End(outcome) => return Ok(outcome),
                 Next::Halt => {
                     // The guest waits for an interrupt. If one is already
@@ -120,6 +200,45 @@ impl Machine {
                 }
             }
         }
+    }
+
+    fn record_sync_point(
+        &mut self,
+        inputs: &mut dyn Inputs,
+        with_digest: bool,
+    ) -> Result<(), RunError> {
+        let seq = self.exit_seq;
+        let sp = self
+            .capture_sync_point(with_digest)
+            .map_err(|source| RunError::Sync {
+                exit_seq: seq,
+                source,
+            })?;
+        inputs.sync_point(seq, sp)?;
+        self.stats.sync_points += 1;
+        Ok(())
+    }
+
+    /// A divergence: without repair it ends the run; with repair, roll back
+    /// to the last sync point and adopt the next one from the log.
+    fn repair(&mut self, inputs: &mut dyn Inputs, err: RunError) -> Result<(), RunError> {
+        let RunError::Divergence(d) = err else {
+            return Err(err);
+        };
+        let Some((seq, sp)) = inputs.skip_to_sync_point() else {
+            return Err(RunError::Divergence(d));
+        };
+        tracing::warn!("{d}; repairing with the sync point at exit {seq}");
+        let sync = |source| RunError::Sync {
+            exit_seq: seq,
+            source,
+        };
+        self.roll_back_to_checkpoint().map_err(sync)?;
+        self.exit_seq = seq;
+        self.apply_sync_point(seq, &sp).map_err(sync)?;
+        self.stats.sync_points += 1;
+        self.stats.repaired += 1;
+        Ok(())
     }
 
     /// Inputs, interrupt lines and injection at the current exit.
@@ -157,7 +276,7 @@ impl Machine {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // A kick: not an exit the guest caused.
-                return Ok(Next::Continue);
+                return Ok(Next::Kicked);
             }
             Err(e) => return Err(RunError::Kvm(e)),
         };
@@ -221,6 +340,32 @@ impl Machine {
                 });
             }
         };
+        if let Some(n) = inputs.fingerprint_interval() {
+            if n > 0 && seq.is_multiple_of(n) {
+                let fp = self.fingerprint(seq)?;
+                self.stats.fingerprints += 1;
+                inputs.fingerprint(seq, &fp)?;
+            }
+        }
+        if let Some(d) = inputs.take_divergence() {
+            return Err(RunError::Divergence(d));
+        }
         Ok(next)
+    }
+
+    /// The cheap per-exit check: exit reason, RIP, a few registers.
+    fn fingerprint(&mut self, _seq: u64) -> Result<Fingerprint, RunError> {
+        let exit_reason = self.vcpu.fd.get_kvm_run().exit_reason;
+        let regs = self.vcpu.fd.get_regs().map_err(|source| VcpuError::State {
+            what: "KVM_GET_REGS",
+            source,
+        })?;
+        Ok(Fingerprint {
+            exit_reason,
+            rip: regs.rip,
+            rax: regs.rax,
+            rcx: regs.rcx,
+            rflags: regs.rflags,
+        })
     }
 }

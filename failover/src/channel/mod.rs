@@ -156,6 +156,9 @@ pub struct ChannelConfig {
     pub receive_window: u32,
     /// Connection send window (unacknowledged bytes we buffer). Default 256 MiB.
     pub send_window: u64,
+    /// Upper bound for path MTU discovery (UDP payload bytes). Default 9000
+    /// (jumbo frames); discovery only uses what the path carries.
+    pub max_udp_payload: u16,
     /// How long [`Connection::close`] waits for the peer to acknowledge what we
     /// sent before closing. Default 5 s.
     pub linger: Duration,
@@ -177,6 +180,7 @@ impl ChannelConfig {
             stream_receive_window: 64 << 20,
             receive_window: 256 << 20,
             send_window: 256 << 20,
+            max_udp_payload: 9000,
             linger: Duration::from_secs(5),
             protocol_version: PROTOCOL_VERSION,
         }

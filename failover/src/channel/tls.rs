@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{IdleTimeout, TransportConfig, VarInt};
+use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 use rustls::crypto::CryptoProvider;
 
 use super::{ChannelConfig, ChannelError, Credentials, Result, ALPN};
@@ -52,6 +52,11 @@ pub(crate) fn transport(cfg: &ChannelConfig) -> Result<Arc<TransportConfig>> {
         )));
     }
     t.keep_alive_interval(Some(cfg.keep_alive));
+    // Let path MTU discovery go beyond Ethernet's 1500 (jumbo frames,
+    // loopback): fewer packets per byte is most of QUIC's bulk cost.
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(cfg.max_udp_payload);
+    t.mtu_discovery_config(Some(mtu));
     // Datagrams are unused.
     t.datagram_receive_buffer_size(None);
     Ok(Arc::new(t))

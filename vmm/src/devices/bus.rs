@@ -200,6 +200,19 @@ impl Devices {
         }
     }
 
+    /// Overwrite every device's state in place (sync points), keeping the
+    /// host resources: the console sink and the disk image.
+    pub fn load_state(
+        &mut self,
+        state: &DevicesState,
+        mem: &GuestMemory,
+    ) -> Result<(), DevicesError> {
+        let out = self.serial.take_output();
+        let disk = self.block.as_ref().map(|b| b.config().clone());
+        *self = Devices::restore(state, out, disk, mem)?;
+        Ok(())
+    }
+
     /// Rebuild every device from `state`.
     pub fn restore(
         state: &DevicesState,

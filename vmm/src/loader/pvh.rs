@@ -40,20 +40,32 @@ struct Segment {
     memsz: u64,
 }
 
-/// Reads the PT_LOAD program headers of a little-endian ELF64 file (only
-/// to check that the kernel fits and to zero its BSS; linux-loader does the
-/// loading). Returns `None` when the headers cannot be read: linux-loader
-/// then reports what is wrong.
-fn load_segments(file: &mut File) -> Option<Vec<Segment>> {
+/// What a quick look at the program headers tells: the PT_LOAD segments and
+/// whether a PT_NOTE holds the PVH entry note.
+#[derive(Debug, Default)]
+struct ElfSummary {
+    segments: Vec<Segment>,
+    /// The entry of the first `XEN_ELFNOTE_PHYS32_ENTRY` note.
+    pvh_entry: Option<u64>,
+}
+
+const PT_NOTE: u32 = 4;
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 0x12;
+
+/// Reads the program headers of a little-endian ELF64 file, only to check
+/// up front that the kernel fits and is PVH-capable and to zero its BSS;
+/// linux-loader does the loading and finds the entry. Returns `None` when
+/// the headers cannot be read: linux-loader then reports what is wrong.
+fn summarize(file: &mut File) -> Option<ElfSummary> {
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap());
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
     let mut ehdr = [0u8; 64];
     file.seek(SeekFrom::Start(0)).ok()?;
     file.read_exact(&mut ehdr).ok()?;
     if ehdr[4] != 2 || ehdr[5] != 1 {
         return None; // not ELFCLASS64 / ELFDATA2LSB
     }
-    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap());
-    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
     let phoff = u64_at(&ehdr, 0x20);
     let phentsize = u16_at(&ehdr, 0x36) as usize;
     let phnum = u16_at(&ehdr, 0x38) as usize;
@@ -63,17 +75,43 @@ fn load_segments(file: &mut File) -> Option<Vec<Segment>> {
     let mut phdrs = vec![0u8; phentsize * phnum];
     file.seek(SeekFrom::Start(phoff)).ok()?;
     file.read_exact(&mut phdrs).ok()?;
-    Some(
-        phdrs
-            .chunks_exact(phentsize)
-            .filter(|p| u32_at(p, 0) == PT_LOAD)
-            .map(|p| Segment {
+    let mut summary = ElfSummary::default();
+    for p in phdrs.chunks_exact(phentsize) {
+        let (offset, filesz) = (u64_at(p, 0x08), u64_at(p, 0x20));
+        match u32_at(p, 0) {
+            PT_LOAD => summary.segments.push(Segment {
                 paddr: u64_at(p, 0x18),
-                filesz: u64_at(p, 0x20),
+                filesz,
                 memsz: u64_at(p, 0x28),
-            })
-            .collect(),
-    )
+            }),
+            PT_NOTE if filesz <= 1 << 20 => {
+                let mut notes = vec![0u8; filesz as usize];
+                file.seek(SeekFrom::Start(offset)).ok()?;
+                file.read_exact(&mut notes).ok()?;
+                // Notes: namesz, descsz, type, name (4-aligned), desc (4-aligned).
+                let mut at = 0usize;
+                while at + 12 <= notes.len() {
+                    let namesz = u32_at(&notes, at) as usize;
+                    let descsz = u32_at(&notes, at + 4) as usize;
+                    let kind = u32_at(&notes, at + 8);
+                    let name = notes.get(at + 12..at + 12 + namesz).unwrap_or(&[]);
+                    let desc_at = at + 12 + namesz.next_multiple_of(4);
+                    if kind == XEN_ELFNOTE_PHYS32_ENTRY
+                        && name == b"Xen\0"
+                        && descsz >= 4
+                        && summary.pvh_entry.is_none()
+                    {
+                        summary.pvh_entry = notes
+                            .get(desc_at..desc_at + 4)
+                            .map(|d| u64::from(u32_at(d, 0)));
+                    }
+                    at += 12 + namesz.next_multiple_of(4) + descsz.next_multiple_of(4);
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(summary)
 }
 
 /// Loads a PVH ELF kernel (the caller has seen the ELF magic).
@@ -85,17 +123,24 @@ pub(crate) fn load(
     let path = source.kernel;
     let map = super::guest_memory_map(mem, path)?;
 
+    let summary = summarize(file).unwrap_or_default();
+    if summary.pvh_entry.is_none() && !summary.segments.is_empty() {
+        return Err(LoaderError::NoPvhNote {
+            path: path.to_owned(),
+        });
+    }
     // Every loadable segment must lie in guest RAM.
-    let segments = load_segments(file).unwrap_or_default();
-    for s in &segments {
-        let end = s.paddr.saturating_add(s.memsz.max(s.filesz));
-        if !mem.check_range(GuestAddress(s.paddr), (end - s.paddr) as usize) {
-            return Err(LoaderError::MemoryTooSmall {
-                path: path.to_owned(),
-                needed: end,
-                mem_size: super::mem_size(mem),
-            });
-        }
+    let segments = summary.segments;
+    let seg_end = |s: &Segment| s.paddr.saturating_add(s.memsz.max(s.filesz));
+    if segments
+        .iter()
+        .any(|s| !mem.check_range(GuestAddress(s.paddr), (seg_end(s) - s.paddr) as usize))
+    {
+        return Err(LoaderError::MemoryTooSmall {
+            path: path.to_owned(),
+            needed: segments.iter().map(seg_end).max().unwrap_or(0),
+            mem_size: super::mem_size(mem),
+        });
     }
 
     let result = Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(|e| {
@@ -104,8 +149,11 @@ pub(crate) fn load(
             reason: e.to_string(),
         }
     })?;
-    let entry = match result.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(addr) => addr.raw_value(),
+    let entry = match (result.pvh_boot_cap, summary.pvh_entry) {
+        (PvhBootCapability::PvhEntryPresent(addr), _) => addr.raw_value(),
+        // linux-loader 0.14 keeps the result of the *last* PT_NOTE segment
+        // only; an ELF with the Xen note in an earlier one is still PVH.
+        (_, Some(entry)) => entry,
         _ => {
             return Err(LoaderError::NoPvhNote {
                 path: path.to_owned(),
@@ -133,7 +181,7 @@ pub(crate) fn load(
 
     let kernel_end = segments
         .iter()
-        .map(|s| s.paddr + s.memsz.max(s.filesz))
+        .map(seg_end)
         .max()
         .unwrap_or(0)
         .max(result.kernel_end);
@@ -341,6 +389,30 @@ mod tests {
         assert_eq!(&buf, b"initrd contents");
         assert_eq!(std::mem::size_of::<hvm_start_info>(), 56);
         let _ = si.as_slice();
+    }
+
+    #[test]
+    fn pvh_note_in_an_earlier_note_segment_is_found() {
+        // Two PT_NOTE segments: the Xen note first, the GNU note last.
+        let mut b = tiny_elf(true);
+        b[0x38..0x3a].copy_from_slice(&3u16.to_le_bytes());
+        let (ph2, ph3) = (64 + 56, 64 + 112);
+        b[ph2 + 8..ph2 + 16].copy_from_slice(&(0x800u64 + 20).to_le_bytes());
+        b[ph2 + 32..ph2 + 40].copy_from_slice(&20u64.to_le_bytes());
+        b.copy_within(ph2..ph2 + 56, ph3);
+        b[ph3 + 8..ph3 + 16].copy_from_slice(&0x800u64.to_le_bytes());
+        let mem = guest(64 << 20);
+        let k = TempFile::new("twonotes.elf", &b);
+        let entry = super::super::load(
+            &mem,
+            &BootSource {
+                kernel: &k.0,
+                cmdline: "",
+                initrd: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(entry.entry, ENTRY as u64);
     }
 
     #[test]

@@ -382,6 +382,12 @@ impl Kicker {
         self.inner.cond.notify_one();
     }
 
+    /// Kick the vCPU now (and every millisecond until it disarms): used to
+    /// pause a running guest from another thread.
+    pub fn kick_now(&self) {
+        self.arm(Instant::now());
+    }
+
     /// Stop kicking.
     pub fn disarm(&self) {
         let mut armed = self.inner.armed.lock().unwrap_or_else(|e| e.into_inner());

@@ -184,6 +184,11 @@ impl SerialDevice {
     pub fn set_output(&mut self, out: SerialOut) {
         *self.serial.writer_mut() = out;
     }
+
+    /// Take the output sink out, leaving a sink that discards.
+    pub fn take_output(&mut self) -> SerialOut {
+        std::mem::replace(self.serial.writer_mut(), Box::new(std::io::sink()))
+    }
 }
 
 #[cfg(test)]

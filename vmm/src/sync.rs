@@ -1,0 +1,270 @@
+//! Sync points and state digests (DESIGN.md rules 4 and 5).
+//!
+//! A sync point is the full vCPU and device state plus every guest page
+//! dirtied since the previous sync point. The recorder captures one when
+//! it had to kick the vCPU (the guest did not exit by itself) and
+//! periodically; the replayer applies it instead of executing.
+//!
+//! The replayer keeps a [`Checkpoint`]: a copy of guest memory as of the
+//! last applied sync point, maintained incrementally (only pages dirtied
+//! since are copied). With it a diverged replayer can roll memory back to
+//! the last sync point and adopt the next one exactly: the next sync point
+//! carries every page the primary wrote in between, and the pages only the
+//! replayer wrote get their checkpoint contents back.
+
+use std::collections::HashSet;
+
+use recordlog::{Digest, Hasher, SyncPoint};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::devices::DevicesState;
+use crate::dirty::{ConsumerId, DirtyError};
+use crate::machine::Machine;
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{VcpuError, VcpuState};
+use crate::{GuestMemory, PAGE_SIZE};
+
+/// Errors capturing or applying a sync point.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("devices: {0}")]
+    Devices(#[from] crate::devices::DevicesError),
+    #[error("sync point state does not decode: {0}")]
+    Decode(String),
+    #[error("sync points are not enabled on this machine")]
+    NotEnabled,
+}
+
+/// MSRs whose value depends on host time, left out of digests.
+fn msr_in_digest(index: u32) -> bool {
+    // IA32_TSC, IA32_TSC_ADJUST, IA32_TSC_AUX is deterministic but keep the
+    // clock-like pair out.
+    !matches!(index, 0x10 | 0x3b)
+}
+
+fn hash_pod<T: serde::Serialize>(h: &mut Hasher, v: &T) {
+    let bytes = postcard::to_stdvec(v).unwrap_or_default();
+    h.update_field(&bytes);
+}
+
+/// Digest of the vCPU state, without host-time-dependent parts.
+pub fn vcpu_digest(h: &mut Hasher, s: &VcpuState) {
+    hash_pod(h, &s.regs);
+    hash_pod(h, &s.sregs);
+    hash_pod(h, &s.xsave);
+    hash_pod(h, &s.xcrs);
+    for m in s.msrs.iter().filter(|m| msr_in_digest(m.index)) {
+        h.update_u64(m.index as u64).update_u64(m.data);
+    }
+    hash_pod(h, &s.debug_regs);
+    hash_pod(h, &s.mp_state);
+}
+
+/// Digest of guest memory (every page with its address; zero pages too,
+/// as a run of the zero page's hash would be, so layout matters).
+pub fn memory_digest(h: &mut Hasher, mem: &GuestMemory) -> Result<(), MemoryError> {
+    let mut page = vec![0u8; PAGE_SIZE];
+    for (start, len) in memory::layout(mem) {
+        h.update_u64(start).update_u64(len);
+        for off in (0..len).step_by(PAGE_SIZE) {
+            memory::read_page(mem, start + off, &mut page)?;
+            if !memory::page_is_zero(&page) {
+                h.update_u64(start + off).update(&page);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The full state digest: memory + vCPU + devices.
+pub fn state_digest(
+    mem: &GuestMemory,
+    vcpu: &VcpuState,
+    devices: &DevicesState,
+) -> Result<Digest, MemoryError> {
+    let mut h = Hasher::new();
+    memory_digest(&mut h, mem)?;
+    vcpu_digest(&mut h, vcpu);
+    hash_pod(&mut h, devices);
+    Ok(h.finalize())
+}
+
+/// The replayer's copy of memory as of the last applied sync point.
+pub struct Checkpoint {
+    pages: Vec<Vec<u8>>,
+    /// (start, first index) per region.
+    regions: Vec<(u64, u64, usize)>,
+}
+
+impl Checkpoint {
+    fn new(mem: &GuestMemory) -> Result<Self, MemoryError> {
+        let mut pages = Vec::new();
+        let mut regions = Vec::new();
+        for r in mem.iter() {
+            regions.push((r.start_addr().0, r.len(), pages.len()));
+            for off in (0..r.len()).step_by(PAGE_SIZE) {
+                let mut p = vec![0u8; PAGE_SIZE];
+                memory::read_page(mem, r.start_addr().0 + off, &mut p)?;
+                pages.push(p);
+            }
+        }
+        Ok(Checkpoint { pages, regions })
+    }
+
+    fn index(&self, gpa: u64) -> Option<usize> {
+        self.regions
+            .iter()
+            .find(|(s, l, _)| (*s..s + l).contains(&gpa))
+            .map(|(s, _, first)| first + ((gpa - s) as usize / PAGE_SIZE))
+    }
+}
+
+/// Sync-point machinery attached to a machine.
+pub struct SyncState {
+    consumer: ConsumerId,
+    checkpoint: Option<Checkpoint>,
+}
+
+impl Machine {
+    /// Start tracking pages for sync points. `replayer`: also keep the
+    /// memory checkpoint used to verify and repair.
+    pub fn enable_sync_points(&mut self, replayer: bool) -> Result<(), SyncError> {
+        let consumer = self.dirty.register(&self.vm.fd, &self.vm.memory, false)?;
+        let checkpoint = if replayer {
+            Some(Checkpoint::new(&self.vm.memory)?)
+        } else {
+            None
+        };
+        self.sync = Some(SyncState {
+            consumer,
+            checkpoint,
+        });
+        Ok(())
+    }
+
+    /// The full state digest at the current exit (completes pending I/O).
+    pub fn digest(&mut self) -> Result<Digest, SyncError> {
+        self.vcpu.complete_pending_io()?;
+        let vcpu = self.vcpu.save()?;
+        let devices = self.devices.save();
+        Ok(state_digest(&self.vm.memory, &vcpu, &devices)?)
+    }
+
+    /// Capture a sync point: vCPU, devices and the pages dirtied since the
+    /// previous one; with `with_digest`, the full state digest too.
+    pub fn capture_sync_point(&mut self, with_digest: bool) -> Result<SyncPoint, SyncError> {
+        let consumer = self.sync.as_ref().ok_or(SyncError::NotEnabled)?.consumer;
+        self.vcpu.complete_pending_io()?;
+        let vcpu = self.vcpu.save()?;
+        let devices = self.devices.save();
+        let dirty = self.dirty.take(&self.vm.fd, &self.vm.memory, consumer)?;
+        let mut pages = Vec::with_capacity(dirty.len());
+        for gpa in dirty {
+            let mut p = vec![0u8; PAGE_SIZE];
+            memory::read_page(&self.vm.memory, gpa, &mut p)?;
+            pages.push((gpa, p));
+        }
+        let digest = if with_digest {
+            state_digest(&self.vm.memory, &vcpu, &devices)?
+        } else {
+            Digest::ZERO
+        };
+        Ok(SyncPoint {
+            vcpu_state: postcard::to_stdvec(&vcpu).map_err(|e| SyncError::Decode(e.to_string()))?,
+            device_state: postcard::to_stdvec(&devices)
+                .map_err(|e| SyncError::Decode(e.to_string()))?,
+            pages,
+            digest,
+        })
+    }
+
+    /// Replayer: apply `sp` (taken by the primary at `exit_seq`). Before
+    /// applying, a sync point that carries a digest is compared with this
+    /// machine's own state at the same exit. Pages this replayer wrote that
+    /// the primary did not are rolled back to the checkpoint.
+    ///
+    /// Returns the number of divergences found (and repaired) here.
+    pub fn apply_sync_point(&mut self, exit_seq: u64, sp: &SyncPoint) -> Result<u64, SyncError> {
+        let vcpu: VcpuState =
+            postcard::from_bytes(&sp.vcpu_state).map_err(|e| SyncError::Decode(e.to_string()))?;
+        let devices: DevicesState =
+            postcard::from_bytes(&sp.device_state).map_err(|e| SyncError::Decode(e.to_string()))?;
+        self.vcpu.complete_pending_io()?;
+        let mut divergences = 0;
+        if sp.digest != Digest::ZERO && self.exit_seq == exit_seq {
+            let own = self.digest()?;
+            if own != sp.digest {
+                tracing::warn!(
+                    exit_seq,
+                    "state digest differs from the primary's at a sync point"
+                );
+                divergences += 1;
+            }
+        }
+        let consumer = self.sync.as_ref().ok_or(SyncError::NotEnabled)?.consumer;
+        let own_dirty = self.dirty.take(&self.vm.fd, &self.vm.memory, consumer)?;
+        let theirs: HashSet<u64> = sp.pages.iter().map(|(gpa, _)| *gpa).collect();
+        let mem = self.vm.memory.clone();
+        if let Some(cp) = self.sync.as_mut().and_then(|s| s.checkpoint.as_mut()) {
+            let mut rolled_back = 0;
+            for gpa in own_dirty.iter().filter(|g| !theirs.contains(g)) {
+                if let Some(i) = cp.index(*gpa) {
+                    let mut cur = vec![0u8; PAGE_SIZE];
+                    memory::read_page(&mem, *gpa, &mut cur)?;
+                    if cur != cp.pages[i] {
+                        memory::write_page(&mem, *gpa, &cp.pages[i])?;
+                        rolled_back += 1;
+                    }
+                }
+            }
+            if rolled_back > 0 {
+                tracing::warn!(
+                    exit_seq,
+                    rolled_back,
+                    "pages written only by the replayer were rolled back"
+                );
+                divergences += 1;
+            }
+            for (gpa, data) in &sp.pages {
+                memory::write_page(&mem, *gpa, data)?;
+                if let Some(i) = cp.index(*gpa) {
+                    cp.pages[i].copy_from_slice(data);
+                }
+            }
+        } else {
+            for (gpa, data) in &sp.pages {
+                memory::write_page(&mem, *gpa, data)?;
+            }
+        }
+        self.vcpu.restore(&vcpu)?;
+        self.devices.load_state(&devices, &mem)?;
+        self.exit_seq = exit_seq;
+        // What the apply itself wrote is not the guest's doing.
+        self.dirty.take(&self.vm.fd, &self.vm.memory, consumer)?;
+        Ok(divergences)
+    }
+
+    /// Replayer after a divergence: put back every page written since the
+    /// last applied sync point, so that the next sync point makes memory
+    /// exact again.
+    pub fn roll_back_to_checkpoint(&mut self) -> Result<(), SyncError> {
+        let consumer = self.sync.as_ref().ok_or(SyncError::NotEnabled)?.consumer;
+        let own_dirty = self.dirty.take(&self.vm.fd, &self.vm.memory, consumer)?;
+        let mem = self.vm.memory.clone();
+        if let Some(cp) = self.sync.as_ref().and_then(|s| s.checkpoint.as_ref()) {
+            for gpa in own_dirty {
+                if let Some(i) = cp.index(gpa) {
+                    memory::write_page(&mem, gpa, &cp.pages[i])?;
+                }
+            }
+        }
+        self.dirty.take(&self.vm.fd, &self.vm.memory, consumer)?;
+        Ok(())
+    }
+}
