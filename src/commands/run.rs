@@ -114,12 +114,22 @@ pub fn run(args: RunArgs) -> Result<i32, CmdError> {
             )));
         }
     }
+    let disk = disk_config(args.disk.as_ref())?;
+    let mut cmdline = args.cmdline.clone();
+    if args.kernel.is_some() && disk.is_some() && !cmdline.contains("virtio_mmio.device=") {
+        // Linux finds the virtio-mmio disk only when told where it is.
+        cmdline.push_str(&format!(
+            " virtio_mmio.device=4K@{:#x}:{}",
+            vmm::loader::layout::VIRTIO_MMIO_BASE,
+            vmm::loader::layout::VIRTIO_BLK_IRQ
+        ));
+    }
     let config = VmConfig {
         mem_mib: args.mem_mib,
         kernel: args.kernel.clone(),
-        cmdline: args.cmdline.clone(),
+        cmdline: cmdline.trim().to_string(),
         initrd: args.initrd.clone(),
-        disk: disk_config(args.disk.as_ref())?,
+        disk,
     };
     let console = console::open(&args.serial)?;
     let mut machine = Machine::boot(&config, &kernel.path, console.out).map_err(machine_error)?;

@@ -8,6 +8,11 @@
 //! and ORs the result into every consumer, so consumers never steal pages
 //! from each other. KVM dirty logging is switched on while at least one
 //! consumer is registered.
+//!
+//! The tracker is a cheap, cloneable handle: the vCPU thread (sync points)
+//! and a migration thread can use it at the same time.
+
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -33,9 +38,14 @@ pub enum DirtyError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConsumerId(usize);
 
-/// The shared tracker. One per VM.
-#[derive(Debug, Default)]
+/// The shared tracker. One per VM; clones share the same state.
+#[derive(Debug, Clone, Default)]
 pub struct DirtyTracker {
+    inner: Arc<Mutex<Tracker>>,
+}
+
+#[derive(Debug, Default)]
+struct Tracker {
     /// (guest start, pages) per memory slot.
     regions: Vec<(u64, usize)>,
     /// One bitmap per consumer (`None` = free slot), one bit per page over
@@ -43,10 +53,9 @@ pub struct DirtyTracker {
     consumers: Vec<Option<Vec<u64>>>,
 }
 
-impl DirtyTracker {
-    /// A tracker for the regions of `mem`.
-    pub fn new(mem: &GuestMemory) -> Self {
-        DirtyTracker {
+impl Tracker {
+    fn new(mem: &GuestMemory) -> Self {
+        Tracker {
             regions: mem
                 .iter()
                 .map(|r| (r.start_addr().0, r.len() as usize / PAGE_SIZE))
@@ -65,7 +74,7 @@ impl DirtyTracker {
 
     /// Register a consumer. With `all_dirty` it starts with every page
     /// marked (a full first pass); otherwise clean from now on.
-    pub fn register(
+    fn register(
         &mut self,
         vm: &VmFd,
         mem: &GuestMemory,
@@ -103,7 +112,7 @@ impl DirtyTracker {
     }
 
     /// Remove a consumer; dirty logging stops with the last one.
-    pub fn unregister(
+    fn unregister(
         &mut self,
         vm: &VmFd,
         mem: &GuestMemory,
@@ -121,7 +130,7 @@ impl DirtyTracker {
 
     /// Read and clear KVM's dirty log and the VMM's bitmap, and add the
     /// pages to every consumer.
-    pub fn collect(&mut self, vm: &VmFd, mem: &GuestMemory) -> Result<(), DirtyError> {
+    fn collect(&mut self, vm: &VmFd, mem: &GuestMemory) -> Result<(), DirtyError> {
         if !self.active() {
             return Ok(());
         }
@@ -151,7 +160,7 @@ impl DirtyTracker {
 
     /// Collect, then hand consumer `id` its dirty pages (guest-physical
     /// addresses, ascending) and clear its set.
-    pub fn take(
+    fn take(
         &mut self,
         vm: &VmFd,
         mem: &GuestMemory,
@@ -180,12 +189,68 @@ impl DirtyTracker {
     }
 
     /// How many pages consumer `id` has pending (without collecting).
-    pub fn pending(&self, id: ConsumerId) -> usize {
+    fn pending(&self, id: ConsumerId) -> usize {
         self.consumers
             .get(id.0)
             .and_then(Option::as_ref)
             .map(|b| b.iter().map(|w| w.count_ones() as usize).sum())
             .unwrap_or(0)
+    }
+}
+
+impl DirtyTracker {
+    /// A tracker for the regions of `mem`.
+    pub fn new(mem: &GuestMemory) -> Self {
+        DirtyTracker {
+            inner: Arc::new(Mutex::new(Tracker::new(mem))),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tracker> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Register a consumer. With `all_dirty` it starts with every page
+    /// marked (a full first pass); otherwise clean from now on.
+    pub fn register(
+        &self,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        all_dirty: bool,
+    ) -> Result<ConsumerId, DirtyError> {
+        self.lock().register(vm, mem, all_dirty)
+    }
+
+    /// Remove a consumer; dirty logging stops with the last one.
+    pub fn unregister(
+        &self,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        id: ConsumerId,
+    ) -> Result<(), DirtyError> {
+        self.lock().unregister(vm, mem, id)
+    }
+
+    /// Read and clear KVM's dirty log and the VMM's bitmap, and add the
+    /// pages to every consumer.
+    pub fn collect(&self, vm: &VmFd, mem: &GuestMemory) -> Result<(), DirtyError> {
+        self.lock().collect(vm, mem)
+    }
+
+    /// Collect, then hand consumer `id` its dirty pages (guest-physical
+    /// addresses, ascending) and clear its set.
+    pub fn take(
+        &self,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        id: ConsumerId,
+    ) -> Result<Vec<u64>, DirtyError> {
+        self.lock().take(vm, mem, id)
+    }
+
+    /// How many pages consumer `id` has pending (without collecting).
+    pub fn pending(&self, id: ConsumerId) -> usize {
+        self.lock().pending(id)
     }
 }
 

@@ -85,7 +85,7 @@ pub struct MachineState {
 /// A VM ready to run.
 pub struct Machine {
     pub config: VmConfig,
-    pub vm: Vm,
+    pub vm: std::sync::Arc<Vm>,
     pub vcpu: Vcpu,
     pub devices: Devices,
     /// The logical clock: guest-caused exits so far (DESIGN.md rule 1).
@@ -156,7 +156,7 @@ impl Machine {
         let dirty = DirtyTracker::new(&vm.memory);
         Ok(Machine {
             config: config.clone(),
-            vm,
+            vm: std::sync::Arc::new(vm),
             vcpu,
             devices,
             exit_seq: 0,
@@ -204,7 +204,7 @@ impl Machine {
         let dirty = DirtyTracker::new(&vm.memory);
         Ok(Machine {
             config,
-            vm,
+            vm: std::sync::Arc::new(vm),
             vcpu,
             devices,
             exit_seq: state.exit_seq,
