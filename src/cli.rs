@@ -21,6 +21,12 @@ pub enum Command {
     Run(RunArgs),
     /// Continue a VM from a snapshot file to its end.
     Restore(RestoreArgs),
+    /// Run a VM (like `run`) and record every nondeterministic input into
+    /// a log that `tandem replay` reproduces exactly.
+    Record(RecordArgs),
+    /// Re-execute a recorded run from its log, verifying fingerprints and
+    /// state digests. Exit status 0: the replay matched; 1: divergence.
+    Replay(ReplayArgs),
 }
 
 /// Where the guest's serial console goes.
@@ -80,8 +86,9 @@ impl std::str::FromStr for DiskArg {
     }
 }
 
+/// What VM to build: shared by `run` and `record`.
 #[derive(Debug, Args)]
-pub struct RunArgs {
+pub struct VmArgs {
     /// Kernel to boot: a PVH ELF (vmlinux, the test guest) or a Linux
     /// bzImage. Default: the built-in test guest.
     #[arg(long)]
@@ -103,6 +110,12 @@ pub struct RunArgs {
     /// Serial console: stdio, null or file:PATH.
     #[arg(long, default_value = "stdio")]
     pub serial: SerialTarget,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
     /// Stop at this exit number, write a snapshot (to --snapshot) and end.
     #[arg(long, requires = "snapshot")]
     pub snapshot_at: Option<u64>,
@@ -123,4 +136,57 @@ pub struct RestoreArgs {
     /// (same size): PATH or PATH,ro.
     #[arg(long)]
     pub disk: Option<DiskArg>,
+}
+
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// The record log to write.
+    #[arg(long)]
+    pub log: PathBuf,
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Start from this snapshot instead of booting (the VM options other
+    /// than --serial and --disk are then taken from the snapshot).
+    #[arg(long)]
+    pub from_snapshot: Option<PathBuf>,
+    /// Log a fingerprint (exit reason, RIP, registers) every N exits.
+    #[arg(long, default_value_t = 1000)]
+    pub fingerprint_interval: u64,
+    /// Log a sync point with a full state digest every N exits (0: only at
+    /// kicks and at the end).
+    #[arg(long, default_value_t = 200_000)]
+    pub sync_interval: u64,
+    /// Kick a guest that has not exited this long (µs) after a timer
+    /// deadline; each kick costs a sync point in the log.
+    #[arg(long, default_value_t = 2000)]
+    pub kick_grace_us: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The record log to replay.
+    #[arg(long)]
+    pub log: PathBuf,
+    /// Serial console output: stdio, null or file:PATH (input comes from
+    /// the log).
+    #[arg(long, default_value = "stdio")]
+    pub serial: SerialTarget,
+    /// Discard the guest's console output.
+    #[arg(long)]
+    pub quiet: bool,
+    /// The disk image to replay against (a copy of the recorded disk as it
+    /// was when recording started). Default: the recorded path.
+    #[arg(long)]
+    pub disk: Option<DiskArg>,
+    /// For logs recorded from a snapshot: the snapshot (default: the path
+    /// recorded in the log).
+    #[arg(long)]
+    pub snapshot: Option<PathBuf>,
+    /// On a divergence, roll back and adopt the next sync point instead of
+    /// stopping; report how many were repaired.
+    #[arg(long)]
+    pub repair: bool,
+    /// Follow a log that is still being written (wait for more entries).
+    #[arg(long)]
+    pub follow: bool,
 }

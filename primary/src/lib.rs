@@ -1,1 +1,5 @@
-//! See Cargo.toml description.
+//! The side that runs the VM and sends: recording (the live half of the
+//! determinism boundary), log streaming, the output rule and the migration
+//! source.
+
+pub mod record;

@@ -1,1 +1,4 @@
-//! See Cargo.toml description.
+//! The side that receives: replay (the logged half of the determinism
+//! boundary), acknowledgements, the migration destination and go-live.
+
+pub mod replay;

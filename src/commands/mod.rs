@@ -1,5 +1,7 @@
 //! The subcommands.
 
+mod record;
+mod replay;
 mod run;
 
 use vmm::run::RunError;
@@ -47,5 +49,7 @@ pub fn dispatch(cli: Cli) -> Result<i32, CmdError> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Restore(args) => run::restore(args),
+        Command::Record(args) => record::record(args),
+        Command::Replay(args) => replay::replay(args),
     }
 }

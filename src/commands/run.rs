@@ -10,7 +10,7 @@ use vmm::run::{RunLimits, RunOutcome};
 use vmm::snapshot;
 
 use super::CmdError;
-use crate::cli::{DiskArg, RestoreArgs, RunArgs};
+use crate::cli::{DiskArg, RestoreArgs, RunArgs, VmArgs};
 use crate::{console, guest_image};
 
 /// The kernel image to load: a user's file or the built-in guest held in
@@ -55,7 +55,7 @@ impl KernelImage {
     }
 }
 
-fn disk_config(disk: Option<&DiskArg>) -> Result<Option<DiskConfig>, CmdError> {
+pub fn disk_config(disk: Option<&DiskArg>) -> Result<Option<DiskConfig>, CmdError> {
     let Some(d) = disk else { return Ok(None) };
     let meta = std::fs::metadata(&d.path)
         .map_err(|e| CmdError::Input(format!("--disk {}: {e}", d.path.display())))?;
@@ -104,8 +104,8 @@ pub fn outcome_status(outcome: RunOutcome) -> i32 {
     }
 }
 
-pub fn run(args: RunArgs) -> Result<i32, CmdError> {
-    let kernel = KernelImage::resolve(args.kernel.as_ref())?;
+/// The VM configuration the options describe (checked inputs).
+pub fn vm_config(args: &VmArgs) -> Result<VmConfig, CmdError> {
     if let Some(initrd) = &args.initrd {
         if !initrd.is_file() {
             return Err(CmdError::Input(format!(
@@ -124,15 +124,39 @@ pub fn run(args: RunArgs) -> Result<i32, CmdError> {
             vmm::loader::layout::VIRTIO_BLK_IRQ
         ));
     }
-    let config = VmConfig {
+    Ok(VmConfig {
         mem_mib: args.mem_mib,
         kernel: args.kernel.clone(),
         cmdline: cmdline.trim().to_string(),
         initrd: args.initrd.clone(),
         disk,
-    };
-    let console = console::open(&args.serial)?;
-    let mut machine = Machine::boot(&config, &kernel.path, console.out).map_err(machine_error)?;
+    })
+}
+
+/// Boot the VM `config` describes, its console going to `out`.
+pub fn boot(config: &VmConfig, out: Box<dyn Write + Send>) -> Result<Machine, CmdError> {
+    let kernel = KernelImage::resolve(config.kernel.as_ref())?;
+    Machine::boot(config, &kernel.path, out).map_err(machine_error)
+}
+
+/// Read a snapshot and build its machine (`disk` overrides the saved one).
+pub fn restore_machine(
+    path: &std::path::Path,
+    out: Box<dyn Write + Send>,
+    disk: Option<DiskConfig>,
+) -> Result<(Machine, snapshot::Snapshot), CmdError> {
+    let snap = snapshot::read(path).map_err(|e| CmdError::Input(e.to_string()))?;
+    let machine = snap.restore(out, disk).map_err(|e| match e {
+        snapshot::SnapshotError::Restore { source, .. } => machine_error(source),
+        other => CmdError::Input(other.to_string()),
+    })?;
+    Ok((machine, snap))
+}
+
+pub fn run(args: RunArgs) -> Result<i32, CmdError> {
+    let config = vm_config(&args.vm)?;
+    let console = console::open(&args.vm.serial)?;
+    let mut machine = boot(&config, console.out)?;
     let mut inputs = LiveInputs::new(0, console.input);
     let limits = RunLimits {
         stop_at_exit: args.snapshot_at,
@@ -164,13 +188,9 @@ pub fn run(args: RunArgs) -> Result<i32, CmdError> {
 }
 
 pub fn restore(args: RestoreArgs) -> Result<i32, CmdError> {
-    let snap = snapshot::read(&args.snapshot).map_err(|e| CmdError::Input(e.to_string()))?;
     let console = console::open(&args.serial)?;
     let disk = disk_config(args.disk.as_ref())?;
-    let mut machine = snap.restore(console.out, disk).map_err(|e| match e {
-        snapshot::SnapshotError::Restore { source, .. } => machine_error(source),
-        other => CmdError::Input(other.to_string()),
-    })?;
+    let (mut machine, snap) = restore_machine(&args.snapshot, console.out, disk)?;
     let mut inputs = LiveInputs::new(snap.state.virtual_ns, console.input);
     let outcome = machine.run(&mut inputs, RunLimits::default())?;
     Ok(outcome_status(outcome))

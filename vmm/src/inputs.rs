@@ -73,6 +73,16 @@ pub trait Inputs: Send {
     fn skip_to_sync_point(&mut self) -> Option<(u64, SyncPoint)> {
         None
     }
+    /// Replayer: is a divergence repaired (adopting the next sync point)
+    /// rather than ending the run?
+    fn repairs(&self) -> bool {
+        false
+    }
+    /// A failure of the inputs themselves (the log cannot be written or
+    /// read): ends the run with this message.
+    fn take_error(&mut self) -> Option<String> {
+        None
+    }
     /// Replayer: the log has ended at the current exit (nothing more will
     /// come): stop here instead of running ahead of the primary.
     fn ended(&mut self) -> bool {
@@ -108,6 +118,8 @@ pub struct LiveInputs {
     /// Bytes that arrived while waiting in `wait_idle`, handed to the guest
     /// at the next `console_input`.
     pending: Vec<u8>,
+    /// How long after a timer deadline a vCPU that has not exited is kicked.
+    kick_grace: Duration,
 }
 
 impl LiveInputs {
@@ -119,7 +131,16 @@ impl LiveInputs {
             base_ns,
             console,
             pending: Vec::new(),
+            kick_grace: Duration::ZERO,
         }
+    }
+
+    /// Kick a vCPU that has not exited only `grace` after a deadline, so
+    /// that guests which exit often take their interrupts at exits (a
+    /// recorder then needs no sync point).
+    pub fn with_kick_grace(mut self, grace: Duration) -> Self {
+        self.kick_grace = grace;
+        self
     }
 
     /// Spawn a thread that forwards bytes from `reader` (e.g. stdin) and
@@ -214,6 +235,10 @@ impl Inputs for LiveInputs {
     }
 
     fn host_instant_of(&self, deadline_ns: u64) -> Option<Instant> {
-        Some(self.start + Duration::from_nanos(deadline_ns.saturating_sub(self.base_ns)))
+        Some(
+            self.start
+                + Duration::from_nanos(deadline_ns.saturating_sub(self.base_ns))
+                + self.kick_grace,
+        )
     }
 }

@@ -214,3 +214,27 @@ impl Machine {
         })
     }
 }
+
+/// What a record log's header says about the run (its `vm_config` bytes):
+/// the machine and the recording parameters the replayer must mirror.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogConfig {
+    pub vm: VmConfig,
+    /// A fingerprint every this many exits (0: none).
+    pub fingerprint_interval: u64,
+    /// A periodic sync point (with a state digest) every this many exits.
+    pub sync_interval: u64,
+}
+
+impl LogConfig {
+    /// Encode for the log header.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// Decode from a log header.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        postcard::from_bytes(bytes)
+            .map_err(|e| format!("the log's VM configuration does not decode: {e}"))
+    }
+}

@@ -96,8 +96,21 @@ pub enum RunError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Divergence(#[from] Divergence),
+    #[error("{0}")]
+    Inputs(String),
     #[error("sync point at exit {exit_seq}: {source}")]
     Sync { exit_seq: u64, source: SyncError },
+}
+
+/// Errors the inputs found (replay divergences, log failures).
+fn check_inputs(inputs: &mut dyn Inputs) -> Result<(), RunError> {
+    if let Some(e) = inputs.take_error() {
+        return Err(RunError::Inputs(e));
+    }
+    match inputs.take_divergence() {
+        Some(d) => Err(RunError::Divergence(d)),
+        None => Ok(()),
+    }
 }
 
 /// What a handled exit asks for.
@@ -142,14 +155,7 @@ impl Machine {
             }
             let seq = self.exit_seq;
             if let Some(sp) = inputs.take_sync_point(seq) {
-                let found = self
-                    .apply_sync_point(seq, &sp)
-                    .map_err(|source| RunError::Sync {
-                        exit_seq: seq,
-                        source,
-                    })?;
-                self.stats.sync_points += 1;
-                self.stats.repaired += found;
+                self.replay_sync_point(inputs, seq, &sp)?;
                 continue;
             }
             if self.sync.is_some() && inputs.wants_sync_point(seq, SyncReason::Interval) {
@@ -177,6 +183,7 @@ impl Machine {
                 Next::Continue => {}
                 Next::Kicked => {
                     self.stats.kicks += 1;
+                    self.vcpu.derive_readiness_from_state()?;
                     if self.sync.is_some() && inputs.wants_sync_point(seq, SyncReason::Kick) {
                         self.record_sync_point(inputs, false)?;
                     }
@@ -347,10 +354,51 @@ impl Machine {
                 inputs.fingerprint(seq, &fp)?;
             }
         }
-        if let Some(d) = inputs.take_divergence() {
-            return Err(RunError::Divergence(d));
-        }
+        check_inputs(inputs)?;
         Ok(next)
+    }
+
+    /// Replayer: apply a logged sync point; a difference it reveals is a
+    /// divergence (an error unless repairing).
+    pub fn replay_sync_point(
+        &mut self,
+        inputs: &mut dyn Inputs,
+        seq: u64,
+        sp: &crate::inputs::SyncPoint,
+    ) -> Result<(), RunError> {
+        let applied = self
+            .apply_sync_point(seq, sp)
+            .map_err(|source| RunError::Sync {
+                exit_seq: seq,
+                source,
+            })?;
+        self.stats.sync_points += 1;
+        if applied.diverged() {
+            if !inputs.repairs() {
+                let (expected, found) = match applied.digest_mismatch {
+                    Some(own) => (
+                        format!("state digest {}", sp.digest.to_hex()),
+                        format!("state digest {}", own.to_hex()),
+                    ),
+                    None => (
+                        "the primary's memory at the sync point".into(),
+                        format!("{} pages written only by the replayer", applied.rolled_back),
+                    ),
+                };
+                return Err(RunError::Divergence(Divergence {
+                    exit_seq: seq,
+                    expected,
+                    found,
+                }));
+            }
+            tracing::warn!(
+                exit_seq = seq,
+                ?applied,
+                "divergence repaired by a sync point"
+            );
+            self.stats.repaired += 1;
+        }
+        Ok(())
     }
 
     /// The cheap per-exit check: exit reason, RIP, a few registers.

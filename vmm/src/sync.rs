@@ -125,6 +125,23 @@ impl Checkpoint {
     }
 }
 
+/// What applying a sync point found different on the replayer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The replayer's own state digest, when it differed from the one the
+    /// sync point carries (compared at the same exit, before applying).
+    pub digest_mismatch: Option<Digest>,
+    /// Pages only the replayer had written, rolled back.
+    pub rolled_back: usize,
+}
+
+impl Applied {
+    /// Did the replayer differ from the primary?
+    pub fn diverged(&self) -> bool {
+        self.digest_mismatch.is_some() || self.rolled_back > 0
+    }
+}
+
 /// Sync-point machinery attached to a machine.
 pub struct SyncState {
     consumer: ConsumerId,
@@ -189,22 +206,22 @@ impl Machine {
     /// machine's own state at the same exit. Pages this replayer wrote that
     /// the primary did not are rolled back to the checkpoint.
     ///
-    /// Returns the number of divergences found (and repaired) here.
-    pub fn apply_sync_point(&mut self, exit_seq: u64, sp: &SyncPoint) -> Result<u64, SyncError> {
+    /// Returns what differed (and was repaired by applying).
+    pub fn apply_sync_point(
+        &mut self,
+        exit_seq: u64,
+        sp: &SyncPoint,
+    ) -> Result<Applied, SyncError> {
         let vcpu: VcpuState =
             postcard::from_bytes(&sp.vcpu_state).map_err(|e| SyncError::Decode(e.to_string()))?;
         let devices: DevicesState =
             postcard::from_bytes(&sp.device_state).map_err(|e| SyncError::Decode(e.to_string()))?;
         self.vcpu.complete_pending_io()?;
-        let mut divergences = 0;
+        let mut applied = Applied::default();
         if sp.digest != Digest::ZERO && self.exit_seq == exit_seq {
             let own = self.digest()?;
             if own != sp.digest {
-                tracing::warn!(
-                    exit_seq,
-                    "state digest differs from the primary's at a sync point"
-                );
-                divergences += 1;
+                applied.digest_mismatch = Some(own);
             }
         }
         let consumer = self.sync.as_ref().ok_or(SyncError::NotEnabled)?.consumer;
@@ -223,14 +240,7 @@ impl Machine {
                     }
                 }
             }
-            if rolled_back > 0 {
-                tracing::warn!(
-                    exit_seq,
-                    rolled_back,
-                    "pages written only by the replayer were rolled back"
-                );
-                divergences += 1;
-            }
+            applied.rolled_back = rolled_back;
             for (gpa, data) in &sp.pages {
                 memory::write_page(&mem, *gpa, data)?;
                 if let Some(i) = cp.index(*gpa) {
@@ -243,11 +253,12 @@ impl Machine {
             }
         }
         self.vcpu.restore(&vcpu)?;
+        self.vcpu.derive_readiness_from_state()?;
         self.devices.load_state(&devices, &mem)?;
         self.exit_seq = exit_seq;
         // What the apply itself wrote is not the guest's doing.
         self.dirty.take(&self.vm.fd, &self.vm.memory, consumer)?;
-        Ok(divergences)
+        Ok(applied)
     }
 
     /// Replayer after a divergence: put back every page written since the

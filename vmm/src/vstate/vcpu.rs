@@ -60,6 +60,7 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     msr_indices: Vec<u32>,
     kicker: Kicker,
+    ready_override: Option<bool>,
 }
 
 /// MSRs that must not be saved or restored (host-specific or read-only).
@@ -88,6 +89,7 @@ impl Vcpu {
                 .filter(|&i| !msr_excluded(i))
                 .collect(),
             kicker: Kicker::new(),
+            ready_override: None,
         };
         vcpu.probe_msrs()?;
         Ok(vcpu)
@@ -216,8 +218,28 @@ impl Vcpu {
 
     /// Can an interrupt be injected now (IF set, no interrupt shadow)?
     pub fn ready_for_interrupt(&mut self) -> bool {
+        if let Some(ready) = self.ready_override.take() {
+            return ready;
+        }
         let run = self.fd.get_kvm_run();
         run.ready_for_interrupt_injection != 0 && run.if_flag != 0
+    }
+
+    /// After a kick or after the state was overwritten, `kvm_run`'s
+    /// readiness flags describe a point the other side of a record/replay
+    /// pair never saw. Decide readiness from the vCPU state itself (IF set,
+    /// no interrupt shadow, nothing already being injected) so that the
+    /// recorder and the replayer decide the same.
+    pub fn derive_readiness_from_state(&mut self) -> Result<(), VcpuError> {
+        let regs = st("KVM_GET_REGS", self.fd.get_regs())?;
+        let events = st("KVM_GET_VCPU_EVENTS", self.fd.get_vcpu_events())?;
+        let ready = regs.rflags & (1 << 9) != 0
+            && events.interrupt.shadow == 0
+            && events.interrupt.injected == 0
+            && events.exception.injected == 0
+            && events.nmi.injected == 0;
+        self.ready_override = Some(ready);
+        Ok(())
     }
 
     /// Was IF set at the last exit?

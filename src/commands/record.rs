@@ -1,0 +1,106 @@
+//! `tandem record`: run a VM and write its record log.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::time::{Duration, Instant};
+
+use primary::record::{RecordOptions, Recorder};
+use recordlog::{Entry, Header, InitialState, LogWriter};
+use vmm::inputs::{Inputs, LiveInputs};
+use vmm::machine::LogConfig;
+use vmm::run::RunLimits;
+
+use super::run::{boot, disk_config, outcome_status, restore_machine, vm_config};
+use super::CmdError;
+use crate::cli::RecordArgs;
+use crate::console;
+
+pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
+    let started = Instant::now();
+    let console = console::open(&args.vm.serial)?;
+    let (mut machine, initial, base_ns) = match &args.from_snapshot {
+        None => {
+            let config = vm_config(&args.vm)?;
+            (boot(&config, console.out)?, InitialState::Boot, 0)
+        }
+        Some(path) => {
+            let disk = disk_config(args.vm.disk.as_ref())?;
+            let (mut m, snap) = restore_machine(path, console.out, disk)?;
+            let digest = m.digest().map_err(|e| CmdError::Internal(e.to_string()))?;
+            let initial = InitialState::Snapshot {
+                digest,
+                path_hint: path.display().to_string(),
+            };
+            (m, initial, snap.state.virtual_ns)
+        }
+    };
+    machine
+        .enable_sync_points(false)
+        .map_err(|e| CmdError::Internal(e.to_string()))?;
+    let config = LogConfig {
+        vm: machine.config.clone(),
+        fingerprint_interval: args.fingerprint_interval,
+        sync_interval: args.sync_interval,
+    };
+    let header = Header::new(config.encode(), initial);
+    let file = File::create(&args.log)
+        .map_err(|e| CmdError::Input(format!("--log {}: {e}", args.log.display())))?;
+    let mut writer = LogWriter::new(BufWriter::new(file), &header)
+        .map_err(|e| CmdError::Internal(format!("--log {}: {e}", args.log.display())))?;
+    // The identity of the initial state, checked first by the replayer.
+    let start = machine.exit_seq;
+    let digest = machine
+        .digest()
+        .map_err(|e| CmdError::Internal(e.to_string()))?;
+    writer
+        .append(&Entry::Digest {
+            exit_seq: start,
+            digest,
+        })
+        .map_err(|e| CmdError::Internal(e.to_string()))?;
+    let live = LiveInputs::new(base_ns, console.input)
+        .with_kick_grace(Duration::from_micros(args.kick_grace_us));
+    let opts = RecordOptions {
+        fingerprint_interval: args.fingerprint_interval,
+        sync_interval: args.sync_interval,
+    };
+    let mut recorder = Recorder::new(live, writer, opts, start);
+    let result = machine.run(&mut recorder, RunLimits::default());
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = recorder.flush();
+            return Err(e.into());
+        }
+    };
+    let status = outcome_status(outcome);
+    // Close the log: the final state (with digest) and the end.
+    let seq = machine.exit_seq;
+    let sp = machine
+        .capture_sync_point(true)
+        .map_err(|e| CmdError::Internal(e.to_string()))?;
+    let _ = recorder.sync_point(seq, sp);
+    recorder.log(Entry::End {
+        exit_seq: seq,
+        status,
+    });
+    recorder.flush().map_err(CmdError::Internal)?;
+    let stats = recorder.stats;
+    let elapsed = started.elapsed().as_secs_f64();
+    let bytes = std::fs::metadata(&args.log).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "tandem: recorded {} exits in {elapsed:.2} s to {}: {} bytes ({:.0} bit/s, {:.2} bytes/exit), {} inputs, {} interrupts, {} fingerprints, {} sync points ({} pages), {} kicks",
+        seq - start,
+        args.log.display(),
+        bytes,
+        bytes as f64 * 8.0 / elapsed.max(1e-9),
+        bytes as f64 / (seq - start).max(1) as f64,
+        stats.inputs,
+        stats.interrupts,
+        stats.fingerprints,
+        stats.sync_points,
+        stats.sync_pages,
+        machine.stats.kicks,
+    );
+    Ok(status)
+}

@@ -1,0 +1,169 @@
+//! `tandem replay`: re-execute a recorded run and verify it.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::time::{Duration, Instant};
+
+use recordlog::{InitialState, LogReader, TailOptions, TailReader};
+use secondary::replay::{EntrySource, LogEnd, Replayer};
+use vmm::machine::{LogConfig, Machine};
+use vmm::run::{RunError, RunLimits, RunOutcome};
+
+use super::run::{boot, disk_config, outcome_status, restore_machine};
+use super::CmdError;
+use crate::cli::{ReplayArgs, SerialTarget};
+use crate::console;
+
+/// Status of a replay that diverged.
+const DIVERGED: i32 = 1;
+
+pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
+    let bad_log = |e: String| CmdError::Input(format!("--log {}: {e}", args.log.display()));
+    let file = File::open(&args.log).map_err(|e| bad_log(e.to_string()))?;
+    let reader = BufReader::with_capacity(1 << 20, file);
+    let (source, header): (Box<dyn EntrySource>, _) = if args.follow {
+        let (r, h) = TailReader::open(
+            reader,
+            TailOptions {
+                poll_interval: Duration::from_millis(5),
+                idle_timeout: Some(Duration::from_secs(5)),
+            },
+        )
+        .map_err(|e| bad_log(e.to_string()))?;
+        (Box::new(r), h)
+    } else {
+        let (r, h) = LogReader::open(reader).map_err(|e| bad_log(e.to_string()))?;
+        (Box::new(r), h)
+    };
+    let config = LogConfig::decode(&header.vm_config).map_err(bad_log)?;
+    let target = if args.quiet {
+        SerialTarget::Null
+    } else {
+        args.serial.clone()
+    };
+    let out = console::open(&target)?.out;
+    let disk = disk_config(args.disk.as_ref())?;
+    let mut machine = match &header.initial_state {
+        InitialState::Boot => {
+            let mut vm = config.vm.clone();
+            if disk.is_some() {
+                vm.disk = disk;
+            }
+            boot(&vm, out)?
+        }
+        InitialState::Snapshot { digest, path_hint } => {
+            let path = args.snapshot.clone().unwrap_or_else(|| path_hint.into());
+            let (mut m, _) = restore_machine(&path, out, disk)?;
+            let own = m.digest().map_err(|e| CmdError::Internal(e.to_string()))?;
+            if own != *digest {
+                return Err(CmdError::Input(format!(
+                    "snapshot {} is not the one this log was recorded from (digest {}, log expects {})",
+                    path.display(),
+                    own.to_hex(),
+                    digest.to_hex()
+                )));
+            }
+            m
+        }
+    };
+    machine
+        .enable_sync_points(true)
+        .map_err(|e| CmdError::Internal(e.to_string()))?;
+    let mut replayer = Replayer::new(source, config.fingerprint_interval, args.repair);
+    check_initial_digest(&mut machine, &mut replayer)?;
+    let started = Instant::now();
+    let start = machine.exit_seq;
+    let result = machine.run(&mut replayer, RunLimits::default());
+    let elapsed = started.elapsed().as_secs_f64();
+    let summary = |m: &Machine| {
+        format!(
+            "{} exits in {elapsed:.2} s, {} sync points applied, {} divergences repaired",
+            m.exit_seq - start,
+            m.stats.sync_points,
+            m.stats.repaired
+        )
+    };
+    let outcome = match result {
+        Ok(o) => o,
+        Err(RunError::Divergence(d)) => {
+            eprintln!("tandem: replay diverged: {d}");
+            eprintln!("tandem: replayed {}", summary(&machine));
+            return Ok(DIVERGED);
+        }
+        Err(RunError::Inputs(e)) => {
+            eprintln!("tandem: replayed {}", summary(&machine));
+            return Err(bad_log(e));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if outcome == RunOutcome::LogEnded {
+        eprintln!(
+            "tandem: the log ends at exit {} without an end entry (the recorder stopped); replay stopped there with the VM intact: {}",
+            machine.exit_seq,
+            summary(&machine)
+        );
+        return Ok(0);
+    }
+    // The recorder closed the log with a digest-carrying sync point and the
+    // end entry at the exit where the guest ended.
+    let seq = machine.exit_seq;
+    if let Some(sp) = replayer.final_sync_point(seq) {
+        if let Err(RunError::Divergence(d)) = machine.replay_sync_point(&mut replayer, seq, &sp) {
+            eprintln!("tandem: replay diverged: {d}");
+            eprintln!("tandem: replayed {}", summary(&machine));
+            return Ok(DIVERGED);
+        }
+    }
+    let status = outcome_status(outcome);
+    if let Some(extra) = replayer.finish() {
+        eprintln!(
+            "tandem: replay diverged: the guest ended at exit {seq} but the log continues with {:?}",
+            extra.kind()
+        );
+        return Ok(DIVERGED);
+    }
+    match replayer.log_end().clone() {
+        LogEnd::End {
+            exit_seq,
+            status: logged,
+        } if exit_seq == seq && logged == status => {}
+        LogEnd::End {
+            exit_seq,
+            status: logged,
+        } => {
+            eprintln!(
+                "tandem: replay diverged: the recorded run ended at exit {exit_seq} with status {logged}, the replay at exit {seq} with status {status}"
+            );
+            return Ok(DIVERGED);
+        }
+        LogEnd::Corrupt(e) => return Err(bad_log(e)),
+        LogEnd::Truncated | LogEnd::Open => {}
+    }
+    eprintln!("tandem: replay verified: {}", summary(&machine));
+    Ok(0)
+}
+
+/// The recorder's first entry is the digest of the initial state: a
+/// different kernel, command line or snapshot shows up here.
+fn check_initial_digest(
+    machine: &mut Machine,
+    replayer: &mut Replayer<Box<dyn EntrySource>>,
+) -> Result<(), CmdError> {
+    let seq = machine.exit_seq;
+    match replayer.take_digest(seq) {
+        Some(expected) => {
+            let own = machine
+                .digest()
+                .map_err(|e| CmdError::Internal(e.to_string()))?;
+            if own != expected {
+                return Err(CmdError::Input(format!(
+                    "the VM built from the log's configuration differs from the recorded one at exit {seq} (state digest {}, log has {}): a different kernel, command line or disk?",
+                    own.to_hex(),
+                    expected.to_hex()
+                )));
+            }
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
