@@ -27,6 +27,8 @@ pub enum Command {
     /// Re-execute a recorded run from its log, verifying fingerprints and
     /// state digests. Exit status 0: the replay matched; 1: divergence.
     Replay(ReplayArgs),
+    /// Print a record log's header and entries (for debugging).
+    DumpLog(DumpLogArgs),
 }
 
 /// Where the guest's serial console goes.
@@ -156,6 +158,9 @@ pub struct RecordArgs {
     /// kicks and at the end).
     #[arg(long, default_value_t = 200_000)]
     pub sync_interval: u64,
+    /// Stop the recording at this exit (the VM is not run to its end).
+    #[arg(long)]
+    pub stop_at: Option<u64>,
     /// Kick a guest that has not exited this long (µs) after a timer
     /// deadline; each kick costs a sync point in the log.
     #[arg(long, default_value_t = 2000)]
@@ -189,4 +194,11 @@ pub struct ReplayArgs {
     /// Follow a log that is still being written (wait for more entries).
     #[arg(long)]
     pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DumpLogArgs {
+    /// The record log to print.
+    #[arg(long)]
+    pub log: PathBuf,
 }

@@ -342,7 +342,15 @@ impl<S: EntrySource> Inputs for Replayer<S> {
         }
     }
 
-    fn ended(&mut self) -> bool {
-        self.peek().is_none() && self.end == LogEnd::Truncated
+    fn ended(&mut self, exit_seq: u64) -> bool {
+        if self.peek().is_some() {
+            return false;
+        }
+        match self.end {
+            LogEnd::Truncated => true,
+            // A run the recorder stopped (`record --stop-at`) ends here.
+            LogEnd::End { exit_seq: end, .. } => exit_seq >= end,
+            _ => false,
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The subcommands.
 
+mod dump;
 mod record;
 mod replay;
 mod run;
@@ -51,5 +52,6 @@ pub fn dispatch(cli: Cli) -> Result<i32, CmdError> {
         Command::Restore(args) => run::restore(args),
         Command::Record(args) => record::record(args),
         Command::Replay(args) => replay::replay(args),
+        Command::DumpLog(args) => dump::dump_log(args),
     }
 }

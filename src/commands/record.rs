@@ -65,7 +65,11 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
         sync_interval: args.sync_interval,
     };
     let mut recorder = Recorder::new(live, writer, opts, start);
-    let result = machine.run(&mut recorder, RunLimits::default());
+    let limits = RunLimits {
+        stop_at_exit: args.stop_at,
+        ..Default::default()
+    };
+    let result = machine.run(&mut recorder, limits);
     let outcome = match result {
         Ok(o) => o,
         Err(e) => {

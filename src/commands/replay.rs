@@ -96,7 +96,7 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
         }
         Err(e) => return Err(e.into()),
     };
-    if outcome == RunOutcome::LogEnded {
+    if outcome == RunOutcome::LogEnded && *replayer.log_end() == LogEnd::Truncated {
         eprintln!(
             "tandem: the log ends at exit {} without an end entry (the recorder stopped); replay stopped there with the VM intact: {}",
             machine.exit_seq,

@@ -83,9 +83,9 @@ pub trait Inputs: Send {
     fn take_error(&mut self) -> Option<String> {
         None
     }
-    /// Replayer: the log has ended at the current exit (nothing more will
-    /// come): stop here instead of running ahead of the primary.
-    fn ended(&mut self) -> bool {
+    /// Replayer: the log has ended at `exit_seq` (nothing more will come):
+    /// stop here instead of running ahead of the primary.
+    fn ended(&mut self, _exit_seq: u64) -> bool {
         false
     }
 }

@@ -188,12 +188,45 @@ impl Machine {
         disk: Option<DiskConfig>,
         fill_memory: impl FnOnce(&crate::GuestMemory) -> Result<(), MemoryError>,
     ) -> Result<Self, MachineError> {
+        let incoming = Self::prepare_incoming(&state.config)?;
+        fill_memory(incoming.memory())?;
+        incoming.finish(state, serial_out, disk)
+    }
+
+    /// The first half of [`Machine::restore`] for a migration destination:
+    /// create the VM (zeroed guest memory) from `config` so that pages can be
+    /// written into it while they arrive, long before the final state does.
+    pub fn prepare_incoming(config: &VmConfig) -> Result<Incoming, MachineError> {
+        let (vm, vcpu) = Self::create(config)?;
+        Ok(Incoming { vm, vcpu })
+    }
+}
+
+/// A VM being filled by a migration (see [`Machine::prepare_incoming`]).
+pub struct Incoming {
+    vm: Vm,
+    vcpu: Vcpu,
+}
+
+impl Incoming {
+    /// Guest memory, to be filled (fresh: every page is zero).
+    pub fn memory(&self) -> &crate::GuestMemory {
+        &self.vm.memory
+    }
+
+    /// Set the vCPU and devices from `state` (the second half of
+    /// [`Machine::restore`]). `disk` overrides the disk of the saved config.
+    pub fn finish(
+        self,
+        state: &MachineState,
+        serial_out: Box<dyn std::io::Write + Send>,
+        disk: Option<DiskConfig>,
+    ) -> Result<Machine, MachineError> {
         let mut config = state.config.clone();
         if disk.is_some() {
             config.disk = disk;
         }
-        let (vm, vcpu) = Self::create(&config)?;
-        fill_memory(&vm.memory)?;
+        let Incoming { vm, vcpu } = self;
         vcpu.restore(&state.vcpu)?;
         let devices = Devices::restore(
             &state.devices,

@@ -16,7 +16,9 @@
 //!
 //! A kick (`EINTR`) is not an exit: nothing is counted. A recorder captures
 //! a sync point right after it (DESIGN.md rule 4); the replayer meets that
-//! sync point at step 5 of the same exit.
+//! sync point at step 5 of the same exit. The interrupt-window exit is
+//! treated the same way: DESIGN.md counts it, but on this project's
+//! PVM-based KVM it does not land at a reproducible instruction.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -162,7 +164,7 @@ impl Machine {
                 self.record_sync_point(inputs, true)?;
                 continue;
             }
-            if inputs.ended() {
+            if inputs.ended(seq) {
                 self.vcpu.complete_pending_io()?;
                 return Ok(RunOutcome::LogEnded);
             }
@@ -287,6 +289,14 @@ impl Machine {
             }
             Err(e) => return Err(RunError::Kvm(e)),
         };
+        if matches!(exit, VcpuExit::IrqWindowOpen) {
+            // Not a clock tick: on PVM-based KVM the interrupt-window exit
+            // lands at a different instruction from run to run (seen as
+            // fingerprint mismatches), so it is handled like a kick: the
+            // recorder ships a sync point, the replayer never depends on
+            // where it lands.
+            return Ok(Next::Kicked);
+        }
         self.exit_seq += 1;
         let seq = self.exit_seq;
         let devices = &mut self.devices;
@@ -309,7 +319,7 @@ impl Machine {
                 Next::Continue
             }
             VcpuExit::Hlt => Next::Halt,
-            VcpuExit::IrqWindowOpen | VcpuExit::Debug(_) => Next::Continue,
+            VcpuExit::Debug(_) => Next::Continue,
             VcpuExit::SystemEvent(kind, _) => {
                 if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
                     Next::End(RunOutcome::Reset)

@@ -175,8 +175,77 @@ pub struct VirtioBlock {
     capacity_sectors: u64,
     serial: String,
     transport: MmioTransport,
-    /// One bit per [`DIRTY_BLOCK_SIZE`] block of the disk.
-    dirty: Vec<u64>,
+    /// One bit per [`DIRTY_BLOCK_SIZE`] block of the disk, shared with
+    /// storage migration (see [`DirtyBlocks`]).
+    dirty: DirtyBlocks,
+}
+
+/// The dirty-block record of a disk: one bit per [`DIRTY_BLOCK_SIZE`]
+/// block. A cheap, cloneable handle so that a migration thread can collect
+/// dirty blocks while the vCPU thread keeps running the device.
+///
+/// The device marks a block *after* its data reached the image, so a
+/// collector that takes the set and then reads the blocks never misses a
+/// write: a write that lands after the read marks the block again.
+#[derive(Debug, Clone)]
+pub struct DirtyBlocks {
+    bits: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    blocks: u64,
+}
+
+impl DirtyBlocks {
+    fn new(blocks: u64) -> Self {
+        DirtyBlocks {
+            bits: std::sync::Arc::new(std::sync::Mutex::new(vec![0; blocks.div_ceil(64) as usize])),
+            blocks,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        self.bits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of blocks of the disk.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    fn mark_range(&self, first: u64, last: u64) {
+        if self.blocks == 0 {
+            return;
+        }
+        let mut bits = self.lock();
+        for b in first..=last.min(self.blocks.saturating_sub(1)) {
+            bits[(b / 64) as usize] |= 1 << (b % 64);
+        }
+    }
+
+    /// Indices of the blocks written since the last call (ascending), and
+    /// clear the record.
+    pub fn take(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (w, word) in self.lock().iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                out.push(w as u64 * 64 + b);
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+
+    /// How many blocks are marked (without clearing).
+    pub fn pending(&self) -> u64 {
+        self.lock().iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    /// Mark every block.
+    pub fn mark_all(&self) {
+        if self.blocks > 0 {
+            self.mark_range(0, self.blocks - 1);
+        }
+    }
 }
 
 /// One guest buffer of a descriptor chain.
@@ -230,7 +299,7 @@ impl VirtioBlock {
             capacity_sectors,
             serial: DEFAULT_SERIAL.to_owned(),
             transport: MmioTransport::new(VIRTIO_ID_BLOCK, features),
-            dirty: vec![0; blocks.div_ceil(64) as usize],
+            dirty: DirtyBlocks::new(blocks),
         })
     }
 
@@ -506,19 +575,25 @@ impl VirtioBlock {
         if len == 0 {
             return Ok(());
         }
-        self.mark_dirty_range(off, len);
         let mut buf = vec![0u8; CHUNK.min(len as usize)];
         let mut done = 0u64;
+        let mut result = Ok(());
         while done < len {
             let n = CHUNK.min((len - done) as usize);
-            copy_from_guest(mem, segs, HEADER_SIZE + done, &mut buf[..n])?;
+            if let Err(()) = copy_from_guest(mem, segs, HEADER_SIZE + done, &mut buf[..n]) {
+                result = Err(());
+                break;
+            }
             if let Err(e) = self.file.write_all_at(&buf[..n], off + done) {
                 tracing::warn!(error = %e, "virtio-blk: write failed");
-                return Err(());
+                result = Err(());
+                break;
             }
             done += n as u64;
         }
-        Ok(())
+        // After the data (see `DirtyBlocks`), and even after a partial write.
+        self.mark_dirty_range(off, len);
+        result
     }
 
     fn num_blocks(&self) -> u64 {
@@ -528,33 +603,25 @@ impl VirtioBlock {
     fn mark_dirty_range(&mut self, off: u64, len: u64) {
         let first = off / DIRTY_BLOCK_SIZE;
         let last = (off + len - 1) / DIRTY_BLOCK_SIZE;
-        for b in first..=last {
-            self.dirty[(b / 64) as usize] |= 1 << (b % 64);
-        }
+        self.dirty.mark_range(first, last);
+    }
+
+    /// The shared dirty-block record (for storage migration from another
+    /// thread).
+    pub fn dirty_blocks(&self) -> DirtyBlocks {
+        self.dirty.clone()
     }
 
     /// Indices of the [`DIRTY_BLOCK_SIZE`] blocks the guest wrote since the
     /// last call (ascending), and clear the record. Blocks written with
     /// [`Self::write_block`] are not recorded.
     pub fn take_dirty_blocks(&mut self) -> Vec<u64> {
-        let mut out = Vec::new();
-        for (w, word) in self.dirty.iter_mut().enumerate() {
-            let mut bits = std::mem::take(word);
-            while bits != 0 {
-                let b = bits.trailing_zeros() as u64;
-                out.push(w as u64 * 64 + b);
-                bits &= bits - 1;
-            }
-        }
-        out
+        self.dirty.take()
     }
 
     /// Mark every block dirty (e.g. before copying the whole disk).
     pub fn mark_all_dirty(&mut self) {
-        let blocks = self.num_blocks();
-        for b in 0..blocks {
-            self.dirty[(b / 64) as usize] |= 1 << (b % 64);
-        }
+        self.dirty.mark_all();
     }
 
     /// Length in bytes of block `index` (the last block may be short).
