@@ -54,9 +54,10 @@
 //! | `disk BLOCKS` | writes a per-sector pattern to sectors 0..BLOCKS (8 per request), FLUSH, reads back and verifies; checksum of the data read (default 64) |
 //! | `echo` | prints `echo ready`, then `echo: <line>` for each serial input line (interrupt-driven RX); `quit` ends it |
 //! | `tsc N` | reads RDTSC N times and counts the odd values — deliberately timing dependent (default 1000) |
+//! | `exits N` | N writes to port 0x80 in a tight loop, interrupts off: one VM exit each (the exit-rate benchmark; default 1000) |
 //! | `fault` | executes `ud2`: exercises the exception path (exit status 0xe6) |
 //!
-//! `hello` and `tsc` run with interrupts disabled; all other workloads run
+//! `hello`, `tsc` and `exits` run with interrupts disabled; all other workloads run
 //! with the timer (and the IRQs they need) enabled. `disk` and the demo
 //! overwrite the first sectors of the disk. `echo` ends a line at `\n` or
 //! `\r` (a `\n` right after `\r` is skipped) and keeps 200 bytes per line.

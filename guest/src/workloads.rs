@@ -138,6 +138,7 @@ pub fn run(args: &Args, info: &HvmStartInfo) -> ! {
         b"echo" => result(b"echo", echo::run()),
         b"tsc" => tsc(args.num(1, 1000)),
         b"fault" => fault(),
+        b"exits" => exits(args.num(1, 1000)),
         _ => {
             io::puts(b"ERROR unknown workload ");
             io::putln(name);
@@ -243,6 +244,36 @@ fn busy(n: u64) -> ! {
         x = x.rotate_left(17);
     }
     result(b"busy", x)
+}
+
+/// `N` writes to port 0x80 in a tight loop with interrupts off: one VM
+/// exit each and almost nothing else, for the exit-rate benchmark
+/// (`benches/exits.rs`). The checksum covers N and the last POST code read
+/// back from port 0x80, which is `N & 0xff` (0 when N is 0).
+fn exits(n: u64) -> ! {
+    io::puts(b"exits ");
+    io::put_dec(n);
+    io::putc(b'\n');
+    if n > 0 {
+        // Exactly the bare benchmark loop: `out 0x80, al; loop`, so that
+        // the two measure the same guest instructions per exit.
+        // SAFETY: port I/O and RCX only.
+        unsafe {
+            core::arch::asm!(
+                "2:",
+                "out 0x80, al",
+                "loop 2b",
+                inout("rcx") n => _,
+                in("al") n as u8,
+                options(nomem, nostack, preserves_flags)
+            )
+        };
+    }
+    let mut h = Hash::new();
+    h.bytes(b"exits");
+    h.u64(n);
+    h.u64(io::inb(0x80) as u64);
+    result(b"exits", h.finish())
 }
 
 /// Deliberately executes `ud2`: tests the exception path (exit 0xe6).

@@ -168,9 +168,13 @@ impl Machine {
                 self.vcpu.complete_pending_io()?;
                 return Ok(RunOutcome::LogEnded);
             }
+            // A pending interrupt the guest cannot take yet waits for the
+            // interrupt window, which ends the run by itself: no kick.
             let deadline = self.devices.pit.next_irq0_deadline();
-            if let Some(at) = deadline.and_then(|d| inputs.host_instant_of(d)) {
-                kicker.arm(at);
+            if !self.devices.pic.interrupt_pending() {
+                if let Some(at) = deadline.and_then(|d| inputs.host_instant_of(d)) {
+                    kicker.arm(at);
+                }
             }
             let next = self.run_once(inputs);
             kicker.disarm();

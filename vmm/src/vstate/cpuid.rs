@@ -6,6 +6,7 @@
 //! | leaf / register / bit | masked | why |
 //! |---|---|---|
 //! | 0x1 ECX bit 3 (MONITOR/MWAIT) | cleared | MWAIT wake-ups depend on host timing |
+//! | 0x1 ECX bit 13 (CMPXCHG16B) | cleared | PVM-based KVM cannot emulate `lock cmpxchg16b` (Linux's SLUB uses it when advertised); a fixed CPUID must run on such hosts too |
 //! | 0x1 ECX bit 21 (x2APIC) | cleared | there is no in-kernel LAPIC |
 //! | 0x1 ECX bit 24 (TSC-deadline) | cleared | needs a LAPIC; a host-timed interrupt source |
 //! | 0x1 ECX bit 30 (RDRAND) | cleared | a nondeterministic value KVM cannot trap |
@@ -53,7 +54,7 @@ pub fn build(kvm: &Kvm) -> Result<CpuId, CpuidError> {
     for e in entries.iter_mut() {
         match (e.function, e.index) {
             (0x1, _) => {
-                e.ecx &= !(bit(3) | bit(5) | bit(21) | bit(24) | bit(30));
+                e.ecx &= !(bit(3) | bit(5) | bit(13) | bit(21) | bit(24) | bit(30));
                 e.ecx |= bit(31);
                 e.edx &= !bit(9);
                 e.ebx = (e.ebx & 0x0000_ffff) | (1 << 16);

@@ -343,15 +343,27 @@ impl Vcpu {
 /// not a tick of `exit_seq` (DESIGN.md rule 4). The signal is repeated every
 /// millisecond until the vCPU thread disarms, so that a signal arriving just
 /// before `KVM_RUN` is entered is not lost.
+///
+/// Arming and disarming happen around every `KVM_RUN`, so they are two
+/// atomic operations: the timer thread is woken only when a deadline moves
+/// earlier than the time it sleeps until.
 #[derive(Clone)]
 pub struct Kicker {
     inner: Arc<KickerInner>,
 }
 
+const NONE: u64 = u64::MAX;
+
 struct KickerInner {
     /// The pthread to signal (0 = none yet).
     thread: AtomicU64,
-    armed: Mutex<Option<Instant>>,
+    /// Origin of the ns values below.
+    base: Instant,
+    /// When to kick, ns since `base` (`NONE`: disarmed).
+    deadline: AtomicU64,
+    /// When the timer thread wakes next, ns since `base` (0: it is awake).
+    sleeping_until: AtomicU64,
+    lock: Mutex<()>,
     cond: Condvar,
     kicks: AtomicU64,
     started: AtomicBool,
@@ -374,7 +386,10 @@ impl Kicker {
         Kicker {
             inner: Arc::new(KickerInner {
                 thread: AtomicU64::new(0),
-                armed: Mutex::new(None),
+                base: Instant::now(),
+                deadline: AtomicU64::new(NONE),
+                sleeping_until: AtomicU64::new(0),
+                lock: Mutex::new(()),
                 cond: Condvar::new(),
                 kicks: AtomicU64::new(0),
                 started: AtomicBool::new(false),
@@ -399,9 +414,12 @@ impl Kicker {
 
     /// Kick the vCPU at `when` (and every millisecond after) until disarmed.
     pub fn arm(&self, when: Instant) {
-        let mut armed = self.inner.armed.lock().unwrap_or_else(|e| e.into_inner());
-        *armed = Some(when);
-        self.inner.cond.notify_one();
+        let at = when.saturating_duration_since(self.inner.base).as_nanos() as u64;
+        self.inner.deadline.store(at, Ordering::SeqCst);
+        if at < self.inner.sleeping_until.load(Ordering::SeqCst) {
+            let _guard = self.inner.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.inner.cond.notify_one();
+        }
     }
 
     /// Kick the vCPU now (and every millisecond until it disarms): used to
@@ -412,8 +430,7 @@ impl Kicker {
 
     /// Stop kicking.
     pub fn disarm(&self) {
-        let mut armed = self.inner.armed.lock().unwrap_or_else(|e| e.into_inner());
-        *armed = None;
+        self.inner.deadline.store(NONE, Ordering::SeqCst);
     }
 
     /// Kicks sent so far.
@@ -425,29 +442,30 @@ impl Kicker {
 fn kicker_thread(weak: std::sync::Weak<KickerInner>) {
     loop {
         let Some(inner) = weak.upgrade() else { return };
-        let guard = inner.armed.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        match *guard {
-            None => {
-                // Wake periodically so the thread ends when the VM is gone.
-                let _ = inner.cond.wait_timeout(guard, Duration::from_millis(200));
+        let guard = inner.lock.lock().unwrap_or_else(|e| e.into_inner());
+        inner.sleeping_until.store(0, Ordering::SeqCst);
+        let now = inner.base.elapsed().as_nanos() as u64;
+        let deadline = inner.deadline.load(Ordering::SeqCst);
+        if deadline != NONE && deadline <= now {
+            drop(guard);
+            let t = inner.thread.load(Ordering::SeqCst);
+            if t != 0 {
+                // SAFETY: `t` is the pthread id of the vCPU thread, which
+                // outlives the VM (it owns it); the signal has a no-op
+                // handler installed.
+                unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+                inner.kicks.fetch_add(1, Ordering::Relaxed);
             }
-            Some(when) if when > now => {
-                let _ = inner.cond.wait_timeout(guard, when - now);
-            }
-            Some(_) => {
-                drop(guard);
-                let t = inner.thread.load(Ordering::SeqCst);
-                if t != 0 {
-                    // SAFETY: `t` is the pthread id of the vCPU thread, which
-                    // outlives the VM (it owns it); the signal has a no-op
-                    // handler installed.
-                    unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
-                    inner.kicks.fetch_add(1, Ordering::Relaxed);
-                }
-                drop(inner);
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            drop(inner);
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
         }
+        // Wake periodically even when disarmed, so the thread ends soon
+        // after the VM is gone.
+        let until = deadline.min(now + 200_000_000);
+        inner.sleeping_until.store(until, Ordering::SeqCst);
+        let _ = inner
+            .cond
+            .wait_timeout(guard, Duration::from_nanos(until - now));
     }
 }

@@ -1,0 +1,137 @@
+//! Bad input is refused with status 2 and one clear message naming it,
+//! before any guest runs.
+
+mod common;
+
+use common::{arg, tandem, Output, TempDir};
+
+/// Status 2, every needle in stderr, no guest output.
+#[track_caller]
+fn refused(args: &[&str], needles: &[&str]) -> Output {
+    let out = tandem(args);
+    out.assert_status(2);
+    for n in needles {
+        assert!(
+            out.stderr.contains(n),
+            "message lacks {n:?}\n{}",
+            out.describe()
+        );
+    }
+    assert!(
+        !out.stdout.contains("Tandem test guest"),
+        "a guest ran\n{}",
+        out.describe()
+    );
+    out
+}
+
+#[test]
+fn missing_kernel() {
+    let dir = TempDir::new("nokernel");
+    let k = dir.file("vmlinux-missing");
+    refused(&["run", "--kernel", arg(&k)], &[arg(&k), "no such file"]);
+}
+
+#[test]
+fn not_a_kernel() {
+    let dir = TempDir::new("notkernel");
+    let k = dir.write("random.bin", &common::noise(64 << 10, 11));
+    refused(
+        &["run", "--kernel", arg(&k)],
+        &[arg(&k), "not a kernel image"],
+    );
+    // An empty file is no kernel either.
+    let e = dir.write("empty.bin", b"");
+    refused(&["run", "--kernel", arg(&e)], &[arg(&e)]);
+}
+
+#[test]
+fn elf_without_pvh_note() {
+    // Any host ELF executable: x86-64, but no XEN_ELFNOTE_PHYS32_ENTRY.
+    let elf = ["/bin/true", "/usr/bin/true", "/bin/sh"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .expect("no host ELF executable to use");
+    refused(&["run", "--kernel", elf], &[elf, "no PVH entry note"]);
+}
+
+#[test]
+fn missing_disk() {
+    let dir = TempDir::new("nodisk");
+    let d = dir.file("disk-missing.img");
+    refused(
+        &["run", "--cmdline", "hello", "--disk", arg(&d)],
+        &[arg(&d)],
+    );
+    // Read-only flag on a missing file: still the path.
+    let ro = format!("{},ro", arg(&d));
+    refused(&["run", "--cmdline", "hello", "--disk", &ro], &[arg(&d)]);
+}
+
+#[test]
+fn disk_is_a_directory() {
+    let dir = TempDir::new("diskdir");
+    refused(
+        &["run", "--cmdline", "hello", "--disk", arg(dir.path())],
+        &[arg(dir.path()), "not a regular file"],
+    );
+}
+
+#[test]
+fn bad_disk_option() {
+    refused(
+        &["run", "--cmdline", "hello", "--disk", "x.img,rx"],
+        &["rx"],
+    );
+}
+
+#[test]
+fn too_little_memory() {
+    refused(
+        &["run", "--cmdline", "hello", "--mem-mib", "1"],
+        &["--mem-mib 1", "too little memory"],
+    );
+}
+
+#[test]
+fn bad_serial() {
+    refused(
+        &["run", "--cmdline", "hello", "--serial", "tcp:1234"],
+        &["tcp:1234", "serial"],
+    );
+    refused(
+        &["run", "--cmdline", "hello", "--serial", "file:"],
+        &["file:"],
+    );
+    let dir = TempDir::new("serialdir");
+    // A serial file in a directory that does not exist.
+    let p = dir.file("no/such/dir/console.log");
+    let target = format!("file:{}", arg(&p));
+    refused(
+        &["run", "--cmdline", "hello", "--serial", &target],
+        &[arg(&p)],
+    );
+}
+
+#[test]
+fn snapshot_at_requires_snapshot() {
+    let out = refused(
+        &["run", "--cmdline", "hello", "--snapshot-at", "10"],
+        &["--snapshot"],
+    );
+    assert!(
+        out.stderr.contains("Usage"),
+        "not a usage error\n{}",
+        out.describe()
+    );
+    refused(
+        &["run", "--cmdline", "hello", "--snapshot", "x.snap"],
+        &["--snapshot-at"],
+    );
+    assert!(!std::path::Path::new("x.snap").exists());
+}
+
+#[test]
+fn restore_requires_snapshot() {
+    refused(&["restore"], &["--snapshot"]);
+}
