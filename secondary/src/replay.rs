@@ -117,6 +117,11 @@ impl<S: EntrySource> Replayer<S> {
     }
 
     fn diverge(&mut self, exit_seq: u64, expected: impl Into<String>) {
+        if self.peek().is_none() && self.end == LogEnd::Truncated {
+            // Not a divergence: the log stops here (the recorder died) and
+            // the run loop stops at this exit.
+            return;
+        }
         let found = match self.peek() {
             Some(e) => format!("{e:?}"),
             None => format!("no entry ({:?})", self.end),
@@ -259,11 +264,10 @@ impl<S: EntrySource> Inputs for Replayer<S> {
                     exit_seq,
                     format!("no interrupt (replay injected vector {vector:#x})"),
                 );
-                Err(self.divergence.take().unwrap_or(Divergence {
-                    exit_seq,
-                    expected: "no interrupt".into(),
-                    found: format!("vector {vector:#x}"),
-                }))
+                match self.divergence.take() {
+                    Some(d) => Err(d),
+                    None => Ok(()),
+                }
             }
         }
     }
@@ -333,6 +337,10 @@ impl<S: EntrySource> Inputs for Replayer<S> {
 
     fn repairs(&self) -> bool {
         self.repair
+    }
+
+    fn replaying(&self) -> bool {
+        true
     }
 
     fn take_error(&mut self) -> Option<String> {

@@ -73,6 +73,13 @@ pub trait Inputs: Send {
     fn skip_to_sync_point(&mut self) -> Option<(u64, SyncPoint)> {
         None
     }
+    /// Is this the replaying side? A replayer ignores exits that are not
+    /// clock ticks (interrupt-window exits): where they land is not
+    /// reproducible, and the recorder logged a sync point wherever it
+    /// acted on one.
+    fn replaying(&self) -> bool {
+        false
+    }
     /// Replayer: is a divergence repaired (adopting the next sync point)
     /// rather than ending the run?
     fn repairs(&self) -> bool {

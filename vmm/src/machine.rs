@@ -95,6 +95,9 @@ pub struct Machine {
     pub sync: Option<crate::sync::SyncState>,
     /// Counters of the runs so far.
     pub stats: crate::run::RunStats,
+    /// The next loop iteration re-enters the guest without servicing
+    /// (a replayer after an exit the recorder did not see).
+    pub(crate) skip_service: bool,
 }
 
 fn check_mem(mib: u64) -> Result<(), MachineError> {
@@ -163,6 +166,7 @@ impl Machine {
             dirty,
             sync: None,
             stats: Default::default(),
+            skip_service: false,
         })
     }
 
@@ -244,6 +248,7 @@ impl Incoming {
             dirty,
             sync: None,
             stats: Default::default(),
+            skip_service: false,
         })
     }
 }

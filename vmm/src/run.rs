@@ -145,12 +145,11 @@ impl Machine {
                 self.vcpu.complete_pending_io()?;
                 return Ok(RunOutcome::Paused);
             }
-            let serviced = self
-                .service(inputs)
-                .and_then(|()| match inputs.take_divergence() {
-                    Some(d) => Err(RunError::Divergence(d)),
-                    None => Ok(()),
-                });
+            let serviced = if std::mem::take(&mut self.skip_service) {
+                Ok(())
+            } else {
+                self.service(inputs).and_then(|()| check_inputs(inputs))
+            };
             if let Err(e) = serviced {
                 self.repair(inputs, e)?;
                 continue;
@@ -187,6 +186,12 @@ impl Machine {
             };
             match next {
                 Next::Continue => {}
+                Next::Kicked if inputs.replaying() => {
+                    // Not a point the recorder saw (see `Inputs::replaying`):
+                    // run on to the next exit without acting on it.
+                    self.vcpu.request_interrupt_window(false);
+                    self.skip_service = true;
+                }
                 Next::Kicked => {
                     self.stats.kicks += 1;
                     self.vcpu.derive_readiness_from_state()?;

@@ -91,7 +91,13 @@ pub fn state_digest(
     let mut h = Hasher::new();
     memory_digest(&mut h, mem)?;
     vcpu_digest(&mut h, vcpu);
-    hash_pod(&mut h, devices);
+    // Host resources are not guest state: each side replays its own copy
+    // of the disk, wherever it lives (DESIGN.md rule 7).
+    let mut devices = devices.clone();
+    if let Some(b) = devices.block.as_mut() {
+        b.path = Default::default();
+    }
+    hash_pod(&mut h, &devices);
     Ok(h.finalize())
 }
 
