@@ -322,3 +322,44 @@ fn tsc_divergence_is_detected_every_time_and_repaired() {
         );
     }
 }
+
+/// The replayer follows a log that is still being written (the secondary's
+/// situation): `replay --follow` is started while `record` runs and ends
+/// verified with the same console output.
+#[test]
+fn follow_replays_a_growing_log() {
+    use std::process::{Command, Stdio};
+    let dir = TempDir::new("follow");
+    let log = dir.file("grow.tlog");
+    let tandem = env!("CARGO_BIN_EXE_tandem");
+    let mut rec = Command::new(tandem)
+        .args(["record", "--log", arg(&log), "--cmdline", "ticks 100"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Start following as soon as the header exists.
+    while !log.exists() || std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) == 0 {
+        if let Some(status) = rec.try_wait().unwrap() {
+            panic!("record ended early: {status}");
+        }
+        std::thread::yield_now();
+    }
+    let rep = Command::new(tandem)
+        .args(["replay", "--follow", "--log", arg(&log)])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let rec = rec.wait_with_output().unwrap();
+    assert!(
+        rec.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rec.stderr)
+    );
+    let rep_err = String::from_utf8_lossy(&rep.stderr);
+    assert_eq!(rep.status.code(), Some(0), "{rep_err}");
+    assert!(rep_err.contains("replay verified"), "{rep_err}");
+    assert_eq!(rep.stdout, rec.stdout, "console output differs");
+    let _ = read(&log);
+}
