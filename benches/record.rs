@@ -9,22 +9,17 @@
 //!   digest and the closing sync point, and compared with VMware FT's
 //!   published 0.68 Mbit/s for an idle guest;
 //! * **replay speed**: wall time of `tandem replay --quiet` / `tandem record`;
-//! * **codec throughput** on one core through the `recordlog` API: small
-//!   entries (plain and batched) and 1 MiB sync points, encode and decode.
+//! * **codec throughput** on one core: the `recordlog` crate's
+//!   `codec_bench` example (small entries and 1 MiB sync points, encode and
+//!   decode), run from here.
 //!
 //! `cargo bench --bench record`; `TANDEM_BENCH_REPEAT=R` (default 3) runs
 //! per measurement, the median is reported; `TANDEM_BENCH_CODEC_MS` (default
 //! 300) is the time spent per codec case (best run reported).
 
-use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-use recordlog::{
-    BatchLimits, Digest, Entry, Fingerprint, Header, InitialState, Input, LogReader, LogWriter,
-    SyncPoint, WriterOptions,
-};
 
 const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
 /// VMware FT, idle guest (published figure), bit/s.
@@ -197,128 +192,29 @@ fn measure(scratch: &Scratch, cmdline: &str, disk: bool, repeat: usize) -> Measu
 
 // ---- codec ----
 
-fn small_entries(n: u64) -> Vec<Entry> {
-    (0..n)
-        .map(|i| match i % 4 {
-            0 => Entry::Input {
-                exit_seq: i,
-                input: Input::DeadlineReached,
-            },
-            1 => Entry::Interrupt {
-                exit_seq: i,
-                vector: 0x20,
-            },
-            2 => Entry::Input {
-                exit_seq: i,
-                input: Input::Clock(1_000_000_000 + i * 997),
-            },
-            _ => Entry::Fingerprint {
-                exit_seq: i,
-                fp: Fingerprint {
-                    exit_reason: 2,
-                    rip: 0xffff_ffff_8100_0000 + i,
-                    rax: i,
-                    rcx: 0,
-                    rflags: 0x246,
-                },
-            },
-        })
-        .collect()
-}
-
-fn sync_points(n: u64) -> Vec<Entry> {
-    (0..n)
-        .map(|i| Entry::SyncPoint {
-            exit_seq: i * 100_000,
-            sync: Box::new(SyncPoint {
-                vcpu_state: vec![0x11; 2048],
-                device_state: vec![0x22; 1024],
-                pages: (0..256u64)
-                    .map(|p| (p * 4096, vec![(p + i) as u8; 4096]))
-                    .collect(),
-                digest: Digest::of(&i.to_le_bytes()),
-            }),
-        })
-        .collect()
-}
-
-fn encode(entries: &[Entry], opts: WriterOptions) -> Vec<u8> {
-    let h = Header::new(vec![], InitialState::Boot);
-    let mut w = LogWriter::with_options(Vec::with_capacity(1 << 20), &h, opts).unwrap();
-    for e in entries {
-        w.append(e).unwrap();
-    }
-    w.into_inner().unwrap()
-}
-
-fn encode_to_sink(entries: &[Entry], opts: WriterOptions) -> u64 {
-    let h = Header::new(vec![], InitialState::Boot);
-    let mut w = LogWriter::with_options(std::io::sink(), &h, opts).unwrap();
-    for e in entries {
-        w.append(e).unwrap();
-    }
-    w.flush().unwrap();
-    w.bytes_written()
-}
-
-fn decode(bytes: &[u8]) -> u64 {
-    let (mut r, _) = LogReader::open(bytes).unwrap();
-    let mut n = 0;
-    while let Some(e) = r.next_entry().unwrap() {
-        black_box(&e);
-        n += 1;
-    }
-    n
-}
-
-fn best_of(min: Duration, mut f: impl FnMut()) -> Duration {
-    let start = Instant::now();
-    let mut best = Duration::MAX;
-    while start.elapsed() < min || best == Duration::MAX {
-        let t = Instant::now();
-        f();
-        best = best.min(t.elapsed());
-    }
-    best
-}
-
+/// Codec throughput: the recordlog crate's own benchmark (one core,
+/// entries/s and MB/s, small entries and 1 MiB sync points), run from here
+/// so that one `cargo bench` prints everything.
 fn codec(min: Duration) {
     println!();
-    println!("codec throughput (one core, recordlog API, best of {min:?}):");
-    println!("  {:<24} {:>14} {:>12}", "case", "entries/s", "MB/s");
-    let row = |case: &str, n: usize, bytes: usize, t: Duration| {
-        let secs = t.as_secs_f64();
-        println!(
-            "  {case:<24} {:>14.0} {:>12.1}",
-            n as f64 / secs,
-            bytes as f64 / secs / 1e6
-        );
-    };
-    let batched = WriterOptions {
-        batch: Some(BatchLimits::default()),
-        ..WriterOptions::default()
-    };
-    let small = small_entries(500_000);
-    for (name, opts) in [
-        ("small", WriterOptions::default()),
-        ("small batched", batched),
-    ] {
-        let bytes = encode(&small, opts);
-        let t = best_of(min, || {
-            black_box(encode_to_sink(&small, opts));
-        });
-        row(&format!("encode {name}"), small.len(), bytes.len(), t);
-        let t = best_of(min, || assert_eq!(decode(&bytes), small.len() as u64));
-        row(&format!("decode {name}"), small.len(), bytes.len(), t);
+    println!("codec throughput (one core, recordlog API, {min:?} per case):");
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "recordlog",
+            "--example",
+            "codec_bench",
+        ])
+        .env("BENCH_MS", min.as_millis().to_string())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => print!("{}", String::from_utf8_lossy(&o.stdout)),
+        Ok(o) => println!("codec_bench failed: {}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => println!("cannot run codec_bench: {e}"),
     }
-    let big = sync_points(32);
-    let bytes = encode(&big, WriterOptions::default());
-    let t = best_of(min, || {
-        black_box(encode_to_sink(&big, WriterOptions::default()));
-    });
-    row("encode sync point 1 MiB", big.len(), bytes.len(), t);
-    let t = best_of(min, || assert_eq!(decode(&bytes), big.len() as u64));
-    row("decode sync point 1 MiB", big.len(), bytes.len(), t);
 }
 
 fn main() {

@@ -63,6 +63,18 @@ pub struct Vcpu {
     ready_override: Option<bool>,
 }
 
+/// A `KVM_GET_MSRS` request for `indices`.
+fn msr_request(indices: &[u32]) -> Result<Msrs, VcpuError> {
+    let entries: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&entries).map_err(|e| VcpuError::Invalid(format!("MSR list: {e:?}")))
+}
+
 /// MSRs that must not be saved or restored (host-specific or read-only).
 fn msr_excluded(index: u32) -> bool {
     // KVM paravirt MSRs (kvmclock etc.) are hidden from the guest by CPUID.
@@ -101,15 +113,7 @@ impl Vcpu {
         let mut keep = Vec::with_capacity(self.msr_indices.len());
         let mut rest = self.msr_indices.clone();
         while !rest.is_empty() {
-            let entries: Vec<kvm_msr_entry> = rest
-                .iter()
-                .map(|&index| kvm_msr_entry {
-                    index,
-                    ..Default::default()
-                })
-                .collect();
-            let mut msrs = Msrs::from_entries(&entries)
-                .map_err(|e| VcpuError::Invalid(format!("MSR list: {e:?}")))?;
+            let mut msrs = msr_request(&rest)?;
             let n = st("KVM_GET_MSRS", self.fd.get_msrs(&mut msrs))?;
             keep.extend_from_slice(&rest[..n]);
             rest.drain(..(n + 1).min(rest.len()));
@@ -121,21 +125,12 @@ impl Vcpu {
     /// Capture the vCPU state. Pending I/O must have been completed first
     /// (see [`Vcpu::complete_pending_io`]).
     pub fn save(&self) -> Result<VcpuState, VcpuError> {
-        let entries: Vec<kvm_msr_entry> = self
-            .msr_indices
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|e| VcpuError::Invalid(format!("MSR list: {e:?}")))?;
+        let mut msrs = msr_request(&self.msr_indices)?;
         let n = st("KVM_GET_MSRS", self.fd.get_msrs(&mut msrs))?;
-        if n != entries.len() {
+        if n != self.msr_indices.len() {
             return Err(VcpuError::Invalid(format!(
                 "KVM_GET_MSRS read {n} of {} MSRs",
-                entries.len()
+                self.msr_indices.len()
             )));
         }
         Ok(VcpuState {
