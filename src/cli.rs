@@ -29,6 +29,132 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Print a record log's header and entries (for debugging).
     DumpLog(DumpLogArgs),
+    /// Cluster certificates for the authenticated channel between hosts.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Wait for one VM migrated here (`tandem migrate`) and run it as
+    /// `tandem run` would; the exit status is the guest's.
+    Receive(ReceiveArgs),
+    /// Move a running VM (`tandem run --api-socket`) to a `tandem receive`
+    /// on another host, live. Exit status 0: the VM runs at the
+    /// destination; 1: the migration failed and the VM runs on here.
+    Migrate(MigrateArgs),
+    /// Where a VM with a control socket is: running, migrating, paused.
+    Status(StatusArgs),
+    /// Pause or resume a VM with a control socket.
+    Pause(StatusArgs),
+    /// Resume a VM paused with `tandem pause`.
+    Resume(StatusArgs),
+    /// Write the built-in test guest's ELF image (for benchmarks).
+    #[command(hide = true)]
+    GuestElf(GuestElfArgs),
+}
+
+/// `tandem certs ...`
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create the cluster CA (`DIR/ca.pem`, `DIR/ca.key`); never overwrites.
+    Init {
+        /// Directory of the CA.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a host's certificate and key (`NAME.pem`, `NAME.key`), signed
+    /// by the CA in DIR; valid for NAME, localhost, 127.0.0.1, ::1 and each
+    /// --san.
+    Issue {
+        /// Directory of the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The host's name.
+        #[arg(long)]
+        name: String,
+        /// Extra subject alternative names (IP addresses or DNS names).
+        #[arg(long)]
+        san: Vec<String>,
+        /// Where to write the files (default: DIR).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Cluster credentials of this host.
+#[derive(Debug, Args, Clone)]
+pub struct CredsArgs {
+    /// The cluster CA certificate (`ca.pem`).
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// This host's certificate (`NAME.pem`).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// This host's private key (`NAME.key`).
+    #[arg(long)]
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    /// Address to listen on (UDP), e.g. 0.0.0.0:4444 (port 0: any; the
+    /// address is printed on stderr).
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub creds: CredsArgs,
+    /// Where to put the VM's disk: created, or overwritten and resized to
+    /// the source disk's size.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// Serial console: stdio, null or file:PATH.
+    #[arg(long, default_value = "stdio")]
+    pub serial: SerialTarget,
+    /// Control socket of the received VM (status, pause, migrate on).
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Control socket of the VM (`tandem run --api-socket`).
+    #[arg(long)]
+    pub api: PathBuf,
+    /// The destination's `tandem receive --listen` address (HOST:PORT).
+    #[arg(long)]
+    pub to: String,
+    /// Name the destination's certificate must carry (default: HOST of --to).
+    #[arg(long)]
+    pub server_name: Option<String>,
+    #[command(flatten)]
+    pub creds: CredsArgs,
+    /// Longest acceptable pause of the guest, in ms.
+    #[arg(long, default_value_t = 30)]
+    pub downtime_ms: u64,
+    /// Cap on the sending rate, bytes per second.
+    #[arg(long)]
+    pub max_bandwidth: Option<u64>,
+    /// Where the destination puts the disk when its `receive` has no --disk
+    /// (e.g. to move the disk file on the same host).
+    #[arg(long)]
+    pub disk_dest: Option<PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Control socket of the VM.
+    #[arg(long)]
+    pub api: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GuestElfArgs {
+    /// Where to write the image.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// Where the guest's serial console goes.
@@ -124,6 +250,10 @@ pub struct RunArgs {
     /// Snapshot file written at --snapshot-at.
     #[arg(long, requires = "snapshot_at")]
     pub snapshot: Option<PathBuf>,
+    /// Serve a control socket here (status, pause/resume, migrate; see
+    /// `tandem status`, `tandem migrate`).
+    #[arg(long, conflicts_with = "snapshot_at")]
+    pub api_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@
 //! 125 when Tandem itself failed; 126 when the guest crashed (emulation
 //! failure, triple fault).
 
+mod api;
 mod cli;
 mod commands;
 mod console;

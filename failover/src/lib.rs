@@ -4,3 +4,4 @@
 
 pub mod certs;
 pub mod channel;
+pub mod migration;

@@ -2,4 +2,5 @@
 //! determinism boundary), log streaming, the output rule and the migration
 //! source.
 
+pub mod migration;
 pub mod record;

@@ -1,6 +1,9 @@
 //! The subcommands.
 
+mod certs;
 mod dump;
+mod migrate;
+mod receive;
 mod record;
 mod replay;
 mod run;
@@ -53,5 +56,12 @@ pub fn dispatch(cli: Cli) -> Result<i32, CmdError> {
         Command::Record(args) => record::record(args),
         Command::Replay(args) => replay::replay(args),
         Command::DumpLog(args) => dump::dump_log(args),
+        Command::Certs(c) => certs::certs(c),
+        Command::Receive(args) => receive::receive(args),
+        Command::Migrate(args) => migrate::migrate(args),
+        Command::Status(args) => migrate::status(args),
+        Command::Pause(args) => migrate::pause(args, true),
+        Command::Resume(args) => migrate::pause(args, false),
+        Command::GuestElf(args) => migrate::guest_elf(args),
     }
 }

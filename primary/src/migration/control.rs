@@ -1,0 +1,400 @@
+//! Control of a running VM from other threads: pause/resume, status, the
+//! freeze/thaw of a migration's stop-and-copy, and auto-converge throttling.
+//!
+//! The vCPU thread runs [`run_controlled`]: `Machine::run` with a pause flag.
+//! Another thread queues a [`Request`], raises the flag and kicks the vCPU;
+//! the vCPU thread stops at the next exit (or kick), handles every queued
+//! request and goes on running unless the VM is paused or frozen. Requests
+//! are queued *before* the flag is raised, and the vCPU thread clears the
+//! flag *before* draining the queue, so no request is ever left waiting.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use serde::{Deserialize, Serialize};
+use vmm::devices::virtio::block::DirtyBlocks;
+use vmm::dirty::DirtyTracker;
+use vmm::inputs::Inputs;
+use vmm::machine::{Machine, MachineState, VmConfig};
+use vmm::run::{RunError, RunLimits, RunOutcome};
+use vmm::vstate::vcpu::Kicker;
+use vmm::vstate::vm::Vm;
+
+use super::Progress;
+
+/// What the VM is doing, as `tandem status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmStatus {
+    /// `running`, `paused`, `migrating` or `stopped`.
+    pub state: String,
+    /// Guest exits so far (the logical clock), as of the last pause.
+    pub exit_seq: u64,
+    /// The migration in progress, if any.
+    pub migration: Option<Progress>,
+}
+
+/// A request to the vCPU thread.
+enum Request {
+    Pause(Sender<()>),
+    Resume(Sender<()>),
+    /// Stop the guest for stop-and-copy and hand back its state.
+    Freeze(Sender<Frozen>),
+    /// A failed migration: continue as if nothing happened.
+    Thaw,
+    /// The VM runs elsewhere now: end the run.
+    Finish(String),
+    /// Auto-converge: sleep this long.
+    Throttle(Duration),
+}
+
+/// The guest stopped for the switchover.
+pub struct Frozen {
+    /// vCPU, devices, exit counter, virtual time.
+    pub state: MachineState,
+    /// When the vCPU stopped.
+    pub at: Instant,
+}
+
+/// The disk of a controlled VM, as storage migration sees it.
+#[derive(Debug, Clone)]
+pub struct DiskInfo {
+    /// The image (the migration thread opens it for reading).
+    pub path: PathBuf,
+    /// Guest-visible size in bytes.
+    pub len: u64,
+    /// Blocks written by the guest.
+    pub dirty: DirtyBlocks,
+}
+
+struct Shared {
+    pause: Arc<AtomicBool>,
+    kicker: Kicker,
+    tx: Sender<Request>,
+    status: Mutex<VmStatus>,
+    migrating: AtomicBool,
+    ended: AtomicBool,
+    throttle_pct: AtomicU32,
+    throttle_thread: AtomicBool,
+    vm: Arc<Vm>,
+    dirty: DirtyTracker,
+    config: VmConfig,
+    disk: Option<DiskInfo>,
+}
+
+/// A cloneable handle on a VM run by [`run_controlled`].
+#[derive(Clone)]
+pub struct VmController {
+    shared: Arc<Shared>,
+}
+
+/// The receiving end, owned by the vCPU thread.
+pub struct VcpuSide {
+    shared: Arc<Shared>,
+    rx: Receiver<Request>,
+}
+
+/// Why a request could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the VM has stopped")]
+    Ended,
+    #[error("a migration is already in progress")]
+    Busy,
+}
+
+/// How a controlled run ended.
+#[derive(Debug)]
+pub enum ControlledOutcome {
+    /// The guest ended (or the run reached a limit) here.
+    Guest(RunOutcome),
+    /// The VM was migrated; it runs at the given place now.
+    Migrated(String),
+}
+
+/// Build the controller for `machine`, before its vCPU thread starts.
+pub fn controller(machine: &Machine) -> (VmController, VcpuSide) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let disk = machine.devices.block.as_ref().map(|b| DiskInfo {
+        path: b.config().path.clone(),
+        len: b.capacity_sectors() * vmm::devices::virtio::block::SECTOR_SIZE,
+        dirty: b.dirty_blocks(),
+    });
+    let shared = Arc::new(Shared {
+        pause: Arc::new(AtomicBool::new(false)),
+        kicker: machine.vcpu.kicker().clone(),
+        tx,
+        status: Mutex::new(VmStatus {
+            state: "running".into(),
+            exit_seq: machine.exit_seq,
+            migration: None,
+        }),
+        migrating: AtomicBool::new(false),
+        ended: AtomicBool::new(false),
+        throttle_pct: AtomicU32::new(0),
+        throttle_thread: AtomicBool::new(false),
+        vm: machine.vm.clone(),
+        dirty: machine.dirty.clone(),
+        config: machine.config.clone(),
+        disk,
+    });
+    (
+        VmController {
+            shared: shared.clone(),
+        },
+        VcpuSide { shared, rx },
+    )
+}
+
+impl VmController {
+    fn status_mut(&self) -> std::sync::MutexGuard<'_, VmStatus> {
+        self.shared.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current status.
+    pub fn status(&self) -> VmStatus {
+        self.status_mut().clone()
+    }
+
+    pub(crate) fn set_progress(&self, p: Option<Progress>) {
+        let mut s = self.status_mut();
+        if p.is_some() {
+            s.state = "migrating".into();
+        } else if s.state == "migrating" {
+            s.state = "running".into();
+        }
+        s.migration = p;
+    }
+
+    /// Queue `req`, raise the pause flag and kick until `reply` answers.
+    fn request<T>(&self, req: Request, reply: &Receiver<T>) -> Result<T, ControlError> {
+        if self.shared.ended.load(Ordering::SeqCst) {
+            return Err(ControlError::Ended);
+        }
+        self.shared.tx.send(req).map_err(|_| ControlError::Ended)?;
+        self.shared.pause.store(true, Ordering::SeqCst);
+        loop {
+            self.shared.kicker.kick_now();
+            match reply.recv_timeout(Duration::from_millis(2)) {
+                Ok(v) => return Ok(v),
+                Err(RecvTimeoutError::Disconnected) => return Err(ControlError::Ended),
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.shared.ended.load(Ordering::SeqCst) {
+                        return Err(ControlError::Ended);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pause the guest (returns once it is stopped).
+    pub fn pause(&self) -> Result<(), ControlError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.request(Request::Pause(tx), &rx)
+    }
+
+    /// Resume a paused guest.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.request(Request::Resume(tx), &rx)
+    }
+
+    pub(crate) fn freeze(&self) -> Result<Frozen, ControlError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.request(Request::Freeze(tx), &rx)
+    }
+
+    fn post(&self, req: Request) {
+        if self.shared.tx.send(req).is_ok() {
+            self.shared.pause.store(true, Ordering::SeqCst);
+            self.shared.kicker.kick_now();
+        }
+    }
+
+    pub(crate) fn thaw(&self) {
+        self.post(Request::Thaw);
+    }
+
+    /// After a successful [`super::migrate`]: end the local run (the VM runs
+    /// at `whereto` now).
+    pub fn finish_migrated(&self, whereto: String) {
+        self.post(Request::Finish(whereto));
+    }
+
+    /// Auto-converge: let the guest run only `100 - pct` % of the time
+    /// (0 = no throttling).
+    pub(crate) fn set_throttle(&self, pct: u32) {
+        let pct = pct.min(99);
+        self.shared.throttle_pct.store(pct, Ordering::SeqCst);
+        if pct > 0 && !self.shared.throttle_thread.swap(true, Ordering::SeqCst) {
+            let me = self.clone();
+            std::thread::Builder::new()
+                .name("throttle".into())
+                .spawn(move || me.throttle_loop())
+                .expect("spawn throttle thread");
+        }
+    }
+
+    fn throttle_loop(&self) {
+        const SLICE: Duration = Duration::from_millis(10);
+        loop {
+            std::thread::sleep(SLICE);
+            let pct = self.shared.throttle_pct.load(Ordering::SeqCst);
+            if pct == 0 || self.shared.ended.load(Ordering::SeqCst) {
+                self.shared.throttle_thread.store(false, Ordering::SeqCst);
+                return;
+            }
+            self.post(Request::Throttle(SLICE * pct / (100 - pct)));
+        }
+    }
+
+    /// Claim the right to migrate (one migration at a time).
+    pub(crate) fn begin_migration(&self) -> Result<(), ControlError> {
+        if self.shared.ended.load(Ordering::SeqCst) {
+            return Err(ControlError::Ended);
+        }
+        if self.shared.migrating.swap(true, Ordering::SeqCst) {
+            return Err(ControlError::Busy);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn end_migration(&self) {
+        self.set_throttle(0);
+        self.set_progress(None);
+        self.shared.migrating.store(false, Ordering::SeqCst);
+    }
+
+    pub(crate) fn vm(&self) -> &Arc<Vm> {
+        &self.shared.vm
+    }
+
+    pub(crate) fn dirty(&self) -> &DirtyTracker {
+        &self.shared.dirty
+    }
+
+    pub(crate) fn config(&self) -> &VmConfig {
+        &self.shared.config
+    }
+
+    pub(crate) fn disk(&self) -> Option<&DiskInfo> {
+        self.shared.disk.as_ref()
+    }
+
+    /// Has the vCPU thread ended (guest finished, or migrated away)?
+    pub fn ended(&self) -> bool {
+        self.shared.ended.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for VcpuSide {
+    fn drop(&mut self) {
+        self.shared.ended.store(true, Ordering::SeqCst);
+        self.shared
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state = "stopped".into();
+    }
+}
+
+fn set_state(shared: &Shared, state: &str, seq: u64) {
+    let mut s = shared.status.lock().unwrap_or_else(|e| e.into_inner());
+    if s.state != "migrating" || state == "stopped" {
+        s.state = state.into();
+    }
+    s.exit_seq = seq;
+}
+
+#[derive(Default)]
+struct Flags {
+    user_paused: bool,
+    frozen: bool,
+}
+
+/// Handle one request on the vCPU thread (the guest is stopped).
+fn handle(
+    req: Request,
+    machine: &mut Machine,
+    inputs: &mut dyn Inputs,
+    flags: &mut Flags,
+    shared: &Shared,
+) -> Option<ControlledOutcome> {
+    match req {
+        Request::Pause(reply) => {
+            flags.user_paused = true;
+            set_state(shared, "paused", machine.exit_seq);
+            let _ = reply.send(());
+        }
+        Request::Resume(reply) => {
+            flags.user_paused = false;
+            set_state(shared, "running", machine.exit_seq);
+            let _ = reply.send(());
+        }
+        Request::Throttle(d) => {
+            if !flags.frozen && !flags.user_paused {
+                std::thread::sleep(d);
+            }
+        }
+        Request::Freeze(reply) => {
+            let at = Instant::now();
+            let virtual_ns = inputs.clock_ns(machine.exit_seq);
+            match machine.save(virtual_ns) {
+                Ok(state) => {
+                    flags.frozen = true;
+                    let _ = reply.send(Frozen { state, at });
+                }
+                // Dropping `reply` fails the migration; the guest goes on.
+                Err(e) => tracing::error!("capturing the VM state for migration: {e}"),
+            }
+        }
+        Request::Thaw => flags.frozen = false,
+        Request::Finish(whereto) => {
+            set_state(shared, "stopped", machine.exit_seq);
+            return Some(ControlledOutcome::Migrated(whereto));
+        }
+    }
+    None
+}
+
+/// Run `machine` on this (the vCPU) thread under the control of the
+/// [`VmController`] paired with `side`.
+pub fn run_controlled(
+    machine: &mut Machine,
+    inputs: &mut dyn Inputs,
+    side: VcpuSide,
+) -> Result<ControlledOutcome, RunError> {
+    let shared = side.shared.clone();
+    let mut flags = Flags::default();
+    loop {
+        let limits = RunLimits {
+            pause: Some(shared.pause.clone()),
+            ..Default::default()
+        };
+        let outcome = machine.run(inputs, limits)?;
+        if outcome != RunOutcome::Paused {
+            return Ok(ControlledOutcome::Guest(outcome));
+        }
+        loop {
+            shared.kicker.disarm();
+            shared.pause.store(false, Ordering::SeqCst);
+            while let Ok(req) = side.rx.try_recv() {
+                if let Some(end) = handle(req, machine, inputs, &mut flags, &shared) {
+                    return Ok(end);
+                }
+            }
+            if !(flags.user_paused || flags.frozen) {
+                break;
+            }
+            // Paused or frozen: wait for the next request.
+            let Ok(req) = side.rx.recv() else {
+                return Ok(ControlledOutcome::Guest(RunOutcome::Paused));
+            };
+            if let Some(end) = handle(req, machine, inputs, &mut flags, &shared) {
+                return Ok(end);
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Planned live migration, source side.
+//!
+//! [`control`] lets other threads pause, resume, freeze and throttle a VM
+//! whose vCPU thread runs [`control::run_controlled`]; [`migrate`] moves
+//! that VM to a `tandem receive` over the authenticated channel: iterative
+//! pre-copy of memory and disk while the guest runs, auto-converge if it
+//! dirties faster than the link drains, stop-and-copy, and the end of the
+//! source only once the destination confirms it runs the guest. Any failure
+//! before that confirmation resumes the guest here as if nothing happened.
+//! The protocol is described in `docs/migration.md`.
+
+pub mod control;
+mod source;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use control::{controller, run_controlled, ControlledOutcome, VmController, VmStatus};
+pub use source::migrate;
+
+use failover::certs::Credentials;
+
+/// What `tandem migrate` asked for.
+#[derive(Debug, Clone)]
+pub struct MigrationParams {
+    /// The destination (`tandem receive --listen`).
+    pub to: SocketAddr,
+    /// The name the destination's certificate must carry.
+    pub server_name: String,
+    /// Our cluster credentials.
+    pub creds: Credentials,
+    /// Our name, announced in the channel's `Hello`.
+    pub name: String,
+    /// Largest acceptable pause of the guest.
+    pub downtime: Duration,
+    /// Cap on the sending rate, bytes per second.
+    pub max_bandwidth: Option<u64>,
+    /// Where the destination should put the disk if it was given none.
+    pub disk_dest: Option<PathBuf>,
+}
+
+/// Progress of a migration (for `tandem status` and `tandem migrate`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// `connecting`, `precopy`, `switchover`, `done`.
+    pub phase: String,
+    /// Pre-copy round (0 = the full first pass).
+    pub round: u32,
+    /// Bytes sent on the wire so far (UDP payload, QUIC and TLS included).
+    pub bytes_sent: u64,
+    /// Guest pages sent so far (zero pages of the first pass are skipped).
+    pub pages_sent: u64,
+    /// Disk bytes sent so far.
+    pub disk_bytes_sent: u64,
+    /// Pages the guest dirtied during the last round.
+    pub dirty_pages: u64,
+    /// Pages dirtied per second during the last round.
+    pub dirty_rate: f64,
+    /// Measured drain rate of the link (bytes/s).
+    pub bandwidth: f64,
+    /// Estimated pause if the switchover happened now (ms).
+    pub estimated_downtime_ms: f64,
+    /// Auto-converge: percentage of time the guest is held (0 = none).
+    pub throttle_pct: u32,
+    /// Time since the migration started (ms).
+    pub elapsed_ms: f64,
+}
+
+/// The summary of a finished migration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// Where the VM runs now (`name at address`).
+    pub destination: String,
+    /// From the request to the destination's confirmation (ms).
+    pub total_ms: f64,
+    /// From the guest's stop here to the destination's `Running` (ms).
+    pub downtime_ms: f64,
+    /// UDP bytes sent by the source (QUIC/TLS framing included).
+    pub bytes_on_wire: u64,
+    /// UDP bytes received by the source (acknowledgements).
+    pub bytes_received: u64,
+    /// Pre-copy rounds, the stop-and-copy not counted.
+    pub rounds: u32,
+    /// Guest pages sent in all (each send counted).
+    pub pages_sent: u64,
+    /// Pages sent during the stop-and-copy.
+    pub final_pages: u64,
+    /// Disk bytes sent.
+    pub disk_bytes_sent: u64,
+    /// Highest auto-converge throttle used (%).
+    pub max_throttle_pct: u32,
+    /// Did pre-copy reach the downtime target (else: forced switchover)?
+    pub converged: bool,
+}
+
+/// Why a migration failed. The guest keeps running on the source.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("a migration is already in progress")]
+    Busy,
+    #[error("the VM has stopped")]
+    VmEnded,
+    #[error("cannot connect to the destination {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: failover::channel::ChannelError,
+    },
+    #[error("the destination refused the VM: {0}")]
+    Refused(String),
+    #[error("the destination aborted the migration: {0}")]
+    Aborted(String),
+    #[error("lost the destination: {0}")]
+    Channel(#[from] failover::channel::ChannelError),
+    #[error("the destination did not confirm within {0:?}")]
+    NoConfirmation(Duration),
+    #[error("reading the VM for migration: {0}")]
+    Source(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}

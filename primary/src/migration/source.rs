@@ -1,0 +1,519 @@
+//! The sending side of a live migration: pre-copy rounds, auto-converge,
+//! stop-and-copy, confirmation.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use failover::channel::{
+    close_code, BlockingConnection, ChannelConfig, DiskBlock, Handle, Message, Page, Role,
+};
+use failover::migration::{encode_page, kind, Header, MIGRATION_VERSION};
+use vmm::devices::virtio::block::DIRTY_BLOCK_SIZE;
+use vmm::dirty::ConsumerId;
+use vmm::vstate::memory::{self, page_is_zero, read_page};
+use vmm::PAGE_SIZE;
+
+use super::control::{ControlError, DiskInfo, VmController};
+use super::{MigrationError, MigrationParams, MigrationReport, Progress};
+
+/// Pre-copy rounds before the switchover is forced even if the downtime
+/// target is not met (the guest is throttled long before that).
+const MAX_ROUNDS: u32 = 30;
+/// Bytes of page data per `MemoryPages` message.
+const BATCH_BYTES: usize = 1 << 20;
+/// Pages per message at most: small enough that the destination applies
+/// one batch while the next is being encoded.
+const BATCH_PAGES: usize = 512;
+/// Pre-copy goes on below the downtime target while a round still shrinks
+/// the dirty set this much (and the estimate is above [`GOOD_ENOUGH`]):
+/// a cheap round now saves pause time later.
+const SHRINK: u64 = 2;
+const GOOD_ENOUGH: Duration = Duration::from_millis(2);
+/// At most this many such extra rounds.
+const EXTRA_ROUNDS: u32 = 3;
+/// Link drain rate assumed before one was measured (bytes/s).
+const INITIAL_BANDWIDTH: f64 = 100e6;
+/// Time the switchover needs besides the transfer: state capture and
+/// restore, one round trip.
+const FIXED_SWITCHOVER: Duration = Duration::from_millis(1);
+/// How long the destination may take to confirm after `SwitchoverReady`.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// A destination silent this long is gone (the migration fails and the
+/// guest goes on here).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the destination may take to acknowledge a round or the header.
+const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Move the VM of `ctl` to `params.to`. `on_progress` is called after each
+/// round and at phase changes. On success the guest stays frozen here: the
+/// caller reports, then calls [`VmController::finish_migrated`] to end the
+/// local run. On failure the guest has been resumed.
+pub fn migrate(
+    ctl: &VmController,
+    params: &MigrationParams,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrationError> {
+    ctl.begin_migration().map_err(|e| match e {
+        ControlError::Busy => MigrationError::Busy,
+        ControlError::Ended => MigrationError::VmEnded,
+    })?;
+    let vm = ctl.vm().clone();
+    let consumer = match ctl.dirty().register(&vm.fd, &vm.memory, true) {
+        Ok(c) => c,
+        Err(e) => {
+            ctl.end_migration();
+            return Err(MigrationError::Source(e.to_string()));
+        }
+    };
+    let mut source = Source {
+        ctl,
+        params,
+        consumer,
+        start: Instant::now(),
+        progress: Progress {
+            phase: "connecting".into(),
+            ..Default::default()
+        },
+        report: MigrationReport::default(),
+        conn: None,
+        handle: None,
+        queued: 0,
+        last_status: Instant::now(),
+        page_bytes: 0,
+        pages_encoded: 0,
+    };
+    let result = source.run(on_progress);
+    if let Err(e) = &result {
+        tracing::warn!("migration to {} failed: {e}", params.to);
+        if let Some(conn) = source.conn.as_mut() {
+            let _ = conn.send_msg(&Message::Abort {
+                reason: e.to_string(),
+            });
+        }
+        if let Some(h) = &source.handle {
+            h.close_now(close_code::ABORT, &e.to_string());
+        }
+        ctl.thaw();
+    }
+    let _ = ctl.dirty().unregister(&vm.fd, &vm.memory, consumer);
+    ctl.end_migration();
+    result
+}
+
+struct Source<'a> {
+    ctl: &'a VmController,
+    params: &'a MigrationParams,
+    consumer: ConsumerId,
+    start: Instant,
+    progress: Progress,
+    report: MigrationReport,
+    conn: Option<BlockingConnection>,
+    handle: Option<Handle>,
+    /// Payload bytes queued on the connection.
+    queued: u64,
+    /// When `tandem status` last got fresh numbers.
+    last_status: Instant,
+    /// Encoded bytes of the pages sent, for the average page cost.
+    page_bytes: u64,
+    pages_encoded: u64,
+}
+
+/// What one batch of sending produced.
+#[derive(Default)]
+struct Sent {
+    pages: u64,
+    bytes: u64,
+}
+
+impl Source<'_> {
+    fn conn(&mut self) -> &mut BlockingConnection {
+        self.conn.as_mut().expect("connected")
+    }
+
+    fn wire_bytes(&self) -> (u64, u64) {
+        self.handle
+            .as_ref()
+            .map(|h| {
+                let s = h.quinn().stats();
+                (s.udp_tx.bytes, s.udp_rx.bytes)
+            })
+            .unwrap_or((0, 0))
+    }
+
+    fn publish(&mut self, on_progress: &mut dyn FnMut(&Progress)) {
+        self.progress.elapsed_ms = ms(self.start.elapsed());
+        self.progress.bytes_sent = self.wire_bytes().0;
+        self.ctl.set_progress(Some(self.progress.clone()));
+        on_progress(&self.progress);
+    }
+
+    fn send(&mut self, msg: &Message, payload_len: usize) -> Result<(), MigrationError> {
+        self.conn().send_msg(msg)?;
+        self.queued += payload_len as u64;
+        if self.last_status.elapsed() >= Duration::from_millis(100) {
+            self.last_status = Instant::now();
+            self.progress.elapsed_ms = ms(self.start.elapsed());
+            self.progress.bytes_sent = self.wire_bytes().0;
+            self.ctl.set_progress(Some(self.progress.clone()));
+        }
+        if let Some(max) = self.params.max_bandwidth.filter(|&m| m > 0) {
+            let due = Duration::from_secs_f64(self.queued as f64 / max as f64);
+            let elapsed = self.start.elapsed();
+            if due > elapsed {
+                std::thread::sleep(due - elapsed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait for a reply on the control stream, failing on `Abort`.
+    fn recv(&mut self, timeout: Duration) -> Result<Message, MigrationError> {
+        match self.conn().recv_msg_timeout::<Message>(timeout)? {
+            Some(Message::Abort { reason }) => Err(MigrationError::Aborted(reason)),
+            Some(m) => Ok(m),
+            None => Err(MigrationError::NoConfirmation(timeout)),
+        }
+    }
+
+    fn connect(&mut self) -> Result<(), MigrationError> {
+        let params = self.params;
+        let mut cfg = ChannelConfig::new(Role::MigrationSource, params.name.clone());
+        cfg.idle_timeout = IDLE_TIMEOUT;
+        cfg.keep_alive = IDLE_TIMEOUT / 6;
+        let mut conn =
+            BlockingConnection::connect(params.to, &params.server_name, &params.creds, &cfg)
+                .map_err(|source| MigrationError::Connect {
+                    addr: params.to,
+                    source,
+                })?;
+        self.handle = Some(conn.as_async().handle().clone());
+        self.report.destination = format!("{} at {}", conn.peer().hello.name, params.to);
+        self.conn = Some(conn);
+        let vm = self.ctl.vm();
+        let disk = self.ctl.disk();
+        let header = Header {
+            version: MIGRATION_VERSION,
+            config: self.ctl.config().clone(),
+            memory: memory::layout(&vm.memory),
+            disk_len: disk.map(|d| d.len),
+            disk_dest: params.disk_dest.clone(),
+            source_disk: disk.and_then(|d| d.path.canonicalize().ok()),
+        };
+        let bytes =
+            postcard::to_stdvec(&header).map_err(|e| MigrationError::Protocol(e.to_string()))?;
+        let conn = self.conn();
+        conn.send_frame(kind::HEADER, &bytes)?;
+        let (k, payload) = conn.recv_frame()?;
+        match k {
+            kind::ACCEPTED => Ok(()),
+            failover::channel::kind::MESSAGE => match postcard::from_bytes::<Message>(&payload) {
+                Ok(Message::Abort { reason }) => Err(MigrationError::Refused(reason)),
+                Ok(other) => Err(MigrationError::Protocol(format!(
+                    "unexpected answer to the header: {other:?}"
+                ))),
+                Err(e) => Err(MigrationError::Protocol(e.to_string())),
+            },
+            other => Err(MigrationError::Protocol(format!(
+                "unexpected frame kind {other} in answer to the header"
+            ))),
+        }
+    }
+
+    /// Send the pages at `gpas`. In round 0 zero pages are skipped (the
+    /// destination's memory starts zeroed); later they are sent as
+    /// `ZeroPages`.
+    fn send_pages(&mut self, gpas: &[u64], round: u32) -> Result<Sent, MigrationError> {
+        let vm = self.ctl.vm().clone();
+        let mut page = vec![0u8; PAGE_SIZE];
+        let mut enc = Vec::with_capacity(PAGE_SIZE * 2);
+        let mut packed: Vec<Page> = Vec::new();
+        let mut raw: Vec<Page> = Vec::new();
+        let mut zero: Vec<u64> = Vec::new();
+        let mut batch = 0usize;
+        let mut sent = Sent::default();
+        for (i, &gpa) in gpas.iter().enumerate() {
+            read_page(&vm.memory, gpa, &mut page)
+                .map_err(|e| MigrationError::Source(e.to_string()))?;
+            if page_is_zero(&page) {
+                if round > 0 {
+                    zero.push(gpa);
+                }
+            } else {
+                let compressed = encode_page(&page, &mut enc);
+                batch += enc.len() + 8;
+                self.page_bytes += enc.len() as u64 + 8;
+                self.pages_encoded += 1;
+                sent.pages += 1;
+                let p = Page {
+                    gpa,
+                    data: enc.clone(),
+                };
+                if compressed {
+                    packed.push(p);
+                } else {
+                    raw.push(p);
+                }
+            }
+            let last = i + 1 == gpas.len();
+            if batch >= BATCH_BYTES || packed.len() + raw.len() + zero.len() >= BATCH_PAGES || last
+            {
+                for (compressed, pages) in [(true, &mut packed), (false, &mut raw)] {
+                    if !pages.is_empty() {
+                        let msg = Message::MemoryPages {
+                            round,
+                            compressed,
+                            pages: std::mem::take(pages),
+                        };
+                        self.send(&msg, batch)?;
+                    }
+                }
+                if !zero.is_empty() {
+                    let n = zero.len() * 8;
+                    let msg = Message::ZeroPages {
+                        round,
+                        gpas: std::mem::take(&mut zero),
+                    };
+                    self.send(&msg, n)?;
+                }
+                sent.bytes += batch as u64;
+                batch = 0;
+            }
+        }
+        self.progress.pages_sent += sent.pages;
+        Ok(sent)
+    }
+
+    /// Send disk blocks (`all`: the whole disk, skipping zero blocks, which
+    /// a fresh destination image already holds).
+    fn send_blocks(
+        &mut self,
+        disk: &DiskInfo,
+        file: &File,
+        blocks: &[u64],
+        skip_zero: bool,
+    ) -> Result<u64, MigrationError> {
+        let mut batch: Vec<DiskBlock> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut total = 0u64;
+        for (i, &b) in blocks.iter().enumerate() {
+            let off = b * DIRTY_BLOCK_SIZE;
+            let len = DIRTY_BLOCK_SIZE.min(disk.len.saturating_sub(off)) as usize;
+            if len > 0 {
+                let mut data = vec![0u8; len];
+                file.read_exact_at(&mut data, off).map_err(|e| {
+                    MigrationError::Source(format!("reading disk {}: {e}", disk.path.display()))
+                })?;
+                if !(skip_zero && data.iter().all(|&x| x == 0)) {
+                    batch_bytes += len;
+                    batch.push(DiskBlock { offset: off, data });
+                }
+            }
+            if !batch.is_empty() && (batch_bytes >= BATCH_BYTES || i + 1 == blocks.len()) {
+                let msg = Message::DiskBlocks {
+                    disk: 0,
+                    blocks: std::mem::take(&mut batch),
+                };
+                self.send(&msg, batch_bytes)?;
+                total += batch_bytes as u64;
+                batch_bytes = 0;
+            }
+        }
+        self.progress.disk_bytes_sent += total;
+        Ok(total)
+    }
+
+    fn take_dirty(&self) -> Result<Vec<u64>, MigrationError> {
+        let vm = self.ctl.vm();
+        self.ctl
+            .dirty()
+            .take(&vm.fd, &vm.memory, self.consumer)
+            .map_err(|e| MigrationError::Source(e.to_string()))
+    }
+
+    fn run(
+        &mut self,
+        on_progress: &mut dyn FnMut(&Progress),
+    ) -> Result<MigrationReport, MigrationError> {
+        self.publish(on_progress);
+        self.connect()?;
+        let disk = self.ctl.disk().cloned();
+        let disk_file = match &disk {
+            Some(d) => Some(File::open(&d.path).map_err(|e| {
+                MigrationError::Source(format!("opening disk {}: {e}", d.path.display()))
+            })?),
+            None => None,
+        };
+        // The whole disk goes in round 0: forget older writes.
+        if let Some(d) = &disk {
+            d.dirty.take();
+        }
+        let target = self.params.downtime;
+        let mut bandwidth = INITIAL_BANDWIDTH;
+        let mut round = 0u32;
+        let mut prev_dirty = u64::MAX;
+        let mut secs_per_page: Option<f64> = None;
+        let mut extra = 0;
+        let vm = self.ctl.vm().clone();
+        self.progress.phase = "precopy".into();
+        self.publish(on_progress);
+        loop {
+            let t0 = Instant::now();
+            self.progress.round = round;
+            let gpas = self.take_dirty()?;
+            let sent = self.send_pages(&gpas, round)?;
+            let mut bytes = sent.bytes;
+            if let (Some(d), Some(f)) = (&disk, &disk_file) {
+                let blocks: Vec<u64> = if round == 0 {
+                    (0..d.dirty.blocks()).collect()
+                } else {
+                    d.dirty.take()
+                };
+                bytes += self.send_blocks(d, f, &blocks, round == 0)?;
+            }
+            self.send(
+                &Message::RoundDone {
+                    round,
+                    dirty_pages: gpas.len() as u64,
+                },
+                8,
+            )?;
+            match self.recv(ACK_TIMEOUT)? {
+                Message::RoundDone { round: r, .. } if r == round => {}
+                other => {
+                    return Err(MigrationError::Protocol(format!(
+                        "expected the acknowledgement of round {round}, got {other:?}"
+                    )))
+                }
+            }
+            let elapsed = t0.elapsed();
+            if bytes >= 256 << 10 {
+                bandwidth = bandwidth.max(bytes as f64 / elapsed.as_secs_f64());
+            }
+            // What the guest dirtied meanwhile.
+            self.ctl
+                .dirty()
+                .collect(&vm.fd, &vm.memory)
+                .map_err(|e| MigrationError::Source(e.to_string()))?;
+            let dirty = self.ctl.dirty().pending(self.consumer) as u64;
+            let dirty_blocks = disk.as_ref().map_or(0, |d| d.dirty.pending());
+            let avg_page = if self.pages_encoded > 0 {
+                self.page_bytes as f64 / self.pages_encoded as f64
+            } else {
+                PAGE_SIZE as f64
+            };
+            // The cost of a page end to end (read, encode, send, decode and
+            // write on the destination): measured on rounds big enough to
+            // tell. A round's time counts every page it sent, so this errs
+            // on the slow side.
+            if sent.pages >= 512 {
+                let p = elapsed.as_secs_f64() / sent.pages as f64;
+                secs_per_page = Some(secs_per_page.map_or(p, |q: f64| q.min(p)));
+            }
+            let rtt = self.handle.as_ref().map_or(Duration::ZERO, Handle::rtt);
+            let pages_time = (dirty as f64 * avg_page / bandwidth)
+                .max(dirty as f64 * secs_per_page.unwrap_or(0.0));
+            let transfer = pages_time + (dirty_blocks * DIRTY_BLOCK_SIZE) as f64 / bandwidth;
+            let estimate = Duration::from_secs_f64(transfer) + rtt + FIXED_SWITCHOVER;
+            tracing::debug!(
+                "round {round}: {} pages ({} sent) {} bytes in {:?}; {dirty} dirty now, estimate {:?}",
+                gpas.len(),
+                sent.pages,
+                bytes,
+                elapsed,
+                estimate
+            );
+            self.progress.dirty_pages = dirty;
+            self.progress.dirty_rate = dirty as f64 / elapsed.as_secs_f64().max(1e-6);
+            self.progress.bandwidth = bandwidth;
+            self.progress.estimated_downtime_ms = ms(estimate);
+            self.publish(on_progress);
+            round += 1;
+            if estimate <= target {
+                self.report.converged = true;
+                let shrinking = prev_dirty != u64::MAX && dirty * SHRINK <= prev_dirty
+                    || round == 1 && dirty * SHRINK <= gpas.len() as u64;
+                if !(shrinking && estimate > GOOD_ENOUGH && extra < EXTRA_ROUNDS) {
+                    break;
+                }
+                extra += 1;
+            }
+            if round >= MAX_ROUNDS {
+                tracing::warn!(
+                    "pre-copy did not converge in {MAX_ROUNDS} rounds; forcing the switchover"
+                );
+                break;
+            }
+            // Auto-converge: the guest dirties faster than the link drains.
+            if round >= 2 && dirty * 2 > prev_dirty {
+                let pct = match self.progress.throttle_pct {
+                    0 => 20,
+                    p => (p + 20).min(99),
+                };
+                self.progress.throttle_pct = pct;
+                self.report.max_throttle_pct = pct;
+                self.ctl.set_throttle(pct);
+            }
+            prev_dirty = dirty;
+        }
+        self.report.rounds = round;
+
+        // Stop-and-copy.
+        self.progress.phase = "switchover".into();
+        self.publish(on_progress);
+        let frozen = self.ctl.freeze().map_err(|e| match e {
+            ControlError::Ended => MigrationError::VmEnded,
+            ControlError::Busy => MigrationError::Busy,
+        })?;
+        let t_frozen = Instant::now();
+        let gpas = self.take_dirty()?;
+        let t_taken = Instant::now();
+        let sent = self.send_pages(&gpas, round)?;
+        self.report.final_pages = sent.pages;
+        tracing::debug!(
+            "stop-and-copy: frozen {:?} after the request, dirty log {:?}, {} pages sent in {:?}",
+            t_frozen - frozen.at,
+            t_taken - t_frozen,
+            sent.pages,
+            t_taken.elapsed()
+        );
+        if let (Some(d), Some(f)) = (&disk, &disk_file) {
+            let blocks = d.dirty.take();
+            self.send_blocks(d, f, &blocks, false)?;
+        }
+        let state = postcard::to_stdvec(&frozen.state)
+            .map_err(|e| MigrationError::Protocol(e.to_string()))?;
+        let n = state.len();
+        self.send(&Message::DeviceState(state), n)?;
+        self.send(&Message::SwitchoverReady, 1)?;
+        match self.recv(CONFIRM_TIMEOUT)? {
+            Message::Running => {}
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "expected Running, got {other:?}"
+                )))
+            }
+        }
+        let downtime = frozen.at.elapsed();
+        tracing::debug!("confirmed after {downtime:?}");
+        let (tx, rx) = self.wire_bytes();
+        self.report.total_ms = ms(self.start.elapsed());
+        self.report.downtime_ms = ms(downtime);
+        self.report.bytes_on_wire = tx;
+        self.report.bytes_received = rx;
+        self.report.pages_sent = self.progress.pages_sent;
+        self.report.disk_bytes_sent = self.progress.disk_bytes_sent;
+        self.progress.phase = "done".into();
+        self.publish(on_progress);
+        // The destination runs the guest; say goodbye in order (it waits
+        // for our close to know we got its confirmation).
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close();
+        }
+        Ok(self.report.clone())
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

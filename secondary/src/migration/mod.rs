@@ -1,0 +1,385 @@
+//! Planned live migration, destination side: accept one VM from a
+//! migration source, fill guest memory and the disk image while the source
+//! keeps running, restore vCPU and devices at the switchover, confirm with
+//! `Running`. The protocol is described in `docs/migration.md` and
+//! `failover::migration`.
+
+use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use failover::channel::{
+    kind as channel_kind, BlockingConnection, BlockingListener, ChannelError, Message, Role,
+};
+use failover::migration::{decode_page, kind, Header, MIGRATION_VERSION};
+use vmm::machine::{DiskConfig, Incoming, Machine, MachineState};
+use vmm::vstate::memory::{self, write_page};
+use vmm::PAGE_SIZE;
+
+/// How the destination is set up.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiveOptions {
+    /// Where to put the VM's disk (created, or truncated and resized).
+    pub disk: Option<PathBuf>,
+}
+
+/// A VM received and restored, about to run.
+pub struct Received {
+    pub machine: Machine,
+    /// Virtual time to continue from.
+    pub virtual_ns: u64,
+    /// The source's address and name.
+    pub from: String,
+    /// Pre-copy rounds the source made.
+    pub rounds: u32,
+    /// Waits (bounded) until the source has closed the connection, i.e. has
+    /// seen our `Running`; join before the process ends.
+    pub goodbye: std::thread::JoinHandle<()>,
+}
+
+/// Why receiving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error("the source aborted the migration: {0}")]
+    Aborted(String),
+    #[error("refused the VM: {0}")]
+    Refused(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Local(String),
+}
+
+/// Announce the guest's MAC address from its new host (gratuitous ARP /
+/// RARP, as QEMU's `qemu_announce_self`), so that switches learn where it
+/// went. Called right after the switchover. Tandem has no network device
+/// yet, so there is nothing to announce; the virtio-net work fills this in.
+pub fn announce_guest_mac(_machine: &Machine) {}
+
+/// Accept connections on `listener` until one brings a VM, and restore it.
+/// Connections refused by the TLS handshake are logged and skipped; a
+/// transfer that fails is reported on stderr and the listener waits for
+/// the next one.
+pub fn receive(
+    listener: &BlockingListener,
+    opts: &ReceiveOptions,
+    mut serial_out: impl FnMut() -> Box<dyn std::io::Write + Send>,
+) -> Result<Received, ReceiveError> {
+    loop {
+        let conn = match listener.accept() {
+            Ok(c) => c,
+            Err(e @ ChannelError::Handshake { .. }) | Err(e @ ChannelError::Version { .. }) => {
+                eprintln!("tandem: refused a connection: {e}");
+                continue;
+            }
+            Err(e) => {
+                eprintln!("tandem: incoming connection failed: {e}");
+                continue;
+            }
+        };
+        let peer = conn.peer().clone();
+        match receive_one(conn, opts, &mut serial_out) {
+            Ok(r) => return Ok(r),
+            Err(e) => {
+                eprintln!(
+                    "tandem: incoming migration from {} ({}) failed: {e}; waiting for another",
+                    peer.hello.name, peer.addr
+                );
+            }
+        }
+    }
+}
+
+/// The destination's disk image.
+struct DestDisk {
+    path: PathBuf,
+    file: File,
+}
+
+impl DestDisk {
+    fn open(path: &Path, len: u64) -> Result<Self, String> {
+        let meta = std::fs::metadata(path).ok();
+        let special = meta.as_ref().is_some_and(|m| {
+            let t = m.file_type();
+            t.is_block_device() || t.is_char_device()
+        });
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(!special)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| format!("destination disk {}: {e}", path.display()))?;
+        if !special {
+            // A fresh sparse image: blocks the source does not send are zero.
+            file.set_len(0)
+                .and_then(|()| file.set_len(len))
+                .map_err(|e| format!("destination disk {}: {e}", path.display()))?;
+        }
+        Ok(DestDisk {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), String> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| format!("writing destination disk {}: {e}", self.path.display()))
+    }
+
+    fn sync(&self) -> Result<(), String> {
+        self.file
+            .sync_data()
+            .map_err(|e| format!("syncing destination disk {}: {e}", self.path.display()))
+    }
+}
+
+fn abort(conn: &mut BlockingConnection, reason: &str) {
+    let _ = conn.send_msg(&Message::Abort {
+        reason: reason.to_string(),
+    });
+    // Give the Abort a moment to leave before the connection goes.
+    std::thread::sleep(Duration::from_millis(20));
+    conn.abort(reason);
+}
+
+fn receive_one(
+    mut conn: BlockingConnection,
+    opts: &ReceiveOptions,
+    serial_out: &mut dyn FnMut() -> Box<dyn std::io::Write + Send>,
+) -> Result<Received, ReceiveError> {
+    let peer = conn.peer().clone();
+    let from = format!("{} at {}", peer.hello.name, peer.addr);
+    if peer.hello.role != Role::MigrationSource {
+        let reason = format!(
+            "expected a migration source, the peer is a {:?}",
+            peer.hello.role
+        );
+        abort(&mut conn, &reason);
+        return Err(ReceiveError::Refused(reason));
+    }
+    let (k, payload) = conn.recv_frame()?;
+    if k != kind::HEADER {
+        return Err(ReceiveError::Protocol(format!(
+            "expected the migration header, got frame kind {k}"
+        )));
+    }
+    let header: Header = match postcard::from_bytes(&payload) {
+        Ok(h) => h,
+        Err(e) => {
+            let reason = format!("unreadable migration header: {e}");
+            abort(&mut conn, &reason);
+            return Err(ReceiveError::Refused(reason));
+        }
+    };
+    let (incoming, disk) = match accept_header(&header, opts, peer.addr) {
+        Ok(x) => x,
+        Err(reason) => {
+            abort(&mut conn, &reason);
+            return Err(ReceiveError::Refused(reason));
+        }
+    };
+    conn.send_frame(kind::ACCEPTED, &[])?;
+    match transfer(&mut conn, incoming, disk, serial_out) {
+        Ok((machine, state, rounds)) => {
+            conn.send_msg(&Message::Running)?;
+            announce_guest_mac(&machine);
+            let goodbye = std::thread::Builder::new()
+                .name("migration-goodbye".into())
+                .spawn(move || {
+                    // The source closes once it has our confirmation.
+                    let _ = conn.recv_msg_timeout::<Message>(Duration::from_secs(10));
+                })
+                .map_err(|e| ReceiveError::Local(e.to_string()))?;
+            Ok(Received {
+                machine,
+                virtual_ns: state.virtual_ns,
+                from,
+                rounds,
+                goodbye,
+            })
+        }
+        Err(TransferError::Local(reason)) => {
+            abort(&mut conn, &reason);
+            Err(ReceiveError::Local(reason))
+        }
+        Err(TransferError::Remote(e)) => Err(e),
+    }
+}
+
+fn accept_header(
+    header: &Header,
+    opts: &ReceiveOptions,
+    peer: SocketAddr,
+) -> Result<(Incoming, Option<DestDisk>), String> {
+    if header.version != MIGRATION_VERSION {
+        return Err(format!(
+            "migration stream version {} is not supported (this Tandem speaks version {MIGRATION_VERSION})",
+            header.version
+        ));
+    }
+    let disk = match header.disk_len {
+        None => None,
+        Some(len) => {
+            let Some(path) = opts.disk.clone().or_else(|| header.disk_dest.clone()) else {
+                return Err(
+                    "the VM has a disk but the destination was given no --disk (and the source no --disk-dest)"
+                        .into(),
+                );
+            };
+            if peer.ip().is_loopback() {
+                if let (Some(src), Ok(dst)) = (&header.source_disk, path.canonicalize()) {
+                    if *src == dst {
+                        return Err(format!(
+                            "destination disk {} is the source's own image",
+                            path.display()
+                        ));
+                    }
+                }
+            }
+            Some(DestDisk::open(&path, len)?)
+        }
+    };
+    let incoming =
+        Machine::prepare_incoming(&header.config).map_err(|e| format!("creating the VM: {e}"))?;
+    let ours = memory::layout(incoming.memory());
+    if ours != header.memory {
+        return Err(format!(
+            "memory layout differs: source {:x?}, destination {ours:x?}",
+            header.memory
+        ));
+    }
+    Ok((incoming, disk))
+}
+
+enum TransferError {
+    /// Our fault (disk full, bad data): tell the source.
+    Local(String),
+    /// The source went away or aborted.
+    Remote(ReceiveError),
+}
+
+impl From<ChannelError> for TransferError {
+    fn from(e: ChannelError) -> Self {
+        TransferError::Remote(e.into())
+    }
+}
+
+fn transfer(
+    conn: &mut BlockingConnection,
+    incoming: Incoming,
+    disk: Option<DestDisk>,
+    serial_out: &mut dyn FnMut() -> Box<dyn std::io::Write + Send>,
+) -> Result<(Machine, MachineState, u32), TransferError> {
+    let mut page = vec![0u8; PAGE_SIZE];
+    let zero = vec![0u8; PAGE_SIZE];
+    let mut state: Option<MachineState> = None;
+    let mut rounds = 0;
+    loop {
+        let t_wait = Instant::now();
+        let frame = conn.recv_frame()?;
+        let t_got = Instant::now();
+        let msg = match frame {
+            (channel_kind::MESSAGE, payload) => postcard::from_bytes::<Message>(&payload)
+                .map_err(|e| TransferError::Local(format!("malformed message: {e}")))?,
+            (k, _) => return Err(TransferError::Local(format!("unexpected frame kind {k}"))),
+        };
+        match msg {
+            Message::MemoryPages {
+                compressed, pages, ..
+            } => {
+                let n = pages.len();
+                let t = Instant::now();
+                for p in pages {
+                    decode_page(&p.data, compressed, &mut page)
+                        .map_err(|e| TransferError::Local(format!("page {:#x}: {e}", p.gpa)))?;
+                    write_page(incoming.memory(), p.gpa, &page)
+                        .map_err(|e| TransferError::Local(e.to_string()))?;
+                }
+                tracing::debug!(
+                    "{n} pages: waited {:?}, decoded the message in {:?}, applied in {:?}",
+                    t_got - t_wait,
+                    t - t_got,
+                    t.elapsed()
+                );
+            }
+            Message::ZeroPages { gpas, .. } => {
+                for gpa in gpas {
+                    write_page(incoming.memory(), gpa, &zero)
+                        .map_err(|e| TransferError::Local(e.to_string()))?;
+                }
+            }
+            Message::DiskBlocks { blocks, .. } => {
+                let Some(d) = &disk else {
+                    return Err(TransferError::Local(
+                        "disk blocks for a VM without a disk".into(),
+                    ));
+                };
+                for b in blocks {
+                    d.write(b.offset, &b.data).map_err(TransferError::Local)?;
+                }
+            }
+            Message::RoundDone { round, dirty_pages } => {
+                // Make the bulk of the disk durable off the downtime path.
+                if let Some(d) = &disk {
+                    d.sync().map_err(TransferError::Local)?;
+                }
+                rounds = round + 1;
+                conn.send_msg(&Message::RoundDone { round, dirty_pages })?;
+            }
+            Message::DeviceState(bytes) => {
+                state =
+                    Some(postcard::from_bytes(&bytes).map_err(|e| {
+                        TransferError::Local(format!("malformed machine state: {e}"))
+                    })?);
+            }
+            Message::SwitchoverReady => {
+                let Some(state) = state else {
+                    return Err(TransferError::Local(
+                        "switchover without a machine state".into(),
+                    ));
+                };
+                let t = Instant::now();
+                if let Some(d) = &disk {
+                    d.sync().map_err(TransferError::Local)?;
+                }
+                let disk_cfg = disk.as_ref().map(|d| DiskConfig {
+                    path: d.path.clone(),
+                    read_only: state.config.disk.as_ref().is_some_and(|c| c.read_only),
+                });
+                drop(disk);
+                let machine = incoming
+                    .finish(&state, serial_out(), disk_cfg)
+                    .map_err(|e| TransferError::Local(format!("restoring the VM: {e}")))?;
+                tracing::debug!("restored in {:?}", t.elapsed());
+                return Ok((machine, state, rounds));
+            }
+            Message::Abort { reason } => {
+                return Err(TransferError::Remote(ReceiveError::Aborted(reason)))
+            }
+            other => {
+                return Err(TransferError::Local(format!(
+                    "unexpected message during migration: {other:?}"
+                )))
+            }
+        }
+    }
+}
+
+/// Bind the listener of `tandem receive`.
+pub fn listen(
+    addr: SocketAddr,
+    creds: &failover::certs::Credentials,
+    name: &str,
+) -> Result<BlockingListener, ChannelError> {
+    let mut cfg = failover::channel::ChannelConfig::new(Role::MigrationDestination, name);
+    // A source silent this long is gone; the transfer is dropped.
+    cfg.idle_timeout = Duration::from_secs(3);
+    cfg.keep_alive = Duration::from_millis(500);
+    BlockingListener::bind(addr, creds, &cfg)
+}

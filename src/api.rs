@@ -1,0 +1,251 @@
+//! The control socket of a running VM (`tandem run --api-socket PATH`).
+//!
+//! A unix stream socket; each request is one line of JSON, each answer one
+//! or more lines of JSON:
+//!
+//! | request | answers |
+//! |---|---|
+//! | `{"cmd":"status"}` | `{"event":"status", "state":..., "exit_seq":..., "migration":...}` |
+//! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | `{"event":"ok"}` |
+//! | `{"cmd":"migrate", "to":ADDR, "server_name":..., "ca":..., "cert":..., "key":..., "downtime_ms":..., "max_bandwidth":..., "disk_dest":...}` | `{"event":"progress", ...}` lines, then `{"event":"done", ...}` (the VM runs at the destination; this process ends) |
+//!
+//! Any request may instead be answered `{"event":"error","error":"..."}`.
+//! Paths are taken as given: clients send absolute paths.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::ToSocketAddrs;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use primary::migration::{MigrationParams, MigrationReport, Progress, VmController, VmStatus};
+use serde::{Deserialize, Serialize};
+
+/// A request on the control socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Pause,
+    Resume,
+    Migrate(MigrateRequest),
+}
+
+/// The arguments of a migration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// `HOST:PORT` of the `tandem receive`.
+    pub to: String,
+    /// Name the destination's certificate must carry (default: HOST).
+    pub server_name: Option<String>,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Largest acceptable pause (default 30 ms).
+    pub downtime_ms: Option<u64>,
+    /// Sending rate cap in bytes/s.
+    pub max_bandwidth: Option<u64>,
+    /// Disk path for a destination that was given no `--disk`.
+    pub disk_dest: Option<PathBuf>,
+}
+
+/// An answer line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Status(VmStatus),
+    Ok,
+    Error { error: String },
+    Progress(Progress),
+    Done(MigrationReport),
+}
+
+/// Default pause target of a migration.
+pub const DEFAULT_DOWNTIME_MS: u64 = 30;
+
+/// The server; removes its socket file when dropped.
+pub struct Server {
+    path: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Bind `path` and serve `ctl` on a background thread.
+pub fn serve(path: &Path, ctl: VmController) -> std::io::Result<Server> {
+    if path.exists() {
+        // A socket nobody answers on is left over from a dead VM.
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running VM", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let ctl = ctl.clone();
+                let _ = std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .spawn(move || serve_conn(stream, &ctl));
+            }
+        })?;
+    Ok(Server {
+        path: path.to_path_buf(),
+    })
+}
+
+fn send(w: &mut UnixStream, ev: &Event) -> bool {
+    let mut line = serde_json::to_string(ev).unwrap_or_else(|_| "{}".into());
+    line.push('\n');
+    w.write_all(line.as_bytes())
+        .and_then(|()| w.flush())
+        .is_ok()
+}
+
+fn serve_conn(stream: UnixStream, ctl: &VmController) {
+    let Ok(mut w) = stream.try_clone() else {
+        return;
+    };
+    let reader = BufReader::new(stream);
+    for line in reader.lines() {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let req: Request = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                send(
+                    &mut w,
+                    &Event::Error {
+                        error: format!("bad request: {e}"),
+                    },
+                );
+                continue;
+            }
+        };
+        let answer = match req {
+            Request::Status => Event::Status(ctl.status()),
+            Request::Pause => result(ctl.pause()),
+            Request::Resume => result(ctl.resume()),
+            Request::Migrate(m) => {
+                migrate(&mut w, ctl, &m);
+                return;
+            }
+        };
+        if !send(&mut w, &answer) {
+            return;
+        }
+    }
+}
+
+fn result<E: std::fmt::Display>(r: Result<(), E>) -> Event {
+    match r {
+        Ok(()) => Event::Ok,
+        Err(e) => Event::Error {
+            error: e.to_string(),
+        },
+    }
+}
+
+fn params(m: &MigrateRequest) -> Result<MigrationParams, String> {
+    let to =
+        m.to.to_socket_addrs()
+            .map_err(|e| format!("--to {}: {e}", m.to))?
+            .next()
+            .ok_or_else(|| format!("--to {}: no address", m.to))?;
+    let host =
+        m.to.rsplit_once(':')
+            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+            .unwrap_or(&m.to);
+    let creds = failover::certs::Credentials::load(&m.ca, &m.cert, &m.key)
+        .map_err(|e| format!("loading credentials: {e}"))?;
+    let name = m
+        .cert
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "source".into());
+    Ok(MigrationParams {
+        to,
+        server_name: m.server_name.clone().unwrap_or_else(|| host.to_string()),
+        creds,
+        name,
+        downtime: Duration::from_millis(m.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS)),
+        max_bandwidth: m.max_bandwidth,
+        disk_dest: m.disk_dest.clone(),
+    })
+}
+
+fn migrate(w: &mut UnixStream, ctl: &VmController, m: &MigrateRequest) {
+    let params = match params(m) {
+        Ok(p) => p,
+        Err(error) => {
+            send(w, &Event::Error { error });
+            return;
+        }
+    };
+    eprintln!("tandem: migrating the VM to {}", params.to);
+    let mut client = true;
+    let result = primary::migration::migrate(ctl, &params, &mut |p| {
+        if client {
+            client = send(w, &Event::Progress(p.clone()));
+        }
+    });
+    match result {
+        Ok(report) => {
+            let dest = report.destination.clone();
+            send(w, &Event::Done(report));
+            let _ = w.shutdown(std::net::Shutdown::Write);
+            ctl.finish_migrated(dest);
+        }
+        Err(e) => {
+            eprintln!(
+                "tandem: migration to {} failed: {e}; the VM keeps running here",
+                params.to
+            );
+            send(
+                w,
+                &Event::Error {
+                    error: e.to_string(),
+                },
+            );
+        }
+    }
+}
+
+/// Client side: send one request, call `on_event` for each answer line
+/// until the server closes or `on_event` returns `false`.
+pub fn call(
+    path: &Path,
+    req: &Request,
+    mut on_event: impl FnMut(Event) -> bool,
+) -> Result<(), String> {
+    let mut stream = UnixStream::connect(path).map_err(|e| {
+        format!(
+            "--api {}: {e} (is the VM running with --api-socket?)",
+            path.display()
+        )
+    })?;
+    let mut line = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .map_err(|e| format!("--api {}: {e}", path.display()))?;
+    for line in BufReader::new(stream).lines() {
+        let line = line.map_err(|e| format!("--api {}: {e}", path.display()))?;
+        let ev: Event = serde_json::from_str(&line)
+            .map_err(|e| format!("--api {}: bad answer {line:?}: {e}", path.display()))?;
+        if !on_event(ev) {
+            break;
+        }
+    }
+    Ok(())
+}

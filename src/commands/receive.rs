@@ -1,0 +1,66 @@
+//! `tandem receive`: the destination of a live migration.
+
+use std::time::Duration;
+
+use secondary::migration::{listen, receive as accept_vm, ReceiveOptions};
+use vmm::inputs::LiveInputs;
+use vmm::run::RunLimits;
+
+use super::run::outcome_status;
+use super::CmdError;
+use crate::cli::ReceiveArgs;
+use crate::console;
+
+pub fn receive(args: ReceiveArgs) -> Result<i32, CmdError> {
+    let c = &args.creds;
+    let creds = failover::certs::Credentials::load(&c.ca, &c.cert, &c.key)
+        .map_err(|e| CmdError::Input(format!("loading credentials: {e}")))?;
+    let name = c
+        .cert
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "destination".into());
+    let listener = listen(args.listen, &creds, &name)
+        .map_err(|e| CmdError::Input(format!("--listen {}: {e}", args.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CmdError::Internal(e.to_string()))?;
+    eprintln!("tandem: waiting for a VM on {addr}");
+    let console = console::open(&args.serial)?;
+    let mut first = Some(console.out);
+    let serial = args.serial.clone();
+    let serial_out = move || -> Box<dyn std::io::Write + Send> {
+        first.take().unwrap_or_else(|| {
+            console::open(&serial)
+                .map(|c| c.out)
+                .unwrap_or_else(|_| Box::new(std::io::sink()))
+        })
+    };
+    let opts = ReceiveOptions {
+        disk: args.disk.clone(),
+    };
+    let received =
+        accept_vm(&listener, &opts, serial_out).map_err(|e| CmdError::Internal(e.to_string()))?;
+    eprintln!(
+        "tandem: VM received from {} after {} pre-copy rounds; running it",
+        received.from, received.rounds
+    );
+    let mut machine = received.machine;
+    let mut inputs = LiveInputs::new(received.virtual_ns, console.input);
+    let status = match &args.api_socket {
+        Some(sock) => super::migrate::run_with_api(machine, &mut inputs, sock),
+        None => machine
+            .run(&mut inputs, RunLimits::default())
+            .map(outcome_status)
+            .map_err(CmdError::from),
+    };
+    // The source ends once it has our confirmation; let it see it before
+    // this process (and the connection) goes away.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !received.goodbye.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Only now: closing the listener closes its connections too.
+    listener.close();
+    status
+}

@@ -1,0 +1,630 @@
+//! Live migration end to end: `tandem run --api-socket` → `tandem migrate`
+//! → `tandem receive`, on loopback and between two network namespaces.
+//!
+//! Every migrated run must print exactly the console output of an
+//! unmigrated run (source's part followed by the destination's part), end
+//! with the same `RESULT` line, and leave the same disk image. Failures
+//! (wrong CA, destination killed, destination disk full) must leave the
+//! source running to the same result. Migrations are triggered by guest
+//! events (console lines), never by sleeping.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
+/// Only turns a hang into a failure.
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "tandem-mig-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    fn s(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `tandem` whose output is collected by threads.
+struct Proc {
+    child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    what: String,
+}
+
+fn collect<R: Read + Send + 'static>(mut r: R) -> Arc<Mutex<Vec<u8>>> {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let b = buf.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = r.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            b.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    buf
+}
+
+impl Proc {
+    fn spawn(prefix: &[&str], args: &[&str]) -> Proc {
+        let mut cmd = if prefix.is_empty() {
+            Command::new(TANDEM)
+        } else {
+            let mut c = Command::new(prefix[0]);
+            c.args(&prefix[1..]).arg(TANDEM);
+            c
+        };
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn tandem");
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        Proc {
+            child,
+            stdout,
+            stderr,
+            what: format!("{prefix:?} tandem {args:?}"),
+        }
+    }
+
+    fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+    fn err(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.what,
+            self.out(),
+            self.err()
+        )
+    }
+
+    /// Wait until `needle` shows up on stdout (`err`: stderr).
+    #[track_caller]
+    fn wait_for(&mut self, needle: &str, err: bool) -> String {
+        let start = Instant::now();
+        loop {
+            let text = if err { self.err() } else { self.out() };
+            if let Some(i) = text.find(needle) {
+                return text[i + needle.len()..].to_string();
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                // Let the readers drain.
+                std::thread::sleep(Duration::from_millis(50));
+                let text = if err { self.err() } else { self.out() };
+                if let Some(i) = text.find(needle) {
+                    return text[i + needle.len()..].to_string();
+                }
+                panic!(
+                    "ended ({st}) before printing {needle:?}\n{}",
+                    self.describe()
+                );
+            }
+            if start.elapsed() > TIMEOUT {
+                panic!("timed out waiting for {needle:?}\n{}", self.describe());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Wait for the end; returns (status, stdout, stderr).
+    #[track_caller]
+    fn finish(mut self) -> (i32, String, String) {
+        let start = Instant::now();
+        let st = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > TIMEOUT {
+                panic!("timed out\n{}", self.describe());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let code = st
+            .code()
+            .unwrap_or_else(|| panic!("killed: {st}\n{}", self.describe()));
+        (code, self.out(), self.err())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A cluster CA with host certificates.
+struct Pki {
+    dir: TempDir,
+}
+
+impl Pki {
+    fn new(hosts: &[&str], sans: &[&str]) -> Pki {
+        let dir = TempDir::new("pki");
+        let d = dir.s("");
+        run_ok(&["certs", "init", "--dir", &d]);
+        for h in hosts {
+            let mut args = vec!["certs", "issue", "--dir", &d, "--name", h];
+            for s in sans {
+                args.push("--san");
+                args.push(s);
+            }
+            run_ok(&args);
+        }
+        Pki { dir }
+    }
+    /// `--ca --cert --key` of `host`.
+    fn creds(&self, host: &str) -> Vec<String> {
+        vec![
+            "--ca".into(),
+            self.dir.s("ca.pem"),
+            "--cert".into(),
+            self.dir.s(&format!("{host}.pem")),
+            "--key".into(),
+            self.dir.s(&format!("{host}.key")),
+        ]
+    }
+}
+
+#[track_caller]
+fn run_ok(args: &[&str]) -> String {
+    let out = Command::new(TANDEM)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tandem {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Console output of an unmigrated run.
+fn reference(cmdline: &str, disk: Option<&Path>) -> String {
+    let mut args = vec!["run", "--cmdline", cmdline];
+    let d;
+    if let Some(p) = disk {
+        d = p.to_string_lossy().into_owned();
+        args.push("--disk");
+        args.push(&d);
+    }
+    run_ok(&args)
+}
+
+fn result_line(console: &str) -> Option<&str> {
+    console.lines().find(|l| l.starts_with("RESULT "))
+}
+
+/// Start `tandem receive` (with `prefix`, e.g. `ip netns exec NS`) and
+/// return it with the address it listens on.
+fn receiver(prefix: &[&str], listen: &str, creds: &[String], extra: &[&str]) -> (Proc, String) {
+    let mut args: Vec<&str> = vec!["receive", "--listen", listen];
+    args.extend(creds.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    let mut p = Proc::spawn(prefix, &args);
+    let mut rest = p.wait_for("waiting for a VM on ", true);
+    while !rest.contains('\n') {
+        std::thread::sleep(Duration::from_millis(2));
+        rest = p.wait_for("waiting for a VM on ", true);
+    }
+    let addr = rest.lines().next().unwrap().trim().to_string();
+    (p, addr)
+}
+
+/// Start `tandem run --api-socket` and wait for the socket.
+fn source(prefix: &[&str], sock: &str, cmdline: &str, extra: &[&str]) -> Proc {
+    let mut args = vec!["run", "--cmdline", cmdline, "--api-socket", sock];
+    args.extend_from_slice(extra);
+    let mut p = Proc::spawn(prefix, &args);
+    let start = Instant::now();
+    while !Path::new(sock).exists() {
+        if let Ok(Some(_)) = p.child.try_wait() {
+            panic!("source ended early\n{}", p.describe());
+        }
+        assert!(start.elapsed() < TIMEOUT, "no API socket\n{}", p.describe());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    p
+}
+
+/// `tandem migrate`; returns (status, stdout, stderr).
+fn migrate(sock: &str, to: &str, creds: &[String], extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec!["migrate", "--api", sock, "--to", to];
+    args.extend(creds.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    let out = Command::new(TANDEM)
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Migrate `cmdline` once when the source prints `marker`; the console
+/// output of source + destination must be the unmigrated one.
+fn migrate_once(cmdline: &str, marker: &str) {
+    let expected = reference(cmdline, None);
+    let pki = Pki::new(&["a", "b"], &[]);
+    let tmp = TempDir::new("once");
+    let sock = tmp.s("a.sock");
+    let (dst, addr) = receiver(&[], "127.0.0.1:0", &pki.creds("b"), &[]);
+    let mut src = source(&[], &sock, cmdline, &[]);
+    src.wait_for(marker, false);
+    let (code, out, err) = migrate(&sock, &addr, &pki.creds("a"), &[]);
+    assert_eq!(code, 0, "migrate failed\n{out}\n{err}\n{}", src.describe());
+    assert!(out.contains("migrated to b at"), "{out}");
+    assert!(out.contains("downtime"), "{out}");
+    let (scode, sout, serr) = src.finish();
+    assert_eq!(scode, 0, "{serr}");
+    assert!(serr.contains("migrated"), "{serr}");
+    let (dcode, dout, derr) = dst.finish();
+    assert_eq!(dcode, 0, "destination\n{dout}\n{derr}");
+    assert_eq!(result_line(&dout), result_line(&expected), "{dout}");
+    assert_eq!(format!("{sout}{dout}"), expected, "console differs\n{out}");
+}
+
+#[test]
+fn migrate_dirty_mid_run() {
+    migrate_once("dirty 256 400", "round 40\n");
+}
+
+#[test]
+fn migrate_dirty_early() {
+    migrate_once("dirty 256 200", "cmdline:");
+}
+
+#[test]
+fn migrate_ticks_mid_run() {
+    migrate_once("ticks 300", "cmdline:");
+}
+
+#[test]
+fn migrate_busy_mid_run() {
+    migrate_once("busy 200000", "cmdline:");
+}
+
+#[test]
+fn migrate_a_to_b_and_back() {
+    let cmdline = "dirty 256 1500";
+    let expected = reference(cmdline, None);
+    let pki = Pki::new(&["a", "b"], &[]);
+    let tmp = TempDir::new("aba");
+    let (sock_a, sock_b) = (tmp.s("a.sock"), tmp.s("b.sock"));
+    let (mut b, addr_b) = receiver(
+        &[],
+        "127.0.0.1:0",
+        &pki.creds("b"),
+        &["--api-socket", &sock_b],
+    );
+    let (a2, addr_a2) = receiver(&[], "127.0.0.1:0", &pki.creds("a"), &[]);
+    let mut a = source(&[], &sock_a, cmdline, &[]);
+    a.wait_for("round 50\n", false);
+    let (code, out, err) = migrate(&sock_a, &addr_b, &pki.creds("a"), &[]);
+    assert_eq!(code, 0, "A→B\n{out}\n{err}\n{}", a.describe());
+    b.wait_for("round 300\n", false);
+    let (code, out, err) = migrate(&sock_b, &addr_a2, &pki.creds("b"), &[]);
+    assert_eq!(code, 0, "B→A\n{out}\n{err}\n{}", b.describe());
+    let (ac, aout, _) = a.finish();
+    let (bc, bout, berr) = b.finish();
+    let (a2c, a2out, a2err) = a2.finish();
+    assert_eq!((ac, bc, a2c), (0, 0, 0), "{berr}\n{a2err}");
+    assert_eq!(format!("{aout}{bout}{a2out}"), expected);
+}
+
+/// A disk image with data in some blocks and zeros in others.
+fn make_disk(path: &Path, len: usize) {
+    let mut data = vec![0u8; len];
+    for (i, chunk) in data.chunks_mut(65536).enumerate() {
+        if i % 3 != 0 {
+            for (j, b) in chunk.iter_mut().enumerate() {
+                *b = (i * 31 + j / 512) as u8 | 1;
+            }
+        }
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+fn migrate_disk(disk_dest: bool) {
+    let cmdline = "disk 256";
+    let tmp = TempDir::new("disk");
+    let (ref_img, src_img, dst_img) = (
+        tmp.path("ref.img"),
+        tmp.path("src.img"),
+        tmp.path("dst.img"),
+    );
+    make_disk(&ref_img, 4 << 20);
+    std::fs::copy(&ref_img, &src_img).unwrap();
+    let expected = reference(cmdline, Some(&ref_img));
+    let pki = Pki::new(&["a", "b"], &[]);
+    let sock = tmp.s("a.sock");
+    let dst_s = dst_img.to_string_lossy().into_owned();
+    let extra: Vec<&str> = if disk_dest {
+        vec![]
+    } else {
+        vec!["--disk", &dst_s]
+    };
+    let (dst, addr) = receiver(&[], "127.0.0.1:0", &pki.creds("b"), &extra);
+    let src_s = src_img.to_string_lossy().into_owned();
+    let mut src = source(&[], &sock, cmdline, &["--disk", &src_s]);
+    src.wait_for("cmdline:", false);
+    let mextra: Vec<&str> = if disk_dest {
+        vec!["--disk-dest", &dst_s]
+    } else {
+        vec![]
+    };
+    let (code, out, err) = migrate(&sock, &addr, &pki.creds("a"), &mextra);
+    assert_eq!(code, 0, "{out}\n{err}\n{}", src.describe());
+    assert!(out.contains("disk sent"), "{out}");
+    let (scode, sout, _) = src.finish();
+    let (dcode, dout, derr) = dst.finish();
+    assert_eq!((scode, dcode), (0, 0), "{derr}");
+    assert_eq!(format!("{sout}{dout}"), expected);
+    let want = std::fs::read(&ref_img).unwrap();
+    let got = std::fs::read(&dst_img).unwrap();
+    assert_eq!(want.len(), got.len());
+    let first_diff = want.iter().zip(&got).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "destination image differs");
+}
+
+#[test]
+fn migrate_with_disk_keeps_every_block() {
+    migrate_disk(false);
+}
+
+#[test]
+fn migrate_disk_dest_moves_the_image() {
+    migrate_disk(true);
+}
+
+/// A failed migration: the source keeps running to the unmigrated result.
+fn failed_migration(
+    cmdline: &str,
+    marker: &str,
+    expect_in_error: &str,
+    setup: impl FnOnce(&str, &Pki, &TempDir) -> (Proc, String, Vec<String>),
+    during: impl FnOnce(&mut Proc, &str) + Send + 'static,
+    migrate_extra: &[&str],
+) {
+    let expected = reference(cmdline, None);
+    let pki = Pki::new(&["a", "b"], &[]);
+    let tmp = TempDir::new("fail");
+    let sock = tmp.s("a.sock");
+    let (dst, addr, creds) = setup(&sock, &pki, &tmp);
+    let mut src = source(&[], &sock, cmdline, &[]);
+    src.wait_for(marker, false);
+    let dst = Arc::new(Mutex::new(Some(dst)));
+    let d2 = dst.clone();
+    let s2 = sock.clone();
+    let helper = std::thread::spawn(move || {
+        let mut g = d2.lock().unwrap();
+        if let Some(p) = g.as_mut() {
+            during(p, &s2);
+        }
+    });
+    let (code, out, err) = migrate(&sock, &addr, &creds, migrate_extra);
+    helper.join().unwrap();
+    assert_eq!(code, 1, "migration should fail\n{out}\n{err}");
+    assert!(
+        err.contains(expect_in_error),
+        "error should mention {expect_in_error:?}: {err}"
+    );
+    assert!(err.contains("keeps running"), "{err}");
+    let (scode, sout, serr) = src.finish();
+    assert_eq!(scode, 0, "{serr}");
+    assert!(serr.contains("failed"), "source must say so: {serr}");
+    assert_eq!(sout, expected, "the source's run must be unaffected");
+    drop(dst);
+}
+
+#[test]
+fn wrong_ca_is_refused_and_source_continues() {
+    failed_migration(
+        "dirty 256 300",
+        "round 20\n",
+        "handshake",
+        |_, pki, _| {
+            let other = Pki::new(&["a"], &[]);
+            let (dst, addr) = receiver(&[], "127.0.0.1:0", &pki.creds("b"), &[]);
+            let creds = other.creds("a");
+            // Keep the other CA's files alive for the test's duration.
+            std::mem::forget(other);
+            (dst, addr, creds)
+        },
+        |dst, _| {
+            dst.wait_for("refused", true);
+        },
+        &[],
+    );
+}
+
+#[test]
+fn destination_disk_full_aborts_and_source_continues() {
+    let tmp = TempDir::new("full");
+    let img = tmp.path("src.img");
+    make_disk(&img, 1 << 20);
+    let cmdline = "disk 64";
+    let expected = reference(
+        cmdline,
+        Some(&{
+            let r = tmp.path("ref.img");
+            make_disk(&r, 1 << 20);
+            r
+        }),
+    );
+    let pki = Pki::new(&["a", "b"], &[]);
+    let sock = tmp.s("a.sock");
+    let (_dst, addr) = receiver(
+        &[],
+        "127.0.0.1:0",
+        &pki.creds("b"),
+        &["--disk", "/dev/full"],
+    );
+    let img_s = img.to_string_lossy().into_owned();
+    let mut src = source(&[], &sock, cmdline, &["--disk", &img_s]);
+    src.wait_for("cmdline:", false);
+    let (code, out, err) = migrate(&sock, &addr, &pki.creds("a"), &[]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("No space left"), "{err}");
+    let (scode, sout, serr) = src.finish();
+    assert_eq!(scode, 0, "{serr}");
+    assert_eq!(sout, expected);
+}
+
+#[test]
+fn destination_killed_mid_migration_source_continues() {
+    failed_migration(
+        "dirty 256 2000",
+        "round 20\n",
+        "lost the destination",
+        |_, pki, _| {
+            let (dst, addr) = receiver(&[], "127.0.0.1:0", &pki.creds("b"), &[]);
+            (dst, addr, pki.creds("a"))
+        },
+        |dst, sock| {
+            // Kill the destination once pre-copy is under way.
+            let start = Instant::now();
+            loop {
+                let out = Command::new(TANDEM)
+                    .args(["status", "--api", sock])
+                    .output()
+                    .unwrap();
+                if String::from_utf8_lossy(&out.stdout).contains("precopy") {
+                    break;
+                }
+                assert!(start.elapsed() < TIMEOUT, "never saw pre-copy");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = dst.child.kill();
+        },
+        // Slow enough that pre-copy is still running when it is killed.
+        &["--max-bandwidth", "20000"],
+    );
+}
+
+/// Two network namespaces joined by a veth pair.
+struct Netns {
+    a: String,
+    b: String,
+}
+
+impl Netns {
+    fn new(tag: &str, subnet: u8) -> Option<Netns> {
+        let ok = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ok(&["netns", "list"]) {
+            return None;
+        }
+        let id = std::process::id() % 100_000;
+        let n = Netns {
+            a: format!("tandem-a-{tag}-{id}"),
+            b: format!("tandem-b-{tag}-{id}"),
+        };
+        let (va, vb) = (format!("tva{id}"), format!("tvb{id}"));
+        let (ipa, ipb) = (format!("10.{subnet}.0.1/24"), format!("10.{subnet}.0.2/24"));
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["netns", "add", &n.a],
+            vec!["netns", "add", &n.b],
+            vec!["link", "add", &va, "type", "veth", "peer", "name", &vb],
+            vec!["link", "set", &va, "netns", &n.a],
+            vec!["link", "set", &vb, "netns", &n.b],
+            vec!["-n", &n.a, "addr", "add", &ipa, "dev", &va],
+            vec!["-n", &n.b, "addr", "add", &ipb, "dev", &vb],
+            vec!["-n", &n.a, "link", "set", &va, "up"],
+            vec!["-n", &n.b, "link", "set", &vb, "up"],
+            vec!["-n", &n.a, "link", "set", "lo", "up"],
+            vec!["-n", &n.b, "link", "set", "lo", "up"],
+        ];
+        for s in steps {
+            if !ok(&s) {
+                eprintln!("netns setup failed at ip {s:?}");
+                return None;
+            }
+        }
+        Some(n)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn migrate_between_network_namespaces() {
+    let have_ip = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_ip {
+        eprintln!("SKIPPED migrate_between_network_namespaces: `ip netns` is not available");
+        return;
+    }
+    let Some(ns) = Netns::new("mig", 213) else {
+        panic!("`ip netns` is available but two namespaces joined by veth could not be set up");
+    };
+    let cmdline = "dirty 256 400";
+    let expected = reference(cmdline, None);
+    let pki = Pki::new(&["a", "b"], &["10.213.0.2"]);
+    let tmp = TempDir::new("netns");
+    let sock = tmp.s("a.sock");
+    let in_a = ["ip", "netns", "exec", ns.a.as_str()];
+    let in_b = ["ip", "netns", "exec", ns.b.as_str()];
+    let (dst, addr) = receiver(&in_b, "10.213.0.2:0", &pki.creds("b"), &[]);
+    let mut src = source(&in_a, &sock, cmdline, &[]);
+    src.wait_for("round 40\n", false);
+    let (code, out, err) = migrate(&sock, &addr, &pki.creds("a"), &[]);
+    assert_eq!(code, 0, "{out}\n{err}\n{}", src.describe());
+    assert!(out.contains("10.213.0.2"), "{out}");
+    let (scode, sout, _) = src.finish();
+    let (dcode, dout, derr) = dst.finish();
+    assert_eq!((scode, dcode), (0, 0), "{derr}");
+    assert_eq!(format!("{sout}{dout}"), expected);
+}
