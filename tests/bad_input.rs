@@ -135,3 +135,43 @@ fn snapshot_at_requires_snapshot() {
 fn restore_requires_snapshot() {
     refused(&["restore"], &["--snapshot"]);
 }
+
+/// A user without access to /dev/kvm gets one line saying so (run as the
+/// `nobody` user through util-linux's setpriv; skipped, with a message,
+/// where the test does not run as root or setpriv is missing).
+#[test]
+fn no_permission_on_dev_kvm() {
+    // SAFETY: getuid has no preconditions.
+    let root = unsafe { libc::getuid() } == 0;
+    let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    if !root || !setpriv.exists() {
+        eprintln!("not root or no /usr/bin/setpriv: skipping the /dev/kvm permission test");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata("/dev/kvm")
+        .map(|m| m.permissions().mode())
+        .unwrap_or(0);
+    if mode & 0o006 != 0 {
+        eprintln!("/dev/kvm is open to everyone here: skipping the permission test");
+        return;
+    }
+    let out = std::process::Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_tandem"))
+        .args(["run", "--cmdline", "hello"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if stderr.contains("Permission denied") && !stderr.contains("/dev/kvm") {
+        eprintln!("nobody cannot execute the test binary here: {stderr}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no permission to open /dev/kvm"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("Tandem test guest"), "{stdout}");
+}
