@@ -304,12 +304,12 @@ fn migrate_once(cmdline: &str, marker: &str) {
 
 #[test]
 fn migrate_dirty_mid_run() {
-    migrate_once("dirty 256 400", "round 40\n");
+    migrate_once("dirty 256 1000", "round 40\n");
 }
 
 #[test]
 fn migrate_dirty_early() {
-    migrate_once("dirty 256 200", "cmdline:");
+    migrate_once("dirty 256 600", "cmdline:");
 }
 
 #[test]
@@ -481,7 +481,7 @@ fn destination_disk_full_aborts_and_source_continues() {
     let tmp = TempDir::new("full");
     let img = tmp.path("src.img");
     make_disk(&img, 1 << 20);
-    let cmdline = "disk 64";
+    let cmdline = "disk 1024";
     let expected = reference(
         cmdline,
         Some(&{
@@ -610,7 +610,7 @@ fn migrate_between_network_namespaces() {
     let Some(ns) = Netns::new("mig", 213) else {
         panic!("`ip netns` is available but two namespaces joined by veth could not be set up");
     };
-    let cmdline = "dirty 256 400";
+    let cmdline = "dirty 256 1000";
     let expected = reference(cmdline, None);
     let pki = Pki::new(&["a", "b"], &["10.213.0.2"]);
     let tmp = TempDir::new("netns");
