@@ -1,10 +1,14 @@
 //! The one way Tandem captures and restores state.
 //!
-//! Every stateful component (vCPU, each device, the VM as a whole)
-//! implements [`Persist`]: `save` returns a plain serde value, `restore`
-//! rebuilds the component from such a value plus whatever host resources it
-//! needs (files, guest memory). Snapshots, sync points, migration and
-//! seeding a secondary all go through this trait.
+//! Every device implements [`Persist`]: `save` returns a plain serde value,
+//! `restore` rebuilds the device from such a value plus whatever host
+//! resources it needs (files, guest memory). The vCPU's state is read and
+//! written with KVM ioctls that can fail, so it is captured by
+//! `Vcpu::save`/`Vcpu::restore` into a serde `VcpuState`; together with
+//! the devices' states and the logical clock it forms
+//! `machine::MachineState`, the one value that snapshots, sync points and
+//! migration (and later seeding a secondary) carry. Guest memory travels
+//! beside it, page by page (`vstate::memory`).
 
 use serde::{de::DeserializeOwned, Serialize};
 
