@@ -8,6 +8,7 @@
 //! | `{"cmd":"status"}` | `{"event":"status", "state":..., "exit_seq":..., "migration":...}` |
 //! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | `{"event":"ok"}` |
 //! | `{"cmd":"migrate", "to":ADDR, "server_name":..., "ca":..., "cert":..., "key":..., "downtime_ms":..., "max_bandwidth":..., "disk_dest":...}` | `{"event":"progress", ...}` lines, then `{"event":"done", ...}` (the VM runs at the destination; this process ends) |
+//! | `{"cmd":"move_disk", "dest":PATH, "force":false, "downtime_ms":...}` | `{"event":"progress", ...}` lines, then `{"event":"disk_moved", ...}` (the VM runs on the image at PATH now) |
 //!
 //! Any request may instead be answered `{"event":"error","error":"..."}`.
 //! Paths are taken as given: clients send absolute paths.
@@ -18,7 +19,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use primary::migration::{MigrationParams, MigrationReport, Progress, VmController, VmStatus};
+use primary::migration::{
+    DiskMoveParams, DiskMoveReport, MigrationParams, MigrationReport, Progress, VmController,
+    VmStatus,
+};
 use serde::{Deserialize, Serialize};
 
 /// A request on the control socket.
@@ -29,6 +33,22 @@ pub enum Request {
     Pause,
     Resume,
     Migrate(MigrateRequest),
+    MoveDisk(MoveDiskRequest),
+}
+
+/// The arguments of a local disk move.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MoveDiskRequest {
+    /// The new image.
+    pub dest: PathBuf,
+    /// Overwrite an existing non-empty file.
+    #[serde(default)]
+    pub force: bool,
+    /// Largest acceptable pause (default 30 ms).
+    pub downtime_ms: Option<u64>,
+    /// Cap on the copy rate in bytes/s.
+    #[serde(default)]
+    pub max_bandwidth: Option<u64>,
 }
 
 /// The arguments of a migration.
@@ -58,6 +78,7 @@ pub enum Event {
     Error { error: String },
     Progress(Progress),
     Done(MigrationReport),
+    DiskMoved(DiskMoveReport),
 }
 
 /// Default pause target of a migration.
@@ -140,6 +161,10 @@ fn serve_conn(stream: UnixStream, ctl: &VmController) {
                 migrate(&mut w, ctl, &m);
                 return;
             }
+            Request::MoveDisk(m) => {
+                move_disk(&mut w, ctl, &m);
+                return;
+            }
         };
         if !send(&mut w, &answer) {
             return;
@@ -210,6 +235,45 @@ fn migrate(w: &mut UnixStream, ctl: &VmController, m: &MigrateRequest) {
             eprintln!(
                 "tandem: migration to {} failed: {e}; the VM keeps running here",
                 params.to
+            );
+            send(
+                w,
+                &Event::Error {
+                    error: e.to_string(),
+                },
+            );
+        }
+    }
+}
+
+fn move_disk(w: &mut UnixStream, ctl: &VmController, m: &MoveDiskRequest) {
+    let params = DiskMoveParams {
+        dest: m.dest.clone(),
+        force: m.force,
+        downtime: Duration::from_millis(m.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS)),
+        max_bandwidth: m.max_bandwidth,
+    };
+    eprintln!("tandem: moving the disk to {}", params.dest.display());
+    let mut client = true;
+    let result = primary::migration::move_disk(ctl, &params, &mut |p| {
+        if client {
+            client = send(w, &Event::Progress(p.clone()));
+        }
+    });
+    match result {
+        Ok(report) => {
+            eprintln!(
+                "tandem: the disk moved from {} to {} (guest paused {:.2} ms)",
+                report.from.display(),
+                report.to.display(),
+                report.pause_ms
+            );
+            send(w, &Event::DiskMoved(report));
+        }
+        Err(e) => {
+            eprintln!(
+                "tandem: moving the disk to {} failed: {e}; the VM keeps running on its current image",
+                params.dest.display()
             );
             send(
                 w,

@@ -36,8 +36,10 @@ pub enum Command {
     /// `tandem run` would; the exit status is the guest's.
     Receive(ReceiveArgs),
     /// Move a running VM (`tandem run --api-socket`) to a `tandem receive`
-    /// on another host, live. Exit status 0: the VM runs at the
-    /// destination; 1: the migration failed and the VM runs on here.
+    /// on another host, live (--to), or only its disk to another file on
+    /// this host (--disk-dest without --to). Exit status 0: the VM runs at
+    /// the destination (on the new image); 1: it failed and the VM runs on
+    /// here as before.
     Migrate(MigrateArgs),
     /// Where a VM with a control socket is: running, migrating, paused.
     Status(StatusArgs),
@@ -118,23 +120,36 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub api: PathBuf,
     /// The destination's `tandem receive --listen` address (HOST:PORT).
+    /// Without it, --disk-dest moves the disk on this host and the VM stays.
     #[arg(long)]
-    pub to: String,
+    pub to: Option<String>,
     /// Name the destination's certificate must carry (default: HOST of --to).
-    #[arg(long)]
+    #[arg(long, requires = "to")]
     pub server_name: Option<String>,
-    #[command(flatten)]
-    pub creds: CredsArgs,
+    /// The cluster CA certificate (`ca.pem`); needed with --to.
+    #[arg(long, requires = "to")]
+    pub ca: Option<PathBuf>,
+    /// This host's certificate (`NAME.pem`); needed with --to.
+    #[arg(long, requires = "to")]
+    pub cert: Option<PathBuf>,
+    /// This host's private key (`NAME.key`); needed with --to.
+    #[arg(long, requires = "to")]
+    pub key: Option<PathBuf>,
     /// Longest acceptable pause of the guest, in ms.
     #[arg(long, default_value_t = 30)]
     pub downtime_ms: u64,
     /// Cap on the sending rate, bytes per second.
     #[arg(long)]
     pub max_bandwidth: Option<u64>,
-    /// Where the destination puts the disk when its `receive` has no --disk
-    /// (e.g. to move the disk file on the same host).
+    /// With --to: where the destination puts the disk when its `receive`
+    /// has no --disk. Without --to: move the running VM's disk to this new
+    /// image on this host (the VM keeps running here).
     #[arg(long)]
     pub disk_dest: Option<PathBuf>,
+    /// Local disk move: overwrite --disk-dest even if it is a non-empty
+    /// file.
+    #[arg(long, requires = "disk_dest", conflicts_with = "to")]
+    pub force: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,

@@ -628,3 +628,272 @@ fn migrate_between_network_namespaces() {
     assert_eq!((scode, dcode), (0, 0), "{derr}");
     assert_eq!(format!("{sout}{dout}"), expected);
 }
+
+// ---- Local disk moves: `tandem migrate --api SOCK --disk-dest NEW.img` ----
+
+/// The workload of the disk-move tests: 128 writes of 8 sectors, then
+/// reads, on a 1 MiB image.
+const DISK_MOVE_CMDLINE: &str = "disk 1024";
+
+/// `tandem migrate --api SOCK --disk-dest DEST` (no `--to`): a local disk
+/// move; returns (status, stdout, stderr).
+fn move_disk(sock: &str, dest: &Path, extra: &[&str]) -> (i32, String, String) {
+    let d = dest.to_string_lossy().into_owned();
+    let mut args = vec!["migrate", "--api", sock, "--disk-dest", &d];
+    args.extend_from_slice(extra);
+    let out = Command::new(TANDEM)
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A VM running [`DISK_MOVE_CMDLINE`] on `vm.img` that has printed its
+/// disk's capacity and is about to write, with the console and final image
+/// of an unmigrated run on an identical image.
+struct DiskVm {
+    tmp: TempDir,
+    sock: String,
+    img: PathBuf,
+    src: Proc,
+    expected: String,
+    expected_img: Vec<u8>,
+}
+
+fn disk_vm(tag: &str) -> DiskVm {
+    let tmp = TempDir::new(tag);
+    let ref_img = tmp.path("ref.img");
+    make_disk(&ref_img, 1 << 20);
+    let img = tmp.path("vm.img");
+    std::fs::copy(&ref_img, &img).unwrap();
+    let expected = reference(DISK_MOVE_CMDLINE, Some(&ref_img));
+    assert!(result_line(&expected).is_some(), "{expected}");
+    let expected_img = std::fs::read(&ref_img).unwrap();
+    assert_ne!(
+        expected_img,
+        std::fs::read(&img).unwrap(),
+        "the workload must write"
+    );
+    let sock = tmp.s("vm.sock");
+    let img_s = img.to_string_lossy().into_owned();
+    let mut src = source(&[], &sock, DISK_MOVE_CMDLINE, &["--disk", &img_s]);
+    src.wait_for("disk capacity", false);
+    DiskVm {
+        tmp,
+        sock,
+        img,
+        src,
+        expected,
+        expected_img,
+    }
+}
+
+#[track_caller]
+fn same_image(path: &Path, want: &[u8], what: &str) {
+    let got = std::fs::read(path).unwrap();
+    assert_eq!(got.len(), want.len(), "{what}: size");
+    let first_diff = want.iter().zip(&got).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "{what}: first differing byte");
+}
+
+impl DiskVm {
+    /// The guest finishes normally, with the console of the unmigrated run.
+    #[track_caller]
+    fn finish(self) -> (TempDir, PathBuf, Vec<u8>, String) {
+        let DiskVm {
+            tmp,
+            img,
+            src,
+            expected,
+            expected_img,
+            ..
+        } = self;
+        let (code, out, err) = src.finish();
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert_eq!(result_line(&out), result_line(&expected), "{out}");
+        assert_eq!(out, expected, "console differs\n{err}");
+        (tmp, img, expected_img, err)
+    }
+}
+
+#[test]
+fn disk_move_mid_run() {
+    let vm = disk_vm("dmove");
+    let new = vm.tmp.path("new.img");
+    // A capped copy rate keeps round 0 long enough for the guest to
+    // dirty blocks behind it, so that there are dirty rounds to copy.
+    let (code, out, err) = move_disk(&vm.sock, &new, &["--max-bandwidth", "2000000"]);
+    // The old image as the switch left it.
+    let old_at_switch = std::fs::read(&vm.img).unwrap();
+    assert_eq!(code, 0, "{out}\n{err}\n{}", vm.src.describe());
+    assert!(out.contains("moved the disk from"), "{out}");
+    assert!(out.contains("pause"), "{out}");
+    assert!(out.contains("rounds"), "{out}");
+    assert!(out.contains("disk-copy round  0"), "{out}");
+    let running_on = vm.src.out();
+    let (_tmp, img, expected_img, err) = vm.finish();
+    assert!(err.contains("the disk moved"), "{err}");
+    same_image(&new, &expected_img, "the new image");
+    same_image(&img, &old_at_switch, "the old image after the switch");
+    eprintln!("{out}");
+    if !running_on.contains("disk verified") {
+        eprintln!("the disk moved while the guest was still running its workload");
+    }
+}
+
+#[test]
+fn disk_move_then_move_and_migrate_use_the_new_image() {
+    let vm = disk_vm("dmove2");
+    let (new, new2, dst) = (
+        vm.tmp.path("new.img"),
+        vm.tmp.path("new2.img"),
+        vm.tmp.path("dst.img"),
+    );
+    // A pause target no round can meet (only a round without writes ends
+    // the copy early): rounds go on, with auto-converge, until forced.
+    let (code, out, err) = move_disk(
+        &vm.sock,
+        &new,
+        &["--downtime-ms", "0", "--max-bandwidth", "4000000"],
+    );
+    assert_eq!(code, 0, "{out}\n{err}\n{}", vm.src.describe());
+    eprintln!("{out}");
+    // The VM's configuration names the new image: moving onto it is
+    // refused as the current image, and the next move copies from it.
+    let (code, _, err) = move_disk(&vm.sock, &new, &["--force"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("current disk image"), "{err}");
+    let (code, out, err) = move_disk(&vm.sock, &new2, &[]);
+    assert_eq!(code, 0, "{out}\n{err}\n{}", vm.src.describe());
+    let new_after = std::fs::read(&new).unwrap();
+    // And a migration sends the image the VM uses now.
+    let pki = Pki::new(&["a", "b"], &[]);
+    let dst_s = dst.to_string_lossy().into_owned();
+    let (receiver, addr) = receiver(&[], "127.0.0.1:0", &pki.creds("b"), &["--disk", &dst_s]);
+    let (code, out, err) = migrate(&vm.sock, &addr, &pki.creds("a"), &[]);
+    assert_eq!(code, 0, "{out}\n{err}\n{}", vm.src.describe());
+    let DiskVm {
+        tmp: _tmp,
+        src,
+        expected,
+        expected_img,
+        ..
+    } = vm;
+    let (scode, sout, _) = src.finish();
+    let (dcode, dout, derr) = receiver.finish();
+    assert_eq!((scode, dcode), (0, 0), "{derr}");
+    assert_eq!(format!("{sout}{dout}"), expected);
+    same_image(&dst, &expected_img, "the destination image");
+    same_image(
+        &new,
+        &new_after,
+        "the first new image after the second move",
+    );
+}
+
+/// A refused move: non-zero exit, a message, the guest finishes on its
+/// old image as if nothing happened.
+#[track_caller]
+fn refused_move(vm: DiskVm, dest: &Path, extra: &[&str], expect_in_error: &str) -> TempDir {
+    let (code, out, err) = move_disk(&vm.sock, dest, extra);
+    assert_ne!(code, 0, "the move should be refused\n{out}\n{err}");
+    assert!(
+        err.contains(expect_in_error),
+        "error should mention {expect_in_error:?}: {err}"
+    );
+    assert!(err.contains("keeps running"), "{err}");
+    let (tmp, img, expected_img, serr) = vm.finish();
+    assert!(serr.contains("failed"), "the VM must say so: {serr}");
+    same_image(&img, &expected_img, "the old image (still in use)");
+    tmp
+}
+
+#[test]
+fn disk_move_to_the_same_image_is_refused() {
+    let vm = disk_vm("dsame");
+    let img = vm.img.clone();
+    // Another name of the same file.
+    let link = vm.tmp.path("link.img");
+    std::os::unix::fs::symlink(&img, &link).unwrap();
+    let tmp = refused_move(vm, &link, &["--force"], "current disk image");
+    // And the path itself.
+    let vm = disk_vm("dsame2");
+    let img2 = vm.img.clone();
+    refused_move(vm, &img2, &[], "current disk image");
+    drop(tmp);
+}
+
+#[test]
+fn disk_move_to_a_directory_is_refused() {
+    let vm = disk_vm("ddir");
+    let dir = vm.tmp.path("dir");
+    std::fs::create_dir(&dir).unwrap();
+    let tmp = refused_move(vm, &dir, &[], "is a directory");
+    assert!(tmp.path("dir").is_dir());
+}
+
+#[test]
+fn disk_move_onto_a_non_empty_file_needs_force() {
+    let vm = disk_vm("dfull");
+    let taken = vm.tmp.path("taken.img");
+    std::fs::write(&taken, b"precious data").unwrap();
+    let tmp = refused_move(vm, &taken, &[], "not empty");
+    assert_eq!(
+        std::fs::read(tmp.path("taken.img")).unwrap(),
+        b"precious data"
+    );
+
+    // With --force it is overwritten.
+    let vm = disk_vm("dforce");
+    let taken = vm.tmp.path("taken.img");
+    std::fs::write(&taken, vec![0xeeu8; 3 << 20]).unwrap();
+    let (code, out, err) = move_disk(&vm.sock, &taken, &["--force"]);
+    assert_eq!(code, 0, "{out}\n{err}\n{}", vm.src.describe());
+    let (_tmp, _, expected_img, _) = vm.finish();
+    same_image(&taken, &expected_img, "the overwritten image");
+}
+
+/// A small tmpfs, unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn new(dir: PathBuf, size: &str) -> Option<SmallFs> {
+        std::fs::create_dir_all(&dir).ok()?;
+        let opt = format!("size={size}");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &opt, "tmpfs"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallFs(dir))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn disk_move_onto_a_full_filesystem_fails_cleanly() {
+    let vm = disk_vm("dnospc");
+    // 256 KiB for a disk with 720 KiB of data.
+    let Some(fs) = SmallFs::new(vm.tmp.path("small"), "256k") else {
+        eprintln!("SKIPPED disk_move_onto_a_full_filesystem_fails_cleanly: cannot mount a tmpfs");
+        drop(vm);
+        return;
+    };
+    let dest = fs.0.join("new.img");
+    let tmp = refused_move(vm, &dest, &[], "No space left");
+    assert!(!dest.exists(), "a failed move removes the image it created");
+    drop(fs);
+    drop(tmp);
+}

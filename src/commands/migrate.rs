@@ -5,14 +5,14 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 
 use primary::migration::{
-    controller, run_controlled, ControlledOutcome, MigrationReport, Progress,
+    controller, run_controlled, ControlledOutcome, DiskMoveReport, MigrationReport, Progress,
 };
 use vmm::inputs::LiveInputs;
 use vmm::machine::Machine;
 
 use super::run::outcome_status;
 use super::CmdError;
-use crate::api::{self, Event, MigrateRequest, Request};
+use crate::api::{self, Event, MigrateRequest, MoveDiskRequest, Request};
 use crate::cli::{GuestElfArgs, MigrateArgs, StatusArgs};
 
 /// Run `machine` with a control socket at `sock` until the guest ends
@@ -45,6 +45,9 @@ fn mib(b: f64) -> String {
 }
 
 fn progress_line(p: &Progress) -> String {
+    if p.phase.starts_with("disk-") {
+        return disk_progress_line(p);
+    }
     let mut s = format!(
         "{:>9} round {:>2}  sent {:>10}  pages {:>7}  dirty {:>6} pages ({:.0}/s)  est. downtime {:.1} ms",
         p.phase,
@@ -65,6 +68,48 @@ fn progress_line(p: &Progress) -> String {
         ));
     }
     s
+}
+
+/// Progress of a local disk move.
+fn disk_progress_line(p: &Progress) -> String {
+    let mut s = format!(
+        "{:>11} round {:>2}  copied {:>10}  dirty {:>5} blocks  est. pause {:.1} ms",
+        p.phase,
+        p.round,
+        mib(p.disk_bytes_sent as f64),
+        p.dirty_blocks,
+        p.estimated_downtime_ms
+    );
+    if p.throttle_pct > 0 {
+        s.push_str(&format!(
+            "  auto-converge: guest throttled {}%",
+            p.throttle_pct
+        ));
+    }
+    s
+}
+
+fn disk_summary(r: &DiskMoveReport) -> String {
+    format!(
+        "moved the disk from {} to {}\n  total time     {:.1} ms\n  pause          {:.2} ms\n  copied         {} bytes ({}) of a {} disk\n  rounds         {} + final copy ({} blocks){}",
+        r.from.display(),
+        r.to.display(),
+        r.total_ms,
+        r.pause_ms,
+        r.bytes_copied,
+        mib(r.bytes_copied as f64),
+        mib(r.disk_bytes as f64),
+        r.rounds,
+        r.final_blocks,
+        if r.converged {
+            String::new()
+        } else {
+            format!(
+                "\n  note: the copy rounds did not reach the pause target (throttle up to {}%)",
+                r.max_throttle_pct
+            )
+        }
+    )
 }
 
 fn summary(r: &MigrationReport) -> String {
@@ -94,20 +139,49 @@ fn summary(r: &MigrationReport) -> String {
     )
 }
 
+/// What `tandem migrate` ended with.
+enum Outcome {
+    Migrated(MigrationReport),
+    DiskMoved(DiskMoveReport),
+}
+
 pub fn migrate(args: MigrateArgs) -> Result<i32, CmdError> {
-    let req = Request::Migrate(MigrateRequest {
-        to: args.to.clone(),
-        server_name: args.server_name.clone(),
-        ca: absolute(&args.creds.ca)?,
-        cert: absolute(&args.creds.cert)?,
-        key: absolute(&args.creds.key)?,
-        downtime_ms: Some(args.downtime_ms),
-        max_bandwidth: args.max_bandwidth,
-        disk_dest: args.disk_dest.as_deref().map(absolute).transpose()?,
-    });
+    let req = match &args.to {
+        Some(to) => {
+            let (Some(ca), Some(cert), Some(key)) = (&args.ca, &args.cert, &args.key) else {
+                return Err(CmdError::Input(
+                    "--to needs the cluster credentials: --ca, --cert and --key".into(),
+                ));
+            };
+            Request::Migrate(MigrateRequest {
+                to: to.clone(),
+                server_name: args.server_name.clone(),
+                ca: absolute(ca)?,
+                cert: absolute(cert)?,
+                key: absolute(key)?,
+                downtime_ms: Some(args.downtime_ms),
+                max_bandwidth: args.max_bandwidth,
+                disk_dest: args.disk_dest.as_deref().map(absolute).transpose()?,
+            })
+        }
+        None => {
+            let Some(dest) = &args.disk_dest else {
+                return Err(CmdError::Input(
+                    "give --to ADDR to move the VM, or --disk-dest PATH to move its disk".into(),
+                ));
+            };
+            Request::MoveDisk(MoveDiskRequest {
+                dest: absolute(dest)?,
+                force: args.force,
+                downtime_ms: Some(args.downtime_ms),
+                max_bandwidth: args.max_bandwidth,
+            })
+        }
+    };
+    let disk_move = matches!(req, Request::MoveDisk(_));
     let tty = std::io::stdout().is_terminal() && !args.json;
     let mut out = std::io::stdout();
-    let mut result: Option<Result<MigrationReport, String>> = None;
+    let mut result: Option<Result<Outcome, String>> = None;
     api::call(&args.api, &req, |ev| {
         match ev {
             Event::Progress(p) => {
@@ -125,7 +199,8 @@ pub fn migrate(args: MigrateArgs) -> Result<i32, CmdError> {
                 }
                 return true;
             }
-            Event::Done(r) => result = Some(Ok(r)),
+            Event::Done(r) => result = Some(Ok(Outcome::Migrated(r))),
+            Event::DiskMoved(r) => result = Some(Ok(Outcome::DiskMoved(r))),
             Event::Error { error } => result = Some(Err(error)),
             other => result = Some(Err(format!("unexpected answer {other:?}"))),
         }
@@ -136,16 +211,27 @@ pub fn migrate(args: MigrateArgs) -> Result<i32, CmdError> {
         println!();
     }
     match result {
-        Some(Ok(r)) => {
+        Some(Ok(outcome)) => {
+            let (ev, text) = match outcome {
+                Outcome::Migrated(r) => {
+                    let text = summary(&r);
+                    (Event::Done(r), text)
+                }
+                Outcome::DiskMoved(r) => {
+                    let text = disk_summary(&r);
+                    (Event::DiskMoved(r), text)
+                }
+            };
             if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&Event::Done(r)).unwrap_or_default()
-                );
+                println!("{}", serde_json::to_string(&ev).unwrap_or_default());
             } else {
-                println!("{}", summary(&r));
+                println!("{text}");
             }
             Ok(0)
+        }
+        Some(Err(e)) if disk_move => {
+            eprintln!("tandem: disk move failed: {e}; the VM keeps running on its current disk image (the move did not modify it)");
+            Ok(1)
         }
         Some(Err(e)) => {
             eprintln!("tandem: migration failed: {e}; the VM keeps running on the source");

@@ -1,5 +1,6 @@
 //! Control of a running VM from other threads: pause/resume, status, the
-//! freeze/thaw of a migration's stop-and-copy, and auto-converge throttling.
+//! freeze/thaw of a migration's stop-and-copy, the hold and disk switch of
+//! a local disk move, and auto-converge throttling.
 //!
 //! The vCPU thread runs [`run_controlled`]: `Machine::run` with a pause flag.
 //! Another thread queues a [`Request`], raises the flag and kicks the vCPU;
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::{Deserialize, Serialize};
-use vmm::devices::virtio::block::DirtyBlocks;
+use vmm::devices::virtio::block::{BlockConfig, DirtyBlocks};
 use vmm::dirty::DirtyTracker;
 use vmm::inputs::Inputs;
 use vmm::machine::{Machine, MachineState, VmConfig};
@@ -48,6 +49,16 @@ enum Request {
     Finish(String),
     /// Auto-converge: sleep this long.
     Throttle(Duration),
+    /// Stop the guest (without capturing its state) until `ReplaceDisk`
+    /// or `Thaw`; answers when the vCPU stopped.
+    Hold(Sender<Instant>),
+    /// A local disk move: switch the disk to another image, then let the
+    /// guest go on (also when the switch fails). Answers the moment the
+    /// guest may run again.
+    ReplaceDisk {
+        config: BlockConfig,
+        reply: Sender<Result<Instant, String>>,
+    },
 }
 
 /// The guest stopped for the switchover.
@@ -80,8 +91,9 @@ struct Shared {
     throttle_thread: AtomicBool,
     vm: Arc<Vm>,
     dirty: DirtyTracker,
-    config: VmConfig,
-    disk: Option<DiskInfo>,
+    /// The VM's configuration; its disk path follows local disk moves.
+    config: Mutex<VmConfig>,
+    disk: Mutex<Option<DiskInfo>>,
 }
 
 /// A cloneable handle on a VM run by [`run_controlled`].
@@ -137,8 +149,8 @@ pub fn controller(machine: &Machine) -> (VmController, VcpuSide) {
         throttle_thread: AtomicBool::new(false),
         vm: machine.vm.clone(),
         dirty: machine.dirty.clone(),
-        config: machine.config.clone(),
-        disk,
+        config: Mutex::new(machine.config.clone()),
+        disk: Mutex::new(disk),
     });
     (
         VmController {
@@ -275,12 +287,38 @@ impl VmController {
         &self.shared.dirty
     }
 
-    pub(crate) fn config(&self) -> &VmConfig {
-        &self.shared.config
+    /// Stop the guest for the final copy of a local disk move; returns
+    /// when it stopped. Follow with [`Self::replace_disk`] or
+    /// [`Self::thaw`].
+    pub(crate) fn hold(&self) -> Result<Instant, ControlError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.request(Request::Hold(tx), &rx)
     }
 
-    pub(crate) fn disk(&self) -> Option<&DiskInfo> {
-        self.shared.disk.as_ref()
+    /// Switch the held guest's disk to `config` and let it run again
+    /// (also on failure). Returns when the guest may run again.
+    pub(crate) fn replace_disk(
+        &self,
+        config: BlockConfig,
+    ) -> Result<Result<Instant, String>, ControlError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.request(Request::ReplaceDisk { config, reply: tx }, &rx)
+    }
+
+    pub(crate) fn config(&self) -> VmConfig {
+        self.shared
+            .config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn disk(&self) -> Option<DiskInfo> {
+        self.shared
+            .disk
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Has the vCPU thread ended (guest finished, or migrated away)?
@@ -351,12 +389,48 @@ fn handle(
             }
         }
         Request::Thaw => flags.frozen = false,
+        Request::Hold(reply) => {
+            flags.frozen = true;
+            let _ = reply.send(Instant::now());
+        }
+        Request::ReplaceDisk { config, reply } => {
+            let result = replace_disk(machine, shared, config);
+            flags.frozen = false;
+            let _ = reply.send(result.map(|()| Instant::now()));
+        }
         Request::Finish(whereto) => {
             set_state(shared, "stopped", machine.exit_seq);
             return Some(ControlledOutcome::Migrated(whereto));
         }
     }
     None
+}
+
+/// Switch the disk of `machine` to `config` (same data, same size) and
+/// make every later snapshot or migration name the new image.
+fn replace_disk(machine: &mut Machine, shared: &Shared, config: BlockConfig) -> Result<(), String> {
+    let block = machine
+        .devices
+        .block
+        .as_mut()
+        .ok_or_else(|| "the VM has no disk".to_string())?;
+    block
+        .replace_backing(config.clone())
+        .map_err(|e| e.to_string())?;
+    if let Some(d) = machine.config.disk.as_mut() {
+        d.path = config.path.clone();
+    }
+    let vm_config = machine.config.clone();
+    *shared.config.lock().unwrap_or_else(|e| e.into_inner()) = vm_config;
+    if let Some(d) = shared
+        .disk
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_mut()
+    {
+        d.path = config.path;
+    }
+    Ok(())
 }
 
 /// Run `machine` on this (the vCPU) thread under the control of the

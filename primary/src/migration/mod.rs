@@ -7,9 +7,12 @@
 //! dirties faster than the link drains, stop-and-copy, and the end of the
 //! source only once the destination confirms it runs the guest. Any failure
 //! before that confirmation resumes the guest here as if nothing happened.
+//! [`move_disk`] moves the VM's disk to another image on the same host
+//! without moving the VM (the same pre-copy, into a file).
 //! The protocol is described in `docs/migration.md`.
 
 pub mod control;
+mod diskmove;
 mod source;
 
 use std::net::SocketAddr;
@@ -19,6 +22,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use control::{controller, run_controlled, ControlledOutcome, VmController, VmStatus};
+pub use diskmove::{move_disk, DiskMoveError, DiskMoveParams, DiskMoveReport};
 pub use source::migrate;
 
 use failover::certs::Credentials;
@@ -45,7 +49,8 @@ pub struct MigrationParams {
 /// Progress of a migration (for `tandem status` and `tandem migrate`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
-    /// `connecting`, `precopy`, `switchover`, `done`.
+    /// `connecting`, `precopy`, `switchover`, `done`; for a local disk
+    /// move `disk-copy`, `disk-switch`, `disk-done`.
     pub phase: String,
     /// Pre-copy round (0 = the full first pass).
     pub round: u32,
@@ -59,6 +64,10 @@ pub struct Progress {
     pub dirty_pages: u64,
     /// Pages dirtied per second during the last round.
     pub dirty_rate: f64,
+    /// Disk blocks (64 KiB) written by the guest during the last round
+    /// (local disk moves).
+    #[serde(default)]
+    pub dirty_blocks: u64,
     /// Measured drain rate of the link (bytes/s).
     pub bandwidth: f64,
     /// Estimated pause if the switchover happened now (ms).

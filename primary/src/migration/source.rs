@@ -194,9 +194,9 @@ impl Source<'_> {
         let disk = self.ctl.disk();
         let header = Header {
             version: MIGRATION_VERSION,
-            config: self.ctl.config().clone(),
+            config: self.ctl.config(),
             memory: memory::layout(&vm.memory),
-            disk_len: disk.map(|d| d.len),
+            disk_len: disk.as_ref().map(|d| d.len),
             disk_dest: params.disk_dest.clone(),
             source_disk: disk.and_then(|d| d.path.canonicalize().ok()),
         };
@@ -337,7 +337,7 @@ impl Source<'_> {
     ) -> Result<MigrationReport, MigrationError> {
         self.publish(on_progress);
         self.connect()?;
-        let disk = self.ctl.disk().cloned();
+        let disk = self.ctl.disk();
         let disk_file = match &disk {
             Some(d) => Some(File::open(&d.path).map_err(|e| {
                 MigrationError::Source(format!("opening disk {}: {e}", d.path.display()))

@@ -156,6 +156,16 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
+    /// A replacement image whose size is not the disk's capacity.
+    #[error("disk image {path} is {got} bytes, the disk is {expected} bytes")]
+    SizeMismatch {
+        /// The image.
+        path: PathBuf,
+        /// The disk's size (capacity × 512).
+        expected: u64,
+        /// The image's size.
+        got: u64,
+    },
 }
 
 /// Which image and how to open it.
@@ -687,6 +697,58 @@ impl VirtioBlock {
             path: self.config.path.clone(),
             source,
         })
+    }
+
+    /// Switch the device to another image holding the same data (a disk
+    /// moved on the host while the guest was stopped): opens `config.path`
+    /// as [`Self::new`] does, checks that its size is exactly the disk's
+    /// size (capacity × 512) and swaps it in. The guest sees nothing: the
+    /// capacity, transport state, serial and dirty-block record are kept;
+    /// `config.read_only` must be the device's. On error the device keeps
+    /// its current image. The old image is closed, not flushed.
+    pub fn replace_backing(&mut self, config: BlockConfig) -> Result<(), BlockError> {
+        let path = config.path.clone();
+        if config.read_only != self.config.read_only {
+            return Err(BlockError::Open {
+                path,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "the replacement image must have the same read-only mode",
+                ),
+            });
+        }
+        let meta = std::fs::metadata(&path).map_err(|source| BlockError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        if meta.is_dir() {
+            return Err(BlockError::IsDirectory { path });
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(&path)
+            .map_err(|source| BlockError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let len = (&file)
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BlockError::Size {
+                path: path.clone(),
+                source,
+            })?;
+        let expected = self.capacity_sectors * SECTOR_SIZE;
+        if len != expected {
+            return Err(BlockError::SizeMismatch {
+                path,
+                expected,
+                got: len,
+            });
+        }
+        self.file = file;
+        self.config = config;
+        Ok(())
     }
 }
 
@@ -1515,6 +1577,60 @@ pub(crate) mod tests {
             dst.write_block(0, &[0u8; 10]),
             Err(BlockError::BlockLength { .. })
         ));
+    }
+
+    #[test]
+    fn replace_backing_switches_images() {
+        let len = 128 * 1024;
+        let (img, mut dev, mem, mut drv) = setup("replace", len, false);
+        mem.write_slice(&[7u8; 512], GuestAddress(DATA)).unwrap();
+        drv.request(&mut dev, &mem, VIRTIO_BLK_T_OUT, 3, Some((DATA, 512)));
+        let before = img.contents();
+
+        // Refused: wrong size, a directory, a missing file, another mode.
+        let small = TempImage::new("replace-small", len - 512);
+        let err = dev.replace_backing(small.config(false)).unwrap_err();
+        assert!(
+            matches!(err, BlockError::SizeMismatch { expected, got, .. }
+                if expected == len && got == len - 512),
+            "{err}"
+        );
+        let dir = BlockConfig {
+            path: std::env::temp_dir(),
+            read_only: false,
+        };
+        assert!(matches!(
+            dev.replace_backing(dir),
+            Err(BlockError::IsDirectory { .. })
+        ));
+        let missing = BlockConfig {
+            path: std::env::temp_dir().join("tandem-vblk-replace-missing.img"),
+            read_only: false,
+        };
+        assert!(matches!(
+            dev.replace_backing(missing),
+            Err(BlockError::Open { .. })
+        ));
+        let copy = TempImage::new("replace-copy", len);
+        std::fs::write(&copy.path, &before).unwrap();
+        assert!(dev.replace_backing(copy.config(true)).is_err());
+        assert_eq!(dev.config().path, img.path);
+
+        // Switched: reads come from, and writes go to, the new image only.
+        dev.take_dirty_blocks();
+        dev.replace_backing(copy.config(false)).unwrap();
+        assert_eq!(dev.config().path, copy.path);
+        assert_eq!(dev.capacity_sectors(), len / SECTOR_SIZE);
+        let (st, _) = drv.request(&mut dev, &mem, VIRTIO_BLK_T_IN, 3, Some((DATA2, 512)));
+        assert_eq!(st, VIRTIO_BLK_S_OK);
+        let mut got = [0u8; 512];
+        mem.read_slice(&mut got, GuestAddress(DATA2)).unwrap();
+        assert_eq!(got, [7u8; 512]);
+        mem.write_slice(&[9u8; 512], GuestAddress(DATA)).unwrap();
+        drv.request(&mut dev, &mem, VIRTIO_BLK_T_OUT, 200, Some((DATA, 512)));
+        assert_eq!(img.contents(), before, "the old image is not written");
+        assert_eq!(&copy.contents()[200 * 512..201 * 512], &[9u8; 512]);
+        assert_eq!(dev.take_dirty_blocks(), vec![1]);
     }
 
     #[test]
