@@ -360,7 +360,12 @@ impl Source<'_> {
         loop {
             let t0 = Instant::now();
             self.progress.round = round;
-            let gpas = self.take_dirty()?;
+            let mut gpas = self.take_dirty()?;
+            if round == 0 {
+                // Never-touched RAM is the mapping's zero page: the
+                // destination's fresh memory already holds it.
+                gpas = memory::possibly_nonzero(&vm.memory, &gpas);
+            }
             let sent = self.send_pages(&gpas, round)?;
             let mut bytes = sent.bytes;
             if let (Some(d), Some(f)) = (&disk, &disk_file) {
