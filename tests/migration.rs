@@ -304,12 +304,12 @@ fn migrate_once(cmdline: &str, marker: &str) {
 
 #[test]
 fn migrate_dirty_mid_run() {
-    migrate_once("dirty 256 1000", "round 40\n");
+    migrate_once("dirty 256 2500", "round 40\n");
 }
 
 #[test]
 fn migrate_dirty_early() {
-    migrate_once("dirty 256 600", "cmdline:");
+    migrate_once("dirty 256 1500", "cmdline:");
 }
 
 #[test]
@@ -324,7 +324,7 @@ fn migrate_busy_mid_run() {
 
 #[test]
 fn migrate_a_to_b_and_back() {
-    let cmdline = "dirty 256 1500";
+    let cmdline = "dirty 256 4000";
     let expected = reference(cmdline, None);
     let pki = Pki::new(&["a", "b"], &[]);
     let tmp = TempDir::new("aba");

@@ -61,12 +61,7 @@ fn progress_line(p: &Progress) -> String {
     if p.disk_bytes_sent > 0 {
         s.push_str(&format!("  disk {}", mib(p.disk_bytes_sent as f64)));
     }
-    if p.throttle_pct > 0 {
-        s.push_str(&format!(
-            "  auto-converge: guest throttled {}%",
-            p.throttle_pct
-        ));
-    }
+    s.push_str(&throttle_note(p));
     s
 }
 
@@ -80,13 +75,18 @@ fn disk_progress_line(p: &Progress) -> String {
         p.dirty_blocks,
         p.estimated_downtime_ms
     );
-    if p.throttle_pct > 0 {
-        s.push_str(&format!(
-            "  auto-converge: guest throttled {}%",
-            p.throttle_pct
-        ));
-    }
+    s.push_str(&throttle_note(p));
     s
+}
+
+/// The auto-converge note ending a progress line (empty while the guest
+/// is not throttled).
+fn throttle_note(p: &Progress) -> String {
+    if p.throttle_pct > 0 {
+        format!("  auto-converge: guest throttled {}%", p.throttle_pct)
+    } else {
+        String::new()
+    }
 }
 
 fn disk_summary(r: &DiskMoveReport) -> String {

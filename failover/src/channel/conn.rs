@@ -544,64 +544,11 @@ impl Listener {
         incoming: quinn::Incoming,
         peer: SocketAddr,
     ) -> Result<Connection> {
-        let ours = self.cfg.protocol_version;
         let connecting = incoming.accept().map_err(|e| ChannelError::Handshake {
             peer,
             reason: e.to_string(),
         })?;
-        let conn = connecting
-            .await
-            .map_err(|e| match map_conn_err(peer, ours, &e) {
-                h @ ChannelError::Handshake { .. } => h,
-                other => ChannelError::Handshake {
-                    peer,
-                    reason: other.to_string(),
-                },
-            })?;
-        let ctx = Ctx {
-            conn: conn.clone(),
-            peer,
-            ours,
-            max_frame: self.cfg.max_frame_len,
-            linger: self.cfg.linger,
-        };
-        let (send, recv) = conn.accept_bi().await.map_err(|e| ctx.conn_err(&e))?;
-        let mut tx = SendHalf {
-            stream: send,
-            ctx: ctx.clone(),
-        };
-        let mut rx = RecvHalf {
-            stream: recv,
-            ctx: ctx.clone(),
-            state: ReadState::default(),
-        };
-        let theirs = read_hello(&mut rx).await;
-        // Always answer with our Hello, so a peer of another version can
-        // report the mismatch precisely.
-        tx.send_msg(&Message::Hello(self.cfg.hello())).await?;
-        let hello = match theirs {
-            Ok(h) => h,
-            Err(e @ ChannelError::Version { .. }) => {
-                // Give the peer a moment to read our Hello and close itself.
-                let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
-                conn.close(
-                    VarInt::from_u32(close_code::VERSION_MISMATCH),
-                    format!("{VERSION_REASON_PREFIX}{ours}").as_bytes(),
-                );
-                return Err(e);
-            }
-            Err(e) => return Err(e),
-        };
-        Ok(Connection {
-            handle: Handle {
-                ctx,
-                endpoint: self.endpoint.clone(),
-                owns_endpoint: false,
-                peer: Arc::new(PeerInfo { addr: peer, hello }),
-            },
-            tx,
-            rx,
-        })
+        establish(connecting, peer, &self.cfg, &self.endpoint, Side::Server).await
     }
 
     /// Stop accepting and close all connections of this listener.
@@ -679,27 +626,56 @@ async fn connect_inner(
     server_name: &str,
     cfg: &ChannelConfig,
 ) -> Result<Connection> {
-    let ours = cfg.protocol_version;
     let connecting = endpoint.connect(addr, server_name).map_err(|e| {
         ChannelError::Config(format!("cannot connect to {addr} as {server_name:?}: {e}"))
     })?;
+    establish(connecting, addr, cfg, endpoint, Side::Client).await
+}
+
+/// Which end of a connection we are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Accepted by a [`Listener`]: accepts the control stream, reads the
+    /// peer's Hello first.
+    Server,
+    /// Made by [`connect`]: opens the control stream, sends its Hello first
+    /// and owns its endpoint.
+    Client,
+}
+
+/// Finish a connection whose TLS handshake is under way: wait for the
+/// handshake, open (client) or accept (server) the control stream and
+/// exchange Hellos. On a version mismatch the connection is closed with
+/// [`close_code::VERSION_MISMATCH`] and our version as the reason.
+async fn establish(
+    connecting: quinn::Connecting,
+    peer: SocketAddr,
+    cfg: &ChannelConfig,
+    endpoint: &Endpoint,
+    side: Side,
+) -> Result<Connection> {
+    let ours = cfg.protocol_version;
     let conn = connecting
         .await
-        .map_err(|e| match map_conn_err(addr, ours, &e) {
+        .map_err(|e| match map_conn_err(peer, ours, &e) {
             h @ ChannelError::Handshake { .. } => h,
             other => ChannelError::Handshake {
-                peer: addr,
+                peer,
                 reason: other.to_string(),
             },
         })?;
     let ctx = Ctx {
         conn: conn.clone(),
-        peer: addr,
+        peer,
         ours,
         max_frame: cfg.max_frame_len,
         linger: cfg.linger,
     };
-    let (send, recv) = conn.open_bi().await.map_err(|e| ctx.conn_err(&e))?;
+    let streams = match side {
+        Side::Server => conn.accept_bi().await,
+        Side::Client => conn.open_bi().await,
+    };
+    let (send, recv) = streams.map_err(|e| ctx.conn_err(&e))?;
     let mut tx = SendHalf {
         stream: send,
         ctx: ctx.clone(),
@@ -709,13 +685,29 @@ async fn connect_inner(
         ctx: ctx.clone(),
         state: ReadState::default(),
     };
-    // In TLS 1.3 the server checks our certificate after we consider the
-    // handshake done; a refusal shows up here as a crypto close code and is
-    // mapped to ChannelError::Handshake.
-    tx.send_msg(&Message::Hello(cfg.hello())).await?;
-    let hello = match read_hello(&mut rx).await {
+    let theirs = match side {
+        Side::Server => {
+            let theirs = read_hello(&mut rx).await;
+            // Always answer with our Hello, so a peer of another version can
+            // report the mismatch precisely.
+            tx.send_msg(&Message::Hello(cfg.hello())).await?;
+            theirs
+        }
+        Side::Client => {
+            // In TLS 1.3 the server checks our certificate after we consider
+            // the handshake done; a refusal shows up here as a crypto close
+            // code and is mapped to ChannelError::Handshake.
+            tx.send_msg(&Message::Hello(cfg.hello())).await?;
+            read_hello(&mut rx).await
+        }
+    };
+    let hello = match theirs {
         Ok(h) => h,
         Err(e @ ChannelError::Version { .. }) => {
+            if side == Side::Server {
+                // Give the peer a moment to read our Hello and close itself.
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+            }
             conn.close(
                 VarInt::from_u32(close_code::VERSION_MISMATCH),
                 format!("{VERSION_REASON_PREFIX}{ours}").as_bytes(),
@@ -728,8 +720,8 @@ async fn connect_inner(
         handle: Handle {
             ctx,
             endpoint: endpoint.clone(),
-            owns_endpoint: true,
-            peer: Arc::new(PeerInfo { addr, hello }),
+            owns_endpoint: side == Side::Client,
+            peer: Arc::new(PeerInfo { addr: peer, hello }),
         },
         tx,
         rx,

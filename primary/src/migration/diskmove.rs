@@ -27,20 +27,14 @@ use serde::{Deserialize, Serialize};
 use vmm::devices::virtio::block::{BlockConfig, DIRTY_BLOCK_SIZE};
 
 use super::control::{ControlError, DiskInfo, VmController};
+use super::precopy::{Precopy, MAX_ROUNDS};
 use super::Progress;
 
-/// Rounds before the switch is forced even if the pause target is not met
-/// (the guest is throttled long before that).
-const MAX_ROUNDS: u32 = 30;
 /// Copy rate assumed before one was measured (bytes/s).
 const INITIAL_RATE: f64 = 200e6;
 /// Time the switch needs besides copying: fsync of a few blocks, reopening
 /// the image, stopping and resuming the vCPU.
 const FIXED_SWITCH: Duration = Duration::from_millis(1);
-/// While a round still halves the dirty set and the estimate is above this,
-/// do up to [`EXTRA_ROUNDS`] more rounds even below the target.
-const GOOD_ENOUGH: Duration = Duration::from_millis(2);
-const EXTRA_ROUNDS: u32 = 3;
 
 /// What `tandem migrate --disk-dest PATH` (without `--to`) asked for.
 #[derive(Debug, Clone)]
@@ -322,11 +316,9 @@ impl Mover<'_> {
         let dirty = self.disk.dirty.clone();
         // The whole disk goes in round 0: forget older writes.
         dirty.take();
-        let target = self.params.downtime;
+        let mut precopy = Precopy::new(self.ctl, self.params.downtime);
         let mut rate = INITIAL_RATE;
         let mut round = 0u32;
-        let mut prev_dirty = u64::MAX;
-        let mut extra = 0;
         self.publish(on_progress);
         loop {
             if self.ctl.ended() {
@@ -364,33 +356,17 @@ impl Mover<'_> {
                 self.report.converged = true;
                 break;
             }
-            if estimate <= target {
-                self.report.converged = true;
-                let shrinking = pending * 2 <= blocks.len() as u64;
-                if !(shrinking && estimate > GOOD_ENOUGH && extra < EXTRA_ROUNDS) {
-                    break;
-                }
-                extra += 1;
-            }
-            if round >= MAX_ROUNDS {
-                tracing::warn!(
-                    "disk move did not converge in {MAX_ROUNDS} rounds; forcing the switch"
-                );
+            let shrinking = pending * 2 <= blocks.len() as u64;
+            if precopy.end_round(&mut self.progress, round, pending, estimate, shrinking) {
                 break;
             }
-            // Auto-converge: the guest writes faster than we copy.
-            if round >= 2 && pending * 2 > prev_dirty {
-                let pct = match self.progress.throttle_pct {
-                    0 => 20,
-                    p => (p + 20).min(99),
-                };
-                self.progress.throttle_pct = pct;
-                self.report.max_throttle_pct = pct;
-                self.ctl.set_throttle(pct);
-            }
-            prev_dirty = pending;
+        }
+        if precopy.gave_up() {
+            tracing::warn!("disk move did not converge in {MAX_ROUNDS} rounds; forcing the switch");
         }
         self.report.rounds = round;
+        self.report.converged |= precopy.converged();
+        self.report.max_throttle_pct = precopy.max_throttle_pct();
 
         // The final copy, with the guest held.
         self.progress.phase = "disk-switch".into();

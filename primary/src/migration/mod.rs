@@ -13,6 +13,7 @@
 
 pub mod control;
 mod diskmove;
+mod precopy;
 mod source;
 
 use std::net::SocketAddr;

@@ -15,23 +15,17 @@ use vmm::vstate::memory::{self, page_is_zero, read_page};
 use vmm::PAGE_SIZE;
 
 use super::control::{ControlError, DiskInfo, VmController};
+use super::precopy::{Precopy, MAX_ROUNDS};
 use super::{MigrationError, MigrationParams, MigrationReport, Progress};
 
-/// Pre-copy rounds before the switchover is forced even if the downtime
-/// target is not met (the guest is throttled long before that).
-const MAX_ROUNDS: u32 = 30;
 /// Bytes of page data per `MemoryPages` message.
 const BATCH_BYTES: usize = 1 << 20;
 /// Pages per message at most: small enough that the destination applies
 /// one batch while the next is being encoded.
 const BATCH_PAGES: usize = 512;
 /// Pre-copy goes on below the downtime target while a round still shrinks
-/// the dirty set this much (and the estimate is above [`GOOD_ENOUGH`]):
-/// a cheap round now saves pause time later.
+/// the dirty set this much (see [`Precopy::end_round`]).
 const SHRINK: u64 = 2;
-const GOOD_ENOUGH: Duration = Duration::from_millis(2);
-/// At most this many such extra rounds.
-const EXTRA_ROUNDS: u32 = 3;
 /// Link drain rate assumed before one was measured (bytes/s).
 const INITIAL_BANDWIDTH: f64 = 100e6;
 /// Time the switchover needs besides the transfer: state capture and
@@ -348,12 +342,10 @@ impl Source<'_> {
         if let Some(d) = &disk {
             d.dirty.take();
         }
-        let target = self.params.downtime;
+        let mut precopy = Precopy::new(self.ctl, self.params.downtime);
         let mut bandwidth = INITIAL_BANDWIDTH;
         let mut round = 0u32;
-        let mut prev_dirty = u64::MAX;
         let mut secs_per_page: Option<f64> = None;
-        let mut extra = 0;
         let vm = self.ctl.vm().clone();
         self.progress.phase = "precopy".into();
         self.publish(on_progress);
@@ -434,34 +426,21 @@ impl Source<'_> {
             self.progress.estimated_downtime_ms = ms(estimate);
             self.publish(on_progress);
             round += 1;
-            if estimate <= target {
-                self.report.converged = true;
-                let shrinking = prev_dirty != u64::MAX && dirty * SHRINK <= prev_dirty
-                    || round == 1 && dirty * SHRINK <= gpas.len() as u64;
-                if !(shrinking && estimate > GOOD_ENOUGH && extra < EXTRA_ROUNDS) {
-                    break;
-                }
-                extra += 1;
-            }
-            if round >= MAX_ROUNDS {
-                tracing::warn!(
-                    "pre-copy did not converge in {MAX_ROUNDS} rounds; forcing the switchover"
-                );
+            let prev_dirty = precopy.prev_dirty();
+            let shrinking = prev_dirty != u64::MAX && dirty * SHRINK <= prev_dirty
+                || round == 1 && dirty * SHRINK <= gpas.len() as u64;
+            if precopy.end_round(&mut self.progress, round, dirty, estimate, shrinking) {
                 break;
             }
-            // Auto-converge: the guest dirties faster than the link drains.
-            if round >= 2 && dirty * 2 > prev_dirty {
-                let pct = match self.progress.throttle_pct {
-                    0 => 20,
-                    p => (p + 20).min(99),
-                };
-                self.progress.throttle_pct = pct;
-                self.report.max_throttle_pct = pct;
-                self.ctl.set_throttle(pct);
-            }
-            prev_dirty = dirty;
+        }
+        if precopy.gave_up() {
+            tracing::warn!(
+                "pre-copy did not converge in {MAX_ROUNDS} rounds; forcing the switchover"
+            );
         }
         self.report.rounds = round;
+        self.report.converged = precopy.converged();
+        self.report.max_throttle_pct = precopy.max_throttle_pct();
 
         // Stop-and-copy.
         self.progress.phase = "switchover".into();

@@ -164,6 +164,7 @@ pub(crate) fn load(
 #[cfg(test)]
 mod tests {
     use super::super::layout::{E820_RAM, E820_RESERVED, EBDA_START};
+    use super::super::pvh::tests::load_kernel;
     use super::super::tests::{guest, TempFile};
     use super::*;
     use vm_memory::Bytes;
@@ -261,15 +262,7 @@ mod tests {
         let mem = guest(64 << 20);
         // Decompressor needs 16 MiB + 64 MiB.
         let k = TempFile::new("bzImage", &fake_bzimage(0x3000, 0x400_0000));
-        let err = super::super::load(
-            &mem,
-            &BootSource {
-                kernel: &k.0,
-                cmdline: "",
-                initrd: None,
-            },
-        )
-        .unwrap_err();
+        let err = load_kernel(&mem, &k.0, "").unwrap_err();
         assert!(matches!(err, LoaderError::MemoryTooSmall { .. }), "{err}");
         assert!(err.to_string().contains("bzImage"), "{err}");
     }
@@ -282,15 +275,7 @@ mod tests {
         let off = 0x1f1 + std::mem::offset_of!(setup_header, cmdline_size);
         img[off..off + 4].copy_from_slice(&16u32.to_le_bytes());
         let k = TempFile::new("bzImage", &img);
-        let err = super::super::load(
-            &mem,
-            &BootSource {
-                kernel: &k.0,
-                cmdline: "0123456789abcdefg",
-                initrd: None,
-            },
-        )
-        .unwrap_err();
+        let err = load_kernel(&mem, &k.0, "0123456789abcdefg").unwrap_err();
         assert!(
             matches!(err, LoaderError::CmdlineTooLong { max: 16, .. }),
             "{err}"

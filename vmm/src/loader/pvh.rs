@@ -251,10 +251,28 @@ pub fn is_elf(path: &Path) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
+    use std::path::Path;
+
     use super::super::layout::{E820_RAM, E820_RESERVED, EBDA_START};
     use super::super::tests::{guest, TempFile};
     use super::*;
+
+    /// [`super::super::load`] of `kernel` with `cmdline` and no initrd.
+    pub(in crate::loader) fn load_kernel(
+        mem: &GuestMemory,
+        kernel: &Path,
+        cmdline: &str,
+    ) -> Result<BootEntry, LoaderError> {
+        super::super::load(
+            mem,
+            &BootSource {
+                kernel,
+                cmdline,
+                initrd: None,
+            },
+        )
+    }
     use vm_memory::ByteValued;
 
     const LOAD_ADDR: u64 = 0x10_0000;
@@ -403,15 +421,7 @@ mod tests {
         b[ph3 + 8..ph3 + 16].copy_from_slice(&0x800u64.to_le_bytes());
         let mem = guest(64 << 20);
         let k = TempFile::new("twonotes.elf", &b);
-        let entry = super::super::load(
-            &mem,
-            &BootSource {
-                kernel: &k.0,
-                cmdline: "",
-                initrd: None,
-            },
-        )
-        .unwrap();
+        let entry = load_kernel(&mem, &k.0, "").unwrap();
         assert_eq!(entry.entry, ENTRY as u64);
     }
 
@@ -419,15 +429,7 @@ mod tests {
     fn elf_without_note_is_rejected() {
         let mem = guest(64 << 20);
         let k = TempFile::new("nonote.elf", &tiny_elf(false));
-        let err = super::super::load(
-            &mem,
-            &BootSource {
-                kernel: &k.0,
-                cmdline: "",
-                initrd: None,
-            },
-        )
-        .unwrap_err();
+        let err = load_kernel(&mem, &k.0, "").unwrap_err();
         assert!(matches!(err, LoaderError::NoPvhNote { .. }), "{err}");
         let msg = err.to_string();
         assert!(
@@ -442,37 +444,13 @@ mod tests {
         let mem = guest(64 << 20);
         let k = TempFile::new("pvh.elf", &tiny_elf(true));
         let long = "x".repeat(CMDLINE_MAX_SIZE);
-        let err = super::super::load(
-            &mem,
-            &BootSource {
-                kernel: &k.0,
-                cmdline: &long,
-                initrd: None,
-            },
-        )
-        .unwrap_err();
+        let err = load_kernel(&mem, &k.0, &long).unwrap_err();
         assert!(matches!(err, LoaderError::CmdlineTooLong { .. }), "{err}");
         // The longest allowed one is fine.
         let ok = "x".repeat(CMDLINE_MAX_SIZE - 1);
-        super::super::load(
-            &mem,
-            &BootSource {
-                kernel: &k.0,
-                cmdline: &ok,
-                initrd: None,
-            },
-        )
-        .unwrap();
+        load_kernel(&mem, &k.0, &ok).unwrap();
         // Control characters are not.
-        let err = super::super::load(
-            &mem,
-            &BootSource {
-                kernel: &k.0,
-                cmdline: "a\nb",
-                initrd: None,
-            },
-        )
-        .unwrap_err();
+        let err = load_kernel(&mem, &k.0, "a\nb").unwrap_err();
         assert!(matches!(err, LoaderError::InvalidCmdline { .. }), "{err}");
     }
 
@@ -480,15 +458,7 @@ mod tests {
     fn kernel_beyond_ram_is_too_small() {
         let mem = guest((1 << 20) + 0x1000); // RAM ends inside the segment
         let k = TempFile::new("pvh.elf", &tiny_elf(true));
-        let err = super::super::load(
-            &mem,
-            &BootSource {
-                kernel: &k.0,
-                cmdline: "",
-                initrd: None,
-            },
-        )
-        .unwrap_err();
+        let err = load_kernel(&mem, &k.0, "").unwrap_err();
         assert!(matches!(err, LoaderError::MemoryTooSmall { .. }), "{err}");
     }
 

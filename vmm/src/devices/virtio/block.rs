@@ -276,26 +276,7 @@ impl VirtioBlock {
     /// Opens the image (read-only when asked); errors name the path (missing
     /// file, permission, a directory).
     pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
-        let path = config.path.clone();
-        let meta = std::fs::metadata(&path).map_err(|source| BlockError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        if meta.is_dir() {
-            return Err(BlockError::IsDirectory { path });
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(&path)
-            .map_err(|source| BlockError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        // Seeking to the end also sizes block devices, whose metadata length is 0.
-        let len = (&file)
-            .seek(SeekFrom::End(0))
-            .map_err(|source| BlockError::Size { path, source })?;
+        let (file, len) = open_image(&config)?;
         let capacity_sectors = len / SECTOR_SIZE;
         let mut features =
             VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH;
@@ -717,27 +698,7 @@ impl VirtioBlock {
                 ),
             });
         }
-        let meta = std::fs::metadata(&path).map_err(|source| BlockError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        if meta.is_dir() {
-            return Err(BlockError::IsDirectory { path });
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(&path)
-            .map_err(|source| BlockError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        let len = (&file)
-            .seek(SeekFrom::End(0))
-            .map_err(|source| BlockError::Size {
-                path: path.clone(),
-                source,
-            })?;
+        let (file, len) = open_image(&config)?;
         let expected = self.capacity_sectors * SECTOR_SIZE;
         if len != expected {
             return Err(BlockError::SizeMismatch {
@@ -750,6 +711,36 @@ impl VirtioBlock {
         self.config = config;
         Ok(())
     }
+}
+
+/// Opens the image at `config.path` (read-only when asked) and returns it
+/// with its length in bytes; errors name the path (missing file,
+/// permission, a directory, an unsizable image).
+fn open_image(config: &BlockConfig) -> Result<(File, u64), BlockError> {
+    let path = &config.path;
+    let meta = std::fs::metadata(path).map_err(|source| BlockError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    if meta.is_dir() {
+        return Err(BlockError::IsDirectory { path: path.clone() });
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!config.read_only)
+        .open(path)
+        .map_err(|source| BlockError::Open {
+            path: path.clone(),
+            source,
+        })?;
+    // Seeking to the end also sizes block devices, whose metadata length is 0.
+    let len = (&file)
+        .seek(SeekFrom::End(0))
+        .map_err(|source| BlockError::Size {
+            path: path.clone(),
+            source,
+        })?;
+    Ok((file, len))
 }
 
 /// Every segment lies in guest memory.
