@@ -12,10 +12,9 @@
 //! carries every page the primary wrote in between, and the pages only the
 //! replayer wrote get their checkpoint contents back.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use recordlog::{Digest, Hasher, SyncPoint};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::devices::DevicesState;
 use crate::dirty::{ConsumerId, DirtyError};
@@ -66,20 +65,16 @@ pub fn vcpu_digest(h: &mut Hasher, s: &VcpuState) {
     hash_pod(h, &s.mp_state);
 }
 
-/// Digest of guest memory (every page with its address; zero pages too,
-/// as a run of the zero page's hash would be, so layout matters).
+/// Digest of guest memory: the region layout, then every non-zero page
+/// with its address.
 pub fn memory_digest(h: &mut Hasher, mem: &GuestMemory) -> Result<(), MemoryError> {
-    let mut page = vec![0u8; PAGE_SIZE];
     for (start, len) in memory::layout(mem) {
         h.update_u64(start).update_u64(len);
-        for off in (0..len).step_by(PAGE_SIZE) {
-            memory::read_page(mem, start + off, &mut page)?;
-            if !memory::page_is_zero(&page) {
-                h.update_u64(start + off).update(&page);
-            }
-        }
     }
-    Ok(())
+    memory::for_each_nonzero_page(mem, |gpa, page| {
+        h.update_u64(gpa).update(page);
+        Ok(())
+    })
 }
 
 /// The full state digest: memory + vCPU + devices.
@@ -101,33 +96,35 @@ pub fn state_digest(
     Ok(h.finalize())
 }
 
-/// The replayer's copy of memory as of the last applied sync point.
+/// The replayer's copy of memory as of the last applied sync point. Only
+/// non-zero pages are held; a page it does not hold was all zeroes.
 pub struct Checkpoint {
-    pages: Vec<Vec<u8>>,
-    /// (start, first index) per region.
-    regions: Vec<(u64, u64, usize)>,
+    pages: HashMap<u64, Vec<u8>>,
 }
+
+const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 impl Checkpoint {
     fn new(mem: &GuestMemory) -> Result<Self, MemoryError> {
-        let mut pages = Vec::new();
-        let mut regions = Vec::new();
-        for r in mem.iter() {
-            regions.push((r.start_addr().0, r.len(), pages.len()));
-            for off in (0..r.len()).step_by(PAGE_SIZE) {
-                let mut p = vec![0u8; PAGE_SIZE];
-                memory::read_page(mem, r.start_addr().0 + off, &mut p)?;
-                pages.push(p);
-            }
-        }
-        Ok(Checkpoint { pages, regions })
+        let mut pages = HashMap::new();
+        memory::for_each_nonzero_page(mem, |gpa, page| {
+            pages.insert(gpa, page.to_vec());
+            Ok(())
+        })?;
+        Ok(Checkpoint { pages })
     }
 
-    fn index(&self, gpa: u64) -> Option<usize> {
-        self.regions
-            .iter()
-            .find(|(s, l, _)| (*s..s + l).contains(&gpa))
-            .map(|(s, _, first)| first + ((gpa - s) as usize / PAGE_SIZE))
+    /// The page at `gpa` as of the checkpoint.
+    fn page(&self, gpa: u64) -> &[u8] {
+        self.pages.get(&gpa).map_or(&ZERO_PAGE[..], Vec::as_slice)
+    }
+
+    fn set(&mut self, gpa: u64, data: &[u8]) {
+        if memory::page_is_zero(data) {
+            self.pages.remove(&gpa);
+        } else {
+            self.pages.insert(gpa, data.to_vec());
+        }
     }
 }
 
@@ -237,21 +234,17 @@ impl Machine {
         if let Some(cp) = self.sync.as_mut().and_then(|s| s.checkpoint.as_mut()) {
             let mut rolled_back = 0;
             for gpa in own_dirty.iter().filter(|g| !theirs.contains(g)) {
-                if let Some(i) = cp.index(*gpa) {
-                    let mut cur = vec![0u8; PAGE_SIZE];
-                    memory::read_page(&mem, *gpa, &mut cur)?;
-                    if cur != cp.pages[i] {
-                        memory::write_page(&mem, *gpa, &cp.pages[i])?;
-                        rolled_back += 1;
-                    }
+                let mut cur = vec![0u8; PAGE_SIZE];
+                memory::read_page(&mem, *gpa, &mut cur)?;
+                if cur != cp.page(*gpa) {
+                    memory::write_page(&mem, *gpa, cp.page(*gpa))?;
+                    rolled_back += 1;
                 }
             }
             applied.rolled_back = rolled_back;
             for (gpa, data) in &sp.pages {
                 memory::write_page(&mem, *gpa, data)?;
-                if let Some(i) = cp.index(*gpa) {
-                    cp.pages[i].copy_from_slice(data);
-                }
+                cp.set(*gpa, data);
             }
         } else {
             for (gpa, data) in &sp.pages {
@@ -276,9 +269,7 @@ impl Machine {
         let mem = self.vm.memory.clone();
         if let Some(cp) = self.sync.as_ref().and_then(|s| s.checkpoint.as_ref()) {
             for gpa in own_dirty {
-                if let Some(i) = cp.index(gpa) {
-                    memory::write_page(&mem, gpa, &cp.pages[i])?;
-                }
+                memory::write_page(&mem, gpa, cp.page(gpa))?;
             }
         }
         self.dirty.take(&self.vm.fd, &self.vm.memory, consumer)?;

@@ -107,22 +107,37 @@ pub fn write_image<W: Write>(mem: &GuestMemory, w: &mut W) -> Result<u64, Memory
         w.write_all(&start.to_le_bytes())?;
         w.write_all(&len.to_le_bytes())?;
     }
-    let mut page = vec![0u8; PAGE_SIZE];
     let mut written = 0u64;
-    for (start, len) in regions {
-        for off in (0..len).step_by(PAGE_SIZE) {
-            let gpa = start + off;
-            read_page(mem, gpa, &mut page)?;
-            if is_zero(&page) {
-                continue;
-            }
-            w.write_all(&(gpa / PAGE_SIZE as u64).to_le_bytes())?;
-            w.write_all(&page)?;
-            written += 1;
-        }
-    }
+    for_each_nonzero_page(mem, |gpa, page| {
+        w.write_all(&(gpa / PAGE_SIZE as u64).to_le_bytes())?;
+        w.write_all(page)?;
+        written += 1;
+        Ok(())
+    })?;
     w.write_all(&u64::MAX.to_le_bytes())?;
     Ok(written)
+}
+
+/// Call `f` with every page of guest RAM that is not all zeroes, in
+/// ascending guest-physical order. Pages the guest never touched are not
+/// even read (see [`possibly_nonzero`]), so this costs what the guest uses,
+/// not what it was given.
+pub fn for_each_nonzero_page(
+    mem: &GuestMemory,
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), MemoryError>,
+) -> Result<(), MemoryError> {
+    let all: Vec<u64> = layout(mem)
+        .into_iter()
+        .flat_map(|(start, len)| (0..len).step_by(PAGE_SIZE).map(move |off| start + off))
+        .collect();
+    let mut page = vec![0u8; PAGE_SIZE];
+    for gpa in possibly_nonzero(mem, &all) {
+        read_page(mem, gpa, &mut page)?;
+        if !is_zero(&page) {
+            f(gpa, &page)?;
+        }
+    }
+    Ok(())
 }
 
 /// Read a memory image written by [`write_image`] into `mem`, whose layout
