@@ -123,35 +123,131 @@ fn unzigzag(v: u32) -> i32 {
 /// A read position in a byte slice. Running out of bytes is
 /// [`CodecError::Incomplete`]; callers decoding a complete payload turn that
 /// into corruption.
+///
+/// The cursor reads `buf[..end]`. `buf` may extend past `end` (the rest of a
+/// frame, the CRC, following frames): the varint fast path then loads 8
+/// bytes at once even near `end`, and checks the decoded length against
+/// `end` afterwards, so the result is exactly that of reading byte by byte
+/// up to `end`.
 pub(crate) struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
+    end: usize,
+}
+
+/// Removes the continuation bits of the 8 varint bytes in `x` (little
+/// endian) and packs their 7-bit groups: the value of those 56 bits.
+#[inline(always)]
+fn pack7x8(x: u64) -> u64 {
+    let x = x & 0x7f7f_7f7f_7f7f_7f7f;
+    let x = (x & 0x007f_007f_007f_007f) | ((x & 0x7f00_7f00_7f00_7f00) >> 1);
+    let x = (x & 0x0000_3fff_0000_3fff) | ((x & 0x3fff_0000_3fff_0000) >> 2);
+    (x & 0x0000_0000_0fff_ffff) | ((x & 0x0fff_ffff_0000_0000) >> 4)
 }
 
 impl<'a> Cursor<'a> {
     pub(crate) fn new(buf: &'a [u8]) -> Self {
-        Cursor { buf, pos: 0 }
+        Cursor {
+            buf,
+            pos: 0,
+            end: buf.len(),
+        }
+    }
+
+    /// A cursor over `buf[start..end]` that may look ahead into the rest of
+    /// `buf`. Requires `start <= end <= buf.len()`.
+    #[inline]
+    fn window(buf: &'a [u8], start: usize, end: usize) -> Self {
+        debug_assert!(start <= end && end <= buf.len());
+        Cursor {
+            buf,
+            pos: start,
+            end,
+        }
     }
 
     pub(crate) fn pos(&self) -> usize {
         self.pos
     }
 
+    #[inline]
     pub(crate) fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
+        self.end - self.pos
     }
 
     #[inline]
     pub(crate) fn u8(&mut self) -> Result<u8, CodecError> {
+        if self.pos >= self.end {
+            return Err(CodecError::Incomplete);
+        }
         let b = *self.buf.get(self.pos).ok_or(CodecError::Incomplete)?;
         self.pos += 1;
         Ok(b)
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn varint(&mut self) -> Result<u64, CodecError> {
+        match self.buf.get(self.pos) {
+            Some(&b) if b < 0x80 && self.pos < self.end => {
+                self.pos += 1;
+                Ok(u64::from(b))
+            }
+            _ => self.varint_multi(),
+        }
+    }
+
+    /// Varints of 2 to 10 bytes (and the end-of-input cases): 8 bytes at a
+    /// time when that many are readable, byte by byte otherwise.
+    #[inline]
+    fn varint_multi(&mut self) -> Result<u64, CodecError> {
+        let ahead = self.buf.get(self.pos..).unwrap_or_default();
+        if let Some(w) = ahead.first_chunk::<8>() {
+            let x = u64::from_le_bytes(*w);
+            let stops = !x & 0x8080_8080_8080_8080;
+            if stops != 0 {
+                // The first byte without a continuation bit ends the varint.
+                let n = (stops.trailing_zeros() as usize >> 3) + 1;
+                if n > self.remaining() {
+                    return Err(CodecError::Incomplete);
+                }
+                let x = if n == 8 {
+                    x
+                } else {
+                    x & ((1u64 << (8 * n)) - 1)
+                };
+                self.pos += n;
+                return Ok(pack7x8(x));
+            }
+            if let Some(&[b8, b9]) = ahead.get(8..10).and_then(|t| t.first_chunk::<2>()) {
+                let lo = pack7x8(x);
+                if b8 < 0x80 {
+                    if self.remaining() < 9 {
+                        return Err(CodecError::Incomplete);
+                    }
+                    self.pos += 9;
+                    return Ok(lo | (u64::from(b8) << 56));
+                }
+                if self.remaining() < 10 {
+                    return Err(CodecError::Incomplete);
+                }
+                if b9 > 1 {
+                    return Err(corrupt("varint overflows 64 bits"));
+                }
+                self.pos += 10;
+                return Ok(lo | (u64::from(b8 & 0x7f) << 56) | (u64::from(b9) << 63));
+            }
+        }
+        self.varint_bytewise()
+    }
+
+    /// The reference decoder: one byte at a time, never reading past `end`.
+    #[cold]
+    fn varint_bytewise(&mut self) -> Result<u64, CodecError> {
         let mut v = 0u64;
         for i in 0..10 {
+            if self.pos + i >= self.end {
+                return Err(CodecError::Incomplete);
+            }
             let b = *self.buf.get(self.pos + i).ok_or(CodecError::Incomplete)?;
             if i == 9 && b > 1 {
                 return Err(corrupt("varint overflows 64 bits"));
@@ -170,7 +266,10 @@ impl<'a> Cursor<'a> {
         if n > self.remaining() {
             return Err(CodecError::Incomplete);
         }
-        let s = &self.buf[self.pos..self.pos + n];
+        let s = self
+            .buf
+            .get(self.pos..self.pos + n)
+            .ok_or(CodecError::Incomplete)?;
         self.pos += n;
         Ok(s)
     }
@@ -183,8 +282,8 @@ impl<'a> Cursor<'a> {
     }
 
     fn rest(&mut self) -> &'a [u8] {
-        let s = &self.buf[self.pos..];
-        self.pos = self.buf.len();
+        let s = self.buf.get(self.pos..self.end).unwrap_or_default();
+        self.pos = self.end;
         s
     }
 
@@ -476,97 +575,162 @@ pub(crate) fn frame_extent(buf: &[u8]) -> Result<usize, CodecError> {
     Ok(c.pos() + len as usize + 4)
 }
 
-/// Decodes the payload of an entry of type `t`; `last_seq` is the previous
-/// entry's `exit_seq`.
-fn decode_payload(t: u8, payload: &[u8], last_seq: u64) -> Result<Entry, CodecError> {
-    let mut c = Cursor::new(payload);
+/// Where decoded entries go: the queue of a batch's entries, or the one slot
+/// of a plain entry frame.
+pub(crate) trait Sink {
+    fn put(&mut self, e: Entry);
+}
+
+impl Sink for VecDeque<Entry> {
+    #[inline(always)]
+    fn put(&mut self, e: Entry) {
+        self.push_back(e);
+    }
+}
+
+impl Sink for Option<Entry> {
+    #[inline(always)]
+    fn put(&mut self, e: Entry) {
+        *self = Some(e);
+    }
+}
+
+/// Decodes the entry of type `t` whose payload is the window of `c` and
+/// appends it to `out`; `last_seq` is the previous entry's `exit_seq`.
+/// Returns the entry's `exit_seq`. On error, `out` may have grown by the
+/// entry (the caller truncates it).
+///
+/// Each arm builds its entry in place in `out`: building an `Entry` first and
+/// moving it (through a `Result`) costs more than decoding it.
+#[inline(always)]
+fn decode_payload<S: Sink>(
+    t: u8,
+    mut c: Cursor<'_>,
+    last_seq: u64,
+    out: &mut S,
+) -> Result<u64, CodecError> {
     let delta = c.varint()?;
     let exit_seq = last_seq
         .checked_add(delta)
         .ok_or_else(|| corrupt("exit_seq overflows 64 bits"))?;
-    let e = match t {
-        tag::CLOCK => Entry::Input {
-            exit_seq,
-            input: Input::Clock(c.varint()?),
-        },
-        tag::WALL_CLOCK => Entry::Input {
-            exit_seq,
-            input: Input::WallClock(c.varint()?),
-        },
-        tag::DEADLINE_REACHED => Entry::Input {
+    match t {
+        tag::CLOCK => {
+            let v = c.varint()?;
+            out.put(Entry::Input {
+                exit_seq,
+                input: Input::Clock(v),
+            })
+        }
+        tag::WALL_CLOCK => {
+            let v = c.varint()?;
+            out.put(Entry::Input {
+                exit_seq,
+                input: Input::WallClock(v),
+            })
+        }
+        tag::DEADLINE_REACHED => out.put(Entry::Input {
             exit_seq,
             input: Input::DeadlineReached,
-        },
-        tag::CONSOLE => Entry::Input {
+        }),
+        tag::CONSOLE => out.put(Entry::Input {
             exit_seq,
             input: Input::Console(c.rest().to_vec()),
-        },
-        tag::NET_FRAME => Entry::Input {
+        }),
+        tag::NET_FRAME => out.put(Entry::Input {
             exit_seq,
             input: Input::NetFrame(c.rest().to_vec()),
-        },
-        tag::INTERRUPT => Entry::Interrupt {
-            exit_seq,
-            vector: c.u8()?,
-        },
+        }),
+        tag::INTERRUPT => {
+            let vector = c.u8()?;
+            out.put(Entry::Interrupt { exit_seq, vector })
+        }
         tag::FINGERPRINT => {
             let exit_reason = u32::try_from(c.varint()?)
                 .map_err(|_| corrupt("fingerprint exit_reason exceeds 32 bits"))?;
-            let fp = Fingerprint {
-                exit_reason,
-                rip: c.varint()?,
-                rax: c.varint()?,
-                rcx: c.varint()?,
-                rflags: c.varint()?,
-            };
-            Entry::Fingerprint { exit_seq, fp }
-        }
-        tag::SYNC_POINT => {
-            let vcpu_state = c.len_prefixed()?.to_vec();
-            let device_state = c.len_prefixed()?.to_vec();
-            let digest = c.digest()?;
-            let n = c.varint()?;
-            // Each page takes at least 2 bytes: never trust `n` further.
-            let cap = usize::try_from(n)
-                .unwrap_or(usize::MAX)
-                .min(c.remaining() / 2);
-            let mut pages = Vec::with_capacity(cap);
-            for _ in 0..n {
-                let gpa = c.varint()?;
-                pages.push((gpa, c.len_prefixed()?.to_vec()));
-            }
-            Entry::SyncPoint {
+            let rip = c.varint()?;
+            let rax = c.varint()?;
+            let rcx = c.varint()?;
+            let rflags = c.varint()?;
+            out.put(Entry::Fingerprint {
                 exit_seq,
-                sync: Box::new(SyncPoint {
-                    vcpu_state,
-                    device_state,
-                    pages,
-                    digest,
-                }),
-            }
+                fp: Fingerprint {
+                    exit_reason,
+                    rip,
+                    rax,
+                    rcx,
+                    rflags,
+                },
+            })
         }
-        tag::DIGEST => Entry::Digest {
-            exit_seq,
-            digest: c.digest()?,
-        },
+        tag::SYNC_POINT => out.put(decode_sync_point(&mut c, exit_seq)?),
+        tag::DIGEST => {
+            let digest = c.digest()?;
+            out.put(Entry::Digest { exit_seq, digest })
+        }
         tag::END => {
             let z =
                 u32::try_from(c.varint()?).map_err(|_| corrupt("End status exceeds 32 bits"))?;
-            Entry::End {
+            out.put(Entry::End {
                 exit_seq,
                 status: unzigzag(z),
-            }
+            })
         }
         _ => return Err(corrupt(format!("unknown entry type 0x{t:02x}"))),
     };
     if c.remaining() != 0 {
-        return Err(corrupt(format!(
-            "{} trailing bytes in a {} entry",
-            c.remaining(),
-            e.kind()
-        )));
+        return Err(trailing(c.remaining(), t));
     }
-    Ok(e)
+    Ok(exit_seq)
+}
+
+/// [`Entry::kind`] of the entries with tag `t`.
+fn tag_kind(t: u8) -> &'static str {
+    match t {
+        tag::CLOCK => "input.clock",
+        tag::WALL_CLOCK => "input.wall_clock",
+        tag::DEADLINE_REACHED => "input.deadline_reached",
+        tag::CONSOLE => "input.console",
+        tag::NET_FRAME => "input.net_frame",
+        tag::INTERRUPT => "interrupt",
+        tag::FINGERPRINT => "fingerprint",
+        tag::SYNC_POINT => "sync_point",
+        tag::DIGEST => "digest",
+        tag::END => "end",
+        _ => "unknown",
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn trailing(n: usize, t: u8) -> CodecError {
+    corrupt(format!("{n} trailing bytes in a {} entry", tag_kind(t)))
+}
+
+/// The body of a sync point (rare and large: kept out of the hot path).
+#[inline(never)]
+fn decode_sync_point(c: &mut Cursor<'_>, exit_seq: u64) -> Result<Entry, CodecError> {
+    let vcpu_state = c.len_prefixed()?.to_vec();
+    let device_state = c.len_prefixed()?.to_vec();
+    let digest = c.digest()?;
+    let n = c.varint()?;
+    // Each page takes at least 2 bytes: never trust `n` further.
+    let cap = usize::try_from(n)
+        .unwrap_or(usize::MAX)
+        .min(c.remaining() / 2);
+    let mut pages = Vec::with_capacity(cap);
+    for _ in 0..n {
+        let gpa = c.varint()?;
+        pages.push((gpa, c.len_prefixed()?.to_vec()));
+    }
+    Ok(Entry::SyncPoint {
+        exit_seq,
+        sync: Box::new(SyncPoint {
+            vcpu_state,
+            device_state,
+            pages,
+            digest,
+        }),
+    })
 }
 
 /// Decoder state carried from frame to frame.
@@ -578,22 +742,37 @@ pub(crate) struct DecodeState {
     pub ended: bool,
 }
 
-/// Decodes the frame at the start of `buf`, pushing its entries to `out`.
-/// Returns the frame's size. `Incomplete` if `buf` holds only part of it; on
-/// any error neither `st` nor `out` change.
+/// Decodes the frame at the start of `buf`: the entry of a plain entry frame
+/// goes to `one` (which must be `None`), the entries of a batch frame are
+/// pushed to `many`. Returns the frame's size. `Incomplete` if `buf` holds
+/// only part of it; on any error neither `st` nor `one` nor `many` change.
 pub(crate) fn decode_frame(
     buf: &[u8],
     st: &mut DecodeState,
-    out: &mut VecDeque<Entry>,
+    one: &mut Option<Entry>,
+    many: &mut VecDeque<Entry>,
 ) -> Result<usize, CodecError> {
-    let total = frame_extent(buf)?;
-    if buf.len() < total {
-        return Err(CodecError::Incomplete);
+    // The same checks, in the same order, as `frame_extent`.
+    let mut c = Cursor::new(buf);
+    let t = c.u8()?;
+    if t != tag::BATCH && !tag::is_entry(t) {
+        return Err(corrupt(format!("unknown frame type 0x{t:02x}")));
     }
-    let body = &buf[..total - 4];
-    let mut crc = [0u8; 4];
-    crc.copy_from_slice(&buf[total - 4..total]);
-    let want = u32::from_le_bytes(crc);
+    let len = c.varint()?;
+    if len > MAX_FRAME_PAYLOAD as u64 {
+        return Err(corrupt(format!(
+            "frame length {len} exceeds the {MAX_FRAME_PAYLOAD}-byte limit"
+        )));
+    }
+    let start = c.pos();
+    let end = start + len as usize;
+    let (Some(body), Some(crc)) = (
+        buf.get(..end),
+        buf.get(end..).and_then(|b| b.first_chunk::<4>()),
+    ) else {
+        return Err(CodecError::Incomplete);
+    };
+    let want = u32::from_le_bytes(*crc);
     let got = crc32c::crc32c(body);
     if want != got {
         return Err(corrupt(format!(
@@ -603,24 +782,23 @@ pub(crate) fn decode_frame(
     if st.ended {
         return Err(corrupt("entry after the End entry"));
     }
-    let mut c = Cursor::new(body);
-    let t = c.u8()?;
-    let len = c.varint()? as usize;
-    let payload = c.bytes(len)?;
-    let before = out.len();
+    // The payload's window may look ahead into the CRC and beyond.
+    let payload = Cursor::window(buf, start, end);
+    let before = many.len();
     let mut next = st.clone();
     let res = if t == tag::BATCH {
-        decode_batch(payload, &mut next, out)
+        decode_batch(payload, &mut next, many)
     } else {
-        decode_one(t, payload, &mut next, out)
+        decode_one(t, payload, &mut next, one)
     };
     match res {
         Ok(()) => {
             *st = next;
-            Ok(total)
+            Ok(end + 4)
         }
         Err(e) => {
-            out.truncate(before);
+            many.truncate(before);
+            *one = None;
             Err(match e {
                 CodecError::Incomplete => corrupt("entry payload ends inside a field"),
                 e => e,
@@ -629,31 +807,29 @@ pub(crate) fn decode_frame(
     }
 }
 
-fn decode_one(
+#[inline(always)]
+fn decode_one<S: Sink>(
     t: u8,
-    payload: &[u8],
+    payload: Cursor<'_>,
     st: &mut DecodeState,
-    out: &mut VecDeque<Entry>,
+    out: &mut S,
 ) -> Result<(), CodecError> {
     if st.ended {
         return Err(corrupt("entry after the End entry"));
     }
-    let e = decode_payload(t, payload, st.last_seq)?;
-    st.last_seq = e.exit_seq();
-    st.ended = matches!(e, Entry::End { .. });
-    out.push_back(e);
+    st.last_seq = decode_payload(t, payload, st.last_seq, out)?;
+    st.ended = t == tag::END;
     Ok(())
 }
 
 fn decode_batch(
-    payload: &[u8],
+    mut c: Cursor<'_>,
     st: &mut DecodeState,
     out: &mut VecDeque<Entry>,
 ) -> Result<(), CodecError> {
-    if payload.is_empty() {
+    if c.remaining() == 0 {
         return Err(corrupt("empty batch"));
     }
-    let mut c = Cursor::new(payload);
     while c.remaining() > 0 {
         let t = c.u8()?;
         if !tag::is_entry(t) {
@@ -661,7 +837,11 @@ fn decode_batch(
         }
         let len = c.varint()?;
         let len = usize::try_from(len).map_err(|_| CodecError::Incomplete)?;
-        let p = c.bytes(len)?;
+        if len > c.remaining() {
+            return Err(CodecError::Incomplete);
+        }
+        let p = Cursor::window(c.buf, c.pos, c.pos + len);
+        c.pos += len;
         decode_one(t, p, st, out)?;
     }
     Ok(())
@@ -684,7 +864,9 @@ mod tests {
         let mut st = DecodeState::default();
         let mut q = VecDeque::new();
         while !buf.is_empty() {
-            let n = decode_frame(buf, &mut st, &mut q)?;
+            let mut one = None;
+            let n = decode_frame(buf, &mut st, &mut one, &mut q)?;
+            q.extend(one);
             buf = &buf[n..];
         }
         Ok(q.into())
@@ -710,6 +892,53 @@ mod tests {
         ));
         for s in [0, 1, -1, i32::MIN, i32::MAX, 12345, -98765] {
             assert_eq!(unzigzag(zigzag(s) as u32), s);
+        }
+    }
+
+    /// The 8-bytes-at-a-time varint path reads past the cursor's end; it must
+    /// give exactly what the byte-by-byte reference gives, whatever follows.
+    #[test]
+    fn varint_fast_path_matches_bytewise() {
+        let mut vals = vec![0, 1, 0x7f, 0x80, u64::MAX];
+        for bits in 1..64 {
+            vals.extend([(1u64 << bits) - 1, 1u64 << bits, (1u64 << bits) + 1]);
+        }
+        let mut bad = [[0xffu8; 10], [0x80; 10]];
+        bad[1][9] = 0x02;
+        let mut encs: Vec<Vec<u8>> = vals
+            .iter()
+            .map(|&v| {
+                let mut b = Vec::new();
+                put_varint(&mut b, v);
+                b
+            })
+            .collect();
+        encs.extend(bad.iter().map(|b| b.to_vec()));
+        // Non-minimal encodings are accepted by the reference decoder too.
+        encs.push(vec![0x80, 0x80, 0x00]);
+        encs.push(vec![
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+        ]);
+        for enc in &encs {
+            for slack in [0x00u8, 0x80, 0xff] {
+                for end in 0..=enc.len() {
+                    for extra in [0usize, 3, 8, 12] {
+                        let mut buf = enc[..end].to_vec();
+                        buf.extend(std::iter::repeat_n(slack, extra));
+                        let mut fast = Cursor::window(&buf, 0, end);
+                        let mut slow = Cursor::window(&buf, 0, end);
+                        let a = fast.varint();
+                        let b = slow.varint_bytewise();
+                        assert_eq!(a, b, "{enc:02x?} end {end} slack {slack:02x}+{extra}");
+                        assert_eq!(fast.pos(), slow.pos());
+                        // And at an offset inside a larger buffer.
+                        let mut buf2 = vec![0x55u8; 5];
+                        buf2.extend_from_slice(&buf);
+                        let mut c = Cursor::window(&buf2, 5, 5 + end);
+                        assert_eq!(c.varint(), b);
+                    }
+                }
+            }
         }
     }
 

@@ -146,18 +146,34 @@ impl StreamDecoder {
     /// corrupt frame is reported with its offset and the decoder stays
     /// failed.
     pub fn next_entry(&mut self) -> Result<Option<Entry>, ReadError> {
-        if let Some(e) = self.pending.pop_front() {
-            return Ok(Some(e));
+        match self.pending.pop_front() {
+            Some(e) => Ok(Some(e)),
+            None => self.decode_next(),
         }
+    }
+
+    /// [`StreamDecoder::next_entry`] when no decoded entry is pending.
+    fn decode_next(&mut self) -> Result<Option<Entry>, ReadError> {
         if self.read_header()?.is_none() || self.pos == self.buf.len() {
             return Ok(None);
         }
         let offset = self.offset();
-        match codec::decode_frame(&self.buf[self.pos..], &mut self.st, &mut self.pending) {
+        let mut one = None;
+        match codec::decode_frame(
+            &self.buf[self.pos..],
+            &mut self.st,
+            &mut one,
+            &mut self.pending,
+        ) {
             Ok(n) => {
                 self.pos += n;
                 self.want = 0;
-                Ok(self.pending.pop_front())
+                // A plain entry frame: returned without passing through the
+                // queue.
+                Ok(match one {
+                    Some(e) => Some(e),
+                    None => self.pending.pop_front(),
+                })
             }
             Err(CodecError::Incomplete) => {
                 self.want = codec::frame_extent(&self.buf[self.pos..]).unwrap_or(0);
