@@ -267,8 +267,13 @@ fn migrate(sock: &str, to: &str, creds: &[String], extra: &[&str]) -> (i32, Stri
     let mut args = vec!["migrate", "--api", sock, "--to", to];
     args.extend(creds.iter().map(String::as_str));
     args.extend_from_slice(extra);
+    run_tandem(&args)
+}
+
+/// Run `tandem ARGS` to completion; returns (status, stdout, stderr).
+fn run_tandem(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(TANDEM)
-        .args(&args)
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -641,16 +646,7 @@ fn move_disk(sock: &str, dest: &Path, extra: &[&str]) -> (i32, String, String) {
     let d = dest.to_string_lossy().into_owned();
     let mut args = vec!["migrate", "--api", sock, "--disk-dest", &d];
     args.extend_from_slice(extra);
-    let out = Command::new(TANDEM)
-        .args(&args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_tandem(&args)
 }
 
 /// A VM running [`DISK_MOVE_CMDLINE`] on `vm.img` that has printed its

@@ -558,10 +558,10 @@ impl FrameEncoder {
 
 // ---------------------------------------------------------------- decoding
 
-/// Total size of the frame at the start of `buf` (tag + len + payload + CRC),
-/// checking only the tag and the length field.
-pub(crate) fn frame_extent(buf: &[u8]) -> Result<usize, CodecError> {
-    let mut c = Cursor::new(buf);
+/// The tag and payload length of the frame `c` is at, checked: a known
+/// type and a length within [`MAX_FRAME_PAYLOAD`].
+#[inline]
+fn frame_header(c: &mut Cursor<'_>) -> Result<(u8, u64), CodecError> {
     let t = c.u8()?;
     if t != tag::BATCH && !tag::is_entry(t) {
         return Err(corrupt(format!("unknown frame type 0x{t:02x}")));
@@ -572,6 +572,14 @@ pub(crate) fn frame_extent(buf: &[u8]) -> Result<usize, CodecError> {
             "frame length {len} exceeds the {MAX_FRAME_PAYLOAD}-byte limit"
         )));
     }
+    Ok((t, len))
+}
+
+/// Total size of the frame at the start of `buf` (tag + len + payload + CRC),
+/// checking only the tag and the length field.
+pub(crate) fn frame_extent(buf: &[u8]) -> Result<usize, CodecError> {
+    let mut c = Cursor::new(buf);
+    let (_, len) = frame_header(&mut c)?;
     Ok(c.pos() + len as usize + 4)
 }
 
@@ -754,16 +762,7 @@ pub(crate) fn decode_frame(
 ) -> Result<usize, CodecError> {
     // The same checks, in the same order, as `frame_extent`.
     let mut c = Cursor::new(buf);
-    let t = c.u8()?;
-    if t != tag::BATCH && !tag::is_entry(t) {
-        return Err(corrupt(format!("unknown frame type 0x{t:02x}")));
-    }
-    let len = c.varint()?;
-    if len > MAX_FRAME_PAYLOAD as u64 {
-        return Err(corrupt(format!(
-            "frame length {len} exceeds the {MAX_FRAME_PAYLOAD}-byte limit"
-        )));
-    }
+    let (t, len) = frame_header(&mut c)?;
     let start = c.pos();
     let end = start + len as usize;
     let (Some(body), Some(crc)) = (
