@@ -53,6 +53,20 @@ impl Read for Trickle<'_> {
     }
 }
 
+/// Read entries until the end or the first error (as its message).
+fn drain<E: std::fmt::Display>(
+    mut next: impl FnMut() -> Result<Option<Entry>, E>,
+) -> (Vec<Entry>, Option<String>) {
+    let mut entries = Vec::new();
+    loop {
+        match next() {
+            Ok(Some(e)) => entries.push(e),
+            Ok(None) => return (entries, None),
+            Err(e) => return (entries, Some(e.to_string())),
+        }
+    }
+}
+
 fn log_reader(bytes: &[u8], chunk: usize) -> Outcome {
     let (mut r, _) = match LogReader::open(Trickle { data: bytes, chunk }) {
         Ok(x) => x,
@@ -64,14 +78,7 @@ fn log_reader(bytes: &[u8], chunk: usize) -> Outcome {
             }
         }
     };
-    let mut entries = Vec::new();
-    let error = loop {
-        match r.next_entry() {
-            Ok(Some(e)) => entries.push(e),
-            Ok(None) => break None,
-            Err(e) => break Some(e.to_string()),
-        }
-    };
+    let (entries, error) = drain(|| r.next_entry());
     Outcome {
         entries,
         error,
@@ -113,14 +120,7 @@ fn tail_reader(bytes: &[u8], chunk: usize) -> Outcome {
             offset: 0,
         };
     }
-    let mut entries = Vec::new();
-    let error = loop {
-        match t.next_entry() {
-            Ok(Some(e)) => entries.push(e),
-            Ok(None) => break None,
-            Err(e) => break Some(e.to_string()),
-        }
-    };
+    let (entries, error) = drain(|| t.next_entry());
     Outcome {
         entries,
         error,
