@@ -17,7 +17,14 @@ pub struct Cli {
 pub enum Command {
     /// Boot and run a VM (by default the built-in test guest's demo).
     ///
-    /// The exit status is the guest's debug-exit status (port 0xf4).
+    /// The exit status is the guest's debug-exit status (port 0xf4). The
+    /// built-in guest ends with 0 on success, 1 when its workload failed
+    /// (e.g. a disk verify mismatch), 2 for a bad command line (unknown
+    /// workload, bad number), 3 when a device or memory it needs is
+    /// missing (`disk` without --disk, `dirty` without enough --mem-mib),
+    /// 0xe0|vector (224..255) for a CPU exception. Tandem's own statuses:
+    /// 2 bad input, 124 the guest halted for good, 125 Tandem failed, 126
+    /// the guest crashed.
     Run(RunArgs),
     /// Continue a VM from a snapshot file to its end.
     Restore(RestoreArgs),
@@ -43,7 +50,7 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Where a VM with a control socket is: running, migrating, paused.
     Status(StatusArgs),
-    /// Pause or resume a VM with a control socket.
+    /// Pause a VM with a control socket (until `tandem resume`).
     Pause(StatusArgs),
     /// Resume a VM paused with `tandem pause`.
     Resume(StatusArgs),
@@ -199,7 +206,8 @@ impl std::str::FromStr for SerialTarget {
     }
 }
 
-/// A `--disk` value: `PATH[,ro]`.
+/// A `--disk` value: `PATH[,ro|,rw]`. Only a final `,ro` or `,rw` is an
+/// option; any other comma belongs to the path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskArg {
     pub path: PathBuf,
@@ -212,12 +220,7 @@ impl std::str::FromStr for DiskArg {
         let (path, read_only) = match s.rsplit_once(',') {
             Some((p, "ro")) => (p, true),
             Some((p, "rw")) => (p, false),
-            Some((_, opt)) => {
-                return Err(format!(
-                    "unknown disk option '{opt}' in '{s}': use PATH or PATH,ro"
-                ))
-            }
-            None => (s, false),
+            _ => (s, false),
         };
         if path.is_empty() {
             return Err("empty disk path".into());
@@ -237,8 +240,9 @@ pub struct VmArgs {
     #[arg(long)]
     pub kernel: Option<PathBuf>,
     /// Kernel command line. For the built-in guest: `WORKLOAD [ARGS] [hz=N]`
-    /// with WORKLOAD one of hello, ticks, dirty, busy, disk, echo, tsc
-    /// (empty: a short demo).
+    /// with WORKLOAD one of `hello`, `ticks N`, `dirty PAGES ROUNDS`,
+    /// `busy N`, `disk SECTORS` (512-byte sectors; needs --disk), `echo`,
+    /// `tsc N`, `exits N` (empty: a short demo).
     #[arg(long, default_value = "")]
     pub cmdline: String,
     /// Initial ramdisk (Linux).
@@ -247,7 +251,9 @@ pub struct VmArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 64)]
     pub mem_mib: u64,
-    /// A raw disk image for the virtio-blk device: PATH or PATH,ro.
+    /// A raw disk image for the virtio-blk device: PATH, PATH,ro or
+    /// PATH,rw (a PATH may contain commas; one that itself ends in `,ro`
+    /// or `,rw` is written with an explicit `,rw` after it).
     #[arg(long)]
     pub disk: Option<DiskArg>,
     /// Serial console: stdio, null or file:PATH.
@@ -346,4 +352,30 @@ pub struct DumpLogArgs {
     /// The record log to print.
     #[arg(long)]
     pub log: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DiskArg;
+    use std::path::Path;
+
+    fn disk(s: &str) -> DiskArg {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn disk_paths_may_contain_commas() {
+        assert_eq!(disk("a.img").path, Path::new("a.img"));
+        assert!(!disk("a.img").read_only);
+        assert!(disk("a.img,ro").read_only);
+        assert!(!disk("a.img,rw").read_only);
+        assert_eq!(disk("a,b.img").path, Path::new("a,b.img"));
+        assert!(disk("/x/a,b,c.img,ro").read_only);
+        assert_eq!(disk("/x/a,b,c.img,ro").path, Path::new("/x/a,b,c.img"));
+        // A path that itself ends in ",ro" takes an explicit option.
+        assert_eq!(disk("v,ro,rw").path, Path::new("v,ro"));
+        assert!(!disk("v,ro,rw").read_only);
+        assert!("".parse::<DiskArg>().is_err());
+        assert!(",ro".parse::<DiskArg>().is_err());
+    }
 }

@@ -81,7 +81,7 @@ fn disk_is_a_directory() {
 fn bad_disk_option() {
     refused(
         &["run", "--cmdline", "hello", "--disk", "x.img,rx"],
-        &["rx"],
+        &["x.img,rx", "the only disk options are ,ro and ,rw"],
     );
 }
 

@@ -206,6 +206,30 @@ fn disk_read_only_is_not_written() {
     );
 }
 
+/// A disk path may contain commas (only a final `,ro`/`,rw` is an
+/// option): the guest writes that very file.
+#[test]
+fn disk_path_with_a_comma() {
+    let dir = TempDir::new("disk-comma");
+    let img = dir.disk("a,b.img", 1 << 20);
+    let out = run_ok("disk 8", &["--disk", arg(&img)]);
+    assert!(
+        out.stdout.contains("disk verified 8 sectors\n"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        common::read(&img).iter().any(|&b| b != 0),
+        "the image with a comma in its name was not written"
+    );
+    // The same path read-only: a write fails, the file stays zero.
+    let zeros = dir.disk("c,d.img", 1 << 20);
+    let ro = format!("{},ro", arg(&zeros));
+    let out = tandem(&["run", "--cmdline", "disk 8", "--disk", &ro]);
+    assert_ne!(out.status, 0, "{}", out.describe());
+    assert!(common::read(&zeros).iter().all(|&b| b == 0));
+}
+
 #[test]
 fn echo_answers_lines() {
     let input = b"a\nbb\nquit\n";

@@ -51,7 +51,7 @@
 //! | `ticks N` | idles in `sti; hlt` until N timer interrupts have arrived (default 10) |
 //! | `dirty PAGES ROUNDS` | rewrites one u64 in each of PAGES 4 KiB pages (at 16 MiB) ROUNDS times, each value chained from the previous one; prints `round K` after each round (defaults 256 4) |
 //! | `busy N` | N iterations of integer mixing with the timer running and no exits inside the loop (default 100000) |
-//! | `disk BLOCKS` | writes a per-sector pattern to sectors 0..BLOCKS (8 per request), FLUSH, reads back and verifies; checksum of the data read (default 64) |
+//! | `disk SECTORS` | writes a per-sector pattern to 512-byte sectors 0..SECTORS (8 per request), FLUSH, reads back and verifies; checksum of the data read (default 64) |
 //! | `echo` | prints `echo ready`, then `echo: <line>` for each serial input line (interrupt-driven RX); `quit` ends it |
 //! | `tsc N` | reads RDTSC N times and counts the odd values — deliberately timing dependent (default 1000) |
 //! | `exits N` | N writes to port 0x80 in a tight loop, interrupts off: one VM exit each (the exit-rate benchmark; default 1000) |

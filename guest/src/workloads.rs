@@ -188,7 +188,7 @@ fn dirty(pages: u64, rounds: u64, info: &HvmStartInfo) -> ! {
     }
     if info.memmap_paddr == 0 || !ok {
         fail(
-            b"dirty: not enough RAM at 16 MiB for the working set (check the memory map / -m)",
+            b"dirty: not enough RAM at 16 MiB for the working set (give more --mem-mib)",
             3,
         );
     }
@@ -334,16 +334,16 @@ fn probe_or_fail() -> Option<Blk> {
     }
 }
 
-/// Write the pattern to `blocks` sectors from 0, flush, read back, verify.
+/// Write the pattern to `sectors` sectors from 0, flush, read back, verify.
 /// Returns the checksum of the data read.
-fn disk_check(blk: &mut Blk, blocks: u64) -> u64 {
+fn disk_check(blk: &mut Blk, sectors: u64) -> u64 {
     let wbuf = WBUF.get();
     let rbuf = RBUF.get();
     let w = wbuf as *mut u64;
     let r = rbuf as *mut u64;
     let mut s = 0;
-    while s < blocks {
-        let n = (blocks - s).min(BATCH_SECTORS as u64);
+    while s < sectors {
+        let n = (sectors - s).min(BATCH_SECTORS as u64);
         for i in 0..n * WORDS_PER_SECTOR {
             // SAFETY: i < 8 * 64 words = the 4 KiB buffer.
             unsafe {
@@ -363,8 +363,8 @@ fn disk_check(blk: &mut Blk, blocks: u64) -> u64 {
     }
     let mut h = Hash::new();
     let mut s = 0;
-    while s < blocks {
-        let n = (blocks - s).min(BATCH_SECTORS as u64);
+    while s < sectors {
+        let n = (sectors - s).min(BATCH_SECTORS as u64);
         // SAFETY: our buffer; poison it so a read that does nothing fails.
         unsafe { core::ptr::write_bytes(rbuf as *mut u8, 0xa5, BATCH_SECTORS * SECTOR_SIZE) };
         if let Err(msg) = blk.rw(false, s, n as usize, rbuf) {
@@ -387,7 +387,7 @@ fn disk_check(blk: &mut Blk, blocks: u64) -> u64 {
     h.finish()
 }
 
-fn disk(blocks: u64) -> ! {
+fn disk(sectors: u64) -> ! {
     let Some(mut blk) = probe_or_fail() else {
         io::puts(b"ERROR no virtio-blk device at ");
         io::put_hex(crate::virtio::mmio_base() as u64);
@@ -398,15 +398,15 @@ fn disk(blocks: u64) -> ! {
     io::puts(b"disk capacity ");
     io::put_dec(blk.capacity);
     io::putln(b" sectors");
-    if blocks > blk.capacity {
-        fail(b"disk: BLOCKS exceeds the disk capacity", 3);
+    if sectors > blk.capacity {
+        fail(b"disk: SECTORS exceeds the disk capacity", 3);
     }
-    let sum = disk_check(&mut blk, blocks);
+    let sum = disk_check(&mut blk, sectors);
     io::puts(b"disk verified ");
-    io::put_dec(blocks);
+    io::put_dec(sectors);
     io::putln(b" sectors");
     let mut h = Hash::new();
-    h.u64(blocks);
+    h.u64(sectors);
     h.u64(sum);
     result(b"disk", h.finish())
 }

@@ -57,8 +57,17 @@ impl KernelImage {
 
 pub fn disk_config(disk: Option<&DiskArg>) -> Result<Option<DiskConfig>, CmdError> {
     let Some(d) = disk else { return Ok(None) };
-    let meta = std::fs::metadata(&d.path)
-        .map_err(|e| CmdError::Input(format!("--disk {}: {e}", d.path.display())))?;
+    let meta = std::fs::metadata(&d.path).map_err(|e| {
+        // `x.img,rx` is a path here: say what the options are in case
+        // it was meant as one.
+        let hint = match d.path.to_string_lossy().rsplit_once(',') {
+            Some((_, opt)) => {
+                format!(" (the only disk options are ,ro and ,rw; ',{opt}' was taken as part of the path)")
+            }
+            None => String::new(),
+        };
+        CmdError::Input(format!("--disk {}: {e}{hint}", d.path.display()))
+    })?;
     if !meta.is_file() {
         return Err(CmdError::Input(format!(
             "--disk {}: not a regular file",
