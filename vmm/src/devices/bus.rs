@@ -55,7 +55,7 @@ pub enum DevicesError {
     #[error("virtio-blk: {0}")]
     Block(#[from] super::virtio::block::BlockError),
     #[error("restoring virtio-blk: {0}")]
-    BlockRestore(#[from] super::virtio::persist::PersistError),
+    BlockRestore(#[from] super::virtio::block::PersistError),
     #[error("restoring {device}: {reason}")]
     Restore {
         device: &'static str,

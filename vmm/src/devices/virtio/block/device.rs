@@ -39,7 +39,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::mmio::{
+use crate::devices::virtio::mmio::{
     MmioEvent, MmioTransport, CONFIG_SPACE_OFFSET, QUEUE_MAX_SIZE, VIRTIO_F_VERSION_1,
 };
 use crate::GuestMemory;
@@ -324,7 +324,7 @@ impl VirtioBlock {
         &self.transport
     }
 
-    pub(super) fn transport_mut(&mut self) -> &mut MmioTransport {
+    pub(crate) fn transport_mut(&mut self) -> &mut MmioTransport {
         &mut self.transport
     }
 
