@@ -1,7 +1,8 @@
 //! The virtio-mmio transport (virtio 1.2 §4.2.2, "modern", Version = 2) for
-//! a device with a single split virtqueue.
+//! a device with one or more split virtqueues (QueueSel picks the one the
+//! queue registers address).
 //!
-//! [`MmioTransport`] holds the transport registers and the queue; it decodes
+//! [`MmioTransport`] holds the transport registers and the queues; it decodes
 //! register accesses below offset 0x100 and tells its device what to do
 //! ([`MmioEvent`]). The device owns the configuration space (0x100 and up)
 //! and the request processing. Everything here is a deterministic function of
@@ -12,7 +13,7 @@
 //! except the queue address registers, which read back. Queue configuration
 //! writes are ignored while the queue is ready. The device is *live* (it
 //! consumes buffers) only after the driver has set FEATURES_OK and DRIVER_OK,
-//! the queue is ready, and neither FAILED nor DEVICE_NEEDS_RESET is set.
+//! every queue is ready, and neither FAILED nor DEVICE_NEEDS_RESET is set.
 //! Driver errors the device cannot recover from (an invalid queue size, a
 //! ready queue outside guest memory, an available index that runs more than
 //! a queue size ahead) set DEVICE_NEEDS_RESET, as the specification asks.
@@ -129,6 +130,14 @@ pub enum MmioError {
         /// This device's QueueNumMax.
         expected: u16,
     },
+    /// The saved state has another number of queues than the device.
+    #[error("saved state has {saved} queues, the device has {expected}")]
+    QueueCount {
+        /// Saved.
+        saved: usize,
+        /// The device's.
+        expected: usize,
+    },
     /// The queue fields are invalid (size, alignment).
     #[error("invalid saved queue: {0}")]
     Queue(#[source] virtio_queue::Error),
@@ -170,14 +179,14 @@ pub enum MmioError {
 pub enum MmioEvent {
     /// Nothing.
     None,
-    /// The driver notified the (only) queue: process it if live.
-    Notify,
+    /// The driver notified queue `n`: process it if live.
+    Notify(u16),
     /// The driver reset the device (Status = 0); the transport is already
     /// reset.
     Reset,
 }
 
-/// Registers and queue of a virtio-mmio device with one queue.
+/// Registers and queues of a virtio-mmio device.
 #[derive(Debug)]
 pub struct MmioTransport {
     device_id: u32,
@@ -189,13 +198,14 @@ pub struct MmioTransport {
     status: u32,
     interrupt_status: u32,
     config_generation: u32,
-    queue: Queue,
+    queues: Vec<Queue>,
 }
 
 impl MmioTransport {
     /// A reset transport for device type `device_id` offering
-    /// `device_features`.
-    pub fn new(device_id: u32, device_features: u64) -> Self {
+    /// `device_features`, with `num_queues` queues of at most
+    /// [`QUEUE_MAX_SIZE`] entries.
+    pub fn new(device_id: u32, device_features: u64, num_queues: usize) -> Self {
         MmioTransport {
             device_id,
             device_features,
@@ -206,7 +216,9 @@ impl MmioTransport {
             status: 0,
             interrupt_status: 0,
             config_generation: 0,
-            queue: Queue::new(QUEUE_MAX_SIZE).expect("QUEUE_MAX_SIZE is a valid queue size"),
+            queues: (0..num_queues)
+                .map(|_| Queue::new(QUEUE_MAX_SIZE).expect("QUEUE_MAX_SIZE is a valid queue size"))
+                .collect(),
         }
     }
 
@@ -230,14 +242,23 @@ impl MmioTransport {
         self.interrupt_status
     }
 
-    /// The queue.
-    pub fn queue(&self) -> &Queue {
-        &self.queue
+    /// Queue `n` (panics if the device has no such queue: a device bug).
+    pub fn queue(&self, n: usize) -> &Queue {
+        &self.queues[n]
     }
 
-    /// The queue, for the device's request processing.
-    pub fn queue_mut(&mut self) -> &mut Queue {
-        &mut self.queue
+    /// Queue `n`, for the device's request processing.
+    pub fn queue_mut(&mut self, n: usize) -> &mut Queue {
+        &mut self.queues[n]
+    }
+
+    /// The queue QueueSel designates, if it exists.
+    fn selected(&self) -> Option<&Queue> {
+        self.queues.get(self.queue_sel as usize)
+    }
+
+    fn selected_mut(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
     }
 
     /// The device may consume buffers: FEATURES_OK and DRIVER_OK set,
@@ -245,7 +266,9 @@ impl MmioTransport {
     pub fn is_live(&self) -> bool {
         let need = status::FEATURES_OK | status::DRIVER_OK;
         let bad = status::FAILED | status::NEEDS_RESET;
-        self.status & need == need && self.status & bad == 0 && self.queue.ready()
+        self.status & need == need
+            && self.status & bad == 0
+            && self.queues.iter().all(|q| q.ready())
     }
 
     /// Raise "used buffer" in InterruptStatus.
@@ -273,7 +296,9 @@ impl MmioTransport {
         self.queue_sel = 0;
         self.status = 0;
         self.interrupt_status = 0;
-        self.queue.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
     }
 
     /// Read a register (offset < 0x100). Reads of other widths than 4 bytes
@@ -288,7 +313,7 @@ impl MmioTransport {
             );
             return;
         }
-        let q0 = self.queue_sel == 0;
+        let q = self.selected();
         let v: u32 = match offset {
             reg::MAGIC => MMIO_MAGIC,
             reg::VERSION => MMIO_VERSION,
@@ -299,17 +324,17 @@ impl MmioTransport {
                 1 => (self.device_features >> 32) as u32,
                 _ => 0,
             },
-            reg::QUEUE_NUM_MAX if q0 => u32::from(self.queue.max_size()),
-            reg::QUEUE_NUM if q0 => u32::from(self.queue.size()),
-            reg::QUEUE_READY if q0 => u32::from(self.queue.ready()),
+            reg::QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_NUM => q.map_or(0, |q| u32::from(q.size())),
+            reg::QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
             reg::INTERRUPT_STATUS => self.interrupt_status,
             reg::STATUS => self.status,
-            reg::QUEUE_DESC_LOW if q0 => self.queue.desc_table() as u32,
-            reg::QUEUE_DESC_HIGH if q0 => (self.queue.desc_table() >> 32) as u32,
-            reg::QUEUE_DRIVER_LOW if q0 => self.queue.avail_ring() as u32,
-            reg::QUEUE_DRIVER_HIGH if q0 => (self.queue.avail_ring() >> 32) as u32,
-            reg::QUEUE_DEVICE_LOW if q0 => self.queue.used_ring() as u32,
-            reg::QUEUE_DEVICE_HIGH if q0 => (self.queue.used_ring() >> 32) as u32,
+            reg::QUEUE_DESC_LOW => q.map_or(0, |q| q.desc_table() as u32),
+            reg::QUEUE_DESC_HIGH => q.map_or(0, |q| (q.desc_table() >> 32) as u32),
+            reg::QUEUE_DRIVER_LOW => q.map_or(0, |q| q.avail_ring() as u32),
+            reg::QUEUE_DRIVER_HIGH => q.map_or(0, |q| (q.avail_ring() >> 32) as u32),
+            reg::QUEUE_DEVICE_LOW => q.map_or(0, |q| q.used_ring() as u32),
+            reg::QUEUE_DEVICE_HIGH => q.map_or(0, |q| (q.used_ring() >> 32) as u32),
             // No shared memory regions: length reads as all ones (§4.2.2).
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH => u32::MAX,
             reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => u32::MAX,
@@ -339,7 +364,10 @@ impl MmioTransport {
             reg::QUEUE_NUM => {
                 if self.queue_writable() {
                     let size = u16::try_from(v).unwrap_or(0);
-                    if self.queue.try_set_size(size).is_err() {
+                    let bad = self
+                        .selected_mut()
+                        .is_some_and(|q| q.try_set_size(size).is_err());
+                    if bad {
                         tracing::warn!(size = v, "virtio-mmio: invalid queue size");
                         self.set_needs_reset();
                     }
@@ -347,8 +375,10 @@ impl MmioTransport {
             }
             reg::QUEUE_READY => self.write_queue_ready(v, mem),
             reg::QUEUE_NOTIFY => {
-                if v == 0 {
-                    return MmioEvent::Notify;
+                if let Ok(n) = u16::try_from(v) {
+                    if usize::from(n) < self.queues.len() {
+                        return MmioEvent::Notify(n);
+                    }
                 }
             }
             reg::INTERRUPT_ACK => self.interrupt_status &= !v,
@@ -363,7 +393,7 @@ impl MmioTransport {
     }
 
     fn queue_writable(&self) -> bool {
-        self.queue_sel == 0 && !self.queue.ready()
+        self.selected().is_some_and(|q| !q.ready())
     }
 
     fn write_driver_features(&mut self, v: u32) {
@@ -381,26 +411,26 @@ impl MmioTransport {
     }
 
     fn write_queue_ready(&mut self, v: u32, mem: &GuestMemory) {
-        if self.queue_sel != 0 {
+        let Some(q) = self.selected_mut() else {
             return;
-        }
+        };
         if v == 0 {
-            self.queue.set_ready(false);
+            q.set_ready(false);
             return;
         }
-        if self.queue.ready() {
+        if q.ready() {
             return;
         }
-        self.queue.set_ready(true);
-        if !self.queue.is_valid(mem) {
+        q.set_ready(true);
+        if !q.is_valid(mem) {
             tracing::warn!(
-                desc = self.queue.desc_table(),
-                avail = self.queue.avail_ring(),
-                used = self.queue.used_ring(),
-                size = self.queue.size(),
+                desc = q.desc_table(),
+                avail = q.avail_ring(),
+                used = q.used_ring(),
+                size = q.size(),
                 "virtio-mmio: queue made ready outside guest memory"
             );
-            self.queue.set_ready(false);
+            q.set_ready(false);
             self.set_needs_reset();
         }
     }
@@ -409,7 +439,9 @@ impl MmioTransport {
         if !self.queue_writable() {
             return;
         }
-        let q = &mut self.queue;
+        let Some(q) = self.selected_mut() else {
+            return;
+        };
         match offset {
             reg::QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
             reg::QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(v)),
@@ -443,9 +475,8 @@ impl MmioTransport {
         MmioEvent::None
     }
 
-    /// Capture the registers and queue.
+    /// Capture the registers and queues.
     pub fn state(&self) -> MmioTransportState {
-        let q = self.queue.state();
         MmioTransportState {
             device_features: self.device_features,
             device_features_sel: self.device_features_sel,
@@ -455,17 +486,24 @@ impl MmioTransport {
             status: self.status,
             interrupt_status: self.interrupt_status,
             config_generation: self.config_generation,
-            queue: QueueSnapshot {
-                max_size: q.max_size,
-                size: q.size,
-                ready: q.ready,
-                desc_table: q.desc_table,
-                avail_ring: q.avail_ring,
-                used_ring: q.used_ring,
-                next_avail: q.next_avail,
-                next_used: q.next_used,
-                event_idx_enabled: q.event_idx_enabled,
-            },
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let q = q.state();
+                    QueueSnapshot {
+                        max_size: q.max_size,
+                        size: q.size,
+                        ready: q.ready,
+                        desc_table: q.desc_table,
+                        avail_ring: q.avail_ring,
+                        used_ring: q.used_ring,
+                        next_avail: q.next_avail,
+                        next_used: q.next_used,
+                        event_idx_enabled: q.event_idx_enabled,
+                    }
+                })
+                .collect(),
         }
     }
 
@@ -489,36 +527,17 @@ impl MmioTransport {
                 offered: self.device_features,
             });
         }
-        let s = &state.queue;
-        if s.max_size != QUEUE_MAX_SIZE {
-            return Err(MmioError::QueueMaxSize {
-                saved: s.max_size,
-                expected: QUEUE_MAX_SIZE,
+        if state.queues.len() != self.queues.len() {
+            return Err(MmioError::QueueCount {
+                saved: state.queues.len(),
+                expected: self.queues.len(),
             });
         }
-        let mut queue = Queue::new(s.max_size).map_err(MmioError::Queue)?;
-        queue.try_set_size(s.size).map_err(MmioError::Queue)?;
-        queue
-            .try_set_desc_table_address(GuestAddress(s.desc_table))
-            .map_err(MmioError::Queue)?;
-        queue
-            .try_set_avail_ring_address(GuestAddress(s.avail_ring))
-            .map_err(MmioError::Queue)?;
-        queue
-            .try_set_used_ring_address(GuestAddress(s.used_ring))
-            .map_err(MmioError::Queue)?;
-        queue.set_next_avail(s.next_avail);
-        queue.set_next_used(s.next_used);
-        queue.set_event_idx(s.event_idx_enabled);
-        queue.set_ready(s.ready);
-        if s.ready && !queue.is_valid(mem) {
-            return Err(MmioError::QueueOutsideMemory {
-                size: s.size,
-                desc: s.desc_table,
-                avail: s.avail_ring,
-                used: s.used_ring,
-            });
-        }
+        let queues = state
+            .queues
+            .iter()
+            .map(|s| restore_queue(s, mem))
+            .collect::<Result<Vec<_>, _>>()?;
         self.device_features_sel = state.device_features_sel;
         self.driver_features = state.driver_features;
         self.driver_features_sel = state.driver_features_sel;
@@ -526,7 +545,42 @@ impl MmioTransport {
         self.status = state.status;
         self.interrupt_status = state.interrupt_status;
         self.config_generation = state.config_generation;
-        self.queue = queue;
+        self.queues = queues;
         Ok(())
     }
+}
+
+/// A queue from its saved state, checked (size, alignment, inside guest
+/// memory when ready).
+fn restore_queue(s: &QueueSnapshot, mem: &GuestMemory) -> Result<Queue, MmioError> {
+    if s.max_size != QUEUE_MAX_SIZE {
+        return Err(MmioError::QueueMaxSize {
+            saved: s.max_size,
+            expected: QUEUE_MAX_SIZE,
+        });
+    }
+    let mut queue = Queue::new(s.max_size).map_err(MmioError::Queue)?;
+    queue.try_set_size(s.size).map_err(MmioError::Queue)?;
+    queue
+        .try_set_desc_table_address(GuestAddress(s.desc_table))
+        .map_err(MmioError::Queue)?;
+    queue
+        .try_set_avail_ring_address(GuestAddress(s.avail_ring))
+        .map_err(MmioError::Queue)?;
+    queue
+        .try_set_used_ring_address(GuestAddress(s.used_ring))
+        .map_err(MmioError::Queue)?;
+    queue.set_next_avail(s.next_avail);
+    queue.set_next_used(s.next_used);
+    queue.set_event_idx(s.event_idx_enabled);
+    queue.set_ready(s.ready);
+    if s.ready && !queue.is_valid(mem) {
+        return Err(MmioError::QueueOutsideMemory {
+            size: s.size,
+            desc: s.desc_table,
+            avail: s.avail_ring,
+            used: s.used_ring,
+        });
+    }
+    Ok(queue)
 }

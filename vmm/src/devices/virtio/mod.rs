@@ -2,4 +2,5 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod persist;

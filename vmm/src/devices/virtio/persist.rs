@@ -47,6 +47,6 @@ pub struct MmioTransportState {
     pub interrupt_status: u32,
     /// ConfigGeneration.
     pub config_generation: u32,
-    /// The device's only virtqueue.
-    pub queue: QueueSnapshot,
+    /// The device's virtqueues, in queue index order.
+    pub queues: Vec<QueueSnapshot>,
 }

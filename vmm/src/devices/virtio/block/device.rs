@@ -289,7 +289,7 @@ impl VirtioBlock {
             file,
             capacity_sectors,
             serial: DEFAULT_SERIAL.to_owned(),
-            transport: MmioTransport::new(VIRTIO_ID_BLOCK, features),
+            transport: MmioTransport::new(VIRTIO_ID_BLOCK, features, 1),
             dirty: DirtyBlocks::new(blocks),
         })
     }
@@ -351,7 +351,7 @@ impl VirtioBlock {
             return;
         }
         match self.transport.write_register(offset, data, mem) {
-            MmioEvent::Notify => self.process_queue(mem),
+            MmioEvent::Notify(_) => self.process_queue(mem),
             MmioEvent::Reset | MmioEvent::None => {}
         }
     }
@@ -384,7 +384,7 @@ impl VirtioBlock {
             tracing::debug!("virtio-blk: notify while not live ignored");
             return;
         }
-        let chains: Vec<DescriptorChain<&GuestMemory>> = match self.transport.queue_mut().iter(mem)
+        let chains: Vec<DescriptorChain<&GuestMemory>> = match self.transport.queue_mut(0).iter(mem)
         {
             Ok(iter) => iter.collect(),
             Err(e) => {
@@ -397,7 +397,7 @@ impl VirtioBlock {
         for chain in chains {
             let head = chain.head_index();
             let len = self.process_chain(mem, chain);
-            match self.transport.queue_mut().add_used(mem, head, len) {
+            match self.transport.queue_mut(0).add_used(mem, head, len) {
                 Ok(()) => used_any = true,
                 Err(e) => {
                     tracing::debug!(head, error = %e, "virtio-blk: cannot return chain");

@@ -185,8 +185,8 @@ mod tests {
         let state: VirtioBlockState = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(state, dev.save());
         assert_eq!(state.capacity_sectors, 2048);
-        assert_eq!(state.transport.queue.next_avail, 1);
-        assert_eq!(state.transport.queue.next_used, 1);
+        assert_eq!(state.transport.queues[0].next_avail, 1);
+        assert_eq!(state.transport.queues[0].next_used, 1);
         assert_eq!(state.transport.interrupt_status, 1);
         drop(dev);
 
@@ -210,7 +210,7 @@ mod tests {
         // And the next request after that.
         let (st, len) = drv.request(&mut dev, &mem, VIRTIO_BLK_T_IN, 0, Some((DATA2, 512)));
         assert_eq!((st, len), (VIRTIO_BLK_S_OK, 513));
-        assert_eq!(dev.save().transport.queue.next_used, 3);
+        assert_eq!(dev.save().transport.queues[0].next_used, 3);
     }
 
     #[test]
@@ -268,10 +268,10 @@ mod tests {
 
         // Corrupt queue fields.
         let mut bad = state.clone();
-        bad.transport.queue.size = 15;
+        bad.transport.queues[0].size = 15;
         assert!(VirtioBlock::restore((img.config(false), mem.clone()), &bad).is_err());
         let mut bad = state.clone();
-        bad.transport.queue.desc_table = 0x1001;
+        bad.transport.queues[0].desc_table = 0x1001;
         assert!(VirtioBlock::restore((img.config(false), mem.clone()), &bad).is_err());
         let mut bad = state.clone();
         bad.transport.driver_features |= 1 << 40;
