@@ -339,7 +339,9 @@ fn assert_repaired_not_verified(out: &Output) {
         out.describe()
     );
     assert!(
-        out.stderr.contains("divergences repaired; the replica is exact again from the sync point at exit "),
+        out.stderr.contains(
+            "divergences repaired; the replica is exact again from the sync point at exit "
+        ),
         "{}",
         out.describe()
     );
@@ -366,7 +368,11 @@ fn tsc_repair_succeeds_every_time_even_when_the_guest_ends_first() {
         if count_before(&fixed.stderr, " divergences repaired", &fixed) > 0 {
             assert_repaired_not_verified(&fixed);
         } else {
-            assert!(fixed.stderr.contains("replay verified"), "{}", fixed.describe());
+            assert!(
+                fixed.stderr.contains("replay verified"),
+                "{}",
+                fixed.describe()
+            );
         }
     }
 }

@@ -282,19 +282,26 @@ const SYNC_DAMAGE: [(&str, SyncDamage); 5] = [
     ("undecodable vCPU state", |sp| sp.vcpu_state = vec![0xff; 7]),
     ("undecodable device state", |sp| sp.device_state.truncate(3)),
     ("a page near u64::MAX", |sp| {
-        sp.pages.push((u64::MAX & !0xfff, vec![0; 4096]))
+        sp.pages.push((!0xfff, vec![0; 4096]))
     }),
     ("a page outside guest memory", |sp| {
         sp.pages.push((1 << 40, vec![0; 4096]))
     }),
-    ("a page of 5000 bytes", |sp| sp.pages.push((0x1000, vec![0; 5000]))),
+    ("a page of 5000 bytes", |sp| {
+        sp.pages.push((0x1000, vec![0; 5000]))
+    }),
 ];
 
 /// A replay of a damaged log: status 2 naming a byte offset, never
 /// "verified", never a divergence.
 #[track_caller]
 fn assert_damage_reported(out: &Output, what: &str) {
-    assert_eq!(out.status, 2, "{what}: not reported as damage\n{}", out.describe());
+    assert_eq!(
+        out.status,
+        2,
+        "{what}: not reported as damage\n{}",
+        out.describe()
+    );
     assert!(
         number_after(&out.stderr, "corrupt log entry at byte offset ").is_some(),
         "{what}: no offset named\n{}",

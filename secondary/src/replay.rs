@@ -53,7 +53,9 @@ pub enum BadEntry {
     #[error("{0}")]
     Read(String),
     /// A sync point whose contents are invalid.
-    #[error("corrupt log entry at byte offset {offset}: the sync point at exit {exit_seq}: {reason}")]
+    #[error(
+        "corrupt log entry at byte offset {offset}: the sync point at exit {exit_seq}: {reason}"
+    )]
     SyncPoint {
         /// Offset of the frame holding the entry.
         offset: u64,
@@ -453,7 +455,11 @@ impl<S: EntrySource> Inputs for Replayer<S> {
         let found = match self.peek() {
             // The recorder's final sync point, then its `End`.
             Some(Entry::SyncPoint { exit_seq: s, .. }) if *s == exit_seq => return Ok(()),
-            Some(e) => format!("the log continues with {} at exit {}", e.kind(), e.exit_seq()),
+            Some(e) => format!(
+                "the log continues with {} at exit {}",
+                e.kind(),
+                e.exit_seq()
+            ),
             None => match self.end {
                 LogEnd::End { exit_seq: end, .. } if end != exit_seq => {
                     format!("the recorded run ended at exit {end}")

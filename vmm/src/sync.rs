@@ -77,9 +77,9 @@ impl SyncPointCheck {
         let Some(end) = gpa.checked_add(len) else {
             return false;
         };
-        self.regions.iter().any(|&(start, size)| {
-            gpa >= start && start.checked_add(size).is_some_and(|e| end <= e)
-        })
+        self.regions
+            .iter()
+            .any(|&(start, size)| gpa >= start && start.checked_add(size).is_some_and(|e| end <= e))
     }
 
     /// Decode and check `sp`.
