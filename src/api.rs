@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `{"cmd":"status"}` | `{"event":"status", "state":..., "exit_seq":..., "migration":...}` |
 //! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | `{"event":"ok"}` |
-//! | `{"cmd":"migrate", "to":ADDR, "server_name":..., "ca":..., "cert":..., "key":..., "downtime_ms":..., "max_bandwidth":..., "disk_dest":...}` | `{"event":"progress", ...}` lines, then `{"event":"done", ...}` (the VM runs at the destination; this process ends) |
+//! | `{"cmd":"migrate", "to":ADDR, "server_name":..., "ca":..., "cert":..., "key":..., "downtime_ms":..., "max_bandwidth":...}` | `{"event":"progress", ...}` lines, then `{"event":"done", ...}` (the VM runs at the destination; this process ends) |
 //! | `{"cmd":"move_disk", "dest":PATH, "force":false, "downtime_ms":...}` | `{"event":"progress", ...}` lines, then `{"event":"disk_moved", ...}` (the VM runs on the image at PATH now) |
 //!
 //! Any request may instead be answered `{"event":"error","error":"..."}`.
@@ -65,8 +65,6 @@ pub struct MigrateRequest {
     pub downtime_ms: Option<u64>,
     /// Sending rate cap in bytes/s.
     pub max_bandwidth: Option<u64>,
-    /// Disk path for a destination that was given no `--disk`.
-    pub disk_dest: Option<PathBuf>,
 }
 
 /// An answer line.
@@ -205,7 +203,6 @@ fn params(m: &MigrateRequest) -> Result<MigrationParams, String> {
         name,
         downtime: Duration::from_millis(m.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS)),
         max_bandwidth: m.max_bandwidth,
-        disk_dest: m.disk_dest.clone(),
     })
 }
 

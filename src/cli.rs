@@ -109,10 +109,18 @@ pub struct ReceiveArgs {
     pub listen: std::net::SocketAddr,
     #[command(flatten)]
     pub creds: CredsArgs,
-    /// Where to put the VM's disk: created, or overwritten and resized to
-    /// the source disk's size.
-    #[arg(long)]
+    /// Where to put the VM's disk. The image is written to a temporary
+    /// file next to PATH and renamed onto it only once the VM runs here;
+    /// a failed migration leaves PATH as it was. A device node is written
+    /// in place. If PATH is the source's own image (this host under another
+    /// address, or storage both hosts share), only memory moves.
+    #[arg(long, conflicts_with = "disk_dir")]
     pub disk: Option<PathBuf>,
+    /// Put the VM's disk in DIR under the source image's file name (checked:
+    /// a plain file name; an existing file other than the source's own
+    /// image is never replaced). A path sent by the source is never used.
+    #[arg(long, value_name = "DIR")]
+    pub disk_dir: Option<PathBuf>,
     /// Serial console: stdio, null or file:PATH.
     #[arg(long, default_value = "stdio")]
     pub serial: SerialTarget,
@@ -148,10 +156,11 @@ pub struct MigrateArgs {
     /// Cap on the sending rate, bytes per second.
     #[arg(long)]
     pub max_bandwidth: Option<u64>,
-    /// With --to: where the destination puts the disk when its `receive`
-    /// has no --disk. Without --to: move the running VM's disk to this new
-    /// image on this host (the VM keeps running here).
-    #[arg(long)]
+    /// Move the running VM's disk to this new image on this host (the VM
+    /// keeps running here). Not with --to: the destination's operator
+    /// chooses where an incoming disk goes (`tandem receive --disk` or
+    /// `--disk-dir`).
+    #[arg(long, conflicts_with = "to")]
     pub disk_dest: Option<PathBuf>,
     /// Local disk move: overwrite --disk-dest even if it is a non-empty
     /// file.

@@ -8,283 +8,18 @@
 //! source running to the same result. Migrations are triggered by guest
 //! events (console lines), never by sleeping.
 
-use std::io::Read;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
-/// Only turns a hang into a failure.
-const TIMEOUT: Duration = Duration::from_secs(120);
+use common::cluster::{
+    make_disk, migrate, receiver, reference, run_tandem, same_image, source, Netns, Pki, Proc,
+};
+use common::{result_line, TempDir, TANDEM, TIMEOUT};
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "tandem-mig-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    fn s(&self, name: &str) -> String {
-        self.path(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running `tandem` whose output is collected by threads.
-struct Proc {
-    child: Child,
-    stdout: Arc<Mutex<Vec<u8>>>,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    what: String,
-}
-
-fn collect<R: Read + Send + 'static>(mut r: R) -> Arc<Mutex<Vec<u8>>> {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let b = buf.clone();
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = r.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            b.lock().unwrap().extend_from_slice(&chunk[..n]);
-        }
-    });
-    buf
-}
-
-impl Proc {
-    fn spawn(prefix: &[&str], args: &[&str]) -> Proc {
-        let mut cmd = if prefix.is_empty() {
-            Command::new(TANDEM)
-        } else {
-            let mut c = Command::new(prefix[0]);
-            c.args(&prefix[1..]).arg(TANDEM);
-            c
-        };
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn tandem");
-        let stdout = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
-        Proc {
-            child,
-            stdout,
-            stderr,
-            what: format!("{prefix:?} tandem {args:?}"),
-        }
-    }
-
-    fn out(&self) -> String {
-        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
-    }
-    fn err(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
-    }
-    fn describe(&self) -> String {
-        format!(
-            "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.what,
-            self.out(),
-            self.err()
-        )
-    }
-
-    /// Wait until `needle` shows up on stdout (`err`: stderr).
-    #[track_caller]
-    fn wait_for(&mut self, needle: &str, err: bool) -> String {
-        let start = Instant::now();
-        loop {
-            let text = if err { self.err() } else { self.out() };
-            if let Some(i) = text.find(needle) {
-                return text[i + needle.len()..].to_string();
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                // Let the readers drain.
-                std::thread::sleep(Duration::from_millis(50));
-                let text = if err { self.err() } else { self.out() };
-                if let Some(i) = text.find(needle) {
-                    return text[i + needle.len()..].to_string();
-                }
-                panic!(
-                    "ended ({st}) before printing {needle:?}\n{}",
-                    self.describe()
-                );
-            }
-            if start.elapsed() > TIMEOUT {
-                panic!("timed out waiting for {needle:?}\n{}", self.describe());
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// Wait for the end; returns (status, stdout, stderr).
-    #[track_caller]
-    fn finish(mut self) -> (i32, String, String) {
-        let start = Instant::now();
-        let st = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            if start.elapsed() > TIMEOUT {
-                panic!("timed out\n{}", self.describe());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        let code = st
-            .code()
-            .unwrap_or_else(|| panic!("killed: {st}\n{}", self.describe()));
-        (code, self.out(), self.err())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A cluster CA with host certificates.
-struct Pki {
-    dir: TempDir,
-}
-
-impl Pki {
-    fn new(hosts: &[&str], sans: &[&str]) -> Pki {
-        let dir = TempDir::new("pki");
-        let d = dir.s("");
-        run_ok(&["certs", "init", "--dir", &d]);
-        for h in hosts {
-            let mut args = vec!["certs", "issue", "--dir", &d, "--name", h];
-            for s in sans {
-                args.push("--san");
-                args.push(s);
-            }
-            run_ok(&args);
-        }
-        Pki { dir }
-    }
-    /// `--ca --cert --key` of `host`.
-    fn creds(&self, host: &str) -> Vec<String> {
-        vec![
-            "--ca".into(),
-            self.dir.s("ca.pem"),
-            "--cert".into(),
-            self.dir.s(&format!("{host}.pem")),
-            "--key".into(),
-            self.dir.s(&format!("{host}.key")),
-        ]
-    }
-}
-
-#[track_caller]
-fn run_ok(args: &[&str]) -> String {
-    let out = Command::new(TANDEM)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tandem {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Console output of an unmigrated run.
-fn reference(cmdline: &str, disk: Option<&Path>) -> String {
-    let mut args = vec!["run", "--cmdline", cmdline];
-    let d;
-    if let Some(p) = disk {
-        d = p.to_string_lossy().into_owned();
-        args.push("--disk");
-        args.push(&d);
-    }
-    run_ok(&args)
-}
-
-fn result_line(console: &str) -> Option<&str> {
-    console.lines().find(|l| l.starts_with("RESULT "))
-}
-
-/// Start `tandem receive` (with `prefix`, e.g. `ip netns exec NS`) and
-/// return it with the address it listens on.
-fn receiver(prefix: &[&str], listen: &str, creds: &[String], extra: &[&str]) -> (Proc, String) {
-    let mut args: Vec<&str> = vec!["receive", "--listen", listen];
-    args.extend(creds.iter().map(String::as_str));
-    args.extend_from_slice(extra);
-    let mut p = Proc::spawn(prefix, &args);
-    let mut rest = p.wait_for("waiting for a VM on ", true);
-    while !rest.contains('\n') {
-        std::thread::sleep(Duration::from_millis(2));
-        rest = p.wait_for("waiting for a VM on ", true);
-    }
-    let addr = rest.lines().next().unwrap().trim().to_string();
-    (p, addr)
-}
-
-/// Start `tandem run --api-socket` and wait for the socket.
-fn source(prefix: &[&str], sock: &str, cmdline: &str, extra: &[&str]) -> Proc {
-    let mut args = vec!["run", "--cmdline", cmdline, "--api-socket", sock];
-    args.extend_from_slice(extra);
-    let mut p = Proc::spawn(prefix, &args);
-    let start = Instant::now();
-    while !Path::new(sock).exists() {
-        if let Ok(Some(_)) = p.child.try_wait() {
-            panic!("source ended early\n{}", p.describe());
-        }
-        assert!(start.elapsed() < TIMEOUT, "no API socket\n{}", p.describe());
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    p
-}
-
-/// `tandem migrate`; returns (status, stdout, stderr).
-fn migrate(sock: &str, to: &str, creds: &[String], extra: &[&str]) -> (i32, String, String) {
-    let mut args = vec!["migrate", "--api", sock, "--to", to];
-    args.extend(creds.iter().map(String::as_str));
-    args.extend_from_slice(extra);
-    run_tandem(&args)
-}
-
-/// Run `tandem ARGS` to completion; returns (status, stdout, stderr).
-fn run_tandem(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(TANDEM)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Migrate `cmdline` once when the source prints `marker`; the console
 /// output of source + destination must be the unmigrated one.
 fn migrate_once(cmdline: &str, marker: &str) {
     let expected = reference(cmdline, None);
@@ -355,59 +90,58 @@ fn migrate_a_to_b_and_back() {
     assert_eq!(format!("{aout}{bout}{a2out}"), expected);
 }
 
-/// A disk image with data in some blocks and zeros in others.
-fn make_disk(path: &Path, len: usize) {
-    let mut data = vec![0u8; len];
-    for (i, chunk) in data.chunks_mut(65536).enumerate() {
-        if i % 3 != 0 {
-            for (j, b) in chunk.iter_mut().enumerate() {
-                *b = (i * 31 + j / 512) as u8 | 1;
-            }
-        }
-    }
-    std::fs::write(path, data).unwrap();
-}
-
-fn migrate_disk(disk_dest: bool) {
+/// Migrate a VM with a disk; the receiver names the image with `--disk
+/// PATH` (`disk_dir`: false) or `--disk-dir DIR` (the image is DIR/src.img,
+/// the source image's file name).
+fn migrate_disk(disk_dir: bool) {
     let cmdline = "disk 256";
     let tmp = TempDir::new("disk");
-    let (ref_img, src_img, dst_img) = (
-        tmp.path("ref.img"),
-        tmp.path("src.img"),
-        tmp.path("dst.img"),
-    );
+    std::fs::create_dir(tmp.file("incoming")).unwrap();
+    let (ref_img, src_img) = (tmp.file("ref.img"), tmp.file("src.img"));
+    let dst_img = if disk_dir {
+        tmp.file("incoming/src.img")
+    } else {
+        tmp.file("dst.img")
+    };
     make_disk(&ref_img, 4 << 20);
     std::fs::copy(&ref_img, &src_img).unwrap();
     let expected = reference(cmdline, Some(&ref_img));
     let pki = Pki::new(&["a", "b"], &[]);
     let sock = tmp.s("a.sock");
-    let dst_s = dst_img.to_string_lossy().into_owned();
-    let extra: Vec<&str> = if disk_dest {
-        vec![]
+    let (dst_s, dir_s) = (tmp.s("dst.img"), tmp.s("incoming"));
+    let extra = if disk_dir {
+        ["--disk-dir", &dir_s]
     } else {
-        vec!["--disk", &dst_s]
+        ["--disk", &dst_s]
     };
     let (dst, addr) = receiver(&[], "127.0.0.1:0", &pki.creds("b"), &extra);
     let src_s = src_img.to_string_lossy().into_owned();
     let mut src = source(&[], &sock, cmdline, &["--disk", &src_s]);
     src.wait_for("cmdline:", false);
-    let mextra: Vec<&str> = if disk_dest {
-        vec!["--disk-dest", &dst_s]
-    } else {
-        vec![]
-    };
-    let (code, out, err) = migrate(&sock, &addr, &pki.creds("a"), &mextra);
+    let (code, out, err) = migrate(&sock, &addr, &pki.creds("a"), &[]);
     assert_eq!(code, 0, "{out}\n{err}\n{}", src.describe());
     assert!(out.contains("disk sent"), "{out}");
     let (scode, sout, _) = src.finish();
     let (dcode, dout, derr) = dst.finish();
     assert_eq!((scode, dcode), (0, 0), "{derr}");
     assert_eq!(format!("{sout}{dout}"), expected);
-    let want = std::fs::read(&ref_img).unwrap();
-    let got = std::fs::read(&dst_img).unwrap();
-    assert_eq!(want.len(), got.len());
-    let first_diff = want.iter().zip(&got).position(|(a, b)| a != b);
-    assert_eq!(first_diff, None, "destination image differs");
+    same_image(
+        &dst_img,
+        &std::fs::read(&ref_img).unwrap(),
+        "destination image",
+    );
+    // Nothing but the image is left in its directory.
+    let dir = dst_img.parent().unwrap();
+    let names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tandem-"))
+        .collect();
+    assert!(
+        names.is_empty(),
+        "left behind in {}: {names:?}",
+        dir.display()
+    );
 }
 
 #[test]
@@ -416,7 +150,7 @@ fn migrate_with_disk_keeps_every_block() {
 }
 
 #[test]
-fn migrate_disk_dest_moves_the_image() {
+fn migrate_disk_dir_places_the_image_by_name() {
     migrate_disk(true);
 }
 
@@ -484,13 +218,13 @@ fn wrong_ca_is_refused_and_source_continues() {
 #[test]
 fn destination_disk_full_aborts_and_source_continues() {
     let tmp = TempDir::new("full");
-    let img = tmp.path("src.img");
+    let img = tmp.file("src.img");
     make_disk(&img, 1 << 20);
     let cmdline = "disk 1024";
     let expected = reference(
         cmdline,
         Some(&{
-            let r = tmp.path("ref.img");
+            let r = tmp.file("ref.img");
             make_disk(&r, 1 << 20);
             r
         }),
@@ -543,63 +277,6 @@ fn destination_killed_mid_migration_source_continues() {
         // Slow enough that pre-copy is still running when it is killed.
         &["--max-bandwidth", "20000"],
     );
-}
-
-/// Two network namespaces joined by a veth pair.
-struct Netns {
-    a: String,
-    b: String,
-}
-
-impl Netns {
-    fn new(tag: &str, subnet: u8) -> Option<Netns> {
-        let ok = |args: &[&str]| {
-            Command::new("ip")
-                .args(args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !ok(&["netns", "list"]) {
-            return None;
-        }
-        let id = std::process::id() % 100_000;
-        let n = Netns {
-            a: format!("tandem-a-{tag}-{id}"),
-            b: format!("tandem-b-{tag}-{id}"),
-        };
-        let (va, vb) = (format!("tva{id}"), format!("tvb{id}"));
-        let (ipa, ipb) = (format!("10.{subnet}.0.1/24"), format!("10.{subnet}.0.2/24"));
-        let steps: Vec<Vec<&str>> = vec![
-            vec!["netns", "add", &n.a],
-            vec!["netns", "add", &n.b],
-            vec!["link", "add", &va, "type", "veth", "peer", "name", &vb],
-            vec!["link", "set", &va, "netns", &n.a],
-            vec!["link", "set", &vb, "netns", &n.b],
-            vec!["-n", &n.a, "addr", "add", &ipa, "dev", &va],
-            vec!["-n", &n.b, "addr", "add", &ipb, "dev", &vb],
-            vec!["-n", &n.a, "link", "set", &va, "up"],
-            vec!["-n", &n.b, "link", "set", &vb, "up"],
-            vec!["-n", &n.a, "link", "set", "lo", "up"],
-            vec!["-n", &n.b, "link", "set", "lo", "up"],
-        ];
-        for s in steps {
-            if !ok(&s) {
-                eprintln!("netns setup failed at ip {s:?}");
-                return None;
-            }
-        }
-        Some(n)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
 }
 
 #[test]
@@ -663,9 +340,9 @@ struct DiskVm {
 
 fn disk_vm(tag: &str) -> DiskVm {
     let tmp = TempDir::new(tag);
-    let ref_img = tmp.path("ref.img");
+    let ref_img = tmp.file("ref.img");
     make_disk(&ref_img, 1 << 20);
-    let img = tmp.path("vm.img");
+    let img = tmp.file("vm.img");
     std::fs::copy(&ref_img, &img).unwrap();
     let expected = reference(DISK_MOVE_CMDLINE, Some(&ref_img));
     assert!(result_line(&expected).is_some(), "{expected}");
@@ -687,14 +364,6 @@ fn disk_vm(tag: &str) -> DiskVm {
         expected,
         expected_img,
     }
-}
-
-#[track_caller]
-fn same_image(path: &Path, want: &[u8], what: &str) {
-    let got = std::fs::read(path).unwrap();
-    assert_eq!(got.len(), want.len(), "{what}: size");
-    let first_diff = want.iter().zip(&got).position(|(a, b)| a != b);
-    assert_eq!(first_diff, None, "{what}: first differing byte");
 }
 
 impl DiskVm {
@@ -720,7 +389,7 @@ impl DiskVm {
 #[test]
 fn disk_move_mid_run() {
     let vm = disk_vm("dmove");
-    let new = vm.tmp.path("new.img");
+    let new = vm.tmp.file("new.img");
     // A capped copy rate keeps round 0 long enough for the guest to
     // dirty blocks behind it, so that there are dirty rounds to copy.
     let (code, out, err) = move_disk(&vm.sock, &new, &["--max-bandwidth", "2000000"]);
@@ -746,9 +415,9 @@ fn disk_move_mid_run() {
 fn disk_move_then_move_and_migrate_use_the_new_image() {
     let vm = disk_vm("dmove2");
     let (new, new2, dst) = (
-        vm.tmp.path("new.img"),
-        vm.tmp.path("new2.img"),
-        vm.tmp.path("dst.img"),
+        vm.tmp.file("new.img"),
+        vm.tmp.file("new2.img"),
+        vm.tmp.file("dst.img"),
     );
     // A pause target no round can meet (only a round without writes ends
     // the copy early): rounds go on, with auto-converge, until forced.
@@ -814,7 +483,7 @@ fn disk_move_to_the_same_image_is_refused() {
     let vm = disk_vm("dsame");
     let img = vm.img.clone();
     // Another name of the same file.
-    let link = vm.tmp.path("link.img");
+    let link = vm.tmp.file("link.img");
     std::os::unix::fs::symlink(&img, &link).unwrap();
     let tmp = refused_move(vm, &link, &["--force"], "current disk image");
     // And the path itself.
@@ -827,26 +496,26 @@ fn disk_move_to_the_same_image_is_refused() {
 #[test]
 fn disk_move_to_a_directory_is_refused() {
     let vm = disk_vm("ddir");
-    let dir = vm.tmp.path("dir");
+    let dir = vm.tmp.file("dir");
     std::fs::create_dir(&dir).unwrap();
     let tmp = refused_move(vm, &dir, &[], "is a directory");
-    assert!(tmp.path("dir").is_dir());
+    assert!(tmp.file("dir").is_dir());
 }
 
 #[test]
 fn disk_move_onto_a_non_empty_file_needs_force() {
     let vm = disk_vm("dfull");
-    let taken = vm.tmp.path("taken.img");
+    let taken = vm.tmp.file("taken.img");
     std::fs::write(&taken, b"precious data").unwrap();
     let tmp = refused_move(vm, &taken, &[], "not empty");
     assert_eq!(
-        std::fs::read(tmp.path("taken.img")).unwrap(),
+        std::fs::read(tmp.file("taken.img")).unwrap(),
         b"precious data"
     );
 
     // With --force it is overwritten.
     let vm = disk_vm("dforce");
-    let taken = vm.tmp.path("taken.img");
+    let taken = vm.tmp.file("taken.img");
     std::fs::write(&taken, vec![0xeeu8; 3 << 20]).unwrap();
     let (code, out, err) = move_disk(&vm.sock, &taken, &["--force"]);
     assert_eq!(code, 0, "{out}\n{err}\n{}", vm.src.describe());
@@ -882,7 +551,7 @@ impl Drop for SmallFs {
 fn disk_move_onto_a_full_filesystem_fails_cleanly() {
     let vm = disk_vm("dnospc");
     // 256 KiB for a disk with 720 KiB of data.
-    let Some(fs) = SmallFs::new(vm.tmp.path("small"), "256k") else {
+    let Some(fs) = SmallFs::new(vm.tmp.file("small"), "256k") else {
         eprintln!("SKIPPED disk_move_onto_a_full_filesystem_fails_cleanly: cannot mount a tmpfs");
         drop(vm);
         return;

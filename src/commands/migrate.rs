@@ -123,7 +123,10 @@ fn summary(r: &MigrationReport) -> String {
         r.rounds,
         r.final_pages,
         r.pages_sent,
-        if r.disk_bytes_sent > 0 {
+        if r.disk_shared {
+            "\n  disk           not copied: the destination uses the same image (shared storage)"
+                .to_string()
+        } else if r.disk_bytes_sent > 0 {
             format!("\n  disk sent      {}", mib(r.disk_bytes_sent as f64))
         } else {
             String::new()
@@ -161,7 +164,6 @@ pub fn migrate(args: MigrateArgs) -> Result<i32, CmdError> {
                 key: absolute(key)?,
                 downtime_ms: Some(args.downtime_ms),
                 max_bandwidth: args.max_bandwidth,
-                disk_dest: args.disk_dest.as_deref().map(absolute).transpose()?,
             })
         }
         None => {

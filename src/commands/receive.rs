@@ -38,6 +38,7 @@ pub fn receive(args: ReceiveArgs) -> Result<i32, CmdError> {
     };
     let opts = ReceiveOptions {
         disk: args.disk.clone(),
+        disk_dir: args.disk_dir.clone(),
     };
     let received =
         accept_vm(&listener, &opts, serial_out).map_err(|e| CmdError::Internal(e.to_string()))?;

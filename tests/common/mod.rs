@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -178,6 +180,11 @@ impl TempDir {
     /// A path inside the directory (not created).
     pub fn file(&self, name: &str) -> PathBuf {
         self.0.join(name)
+    }
+
+    /// [`file`](Self::file) as a `String` argument.
+    pub fn s(&self, name: &str) -> String {
+        arg(&self.file(name)).to_string()
     }
 
     /// Write `bytes` to a file inside the directory and return its path.

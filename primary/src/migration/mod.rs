@@ -17,7 +17,6 @@ mod precopy;
 mod source;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -43,8 +42,6 @@ pub struct MigrationParams {
     pub downtime: Duration,
     /// Cap on the sending rate, bytes per second.
     pub max_bandwidth: Option<u64>,
-    /// Where the destination should put the disk if it was given none.
-    pub disk_dest: Option<PathBuf>,
 }
 
 /// Progress of a migration (for `tandem status` and `tandem migrate`).
@@ -100,6 +97,10 @@ pub struct MigrationReport {
     pub final_pages: u64,
     /// Disk bytes sent.
     pub disk_bytes_sent: u64,
+    /// The destination reached the source's own image (same file: one host
+    /// under another address, or shared storage): only memory moved.
+    #[serde(default)]
+    pub disk_shared: bool,
     /// Highest auto-converge throttle used (%).
     pub max_throttle_pct: u32,
     /// Did pre-copy reach the downtime target (else: forced switchover)?

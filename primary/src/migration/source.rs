@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use failover::channel::{
     close_code, BlockingConnection, ChannelConfig, DiskBlock, Handle, Message, Page, Role,
 };
-use failover::migration::{encode_page, kind, Header, MIGRATION_VERSION};
+use failover::migration::{
+    encode_page, kind, marker_path, new_nonce, Accepted, DiskIdentity, DiskOffer, DiskPlan, Header,
+    MIGRATION_VERSION,
+};
 use vmm::devices::virtio::block::DIRTY_BLOCK_SIZE;
 use vmm::dirty::ConsumerId;
 use vmm::vstate::memory::{self, page_is_zero, read_page};
@@ -76,6 +79,8 @@ pub fn migrate(
         last_status: Instant::now(),
         page_bytes: 0,
         pages_encoded: 0,
+        marker: None,
+        disk_plan: DiskPlan::None,
     };
     let result = source.run(on_progress);
     if let Err(e) = &result {
@@ -111,6 +116,56 @@ struct Source<'a> {
     /// Encoded bytes of the pages sent, for the average page cost.
     page_bytes: u64,
     pages_encoded: u64,
+    /// The marker file next to our disk image while the migration runs.
+    marker: Option<Marker>,
+    /// What the destination does with the disk.
+    disk_plan: DiskPlan,
+}
+
+/// A marker file next to the source's disk image
+/// (`failover::migration::marker_path`), so that a destination on storage
+/// this host shares recognises the image as the source's own. Removed when
+/// the migration ends.
+struct Marker(std::path::PathBuf);
+
+impl Marker {
+    /// Create the marker of `image` (canonical); `None` (with a warning)
+    /// if the image's directory is not writable.
+    fn create(image: &std::path::Path) -> Option<(Marker, String)> {
+        let made = new_nonce().and_then(|nonce| {
+            let path = marker_path(image, &nonce).ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name")
+            })?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            use std::io::Write;
+            let _ = writeln!(
+                f,
+                "tandem: the image {} is being migrated by process {}",
+                image.display(),
+                std::process::id()
+            );
+            Ok((Marker(path), nonce))
+        });
+        match made {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot create a migration marker next to {}: {e}; a destination on shared storage will not recognise it (one on this host still does)",
+                    image.display()
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// What one batch of sending produced.
@@ -185,14 +240,15 @@ impl Source<'_> {
         self.report.destination = format!("{} at {}", conn.peer().hello.name, params.to);
         self.conn = Some(conn);
         let vm = self.ctl.vm();
-        let disk = self.ctl.disk();
+        let disk = match self.ctl.disk() {
+            None => None,
+            Some(d) => Some(self.disk_offer(&d)?),
+        };
         let header = Header {
             version: MIGRATION_VERSION,
             config: self.ctl.config(),
             memory: memory::layout(&vm.memory),
-            disk_len: disk.as_ref().map(|d| d.len),
-            disk_dest: params.disk_dest.clone(),
-            source_disk: disk.and_then(|d| d.path.canonicalize().ok()),
+            disk,
         };
         let bytes =
             postcard::to_stdvec(&header).map_err(|e| MigrationError::Protocol(e.to_string()))?;
@@ -200,7 +256,24 @@ impl Source<'_> {
         conn.send_frame(kind::HEADER, &bytes)?;
         let (k, payload) = conn.recv_frame()?;
         match k {
-            kind::ACCEPTED => Ok(()),
+            kind::ACCEPTED => {
+                let a: Accepted = postcard::from_bytes(&payload)
+                    .map_err(|e| MigrationError::Protocol(format!("unreadable acceptance: {e}")))?;
+                let want = if header.disk.is_some() {
+                    [DiskPlan::Copy, DiskPlan::Shared].contains(&a.disk)
+                } else {
+                    a.disk == DiskPlan::None
+                };
+                if !want {
+                    return Err(MigrationError::Protocol(format!(
+                        "the destination answered with disk plan {:?}",
+                        a.disk
+                    )));
+                }
+                self.disk_plan = a.disk;
+                self.report.disk_shared = a.disk == DiskPlan::Shared;
+                Ok(())
+            }
             failover::channel::kind::MESSAGE => match postcard::from_bytes::<Message>(&payload) {
                 Ok(Message::Abort { reason }) => Err(MigrationError::Refused(reason)),
                 Ok(other) => Err(MigrationError::Protocol(format!(
@@ -212,6 +285,31 @@ impl Source<'_> {
                 "unexpected frame kind {other} in answer to the header"
             ))),
         }
+    }
+
+    /// What the destination learns of our disk: size, file name, identity
+    /// (with a fresh marker next to the image).
+    fn disk_offer(&mut self, d: &DiskInfo) -> Result<DiskOffer, MigrationError> {
+        let image = d
+            .path
+            .canonicalize()
+            .map_err(|e| MigrationError::Source(format!("disk {}: {e}", d.path.display())))?;
+        let mut identity = DiskIdentity::of(&image)
+            .map_err(|e| MigrationError::Source(format!("disk {}: {e}", image.display())))?;
+        if image.is_file() {
+            if let Some((marker, nonce)) = Marker::create(&image) {
+                self.marker = Some(marker);
+                identity.marker = Some(nonce);
+            }
+        }
+        Ok(DiskOffer {
+            len: d.len,
+            name: image
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            identity,
+        })
     }
 
     /// Send the pages at `gpas`. In round 0 zero pages are skipped (the
@@ -331,7 +429,12 @@ impl Source<'_> {
     ) -> Result<MigrationReport, MigrationError> {
         self.publish(on_progress);
         self.connect()?;
-        let disk = self.ctl.disk();
+        // The destination reaches our own image: send no block.
+        let disk = self.ctl.disk().filter(|_| self.disk_plan == DiskPlan::Copy);
+        let shared_disk = match self.disk_plan {
+            DiskPlan::Shared => self.ctl.disk(),
+            _ => None,
+        };
         let disk_file = match &disk {
             Some(d) => Some(File::open(&d.path).map_err(|e| {
                 MigrationError::Source(format!("opening disk {}: {e}", d.path.display()))
@@ -464,6 +567,15 @@ impl Source<'_> {
         if let (Some(d), Some(f)) = (&disk, &disk_file) {
             let blocks = d.dirty.take();
             self.send_blocks(d, f, &blocks, false)?;
+        }
+        if let Some(d) = &shared_disk {
+            // Every write the guest made is in the image, durable, before
+            // the destination opens it.
+            File::open(&d.path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| {
+                    MigrationError::Source(format!("syncing disk {}: {e}", d.path.display()))
+                })?;
         }
         let state = postcard::to_stdvec(&frozen.state)
             .map_err(|e| MigrationError::Protocol(e.to_string()))?;

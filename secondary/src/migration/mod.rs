@@ -4,25 +4,32 @@
 //! `Running`. The protocol is described in `docs/migration.md` and
 //! `failover::migration`.
 
-use std::fs::{File, OpenOptions};
+mod disk;
+
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use failover::channel::{
     kind as channel_kind, BlockingConnection, BlockingListener, ChannelError, Message, Role,
 };
-use failover::migration::{decode_page, kind, Header, MIGRATION_VERSION};
+use failover::migration::{decode_page, kind, Accepted, DiskPlan, Header, MIGRATION_VERSION};
 use vmm::machine::{DiskConfig, Incoming, Machine, MachineState};
 use vmm::vstate::memory::{self, write_page};
 use vmm::PAGE_SIZE;
 
-/// How the destination is set up.
+use disk::DestDisk;
+
+/// How the destination is set up. Paths are the receiver operator's; the
+/// source never chooses one (see `disk.rs`).
 #[derive(Debug, Clone, Default)]
 pub struct ReceiveOptions {
-    /// Where to put the VM's disk (created, or truncated and resized).
+    /// Where to put the VM's disk (staged next to it, put in place at the
+    /// switchover; the source's own image is left alone).
     pub disk: Option<PathBuf>,
+    /// Or: the directory for the VM's disk, under the source image's file
+    /// name (checked; an existing file is never replaced).
+    pub disk_dir: Option<PathBuf>,
 }
 
 /// A VM received and restored, about to run.
@@ -94,51 +101,6 @@ pub fn receive(
     }
 }
 
-/// The destination's disk image.
-struct DestDisk {
-    path: PathBuf,
-    file: File,
-}
-
-impl DestDisk {
-    fn open(path: &Path, len: u64) -> Result<Self, String> {
-        let meta = std::fs::metadata(path).ok();
-        let special = meta.as_ref().is_some_and(|m| {
-            let t = m.file_type();
-            t.is_block_device() || t.is_char_device()
-        });
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(!special)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| format!("destination disk {}: {e}", path.display()))?;
-        if !special {
-            // A fresh sparse image: blocks the source does not send are zero.
-            file.set_len(0)
-                .and_then(|()| file.set_len(len))
-                .map_err(|e| format!("destination disk {}: {e}", path.display()))?;
-        }
-        Ok(DestDisk {
-            path: path.to_path_buf(),
-            file,
-        })
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), String> {
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|e| format!("writing destination disk {}: {e}", self.path.display()))
-    }
-
-    fn sync(&self) -> Result<(), String> {
-        self.file
-            .sync_data()
-            .map_err(|e| format!("syncing destination disk {}: {e}", self.path.display()))
-    }
-}
-
 fn abort(conn: &mut BlockingConnection, reason: &str) {
     let _ = conn.send_msg(&Message::Abort {
         reason: reason.to_string(),
@@ -177,17 +139,35 @@ fn receive_one(
             return Err(ReceiveError::Refused(reason));
         }
     };
-    let (incoming, disk) = match accept_header(&header, opts, peer.addr) {
+    let (incoming, disk) = match accept_header(&header, opts) {
         Ok(x) => x,
         Err(reason) => {
             abort(&mut conn, &reason);
             return Err(ReceiveError::Refused(reason));
         }
     };
-    conn.send_frame(kind::ACCEPTED, &[])?;
-    match transfer(&mut conn, incoming, disk, serial_out) {
+    let accepted = Accepted {
+        disk: disk.as_ref().map_or(DiskPlan::None, DestDisk::plan),
+    };
+    let bytes = postcard::to_stdvec(&accepted).map_err(|e| ReceiveError::Local(e.to_string()))?;
+    if accepted.disk == DiskPlan::Shared {
+        eprintln!(
+            "tandem: the VM's disk {} is the source's own image: moving memory only",
+            disk.as_ref()
+                .map(|d| d.place().display().to_string())
+                .unwrap_or_default()
+        );
+    }
+    conn.send_frame(kind::ACCEPTED, &bytes)?;
+    // Dropped on any failure below: the destination's files go back to how
+    // they were.
+    let mut disk = disk;
+    match transfer(&mut conn, incoming, &mut disk, serial_out) {
         Ok((machine, state, rounds)) => {
             conn.send_msg(&Message::Running)?;
+            if let Some(d) = disk {
+                d.keep();
+            }
             announce_guest_mac(&machine);
             let goodbye = std::thread::Builder::new()
                 .name("migration-goodbye".into())
@@ -212,10 +192,11 @@ fn receive_one(
     }
 }
 
+/// Check the header and get ready: the VM (zeroed memory) and, last, the
+/// disk. Nothing is created on disk before every other check passed.
 fn accept_header(
     header: &Header,
     opts: &ReceiveOptions,
-    peer: SocketAddr,
 ) -> Result<(Incoming, Option<DestDisk>), String> {
     if header.version != MIGRATION_VERSION {
         return Err(format!(
@@ -223,28 +204,6 @@ fn accept_header(
             header.version
         ));
     }
-    let disk = match header.disk_len {
-        None => None,
-        Some(len) => {
-            let Some(path) = opts.disk.clone().or_else(|| header.disk_dest.clone()) else {
-                return Err(
-                    "the VM has a disk but the destination was given no --disk (and the source no --disk-dest)"
-                        .into(),
-                );
-            };
-            if peer.ip().is_loopback() {
-                if let (Some(src), Ok(dst)) = (&header.source_disk, path.canonicalize()) {
-                    if *src == dst {
-                        return Err(format!(
-                            "destination disk {} is the source's own image",
-                            path.display()
-                        ));
-                    }
-                }
-            }
-            Some(DestDisk::open(&path, len)?)
-        }
-    };
     let incoming =
         Machine::prepare_incoming(&header.config).map_err(|e| format!("creating the VM: {e}"))?;
     let ours = memory::layout(incoming.memory());
@@ -254,6 +213,10 @@ fn accept_header(
             header.memory
         ));
     }
+    let disk = match &header.disk {
+        None => None,
+        Some(offer) => Some(DestDisk::prepare(opts, offer)?),
+    };
     Ok((incoming, disk))
 }
 
@@ -273,7 +236,7 @@ impl From<ChannelError> for TransferError {
 fn transfer(
     conn: &mut BlockingConnection,
     incoming: Incoming,
-    disk: Option<DestDisk>,
+    disk: &mut Option<DestDisk>,
     serial_out: &mut dyn FnMut() -> Box<dyn std::io::Write + Send>,
 ) -> Result<(Machine, MachineState, u32), TransferError> {
     let mut page = vec![0u8; PAGE_SIZE];
@@ -339,20 +302,23 @@ fn transfer(
                     })?);
             }
             Message::SwitchoverReady => {
-                let Some(state) = state else {
+                let Some(mut state) = state else {
                     return Err(TransferError::Local(
                         "switchover without a machine state".into(),
                     ));
                 };
                 let t = Instant::now();
-                if let Some(d) = &disk {
-                    d.sync().map_err(TransferError::Local)?;
+                if let Some(d) = disk {
+                    d.commit().map_err(TransferError::Local)?;
                 }
-                let disk_cfg = disk.as_ref().map(|d| DiskConfig {
-                    path: d.path.clone(),
-                    read_only: state.config.disk.as_ref().is_some_and(|c| c.read_only),
+                // The disk is ours to choose, never the one the source's
+                // state names.
+                let read_only = state.config.disk.as_ref().is_some_and(|c| c.read_only);
+                state.config.disk = disk.as_ref().map(|d| DiskConfig {
+                    path: d.place().to_path_buf(),
+                    read_only,
                 });
-                drop(disk);
+                let disk_cfg = state.config.disk.clone();
                 let machine = incoming
                     .finish(&state, serial_out(), disk_cfg)
                     .map_err(|e| TransferError::Local(format!("restoring the VM: {e}")))?;

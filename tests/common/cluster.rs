@@ -1,0 +1,321 @@
+//! What the migration tests share: a running `tandem` whose output is
+//! collected while it runs, a cluster CA with host certificates, the
+//! `receive` / `run --api-socket` / `migrate` commands, disk images and two
+//! network namespaces joined by a veth pair.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{arg, TempDir, TANDEM, TIMEOUT};
+
+/// A running `tandem` whose output is collected by threads.
+pub struct Proc {
+    pub child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    what: String,
+}
+
+pub fn collect<R: Read + Send + 'static>(mut r: R) -> Arc<Mutex<Vec<u8>>> {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let b = buf.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = r.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            b.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    buf
+}
+
+impl Proc {
+    pub fn spawn(prefix: &[&str], args: &[&str]) -> Proc {
+        let mut cmd = if prefix.is_empty() {
+            Command::new(TANDEM)
+        } else {
+            let mut c = Command::new(prefix[0]);
+            c.args(&prefix[1..]).arg(TANDEM);
+            c
+        };
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn tandem");
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        Proc {
+            child,
+            stdout,
+            stderr,
+            what: format!("{prefix:?} tandem {args:?}"),
+        }
+    }
+
+    pub fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+    pub fn err(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+    pub fn describe(&self) -> String {
+        format!(
+            "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.what,
+            self.out(),
+            self.err()
+        )
+    }
+
+    /// Wait until `needle` shows up on stdout (`err`: stderr).
+    #[track_caller]
+    pub fn wait_for(&mut self, needle: &str, err: bool) -> String {
+        let start = Instant::now();
+        loop {
+            let text = if err { self.err() } else { self.out() };
+            if let Some(i) = text.find(needle) {
+                return text[i + needle.len()..].to_string();
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                // Let the readers drain.
+                std::thread::sleep(Duration::from_millis(50));
+                let text = if err { self.err() } else { self.out() };
+                if let Some(i) = text.find(needle) {
+                    return text[i + needle.len()..].to_string();
+                }
+                panic!(
+                    "ended ({st}) before printing {needle:?}\n{}",
+                    self.describe()
+                );
+            }
+            if start.elapsed() > TIMEOUT {
+                panic!("timed out waiting for {needle:?}\n{}", self.describe());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Wait for the end; returns (status, stdout, stderr).
+    #[track_caller]
+    pub fn finish(mut self) -> (i32, String, String) {
+        let start = Instant::now();
+        let st = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > TIMEOUT {
+                panic!("timed out\n{}", self.describe());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let code = st
+            .code()
+            .unwrap_or_else(|| panic!("killed: {st}\n{}", self.describe()));
+        (code, self.out(), self.err())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A cluster CA with host certificates.
+pub struct Pki {
+    pub dir: TempDir,
+}
+
+impl Pki {
+    pub fn new(hosts: &[&str], sans: &[&str]) -> Pki {
+        let dir = TempDir::new("pki");
+        let d = arg(dir.path()).to_string();
+        run_ok(&["certs", "init", "--dir", &d]);
+        for h in hosts {
+            let mut args = vec!["certs", "issue", "--dir", &d, "--name", h];
+            for s in sans {
+                args.push("--san");
+                args.push(s);
+            }
+            run_ok(&args);
+        }
+        Pki { dir }
+    }
+    /// `--ca --cert --key` of `host`.
+    pub fn creds(&self, host: &str) -> Vec<String> {
+        vec![
+            "--ca".into(),
+            self.dir.s("ca.pem"),
+            "--cert".into(),
+            self.dir.s(&format!("{host}.pem")),
+            "--key".into(),
+            self.dir.s(&format!("{host}.key")),
+        ]
+    }
+}
+
+#[track_caller]
+pub fn run_ok(args: &[&str]) -> String {
+    let out = Command::new(TANDEM)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tandem {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Console output of an unmigrated run.
+pub fn reference(cmdline: &str, disk: Option<&Path>) -> String {
+    let mut args = vec!["run", "--cmdline", cmdline];
+    let d;
+    if let Some(p) = disk {
+        d = p.to_string_lossy().into_owned();
+        args.push("--disk");
+        args.push(&d);
+    }
+    run_ok(&args)
+}
+
+/// Start `tandem receive` (with `prefix`, e.g. `ip netns exec NS`) and
+/// return it with the address it listens on.
+pub fn receiver(prefix: &[&str], listen: &str, creds: &[String], extra: &[&str]) -> (Proc, String) {
+    let mut args: Vec<&str> = vec!["receive", "--listen", listen];
+    args.extend(creds.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    let mut p = Proc::spawn(prefix, &args);
+    let mut rest = p.wait_for("waiting for a VM on ", true);
+    while !rest.contains('\n') {
+        std::thread::sleep(Duration::from_millis(2));
+        rest = p.wait_for("waiting for a VM on ", true);
+    }
+    let addr = rest.lines().next().unwrap().trim().to_string();
+    (p, addr)
+}
+
+/// Start `tandem run --api-socket` and wait for the socket.
+pub fn source(prefix: &[&str], sock: &str, cmdline: &str, extra: &[&str]) -> Proc {
+    let mut args = vec!["run", "--cmdline", cmdline, "--api-socket", sock];
+    args.extend_from_slice(extra);
+    let mut p = Proc::spawn(prefix, &args);
+    let start = Instant::now();
+    while !Path::new(sock).exists() {
+        if let Ok(Some(_)) = p.child.try_wait() {
+            panic!("source ended early\n{}", p.describe());
+        }
+        assert!(start.elapsed() < TIMEOUT, "no API socket\n{}", p.describe());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    p
+}
+
+/// `tandem migrate`; returns (status, stdout, stderr).
+pub fn migrate(sock: &str, to: &str, creds: &[String], extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec!["migrate", "--api", sock, "--to", to];
+    args.extend(creds.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    run_tandem(&args)
+}
+
+/// Run `tandem ARGS` to completion; returns (status, stdout, stderr).
+pub fn run_tandem(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(TANDEM)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A disk image with data in some blocks and zeros in others.
+pub fn make_disk(path: &Path, len: usize) {
+    let mut data = vec![0u8; len];
+    for (i, chunk) in data.chunks_mut(65536).enumerate() {
+        if i % 3 != 0 {
+            for (j, b) in chunk.iter_mut().enumerate() {
+                *b = (i * 31 + j / 512) as u8 | 1;
+            }
+        }
+    }
+    std::fs::write(path, data).unwrap();
+}
+/// Two network namespaces joined by a veth pair.
+pub struct Netns {
+    pub a: String,
+    pub b: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str, subnet: u8) -> Option<Netns> {
+        let ok = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ok(&["netns", "list"]) {
+            return None;
+        }
+        let id = std::process::id() % 100_000;
+        let n = Netns {
+            a: format!("tandem-a-{tag}-{id}"),
+            b: format!("tandem-b-{tag}-{id}"),
+        };
+        let (va, vb) = (format!("tva{id}"), format!("tvb{id}"));
+        let (ipa, ipb) = (format!("10.{subnet}.0.1/24"), format!("10.{subnet}.0.2/24"));
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["netns", "add", &n.a],
+            vec!["netns", "add", &n.b],
+            vec!["link", "add", &va, "type", "veth", "peer", "name", &vb],
+            vec!["link", "set", &va, "netns", &n.a],
+            vec!["link", "set", &vb, "netns", &n.b],
+            vec!["-n", &n.a, "addr", "add", &ipa, "dev", &va],
+            vec!["-n", &n.b, "addr", "add", &ipb, "dev", &vb],
+            vec!["-n", &n.a, "link", "set", &va, "up"],
+            vec!["-n", &n.b, "link", "set", &vb, "up"],
+            vec!["-n", &n.a, "link", "set", "lo", "up"],
+            vec!["-n", &n.b, "link", "set", "lo", "up"],
+        ];
+        for s in steps {
+            if !ok(&s) {
+                eprintln!("netns setup failed at ip {s:?}");
+                return None;
+            }
+        }
+        Some(n)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+#[track_caller]
+pub fn same_image(path: &Path, want: &[u8], what: &str) {
+    let got = std::fs::read(path).unwrap();
+    assert_eq!(got.len(), want.len(), "{what}: size");
+    let first_diff = want.iter().zip(&got).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "{what}: first differing byte");
+}
