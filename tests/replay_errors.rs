@@ -251,3 +251,143 @@ fn missing_log_names_the_path() {
         dir_as_log.describe()
     );
 }
+
+/// Rewrite a log entry by entry (keeping its header): damage that every
+/// CRC still covers, as a buggy or hostile primary would send.
+fn rewrite(bytes: &[u8], edit: impl FnOnce(&mut Vec<recordlog::Entry>)) -> Vec<u8> {
+    let (r, header) = recordlog::LogReader::open(bytes).expect("open the log");
+    let mut entries: Vec<_> = r.map(|e| e.expect("read the log")).collect();
+    edit(&mut entries);
+    let mut w = recordlog::LogWriter::new(Vec::new(), &header).expect("writer");
+    for e in &entries {
+        w.append(e).expect("append");
+    }
+    w.into_inner().expect("finish")
+}
+
+/// The sync points of `entries`, by index.
+fn sync_point_indices(entries: &[recordlog::Entry]) -> Vec<usize> {
+    entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e, recordlog::Entry::SyncPoint { .. }))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// One way to damage a sync point while keeping every CRC valid.
+type SyncDamage = fn(&mut recordlog::SyncPoint);
+
+const SYNC_DAMAGE: [(&str, SyncDamage); 5] = [
+    ("undecodable vCPU state", |sp| sp.vcpu_state = vec![0xff; 7]),
+    ("undecodable device state", |sp| sp.device_state.truncate(3)),
+    ("a page near u64::MAX", |sp| {
+        sp.pages.push((!0xfff, vec![0; 4096]))
+    }),
+    ("a page outside guest memory", |sp| {
+        sp.pages.push((1 << 40, vec![0; 4096]))
+    }),
+    ("a page of 5000 bytes", |sp| {
+        sp.pages.push((0x1000, vec![0; 5000]))
+    }),
+];
+
+/// A replay of a damaged log: status 2 naming a byte offset, never
+/// "verified", never a divergence.
+#[track_caller]
+fn assert_damage_reported(out: &Output, what: &str) {
+    assert_eq!(
+        out.status,
+        2,
+        "{what}: not reported as damage\n{}",
+        out.describe()
+    );
+    assert!(
+        number_after(&out.stderr, "corrupt log entry at byte offset ").is_some(),
+        "{what}: no offset named\n{}",
+        out.describe()
+    );
+    assert!(
+        !out.stderr.contains("replay verified") && !out.stderr.contains("diverged"),
+        "{what}\n{}",
+        out.describe()
+    );
+}
+
+/// The recorder's *last* sync point is applied after the guest ended; a
+/// damaged one (CRC valid) used to replay as "verified". Every entry is
+/// validated as it is read: status 2 with the offset, with or without
+/// `--repair`.
+#[test]
+fn damaged_last_sync_point_is_damage_not_verified() {
+    let (dir, _, bytes) = ticks_log();
+    for (i, (what, damage)) in SYNC_DAMAGE.iter().enumerate() {
+        let bad = rewrite(&bytes, |es| {
+            let last = *sync_point_indices(es).last().expect("a final sync point");
+            let recordlog::Entry::SyncPoint { sync, .. } = &mut es[last] else {
+                unreachable!()
+            };
+            damage(sync);
+        });
+        let log = dir.write(&format!("last{i}.tlog"), &bad);
+        assert_damage_reported(&replay(&log), what);
+        let repair = tandem(&["replay", "--log", arg(&log), "--quiet", "--repair"]);
+        assert_damage_reported(&repair, what);
+    }
+}
+
+/// The same damage in a sync point in the middle of the log (the guest
+/// applies it while running): status 2, not an internal error or a
+/// divergence.
+#[test]
+fn damaged_middle_sync_point_is_damage() {
+    let dir = TempDir::new("rr-midsync");
+    let log = dir.file("ticks.tlog");
+    tandem(&[
+        "record",
+        "--log",
+        arg(&log),
+        "--cmdline",
+        "ticks 20",
+        "--serial",
+        "null",
+        "--sync-interval",
+        "20",
+    ])
+    .assert_status(0);
+    let bytes = read(&log);
+    for (i, (what, damage)) in SYNC_DAMAGE.iter().enumerate() {
+        let bad = rewrite(&bytes, |es| {
+            let idx = sync_point_indices(es);
+            assert!(idx.len() >= 3, "only {} sync points", idx.len());
+            let recordlog::Entry::SyncPoint { sync, .. } = &mut es[idx[idx.len() / 2]] else {
+                unreachable!()
+            };
+            damage(sync);
+        });
+        let log = dir.write(&format!("mid{i}.tlog"), &bad);
+        assert_damage_reported(&replay(&log), what);
+    }
+}
+
+/// Nothing may follow the `End` entry: a log with more frames after it is
+/// refused, not replayed as verified.
+#[test]
+fn entries_after_the_end_are_refused() {
+    let (dir, _, bytes) = ticks_log();
+    // The End frame: what the log has beyond the same log without it.
+    let bytes = rewrite(&bytes, |_| {});
+    let without_end = rewrite(&bytes, |es| {
+        assert!(matches!(es.pop(), Some(recordlog::Entry::End { .. })));
+    });
+    let end_frame = &bytes[without_end.len()..];
+    assert!(!end_frame.is_empty());
+    let mut twice = bytes.clone();
+    twice.extend_from_slice(end_frame);
+    let mut junk = bytes.clone();
+    junk.extend_from_slice(b"\x01\x02");
+    for (name, content) in [("twice.tlog", twice), ("junk.tlog", junk)] {
+        let log = dir.write(name, &content);
+        assert_damage_reported(&replay(&log), name);
+    }
+}

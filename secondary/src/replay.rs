@@ -9,16 +9,22 @@ use std::time::Instant;
 
 use recordlog::{Entry, Fingerprint, Input, ReadError, SyncPoint};
 use vmm::inputs::{Divergence, Inputs};
+use vmm::sync::{SyncError, SyncPointCheck};
 
 /// Where entries come from.
 pub trait EntrySource: Send {
     /// The next entry; `Ok(None)` at the end of the log.
     fn next_entry(&mut self) -> Result<Option<Entry>, ReadError>;
+    /// Byte offset just past the last complete frame read.
+    fn offset(&self) -> u64;
 }
 
 impl<R: std::io::Read + Send> EntrySource for recordlog::LogReader<R> {
     fn next_entry(&mut self) -> Result<Option<Entry>, ReadError> {
         recordlog::LogReader::next_entry(self)
+    }
+    fn offset(&self) -> u64 {
+        recordlog::LogReader::offset(self)
     }
 }
 
@@ -26,12 +32,44 @@ impl<R: std::io::Read + Send> EntrySource for recordlog::TailReader<R> {
     fn next_entry(&mut self) -> Result<Option<Entry>, ReadError> {
         recordlog::TailReader::next_entry(self)
     }
+    fn offset(&self) -> u64 {
+        recordlog::TailReader::offset(self)
+    }
 }
 
 impl EntrySource for Box<dyn EntrySource> {
     fn next_entry(&mut self) -> Result<Option<Entry>, ReadError> {
         (**self).next_entry()
     }
+    fn offset(&self) -> u64 {
+        (**self).offset()
+    }
+}
+
+/// A log entry that is well-framed (its CRC matched) but cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadEntry {
+    /// The reader refused the bytes (CRC, framing, truncation inside).
+    #[error("{0}")]
+    Read(String),
+    /// A sync point whose contents are invalid.
+    #[error(
+        "corrupt log entry at byte offset {offset}: the sync point at exit {exit_seq}: {reason}"
+    )]
+    SyncPoint {
+        /// Offset of the frame holding the entry.
+        offset: u64,
+        /// The sync point's exit.
+        exit_seq: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Bytes after the `End` entry.
+    #[error("corrupt log entry at byte offset {offset}: data after the End entry")]
+    AfterEnd {
+        /// Where the extra bytes start.
+        offset: u64,
+    },
 }
 
 /// How the log ended, as far as the replayer read it.
@@ -45,12 +83,15 @@ pub enum LogEnd {
     /// cut): everything up to the last complete entry was replayed.
     Truncated,
     /// A damaged entry: reading stopped there.
-    Corrupt(String),
+    Corrupt(BadEntry),
 }
 
 /// The replaying [`Inputs`].
 pub struct Replayer<S: EntrySource> {
     source: S,
+    check: SyncPointCheck,
+    /// Offset of the frame the last entry came from.
+    frame_offset: u64,
     peeked: Option<Entry>,
     end: LogEnd,
     fingerprint_interval: u64,
@@ -65,10 +106,15 @@ pub struct Replayer<S: EntrySource> {
 impl<S: EntrySource> Replayer<S> {
     /// Replay from `source`, taking fingerprints every
     /// `fingerprint_interval` exits as the recorder did. With `repair`, a
-    /// divergence is repaired by adopting the next sync point.
-    pub fn new(source: S, fingerprint_interval: u64, repair: bool) -> Self {
+    /// divergence is repaired by adopting the next sync point. Every sync
+    /// point is validated by `check` as it is read (before it can be
+    /// applied or trusted): a bad one ends the log as corrupt.
+    pub fn new(source: S, fingerprint_interval: u64, repair: bool, check: SyncPointCheck) -> Self {
+        let frame_offset = source.offset();
         Replayer {
             source,
+            check,
+            frame_offset,
             peeked: None,
             end: LogEnd::Open,
             fingerprint_interval,
@@ -85,18 +131,46 @@ impl<S: EntrySource> Replayer<S> {
         &self.end
     }
 
+    /// The next entry from the source, with the offset of its frame.
+    fn read(&mut self) -> (u64, Result<Option<Entry>, ReadError>) {
+        let before = self.source.offset();
+        let r = self.source.next_entry();
+        if self.source.offset() != before {
+            // A new frame was decoded (entries of one batch share it).
+            self.frame_offset = before;
+        }
+        (self.frame_offset, r)
+    }
+
     fn peek(&mut self) -> Option<&Entry> {
         if self.peeked.is_none() && self.end == LogEnd::Open {
-            match self.source.next_entry() {
+            let (offset, r) = self.read();
+            match r {
                 Ok(Some(Entry::End { exit_seq, status })) => {
-                    self.end = LogEnd::End { exit_seq, status };
+                    self.end = self.after_end(exit_seq, status);
                 }
+                Ok(Some(Entry::SyncPoint { exit_seq, sync })) => match self.check.check(&sync) {
+                    Ok(_) => self.peeked = Some(Entry::SyncPoint { exit_seq, sync }),
+                    Err(e) => self.end = LogEnd::Corrupt(bad_sync_point(offset, exit_seq, &e)),
+                },
                 Ok(Some(e)) => self.peeked = Some(e),
                 Ok(None) | Err(ReadError::Truncated { .. }) => self.end = LogEnd::Truncated,
-                Err(e) => self.end = LogEnd::Corrupt(e.to_string()),
+                Err(e) => self.end = LogEnd::Corrupt(BadEntry::Read(e.to_string())),
             }
         }
         self.peeked.as_ref()
+    }
+
+    /// After the `End` entry the log must end: anything more is damage.
+    fn after_end(&mut self, exit_seq: u64, status: i32) -> LogEnd {
+        let end = self.source.offset();
+        match self.source.next_entry() {
+            Ok(None) => LogEnd::End { exit_seq, status },
+            Ok(Some(_)) | Err(ReadError::Truncated { .. }) => {
+                LogEnd::Corrupt(BadEntry::AfterEnd { offset: end })
+            }
+            Err(e) => LogEnd::Corrupt(BadEntry::Read(e.to_string())),
+        }
     }
 
     fn take(&mut self) -> Option<Entry> {
@@ -117,9 +191,10 @@ impl<S: EntrySource> Replayer<S> {
     }
 
     fn diverge(&mut self, exit_seq: u64, expected: impl Into<String>) {
-        if self.peek().is_none() && self.end == LogEnd::Truncated {
+        if self.peek().is_none() && matches!(self.end, LogEnd::Truncated | LogEnd::Corrupt(_)) {
             // Not a divergence: the log stops here (the recorder died) and
-            // the run loop stops at this exit.
+            // the run loop stops at this exit, or the log is damaged, which
+            // `take_error` reports.
             return;
         }
         let found = match self.peek() {
@@ -155,6 +230,14 @@ impl<S: EntrySource> Replayer<S> {
     /// besides the final sync point is a divergence.
     pub fn finish(&mut self) -> Option<Entry> {
         self.take()
+    }
+}
+
+fn bad_sync_point(offset: u64, exit_seq: u64, e: &SyncError) -> BadEntry {
+    BadEntry::SyncPoint {
+        offset,
+        exit_seq,
+        reason: e.to_string(),
     }
 }
 
@@ -345,9 +428,50 @@ impl<S: EntrySource> Inputs for Replayer<S> {
 
     fn take_error(&mut self) -> Option<String> {
         match &self.end {
-            LogEnd::Corrupt(e) => Some(e.clone()),
+            LogEnd::Corrupt(e) => Some(e.to_string()),
             _ => None,
         }
+    }
+
+    fn leaving_exit(&mut self, exit_seq: u64) -> Result<(), Divergence> {
+        match self.peek() {
+            Some(e) if e.exit_seq() <= exit_seq => {
+                let found = format!(
+                    "the log has {} at exit {} that the replay did not take",
+                    e.kind(),
+                    e.exit_seq()
+                );
+                Err(Divergence {
+                    exit_seq,
+                    expected: "nothing more logged at this exit".into(),
+                    found,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn guest_ended(&mut self, exit_seq: u64) -> Result<(), Divergence> {
+        let found = match self.peek() {
+            // The recorder's final sync point, then its `End`.
+            Some(Entry::SyncPoint { exit_seq: s, .. }) if *s == exit_seq => return Ok(()),
+            Some(e) => format!(
+                "the log continues with {} at exit {}",
+                e.kind(),
+                e.exit_seq()
+            ),
+            None => match self.end {
+                LogEnd::End { exit_seq: end, .. } if end != exit_seq => {
+                    format!("the recorded run ended at exit {end}")
+                }
+                _ => return Ok(()),
+            },
+        };
+        Err(Divergence {
+            exit_seq,
+            expected: found,
+            found: "the guest ended here".into(),
+        })
     }
 
     fn ended(&mut self, exit_seq: u64) -> bool {
@@ -355,7 +479,7 @@ impl<S: EntrySource> Inputs for Replayer<S> {
             return false;
         }
         match self.end {
-            LogEnd::Truncated => true,
+            LogEnd::Truncated | LogEnd::Corrupt(_) => true,
             // A run the recorder stopped (`record --stop-at`) ends here.
             LogEnd::End { exit_seq: end, .. } => exit_seq >= end,
             _ => false,

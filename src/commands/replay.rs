@@ -8,6 +8,7 @@ use recordlog::{InitialState, LogReader, TailOptions, TailReader};
 use secondary::replay::{EntrySource, LogEnd, Replayer};
 use vmm::machine::{LogConfig, Machine};
 use vmm::run::{RunError, RunLimits, RunOutcome};
+use vmm::sync::SyncPointCheck;
 
 use super::run::{boot, disk_config, outcome_status, restore_machine};
 use super::CmdError;
@@ -69,7 +70,8 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
     machine
         .enable_sync_points(true)
         .map_err(|e| CmdError::Internal(e.to_string()))?;
-    let mut replayer = Replayer::new(source, config.fingerprint_interval, args.repair);
+    let check = SyncPointCheck::new(&machine.vm.memory);
+    let mut replayer = Replayer::new(source, config.fingerprint_interval, args.repair, check);
     check_initial_digest(&mut machine, &mut replayer)?;
     let started = Instant::now();
     let start = machine.exit_seq;
@@ -108,13 +110,25 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
     // end entry at the exit where the guest ended.
     let seq = machine.exit_seq;
     if let Some(sp) = replayer.final_sync_point(seq) {
-        if let Err(RunError::Divergence(d)) = machine.replay_sync_point(&mut replayer, seq, &sp) {
-            eprintln!("tandem: replay diverged: {d}");
-            eprintln!("tandem: replayed {}", summary(&machine));
-            return Ok(DIVERGED);
+        match machine.replay_sync_point(&mut replayer, seq, &sp) {
+            Ok(()) => {}
+            Err(RunError::Divergence(d)) => {
+                eprintln!("tandem: replay diverged: {d}");
+                eprintln!("tandem: replayed {}", summary(&machine));
+                return Ok(DIVERGED);
+            }
+            // The sync point comes from the log: one that cannot be
+            // applied is damage in the log.
+            Err(e @ RunError::Sync { .. }) => return Err(bad_log(e.to_string())),
+            Err(e) => return Err(e.into()),
         }
     }
-    let status = outcome_status(outcome);
+    let status = match (outcome, replayer.log_end()) {
+        // A repaired replay adopted the recorder's final sync point and
+        // stands where the recorded run ended.
+        (RunOutcome::LogEnded, LogEnd::End { exit_seq, status }) if *exit_seq == seq => *status,
+        _ => outcome_status(outcome),
+    };
     if let Some(extra) = replayer.finish() {
         eprintln!(
             "tandem: replay diverged: the guest ended at exit {seq} but the log continues with {:?}",
@@ -136,7 +150,7 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
             );
             return Ok(DIVERGED);
         }
-        LogEnd::Corrupt(e) => return Err(bad_log(e)),
+        LogEnd::Corrupt(e) => return Err(bad_log(e.to_string())),
         LogEnd::Truncated | LogEnd::Open => {
             eprintln!(
                 "tandem: the guest ended at exit {seq} but the log ends without an end entry (truncated): the recorded outcome cannot be checked; {}",
@@ -145,7 +159,15 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
             return Ok(0);
         }
     }
-    eprintln!("tandem: replay verified: {}", summary(&machine));
+    match machine.stats.last_repair_exit {
+        // Repaired is not verified: the replica ran differently in between.
+        Some(at) => eprintln!(
+            "tandem: replay repaired: {} divergences repaired; the replica is exact again from the sync point at exit {at} on: {}",
+            machine.stats.repaired,
+            summary(&machine)
+        ),
+        None => eprintln!("tandem: replay verified: {}", summary(&machine)),
+    }
     Ok(0)
 }
 

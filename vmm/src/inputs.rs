@@ -90,6 +90,18 @@ pub trait Inputs: Send {
     fn take_error(&mut self) -> Option<String> {
         None
     }
+    /// Replayer: the vCPU is about to leave `exit_seq` (re-enter the
+    /// guest). Anything the log still holds for this exit or an earlier one
+    /// is an event the replay did not reproduce: a divergence.
+    fn leaving_exit(&mut self, _exit_seq: u64) -> Result<(), Divergence> {
+        Ok(())
+    }
+    /// Replayer: the guest ended (exit status, reset, halt) at `exit_seq`.
+    /// If the recorded run did not end there, that is a divergence (which a
+    /// repairing replayer repairs with the next sync point).
+    fn guest_ended(&mut self, _exit_seq: u64) -> Result<(), Divergence> {
+        Ok(())
+    }
     /// Replayer: the log has ended at `exit_seq` (nothing more will come):
     /// stop here instead of running ahead of the primary.
     fn ended(&mut self, _exit_seq: u64) -> bool {

@@ -67,6 +67,9 @@ pub struct RunStats {
     pub fingerprints: u64,
     /// Divergences found and repaired (replay with repair).
     pub repaired: u64,
+    /// The exit of the sync point that repaired the last divergence: the
+    /// replica is exact again from there on.
+    pub last_repair_exit: Option<u64>,
 }
 
 /// A run that ended in error. The report says what the vCPU was doing.
@@ -167,6 +170,10 @@ impl Machine {
                 self.vcpu.complete_pending_io()?;
                 return Ok(RunOutcome::LogEnded);
             }
+            if let Err(d) = inputs.leaving_exit(seq) {
+                self.repair(inputs, RunError::Divergence(d))?;
+                continue;
+            }
             // A pending interrupt the guest cannot take yet waits for the
             // interrupt window, which ends the run by itself: no kick.
             let deadline = self.devices.pit.next_irq0_deadline();
@@ -199,7 +206,14 @@ impl Machine {
                         self.record_sync_point(inputs, false)?;
                     }
                 }
-                Next::End(outcome) => return Ok(outcome),
+                Next::End(outcome) => {
+                    // A diverged replay may end where the recording did not.
+                    if let Err(d) = inputs.guest_ended(self.exit_seq) {
+                        self.repair(inputs, RunError::Divergence(d))?;
+                        continue;
+                    }
+                    return Ok(outcome);
+                }
                 Next::Halt => {
                     // The guest waits for an interrupt. If one is already
                     // pending, `service` injects it; otherwise wait for
@@ -209,6 +223,10 @@ impl Machine {
                         continue;
                     }
                     if !self.vcpu.interrupts_enabled() {
+                        if let Err(d) = inputs.guest_ended(self.exit_seq) {
+                            self.repair(inputs, RunError::Divergence(d))?;
+                            continue;
+                        }
                         return Ok(RunOutcome::Halted);
                     }
                     let deadline = self.devices.pit.next_irq0_deadline();
@@ -232,6 +250,9 @@ impl Machine {
                 exit_seq: seq,
                 source,
             })?;
+        // The replayer decides readiness from the state it applies; so
+        // does the recorder at the same point.
+        self.vcpu.derive_readiness_from_state()?;
         inputs.sync_point(seq, sp)?;
         self.stats.sync_points += 1;
         Ok(())
@@ -244,6 +265,9 @@ impl Machine {
             return Err(err);
         };
         let Some((seq, sp)) = inputs.skip_to_sync_point() else {
+            // A damaged log met while looking for the sync point is damage,
+            // not a divergence.
+            check_inputs(inputs)?;
             return Err(RunError::Divergence(d));
         };
         tracing::warn!("{d}; repairing with the sync point at exit {seq}");
@@ -256,6 +280,7 @@ impl Machine {
         self.apply_sync_point(seq, &sp).map_err(sync)?;
         self.stats.sync_points += 1;
         self.stats.repaired += 1;
+        self.stats.last_repair_exit = Some(seq);
         Ok(())
     }
 
@@ -290,6 +315,8 @@ impl Machine {
 
     /// One `KVM_RUN` and the handling of its exit.
     fn run_once(&mut self, inputs: &mut dyn Inputs) -> Result<Next, RunError> {
+        // A readiness decided at the last exit does not outlive it.
+        self.vcpu.forget_readiness_override();
         let exit = match self.vcpu.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -416,6 +443,7 @@ impl Machine {
                 "divergence repaired by a sync point"
             );
             self.stats.repaired += 1;
+            self.stats.last_repair_exit = Some(seq);
         }
         Ok(())
     }

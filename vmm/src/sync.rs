@@ -36,8 +36,79 @@ pub enum SyncError {
     Devices(#[from] crate::devices::DevicesError),
     #[error("sync point state does not decode: {0}")]
     Decode(String),
+    #[error("the sync point's vCPU state does not decode: {0}")]
+    VcpuState(postcard::Error),
+    #[error("the sync point's device state does not decode: {0}")]
+    DeviceState(postcard::Error),
+    #[error("sync point page at {gpa:#x} is {len} bytes, not one page ({PAGE_SIZE})")]
+    PageSize { gpa: u64, len: usize },
+    #[error("sync point page at {gpa:#x} is not page-aligned")]
+    PageAlign { gpa: u64 },
+    #[error("sync point page at {gpa:#x} lies outside guest memory")]
+    PageOutside { gpa: u64 },
     #[error("sync points are not enabled on this machine")]
     NotEnabled,
+}
+
+/// Checks a sync point that came from outside (a log, a stream) before
+/// anything of it is applied: both states decode, every page is exactly one
+/// aligned page inside guest memory (checked arithmetic: an address near
+/// `u64::MAX` does not wrap).
+#[derive(Debug, Clone)]
+pub struct SyncPointCheck {
+    regions: Vec<(u64, u64)>,
+}
+
+impl SyncPointCheck {
+    /// A check against the memory layout of `mem`.
+    pub fn new(mem: &GuestMemory) -> Self {
+        SyncPointCheck {
+            regions: memory::layout(mem),
+        }
+    }
+
+    /// A check against explicit `(start, size)` regions (tests, tools).
+    pub fn from_regions(regions: Vec<(u64, u64)>) -> Self {
+        SyncPointCheck { regions }
+    }
+
+    /// Is `[gpa, gpa + len)` inside one region?
+    pub fn contains(&self, gpa: u64, len: u64) -> bool {
+        let Some(end) = gpa.checked_add(len) else {
+            return false;
+        };
+        self.regions
+            .iter()
+            .any(|&(start, size)| gpa >= start && start.checked_add(size).is_some_and(|e| end <= e))
+    }
+
+    /// Decode and check `sp`.
+    pub fn check(&self, sp: &SyncPoint) -> Result<(VcpuState, DevicesState), SyncError> {
+        let (vcpu, devices) = decode_states(sp)?;
+        for (gpa, data) in &sp.pages {
+            let gpa = *gpa;
+            if data.len() != PAGE_SIZE {
+                return Err(SyncError::PageSize {
+                    gpa,
+                    len: data.len(),
+                });
+            }
+            if gpa % PAGE_SIZE as u64 != 0 {
+                return Err(SyncError::PageAlign { gpa });
+            }
+            if !self.contains(gpa, PAGE_SIZE as u64) {
+                return Err(SyncError::PageOutside { gpa });
+            }
+        }
+        Ok((vcpu, devices))
+    }
+}
+
+fn decode_states(sp: &SyncPoint) -> Result<(VcpuState, DevicesState), SyncError> {
+    let vcpu: VcpuState = postcard::from_bytes(&sp.vcpu_state).map_err(SyncError::VcpuState)?;
+    let devices: DevicesState =
+        postcard::from_bytes(&sp.device_state).map_err(SyncError::DeviceState)?;
+    Ok((vcpu, devices))
 }
 
 /// MSRs whose value depends on host time, left out of digests.
@@ -215,10 +286,8 @@ impl Machine {
         exit_seq: u64,
         sp: &SyncPoint,
     ) -> Result<Applied, SyncError> {
-        let vcpu: VcpuState =
-            postcard::from_bytes(&sp.vcpu_state).map_err(|e| SyncError::Decode(e.to_string()))?;
-        let devices: DevicesState =
-            postcard::from_bytes(&sp.device_state).map_err(|e| SyncError::Decode(e.to_string()))?;
+        // Nothing is applied unless all of it is valid.
+        let (vcpu, devices) = SyncPointCheck::new(&self.vm.memory).check(sp)?;
         self.vcpu.complete_pending_io()?;
         let mut applied = Applied::default();
         if sp.digest != Digest::ZERO && self.exit_seq == exit_seq {

@@ -237,6 +237,12 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Drop a readiness decided by [`Vcpu::derive_readiness_from_state`]
+    /// (before re-entering the guest: it held for that exit only).
+    pub fn forget_readiness_override(&mut self) {
+        self.ready_override = None;
+    }
+
     /// Was IF set at the last exit?
     pub fn interrupts_enabled(&mut self) -> bool {
         self.fd.get_kvm_run().if_flag != 0
