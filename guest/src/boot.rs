@@ -11,7 +11,7 @@
 use core::arch::global_asm;
 
 /// Size of the boot (kernel) stack.
-pub const BOOT_STACK_SIZE: usize = 32 * 1024;
+pub const BOOT_STACK_SIZE: usize = 64 * 1024;
 
 global_asm!(
     r#"

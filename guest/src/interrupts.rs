@@ -323,10 +323,9 @@ extern "C" fn isr_dispatch(frame: &mut Frame) {
             TICKS.store(TICKS.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         }
         IRQ_SERIAL => crate::echo::serial_irq(),
-        _ if irq == crate::virtio::irq_line() => {
-            crate::virtio::irq();
+        _ => {
+            crate::virtio::irq(irq);
         }
-        _ => {}
     }
     pic_eoi(irq);
 }

@@ -74,10 +74,14 @@
 #![no_std]
 #![no_main]
 
+mod arena;
 mod boot;
 mod echo;
 mod interrupts;
 mod io;
+mod mail;
+mod net_echo;
+mod netstack;
 mod rt;
 mod virtio;
 mod workloads;

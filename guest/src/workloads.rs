@@ -2,11 +2,13 @@
 
 use core::ptr::{read_volatile, write_volatile};
 
+use crate::arena::Arena;
 use crate::boot::{HvmMemmapEntry, HvmStartInfo, E820_RAM};
 use crate::interrupts::{self, sti};
+use crate::netstack::IpConfig;
 use crate::rt::{mix64, Hash};
 use crate::virtio::{Blk, Buffer, ProbeError, BATCH_SECTORS, SECTOR_SIZE};
-use crate::{echo, fail, io, result, Racy, BANNER};
+use crate::{echo, fail, io, mail, net_echo, result, Racy, BANNER};
 
 const MAX_WORDS: usize = 8;
 
@@ -16,6 +18,9 @@ pub struct Args<'a> {
     pub hz: u64,
     pub virtio_base: u64,
     pub virtio_irq: u64,
+    pub net_base: u64,
+    pub net_irq: u64,
+    pub ip: IpConfig,
     pub extint: bool,
 }
 
@@ -25,8 +30,11 @@ impl<'a> Args<'a> {
             words: [&[]; MAX_WORDS],
             n: 0,
             hz: 250,
-            virtio_base: crate::virtio::DEFAULT_MMIO_BASE as u64,
-            virtio_irq: crate::virtio::DEFAULT_IRQ as u64,
+            virtio_base: crate::virtio::BLK.base() as u64,
+            virtio_irq: crate::virtio::BLK.irq() as u64,
+            net_base: crate::virtio::NET.base() as u64,
+            net_irq: crate::virtio::NET.irq() as u64,
+            ip: IpConfig::DEFAULT,
             extint: false,
         };
         for word in cmdline
@@ -40,13 +48,34 @@ impl<'a> Args<'a> {
                         Some(v) if v > 0 => args.hz = v,
                         _ => fail(b"bad hz= value", 2),
                     },
-                    b"virtio" => match parse_num(value) {
-                        Some(v) if v % 4096 == 0 && v < (4u64 << 30) => args.virtio_base = v,
-                        _ => fail(b"bad virtio= address", 2),
+                    b"virtio" => match parse_window(value) {
+                        Some((base, irq)) => {
+                            args.virtio_base = base;
+                            args.virtio_irq = irq.unwrap_or(args.virtio_irq);
+                        }
+                        None => fail(b"bad virtio= value (ADDR[,IRQ])", 2),
                     },
-                    b"virtio_irq" => match parse_num(value) {
-                        Some(v) if v < 16 && v != 2 && v != 0 => args.virtio_irq = v,
-                        _ => fail(b"bad virtio_irq= value", 2),
+                    b"virtio-net" => match parse_window(value) {
+                        Some((base, irq)) => {
+                            args.net_base = base;
+                            args.net_irq = irq.unwrap_or(args.net_irq);
+                        }
+                        None => fail(b"bad virtio-net= value (ADDR[,IRQ])", 2),
+                    },
+                    b"ip" => match parse_cidr(value) {
+                        Some((addr, prefix)) => {
+                            args.ip.addr = addr;
+                            args.ip.prefix = prefix;
+                        }
+                        None => fail(b"bad ip= value (A.B.C.D/PREFIX)", 2),
+                    },
+                    b"gw" => match parse_ipv4(value) {
+                        Some(a) => args.ip.gw = Some(a),
+                        None => fail(b"bad gw= value (A.B.C.D)", 2),
+                    },
+                    b"virtio_irq" => match parse_irq(value) {
+                        Some(v) => args.virtio_irq = v,
+                        None => fail(b"bad virtio_irq= value", 2),
                     },
                     _ => {}
                 }
@@ -88,6 +117,54 @@ impl<'a> Args<'a> {
     }
 }
 
+/// An 8259 line a device may use (not the timer, not the cascade).
+fn parse_irq(s: &[u8]) -> Option<u64> {
+    parse_num(s).filter(|&v| v < 16 && v != 2 && v != 0)
+}
+
+/// `ADDR[,IRQ]`: a virtio-mmio window (512-byte aligned, below 4 GiB) and
+/// optionally its IRQ line.
+fn parse_window(s: &[u8]) -> Option<(u64, Option<u64>)> {
+    let (addr, irq) = match s.iter().position(|&c| c == b',') {
+        Some(i) => (&s[..i], Some(s.get(i + 1..)?)),
+        None => (s, None),
+    };
+    let base = parse_num(addr).filter(|&v| v % 512 == 0 && v < (4u64 << 30))?;
+    let irq = match irq {
+        Some(i) => Some(parse_irq(i)?),
+        None => None,
+    };
+    Some((base, irq))
+}
+
+/// `A.B.C.D`.
+fn parse_ipv4(s: &[u8]) -> Option<[u8; 4]> {
+    let mut out = [0u8; 4];
+    let mut parts = s.split(|&c| c == b'.');
+    for slot in out.iter_mut() {
+        let v = parse_dec(parts.next()?)?;
+        *slot = u8::try_from(v).ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(out)
+}
+
+/// `A.B.C.D/PREFIX` (PREFIX 1..32; without it, 24).
+fn parse_cidr(s: &[u8]) -> Option<([u8; 4], u8)> {
+    match s.iter().position(|&c| c == b'/') {
+        Some(i) => {
+            let p = parse_dec(s.get(i + 1..)?)?;
+            if p == 0 || p > 32 {
+                return None;
+            }
+            Some((parse_ipv4(&s[..i])?, p as u8))
+        }
+        None => Some((parse_ipv4(s)?, 24)),
+    }
+}
+
 /// Decimal, or hex with a `0x` prefix.
 fn parse_num(s: &[u8]) -> Option<u64> {
     match s {
@@ -123,7 +200,8 @@ fn parse_dec(s: &[u8]) -> Option<u64> {
 }
 
 pub fn run(args: &Args, info: &HvmStartInfo) -> ! {
-    crate::virtio::configure(args.virtio_base as usize, args.virtio_irq as u8);
+    crate::virtio::BLK.configure(args.virtio_base as usize, args.virtio_irq as u8);
+    crate::virtio::NET.configure(args.net_base as usize, args.net_irq as u8);
     if args.extint {
         interrupts::lapic_extint();
     }
@@ -139,6 +217,8 @@ pub fn run(args: &Args, info: &HvmStartInfo) -> ! {
         b"tsc" => tsc(args.num(1, 1000)),
         b"fault" => fault(),
         b"exits" => exits(args.num(1, 1000)),
+        b"net-echo" => net_echo::run(args.num(1, 7), &args.ip, &mut Arena::new(info)),
+        b"mail" => mail::run(&args.ip, &mut Arena::new(info)),
         _ => {
             io::puts(b"ERROR unknown workload ");
             io::putln(name);
@@ -390,7 +470,7 @@ fn disk_check(blk: &mut Blk, sectors: u64) -> u64 {
 fn disk(sectors: u64) -> ! {
     let Some(mut blk) = probe_or_fail() else {
         io::puts(b"ERROR no virtio-blk device at ");
-        io::put_hex(crate::virtio::mmio_base() as u64);
+        io::put_hex(crate::virtio::BLK.base() as u64);
         io::putc(b'\n');
         io::exit(3)
     };
