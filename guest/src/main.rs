@@ -26,14 +26,21 @@
 //! 8259A PIC pair (vectors 0x20..0x2f), 8254 PIT channel 0 (IRQ0), 16550
 //! UART at 0x3f8 (IRQ4, output by polling LSR.THRE), debug-exit port 0xf4
 //! (`out 0xf4, al`: the byte is the VM's exit status), virtio-mmio block
-//! device at 0xd000_0000 (IRQ5) for `disk` and the demo.
+//! device at 0xd000_0000 (IRQ5) for `disk`, `mail` and the demo, virtio-mmio
+//! network device at 0xd000_1000 (IRQ6) for `net-echo` and `mail` (see
+//! `virtio/`; smoltcp is the TCP/IP stack, `netstack.rs`).
 //!
 //! ## Command line: `WORKLOAD [ARGS] [hz=N]`
 //!
 //! Words containing `=` are options; unknown ones are ignored:
 //! * `hz=N` — PIT rate (default 250);
-//! * `virtio=0xADDR`, `virtio_irq=N` — move the virtio-mmio device (default
-//!   0xd0000000, IRQ 5), e.g. `virtio=0xfeb00000` for QEMU microvm;
+//! * `virtio=0xADDR[,IRQ]`, `virtio_irq=N` — move the virtio-blk device
+//!   (default 0xd0000000, IRQ 5);
+//! * `virtio-net=0xADDR[,IRQ]` — move the virtio-net device (default
+//!   0xd0001000, IRQ 6). Under QEMU microvm (`ioapic2=off`):
+//!   `virtio=0xfeb00c00,11 virtio-net=0xfeb00e00,12 extint`;
+//! * `ip=A.B.C.D/PREFIX` (default 10.0.2.15/24), `gw=A.B.C.D` — the
+//!   guest's static IPv4 configuration;
 //! * the bare word `extint` (testing under QEMU microvm only) enables the
 //!   local APIC with LINT0 = ExtINT so that PIC interrupts reach the CPU;
 //!   Tandem has no LAPIC and never needs it.
@@ -56,8 +63,13 @@
 //! | `tsc N` | reads RDTSC N times and counts the odd values — deliberately timing dependent (default 1000) |
 //! | `exits N` | N writes to port 0x80 in a tight loop, interrupts off: one VM exit each (the exit-rate benchmark; default 1000) |
 //! | `fault` | executes `ud2`: exercises the exception path (exit status 0xe6) |
+//! | `net-echo PORT` | TCP echo service on PORT (default 7), 4 connections at once; runs until the VM is stopped |
+//! | `mail` | SMTP on port 25 and POP3 on port 110 over an on-disk mailbox (`mail/`); needs the disk and the network device; runs until the VM is stopped |
 //!
-//! `hello`, `tsc` and `exits` run with interrupts disabled; all other workloads run
+//! `net-echo` and `mail` print `net-echo listening on port N` / `mail ready: ...`
+//! once they accept connections and never print a RESULT line; `mail`
+//! formats an unrecognised disk as an empty mailbox and needs about 30 MiB
+//! of RAM (its buffers live above 8 MiB). `hello`, `tsc` and `exits` run with interrupts disabled; all other workloads run
 //! with the timer (and the IRQs they need) enabled. `disk` and the demo
 //! overwrite the first sectors of the disk. `echo` ends a line at `\n` or
 //! `\r` (a `\n` right after `\r` is skipped) and keeps 200 bytes per line.
