@@ -155,8 +155,7 @@ impl Vm {
                 }
                 c.args(["--net", &format!("tap={TAP}")]);
                 c.args(["--mem-mib", "64", "--cmdline", cfg.cmdline]);
-                c.arg("--serial")
-                    .arg(format!("file:{}", console.display()));
+                c.arg("--serial").arg(format!("file:{}", console.display()));
                 if let Some(d) = cfg.disk {
                     c.arg("--disk").arg(d);
                 }
@@ -205,8 +204,7 @@ impl Vm {
                         .arg(format!("if=none,id=d0,format=raw,file={}", d.display()));
                     c.args(["-device", "virtio-blk-device,drive=d0"]);
                 }
-                c.arg("-serial")
-                    .arg(format!("file:{}", console.display()));
+                c.arg("-serial").arg(format!("file:{}", console.display()));
                 c.arg("-kernel").arg(&elf);
                 c.arg("-append")
                     .arg(format!("{} {QEMU_GUEST_ARGS}", cfg.cmdline));
