@@ -189,12 +189,17 @@ impl FakeSource {
     /// Send a header for a 16 MiB VM with a disk called `name`; the
     /// destination's answer: `Ok(())` accepted, `Err(reason)` refused.
     fn offer_disk(&mut self, name: &str, len: u64) -> Result<(), String> {
+        self.offer(Some((name, len)))
+    }
+
+    /// Send a header for a 16 MiB VM (with a disk `(name, len)` if given).
+    fn offer(&mut self, disk: Option<(&str, u64)>) -> Result<(), String> {
         let config = vmm::machine::VmConfig {
             mem_mib: 16,
             kernel: None,
             cmdline: "disk 1".into(),
             initrd: None,
-            disk: Some(vmm::machine::DiskConfig {
+            disk: disk.map(|_| vmm::machine::DiskConfig {
                 path: PathBuf::from("/etc/passwd"),
                 read_only: false,
             }),
@@ -207,7 +212,7 @@ impl FakeSource {
             version: MIGRATION_VERSION,
             config,
             memory,
-            disk: Some(DiskOffer {
+            disk: disk.map(|(name, len)| DiskOffer {
                 len,
                 name: name.to_string(),
                 identity: DiskIdentity {
@@ -269,4 +274,92 @@ fn disk_names_from_the_source_are_checked() {
     drop(fake);
     wait_count(&dst, "waiting for another", bad.len() + 1);
     assert_eq!(names(&tmp.file("in")), ["resident.img"]);
+}
+
+// ---- A receiver nobody can block ----
+
+/// `cmdline` migrated to the receiver at `addr`: succeeds, and source +
+/// destination print the console of an unmigrated run.
+fn real_migration(pki: &Pki, tmp: &TempDir, dst: Proc, addr: &str, cmdline: &str) {
+    let expected = reference(cmdline, None);
+    let sock = tmp.s("a.sock");
+    let mut src = source(&[], &sock, cmdline, &[]);
+    src.wait_for("round 20\n", false);
+    let (code, out, err) = migrate(&sock, addr, &pki.creds("a"), &[]);
+    assert_eq!(
+        code,
+        0,
+        "{out}\n{err}\n{}\n{}",
+        src.describe(),
+        dst.describe()
+    );
+    let (scode, sout, _) = src.finish();
+    let (dcode, dout, derr) = dst.finish();
+    assert_eq!((scode, dcode), (0, 0), "{derr}");
+    assert_eq!(format!("{sout}{dout}"), expected);
+}
+
+#[test]
+fn a_peer_that_sends_only_hello_does_not_block_a_migration() {
+    let pki = Pki::new(&["a", "b"], &[]);
+    let tmp = TempDir::new("hello");
+    let (dst, addr) = receiver(&[], "127.0.0.1:0", &pki.creds("b"), &[]);
+    // Authenticated, Hello sent, then silence (the connection kept alive).
+    let idle = FakeSource::connect(&addr, &pki);
+    real_migration(&pki, &tmp, dst, &addr, "dirty 256 400");
+    drop(idle);
+}
+
+#[test]
+fn a_peer_silent_before_its_header_is_dropped_by_name() {
+    let pki = Pki::new(&["a", "b"], &[]);
+    let (dst, addr) = receiver(&[], "127.0.0.1:0", &pki.creds("b"), &[]);
+    let mut idle = FakeSource::connect(&addr, &pki);
+    wait_count(&dst, "sent nothing for 10s", 1);
+    let err = dst.err();
+    assert!(
+        err.contains("dropped the connection of a at 127.0.0.1:"),
+        "{err}"
+    );
+    // The receiver closed it.
+    match idle.conn.recv_frame() {
+        Ok((channel_kind::MESSAGE, payload)) => {
+            let m: Message = postcard::from_bytes(&payload).unwrap();
+            assert!(matches!(m, Message::Abort { .. }), "{m:?}");
+        }
+        other => assert!(other.is_err(), "{other:?}"),
+    }
+}
+
+#[test]
+fn a_second_source_is_refused_busy_naming_the_first() {
+    let pki = Pki::new(&["a", "b"], &[]);
+    let tmp = TempDir::new("busy");
+    let (dst, addr) = receiver(&[], "127.0.0.1:0", &pki.creds("b"), &[]);
+    // A source whose header was accepted, then stalls: it holds the receiver.
+    let mut holder = FakeSource::connect(&addr, &pki);
+    holder.offer(None).unwrap();
+    wait_count(&dst, "receiving a VM from a at 127.0.0.1:", 1);
+    let cmdline = "dirty 256 400";
+    let sock = tmp.s("a.sock");
+    let mut src = source(&[], &sock, cmdline, &[]);
+    src.wait_for("round 20\n", false);
+    let (code, out, err) = migrate(&sock, &addr, &pki.creds("a"), &[]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("busy: receiving a VM from a at 127.0.0.1:"),
+        "{err}"
+    );
+    assert!(err.contains("keeps running"), "{err}");
+    wait_count(&dst, "refused a migration from a at 127.0.0.1:", 1);
+    // Once the holder goes, the next migration goes through.
+    drop(holder);
+    wait_count(&dst, "waiting for another", 1);
+    let (code, out, err) = migrate(&sock, &addr, &pki.creds("a"), &[]);
+    assert_eq!(code, 0, "{out}\n{err}\n{}", dst.describe());
+    let expected = reference(cmdline, None);
+    let (scode, sout, _) = src.finish();
+    let (dcode, dout, derr) = dst.finish();
+    assert_eq!((scode, dcode), (0, 0), "{derr}");
+    assert_eq!(format!("{sout}{dout}"), expected);
 }

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::runtime::Runtime;
 
-use super::conn::{connect, Connection, Handle, Listener, PeerInfo, RecvHalf, SendHalf};
+use super::conn::{connect, Connection, Handle, Listener, PeerInfo, Pending, RecvHalf, SendHalf};
 use super::{ChannelConfig, Credentials, Result};
 
 /// The process-wide runtime that drives every blocking channel object.
@@ -38,7 +38,20 @@ fn runtime() -> Result<Arc<Runtime>> {
     Ok(RT.get_or_init(|| rt).clone())
 }
 
-/// Blocking [`Listener`].
+/// Run `fut` on `rt` for at most `timeout`: `Ok(None)` if it did not finish.
+fn block_on_timeout<T>(
+    rt: &Runtime,
+    timeout: Duration,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<Option<T>> {
+    match rt.block_on(async { tokio::time::timeout(timeout, fut).await }) {
+        Ok(r) => r.map(Some),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Blocking [`Listener`]. Clones share the listener.
+#[derive(Clone)]
 pub struct BlockingListener {
     rt: Arc<Runtime>,
     inner: Listener,
@@ -70,6 +83,17 @@ impl BlockingListener {
         })
     }
 
+    /// The next connection attempt, not yet authenticated (see
+    /// [`Listener::next_pending`]); establish it on another thread to go on
+    /// taking attempts meanwhile.
+    pub fn next_pending(&self) -> Result<BlockingPending> {
+        let inner = self.rt.block_on(self.inner.next_pending())?;
+        Ok(BlockingPending {
+            rt: self.rt.clone(),
+            inner,
+        })
+    }
+
     /// Like [`accept`](Self::accept) but gives up after `timeout` (`Ok(None)`).
     pub fn accept_timeout(&self, timeout: Duration) -> Result<Option<BlockingConnection>> {
         match self
@@ -87,6 +111,30 @@ impl BlockingListener {
     /// Stop accepting and close the listener's connections.
     pub fn close(&self) {
         self.inner.close();
+    }
+}
+
+/// Blocking [`Pending`].
+pub struct BlockingPending {
+    rt: Arc<Runtime>,
+    inner: Pending,
+}
+
+impl BlockingPending {
+    /// The peer's UDP address (not authenticated).
+    pub fn peer(&self) -> SocketAddr {
+        self.inner.peer()
+    }
+
+    /// See [`Pending::establish`].
+    pub fn establish(self) -> Result<BlockingConnection> {
+        let inner = self.rt.block_on(self.inner.establish())?;
+        Ok(BlockingConnection { rt: self.rt, inner })
+    }
+
+    /// See [`Pending::refuse`].
+    pub fn refuse(self) {
+        self.inner.refuse();
     }
 }
 
@@ -131,13 +179,7 @@ impl BlockingConnection {
         timeout: Duration,
     ) -> Result<Option<T>> {
         let fut = self.inner.recv_msg();
-        match self
-            .rt
-            .block_on(async { tokio::time::timeout(timeout, fut).await })
-        {
-            Ok(r) => r.map(Some),
-            Err(_) => Ok(None),
-        }
+        block_on_timeout(&self.rt, timeout, fut)
     }
 
     /// Send one frame on the control stream.
@@ -148,6 +190,13 @@ impl BlockingConnection {
     /// Receive one frame from the control stream.
     pub fn recv_frame(&mut self) -> Result<(u8, Vec<u8>)> {
         self.rt.block_on(self.inner.recv_frame())
+    }
+
+    /// Receive one frame, or `Ok(None)` if none arrives within `timeout`.
+    /// Safe to retry: no data is lost on timeout.
+    pub fn recv_frame_timeout(&mut self, timeout: Duration) -> Result<Option<(u8, Vec<u8>)>> {
+        let fut = self.inner.recv_frame();
+        block_on_timeout(&self.rt, timeout, fut)
     }
 
     /// Open a unidirectional bulk stream.
@@ -245,13 +294,7 @@ impl BlockingReceiver {
         timeout: Duration,
     ) -> Result<Option<T>> {
         let fut = self.rx.recv_msg();
-        match self
-            .rt
-            .block_on(async { tokio::time::timeout(timeout, fut).await })
-        {
-            Ok(r) => r.map(Some),
-            Err(_) => Ok(None),
-        }
+        block_on_timeout(&self.rt, timeout, fut)
     }
 
     /// Receive one frame.

@@ -474,10 +474,72 @@ impl Connection {
     }
 }
 
-/// Accepts authenticated connections.
+/// Accepts authenticated connections. Clones share the endpoint.
+#[derive(Clone)]
 pub struct Listener {
     endpoint: Endpoint,
     cfg: Arc<ChannelConfig>,
+}
+
+/// A connection attempt that reached the listener: not authenticated yet.
+/// [`Pending::establish`] runs the TLS handshake and the Hello exchange
+/// (bounded by [`ChannelConfig::handshake_timeout`]); callers that must not
+/// be held up by a slow or silent peer run it on their own task or thread
+/// and take the next attempt meanwhile.
+pub struct Pending {
+    incoming: quinn::Incoming,
+    peer: SocketAddr,
+    endpoint: Endpoint,
+    cfg: Arc<ChannelConfig>,
+}
+
+impl Pending {
+    /// The peer's UDP address (not authenticated).
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Authenticate: TLS handshake (client certificate required), then the
+    /// Hello exchange, within the handshake timeout. A refused peer gives
+    /// an error (logged with `warn!`).
+    pub async fn establish(self) -> Result<Connection> {
+        let Pending {
+            incoming,
+            peer,
+            endpoint,
+            cfg,
+        } = self;
+        let res = tokio::time::timeout(cfg.handshake_timeout, async {
+            let connecting = incoming.accept().map_err(|e| ChannelError::Handshake {
+                peer,
+                reason: e.to_string(),
+            })?;
+            establish(connecting, peer, &cfg, &endpoint, Side::Server).await
+        })
+        .await;
+        let res = match res {
+            Ok(r) => r,
+            Err(_) => Err(ChannelError::Handshake {
+                peer,
+                reason: format!("not completed within {:?}", cfg.handshake_timeout),
+            }),
+        };
+        match &res {
+            Ok(c) => {
+                debug!(peer = %peer, name = %c.peer().hello.name, role = ?c.peer().hello.role, "accepted connection")
+            }
+            Err(ChannelError::Handshake { reason, .. }) => {
+                warn!(peer = %peer, %reason, "refused connection: TLS handshake failed")
+            }
+            Err(e) => warn!(peer = %peer, error = %e, "refused connection"),
+        }
+        res
+    }
+
+    /// Refuse the attempt at once (the peer sees the connection refused).
+    pub fn refuse(self) {
+        self.incoming.refuse();
+    }
 }
 
 impl Listener {
@@ -498,11 +560,9 @@ impl Listener {
         Ok(self.endpoint.local_addr()?)
     }
 
-    /// Accept the next connection: TLS handshake (client certificate
-    /// required), then the Hello exchange. A refused peer gives an error
-    /// (logged with `warn!`); the listener stays usable, so callers typically
-    /// loop. Returns [`ChannelError::Closed`] once the listener is closed.
-    pub async fn accept(&self) -> Result<Connection> {
+    /// The next connection attempt, not yet authenticated. Returns
+    /// [`ChannelError::Closed`] once the listener is closed.
+    pub async fn next_pending(&self) -> Result<Pending> {
         let incoming = self
             .endpoint
             .accept()
@@ -514,41 +574,22 @@ impl Listener {
                     .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into()),
                 reason: "listener closed".into(),
             })?;
-        let peer = incoming.remote_address();
-        let res = tokio::time::timeout(
-            self.cfg.handshake_timeout,
-            self.accept_inner(incoming, peer),
-        )
-        .await;
-        let res = match res {
-            Ok(r) => r,
-            Err(_) => Err(ChannelError::Handshake {
-                peer,
-                reason: format!("not completed within {:?}", self.cfg.handshake_timeout),
-            }),
-        };
-        match &res {
-            Ok(c) => {
-                debug!(peer = %peer, name = %c.peer().hello.name, role = ?c.peer().hello.role, "accepted connection")
-            }
-            Err(ChannelError::Handshake { reason, .. }) => {
-                warn!(peer = %peer, %reason, "refused connection: TLS handshake failed")
-            }
-            Err(e) => warn!(peer = %peer, error = %e, "refused connection"),
-        }
-        res
+        Ok(Pending {
+            peer: incoming.remote_address(),
+            incoming,
+            endpoint: self.endpoint.clone(),
+            cfg: self.cfg.clone(),
+        })
     }
 
-    async fn accept_inner(
-        &self,
-        incoming: quinn::Incoming,
-        peer: SocketAddr,
-    ) -> Result<Connection> {
-        let connecting = incoming.accept().map_err(|e| ChannelError::Handshake {
-            peer,
-            reason: e.to_string(),
-        })?;
-        establish(connecting, peer, &self.cfg, &self.endpoint, Side::Server).await
+    /// Accept the next connection: TLS handshake (client certificate
+    /// required), then the Hello exchange. A refused peer gives an error
+    /// (logged with `warn!`); the listener stays usable, so callers typically
+    /// loop. Returns [`ChannelError::Closed`] once the listener is closed.
+    /// One attempt at a time: see [`Listener::next_pending`] to serve
+    /// several.
+    pub async fn accept(&self) -> Result<Connection> {
+        self.next_pending().await?.establish().await
     }
 
     /// Stop accepting and close all connections of this listener.

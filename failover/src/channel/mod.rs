@@ -49,8 +49,10 @@ mod tls;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use blocking::{BlockingConnection, BlockingListener, BlockingReceiver, BlockingSender};
-pub use conn::{connect, Connection, Handle, Listener, PeerInfo, RecvHalf, SendHalf};
+pub use blocking::{
+    BlockingConnection, BlockingListener, BlockingPending, BlockingReceiver, BlockingSender,
+};
+pub use conn::{connect, Connection, Handle, Listener, PeerInfo, Pending, RecvHalf, SendHalf};
 pub use frame::{decode_header, encode_header, kind, FRAME_HEADER_LEN};
 pub use message::{DiskBlock, Hello, Message, Page, Role, PROTOCOL_VERSION};
 

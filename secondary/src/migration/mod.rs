@@ -4,6 +4,7 @@
 //! `Running`. The protocol is described in `docs/migration.md` and
 //! `failover::migration`.
 
+mod accept;
 mod disk;
 
 use std::net::SocketAddr;
@@ -18,7 +19,17 @@ use vmm::machine::{DiskConfig, Incoming, Machine, MachineState};
 use vmm::vstate::memory::{self, write_page};
 use vmm::PAGE_SIZE;
 
+pub use accept::receive;
 use disk::DestDisk;
+
+/// How long a source may take from its `Hello` to its header. Every step
+/// before the header is bounded (the TLS handshake and the Hello exchange
+/// by the channel's handshake timeout), and while one connection is being
+/// set up the receiver takes others.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A source that sends nothing for this long during the transfer is
+/// dropped, even if it keeps the connection alive.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How the destination is set up. Paths are the receiver operator's; the
 /// source never chooses one (see `disk.rs`).
@@ -57,6 +68,8 @@ pub enum ReceiveError {
     Refused(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("the source sent nothing for {0:?}")]
+    Silent(Duration),
     #[error("{0}")]
     Local(String),
 }
@@ -67,41 +80,7 @@ pub enum ReceiveError {
 /// yet, so there is nothing to announce; the virtio-net work fills this in.
 pub fn announce_guest_mac(_machine: &Machine) {}
 
-/// Accept connections on `listener` until one brings a VM, and restore it.
-/// Connections refused by the TLS handshake are logged and skipped; a
-/// transfer that fails is reported on stderr and the listener waits for
-/// the next one.
-pub fn receive(
-    listener: &BlockingListener,
-    opts: &ReceiveOptions,
-    mut serial_out: impl FnMut() -> Box<dyn std::io::Write + Send>,
-) -> Result<Received, ReceiveError> {
-    loop {
-        let conn = match listener.accept() {
-            Ok(c) => c,
-            Err(e @ ChannelError::Handshake { .. }) | Err(e @ ChannelError::Version { .. }) => {
-                eprintln!("tandem: refused a connection: {e}");
-                continue;
-            }
-            Err(e) => {
-                eprintln!("tandem: incoming connection failed: {e}");
-                continue;
-            }
-        };
-        let peer = conn.peer().clone();
-        match receive_one(conn, opts, &mut serial_out) {
-            Ok(r) => return Ok(r),
-            Err(e) => {
-                eprintln!(
-                    "tandem: incoming migration from {} ({}) failed: {e}; waiting for another",
-                    peer.hello.name, peer.addr
-                );
-            }
-        }
-    }
-}
-
-fn abort(conn: &mut BlockingConnection, reason: &str) {
+pub(crate) fn abort(conn: &mut BlockingConnection, reason: &str) {
     let _ = conn.send_msg(&Message::Abort {
         reason: reason.to_string(),
     });
@@ -110,36 +89,45 @@ fn abort(conn: &mut BlockingConnection, reason: &str) {
     conn.abort(reason);
 }
 
-fn receive_one(
-    mut conn: BlockingConnection,
-    opts: &ReceiveOptions,
-    serial_out: &mut dyn FnMut() -> Box<dyn std::io::Write + Send>,
-) -> Result<Received, ReceiveError> {
+/// Check who the peer is and read its header, waiting at most
+/// [`HEADER_TIMEOUT`] for it.
+fn read_header(conn: &mut BlockingConnection) -> Result<Header, ReceiveError> {
     let peer = conn.peer().clone();
-    let from = format!("{} at {}", peer.hello.name, peer.addr);
     if peer.hello.role != Role::MigrationSource {
         let reason = format!(
             "expected a migration source, the peer is a {:?}",
             peer.hello.role
         );
-        abort(&mut conn, &reason);
+        abort(conn, &reason);
         return Err(ReceiveError::Refused(reason));
     }
-    let (k, payload) = conn.recv_frame()?;
-    if k != kind::HEADER {
-        return Err(ReceiveError::Protocol(format!(
-            "expected the migration header, got frame kind {k}"
-        )));
-    }
-    let header: Header = match postcard::from_bytes(&payload) {
-        Ok(h) => h,
-        Err(e) => {
-            let reason = format!("unreadable migration header: {e}");
-            abort(&mut conn, &reason);
-            return Err(ReceiveError::Refused(reason));
-        }
+    let Some((k, payload)) = conn.recv_frame_timeout(HEADER_TIMEOUT)? else {
+        let e = ReceiveError::Silent(HEADER_TIMEOUT);
+        abort(conn, &e.to_string());
+        return Err(e);
     };
-    let (incoming, disk) = match accept_header(&header, opts) {
+    if k != kind::HEADER {
+        let reason = format!("expected the migration header, got frame kind {k}");
+        abort(conn, &reason);
+        return Err(ReceiveError::Protocol(reason));
+    }
+    postcard::from_bytes(&payload).map_err(|e| {
+        let reason = format!("unreadable migration header: {e}");
+        abort(conn, &reason);
+        ReceiveError::Refused(reason)
+    })
+}
+
+/// Take the VM announced by `header`.
+fn receive_one(
+    mut conn: BlockingConnection,
+    header: &Header,
+    opts: &ReceiveOptions,
+    serial_out: &mut dyn FnMut() -> Box<dyn std::io::Write + Send>,
+) -> Result<Received, ReceiveError> {
+    let peer = conn.peer().clone();
+    let from = format!("{} at {}", peer.hello.name, peer.addr);
+    let (incoming, disk) = match accept_header(header, opts) {
         Ok(x) => x,
         Err(reason) => {
             abort(&mut conn, &reason);
@@ -245,7 +233,11 @@ fn transfer(
     let mut rounds = 0;
     loop {
         let t_wait = Instant::now();
-        let frame = conn.recv_frame()?;
+        let Some(frame) = conn.recv_frame_timeout(STALL_TIMEOUT)? else {
+            return Err(TransferError::Local(
+                ReceiveError::Silent(STALL_TIMEOUT).to_string(),
+            ));
+        };
         let t_got = Instant::now();
         let msg = match frame {
             (channel_kind::MESSAGE, payload) => postcard::from_bytes::<Message>(&payload)

@@ -1,0 +1,174 @@
+//! Taking connections for `tandem receive` so that nobody can block it.
+//!
+//! Each connection attempt is set up on its own thread: the TLS handshake
+//! and the Hello exchange (bounded by the channel's handshake timeout), then
+//! the header (bounded by [`HEADER_TIMEOUT`]). Meanwhile the listener takes
+//! the next attempt, so a peer that stalls before its header — one that
+//! completes the handshake and sends only `Hello`, or nothing at all —
+//! holds nobody up and is dropped, by name, when its time is up. At most
+//! [`MAX_PENDING`] attempts are set up at once; more are refused at once.
+//!
+//! One VM is received at a time: the first source whose header arrives
+//! holds the receiver until its transfer ends; a source whose header
+//! arrives meanwhile is refused with `busy: receiving a VM from NAME at
+//! ADDR` (and the receiver's stderr says the same). Once a VM has been
+//! received, later sources get `busy: running the VM received from ...`.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+
+use failover::channel::{BlockingListener, BlockingPending};
+
+use super::{abort, read_header, receive_one, ReceiveError, ReceiveOptions, Received};
+
+/// Connection attempts set up at once, at most.
+pub const MAX_PENDING: usize = 16;
+
+type SerialOut = Box<dyn FnMut() -> Box<dyn Write + Send> + Send>;
+
+/// Who holds the receiver.
+struct Holder {
+    /// `NAME at ADDR`.
+    from: String,
+    /// The VM arrived and runs here.
+    running: bool,
+}
+
+/// What the connection threads share.
+struct Desk {
+    opts: ReceiveOptions,
+    serial_out: Mutex<SerialOut>,
+    holder: Mutex<Option<Holder>>,
+    /// Attempts not past their header yet.
+    pending: AtomicUsize,
+    done: Sender<Received>,
+}
+
+impl Desk {
+    fn holder(&self) -> std::sync::MutexGuard<'_, Option<Holder>> {
+        self.holder.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Counts one attempt in [`Desk::pending`] while it lives.
+struct Slot(Arc<Desk>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Accept connections on `listener` until one brings a VM, and restore it.
+/// Connections are set up concurrently and every step before the header is
+/// time-limited (see the module docs); refusals and failed transfers are
+/// reported on stderr, naming the peer, and the receiver waits for the
+/// next source. The listener keeps refusing late sources ("busy") until it
+/// is closed.
+pub fn receive(
+    listener: &BlockingListener,
+    opts: &ReceiveOptions,
+    serial_out: impl FnMut() -> Box<dyn Write + Send> + Send + 'static,
+) -> Result<Received, ReceiveError> {
+    let (tx, rx) = channel();
+    let desk = Arc::new(Desk {
+        opts: opts.clone(),
+        serial_out: Mutex::new(Box::new(serial_out)),
+        holder: Mutex::new(None),
+        pending: AtomicUsize::new(0),
+        done: tx,
+    });
+    let l = listener.clone();
+    std::thread::Builder::new()
+        .name("migration-accept".into())
+        .spawn(move || take_connections(&l, &desk))
+        .map_err(|e| ReceiveError::Local(format!("starting the listener thread: {e}")))?;
+    rx.recv()
+        .map_err(|_| ReceiveError::Local("the listener closed before a VM arrived".into()))
+}
+
+fn take_connections(listener: &BlockingListener, desk: &Arc<Desk>) {
+    loop {
+        let pending = match listener.next_pending() {
+            Ok(p) => p,
+            Err(e) if e.is_closed() => return,
+            Err(e) => {
+                eprintln!("tandem: incoming connection failed: {e}");
+                continue;
+            }
+        };
+        if desk.pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING {
+            desk.pending.fetch_sub(1, Ordering::SeqCst);
+            eprintln!(
+                "tandem: refused a connection from {}: {MAX_PENDING} others are still being set up",
+                pending.peer()
+            );
+            pending.refuse();
+            continue;
+        }
+        let slot = Slot(desk.clone());
+        let desk = desk.clone();
+        let spawned = std::thread::Builder::new()
+            .name("migration-in".into())
+            .spawn(move || serve(pending, slot, &desk));
+        if let Err(e) = spawned {
+            eprintln!("tandem: cannot serve an incoming connection: {e}");
+        }
+    }
+}
+
+/// Set up one connection and, if it is the first to bring a header, take
+/// its VM.
+fn serve(pending: BlockingPending, slot: Slot, desk: &Desk) {
+    let mut conn = match pending.establish() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tandem: refused a connection: {e}");
+            return;
+        }
+    };
+    let peer = conn.peer().clone();
+    let from = format!("{} at {}", peer.hello.name, peer.addr);
+    let header = match read_header(&mut conn) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("tandem: dropped the connection of {from}: {e}; waiting for another");
+            return;
+        }
+    };
+    drop(slot);
+    {
+        let mut holder = desk.holder();
+        if let Some(h) = holder.as_ref() {
+            let reason = if h.running {
+                format!("busy: running the VM received from {}", h.from)
+            } else {
+                format!("busy: receiving a VM from {}", h.from)
+            };
+            drop(holder);
+            eprintln!("tandem: refused a migration from {from}: {reason}");
+            abort(&mut conn, &reason);
+            return;
+        }
+        *holder = Some(Holder {
+            from: from.clone(),
+            running: false,
+        });
+    }
+    eprintln!("tandem: receiving a VM from {from}");
+    let mut out = || (desk.serial_out.lock().unwrap_or_else(|e| e.into_inner()))();
+    match receive_one(conn, &header, &desk.opts, &mut out) {
+        Ok(r) => {
+            if let Some(h) = desk.holder().as_mut() {
+                h.running = true;
+            }
+            let _ = desk.done.send(r);
+        }
+        Err(e) => {
+            *desk.holder() = None;
+            eprintln!("tandem: incoming migration from {from} failed: {e}; waiting for another");
+        }
+    }
+}
