@@ -11,7 +11,9 @@
 //! | `{"cmd":"move_disk", "dest":PATH, "force":false, "downtime_ms":...}` | `{"event":"progress", ...}` lines, then `{"event":"disk_moved", ...}` (the VM runs on the image at PATH now) |
 //!
 //! Any request may instead be answered `{"event":"error","error":"..."}`.
-//! Paths are taken as given: clients send absolute paths.
+//! Paths are taken as given: clients send absolute paths. A request line
+//! longer than [`MAX_REQUEST_LINE`] bytes is answered with an error naming
+//! the limit and the connection is closed (the rest is never buffered).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::ToSocketAddrs;
@@ -82,6 +84,48 @@ pub enum Event {
 /// Default pause target of a migration.
 pub const DEFAULT_DOWNTIME_MS: u64 = 30;
 
+/// Longest request line accepted (bytes, without the newline); real
+/// requests are a few hundred bytes.
+pub const MAX_REQUEST_LINE: usize = 64 << 10;
+
+/// One request line read from a client.
+enum Line {
+    Request(String),
+    /// Longer than [`MAX_REQUEST_LINE`].
+    TooLong,
+    /// Not UTF-8.
+    NotText,
+    /// The client closed the connection (or reading failed).
+    End,
+}
+
+/// Read the next line, never holding more than `max` bytes of it.
+fn read_line(r: &mut impl BufRead, max: usize) -> Line {
+    let mut line = Vec::new();
+    loop {
+        let buf = match r.fill_buf() {
+            Ok([]) | Err(_) => return Line::End,
+            Ok(b) => b,
+        };
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], i + 1),
+            None => (buf, buf.len()),
+        };
+        if line.len() + chunk.len() > max {
+            return Line::TooLong;
+        }
+        line.extend_from_slice(chunk);
+        let newline = done > chunk.len();
+        r.consume(done);
+        if newline {
+            return match String::from_utf8(line) {
+                Ok(s) => Line::Request(s),
+                Err(_) => Line::NotText,
+            };
+        }
+    }
+}
+
 /// The server; removes its socket file when dropped.
 pub struct Server {
     path: PathBuf,
@@ -133,9 +177,32 @@ fn serve_conn(stream: UnixStream, ctl: &VmController) {
     let Ok(mut w) = stream.try_clone() else {
         return;
     };
-    let reader = BufReader::new(stream);
-    for line in reader.lines() {
-        let Ok(line) = line else { return };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let line = match read_line(&mut reader, MAX_REQUEST_LINE) {
+            Line::Request(l) => l,
+            Line::End => return,
+            Line::TooLong => {
+                send(
+                    &mut w,
+                    &Event::Error {
+                        error: format!(
+                            "request line longer than {MAX_REQUEST_LINE} bytes (the limit); closing the connection"
+                        ),
+                    },
+                );
+                return;
+            }
+            Line::NotText => {
+                send(
+                    &mut w,
+                    &Event::Error {
+                        error: "bad request: not UTF-8".into(),
+                    },
+                );
+                continue;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -309,4 +376,38 @@ pub fn call(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{read_line, Line};
+    use std::io::{BufReader, Cursor};
+
+    fn lines(input: &[u8], max: usize) -> Vec<String> {
+        // A small buffer, so that lines span several fills.
+        let mut r = BufReader::with_capacity(4, Cursor::new(input.to_vec()));
+        let mut out = Vec::new();
+        loop {
+            match read_line(&mut r, max) {
+                Line::Request(l) => out.push(l),
+                Line::TooLong => {
+                    // The server closes the connection here.
+                    out.push("<too long>".into());
+                    return out;
+                }
+                Line::NotText => out.push("<not text>".into()),
+                Line::End => return out,
+            }
+        }
+    }
+
+    #[test]
+    fn request_lines_are_bounded() {
+        assert_eq!(lines(b"ab\ncdefgh\n\n", 6), ["ab", "cdefgh", ""]);
+        assert_eq!(lines(b"ab\ncdefghi\nxy\n", 6), ["ab", "<too long>"]);
+        assert_eq!(lines(b"abcdefghijklmnop", 6), ["<too long>"]);
+        assert_eq!(lines(b"\xff\nok\n", 6), ["<not text>", "ok"]);
+        // An unterminated last line is no request.
+        assert_eq!(lines(b"ab\ncd", 6), ["ab"]);
+    }
 }

@@ -257,7 +257,8 @@ pub struct VmArgs {
     /// Initial ramdisk (Linux).
     #[arg(long)]
     pub initrd: Option<PathBuf>,
-    /// Guest memory in MiB.
+    /// Guest memory in MiB: at least 8, at most the host's memory
+    /// (MemTotal) and what this process's address space (ulimit -v) holds.
     #[arg(long, default_value_t = 64)]
     pub mem_mib: u64,
     /// A raw disk image for the virtio-blk device: PATH, PATH,ro or

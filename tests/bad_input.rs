@@ -93,6 +93,72 @@ fn too_little_memory() {
     );
 }
 
+/// MemTotal of this host in MiB, from /proc/meminfo.
+fn host_mem_mib() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kb: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("no MemTotal in /proc/meminfo");
+    kb / 1024
+}
+
+/// More memory than the host has is refused up front, naming the value
+/// and the host's limit (1 TiB used to be accepted on a 23 GiB host).
+#[test]
+fn more_memory_than_the_host_has() {
+    let host = host_mem_mib();
+    for mib in [host + 1, 1 << 20] {
+        let v = mib.to_string();
+        refused(
+            &["run", "--cmdline", "hello", "--mem-mib", &v],
+            &[
+                &format!("--mem-mib {mib}"),
+                "this host's memory (MemTotal)",
+                &format!("at most {host} MiB"),
+            ],
+        );
+    }
+    // Beyond what Tandem's guest layout can address at all.
+    refused(
+        &["run", "--cmdline", "hello", "--mem-mib", "2000000"],
+        &["--mem-mib 2000000", "address space", "at most 1048576 MiB"],
+    );
+}
+
+/// A guest that does not fit in this process's address-space limit
+/// (`ulimit -v`) is refused too, not killed half-way.
+#[test]
+fn more_memory_than_the_address_space_limit() {
+    let out = std::process::Command::new("sh")
+        .args(["-c", "ulimit -v 1048576 && exec \"$0\" \"$@\""])
+        .arg(common::TANDEM)
+        .args(["run", "--cmdline", "hello", "--mem-mib", "1000"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--mem-mib 1000") && stderr.contains("ulimit -v"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("at most 768 MiB"), "{stderr}");
+    // The same limit leaves room for the default 64 MiB guest.
+    let out = std::process::Command::new("sh")
+        .args(["-c", "ulimit -v 1048576 && exec \"$0\" \"$@\""])
+        .arg(common::TANDEM)
+        .args(["run", "--cmdline", "hello"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn bad_serial() {
     refused(

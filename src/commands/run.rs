@@ -84,7 +84,7 @@ pub fn disk_config(disk: Option<&DiskArg>) -> Result<Option<DiskConfig>, CmdErro
 pub fn machine_error(e: MachineError) -> CmdError {
     match e {
         MachineError::TooLittleMemory(_)
-        | MachineError::TooMuchMemory(_)
+        | MachineError::TooMuchMemory { .. }
         | MachineError::Loader(_)
         | MachineError::Devices(_) => CmdError::Input(e.to_string()),
         MachineError::Vm(ref v) => match v {

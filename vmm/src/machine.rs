@@ -54,8 +54,14 @@ impl DiskConfig {
 pub enum MachineError {
     #[error("--mem-mib {0}: too little memory (at least {MIN_MEM_MIB} MiB)")]
     TooLittleMemory(u64),
-    #[error("--mem-mib {0}: too much memory for this host")]
-    TooMuchMemory(u64),
+    #[error("--mem-mib {mib}: the guest would not fit in {what}: at most {limit_mib} MiB")]
+    TooMuchMemory {
+        mib: u64,
+        /// The largest value that limit allows.
+        limit_mib: u64,
+        /// Which limit: the host's memory, the address space, ...
+        what: &'static str,
+    },
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
@@ -100,12 +106,52 @@ pub struct Machine {
     pub(crate) skip_service: bool,
 }
 
+/// Largest guest Tandem builds (1 TiB of guest-physical RAM).
+pub const MAX_MEM_MIB: u64 = 1 << 20;
+
+/// Room this process needs beside guest memory in its address space.
+const PROCESS_RESERVE_MIB: u64 = 256;
+
+/// The limits guest memory must fit: (largest MiB, which limit), from
+/// the host's RAM (`sysinfo`, as `MemTotal` in /proc/meminfo) and this
+/// process's address-space limit (`ulimit -v`).
+fn host_mem_limits() -> Vec<(u64, &'static str)> {
+    let mut limits = vec![(MAX_MEM_MIB, "Tandem's guest address space")];
+    // SAFETY: sysinfo fills the struct it is given and nothing else.
+    let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `si` is a valid, writable sysinfo.
+    if unsafe { libc::sysinfo(&mut si) } == 0 {
+        let total = (si.totalram as u64).saturating_mul(u64::from(si.mem_unit).max(1));
+        limits.push((total >> 20, "this host's memory (MemTotal)"));
+    }
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the rlimit it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rl) } == 0
+        && rl.rlim_cur != libc::RLIM_INFINITY
+    {
+        limits.push((
+            (rl.rlim_cur >> 20).saturating_sub(PROCESS_RESERVE_MIB),
+            "this process's address space (ulimit -v, less 256 MiB for Tandem itself)",
+        ));
+    }
+    limits
+}
+
 fn check_mem(mib: u64) -> Result<(), MachineError> {
     if mib < MIN_MEM_MIB {
         return Err(MachineError::TooLittleMemory(mib));
     }
-    if mib > (1 << 20) {
-        return Err(MachineError::TooMuchMemory(mib));
+    for (limit_mib, what) in host_mem_limits() {
+        if mib > limit_mib {
+            return Err(MachineError::TooMuchMemory {
+                mib,
+                limit_mib,
+                what,
+            });
+        }
     }
     Ok(())
 }

@@ -31,7 +31,8 @@ use super::Progress;
 pub struct VmStatus {
     /// `running`, `paused`, `migrating` or `stopped`.
     pub state: String,
-    /// Guest exits so far (the logical clock), as of the last pause.
+    /// Guest exits so far (the logical clock), read from the vCPU thread
+    /// when asked (the last known value once the VM has stopped).
     pub exit_seq: u64,
     /// The migration in progress, if any.
     pub migration: Option<Progress>,
@@ -39,6 +40,8 @@ pub struct VmStatus {
 
 /// A request to the vCPU thread.
 enum Request {
+    /// The current exit counter.
+    ExitSeq(Sender<u64>),
     Pause(Sender<()>),
     Resume(Sender<()>),
     /// Stop the guest for stop-and-copy and hand back its state.
@@ -165,8 +168,15 @@ impl VmController {
         self.shared.status.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The current status.
+    /// The current status, with the exit counter as of now: the vCPU
+    /// thread answers at its next exit (or kick), running, paused or
+    /// frozen alike.
     pub fn status(&self) -> VmStatus {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if let Ok(seq) = self.request(Request::ExitSeq(tx), &rx) {
+            let mut s = self.status_mut();
+            s.exit_seq = s.exit_seq.max(seq);
+        }
         self.status_mut().clone()
     }
 
@@ -361,6 +371,9 @@ fn handle(
     shared: &Shared,
 ) -> Option<ControlledOutcome> {
     match req {
+        Request::ExitSeq(reply) => {
+            let _ = reply.send(machine.exit_seq);
+        }
         Request::Pause(reply) => {
             flags.user_paused = true;
             set_state(shared, "paused", machine.exit_seq);
