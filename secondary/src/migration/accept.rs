@@ -24,7 +24,7 @@ use failover::channel::{BlockingListener, BlockingPending};
 use super::{abort, read_header, receive_one, ReceiveError, ReceiveOptions, Received};
 
 /// Connection attempts set up at once, at most.
-pub const MAX_PENDING: usize = 16;
+pub const MAX_PENDING: usize = 128;
 
 type SerialOut = Box<dyn FnMut() -> Box<dyn Write + Send> + Send>;
 

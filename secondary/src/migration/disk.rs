@@ -324,3 +324,85 @@ impl Drop for DestDisk {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use failover::migration::DiskIdentity;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn offer(len: u64) -> DiskOffer {
+        DiskOffer {
+            len,
+            name: "vm.img".into(),
+            identity: DiskIdentity {
+                boot_id: "another host".into(),
+                dev: 0,
+                ino: 0,
+                marker: None,
+            },
+        }
+    }
+
+    #[test]
+    fn staged_image_replaces_the_old_one_only_when_kept() {
+        let dir = std::env::temp_dir().join(format!("tandem-destdisk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("vm.img");
+        std::fs::write(&img, b"old").unwrap();
+        let opts = ReceiveOptions {
+            disk: Some(img.clone()),
+            disk_dir: None,
+        };
+        // Committed at the switchover, then the restore fails: the old
+        // file comes back.
+        let mut d = DestDisk::prepare(&opts, &offer(4096)).unwrap();
+        assert_eq!(d.plan(), DiskPlan::Copy);
+        assert_eq!(std::fs::read(&img).unwrap(), b"old");
+        d.write(0, b"new").unwrap();
+        d.commit().unwrap();
+        assert_eq!(&std::fs::read(&img).unwrap()[..3], b"new");
+        drop(d);
+        assert_eq!(std::fs::read(&img).unwrap(), b"old");
+        assert_eq!(names(&dir), ["vm.img"]);
+        // The VM runs: the new image stays, nothing else is left.
+        let mut d = DestDisk::prepare(&opts, &offer(4096)).unwrap();
+        d.write(0, b"new").unwrap();
+        d.commit().unwrap();
+        d.keep();
+        let got = std::fs::read(&img).unwrap();
+        assert_eq!((got.len(), &got[..3]), (4096, &b"new"[..]));
+        assert_eq!(names(&dir), ["vm.img"]);
+        // A new place that fails before the switchover leaves nothing.
+        let opts = ReceiveOptions {
+            disk: Some(dir.join("fresh.img")),
+            disk_dir: None,
+        };
+        let d = DestDisk::prepare(&opts, &offer(4096)).unwrap();
+        assert_eq!(names(&dir).len(), 2);
+        drop(d);
+        assert_eq!(names(&dir), ["vm.img"]);
+        // The same file (here: same host, same inode) is never staged.
+        let opts = ReceiveOptions {
+            disk: Some(img.clone()),
+            disk_dir: None,
+        };
+        let mut same = offer(4096);
+        same.identity = DiskIdentity::of(&img).unwrap();
+        let d = DestDisk::prepare(&opts, &same).unwrap();
+        assert_eq!(d.plan(), DiskPlan::Shared);
+        assert!(d.write(0, b"x").is_err());
+        drop(d);
+        assert_eq!(names(&dir), ["vm.img"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
