@@ -250,7 +250,7 @@ pub struct VmArgs {
     pub kernel: Option<PathBuf>,
     /// Kernel command line. For the built-in guest: `WORKLOAD [ARGS] [hz=N]`
     /// with WORKLOAD one of `hello`, `ticks N`, `dirty PAGES ROUNDS`,
-    /// `busy N`, `disk SECTORS` (512-byte sectors; needs --disk), `echo`,
+    /// `fill PAGES ROUNDS [TICKS]` (incompressible pages), `busy N`, `disk SECTORS` (512-byte sectors; needs --disk), `echo`,
     /// `tsc N`, `exits N` (empty: a short demo).
     #[arg(long, default_value = "")]
     pub cmdline: String,

@@ -129,6 +129,30 @@ fn dirty() {
 }
 
 #[test]
+fn fill() {
+    let out = deterministic("fill 64 3");
+    assert!(out.stdout.contains("round 3\n"), "{}", out.describe());
+    assert!(!out.stdout.contains("round 4"));
+    // The checksum covers the data: other rounds, other pages, other result.
+    for other in ["fill 64 2", "fill 65 3"] {
+        assert_ne!(
+            out.result_line(),
+            run_ok(other, &[]).result_line(),
+            "{other}"
+        );
+    }
+    // Idle ticks between rounds change the timing, not the data.
+    assert_eq!(out.result_line(), run_ok("fill 64 3 2", &[]).result_line());
+    let short = tandem(&["run", "--mem-mib", "16", "--cmdline", "fill 64 1"]);
+    short.assert_status(3);
+    assert!(
+        short.stdout.contains("ERROR fill: not enough RAM"),
+        "{}",
+        short.describe()
+    );
+}
+
+#[test]
 fn busy() {
     let out = deterministic("busy 20000");
     let other = run_ok("busy 20001", &[]);

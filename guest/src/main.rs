@@ -18,8 +18,8 @@
 //!   the first 4 GiB with 2 MiB pages), IDT and TSS; it does not care about
 //!   the loader's GDT or about register state other than EBX.
 //! * Command line: the NUL-terminated string at `cmdline_paddr`.
-//! * Memory map: `memmap_paddr`/`memmap_entries` (E820 types); only `dirty`
-//!   needs it (its working set starts at 16 MiB and must be RAM).
+//! * Memory map: `memmap_paddr`/`memmap_entries` (E820 types); only `dirty` and
+//!   `fill` need it (its working set starts at 16 MiB and must be RAM).
 //!
 //! ## Devices used
 //!
@@ -57,6 +57,7 @@
 //! | `hello` | banner line and a greeting, no interrupts; checksum of the banner text |
 //! | `ticks N` | idles in `sti; hlt` until N timer interrupts have arrived (default 10) |
 //! | `dirty PAGES ROUNDS` | rewrites one u64 in each of PAGES 4 KiB pages (at 16 MiB) ROUNDS times, each value chained from the previous one; prints `round K` after each round (defaults 256 4) |
+//! | `fill PAGES ROUNDS TICKS` | overwrites every byte of PAGES 4 KiB pages (at 16 MiB) each round with an xorshift stream XORed into the old contents — incompressible, like a real guest's memory; prints `round K`, then idles TICKS timer ticks (defaults 256 4 0); checksum of the whole working set |
 //! | `busy N` | N iterations of integer mixing with the timer running and no exits inside the loop (default 100000) |
 //! | `disk SECTORS` | writes a per-sector pattern to 512-byte sectors 0..SECTORS (8 per request), FLUSH, reads back and verifies; checksum of the data read (default 64) |
 //! | `echo` | prints `echo ready`, then `echo: <line>` for each serial input line (interrupt-driven RX); `quit` ends it |

@@ -211,6 +211,7 @@ pub fn run(args: &Args, info: &HvmStartInfo) -> ! {
         b"hello" => hello(),
         b"ticks" => ticks(args.num(1, 10)),
         b"dirty" => dirty(args.num(1, 256), args.num(2, 4), info),
+        b"fill" => fill(args.num(1, 256), args.num(2, 4), args.num(3, 0), info),
         b"busy" => busy(args.num(1, 100_000)),
         b"disk" => disk(args.num(1, 64)),
         b"echo" => result(b"echo", echo::run()),
@@ -251,9 +252,14 @@ const DIRTY_BASE: u64 = 16 << 20;
 const PAGE: u64 = 4096;
 const LCG_MUL: u64 = 6_364_136_223_846_793_005;
 
-fn dirty(pages: u64, rounds: u64, info: &HvmStartInfo) -> ! {
+/// Check that `pages` pages from [`DIRTY_BASE`] are RAM (`what`: the
+/// workload, for the error message).
+fn working_set(pages: u64, info: &HvmStartInfo, what: &[u8]) {
     if pages == 0 || pages > ((4u64 << 30) - DIRTY_BASE) / PAGE {
-        fail(b"dirty: PAGES out of range", 2);
+        io::puts(b"ERROR ");
+        io::puts(what);
+        io::putln(b": PAGES out of range");
+        io::exit(2)
     }
     let need_end = DIRTY_BASE + pages * PAGE;
     let mut ok = false;
@@ -267,11 +273,15 @@ fn dirty(pages: u64, rounds: u64, info: &HvmStartInfo) -> ! {
         }
     }
     if info.memmap_paddr == 0 || !ok {
-        fail(
-            b"dirty: not enough RAM at 16 MiB for the working set (give more --mem-mib)",
-            3,
-        );
+        io::puts(b"ERROR ");
+        io::puts(what);
+        io::putln(b": not enough RAM at 16 MiB for the working set (give more --mem-mib)");
+        io::exit(3)
     }
+}
+
+fn dirty(pages: u64, rounds: u64, info: &HvmStartInfo) -> ! {
+    working_set(pages, info, b"dirty");
     sti();
     io::puts(b"dirty ");
     io::put_dec(pages);
@@ -310,6 +320,72 @@ fn dirty(pages: u64, rounds: u64, info: &HvmStartInfo) -> ! {
     h.u64(rounds);
     h.u64(prev);
     result(b"dirty", h.finish())
+}
+
+/// Random source of `fill`: two pages of an xorshift64 stream.
+static FILL_SRC: Racy<[u64; 1024]> = Racy::new([0; 1024]);
+
+/// `fill PAGES ROUNDS TICKS`: every round overwrites every byte of PAGES
+/// pages at 16 MiB with random data, prints `round K`, then idles TICKS
+/// timer ticks (0: none). Page P of round R is the 4 KiB window at word
+/// `(7P + 13R) mod 512` of a two-page xorshift64 stream (one `rep movsq`
+/// each: this host emulates guest code per instruction, and a word-by-word
+/// loop would take seconds per MiB), its first word XORed with `P << 32 | R`
+/// so that no two pages are alike: incompressible, as a real guest's memory
+/// mostly is. The checksum covers the first, middle and last word of every
+/// page: a page lost or stale after a migration changes it. Integer only.
+fn fill(pages: u64, rounds: u64, idle_ticks: u64, info: &HvmStartInfo) -> ! {
+    working_set(pages, info, b"fill");
+    sti();
+    io::puts(b"fill ");
+    io::put_dec(pages);
+    io::puts(b" pages x ");
+    io::put_dec(rounds);
+    io::putln(b" rounds");
+    let src = FILL_SRC.get() as *mut u64;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..1024 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // SAFETY: i < 1024, our static buffer.
+        unsafe { write_volatile(src.add(i), x) };
+    }
+    let page = |p: u64| (DIRTY_BASE + p * PAGE) as usize as *mut u64;
+    for r in 1..=rounds {
+        for p in 0..pages {
+            let from = ((7 * p + 13 * r) % 512) as usize;
+            // SAFETY: `working_set` checked that [DIRTY_BASE, +pages) is
+            // RAM (the kernel image lives below 16 MiB); the source window
+            // ends within FILL_SRC (from + 512 <= 1024).
+            unsafe {
+                core::arch::asm!(
+                    "rep movsq",
+                    inout("rcx") 512usize => _,
+                    inout("rsi") src.add(from) => _,
+                    inout("rdi") page(p) => _,
+                    options(nostack, preserves_flags)
+                );
+                write_volatile(page(p), read_volatile(page(p)) ^ (p << 32 | r));
+            }
+        }
+        io::puts(b"round ");
+        io::put_dec(r);
+        io::putc(b'\n');
+        if idle_ticks > 0 {
+            interrupts::wait_ticks(idle_ticks);
+        }
+    }
+    let mut h = Hash::new();
+    h.u64(pages);
+    h.u64(rounds);
+    for p in 0..pages {
+        for w in [0, 256, 511] {
+            // SAFETY: as above.
+            h.0 = mix64(h.0 ^ unsafe { read_volatile(page(p).add(w)) });
+        }
+    }
+    result(b"fill", h.finish())
 }
 
 fn busy(n: u64) -> ! {

@@ -103,6 +103,9 @@ impl Wan {
     /// `tandem-wan` in the middle namespace with `link`.
     pub fn new(subnet: u8, link: &WanLink) -> Result<Wan, String> {
         static N: AtomicU32 = AtomicU32::new(0);
+        // `ip netns add` run concurrently races on mounting /run/netns.
+        static SETUP: Mutex<()> = Mutex::new(());
+        let _one_at_a_time = SETUP.lock().unwrap_or_else(|e| e.into_inner());
         let id = format!(
             "{}{}",
             std::process::id() % 100_000,
