@@ -48,37 +48,62 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
-#[test]
-fn same_image_over_a_non_loopback_address_moves_memory_only() {
-    // Source and destination on one host, reached through a veth pair
-    // (10.214.0.1 → 10.214.0.2): the peer is not a loopback address.
-    let ns = Netns::new("same", 214)
+/// How the destination reaches the source's image in [`shared_image`].
+enum Reach {
+    /// Same host, another name (a hard link) of the same file.
+    HardLink,
+    /// As if from another host on shared storage: the receiver sees another
+    /// boot id (bind-mounted over /proc/sys/kernel/random/boot_id in its own
+    /// mount namespace), so only the source's marker file can tell.
+    OtherHost,
+}
+
+/// Source and destination reached through a veth pair (10.S.0.1 →
+/// 10.S.0.2: the peer is not a loopback address), both with the same disk
+/// image: only memory moves, and the image ends exactly as an unmigrated
+/// run leaves it.
+fn shared_image(tag: &str, subnet: u8, reach: Reach) {
+    let ns = Netns::new(tag, subnet)
         .expect("two network namespaces joined by veth are needed (root, iproute2)");
     let cmdline = "disk 256";
-    let tmp = TempDir::new("same");
-    let (ref_img, img, link) = (
-        tmp.file("ref.img"),
-        tmp.file("vm.img"),
-        tmp.file("vm-link.img"),
-    );
+    let tmp = TempDir::new(tag);
+    let (ref_img, img) = (tmp.file("ref.img"), tmp.file("vm.img"));
     make_disk(&ref_img, 4 << 20);
     std::fs::copy(&ref_img, &img).unwrap();
-    // The receiver is given another name of the very same file.
-    std::fs::hard_link(&img, &link).unwrap();
     let expected = reference(cmdline, Some(&ref_img));
     let expected_img = read(&ref_img);
-    let pki = Pki::new(&["a", "b"], &["10.214.0.2"]);
+    let dst_ip = format!("10.{subnet}.0.2");
+    let pki = Pki::new(&["a", "b"], &[&dst_ip]);
     let sock = tmp.s("a.sock");
     let in_a = ["ip", "netns", "exec", ns.a.as_str()];
-    let in_b = ["ip", "netns", "exec", ns.b.as_str()];
-    let link_s = tmp.s("vm-link.img");
-    let (dst, addr) = receiver(&in_b, "10.214.0.2:0", &pki.creds("b"), &["--disk", &link_s]);
+    let mut in_b: Vec<String> = ["ip", "netns", "exec", ns.b.as_str()]
+        .map(String::from)
+        .to_vec();
+    let dst_disk = match reach {
+        Reach::HardLink => {
+            std::fs::hard_link(&img, tmp.file("vm-link.img")).unwrap();
+            tmp.s("vm-link.img")
+        }
+        Reach::OtherHost => {
+            let boot_id = tmp.write("boot_id", b"00000000-0000-0000-0000-000000000001\n");
+            let script = format!(
+                "mount --bind {} /proc/sys/kernel/random/boot_id && exec \"$0\" \"$@\"",
+                boot_id.display()
+            );
+            in_b.extend(["unshare", "-m", "sh", "-c", &script].map(String::from));
+            tmp.s("vm.img")
+        }
+    };
+    let in_b: Vec<&str> = in_b.iter().map(String::as_str).collect();
+    let listen = format!("{dst_ip}:0");
+    let (dst, addr) = receiver(&in_b, &listen, &pki.creds("b"), &["--disk", &dst_disk]);
     let img_s = tmp.s("vm.img");
     let mut src = source(&in_a, &sock, cmdline, &["--disk", &img_s]);
     src.wait_for("cmdline:", false);
+    let before: Vec<String> = names(tmp.path());
     let (code, out, err) = migrate(&sock, &addr, &pki.creds("a"), &[]);
     assert_eq!(code, 0, "{out}\n{err}\n{}", src.describe());
-    assert!(out.contains("10.214.0.2"), "{out}");
+    assert!(out.contains(&dst_ip), "{out}");
     assert!(out.contains("same image"), "the summary must say so: {out}");
     assert!(!out.contains("disk sent"), "{out}");
     let (scode, sout, _) = src.finish();
@@ -89,15 +114,22 @@ fn same_image_over_a_non_loopback_address_moves_memory_only() {
     assert_eq!(format!("{sout}{dout}"), expected);
     // The one image holds exactly what an unmigrated run leaves.
     same_image(&img, &expected_img, "the shared image");
-    assert_eq!(
-        names(tmp.path()),
-        ["a.sock", "ref.img", "vm-link.img", "vm.img"]
-            .iter()
-            .filter(|n| tmp.file(n).exists())
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>(),
-        "no marker or staging file is left behind"
-    );
+    let after: Vec<String> = names(tmp.path())
+        .into_iter()
+        .filter(|n| n != "a.sock")
+        .collect();
+    let before: Vec<String> = before.into_iter().filter(|n| n != "a.sock").collect();
+    assert_eq!(after, before, "no marker or staging file is left behind");
+}
+
+#[test]
+fn same_image_over_a_non_loopback_address_moves_memory_only() {
+    shared_image("same", 214, Reach::HardLink);
+}
+
+#[test]
+fn shared_storage_from_another_host_is_recognised_by_the_marker() {
+    shared_image("shared", 215, Reach::OtherHost);
 }
 
 #[test]

@@ -280,7 +280,7 @@ impl Netns {
             a: format!("tandem-a-{tag}-{id}"),
             b: format!("tandem-b-{tag}-{id}"),
         };
-        let (va, vb) = (format!("tva{id}"), format!("tvb{id}"));
+        let (va, vb) = (format!("tva{subnet}.{id}"), format!("tvb{subnet}.{id}"));
         let (ipa, ipb) = (format!("10.{subnet}.0.1/24"), format!("10.{subnet}.0.2/24"));
         let steps: Vec<Vec<&str>> = vec![
             vec!["netns", "add", &n.a],
