@@ -110,11 +110,11 @@ pub struct ReceiveArgs {
     #[command(flatten)]
     pub creds: CredsArgs,
     /// Where to put the VM's disk. The image is written to a temporary
-    /// file next to PATH and renamed onto it only once the VM runs here;
-    /// a failed migration leaves PATH as it was. A device node is written
-    /// in place. If PATH is the source's own image (this host under another
-    /// address, or storage both hosts share), only memory moves.
-    #[arg(long, conflicts_with = "disk_dir")]
+    /// file next to PATH and put at PATH at the switchover; a failed
+    /// migration leaves PATH as it was. A device node is written in place.
+    /// If PATH is the source's own image (this host under another address,
+    /// or storage both hosts share), only memory moves.
+    #[arg(long, value_name = "PATH", conflicts_with = "disk_dir")]
     pub disk: Option<PathBuf>,
     /// Put the VM's disk in DIR under the source image's file name (checked:
     /// a plain file name; an existing file other than the source's own
