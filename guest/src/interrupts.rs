@@ -5,7 +5,7 @@
 //! and exit with status `0xe0 | vector`. IRQs 0..15 arrive at 0x20..0x2f.
 
 use core::arch::{asm, global_asm};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::io::{self, inb, outb};
 use crate::Racy;
@@ -17,6 +17,24 @@ const NUM_VECTORS: usize = 48;
 
 /// Timer interrupts seen since boot.
 pub static TICKS: AtomicU64 = AtomicU64::new(0);
+/// Timer interrupts that arrived while the CPU was working (not idling in
+/// [`idle`]): busy time in ticks, for the workloads' cost reports.
+pub static BUSY_TICKS: AtomicU64 = AtomicU64::new(0);
+static IDLE: AtomicBool = AtomicBool::new(false);
+/// With the command-line word `tsc-stats` (benchmarks under QEMU TCG with
+/// `-icount`, where the TSC counts instructions): TSC cycles spent outside
+/// [`idle`]. Off by default: RDTSC is not reproducible on replay.
+pub static MEASURE_TSC: AtomicBool = AtomicBool::new(false);
+pub static BUSY_TSC: AtomicU64 = AtomicU64::new(0);
+static WAKE_TSC: AtomicU64 = AtomicU64::new(0);
+
+pub fn rdtsc() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: rdtsc only reads the time-stamp counter.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (hi as u64) << 32 | lo as u64
+}
 
 // Entry stubs: push a dummy error code where the CPU does not, push the
 // vector, save all GPRs and call `isr_dispatch(&mut Frame)`. The frame is
@@ -321,6 +339,9 @@ extern "C" fn isr_dispatch(frame: &mut Frame) {
     match irq {
         IRQ_TIMER => {
             TICKS.store(TICKS.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            if !IDLE.load(Ordering::Relaxed) {
+                BUSY_TICKS.store(BUSY_TICKS.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            }
         }
         IRQ_SERIAL => crate::echo::serial_irq(),
         _ => {
@@ -349,6 +370,21 @@ fn fatal_exception(frame: &Frame) -> ! {
     }
     io::putc(b'\n');
     io::exit(0xe0 | (vector as u8 & 0x1f))
+}
+
+/// `sti; hlt` (call with interrupts off), counted as idle time.
+pub fn idle() {
+    let measure = MEASURE_TSC.load(Ordering::Relaxed);
+    if measure {
+        let busy = rdtsc().wrapping_sub(WAKE_TSC.load(Ordering::Relaxed));
+        BUSY_TSC.store(BUSY_TSC.load(Ordering::Relaxed) + busy, Ordering::Relaxed);
+    }
+    IDLE.store(true, Ordering::Relaxed);
+    sti_hlt();
+    IDLE.store(false, Ordering::Relaxed);
+    if measure {
+        WAKE_TSC.store(rdtsc(), Ordering::Relaxed);
+    }
 }
 
 /// Current timer tick count.

@@ -41,6 +41,9 @@
 //!   `virtio=0xfeb00c00,11 virtio-net=0xfeb00e00,12 extint`;
 //! * `ip=A.B.C.D/PREFIX` (default 10.0.2.15/24), `gw=A.B.C.D` — the
 //!   guest's static IPv4 configuration;
+//! * the bare word `tsc-stats` makes `mail`'s `XSTATS` report TSC cycles
+//!   spent busy (for instruction counts under QEMU TCG `-icount`; RDTSC is
+//!   not reproducible, so never under record/replay);
 //! * the bare word `extint` (testing under QEMU microvm only) enables the
 //!   local APIC with LINT0 = ExtINT so that PIC interrupts reach the CPU;
 //!   Tandem has no LAPIC and never needs it.

@@ -15,7 +15,7 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
 
 use crate::arena::Arena;
-use crate::interrupts::{self, cli, sti, sti_hlt};
+use crate::interrupts::{self, cli, sti};
 use crate::io;
 use crate::rt::mix64;
 use crate::virtio::net::{NetDev, NET_EVENT};
@@ -131,6 +131,9 @@ impl Net {
         let rxb = arena.take(rx, b"tcp buffers");
         let txb = arena.take(tx, b"tcp buffers");
         let mut s = tcp::Socket::new(tcp::SocketBuffer::new(rxb), tcp::SocketBuffer::new(txb));
+        // Acknowledge at once: the sender is ACK-clocked, and a delayed
+        // ACK (smoltcp's default 10 ms) leaves a slow guest idle.
+        s.set_ack_delay(None);
         let _ = s.listen(port);
         self.sockets.add(s)
     }
@@ -146,9 +149,6 @@ impl Net {
             let t = now();
             self.iface.poll(t, &mut self.dev, &mut self.sockets);
             let busy = app(&mut self.sockets);
-            if busy {
-                self.iface.poll(now(), &mut self.dev, &mut self.sockets);
-            }
             self.dev.kick();
             if busy {
                 continue;
@@ -167,7 +167,7 @@ impl Net {
                     sti();
                     break;
                 }
-                sti_hlt();
+                interrupts::idle();
             }
         }
     }

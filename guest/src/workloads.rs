@@ -81,6 +81,10 @@ impl<'a> Args<'a> {
                 }
                 continue;
             }
+            if word == b"tsc-stats" {
+                interrupts::MEASURE_TSC.store(true, core::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
             if word == b"extint" {
                 args.extint = true;
                 continue;
@@ -440,13 +444,7 @@ fn fault() -> ! {
     fail(b"fault: ud2 returned", 1)
 }
 
-fn rdtsc() -> u64 {
-    let lo: u32;
-    let hi: u32;
-    // SAFETY: rdtsc only reads the time-stamp counter.
-    unsafe { core::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-    (hi as u64) << 32 | lo as u64
-}
+use interrupts::rdtsc;
 
 fn tsc(n: u64) -> ! {
     // Branch on the low bits of the distance between consecutive reads:

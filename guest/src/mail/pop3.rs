@@ -9,7 +9,7 @@ use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 
 use super::store::{Store, MAX_MSGS};
-use super::text::{arg, find_lf, parse_dec, starts_with_ci, Line, Out, LINE_MAX};
+use super::text::{arg, find_line_dot, parse_dec, starts_with_ci, Line, Out, LINE_MAX};
 use crate::arena::Arena;
 
 pub const PORT: u16 = 110;
@@ -330,6 +330,7 @@ fn fill(r: &mut Retr, buf: &[u8], tx: &mut [u8]) -> usize {
             return w + n;
         }
         if r.bol && buf[r.pos] == b'.' {
+            // Stuff it; the dot itself follows with `bol` false.
             tx[w] = b'.';
             w += 1;
             r.bol = false;
@@ -337,16 +338,9 @@ fn fill(r: &mut Retr, buf: &[u8], tx: &mut [u8]) -> usize {
         }
         let avail = (tx.len() - w).min(r.len - r.pos);
         let seg = &buf[r.pos..r.pos + avail];
-        let n = match find_lf(seg) {
-            Some(k) => {
-                r.bol = true;
-                k + 1
-            }
-            None => {
-                r.bol = false;
-                avail
-            }
-        };
+        // Copy up to the next line-starting dot (never at 0: see above).
+        let n = find_line_dot(seg, false).unwrap_or(avail);
+        r.bol = seg[n - 1] == b'\n';
         tx[w..w + n].copy_from_slice(&seg[..n]);
         w += n;
         r.pos += n;

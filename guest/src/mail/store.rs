@@ -37,19 +37,31 @@ const KIND_DEL: u64 = 2;
 /// Largest single disk request.
 const CHUNK: usize = 256 * 1024;
 
-/// Word-at-a-time hash (8 bytes per step: cheap on an emulated CPU).
+/// The per-message checksum: a Fletcher-style pair of 64-bit sums over
+/// little-endian words (a position-weighted sum: any changed, swapped or
+/// torn word shows), finished with a mix. Two additions per 8 bytes: the
+/// cheapest pass that still catches torn and stale sectors, on a CPU that
+/// is emulated instruction by instruction.
 pub fn hash(data: &[u8]) -> u64 {
-    let mut h = 0x7461_6e64_656d_6d61u64 ^ (data.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let mut chunks = data.chunks_exact(8);
+    let (mut a, mut b) = (0x7461_6e64_656du64, 0x6d61_696cu64);
+    let mut chunks = data.chunks_exact(32);
     for c in &mut chunks {
-        let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        h = (h.rotate_left(23) ^ w).wrapping_mul(0x0000_0100_0000_01b3 | 0x5bd1_e995_0000_0000);
+        for k in 0..4 {
+            a = a.wrapping_add(get(c, k * 8));
+            b = b.wrapping_add(a);
+        }
+    }
+    let mut words = chunks.remainder().chunks_exact(8);
+    for c in &mut words {
+        a = a.wrapping_add(get(c, 0));
+        b = b.wrapping_add(a);
     }
     let mut tail = [0u8; 8];
-    let rest = chunks.remainder();
+    let rest = words.remainder();
     tail[..rest.len()].copy_from_slice(rest);
-    h = (h.rotate_left(23) ^ u64::from_le_bytes(tail)).wrapping_mul(0x5bd1_e995_0100_01b3);
-    mix64(h)
+    a = a.wrapping_add(u64::from_le_bytes(tail));
+    b = b.wrapping_add(a);
+    mix64(a ^ b.rotate_left(32) ^ mix64(data.len() as u64))
 }
 
 fn get(b: &[u8], off: usize) -> u64 {

@@ -4,28 +4,53 @@ use smoltcp::socket::tcp;
 
 /// Index of the first `\n` in `s`, eight bytes per step.
 pub fn find_lf(s: &[u8]) -> Option<usize> {
+    find_byte::<0x0a>(s)
+}
+
+/// Index of the first `.` that starts a line in `s`: right after a `\n`,
+/// or at 0 if `bol` (the byte before `s` ended a line). Dots are rare, so
+/// this costs one eight-byte step per eight bytes and nothing per line.
+pub fn find_line_dot(s: &[u8], bol: bool) -> Option<usize> {
+    let mut from = 0;
+    while let Some(k) = find_byte::<b'.'>(&s[from..]) {
+        let p = from + k;
+        if (p == 0 && bol) || (p > 0 && s[p - 1] == b'\n') {
+            return Some(p);
+        }
+        from = p + 1;
+    }
+    None
+}
+
+/// Index of the first byte `B` in `s`: 32 bytes per step, then 8 (the
+/// "has a zero byte" trick on `word ^ B*0x01..01`; no SIMD in the guest).
+pub fn find_byte<const B: u8>(s: &[u8]) -> Option<usize> {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;
-    const LF: u64 = 0x0a0a_0a0a_0a0a_0a0a;
+    let pat: u64 = LO * B as u64;
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&s[i..i + 8]);
+        u64::from_le_bytes(w) ^ pat
+    };
+    let zeroish = |x: u64| x.wrapping_sub(LO) & !x;
     let mut i = 0;
+    while i + 32 <= s.len() {
+        let z =
+            zeroish(word(i)) | zeroish(word(i + 8)) | zeroish(word(i + 16)) | zeroish(word(i + 24));
+        if z & HI != 0 {
+            break;
+        }
+        i += 32;
+    }
     while i + 8 <= s.len() {
-        let w = u64::from_le_bytes([
-            s[i],
-            s[i + 1],
-            s[i + 2],
-            s[i + 3],
-            s[i + 4],
-            s[i + 5],
-            s[i + 6],
-            s[i + 7],
-        ]) ^ LF;
-        let z = w.wrapping_sub(LO) & !w & HI;
+        let z = zeroish(word(i)) & HI;
         if z != 0 {
             return Some(i + (z.trailing_zeros() / 8) as usize);
         }
         i += 8;
     }
-    s[i..].iter().position(|&c| c == b'\n').map(|k| i + k)
+    s[i..].iter().position(|&c| c == B).map(|k| i + k)
 }
 
 /// Case-insensitive "starts with" (`prefix` in upper case).

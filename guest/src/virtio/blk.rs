@@ -4,7 +4,7 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use super::{Desc, Mmio, ProbeError, Queue, QueueState, BLK, DESC_F_NEXT, DESC_F_WRITE};
-use crate::interrupts::{self, cli, sti, sti_hlt};
+use crate::interrupts::{self, cli, sti};
 use crate::io;
 use crate::Racy;
 
@@ -136,7 +136,7 @@ impl Blk {
                 sti();
                 return Err(b"virtio request timed out");
             }
-            sti_hlt();
+            interrupts::idle();
         }
         sti();
         let (id, _) = self.queue.pop().unwrap_or((u16::MAX, 0));

@@ -11,7 +11,7 @@
 //! are batched: [`NetDev::kick`] after each poll sends at most one per
 //! queue, since every MMIO write is a VM exit.
 
-use core::sync::atomic::AtomicBool;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
@@ -81,12 +81,14 @@ impl Tx {
     }
 }
 
-/// Counters, for the instruction/exit budget of the workloads.
-#[derive(Clone, Copy, Default)]
-pub struct Stats {
-    pub rx_frames: u64,
-    pub tx_frames: u64,
-    pub notifies: u64,
+/// Frames received and sent, and queue notifies (MMIO writes: exits),
+/// for the cost reports of the workloads (`XSTATS` in `mail`).
+pub static RX_FRAMES: AtomicU64 = AtomicU64::new(0);
+pub static TX_FRAMES: AtomicU64 = AtomicU64::new(0);
+pub static NOTIFIES: AtomicU64 = AtomicU64::new(0);
+
+fn bump(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
 }
 
 pub struct NetDev {
@@ -94,7 +96,6 @@ pub struct NetDev {
     rx: Rx,
     tx: Tx,
     pub mac: [u8; 6],
-    pub stats: Stats,
 }
 
 impl NetDev {
@@ -145,13 +146,7 @@ impl NetDev {
         tx.q.suppress_interrupts();
         mmio.finish(&NET);
         mmio.notify(0);
-        Ok(NetDev {
-            mmio,
-            rx,
-            tx,
-            mac,
-            stats: Stats::default(),
-        })
+        Ok(NetDev { mmio, rx, tx, mac })
     }
 
     /// Whether a received frame is waiting.
@@ -164,12 +159,12 @@ impl NetDev {
         if self.rx.notify {
             self.rx.notify = false;
             self.mmio.notify(0);
-            self.stats.notifies += 1;
+            bump(&NOTIFIES);
         }
         if self.tx.notify {
             self.tx.notify = false;
             self.mmio.notify(1);
-            self.stats.notifies += 1;
+            bump(&NOTIFIES);
         }
     }
 }
@@ -182,7 +177,6 @@ pub struct RxToken<'a> {
 
 pub struct TxToken<'a> {
     tx: &'a mut Tx,
-    count: &'a mut u64,
 }
 
 impl phy::RxToken for RxToken<'_> {
@@ -220,7 +214,7 @@ impl phy::TxToken for TxToken<'_> {
         self.tx.q.set_desc_len(id, (HDR_LEN + len) as u32);
         self.tx.q.push(id);
         self.tx.notify = true;
-        *self.count += 1;
+        bump(&TX_FRAMES);
         r
     }
 }
@@ -235,17 +229,14 @@ impl phy::Device for NetDev {
             return None;
         }
         let (id, len) = self.rx.q.pop()?;
-        self.stats.rx_frames += 1;
+        bump(&RX_FRAMES);
         Some((
             RxToken {
                 rx: &mut self.rx,
                 id,
                 len: len as usize,
             },
-            TxToken {
-                tx: &mut self.tx,
-                count: &mut self.stats.tx_frames,
-            },
+            TxToken { tx: &mut self.tx },
         ))
     }
 
@@ -254,10 +245,7 @@ impl phy::Device for NetDev {
         if self.tx.nfree == 0 {
             return None;
         }
-        Some(TxToken {
-            tx: &mut self.tx,
-            count: &mut self.stats.tx_frames,
-        })
+        Some(TxToken { tx: &mut self.tx })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
