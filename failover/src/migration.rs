@@ -211,6 +211,60 @@ pub enum DiskPlan {
     Shared,
 }
 
+/// A value from the stream outside what the VM has: the transfer is
+/// aborted with this error (nothing is written).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BoundsError {
+    /// A page address that is not a multiple of the page size.
+    #[error("page at guest address {gpa:#x} is not page-aligned")]
+    Unaligned {
+        /// The address sent.
+        gpa: u64,
+    },
+    /// A page that does not lie inside guest memory.
+    #[error("page at guest address {gpa:#x} lies outside guest memory")]
+    PageOutside {
+        /// The address sent.
+        gpa: u64,
+    },
+    /// A disk block that does not lie inside the disk.
+    #[error(
+        "disk block of {len} bytes at offset {offset} lies beyond the disk's {disk_len} bytes"
+    )]
+    DiskBlock {
+        /// Offset sent.
+        offset: u64,
+        /// Length sent.
+        len: u64,
+        /// The disk's size.
+        disk_len: u64,
+    },
+}
+
+/// Check a page address from the stream against the memory layout.
+pub fn check_page(layout: &[(u64, u64)], gpa: u64) -> Result<(), BoundsError> {
+    if !gpa.is_multiple_of(PAGE_SIZE as u64) {
+        return Err(BoundsError::Unaligned { gpa });
+    }
+    if !vmm::vstate::memory::range_in_layout(layout, gpa, PAGE_SIZE as u64) {
+        return Err(BoundsError::PageOutside { gpa });
+    }
+    Ok(())
+}
+
+/// Check a disk block from the stream against the disk's size (checked
+/// arithmetic: an offset near `u64::MAX` does not wrap).
+pub fn check_disk_block(offset: u64, len: u64, disk_len: u64) -> Result<(), BoundsError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= disk_len => Ok(()),
+        _ => Err(BoundsError::DiskBlock {
+            offset,
+            len,
+            disk_len,
+        }),
+    }
+}
+
 /// Pages whose lz4 form is not at least this much smaller are sent raw.
 const MIN_SAVING: usize = PAGE_SIZE / 8;
 /// Pages with at most this many non-zero 8-byte words use the sparse codec.
@@ -367,6 +421,29 @@ mod tests {
         };
         std::fs::write(dir.path().join(".vm.img.tandem-migration-../../x"), b"").ok();
         assert!(!evil.matches(&img).unwrap());
+    }
+
+    #[test]
+    fn stream_values_are_bounded() {
+        let layout = [(0, 1 << 20), (1 << 32, 1 << 20)];
+        assert_eq!(check_page(&layout, 0x1000), Ok(()));
+        assert_eq!(check_page(&layout, (1 << 32) + 0xff000), Ok(()));
+        assert!(matches!(
+            check_page(&layout, 1 << 20),
+            Err(BoundsError::PageOutside { .. })
+        ));
+        assert!(matches!(
+            check_page(&layout, !0xfff),
+            Err(BoundsError::PageOutside { .. })
+        ));
+        assert!(matches!(
+            check_page(&layout, 0x1001),
+            Err(BoundsError::Unaligned { .. })
+        ));
+        assert_eq!(check_disk_block(0, 4096, 4096), Ok(()));
+        assert!(check_disk_block(1, 4096, 4096).is_err());
+        assert!(check_disk_block(u64::MAX - 10, 4096, 1 << 30).is_err());
+        assert!(check_disk_block(1 << 30, 1, 1 << 20).is_err());
     }
 
     #[test]

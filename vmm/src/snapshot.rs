@@ -126,11 +126,20 @@ pub struct Snapshot {
 
 /// Read and verify a snapshot file. Nothing is built yet.
 pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
-    let p = || path.to_path_buf();
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|source| SnapshotError::Io { path: p(), source })?;
+        .map_err(|source| SnapshotError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    parse(path, bytes)
+}
+
+/// Verify and decode the bytes of a snapshot file (`path` names it in
+/// errors). Untrusted input: every length is checked, nothing is built.
+pub fn parse(path: &Path, mut bytes: Vec<u8>) -> Result<Snapshot, SnapshotError> {
+    let p = || path.to_path_buf();
     let malformed = |reason: &str| SnapshotError::Malformed {
         path: p(),
         reason: reason.to_string(),
@@ -175,6 +184,20 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
 }
 
 impl Snapshot {
+    /// Load the memory image into `mem` (which must have the snapshot's
+    /// layout), checking that nothing follows it.
+    pub fn load_memory(&self, mem: &GuestMemory) -> Result<(), MemoryError> {
+        let mut r = self.memory_image.as_slice();
+        memory::read_image(mem, &mut r)?;
+        if !r.is_empty() {
+            return Err(MemoryError::Mismatch(format!(
+                "{} bytes after the memory image",
+                r.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Build the machine this snapshot describes. `disk` overrides the
     /// saved disk path.
     pub fn restore(
@@ -182,20 +205,11 @@ impl Snapshot {
         serial_out: Box<dyn Write + Send>,
         disk: Option<crate::machine::DiskConfig>,
     ) -> Result<Machine, SnapshotError> {
-        Machine::restore(&self.state, serial_out, disk, |mem| {
-            let mut r = self.memory_image.as_slice();
-            memory::read_image(mem, &mut r)?;
-            if !r.is_empty() {
-                return Err(MemoryError::Mismatch(format!(
-                    "{} bytes after the memory image",
-                    r.len()
-                )));
-            }
-            Ok(())
-        })
-        .map_err(|source| SnapshotError::Restore {
-            path: self.path.clone(),
-            source,
-        })
+        Machine::restore(&self.state, serial_out, disk, |mem| self.load_memory(mem)).map_err(
+            |source| SnapshotError::Restore {
+                path: self.path.clone(),
+                source,
+            },
+        )
     }
 }

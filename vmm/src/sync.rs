@@ -74,12 +74,7 @@ impl SyncPointCheck {
 
     /// Is `[gpa, gpa + len)` inside one region?
     pub fn contains(&self, gpa: u64, len: u64) -> bool {
-        let Some(end) = gpa.checked_add(len) else {
-            return false;
-        };
-        self.regions
-            .iter()
-            .any(|&(start, size)| gpa >= start && start.checked_add(size).is_some_and(|e| end <= e))
+        memory::range_in_layout(&self.regions, gpa, len)
     }
 
     /// Decode and check `sp`.
@@ -93,7 +88,7 @@ impl SyncPointCheck {
                     len: data.len(),
                 });
             }
-            if gpa % PAGE_SIZE as u64 != 0 {
+            if !gpa.is_multiple_of(PAGE_SIZE as u64) {
                 return Err(SyncError::PageAlign { gpa });
             }
             if !self.contains(gpa, PAGE_SIZE as u64) {

@@ -19,7 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
-use failover::migration::{check_disk_name, new_nonce, DiskOffer, DiskPlan};
+use failover::migration::{check_disk_block, check_disk_name, new_nonce, DiskOffer, DiskPlan};
 
 use super::ReceiveOptions;
 
@@ -59,6 +59,9 @@ pub(crate) struct DestDisk {
     /// Where the VM's disk is once it runs here.
     place: PathBuf,
     kind: Kind,
+    /// The guest-visible size the header announced: every block the
+    /// source sends must lie inside it.
+    len: u64,
 }
 
 /// `p` made absolute and free of symlinks: canonical if it exists, else
@@ -152,7 +155,11 @@ impl DestDisk {
             }
             Err(e) => return Err(format!("destination disk {shown}: {e}")),
         };
-        Ok(DestDisk { place, kind })
+        Ok(DestDisk {
+            place,
+            kind,
+            len: offer.len,
+        })
     }
 
     /// A fresh sparse temporary file of `len` bytes next to `place` (blocks
@@ -219,6 +226,7 @@ impl DestDisk {
     }
 
     pub(crate) fn write(&self, offset: u64, data: &[u8]) -> Result<(), String> {
+        check_disk_block(offset, data.len() as u64, self.len).map_err(|e| e.to_string())?;
         self.file()?
             .write_all_at(data, offset)
             .map_err(|e| format!("writing destination disk {}: {e}", self.what()))

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use failover::channel::{
     kind as channel_kind, BlockingConnection, BlockingListener, ChannelError, Message, Role,
 };
-use failover::migration::{decode_page, kind, Accepted, DiskPlan, Header, MIGRATION_VERSION};
+use failover::migration::{
+    check_page, decode_page, kind, Accepted, DiskPlan, Header, MIGRATION_VERSION,
+};
 use vmm::machine::{DiskConfig, Incoming, Machine, MachineState};
 use vmm::vstate::memory::{self, write_page};
 use vmm::PAGE_SIZE;
@@ -229,6 +231,8 @@ fn transfer(
 ) -> Result<(Machine, MachineState, u32), TransferError> {
     let mut page = vec![0u8; PAGE_SIZE];
     let zero = vec![0u8; PAGE_SIZE];
+    let layout = memory::layout(incoming.memory());
+    let bounded = |gpa| check_page(&layout, gpa).map_err(|e| TransferError::Local(e.to_string()));
     let mut state: Option<MachineState> = None;
     let mut rounds = 0;
     loop {
@@ -251,6 +255,7 @@ fn transfer(
                 let n = pages.len();
                 let t = Instant::now();
                 for p in pages {
+                    bounded(p.gpa)?;
                     decode_page(&p.data, compressed, &mut page)
                         .map_err(|e| TransferError::Local(format!("page {:#x}: {e}", p.gpa)))?;
                     write_page(incoming.memory(), p.gpa, &page)
@@ -265,6 +270,7 @@ fn transfer(
             }
             Message::ZeroPages { gpas, .. } => {
                 for gpa in gpas {
+                    bounded(gpa)?;
                     write_page(incoming.memory(), gpa, &zero)
                         .map_err(|e| TransferError::Local(e.to_string()))?;
                 }

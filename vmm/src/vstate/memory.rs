@@ -31,6 +31,8 @@ pub enum MemoryError {
     Io(#[from] std::io::Error),
     #[error("memory image does not match this VM: {0}")]
     Mismatch(String),
+    #[error("{len} bytes at guest address {gpa:#x} lie outside guest memory")]
+    OutOfRange { gpa: u64, len: usize },
 }
 
 /// Allocate guest RAM for `ranges` (see `loader::layout::ram_regions`).
@@ -174,27 +176,62 @@ pub fn read_image<R: Read>(mem: &GuestMemory, r: &mut R) -> Result<u64, MemoryEr
             return Ok(count);
         }
         r.read_exact(&mut page)?;
-        write_page(mem, pfn * PAGE_SIZE as u64, &page)?;
+        let gpa = pfn
+            .checked_mul(PAGE_SIZE as u64)
+            .ok_or(MemoryError::OutOfRange {
+                gpa: u64::MAX,
+                len: PAGE_SIZE,
+            })?;
+        write_page(mem, gpa, &page)?;
         count += 1;
+    }
+}
+
+/// Is `[gpa, gpa + len)` (non-empty) inside guest memory? Checked
+/// arithmetic: a range that would wrap past `u64::MAX` is outside.
+pub fn range_in_memory(mem: &GuestMemory, gpa: u64, len: u64) -> bool {
+    mem.iter()
+        .any(|r| range_in_region(r.start_addr().0, r.len(), gpa, len))
+}
+
+/// [`range_in_memory`] for a layout of `(start, size)` regions (as
+/// [`layout`] returns and peers send).
+pub fn range_in_layout(regions: &[(u64, u64)], gpa: u64, len: u64) -> bool {
+    regions
+        .iter()
+        .any(|&(start, size)| range_in_region(start, size, gpa, len))
+}
+
+fn range_in_region(start: u64, size: u64, gpa: u64, len: u64) -> bool {
+    let Some(last) = len.checked_sub(1).and_then(|l| gpa.checked_add(l)) else {
+        return false;
+    };
+    let Some(region_last) = size.checked_sub(1).and_then(|l| start.checked_add(l)) else {
+        return false;
+    };
+    gpa >= start && last <= region_last
+}
+
+fn check_range(mem: &GuestMemory, gpa: u64, len: usize) -> Result<(), MemoryError> {
+    if range_in_memory(mem, gpa, len as u64) {
+        Ok(())
+    } else {
+        Err(MemoryError::OutOfRange { gpa, len })
     }
 }
 
 /// Read one page.
 pub fn read_page(mem: &GuestMemory, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+    check_range(mem, gpa, buf.len())?;
     mem.read_slice(buf, GuestAddress(gpa))
         .map_err(|source| MemoryError::Access { addr: gpa, source })
 }
 
 /// Write one page (marks it dirty in the VMM bitmap).
 pub fn write_page(mem: &GuestMemory, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
-    if mem.address_in_range(GuestAddress(gpa + data.len() as u64 - 1)) {
-        mem.write_slice(data, GuestAddress(gpa))
-            .map_err(|source| MemoryError::Access { addr: gpa, source })
-    } else {
-        Err(MemoryError::Mismatch(format!(
-            "page {gpa:#x} outside guest memory"
-        )))
-    }
+    check_range(mem, gpa, data.len())?;
+    mem.write_slice(data, GuestAddress(gpa))
+        .map_err(|source| MemoryError::Access { addr: gpa, source })
 }
 
 /// Of `gpas`, the pages that may hold data: those the host has ever backed
@@ -241,6 +278,25 @@ pub fn possibly_nonzero(mem: &GuestMemory, gpas: &[u64]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_near_the_top_of_the_address_space_are_outside() {
+        let mem = create(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        assert!(range_in_memory(&mem, 0, 1 << 20));
+        assert!(range_in_memory(&mem, (1 << 20) - 4096, 4096));
+        assert!(!range_in_memory(&mem, (1 << 20) - 4095, 4096));
+        assert!(!range_in_memory(&mem, 0, 0));
+        assert!(!range_in_memory(&mem, u64::MAX, 1));
+        assert!(!range_in_memory(&mem, u64::MAX - 4094, 4096));
+        assert!(!range_in_memory(&mem, 4096, u64::MAX));
+        let page = [0u8; PAGE_SIZE];
+        assert!(matches!(
+            write_page(&mem, !0xfff, &page),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        let mut buf = [0u8; PAGE_SIZE];
+        assert!(read_page(&mem, u64::MAX - 10, &mut buf).is_err());
+    }
 
     #[test]
     fn untouched_pages_are_skipped_and_written_ones_kept() {
