@@ -251,7 +251,10 @@ fn destination_disk_full_aborts_and_source_continues() {
 #[test]
 fn destination_killed_mid_migration_source_continues() {
     failed_migration(
-        "dirty 256 2000",
+        // Long enough that the guest is still running when the source,
+        // 3 s after the destination went silent, declares it gone (with
+        // 2000 rounds it sometimes ended first on a lightly loaded host).
+        "dirty 256 6000",
         "round 20\n",
         "lost the destination",
         |_, pki, _| {
