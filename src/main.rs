@@ -11,12 +11,16 @@ mod commands;
 mod console;
 mod guest_image;
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never in logs or pipes.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),

@@ -6,14 +6,15 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
+use common::cluster::{source, Proc};
 use common::{arg, TempDir, TANDEM, TIMEOUT};
 
 /// A `tandem run --api-socket` in the background, killed on drop.
 struct Vm {
-    child: Child,
+    proc: Proc,
     sock: std::path::PathBuf,
     _dir: TempDir,
 }
@@ -22,33 +23,17 @@ impl Vm {
     fn start(cmdline: &str) -> Vm {
         let dir = TempDir::new("control");
         let sock = dir.file("vm.sock");
-        let mut child = Command::new(TANDEM)
-            .args(["run", "--cmdline", cmdline, "--serial", "null"])
-            .arg("--api-socket")
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn tandem");
-        let start = Instant::now();
-        while !sock.exists() {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "tandem ended before serving its control socket"
-            );
-            assert!(start.elapsed() < TIMEOUT, "no control socket");
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let proc = source(&[], arg(&sock), cmdline, &["--serial", "null"]);
         Vm {
-            child,
+            proc,
             sock,
             _dir: dir,
         }
     }
 
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.proc.child.id())).unwrap();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -84,13 +69,6 @@ impl Vm {
             }
             assert!(start.elapsed() < TIMEOUT, "exit counter stuck at {seq}");
         }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -206,13 +206,14 @@ pub fn receiver(prefix: &[&str], listen: &str, creds: &[String], extra: &[&str])
     (p, addr)
 }
 
-/// Start `tandem run --api-socket` and wait for the socket.
+/// Start `tandem run --api-socket` and wait until the socket accepts
+/// connections (its file exists a moment before it listens).
 pub fn source(prefix: &[&str], sock: &str, cmdline: &str, extra: &[&str]) -> Proc {
     let mut args = vec!["run", "--cmdline", cmdline, "--api-socket", sock];
     args.extend_from_slice(extra);
     let mut p = Proc::spawn(prefix, &args);
     let start = Instant::now();
-    while !Path::new(sock).exists() {
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
         if let Ok(Some(_)) = p.child.try_wait() {
             panic!("source ended early\n{}", p.describe());
         }

@@ -501,7 +501,7 @@ impl Pending {
 
     /// Authenticate: TLS handshake (client certificate required), then the
     /// Hello exchange, within the handshake timeout. A refused peer gives
-    /// an error (logged with `warn!`).
+    /// an error naming it (the caller reports it).
     pub async fn establish(self) -> Result<Connection> {
         let Pending {
             incoming,
@@ -528,10 +528,12 @@ impl Pending {
             Ok(c) => {
                 debug!(peer = %peer, name = %c.peer().hello.name, role = ?c.peer().hello.role, "accepted connection")
             }
+            // The caller reports the error it gets (once); these are for
+            // tracing only.
             Err(ChannelError::Handshake { reason, .. }) => {
-                warn!(peer = %peer, %reason, "refused connection: TLS handshake failed")
+                debug!(peer = %peer, %reason, "refused connection: TLS handshake failed")
             }
-            Err(e) => warn!(peer = %peer, error = %e, "refused connection"),
+            Err(e) => debug!(peer = %peer, error = %e, "refused connection"),
         }
         res
     }
@@ -584,7 +586,7 @@ impl Listener {
 
     /// Accept the next connection: TLS handshake (client certificate
     /// required), then the Hello exchange. A refused peer gives an error
-    /// (logged with `warn!`); the listener stays usable, so callers typically
+    /// (the caller reports it); the listener stays usable, so callers typically
     /// loop. Returns [`ChannelError::Closed`] once the listener is closed.
     /// One attempt at a time: see [`Listener::next_pending`] to serve
     /// several.
@@ -655,7 +657,8 @@ pub async fn connect(
         }),
     };
     if let Err(e) = &res {
-        warn!(peer = %addr, error = %e, "connection failed");
+        // The caller reports the error it gets; this is for tracing only.
+        debug!(peer = %addr, error = %e, "connection failed");
         endpoint.close(VarInt::from_u32(close_code::NORMAL), b"");
     }
     res

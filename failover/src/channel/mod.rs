@@ -16,8 +16,8 @@
 //! * A peer without a certificate from the cluster CA is refused during the
 //!   TLS handshake: the connection is never handed to the application, so not
 //!   one byte of application data is read from or sent to it. The refusal is
-//!   logged with `tracing::warn!` and the peer's address, and reported as
-//!   [`ChannelError::Handshake`] on both sides.
+//!   reported as [`ChannelError::Handshake`], naming the peer's address, on
+//!   both sides (the caller prints it; the channel only traces it at debug).
 //! * Any cluster member is fully trusted (it may send a log or receive a VM).
 //!   Roles are announced in the [`Hello`] message, not enforced by the
 //!   certificate.

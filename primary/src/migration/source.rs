@@ -84,7 +84,8 @@ pub fn migrate(
     };
     let result = source.run(on_progress);
     if let Err(e) = &result {
-        tracing::warn!("migration to {} failed: {e}", params.to);
+        // The caller reports the failure (once); this is for tracing only.
+        tracing::debug!("migration to {} failed: {e}", params.to);
         if let Some(conn) = source.conn.as_mut() {
             let _ = conn.send_msg(&Message::Abort {
                 reason: e.to_string(),
