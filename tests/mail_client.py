@@ -16,6 +16,8 @@ both exercised. Usage:
   mail_client.py contains TEXT           POP3: some message contains TEXT
   mail_client.py codes                   SMTP/POP3 reply codes
   mail_client.py rate N SIZE             send N messages, print msgs/s
+  mail_client.py cost N SIZE             like rate, with the guest's XSTATS
+                                        deltas per message
   mail_client.py echo PORT N             echo round trips, print p50/p99 ms
 """
 import poplib
@@ -182,6 +184,31 @@ def rate(n, size):
     print("rate %.3f msgs/s" % (n / dt), flush=True)
 
 
+def xstats(s):
+    _, text = s.docmd("XSTATS")
+    return {k: int(v) for k, v in (kv.split("=") for kv in text.decode().split())}
+
+
+def cost(n, size):
+    """What N messages of SIZE cost the guest, per message (XSTATS)."""
+    s = smtplib.SMTP(HOST, 25, timeout=TIMEOUT)
+    s.ehlo("client.test")
+    msg = message(1, size)
+    a = xstats(s)
+    t = time.time()
+    for _ in range(n):
+        s.sendmail("a@test", ["b@test"], msg)
+    dt = time.time() - t
+    b = xstats(s)
+    s.quit()
+    d = {k: (b[k] - a[k]) / n for k in a if k != "hz"}
+    print(
+        "cost busy_tsc %.0f rx %.2f tx %.2f notifies %.2f msgs/s %.3f"
+        % (d["busy_tsc"], d["rx"], d["tx"], d["notifies"], n / dt),
+        flush=True,
+    )
+
+
 def echo(port, n):
     s = socket.create_connection((HOST, port), timeout=TIMEOUT)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -232,6 +259,8 @@ def main():
         codes()
     elif cmd == "rate":
         rate(int(args[0]), int(args[1]))
+    elif cmd == "cost":
+        cost(int(args[0]), int(args[1]))
     elif cmd == "echo":
         echo(int(args[0]), int(args[1]))
     else:

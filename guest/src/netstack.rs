@@ -9,7 +9,9 @@
 
 use core::sync::atomic::Ordering;
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet, SocketStorage};
+use smoltcp::iface::{
+    Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet, SocketStorage,
+};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
@@ -138,17 +140,23 @@ impl Net {
         self.sockets.add(s)
     }
 
-    /// Run forever: poll the stack, let `app` work on the sockets (it
-    /// returns whether it did anything, in which case we poll again at
-    /// once), and otherwise sleep until a frame arrives or smoltcp's next
-    /// timer is due.
+    /// Run forever: feed received frames to the stack, let `app` work on
+    /// the sockets (it returns whether it did anything, in which case we
+    /// go round again at once), send, and otherwise sleep until a frame
+    /// arrives or smoltcp's next timer is due.
     pub fn serve(&mut self, mut app: impl FnMut(&mut SocketSet<'static>) -> bool) -> ! {
         sti();
         loop {
             NET_EVENT.store(false, Ordering::Relaxed);
+            // Every received frame first, then the application, then what
+            // the sockets send: a reply carries the ACK of the request (one
+            // frame, not an ACK and then the reply).
             let t = now();
-            self.iface.poll(t, &mut self.dev, &mut self.sockets);
+            while self.iface.poll_ingress_single(t, &mut self.dev, &mut self.sockets)
+                != PollIngressSingleResult::None
+            {}
             let busy = app(&mut self.sockets);
+            self.iface.poll_egress(now(), &mut self.dev, &mut self.sockets);
             self.dev.kick();
             if busy {
                 continue;

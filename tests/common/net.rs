@@ -105,6 +105,10 @@ impl Drop for NetNs {
 pub enum Vmm {
     Tandem,
     Qemu,
+    /// QEMU with TCG and `-icount shift=0` (one virtual ns per guest
+    /// instruction) and the guest's `tsc-stats`: its busy TSC cycles are
+    /// instruction counts.
+    QemuIcount,
 }
 
 /// Which VMM runs the tests' guests: Tandem, unless
@@ -166,7 +170,7 @@ impl Vm {
                     .spawn()
                     .expect("starting tandem")
             }
-            Vmm::Qemu => {
+            Vmm::Qemu | Vmm::QemuIcount => {
                 let elf = cfg.dir.join("guest.elf");
                 if !elf.exists() {
                     let st = Command::new(env!("CARGO_BIN_EXE_tandem"))
@@ -177,10 +181,14 @@ impl Vm {
                     assert!(st.success(), "tandem guest-elf failed");
                 }
                 let mut c = ns.command("qemu-system-x86_64");
+                if cfg.vmm == Vmm::QemuIcount {
+                    c.args(["-accel", "tcg", "-icount", "shift=0"]);
+                } else {
+                    c.arg("-enable-kvm");
+                }
                 c.args([
                     "-M",
                     "microvm,x-option-roms=off,pit=on,pic=on,rtc=off,isa-serial=on,ioapic2=off",
-                    "-enable-kvm",
                     "-cpu",
                     "max",
                     "-m",
@@ -206,8 +214,13 @@ impl Vm {
                 }
                 c.arg("-serial").arg(format!("file:{}", console.display()));
                 c.arg("-kernel").arg(&elf);
+                let extra = if cfg.vmm == Vmm::QemuIcount {
+                    " tsc-stats"
+                } else {
+                    ""
+                };
                 c.arg("-append")
-                    .arg(format!("{} {QEMU_GUEST_ARGS}", cfg.cmdline));
+                    .arg(format!("{} {QEMU_GUEST_ARGS}{extra}", cfg.cmdline));
                 c.stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::piped())
