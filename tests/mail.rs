@@ -199,29 +199,19 @@ fn net_echo_serves_several_connections() {
     }
 }
 
-/// `mail` without a disk says so and fails (status 3), before touching the
-/// network.
+/// A workload without the device it needs says so and fails (status 3):
+/// `mail` without a disk (before touching the network), `net-echo`
+/// without a network device.
 #[test]
-fn mail_without_a_disk_fails() {
-    let out = tandem(&["run", "--cmdline", "mail"]);
-    out.assert_status(3);
-    assert!(
-        out.stdout.contains("ERROR mail needs a disk"),
-        "{}",
-        out.describe()
-    );
-}
-
-/// `net-echo` without a network device says so and fails (status 3).
-#[test]
-fn net_echo_without_a_network_device_fails() {
-    let out = tandem(&["run", "--cmdline", "net-echo 7"]);
-    out.assert_status(3);
-    assert!(
-        out.stdout.contains("ERROR no virtio-net device"),
-        "{}",
-        out.describe()
-    );
+fn missing_devices_fail_cleanly() {
+    for (cmdline, msg) in [
+        ("mail", "ERROR mail needs a disk"),
+        ("net-echo 7", "ERROR no virtio-net device"),
+    ] {
+        let out = tandem(&["run", "--cmdline", cmdline]);
+        out.assert_status(3);
+        assert!(out.stdout.contains(msg), "{cmdline}: {}", out.describe());
+    }
 }
 
 /// Bad network options on the guest command line are rejected (status 2).

@@ -21,7 +21,6 @@ use crate::interrupts::{self, cli, sti};
 use crate::io;
 use crate::rt::mix64;
 use crate::virtio::net::{NetDev, NET_EVENT};
-use crate::virtio::ProbeError;
 use crate::Racy;
 
 /// IPv4 configuration from the command line.
@@ -69,16 +68,8 @@ impl Net {
     /// when there is no network device. `seed` varies smoltcp's initial
     /// sequence numbers and ephemeral ports between boots.
     pub fn up(ip: &IpConfig, seed: u64) -> Net {
-        let mut dev = match NetDev::probe() {
-            Ok(d) => d,
-            Err(ProbeError::NoDevice) => {
-                io::puts(b"ERROR no virtio-net device at ");
-                io::put_hex(crate::virtio::NET.base() as u64);
-                io::putc(b'\n');
-                io::exit(3)
-            }
-            Err(ProbeError::Failed(msg)) => crate::fail(msg, 3),
-        };
+        let mut dev = NetDev::probe()
+            .unwrap_or_else(|e| e.exit(b"no virtio-net device", &crate::virtio::NET));
         let mac = dev.mac;
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
         let mut m = 0u64;
@@ -152,11 +143,14 @@ impl Net {
             // the sockets send: a reply carries the ACK of the request (one
             // frame, not an ACK and then the reply).
             let t = now();
-            while self.iface.poll_ingress_single(t, &mut self.dev, &mut self.sockets)
+            while self
+                .iface
+                .poll_ingress_single(t, &mut self.dev, &mut self.sockets)
                 != PollIngressSingleResult::None
             {}
             let busy = app(&mut self.sockets);
-            self.iface.poll_egress(now(), &mut self.dev, &mut self.sockets);
+            self.iface
+                .poll_egress(now(), &mut self.dev, &mut self.sockets);
             self.dev.kick();
             if busy {
                 continue;

@@ -19,7 +19,7 @@ use smoltcp::iface::SocketHandle;
 use crate::arena::Arena;
 use crate::io;
 use crate::netstack::{IpConfig, Net};
-use crate::virtio::{blk::Blk, ProbeError, SECTOR_SIZE};
+use crate::virtio::{blk::Blk, SECTOR_SIZE};
 use store::{Store, MAX_MSG};
 
 const SMTP_SESSIONS: usize = 4;
@@ -27,16 +27,12 @@ const POP_SESSIONS: usize = 2;
 const MSG_BUF: usize = SECTOR_SIZE + MAX_MSG;
 
 pub fn run(ip: &IpConfig, arena: &mut Arena) -> ! {
-    let blk = match Blk::probe() {
-        Ok(b) => b,
-        Err(ProbeError::NoDevice) => {
-            io::puts(b"ERROR mail needs a disk: no virtio-blk device at ");
-            io::put_hex(crate::virtio::BLK.base() as u64);
-            io::putc(b'\n');
-            io::exit(3)
-        }
-        Err(ProbeError::Failed(msg)) => crate::fail(msg, 3),
-    };
+    let blk = Blk::probe().unwrap_or_else(|e| {
+        e.exit(
+            b"mail needs a disk: no virtio-blk device",
+            &crate::virtio::BLK,
+        )
+    });
     crate::interrupts::sti();
     let mut net_handles = [SocketHandle::default(); SMTP_SESSIONS + POP_SESSIONS];
     let mut pops: [Option<pop3::Session>; POP_SESSIONS] = [const { None }; POP_SESSIONS];

@@ -9,7 +9,9 @@ use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 
 use super::store::{Store, MAX_MSGS};
-use super::text::{arg, find_line_dot, parse_dec, starts_with_ci, Line, Out, LINE_MAX};
+use super::text::{
+    accept, arg, find_line_dot, parse_dec, starts_with_ci, Conn, Line, Out, LINE_MAX,
+};
 use crate::arena::Arena;
 
 pub const PORT: u16 = 110;
@@ -67,6 +69,16 @@ impl Session {
         }
     }
 
+    fn greet(&mut self) {
+        self.state = State::Auth;
+        self.user = false;
+        self.quit = false;
+        self.retr = None;
+        self.line.clear();
+        self.out.clear();
+        self.out.push(b"+OK tandem POP3 ready\r\n");
+    }
+
     pub fn pump(
         &mut self,
         sockets: &mut SocketSet<'static>,
@@ -74,25 +86,16 @@ impl Session {
         locked: &mut bool,
     ) -> bool {
         let s = sockets.get_mut::<tcp::Socket>(self.h);
-        if !s.is_open() {
-            if self.active {
-                self.end(locked);
-            }
-            let _ = s.listen(PORT);
-            return false;
-        }
-        if !self.active {
-            if s.state() != tcp::State::Established {
+        match accept(s, PORT, &mut self.active) {
+            Conn::Gone { was_live } => {
+                if was_live {
+                    self.end(locked);
+                }
                 return false;
             }
-            self.active = true;
-            self.state = State::Auth;
-            self.user = false;
-            self.quit = false;
-            self.retr = None;
-            self.line.clear();
-            self.out.clear();
-            self.out.push(b"+OK tandem POP3 ready\r\n");
+            Conn::Waiting => return false,
+            Conn::Live => {}
+            Conn::New => self.greet(),
         }
         let mut moved = self.out.flush(s);
         if self.out.is_empty() && self.retr.is_some() {

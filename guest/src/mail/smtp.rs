@@ -8,7 +8,9 @@ use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 
 use super::store::{Store, StoreError, MAX_MSG};
-use super::text::{arg, find_line_dot, parse_dec, starts_with_ci, Line, Out, LINE_MAX};
+use super::text::{
+    accept, arg, find_line_dot, parse_dec, starts_with_ci, Conn, Line, Out, LINE_MAX,
+};
 use crate::virtio::SECTOR_SIZE;
 
 pub const PORT: u16 = 25;
@@ -69,26 +71,23 @@ impl Session {
         self.rcpts = 0;
     }
 
+    fn greet(&mut self) {
+        self.helo = false;
+        self.quit = false;
+        self.data = Data::Off;
+        self.line.clear();
+        self.out.clear();
+        self.reset_transaction();
+        self.out.push(b"220 tandem ESMTP ready\r\n");
+    }
+
     /// Work on the connection; returns whether anything moved.
     pub fn pump(&mut self, sockets: &mut SocketSet<'static>, store: &mut Store) -> bool {
         let s = sockets.get_mut::<tcp::Socket>(self.h);
-        if !s.is_open() {
-            self.active = false;
-            let _ = s.listen(PORT);
-            return false;
-        }
-        if !self.active {
-            if s.state() != tcp::State::Established {
-                return false;
-            }
-            self.active = true;
-            self.helo = false;
-            self.quit = false;
-            self.data = Data::Off;
-            self.line.clear();
-            self.out.clear();
-            self.reset_transaction();
-            self.out.push(b"220 tandem ESMTP ready\r\n");
+        match accept(s, PORT, &mut self.active) {
+            Conn::Gone { .. } | Conn::Waiting => return false,
+            Conn::Live => {}
+            Conn::New => self.greet(),
         }
         let mut moved = self.out.flush(s);
         while !self.quit && self.out.is_empty() && s.can_recv() {

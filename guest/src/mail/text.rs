@@ -53,6 +53,38 @@ pub fn find_byte<const B: u8>(s: &[u8]) -> Option<usize> {
     s[i..].iter().position(|&c| c == B).map(|k| i + k)
 }
 
+/// Where a session's connection stands (see [`accept`]).
+pub enum Conn {
+    /// No connection (the socket listens again); a session that was live
+    /// has ended.
+    Gone {
+        was_live: bool,
+    },
+    /// A handshake is under way.
+    Waiting,
+    /// Just established: greet.
+    New,
+    Live,
+}
+
+/// Track one listening socket's connection: re-listen when it is closed,
+/// report a new one once established. `live` is the session's flag.
+pub fn accept(s: &mut tcp::Socket, port: u16, live: &mut bool) -> Conn {
+    if !s.is_open() {
+        let was_live = core::mem::take(live);
+        let _ = s.listen(port);
+        return Conn::Gone { was_live };
+    }
+    if *live {
+        Conn::Live
+    } else if s.state() == tcp::State::Established {
+        *live = true;
+        Conn::New
+    } else {
+        Conn::Waiting
+    }
+}
+
 /// Case-insensitive "starts with" (`prefix` in upper case).
 pub fn starts_with_ci(s: &[u8], prefix: &[u8]) -> bool {
     s.len() >= prefix.len()

@@ -131,6 +131,24 @@ pub enum ProbeError {
     Failed(&'static [u8]),
 }
 
+impl ProbeError {
+    /// The workload cannot run: `ERROR <what> at ADDR` (or the failure),
+    /// exit status 3.
+    pub fn exit(self, what: &[u8], slot: &Slot) -> ! {
+        match self {
+            ProbeError::NoDevice => {
+                crate::io::puts(b"ERROR ");
+                crate::io::puts(what);
+                crate::io::puts(b" at ");
+                crate::io::put_hex(slot.base() as u64);
+                crate::io::putc(b'\n');
+                crate::io::exit(3)
+            }
+            ProbeError::Failed(msg) => crate::fail(msg, 3),
+        }
+    }
+}
+
 /// A virtio-mmio register window.
 #[derive(Clone, Copy)]
 pub struct Mmio(usize);
