@@ -9,6 +9,7 @@
 //! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | `{"event":"ok"}` |
 //! | `{"cmd":"migrate", "to":ADDR, "server_name":..., "ca":..., "cert":..., "key":..., "downtime_ms":..., "max_bandwidth":...}` | `{"event":"progress", ...}` lines, then `{"event":"done", ...}` (the VM runs at the destination; this process ends) |
 //! | `{"cmd":"move_disk", "dest":PATH, "force":false, "downtime_ms":...}` | `{"event":"progress", ...}` lines, then `{"event":"disk_moved", ...}` (the VM runs on the image at PATH now) |
+//! | `{"cmd":"cancel"}` | `{"event":"ok"}`: the migration or disk move in progress stops before its switchover (its own stream ends with an error) |
 //!
 //! Any request may instead be answered `{"event":"error","error":"..."}`.
 //! Paths are taken as given: clients send absolute paths. A request line
@@ -36,6 +37,8 @@ pub enum Request {
     Resume,
     Migrate(MigrateRequest),
     MoveDisk(MoveDiskRequest),
+    /// Cancel the migration in progress (before its switchover).
+    Cancel,
 }
 
 /// The arguments of a local disk move.
@@ -222,6 +225,7 @@ fn serve_conn(stream: UnixStream, ctl: &VmController) {
             Request::Status => Event::Status(ctl.status()),
             Request::Pause => result(ctl.pause()),
             Request::Resume => result(ctl.resume()),
+            Request::Cancel => result(ctl.cancel_migration()),
             Request::Migrate(m) => {
                 migrate(&mut w, ctl, &m);
                 return;
@@ -297,8 +301,9 @@ fn migrate(w: &mut UnixStream, ctl: &VmController, m: &MigrateRequest) {
         }
         Err(e) => {
             eprintln!(
-                "tandem: migration to {} failed: {e}; the VM keeps running here",
-                params.to
+                "tandem: migration to {} failed: {e}; the VM {} here",
+                params.to,
+                goes_on(ctl)
             );
             send(
                 w,
@@ -307,6 +312,16 @@ fn migrate(w: &mut UnixStream, ctl: &VmController, m: &MigrateRequest) {
                 },
             );
         }
+    }
+}
+
+/// What the VM does after a failed migration: "keeps running" or "stays
+/// paused".
+pub fn goes_on(ctl: &VmController) -> &'static str {
+    if ctl.paused() {
+        "stays paused"
+    } else {
+        "keeps running"
     }
 }
 
@@ -336,8 +351,9 @@ fn move_disk(w: &mut UnixStream, ctl: &VmController, m: &MoveDiskRequest) {
         }
         Err(e) => {
             eprintln!(
-                "tandem: moving the disk to {} failed: {e}; the VM keeps running on its current image",
-                params.dest.display()
+                "tandem: moving the disk to {} failed: {e}; the VM {} on its current image",
+                params.dest.display(),
+                goes_on(ctl)
             );
             send(
                 w,

@@ -17,7 +17,8 @@
 //!    drain rate from these acknowledgements);
 //! 4. stop-and-copy: the final pages and blocks, `DeviceState` (a postcard
 //!    `vmm::machine::MachineState`: vCPU, devices, exit counter and virtual
-//!    time), `SwitchoverReady`;
+//!    time), `SwitchoverReady { paused }` (`paused`: the operator paused
+//!    the guest; it stays paused at the destination);
 //! 5. destination → source: `Running` once the VM is restored and about to
 //!    run; the source then closes the connection and ends.
 //!

@@ -393,7 +393,8 @@ fn blocking_listener_survives_refused_peer() {
         assert!(r.is_err());
         let mut conn =
             BlockingConnection::connect(addr, "localhost", &good, &client_cfg()).unwrap();
-        conn.send_msg(&Message::SwitchoverReady).unwrap();
+        conn.send_msg(&Message::SwitchoverReady { paused: false })
+            .unwrap();
         conn.close().unwrap();
     });
     let e = listener.accept().err().expect("bad peer refused");
@@ -401,7 +402,7 @@ fn blocking_listener_survives_refused_peer() {
     let mut conn = listener.accept().unwrap();
     assert_eq!(
         conn.recv_msg::<Message>().unwrap(),
-        Message::SwitchoverReady
+        Message::SwitchoverReady { paused: false }
     );
     client.join().unwrap();
 }

@@ -1,7 +1,6 @@
 //! `tandem migrate`, `tandem status`, `tandem pause|resume` (clients of the
 //! control socket), and running a VM with a control socket.
 
-use std::io::{IsTerminal, Write};
 use std::path::Path;
 
 use primary::migration::{
@@ -10,19 +9,23 @@ use primary::migration::{
 use vmm::inputs::LiveInputs;
 use vmm::machine::Machine;
 
+use super::progress::{CtrlC, Display};
 use super::run::outcome_status;
 use super::CmdError;
 use crate::api::{self, Event, MigrateRequest, MoveDiskRequest, Request};
 use crate::cli::{GuestElfArgs, MigrateArgs, StatusArgs};
 
 /// Run `machine` with a control socket at `sock` until the guest ends
-/// (its status) or the VM has been migrated away (0).
+/// (its status) or the VM has been migrated away (0). `paused`: start
+/// paused, until `tandem resume`.
 pub fn run_with_api(
     mut machine: Machine,
     inputs: &mut LiveInputs,
     sock: &Path,
+    paused: bool,
 ) -> Result<i32, CmdError> {
     let (ctl, side) = controller(&machine);
+    let side = if paused { side.start_paused() } else { side };
     let server = api::serve(sock, ctl)
         .map_err(|e| CmdError::Input(format!("--api-socket {}: {e}", sock.display())))?;
     let outcome = run_controlled(&mut machine, inputs, side);
@@ -44,6 +47,15 @@ fn mib(b: f64) -> String {
     format!("{:.1} MiB", b / (1024.0 * 1024.0))
 }
 
+/// A byte count in the unit that shows it moving (KiB below 1 MiB).
+fn size(b: u64) -> String {
+    if b < 1 << 20 {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    } else {
+        mib(b as f64)
+    }
+}
+
 fn progress_line(p: &Progress) -> String {
     if p.phase.starts_with("disk-") {
         return disk_progress_line(p);
@@ -52,7 +64,7 @@ fn progress_line(p: &Progress) -> String {
         "{:>9} round {:>2}  sent {:>10}  pages {:>7}  dirty {:>6} pages ({:.0}/s)  est. downtime {:.1} ms",
         p.phase,
         p.round,
-        mib(p.bytes_sent as f64),
+        size(p.bytes_sent),
         p.pages_sent,
         p.dirty_pages,
         p.dirty_rate,
@@ -83,7 +95,10 @@ fn disk_progress_line(p: &Progress) -> String {
 /// is not throttled).
 fn throttle_note(p: &Progress) -> String {
     if p.throttle_pct > 0 {
-        format!("  auto-converge: guest throttled {}%", p.throttle_pct)
+        format!(
+            "  auto-converge: guest throttled {}% (held {:.0} ms so far)",
+            p.throttle_pct, p.throttled_ms
+        )
     } else {
         String::new()
     }
@@ -113,7 +128,7 @@ fn disk_summary(r: &DiskMoveReport) -> String {
 }
 
 fn summary(r: &MigrationReport) -> String {
-    format!(
+    let mut s = format!(
         "migrated to {}\n  total time     {:.1} ms\n  downtime       {:.2} ms\n  bytes on wire  {} ({})\n  rounds         {} pre-copy + stop-and-copy ({} pages)\n  pages sent     {}{}{}",
         r.destination,
         r.total_ms,
@@ -135,11 +150,24 @@ fn summary(r: &MigrationReport) -> String {
             String::new()
         } else {
             format!(
-                "\n  note: pre-copy did not reach the downtime target (throttle up to {}%)",
-                r.max_throttle_pct
+                "\n  note: pre-copy did not reach the downtime target of {:.1} ms (throttle up to {}%)",
+                r.target_ms, r.max_throttle_pct
             )
         }
-    )
+    );
+    if r.max_throttle_pct > 0 {
+        s.push_str(&format!(
+            "\n  throttled      {:.1} ms (auto-converge, up to {}%)",
+            r.throttled_ms, r.max_throttle_pct
+        ));
+    }
+    if let Some(note) = &r.note {
+        s.push_str(&format!("\n  note: {note}"));
+    }
+    if r.paused {
+        s.push_str("\n  the VM was paused and arrived paused: `tandem resume` on the destination's control socket runs it");
+    }
+    s
 }
 
 /// What `tandem migrate` ended with.
@@ -181,24 +209,15 @@ pub fn migrate(args: MigrateArgs) -> Result<i32, CmdError> {
         }
     };
     let disk_move = matches!(req, Request::MoveDisk(_));
-    let tty = std::io::stdout().is_terminal() && !args.json;
-    let mut out = std::io::stdout();
+    let what = if disk_move { "disk move" } else { "migration" };
+    let cancel = CtrlC::install(&args.api, what)
+        .map_err(|e| CmdError::Internal(format!("installing the Ctrl-C handler: {e}")))?;
+    let mut display = Display::new(args.json);
     let mut result: Option<Result<Outcome, String>> = None;
-    api::call(&args.api, &req, |ev| {
+    let called = api::call(&args.api, &req, |ev| {
         match ev {
             Event::Progress(p) => {
-                if args.json {
-                    let _ = writeln!(
-                        out,
-                        "{}",
-                        serde_json::to_string(&Event::Progress(p)).unwrap_or_default()
-                    );
-                } else if tty {
-                    let _ = write!(out, "\r\x1b[2K{}", progress_line(&p));
-                    let _ = out.flush();
-                } else {
-                    let _ = writeln!(out, "{}", progress_line(&p));
-                }
+                display.progress(&p, &progress_line(&p));
                 return true;
             }
             Event::Done(r) => result = Some(Ok(Outcome::Migrated(r))),
@@ -207,13 +226,15 @@ pub fn migrate(args: MigrateArgs) -> Result<i32, CmdError> {
             other => result = Some(Err(format!("unexpected answer {other:?}"))),
         }
         false
-    })
-    .map_err(CmdError::Input)?;
-    if tty {
-        println!();
-    }
+    });
+    display.finish();
+    let cancelled = cancel.finish();
+    called.map_err(CmdError::Input)?;
     match result {
         Some(Ok(outcome)) => {
+            if cancelled {
+                eprintln!("tandem: too late to cancel: the {what} had reached its switchover and completed");
+            }
             let (ev, text) = match outcome {
                 Outcome::Migrated(r) => {
                     let text = summary(&r);
@@ -231,18 +252,41 @@ pub fn migrate(args: MigrateArgs) -> Result<i32, CmdError> {
             }
             Ok(0)
         }
-        Some(Err(e)) if disk_move => {
-            eprintln!("tandem: disk move failed: {e}; the VM keeps running on its current disk image (the move did not modify it)");
-            Ok(1)
-        }
         Some(Err(e)) => {
-            eprintln!("tandem: migration failed: {e}; the VM keeps running on the source");
+            let how = vm_goes_on(&args.api);
+            let whence = if disk_move {
+                "on its current disk image (the move did not modify it)"
+            } else {
+                "on the source"
+            };
+            if cancelled {
+                eprintln!("tandem: {what} cancelled; the VM {how} {whence}");
+            } else {
+                eprintln!("tandem: {what} failed: {e}; the VM {how} {whence}");
+            }
             Ok(1)
         }
         None => {
             eprintln!("tandem: the VM's control socket closed without a result");
             Ok(1)
         }
+    }
+}
+
+/// After a failed migration: "keeps running" or "stays paused", as the
+/// VM's status says.
+fn vm_goes_on(sock: &Path) -> &'static str {
+    let mut paused = None;
+    let _ = api::call(sock, &Request::Status, |ev| {
+        if let Event::Status(s) = ev {
+            paused = Some(s.state == "paused");
+        }
+        false
+    });
+    match paused {
+        Some(true) => "stays paused",
+        Some(false) => "keeps running",
+        None => "stays as it was",
     }
 }
 

@@ -3,6 +3,7 @@
 mod certs;
 mod dump;
 mod migrate;
+mod progress;
 mod receive;
 mod record;
 mod replay;

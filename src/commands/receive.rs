@@ -39,17 +39,26 @@ pub fn receive(args: ReceiveArgs) -> Result<i32, CmdError> {
     let opts = ReceiveOptions {
         disk: args.disk.clone(),
         disk_dir: args.disk_dir.clone(),
+        control_socket: args.api_socket.is_some(),
     };
     let received =
         accept_vm(&listener, &opts, serial_out).map_err(|e| CmdError::Internal(e.to_string()))?;
-    eprintln!(
-        "tandem: VM received from {} after {} pre-copy rounds; running it",
-        received.from, received.rounds
-    );
     let mut machine = received.machine;
     let mut inputs = LiveInputs::new(received.virtual_ns, console.input);
+    let what = match (&args.api_socket, received.paused) {
+        // Only with a control socket may a VM arrive paused.
+        (Some(sock), true) => format!(
+            "it was paused and stays paused (`tandem resume --api {}` runs it)",
+            sock.display()
+        ),
+        _ => "running it".to_string(),
+    };
+    eprintln!(
+        "tandem: VM received from {} after {} pre-copy rounds; {what}",
+        received.from, received.rounds
+    );
     let status = match &args.api_socket {
-        Some(sock) => super::migrate::run_with_api(machine, &mut inputs, sock),
+        Some(sock) => super::migrate::run_with_api(machine, &mut inputs, sock, received.paused),
         None => machine
             .run(&mut inputs, RunLimits::default())
             .map(outcome_status)

@@ -168,7 +168,7 @@ pub fn run(args: RunArgs) -> Result<i32, CmdError> {
     let mut machine = boot(&config, console.out)?;
     let mut inputs = LiveInputs::new(0, console.input);
     if let Some(sock) = &args.api_socket {
-        return super::migrate::run_with_api(machine, &mut inputs, sock);
+        return super::migrate::run_with_api(machine, &mut inputs, sock, false);
     }
     let limits = RunLimits {
         stop_at_exit: args.snapshot_at,

@@ -320,3 +320,90 @@ pub fn same_image(path: &Path, want: &[u8], what: &str) {
     let first_diff = want.iter().zip(&got).position(|(a, b)| a != b);
     assert_eq!(first_diff, None, "{what}: first differing byte");
 }
+
+/// The guest's own progress: the `dirty` workload's `round K` lines.
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Has it ended?
+    pub fn ended(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// The last `round K` the guest printed (0 before the first).
+    pub fn rounds(&self) -> u64 {
+        let out = self.out();
+        out.rsplit("round ")
+            .find_map(|rest| rest.split_once('\n')?.0.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Wait until the guest printed `round n`.
+    #[track_caller]
+    pub fn wait_round(&mut self, n: u64) {
+        let start = Instant::now();
+        while self.rounds() < n {
+            assert!(
+                !self.ended() && start.elapsed() < TIMEOUT,
+                "never reached round {n}\n{}",
+                self.describe()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// How long the guest takes for its next `n` rounds.
+    #[track_caller]
+    pub fn time_rounds(&mut self, n: u64) -> Duration {
+        let r0 = self.rounds();
+        let t0 = Instant::now();
+        self.wait_round(r0 + n);
+        t0.elapsed()
+    }
+
+    /// Send `sig` to it.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        let r = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(r, 0, "kill({}, {sig})", self.pid());
+    }
+}
+
+/// `tandem migrate --api SOCK --to ADDR CREDS EXTRA` in the background.
+pub fn start_migrate(sock: &str, to: &str, creds: &[String], extra: &[&str]) -> Proc {
+    let mut args = vec!["migrate", "--api", sock, "--to", to];
+    args.extend(creds.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    Proc::spawn(&[], &args)
+}
+
+/// `tandem status --json` of the VM at `sock`, parsed.
+#[track_caller]
+pub fn status(sock: &str) -> serde_json::Value {
+    let (code, out, err) = run_tandem(&["status", "--api", sock, "--json"]);
+    assert_eq!(code, 0, "tandem status: {err}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
+}
+
+/// Poll the status of `sock` until `cond` holds on it; returns that status.
+#[track_caller]
+pub fn wait_status(
+    sock: &str,
+    what: &str,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let s = status(sock);
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "never saw {what}; last status {s}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -17,6 +17,7 @@ pub mod persist;
 pub mod run;
 pub mod snapshot;
 pub mod sync;
+pub mod throttle;
 pub mod vstate;
 
 /// Guest memory as every part of the VMM sees it: mmap-backed regions whose

@@ -27,6 +27,7 @@ use crate::devices::IoAction;
 use crate::inputs::{Divergence, Fingerprint, Inputs, SyncReason};
 use crate::machine::Machine;
 use crate::sync::SyncError;
+use crate::throttle::{DutyCycle, Throttle};
 use crate::vstate::vcpu::VcpuError;
 use kvm_ioctls::VcpuExit;
 
@@ -57,6 +58,9 @@ pub struct RunLimits {
     /// Pause at the next exit or kick once this is set (see
     /// [`crate::vstate::vcpu::Kicker::kick_now`] to force one).
     pub pause: Option<Arc<AtomicBool>>,
+    /// Auto-converge: hold the guest this share of the time (see
+    /// [`crate::throttle`]).
+    pub throttle: Option<Arc<Throttle>>,
 }
 
 /// Counters of a run.
@@ -135,7 +139,14 @@ impl Machine {
     ) -> Result<RunOutcome, RunError> {
         let kicker = self.vcpu.kicker().clone();
         kicker.bind_current_thread();
+        let mut duty = DutyCycle::default();
         loop {
+            // Throttled: sleep here once the guest ran its share (ends at
+            // once when a pause is raised, checked next).
+            let throttle_kick = limits
+                .throttle
+                .as_ref()
+                .and_then(|t| duty.at_exit(t, limits.pause.as_deref()));
             if limits.stop_at_exit == Some(self.exit_seq) {
                 self.vcpu.complete_pending_io()?;
                 return Ok(RunOutcome::Stopped);
@@ -177,10 +188,15 @@ impl Machine {
             // A pending interrupt the guest cannot take yet waits for the
             // interrupt window, which ends the run by itself: no kick.
             let deadline = self.devices.pit.next_irq0_deadline();
-            if !self.devices.pic.interrupt_pending() {
-                if let Some(at) = deadline.and_then(|d| inputs.host_instant_of(d)) {
-                    kicker.arm(at);
-                }
+            let timer_kick = if self.devices.pic.interrupt_pending() {
+                None
+            } else {
+                deadline.and_then(|d| inputs.host_instant_of(d))
+            };
+            // A throttled guest comes back at the end of its share even if
+            // it makes no exit.
+            if let Some(at) = timer_kick.into_iter().chain(throttle_kick).min() {
+                kicker.arm(at);
             }
             let next = self.run_once(inputs);
             kicker.disarm();

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the channel protocol (framing + [`Message`] encoding).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// What a peer is in the pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -78,8 +78,10 @@ pub enum Message {
     VcpuState(#[serde(with = "bytes")] Vec<u8>),
     /// End of pre-copy round `round`; `dirty_pages` were dirtied meanwhile.
     RoundDone { round: u32, dirty_pages: u64 },
-    /// The source has paused the guest and sent everything; switch over.
-    SwitchoverReady,
+    /// The source has stopped the guest and sent everything; switch over.
+    /// `paused`: the guest was paused by its operator and stays paused
+    /// at the destination until resumed there.
+    SwitchoverReady { paused: bool },
     /// The destination confirms the guest runs there.
     Running,
     /// Give up the migration or replication.
@@ -173,7 +175,7 @@ mod tests {
                 round: 2,
                 dirty_pages: 9,
             },
-            Message::SwitchoverReady,
+            Message::SwitchoverReady { paused: true },
             Message::Running,
             Message::Abort { reason: "x".into() },
             Message::LogBytes(vec![9; 100]),

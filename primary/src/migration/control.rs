@@ -1,6 +1,7 @@
 //! Control of a running VM from other threads: pause/resume, status, the
 //! freeze/thaw of a migration's stop-and-copy, the hold and disk switch of
-//! a local disk move, and auto-converge throttling.
+//! a local disk move, and auto-converge throttling (a duty cycle the vCPU
+//! thread honours itself, see [`vmm::throttle`]).
 //!
 //! The vCPU thread runs [`run_controlled`]: `Machine::run` with a pause flag.
 //! Another thread queues a [`Request`], raises the flag and kicks the vCPU;
@@ -10,7 +11,7 @@
 //! flag *before* draining the queue, so no request is ever left waiting.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,7 @@ use vmm::dirty::DirtyTracker;
 use vmm::inputs::Inputs;
 use vmm::machine::{Machine, MachineState, VmConfig};
 use vmm::run::{RunError, RunLimits, RunOutcome};
+use vmm::throttle::Throttle;
 use vmm::vstate::vcpu::Kicker;
 use vmm::vstate::vm::Vm;
 
@@ -50,8 +52,6 @@ enum Request {
     Thaw,
     /// The VM runs elsewhere now: end the run.
     Finish(String),
-    /// Auto-converge: sleep this long.
-    Throttle(Duration),
     /// Stop the guest (without capturing its state) until `ReplaceDisk`
     /// or `Thaw`; answers when the vCPU stopped.
     Hold(Sender<Instant>),
@@ -70,6 +70,8 @@ pub struct Frozen {
     pub state: MachineState,
     /// When the vCPU stopped.
     pub at: Instant,
+    /// The VM was paused by its operator (and must stay paused).
+    pub paused: bool,
 }
 
 /// The disk of a controlled VM, as storage migration sees it.
@@ -89,9 +91,12 @@ struct Shared {
     tx: Sender<Request>,
     status: Mutex<VmStatus>,
     migrating: AtomicBool,
+    /// The operator asked to cancel the migration in progress.
+    cancel: AtomicBool,
+    /// Paused by the operator (`tandem pause`), also while migrating.
+    user_paused: AtomicBool,
     ended: AtomicBool,
-    throttle_pct: AtomicU32,
-    throttle_thread: AtomicBool,
+    throttle: Arc<Throttle>,
     vm: Arc<Vm>,
     dirty: DirtyTracker,
     /// The VM's configuration; its disk path follows local disk moves.
@@ -109,6 +114,16 @@ pub struct VmController {
 pub struct VcpuSide {
     shared: Arc<Shared>,
     rx: Receiver<Request>,
+    start_paused: bool,
+}
+
+impl VcpuSide {
+    /// Start the run paused, as if `tandem pause` had been given (a VM
+    /// that arrived paused from a migration).
+    pub fn start_paused(mut self) -> Self {
+        self.start_paused = true;
+        self
+    }
 }
 
 /// Why a request could not be served.
@@ -118,6 +133,8 @@ pub enum ControlError {
     Ended,
     #[error("a migration is already in progress")]
     Busy,
+    #[error("no migration is in progress")]
+    NotMigrating,
 }
 
 /// How a controlled run ended.
@@ -147,9 +164,10 @@ pub fn controller(machine: &Machine) -> (VmController, VcpuSide) {
             migration: None,
         }),
         migrating: AtomicBool::new(false),
+        cancel: AtomicBool::new(false),
+        user_paused: AtomicBool::new(false),
         ended: AtomicBool::new(false),
-        throttle_pct: AtomicU32::new(0),
-        throttle_thread: AtomicBool::new(false),
+        throttle: Arc::new(Throttle::new()),
         vm: machine.vm.clone(),
         dirty: machine.dirty.clone(),
         config: Mutex::new(machine.config.clone()),
@@ -159,7 +177,11 @@ pub fn controller(machine: &Machine) -> (VmController, VcpuSide) {
         VmController {
             shared: shared.clone(),
         },
-        VcpuSide { shared, rx },
+        VcpuSide {
+            shared,
+            rx,
+            start_paused: false,
+        },
     )
 }
 
@@ -185,7 +207,7 @@ impl VmController {
         if p.is_some() {
             s.state = "migrating".into();
         } else if s.state == "migrating" {
-            s.state = "running".into();
+            s.state = if self.paused() { "paused" } else { "running" }.into();
         }
         s.migration = p;
     }
@@ -197,6 +219,7 @@ impl VmController {
         }
         self.shared.tx.send(req).map_err(|_| ControlError::Ended)?;
         self.shared.pause.store(true, Ordering::SeqCst);
+        self.shared.throttle.wake();
         loop {
             self.shared.kicker.kick_now();
             match reply.recv_timeout(Duration::from_millis(2)) {
@@ -231,6 +254,7 @@ impl VmController {
     fn post(&self, req: Request) {
         if self.shared.tx.send(req).is_ok() {
             self.shared.pause.store(true, Ordering::SeqCst);
+            self.shared.throttle.wake();
             self.shared.kicker.kick_now();
         }
     }
@@ -245,31 +269,16 @@ impl VmController {
         self.post(Request::Finish(whereto));
     }
 
-    /// Auto-converge: let the guest run only `100 - pct` % of the time
-    /// (0 = no throttling).
+    /// Auto-converge: hold the guest `pct` % of the time (0 = no
+    /// throttling; at most [`vmm::throttle::MAX_PCT`]). Takes effect at
+    /// once, also when lifting a throttle from a sleeping vCPU.
     pub(crate) fn set_throttle(&self, pct: u32) {
-        let pct = pct.min(99);
-        self.shared.throttle_pct.store(pct, Ordering::SeqCst);
-        if pct > 0 && !self.shared.throttle_thread.swap(true, Ordering::SeqCst) {
-            let me = self.clone();
-            std::thread::Builder::new()
-                .name("throttle".into())
-                .spawn(move || me.throttle_loop())
-                .expect("spawn throttle thread");
-        }
+        self.shared.throttle.set(pct);
     }
 
-    fn throttle_loop(&self) {
-        const SLICE: Duration = Duration::from_millis(10);
-        loop {
-            std::thread::sleep(SLICE);
-            let pct = self.shared.throttle_pct.load(Ordering::SeqCst);
-            if pct == 0 || self.shared.ended.load(Ordering::SeqCst) {
-                self.shared.throttle_thread.store(false, Ordering::SeqCst);
-                return;
-            }
-            self.post(Request::Throttle(SLICE * pct / (100 - pct)));
-        }
+    /// Time the guest has been held by auto-converge, over the VM's life.
+    pub(crate) fn throttled(&self) -> Duration {
+        self.shared.throttle.throttled()
     }
 
     /// Claim the right to migrate (one migration at a time).
@@ -280,7 +289,23 @@ impl VmController {
         if self.shared.migrating.swap(true, Ordering::SeqCst) {
             return Err(ControlError::Busy);
         }
+        self.shared.cancel.store(false, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Ask the migration in progress to stop (it does before its
+    /// switchover; after that the switch completes). The guest goes on
+    /// here as it was.
+    pub fn cancel_migration(&self) -> Result<(), ControlError> {
+        if !self.shared.migrating.load(Ordering::SeqCst) {
+            return Err(ControlError::NotMigrating);
+        }
+        self.shared.cancel.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub(crate) fn cancel_requested(&self) -> bool {
+        self.shared.cancel.load(Ordering::SeqCst)
     }
 
     pub(crate) fn end_migration(&self) {
@@ -331,6 +356,11 @@ impl VmController {
             .clone()
     }
 
+    /// Is the VM paused by its operator (also while it is being migrated)?
+    pub fn paused(&self) -> bool {
+        self.shared.user_paused.load(Ordering::SeqCst)
+    }
+
     /// Has the vCPU thread ended (guest finished, or migrated away)?
     pub fn ended(&self) -> bool {
         self.shared.ended.load(Ordering::SeqCst)
@@ -376,18 +406,15 @@ fn handle(
         }
         Request::Pause(reply) => {
             flags.user_paused = true;
+            shared.user_paused.store(true, Ordering::SeqCst);
             set_state(shared, "paused", machine.exit_seq);
             let _ = reply.send(());
         }
         Request::Resume(reply) => {
             flags.user_paused = false;
+            shared.user_paused.store(false, Ordering::SeqCst);
             set_state(shared, "running", machine.exit_seq);
             let _ = reply.send(());
-        }
-        Request::Throttle(d) => {
-            if !flags.frozen && !flags.user_paused {
-                std::thread::sleep(d);
-            }
         }
         Request::Freeze(reply) => {
             let at = Instant::now();
@@ -395,7 +422,11 @@ fn handle(
             match machine.save(virtual_ns) {
                 Ok(state) => {
                     flags.frozen = true;
-                    let _ = reply.send(Frozen { state, at });
+                    let _ = reply.send(Frozen {
+                        state,
+                        at,
+                        paused: flags.user_paused,
+                    });
                 }
                 // Dropping `reply` fails the migration; the guest goes on.
                 Err(e) => tracing::error!("capturing the VM state for migration: {e}"),
@@ -454,10 +485,19 @@ pub fn run_controlled(
     side: VcpuSide,
 ) -> Result<ControlledOutcome, RunError> {
     let shared = side.shared.clone();
-    let mut flags = Flags::default();
+    let mut flags = Flags {
+        user_paused: side.start_paused,
+        ..Flags::default()
+    };
+    if flags.user_paused {
+        shared.user_paused.store(true, Ordering::SeqCst);
+        set_state(&shared, "paused", machine.exit_seq);
+        shared.pause.store(true, Ordering::SeqCst);
+    }
     loop {
         let limits = RunLimits {
             pause: Some(shared.pause.clone()),
+            throttle: Some(shared.throttle.clone()),
             ..Default::default()
         };
         let outcome = machine.run(inputs, limits)?;

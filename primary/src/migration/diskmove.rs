@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use vmm::devices::virtio::block::{BlockConfig, DIRTY_BLOCK_SIZE};
 
 use super::control::{ControlError, DiskInfo, VmController};
-use super::precopy::{Precopy, MAX_ROUNDS};
+use super::precopy::{Next, Precopy, MAX_ROUNDS};
 use super::Progress;
 
 /// Copy rate assumed before one was measured (bytes/s).
@@ -110,12 +110,14 @@ pub enum DiskMoveError {
     },
     #[error("switching the disk to {path}: {reason}")]
     Switch { path: PathBuf, reason: String },
+    #[error("cancelled by the operator")]
+    Cancelled,
 }
 
 fn control_error(e: ControlError) -> DiskMoveError {
     match e {
         ControlError::Busy => DiskMoveError::Busy,
-        ControlError::Ended => DiskMoveError::VmEnded,
+        ControlError::Ended | ControlError::NotMigrating => DiskMoveError::VmEnded,
     }
 }
 
@@ -128,10 +130,7 @@ pub fn move_disk(
     params: &DiskMoveParams,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<DiskMoveReport, DiskMoveError> {
-    ctl.begin_migration().map_err(|e| match e {
-        ControlError::Busy => DiskMoveError::Busy,
-        ControlError::Ended => DiskMoveError::VmEnded,
-    })?;
+    ctl.begin_migration().map_err(control_error)?;
     let result = ctl.disk().ok_or(DiskMoveError::NoDisk).and_then(|disk| {
         let read_only = ctl.config().disk.is_some_and(|d| d.read_only);
         let mut mover = Mover {
@@ -228,6 +227,10 @@ impl Mover<'_> {
     ) -> Result<u64, DiskMoveError> {
         let mut total = 0u64;
         for &b in blocks {
+            // A cancel is honoured until the guest is held.
+            if throttled && self.ctl.cancel_requested() {
+                return Err(DiskMoveError::Cancelled);
+            }
             let off = b * DIRTY_BLOCK_SIZE;
             let len = DIRTY_BLOCK_SIZE.min(self.disk.len.saturating_sub(off)) as usize;
             if len == 0 {
@@ -316,7 +319,7 @@ impl Mover<'_> {
         let dirty = self.disk.dirty.clone();
         // The whole disk goes in round 0: forget older writes.
         dirty.take();
-        let mut precopy = Precopy::new(self.ctl, self.params.downtime);
+        let mut precopy = Precopy::new(self.params.downtime, FIXED_SWITCH);
         let mut rate = INITIAL_RATE;
         let mut round = 0u32;
         self.publish(on_progress);
@@ -351,21 +354,21 @@ impl Mover<'_> {
             self.progress.estimated_downtime_ms = ms(estimate);
             self.publish(on_progress);
             round += 1;
-            if pending == 0 {
-                // Nothing left for the pause but the switch itself.
-                self.report.converged = true;
-                break;
-            }
             let shrinking = pending * 2 <= blocks.len() as u64;
-            if precopy.end_round(&mut self.progress, round, pending, estimate, shrinking) {
-                break;
+            match precopy.end_round(&mut self.progress, round, pending, estimate, shrinking) {
+                Next::Switch => break,
+                Next::Round { throttle } => {
+                    if let Some(pct) = throttle {
+                        self.ctl.set_throttle(pct);
+                    }
+                }
             }
         }
         if precopy.gave_up() {
             tracing::warn!("disk move did not converge in {MAX_ROUNDS} rounds; forcing the switch");
         }
         self.report.rounds = round;
-        self.report.converged |= precopy.converged();
+        self.report.converged = precopy.converged();
         self.report.max_throttle_pct = precopy.max_throttle_pct();
 
         // The final copy, with the guest held.

@@ -72,8 +72,15 @@ pub struct Progress {
     pub estimated_downtime_ms: f64,
     /// Auto-converge: percentage of time the guest is held (0 = none).
     pub throttle_pct: u32,
+    /// Time the guest was held by auto-converge so far (ms).
+    #[serde(default)]
+    pub throttled_ms: f64,
     /// Time since the migration started (ms).
     pub elapsed_ms: f64,
+    /// Said once, up front: the downtime target cannot be met on this
+    /// link, and what is aimed at instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// The summary of a finished migration.
@@ -83,8 +90,16 @@ pub struct MigrationReport {
     pub destination: String,
     /// From the request to the destination's confirmation (ms).
     pub total_ms: f64,
-    /// From the guest's stop here to the destination's `Running` (ms).
+    /// The guest's pause: from its stop here to its start there (ms); the
+    /// confirmation's trip back (half the round trip) is not counted.
     pub downtime_ms: f64,
+    /// From the guest's stop here to the destination's `Running` (ms).
+    #[serde(default)]
+    pub confirmed_ms: f64,
+    /// The downtime aimed at (ms): the target asked for, or more when the
+    /// link cannot meet it (see `note`).
+    #[serde(default)]
+    pub target_ms: f64,
     /// UDP bytes sent by the source (QUIC/TLS framing included).
     pub bytes_on_wire: u64,
     /// UDP bytes received by the source (acknowledgements).
@@ -103,13 +118,25 @@ pub struct MigrationReport {
     pub disk_shared: bool,
     /// Highest auto-converge throttle used (%).
     pub max_throttle_pct: u32,
+    /// Time the guest was held by auto-converge (ms), besides the downtime.
+    #[serde(default)]
+    pub throttled_ms: f64,
     /// Did pre-copy reach the downtime target (else: forced switchover)?
     pub converged: bool,
+    /// The VM was paused (`tandem pause`) and arrived paused.
+    #[serde(default)]
+    pub paused: bool,
+    /// The downtime target could not be met on this link (said up front).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
-/// Why a migration failed. The guest keeps running on the source.
+/// Why a migration failed. The guest goes on on the source as it was
+/// (running, or paused).
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
+    #[error("cancelled by the operator")]
+    Cancelled,
     #[error("a migration is already in progress")]
     Busy,
     #[error("the VM has stopped")]

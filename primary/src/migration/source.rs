@@ -1,5 +1,6 @@
 //! The sending side of a live migration: pre-copy rounds, auto-converge,
-//! stop-and-copy, confirmation.
+//! stop-and-copy, confirmation. The end-of-round policy and the pause
+//! estimate are in [`super::precopy`].
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -18,7 +19,7 @@ use vmm::vstate::memory::{self, page_is_zero, read_page};
 use vmm::PAGE_SIZE;
 
 use super::control::{ControlError, DiskInfo, VmController};
-use super::precopy::{Precopy, MAX_ROUNDS};
+use super::precopy::{Link, Next, Precopy, MAX_ROUNDS};
 use super::{MigrationError, MigrationParams, MigrationReport, Progress};
 
 /// Bytes of page data per `MemoryPages` message.
@@ -31,9 +32,13 @@ const BATCH_PAGES: usize = 512;
 const SHRINK: u64 = 2;
 /// Link drain rate assumed before one was measured (bytes/s).
 const INITIAL_BANDWIDTH: f64 = 100e6;
-/// Time the switchover needs besides the transfer: state capture and
-/// restore, one round trip.
+/// Time the switchover needs besides the transfer and the one-way trip:
+/// state capture and restore.
 const FIXED_SWITCHOVER: Duration = Duration::from_millis(1);
+/// How often a long round reports progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+/// How often a wait for the destination checks for a cancel.
+const CANCEL_POLL: Duration = Duration::from_millis(50);
 /// How long the destination may take to confirm after `SwitchoverReady`.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// A destination silent this long is gone (the migration fails and the
@@ -43,9 +48,12 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Move the VM of `ctl` to `params.to`. `on_progress` is called after each
-/// round and at phase changes. On success the guest stays frozen here: the
-/// caller reports, then calls [`VmController::finish_migrated`] to end the
-/// local run. On failure the guest has been resumed.
+/// round, at phase changes and every [`PROGRESS_EVERY`] during a long
+/// round. On success the guest stays frozen here: the caller reports, then
+/// calls [`VmController::finish_migrated`] to end the local run. On failure
+/// (or [`VmController::cancel_migration`] before the switchover) the
+/// throttle is lifted at once and the guest goes on as it was: running, or
+/// paused if it was paused.
 pub fn migrate(
     ctl: &VmController,
     params: &MigrationParams,
@@ -53,7 +61,7 @@ pub fn migrate(
 ) -> Result<MigrationReport, MigrationError> {
     ctl.begin_migration().map_err(|e| match e {
         ControlError::Busy => MigrationError::Busy,
-        ControlError::Ended => MigrationError::VmEnded,
+        ControlError::Ended | ControlError::NotMigrating => MigrationError::VmEnded,
     })?;
     let vm = ctl.vm().clone();
     let consumer = match ctl.dirty().register(&vm.fd, &vm.memory, true) {
@@ -66,8 +74,12 @@ pub fn migrate(
     let mut source = Source {
         ctl,
         params,
+        on_progress,
         consumer,
         start: Instant::now(),
+        throttled_before: ctl.throttled(),
+        capped: true,
+        cancellable: true,
         progress: Progress {
             phase: "connecting".into(),
             ..Default::default()
@@ -82,8 +94,10 @@ pub fn migrate(
         marker: None,
         disk_plan: DiskPlan::None,
     };
-    let result = source.run(on_progress);
+    let result = source.run();
     if let Err(e) = &result {
+        // The guest first: no more throttling from this instant.
+        ctl.set_throttle(0);
         // The caller reports the failure (once); this is for tracing only.
         tracing::debug!("migration to {} failed: {e}", params.to);
         if let Some(conn) = source.conn.as_mut() {
@@ -104,15 +118,22 @@ pub fn migrate(
 struct Source<'a> {
     ctl: &'a VmController,
     params: &'a MigrationParams,
+    on_progress: &'a mut dyn FnMut(&Progress),
     consumer: ConsumerId,
     start: Instant,
+    /// The VM's throttled time when this migration started.
+    throttled_before: Duration,
+    /// `--max-bandwidth` applies (not while the guest is frozen).
+    capped: bool,
+    /// A cancel is honoured (until the guest is frozen for the switch).
+    cancellable: bool,
     progress: Progress,
     report: MigrationReport,
     conn: Option<BlockingConnection>,
     handle: Option<Handle>,
     /// Payload bytes queued on the connection.
     queued: u64,
-    /// When `tandem status` last got fresh numbers.
+    /// When the progress was last published.
     last_status: Instant,
     /// Encoded bytes of the pages sent, for the average page cost.
     page_bytes: u64,
@@ -191,38 +212,77 @@ impl Source<'_> {
             .unwrap_or((0, 0))
     }
 
-    fn publish(&mut self, on_progress: &mut dyn FnMut(&Progress)) {
+    /// Fresh numbers for `tandem status` and the `on_progress` callback.
+    fn publish(&mut self) {
+        self.last_status = Instant::now();
         self.progress.elapsed_ms = ms(self.start.elapsed());
         self.progress.bytes_sent = self.wire_bytes().0;
+        self.progress.throttled_ms = ms(self.throttled());
         self.ctl.set_progress(Some(self.progress.clone()));
-        on_progress(&self.progress);
+        (self.on_progress)(&self.progress);
     }
 
-    fn send(&mut self, msg: &Message, payload_len: usize) -> Result<(), MigrationError> {
-        self.conn().send_msg(msg)?;
-        self.queued += payload_len as u64;
-        if self.last_status.elapsed() >= Duration::from_millis(100) {
-            self.last_status = Instant::now();
-            self.progress.elapsed_ms = ms(self.start.elapsed());
-            self.progress.bytes_sent = self.wire_bytes().0;
-            self.ctl.set_progress(Some(self.progress.clone()));
+    /// Publish if the last update is older than [`PROGRESS_EVERY`].
+    fn tick(&mut self) {
+        if self.last_status.elapsed() >= PROGRESS_EVERY {
+            self.publish();
         }
-        if let Some(max) = self.params.max_bandwidth.filter(|&m| m > 0) {
-            let due = Duration::from_secs_f64(self.queued as f64 / max as f64);
-            let elapsed = self.start.elapsed();
-            if due > elapsed {
-                std::thread::sleep(due - elapsed);
-            }
+    }
+
+    /// Time the guest was held by auto-converge during this migration.
+    fn throttled(&self) -> Duration {
+        self.ctl.throttled().saturating_sub(self.throttled_before)
+    }
+
+    fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.cancellable && self.ctl.cancel_requested() {
+            return Err(MigrationError::Cancelled);
         }
         Ok(())
     }
 
-    /// Wait for a reply on the control stream, failing on `Abort`.
+    /// Send `msg` (`payload_len` bytes of guest data). Under
+    /// `--max-bandwidth` (not while the guest is frozen) a message leaves
+    /// only when the cap allows the bytes sent before it; the wait
+    /// publishes progress and honours a cancel.
+    fn send(&mut self, msg: &Message, payload_len: usize) -> Result<(), MigrationError> {
+        if let Some(max) = self.params.max_bandwidth.filter(|&m| m > 0) {
+            let due = self.start + Duration::from_secs_f64(self.queued as f64 / max as f64);
+            while self.capped {
+                self.check_cancel()?;
+                let now = Instant::now();
+                if now >= due {
+                    break;
+                }
+                std::thread::sleep((due - now).min(CANCEL_POLL));
+                self.tick();
+            }
+        }
+        self.check_cancel()?;
+        self.conn().send_msg(msg)?;
+        self.queued += payload_len as u64;
+        self.tick();
+        Ok(())
+    }
+
+    /// Wait for a reply on the control stream, failing on `Abort`;
+    /// publishes progress and honours a cancel meanwhile.
     fn recv(&mut self, timeout: Duration) -> Result<Message, MigrationError> {
-        match self.conn().recv_msg_timeout::<Message>(timeout)? {
-            Some(Message::Abort { reason }) => Err(MigrationError::Aborted(reason)),
-            Some(m) => Ok(m),
-            None => Err(MigrationError::NoConfirmation(timeout)),
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_cancel()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(MigrationError::NoConfirmation(timeout));
+            }
+            match self
+                .conn()
+                .recv_msg_timeout::<Message>(left.min(CANCEL_POLL))?
+            {
+                Some(Message::Abort { reason }) => return Err(MigrationError::Aborted(reason)),
+                Some(m) => return Ok(m),
+                None => self.tick(),
+            }
         }
     }
 
@@ -338,6 +398,8 @@ impl Source<'_> {
                 self.page_bytes += enc.len() as u64 + 8;
                 self.pages_encoded += 1;
                 sent.pages += 1;
+                // Counted as encoded, so that a long round shows progress.
+                self.progress.pages_sent += 1;
                 let p = Page {
                     gpa,
                     data: enc.clone(),
@@ -373,7 +435,6 @@ impl Source<'_> {
                 batch = 0;
             }
         }
-        self.progress.pages_sent += sent.pages;
         Ok(sent)
     }
 
@@ -424,11 +485,22 @@ impl Source<'_> {
             .map_err(|e| MigrationError::Source(e.to_string()))
     }
 
-    fn run(
-        &mut self,
-        on_progress: &mut dyn FnMut(&Progress),
-    ) -> Result<MigrationReport, MigrationError> {
-        self.publish(on_progress);
+    fn rtt(&self) -> Duration {
+        self.handle.as_ref().map_or(Duration::ZERO, Handle::rtt)
+    }
+
+    fn link(&self, measured: Option<f64>) -> Link {
+        Link {
+            rtt: self.rtt(),
+            measured,
+            initial: INITIAL_BANDWIDTH,
+            cap: self.params.max_bandwidth,
+            fixed: FIXED_SWITCHOVER,
+        }
+    }
+
+    fn run(&mut self) -> Result<MigrationReport, MigrationError> {
+        self.publish();
         self.connect()?;
         // The destination reaches our own image: send no block.
         let disk = self.ctl.disk().filter(|_| self.disk_plan == DiskPlan::Copy);
@@ -446,13 +518,19 @@ impl Source<'_> {
         if let Some(d) = &disk {
             d.dirty.take();
         }
-        let mut precopy = Precopy::new(self.ctl, self.params.downtime);
-        let mut bandwidth = INITIAL_BANDWIDTH;
+        // The handshake measured the round trip: say now if the target
+        // cannot be met on this link.
+        let mut precopy = Precopy::new(self.params.downtime, self.link(None).floor());
+        if let Some(note) = precopy.unreachable() {
+            tracing::warn!("migration to {}: {note}", self.params.to);
+            self.progress.note = Some(note);
+        }
+        let mut measured: Option<f64> = None;
         let mut round = 0u32;
         let mut secs_per_page: Option<f64> = None;
         let vm = self.ctl.vm().clone();
         self.progress.phase = "precopy".into();
-        self.publish(on_progress);
+        self.publish();
         loop {
             let t0 = Instant::now();
             self.progress.round = round;
@@ -489,7 +567,10 @@ impl Source<'_> {
             }
             let elapsed = t0.elapsed();
             if bytes >= 256 << 10 {
-                bandwidth = bandwidth.max(bytes as f64 / elapsed.as_secs_f64());
+                // The round's data drained in its time minus the ack's trip.
+                let drain = elapsed.saturating_sub(self.rtt()).max(elapsed / 4);
+                let rate = bytes as f64 / drain.as_secs_f64();
+                measured = Some(measured.map_or(rate, |m: f64| m.max(rate)));
             }
             // What the guest dirtied meanwhile.
             self.ctl
@@ -511,30 +592,42 @@ impl Source<'_> {
                 let p = elapsed.as_secs_f64() / sent.pages as f64;
                 secs_per_page = Some(secs_per_page.map_or(p, |q: f64| q.min(p)));
             }
-            let rtt = self.handle.as_ref().map_or(Duration::ZERO, Handle::rtt);
-            let pages_time = (dirty as f64 * avg_page / bandwidth)
-                .max(dirty as f64 * secs_per_page.unwrap_or(0.0));
-            let transfer = pages_time + (dirty_blocks * DIRTY_BLOCK_SIZE) as f64 / bandwidth;
-            let estimate = Duration::from_secs_f64(transfer) + rtt + FIXED_SWITCHOVER;
+            let link = self.link(measured);
+            let to_send = dirty as f64 * avg_page + (dirty_blocks * DIRTY_BLOCK_SIZE) as f64;
+            let estimate = link.estimate(to_send, dirty as f64 * secs_per_page.unwrap_or(0.0));
             tracing::debug!(
-                "round {round}: {} pages ({} sent) {} bytes in {:?}; {dirty} dirty now, estimate {:?}",
+                "round {round}: {} pages ({} sent) {} bytes in {:?}; {dirty} dirty now, estimate {:?} (rtt {:?}, {:.0} B/s)",
                 gpas.len(),
                 sent.pages,
                 bytes,
                 elapsed,
-                estimate
+                estimate,
+                link.rtt,
+                link.rate()
             );
             self.progress.dirty_pages = dirty;
             self.progress.dirty_rate = dirty as f64 / elapsed.as_secs_f64().max(1e-6);
-            self.progress.bandwidth = bandwidth;
+            self.progress.bandwidth = link.rate();
             self.progress.estimated_downtime_ms = ms(estimate);
-            self.publish(on_progress);
             round += 1;
             let prev_dirty = precopy.prev_dirty();
             let shrinking = prev_dirty != u64::MAX && dirty * SHRINK <= prev_dirty
                 || round == 1 && dirty * SHRINK <= gpas.len() as u64;
-            if precopy.end_round(&mut self.progress, round, dirty, estimate, shrinking) {
-                break;
+            let next = precopy.end_round(
+                &mut self.progress,
+                round,
+                dirty + dirty_blocks,
+                estimate,
+                shrinking,
+            );
+            self.publish();
+            match next {
+                Next::Switch => break,
+                Next::Round { throttle } => {
+                    if let Some(pct) = throttle {
+                        self.ctl.set_throttle(pct);
+                    }
+                }
             }
         }
         if precopy.gave_up() {
@@ -545,14 +638,23 @@ impl Source<'_> {
         self.report.rounds = round;
         self.report.converged = precopy.converged();
         self.report.max_throttle_pct = precopy.max_throttle_pct();
+        self.report.target_ms = ms(precopy.target());
+        self.report.note = self.progress.note.clone();
 
         // Stop-and-copy.
         self.progress.phase = "switchover".into();
-        self.publish(on_progress);
+        self.publish();
         let frozen = self.ctl.freeze().map_err(|e| match e {
             ControlError::Ended => MigrationError::VmEnded,
             ControlError::Busy => MigrationError::Busy,
+            ControlError::NotMigrating => MigrationError::Protocol(e.to_string()),
         })?;
+        // Frozen: from here on, finishing fast is all that matters.
+        self.cancellable = false;
+        self.capped = false;
+        self.ctl.set_throttle(0);
+        self.report.throttled_ms = ms(self.throttled());
+        self.report.paused = frozen.paused;
         let t_frozen = Instant::now();
         let gpas = self.take_dirty()?;
         let t_taken = Instant::now();
@@ -582,7 +684,12 @@ impl Source<'_> {
             .map_err(|e| MigrationError::Protocol(e.to_string()))?;
         let n = state.len();
         self.send(&Message::DeviceState(state), n)?;
-        self.send(&Message::SwitchoverReady, 1)?;
+        self.send(
+            &Message::SwitchoverReady {
+                paused: frozen.paused,
+            },
+            1,
+        )?;
         match self.recv(CONFIRM_TIMEOUT)? {
             Message::Running => {}
             other => {
@@ -591,17 +698,20 @@ impl Source<'_> {
                 )))
             }
         }
-        let downtime = frozen.at.elapsed();
-        tracing::debug!("confirmed after {downtime:?}");
+        let confirmed = frozen.at.elapsed();
+        // The guest started there one trip before its confirmation got here.
+        let downtime = confirmed.saturating_sub(self.rtt() / 2);
+        tracing::debug!("confirmed after {confirmed:?}; downtime {downtime:?}");
         let (tx, rx) = self.wire_bytes();
         self.report.total_ms = ms(self.start.elapsed());
         self.report.downtime_ms = ms(downtime);
+        self.report.confirmed_ms = ms(confirmed);
         self.report.bytes_on_wire = tx;
         self.report.bytes_received = rx;
         self.report.pages_sent = self.progress.pages_sent;
         self.report.disk_bytes_sent = self.progress.disk_bytes_sent;
         self.progress.phase = "done".into();
-        self.publish(on_progress);
+        self.publish();
         // The destination runs the guest; say goodbye in order (it waits
         // for our close to know we got its confirmation).
         if let Some(conn) = self.conn.take() {

@@ -43,6 +43,10 @@ pub struct ReceiveOptions {
     /// Or: the directory for the VM's disk, under the source image's file
     /// name (checked; an existing file is never replaced).
     pub disk_dir: Option<PathBuf>,
+    /// The received VM gets a control socket, so a VM paused by its
+    /// operator can arrive paused (and be resumed there). Without one a
+    /// paused VM is refused at the switchover: it stays on the source.
+    pub control_socket: bool,
 }
 
 /// A VM received and restored, about to run.
@@ -54,6 +58,8 @@ pub struct Received {
     pub from: String,
     /// Pre-copy rounds the source made.
     pub rounds: u32,
+    /// The VM was paused on the source and must stay paused here.
+    pub paused: bool,
     /// Waits (bounded) until the source has closed the connection, i.e. has
     /// seen our `Running`; join before the process ends.
     pub goodbye: std::thread::JoinHandle<()>,
@@ -152,8 +158,8 @@ fn receive_one(
     // Dropped on any failure below: the destination's files go back to how
     // they were.
     let mut disk = disk;
-    match transfer(&mut conn, incoming, &mut disk, serial_out) {
-        Ok((machine, state, rounds)) => {
+    match transfer(&mut conn, incoming, &mut disk, opts, serial_out) {
+        Ok((machine, state, rounds, paused)) => {
             conn.send_msg(&Message::Running)?;
             if let Some(d) = disk {
                 d.keep();
@@ -171,6 +177,7 @@ fn receive_one(
                 virtual_ns: state.virtual_ns,
                 from,
                 rounds,
+                paused,
                 goodbye,
             })
         }
@@ -227,8 +234,9 @@ fn transfer(
     conn: &mut BlockingConnection,
     incoming: Incoming,
     disk: &mut Option<DestDisk>,
+    opts: &ReceiveOptions,
     serial_out: &mut dyn FnMut() -> Box<dyn std::io::Write + Send>,
-) -> Result<(Machine, MachineState, u32), TransferError> {
+) -> Result<(Machine, MachineState, u32, bool), TransferError> {
     let mut page = vec![0u8; PAGE_SIZE];
     let zero = vec![0u8; PAGE_SIZE];
     let layout = memory::layout(incoming.memory());
@@ -299,7 +307,13 @@ fn transfer(
                         TransferError::Local(format!("malformed machine state: {e}"))
                     })?);
             }
-            Message::SwitchoverReady => {
+            Message::SwitchoverReady { paused } => {
+                if paused && !opts.control_socket {
+                    return Err(TransferError::Local(
+                        "the VM is paused and this `tandem receive` has no --api-socket to resume it"
+                            .into(),
+                    ));
+                }
                 let Some(mut state) = state else {
                     return Err(TransferError::Local(
                         "switchover without a machine state".into(),
@@ -321,7 +335,7 @@ fn transfer(
                     .finish(&state, serial_out(), disk_cfg)
                     .map_err(|e| TransferError::Local(format!("restoring the VM: {e}")))?;
                 tracing::debug!("restored in {:?}", t.elapsed());
-                return Ok((machine, state, rounds));
+                return Ok((machine, state, rounds, paused));
             }
             Message::Abort { reason } => {
                 return Err(TransferError::Remote(ReceiveError::Aborted(reason)))
