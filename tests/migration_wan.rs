@@ -265,13 +265,11 @@ fn migrate_at_150ms_rtt_with_loss_and_a_loose_target() {
 /// 75 ms one way + the last dirty set (1 MiB at most) fits 100 ms: the
 /// migration must converge, not be forced after 30 rounds.
 #[test]
-#[ignore = "needs h2-freeze's downtime estimate (one-way + transfer, not RTT + transfer)"]
 fn migrate_at_150ms_rtt() {
     migrate_across(221, WanLink::new(150.0, "0", Some("1gbit")), "100");
 }
 
 #[test]
-#[ignore = "needs h2-freeze's downtime estimate (one-way + transfer, not RTT + transfer)"]
 fn migrate_at_150ms_rtt_with_1pct_loss() {
     migrate_across(222, lossy(), "100");
 }

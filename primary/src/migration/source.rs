@@ -485,8 +485,18 @@ impl Source<'_> {
             .map_err(|e| MigrationError::Source(e.to_string()))
     }
 
+    /// The smoothed round trip (queueing included, as our bytes see it).
     fn rtt(&self) -> Duration {
         self.handle.as_ref().map_or(Duration::ZERO, Handle::rtt)
+    }
+
+    /// The smallest round trip seen: the link's own delay, without the
+    /// queueing and retransmissions that inflate the smoothed one.
+    fn min_rtt(&self) -> Duration {
+        self.handle
+            .as_ref()
+            .map_or(Duration::ZERO, |h| h.quinn().stats().path.min_rtt)
+            .min(self.rtt())
     }
 
     fn link(&self, measured: Option<f64>) -> Link {
@@ -700,7 +710,7 @@ impl Source<'_> {
         }
         let confirmed = frozen.at.elapsed();
         // The guest started there one trip before its confirmation got here.
-        let downtime = confirmed.saturating_sub(self.rtt() / 2);
+        let downtime = confirmed.saturating_sub(self.min_rtt() / 2);
         tracing::debug!("confirmed after {confirmed:?}; downtime {downtime:?}");
         let (tx, rx) = self.wire_bytes();
         self.report.total_ms = ms(self.start.elapsed());
