@@ -370,6 +370,7 @@ mod tests {
         let opts = ReceiveOptions {
             disk: Some(img.clone()),
             disk_dir: None,
+            ..Default::default()
         };
         // Committed at the switchover, then the restore fails: the old
         // file comes back.
@@ -394,6 +395,7 @@ mod tests {
         let opts = ReceiveOptions {
             disk: Some(dir.join("fresh.img")),
             disk_dir: None,
+            ..Default::default()
         };
         let d = DestDisk::prepare(&opts, &offer(4096)).unwrap();
         assert_eq!(names(&dir).len(), 2);
@@ -403,6 +405,7 @@ mod tests {
         let opts = ReceiveOptions {
             disk: Some(img.clone()),
             disk_dir: None,
+            ..Default::default()
         };
         let mut same = offer(4096);
         same.identity = DiskIdentity::of(&img).unwrap();
