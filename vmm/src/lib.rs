@@ -3,7 +3,7 @@
 //! tracking.
 //!
 //! Everything the guest can observe from the host passes through the
-//! [`inputs::Inputs`] interface at a VM exit (see `shared/DESIGN.md`,
+//! [`inputs::Inputs`] interface at a VM exit (see `docs/architecture.md`,
 //! "The determinism boundary"). Devices are deterministic state machines:
 //! their only inputs are the guest's accesses and the values handed to them
 //! by the run loop.
