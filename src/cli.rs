@@ -44,9 +44,10 @@ pub enum Command {
     Receive(ReceiveArgs),
     /// Move a running VM (`tandem run --api-socket`) to a `tandem receive`
     /// on another host, live (--to), or only its disk to another file on
-    /// this host (--disk-dest without --to). Exit status 0: the VM runs at
-    /// the destination (on the new image); 1: it failed and the VM runs on
-    /// here as before.
+    /// this host (--disk-dest without --to). Ctrl-C cancels it before the
+    /// switchover. Exit status 0: the VM runs at the destination (on the
+    /// new image); 1: it failed or was cancelled and the VM goes on here as
+    /// before (running, or paused if it was paused).
     Migrate(MigrateArgs),
     /// Where a VM with a control socket is: running, migrating, paused.
     Status(StatusArgs),
@@ -150,10 +151,14 @@ pub struct MigrateArgs {
     /// This host's private key (`NAME.key`); needed with --to.
     #[arg(long, requires = "to")]
     pub key: Option<PathBuf>,
-    /// Longest acceptable pause of the guest, in ms.
+    /// Longest acceptable pause of the guest, in ms. With --to: from its
+    /// stop here to its start there (one-way delay + the last dirty pages);
+    /// a target the link cannot meet is said up front, and the link's delay
+    /// plus this is aimed at instead.
     #[arg(long, default_value_t = 30)]
     pub downtime_ms: u64,
-    /// Cap on the sending rate, bytes per second.
+    /// Cap on the copy rate while the guest runs, bytes per second (the
+    /// final copy, with the guest stopped, is not capped).
     #[arg(long)]
     pub max_bandwidth: Option<u64>,
     /// Move the running VM's disk to this new image on this host (the VM
