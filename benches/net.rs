@@ -14,9 +14,10 @@
 //! * **mail throughput**: one SMTP session sending N messages (each
 //!   stored and flushed to the virtio-blk disk before its `250`): msgs/s.
 //! * **log bytes per received frame**: the same mail run under
-//!   `tandem record`: the log's size divided by the frames the guest
-//!   received (the log also holds timer ticks, fingerprints and sync
-//!   points: an upper bound on what a frame costs).
+//!   `tandem record`, read back with `tandem dump-log`: the bytes of the
+//!   `Input NetFrame` entries per frame (and their framing overhead), and
+//!   the whole log per received frame (which also holds timer ticks,
+//!   interrupts, output hashes, fingerprints and sync points).
 //! * **instructions per message**: the guest under QEMU TCG with
 //!   `-icount shift=0`, where its busy TSC cycles (`tsc-stats`, `XSTATS`)
 //!   count instructions: what one message costs the guest, independent of
@@ -124,8 +125,18 @@ fn measure(vmm: Vmm, dir: &Path, echo_n: usize, msgs: usize, size: usize) -> Num
     }
 }
 
-/// `tandem record` of a mail run: (log bytes, frames received).
-fn record_bytes_per_frame(dir: &Path, msgs: usize, size: usize) -> (u64, f64) {
+/// What a recorded mail run's log holds.
+struct LogUse {
+    total: u64,
+    frames: u64,
+    frame_entry_bytes: u64,
+    frame_payload_bytes: u64,
+}
+
+/// `tandem record` of a mail run, its log read back with `tandem
+/// dump-log` (one `@OFFSET entry` line each: an entry's size is the
+/// distance to the next one).
+fn record_log_use(dir: &Path, msgs: usize, size: usize) -> LogUse {
     let ns = NetNs::new("br");
     let img = disk(dir, "bench-rec.img");
     let log = dir.join("mail.log");
@@ -141,11 +152,41 @@ fn record_bytes_per_frame(dir: &Path, msgs: usize, size: usize) -> (u64, f64) {
         },
         "mail ready",
     );
-    let out = ns.client_ok(dir, &vm, &["cost", &msgs.to_string(), &size.to_string()]);
-    let (_status, _err) = vm.stop();
-    let bytes = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-    let rx_per_msg = field(&out, "rx").unwrap_or(f64::NAN);
-    (bytes, rx_per_msg * msgs as f64)
+    ns.client_ok(dir, &vm, &["rate", &msgs.to_string(), &size.to_string()]);
+    vm.stop();
+    let total = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let dump = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["dump-log", "--log", &log_s])
+        .output()
+        .expect("tandem dump-log");
+    let text = String::from_utf8_lossy(&dump.stdout);
+    let entries: Vec<(u64, &str)> = text
+        .lines()
+        .filter_map(|l| {
+            let (off, rest) = l.strip_prefix('@')?.split_once(' ')?;
+            Some((off.parse().ok()?, rest))
+        })
+        .collect();
+    let mut u = LogUse {
+        total,
+        frames: 0,
+        frame_entry_bytes: 0,
+        frame_payload_bytes: 0,
+    };
+    for (i, (off, line)) in entries.iter().enumerate() {
+        let Some(payload) = line
+            .strip_prefix("Input {")
+            .and_then(|r| r.split_once("NetFrame(["))
+            .map(|(_, p)| p)
+        else {
+            continue;
+        };
+        let end = entries.get(i + 1).map(|e| e.0).unwrap_or(total);
+        u.frames += 1;
+        u.frame_entry_bytes += end - off;
+        u.frame_payload_bytes += payload.split(',').count() as u64;
+    }
+    u
 }
 
 fn ensure_qemu() -> bool {
@@ -200,10 +241,19 @@ fn main() {
         );
     }
 
-    match attempt(|| record_bytes_per_frame(&dir.0, msgs, size)) {
-        Ok((bytes, frames)) => println!(
-            "tandem record: {bytes} log bytes for {frames:.0} received frames: {:.0} bytes per received frame (everything in the log counted)",
-            bytes as f64 / frames
+    match attempt(|| record_log_use(&dir.0, msgs, size)) {
+        Ok(u) if u.frames > 0 => println!(
+            "tandem record: {} received frames ({:.0} bytes each on average) take {:.1} log bytes per frame ({:.1} bytes of framing over the frame); the whole log is {} bytes, {:.0} per received frame (ticks, interrupts, outputs, fingerprints, sync points included)",
+            u.frames,
+            u.frame_payload_bytes as f64 / u.frames as f64,
+            u.frame_entry_bytes as f64 / u.frames as f64,
+            (u.frame_entry_bytes - u.frame_payload_bytes) as f64 / u.frames as f64,
+            u.total,
+            u.total as f64 / u.frames as f64
+        ),
+        Ok(u) => println!(
+            "tandem record: no received frames in the log ({} bytes)",
+            u.total
         ),
         Err(e) => println!("tandem record: not measured: {e}"),
     }
