@@ -128,6 +128,8 @@ pub struct ReceiveArgs {
     /// Control socket of the received VM (status, pause, migrate on).
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub net: NetArgs,
 }
 
 #[derive(Debug, Args)]
@@ -246,6 +248,37 @@ impl std::str::FromStr for DiskArg {
     }
 }
 
+/// A `--net` value: `tap=NAME[,mac=52:54:00:xx:xx:xx]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetArg {
+    /// The TAP device (created if it does not exist).
+    pub tap: String,
+    /// The guest's MAC address (default: 52:54:00:12:34:56).
+    pub mac: Option<vmm::devices::virtio::net::MacAddr>,
+}
+
+impl std::str::FromStr for NetArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = "use tap=NAME or tap=NAME,mac=52:54:00:xx:xx:xx";
+        let mut tap = None;
+        let mut mac = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_owned()),
+                Some(("mac", v)) => mac = Some(v.parse().map_err(|e| format!("{e}"))?),
+                _ => {
+                    return Err(format!(
+                        "'{part}' in '{s}' is not a network option: {usage}"
+                    ))
+                }
+            }
+        }
+        let tap = tap.ok_or_else(|| format!("'{s}' names no TAP device: {usage}"))?;
+        Ok(NetArg { tap, mac })
+    }
+}
+
 /// What VM to build: shared by `run` and `record`.
 #[derive(Debug, Args)]
 pub struct VmArgs {
@@ -271,9 +304,22 @@ pub struct VmArgs {
     /// or `,rw` is written with an explicit `,rw` after it).
     #[arg(long)]
     pub disk: Option<DiskArg>,
+    #[command(flatten)]
+    pub net: NetArgs,
     /// Serial console: stdio, null or file:PATH.
     #[arg(long, default_value = "stdio")]
     pub serial: SerialTarget,
+}
+
+/// The NIC option, shared by every command that runs a VM.
+#[derive(Debug, Args, Clone)]
+pub struct NetArgs {
+    /// A virtio-net NIC on a TAP device: tap=NAME[,mac=52:54:00:xx:xx:xx].
+    /// A TAP that does not exist is created (and goes away when Tandem
+    /// ends); the MAC defaults to 52:54:00:12:34:56. A VM that arrives by
+    /// migration or from a snapshot keeps its own MAC.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    pub net: Option<NetArg>,
 }
 
 #[derive(Debug, Args)]
@@ -304,6 +350,8 @@ pub struct RestoreArgs {
     /// (same size): PATH or PATH,ro.
     #[arg(long)]
     pub disk: Option<DiskArg>,
+    #[command(flatten)]
+    pub net: NetArgs,
 }
 
 #[derive(Debug, Args)]

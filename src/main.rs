@@ -10,6 +10,7 @@ mod cli;
 mod commands;
 mod console;
 mod guest_image;
+mod net;
 
 use std::io::IsTerminal;
 

@@ -235,6 +235,7 @@ impl FakeSource {
                 path: PathBuf::from("/etc/passwd"),
                 read_only: false,
             }),
+            net: None,
         };
         let memory = {
             let inc = vmm::machine::Machine::prepare_incoming(&config).unwrap();

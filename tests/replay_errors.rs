@@ -26,7 +26,7 @@ fn ticks_log() -> (TempDir, PathBuf, Vec<u8>) {
     let bytes = read(&log);
     assert!(bytes.len() > 64, "log of {} bytes", bytes.len());
     assert_eq!(&bytes[..8], b"TNDMLOG\0");
-    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 1);
+    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 2);
     (dir, log, bytes)
 }
 
@@ -197,7 +197,8 @@ fn truncated_end_entry_is_not_reported_as_verified() {
 #[test]
 fn wrong_version_names_both_versions() {
     let (dir, _, bytes) = ticks_log();
-    for v in [0u32, 2, 7, u32::MAX] {
+    // 1: the format before Output entries.
+    for v in [0u32, 1, 7, u32::MAX] {
         let mut bad = bytes.clone();
         bad[8..12].copy_from_slice(&v.to_le_bytes());
         let log = dir.write(&format!("v{v}.tlog"), &bad);
@@ -205,7 +206,7 @@ fn wrong_version_names_both_versions() {
         out.assert_status(2);
         assert!(
             out.stderr.contains("version")
-                && out.stderr.contains("expected 1")
+                && out.stderr.contains("expected 2")
                 && out.stderr.contains(&format!("found {v}")),
             "version {v}\n{}",
             out.describe()

@@ -6,12 +6,15 @@
 //! every `fingerprint_interval` exits; a sync point after every kick and
 //! every `sync_interval` exits (the latter with a full state digest).
 //! Only `true`/non-empty answers of the polling calls are logged, which is
-//! what keeps an idle guest's log tiny.
+//! what keeps an idle guest's log tiny. Every output (console bytes, sent
+//! frames) is logged as a short record (kind, length, hash) at the exit
+//! that produced it, then passed to the live outputs.
 
 use std::time::Instant;
 
 use recordlog::{Entry, Fingerprint, Input, SyncPoint};
 use vmm::inputs::{Divergence, Inputs, SyncReason};
+use vmm::outputs::{Output, Outputs};
 
 /// Where entries go: a log file, an in-memory queue drained to the network.
 pub trait EntrySink: Send {
@@ -57,6 +60,8 @@ pub struct RecordStats {
     pub fingerprints: u64,
     pub sync_points: u64,
     pub sync_pages: u64,
+    pub outputs: u64,
+    pub net_frames: u64,
 }
 
 /// The recording [`Inputs`].
@@ -89,7 +94,13 @@ impl<I: Inputs, S: EntrySink> Recorder<I, S> {
             return;
         }
         match &entry {
-            Entry::Input { .. } => self.stats.inputs += 1,
+            Entry::Input { input, .. } => {
+                self.stats.inputs += 1;
+                if matches!(input, Input::NetFrame(_)) {
+                    self.stats.net_frames += 1;
+                }
+            }
+            Entry::Output { .. } => self.stats.outputs += 1,
             Entry::Interrupt { .. } => self.stats.interrupts += 1,
             Entry::Fingerprint { .. } => self.stats.fingerprints += 1,
             Entry::SyncPoint { sync, .. } => {
@@ -120,6 +131,16 @@ impl<I: Inputs, S: EntrySink> Recorder<I, S> {
     /// The sink, to finish the log.
     pub fn into_sink(self) -> S {
         self.sink
+    }
+}
+
+impl<I: Inputs, S: EntrySink> Outputs for Recorder<I, S> {
+    fn emit(&mut self, output: Output) -> Result<(), Divergence> {
+        self.log(Entry::Output {
+            exit_seq: output.exit_seq,
+            output: output.record(),
+        });
+        self.live.emit(output)
     }
 }
 
@@ -160,6 +181,15 @@ impl<I: Inputs, S: EntrySink> Inputs for Recorder<I, S> {
             input: Input::Console(bytes.clone()),
         });
         Some(bytes)
+    }
+
+    fn net_frame(&mut self, exit_seq: u64) -> Option<Vec<u8>> {
+        let frame = self.live.net_frame(exit_seq)?;
+        self.log(Entry::Input {
+            exit_seq,
+            input: Input::NetFrame(frame.clone()),
+        });
+        Some(frame)
     }
 
     fn wait_idle(&mut self, exit_seq: u64, deadline_ns: Option<u64>) -> bool {

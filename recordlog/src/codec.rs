@@ -24,6 +24,7 @@
 //! | 0x12 | `SyncPoint`              | vcpu_len:varint vcpu, dev_len:varint dev, digest[32], npages:varint, npages × (gpa:varint len:varint bytes) |
 //! | 0x13 | `Digest`                 | digest[32] |
 //! | 0x14 | `End`                    | status: zigzag varint |
+//! | 0x15 | `Output`                 | kind:u8 len:varint hash:u64le |
 //!
 //! A payload is at most [`MAX_FRAME_PAYLOAD`] bytes. A batch holds at least
 //! one inner entry and no nested batch; an `End` entry is the last entry of
@@ -34,7 +35,7 @@ use std::collections::VecDeque;
 use thiserror::Error;
 
 use crate::digest::Digest;
-use crate::entry::{Entry, Fingerprint, Input, SyncPoint};
+use crate::entry::{Entry, Fingerprint, Input, OutputKind, OutputRecord, SyncPoint};
 
 /// Largest payload of one frame (entry or batch): 256 MiB. Sync points must
 /// stay below it (take them often enough that the dirty set fits).
@@ -52,10 +53,11 @@ pub(crate) mod tag {
     pub const SYNC_POINT: u8 = 0x12;
     pub const DIGEST: u8 = 0x13;
     pub const END: u8 = 0x14;
+    pub const OUTPUT: u8 = 0x15;
     pub const BATCH: u8 = 0x7f;
 
     pub fn is_entry(t: u8) -> bool {
-        matches!(t, 0x01..=0x05 | 0x10..=0x14)
+        matches!(t, 0x01..=0x05 | 0x10..=0x15)
     }
 }
 
@@ -306,6 +308,7 @@ fn entry_tag(e: &Entry) -> u8 {
             Input::Console(_) => tag::CONSOLE,
             Input::NetFrame(_) => tag::NET_FRAME,
         },
+        Entry::Output { .. } => tag::OUTPUT,
         Entry::Interrupt { .. } => tag::INTERRUPT,
         Entry::Fingerprint { .. } => tag::FINGERPRINT,
         Entry::SyncPoint { .. } => tag::SYNC_POINT,
@@ -344,6 +347,7 @@ fn payload_len(e: &Entry, delta: u64) -> usize {
                 Input::DeadlineReached => 0,
                 Input::Console(b) | Input::NetFrame(b) => b.len(),
             },
+            Entry::Output { output, .. } => 1 + varint_len(output.len) + 8,
             Entry::Interrupt { .. } => 1,
             Entry::Fingerprint { fp, .. } => fp_len(fp),
             Entry::SyncPoint { sync, .. } => sync_len(sync),
@@ -360,6 +364,11 @@ fn put_payload(out: &mut Vec<u8>, e: &Entry, delta: u64) {
             Input::DeadlineReached => {}
             Input::Console(b) | Input::NetFrame(b) => out.extend_from_slice(b),
         },
+        Entry::Output { output, .. } => {
+            out.push(output.kind.code());
+            put_varint(out, output.len);
+            out.extend_from_slice(&output.hash.to_le_bytes());
+        }
         Entry::Interrupt { vector, .. } => out.push(*vector),
         Entry::Fingerprint { fp, .. } => {
             put_varint(out, u64::from(fp.exit_reason));
@@ -648,6 +657,23 @@ fn decode_payload<S: Sink>(
             exit_seq,
             input: Input::NetFrame(c.rest().to_vec()),
         }),
+        tag::OUTPUT => {
+            let code = c.u8()?;
+            let kind = OutputKind::from_code(code)
+                .ok_or_else(|| corrupt(format!("unknown output kind {code}")))?;
+            let len = c.varint()?;
+            let b = c.bytes(8)?;
+            let mut h = [0u8; 8];
+            h.copy_from_slice(b);
+            out.put(Entry::Output {
+                exit_seq,
+                output: OutputRecord {
+                    kind,
+                    len,
+                    hash: u64::from_le_bytes(h),
+                },
+            })
+        }
         tag::INTERRUPT => {
             let vector = c.u8()?;
             out.put(Entry::Interrupt { exit_seq, vector })
@@ -704,6 +730,7 @@ fn tag_kind(t: u8) -> &'static str {
         tag::SYNC_POINT => "sync_point",
         tag::DIGEST => "digest",
         tag::END => "end",
+        tag::OUTPUT => "output",
         _ => "unknown",
     }
 }

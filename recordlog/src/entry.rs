@@ -20,8 +20,63 @@ pub enum Input {
     DeadlineReached,
     /// Bytes that arrived on the serial console.
     Console(Vec<u8>),
-    /// A network frame arrived (future virtio-net).
+    /// A network frame arrived (virtio-net receive).
     NetFrame(Vec<u8>),
+}
+
+/// What kind of output left the VM (DESIGN.md rule 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OutputKind {
+    /// Bytes the guest wrote to its serial console.
+    Console,
+    /// An Ethernet frame the guest sent.
+    NetFrame,
+}
+
+impl OutputKind {
+    /// Its code in the log.
+    pub fn code(self) -> u8 {
+        match self {
+            OutputKind::Console => 0,
+            OutputKind::NetFrame => 1,
+        }
+    }
+
+    /// The kind with log code `c`.
+    pub fn from_code(c: u8) -> Option<Self> {
+        match c {
+            0 => Some(OutputKind::Console),
+            1 => Some(OutputKind::NetFrame),
+            _ => None,
+        }
+    }
+}
+
+/// What the log keeps of an output: its kind, length and a short hash of
+/// its bytes ([`OutputRecord::of`]), enough for a replayer to check that it
+/// produced the same output at the same exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputRecord {
+    /// Console bytes or a frame.
+    pub kind: OutputKind,
+    /// Length of the output in bytes.
+    pub len: u64,
+    /// The first 8 bytes (little endian) of the BLAKE3 hash of the bytes.
+    pub hash: u64,
+}
+
+impl OutputRecord {
+    /// The record of output `bytes` of `kind`.
+    pub fn of(kind: OutputKind, bytes: &[u8]) -> Self {
+        let h = blake3::hash(bytes);
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h.as_bytes()[..8]);
+        OutputRecord {
+            kind,
+            len: bytes.len() as u64,
+            hash: u64::from_le_bytes(b),
+        }
+    }
 }
 
 /// A cheap check of the vCPU, logged every N exits (DESIGN.md rule 5).
@@ -63,6 +118,14 @@ pub enum Entry {
         exit_seq: u64,
         /// The value.
         input: Input,
+    },
+    /// An output (console bytes, a sent frame) produced at `exit_seq`: only
+    /// its record, the bytes themselves left the VM.
+    Output {
+        /// The exit that produced it.
+        exit_seq: u64,
+        /// Kind, length, hash.
+        output: OutputRecord,
     },
     /// An interrupt injected (`KVM_INTERRUPT`) at `exit_seq`.
     Interrupt {
@@ -106,6 +169,7 @@ impl Entry {
     pub fn exit_seq(&self) -> u64 {
         match *self {
             Entry::Input { exit_seq, .. }
+            | Entry::Output { exit_seq, .. }
             | Entry::Interrupt { exit_seq, .. }
             | Entry::Fingerprint { exit_seq, .. }
             | Entry::SyncPoint { exit_seq, .. }
@@ -123,6 +187,10 @@ impl Entry {
                 Input::DeadlineReached => "input.deadline_reached",
                 Input::Console(_) => "input.console",
                 Input::NetFrame(_) => "input.net_frame",
+            },
+            Entry::Output { output, .. } => match output.kind {
+                OutputKind::Console => "output.console",
+                OutputKind::NetFrame => "output.net_frame",
             },
             Entry::Interrupt { .. } => "interrupt",
             Entry::Fingerprint { .. } => "fingerprint",

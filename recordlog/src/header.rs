@@ -21,7 +21,9 @@ use crate::codec::{put_varint, CodecError, Cursor};
 use crate::digest::Digest;
 
 /// The version this crate writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added `Output` entries (0x15); version-1 logs are refused: a
+/// replay of one would miss every output check.
+pub const FORMAT_VERSION: u32 = 2;
 /// First 8 bytes of every log.
 pub const MAGIC: [u8; 8] = *b"TNDMLOG\0";
 /// Largest accepted header body (the VM configuration is small).
@@ -258,19 +260,19 @@ mod tests {
         assert_eq!(
             e,
             HeaderError::UnsupportedVersion {
-                expected: 1,
+                expected: 2,
                 found: 7
             }
         );
         assert_eq!(
             e.to_string(),
-            "unsupported log format version: expected 1, found 7"
+            "unsupported log format version: expected 2, found 7"
         );
         let mut h = snap();
-        h.format_version = 2;
+        h.format_version = 1;
         assert!(matches!(
             h.encode(),
-            Err(HeaderError::UnsupportedVersion { found: 2, .. })
+            Err(HeaderError::UnsupportedVersion { found: 1, .. })
         ));
     }
 }

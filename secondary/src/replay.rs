@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use recordlog::{Entry, Fingerprint, Input, ReadError, SyncPoint};
 use vmm::inputs::{Divergence, Inputs};
+use vmm::outputs::{Output, OutputKind, Outputs};
 use vmm::sync::{SyncError, SyncPointCheck};
 
 /// Where entries come from.
@@ -101,6 +102,15 @@ pub struct Replayer<S: EntrySource> {
     last_wall: u64,
     /// Entries consumed.
     pub entries: u64,
+    /// Outputs checked against the log.
+    pub outputs_checked: u64,
+    /// Frames the replay sent (checked, then dropped).
+    pub frames_replayed: u64,
+    /// Frames received from the log.
+    pub frames_received: u64,
+    /// Where the console output of the replay goes (the replayed guest's
+    /// console, for comparison with the recorded one).
+    console: Option<Box<dyn std::io::Write + Send>>,
 }
 
 impl<S: EntrySource> Replayer<S> {
@@ -123,7 +133,17 @@ impl<S: EntrySource> Replayer<S> {
             last_clock: 0,
             last_wall: 0,
             entries: 0,
+            outputs_checked: 0,
+            frames_replayed: 0,
+            frames_received: 0,
+            console: None,
         }
+    }
+
+    /// Write the replayed console output to `out` (after checking it).
+    pub fn with_console(mut self, out: Box<dyn std::io::Write + Send>) -> Self {
+        self.console = Some(out);
+        self
     }
 
     /// How the log ended (so far).
@@ -249,6 +269,55 @@ fn truncate(mut s: String) -> String {
     s
 }
 
+impl<S: EntrySource> Outputs for Replayer<S> {
+    /// Check the output against the record logged at its exit, then drop
+    /// it (console bytes go to the replay's console, if it has one).
+    fn emit(&mut self, output: Output) -> Result<(), Divergence> {
+        let exit_seq = output.exit_seq;
+        let mine = output.record();
+        match self.take_if(exit_seq, |e| matches!(e, Entry::Output { .. })) {
+            Some(Entry::Output { output: logged, .. }) if logged == mine => {}
+            Some(Entry::Output { output: logged, .. }) => {
+                return Err(Divergence {
+                    exit_seq,
+                    expected: format!("output {logged:x?}"),
+                    found: format!("output {mine:x?} ({})", preview(&output)),
+                })
+            }
+            _ => {
+                self.diverge(
+                    exit_seq,
+                    format!(
+                        "no output (replay produced {mine:x?}: {})",
+                        preview(&output)
+                    ),
+                );
+                if let Some(d) = self.divergence.take() {
+                    return Err(d);
+                }
+            }
+        }
+        self.outputs_checked += 1;
+        match output.kind {
+            OutputKind::Console => {
+                if let Some(c) = &mut self.console {
+                    let _ = c.write_all(&output.bytes);
+                }
+            }
+            OutputKind::NetFrame => self.frames_replayed += 1,
+        }
+        Ok(())
+    }
+}
+
+/// The start of an output, for divergence messages.
+fn preview(o: &Output) -> String {
+    match o.kind {
+        OutputKind::Console => truncate(format!("{:?}", String::from_utf8_lossy(&o.bytes))),
+        OutputKind::NetFrame => format!("{}-byte frame", o.bytes.len()),
+    }
+}
+
 impl<S: EntrySource> Inputs for Replayer<S> {
     fn clock_ns(&mut self, exit_seq: u64) -> u64 {
         match self.take_if(exit_seq, |e| {
@@ -325,6 +394,27 @@ impl<S: EntrySource> Inputs for Replayer<S> {
                 input: Input::Console(b),
                 ..
             }) => Some(b),
+            _ => None,
+        }
+    }
+
+    fn net_frame(&mut self, exit_seq: u64) -> Option<Vec<u8>> {
+        match self.take_if(exit_seq, |e| {
+            matches!(
+                e,
+                Entry::Input {
+                    input: Input::NetFrame(_),
+                    ..
+                }
+            )
+        }) {
+            Some(Entry::Input {
+                input: Input::NetFrame(f),
+                ..
+            }) => {
+                self.frames_received += 1;
+                Some(f)
+            }
             _ => None,
         }
     }

@@ -3,13 +3,12 @@
 use std::time::Duration;
 
 use secondary::migration::{listen, receive as accept_vm, ReceiveOptions};
-use vmm::inputs::LiveInputs;
 use vmm::run::RunLimits;
 
 use super::run::outcome_status;
 use super::CmdError;
 use crate::cli::ReceiveArgs;
-use crate::console;
+use crate::{console, net};
 
 pub fn receive(args: ReceiveArgs) -> Result<i32, CmdError> {
     let c = &args.creds;
@@ -25,26 +24,21 @@ pub fn receive(args: ReceiveArgs) -> Result<i32, CmdError> {
     let addr = listener
         .local_addr()
         .map_err(|e| CmdError::Internal(e.to_string()))?;
+    let host_net = net::open(args.net.net.as_ref())?;
     eprintln!("tandem: waiting for a VM on {addr}");
     let console = console::open(&args.serial)?;
-    let mut first = Some(console.out);
-    let serial = args.serial.clone();
-    let serial_out = move || -> Box<dyn std::io::Write + Send> {
-        first.take().unwrap_or_else(|| {
-            console::open(&serial)
-                .map(|c| c.out)
-                .unwrap_or_else(|_| Box::new(std::io::sink()))
-        })
-    };
     let opts = ReceiveOptions {
         disk: args.disk.clone(),
         disk_dir: args.disk_dir.clone(),
         control_socket: args.api_socket.is_some(),
+        net: host_net.as_ref().map(|n| n.tx.clone()),
     };
-    let received =
-        accept_vm(&listener, &opts, serial_out).map_err(|e| CmdError::Internal(e.to_string()))?;
+    let received = accept_vm(&listener, &opts).map_err(|e| CmdError::Internal(e.to_string()))?;
     let mut machine = received.machine;
-    let mut inputs = LiveInputs::new(received.virtual_ns, console.input);
+    if machine.devices.net.is_none() {
+        net::check_restored(&machine, host_net.as_ref());
+    }
+    let mut inputs = net::live_inputs(received.virtual_ns, console, host_net.as_ref());
     let what = match (&args.api_socket, received.paused) {
         // Only with a control socket may a VM arrive paused.
         (Some(sock), true) => format!(

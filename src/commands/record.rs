@@ -6,26 +6,28 @@ use std::time::{Duration, Instant};
 
 use primary::record::{RecordOptions, Recorder};
 use recordlog::{Entry, Header, InitialState, LogWriter};
-use vmm::inputs::{Inputs, LiveInputs};
+use vmm::inputs::Inputs;
 use vmm::machine::LogConfig;
 use vmm::run::RunLimits;
 
 use super::run::{boot, disk_config, outcome_status, restore_machine, vm_config};
 use super::CmdError;
 use crate::cli::RecordArgs;
-use crate::console;
+use crate::{console, net};
 
 pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
     let started = Instant::now();
+    let host_net = net::open(args.vm.net.net.as_ref())?;
     let console = console::open(&args.vm.serial)?;
     let (mut machine, initial, base_ns) = match &args.from_snapshot {
         None => {
-            let config = vm_config(&args.vm)?;
-            (boot(&config, console.out)?, InitialState::Boot, 0)
+            let config = vm_config(&args.vm, host_net.as_ref())?;
+            (boot(&config)?, InitialState::Boot, 0)
         }
         Some(path) => {
             let disk = disk_config(args.vm.disk.as_ref())?;
-            let (mut m, snap) = restore_machine(path, console.out, disk)?;
+            let (mut m, snap) = restore_machine(path, disk)?;
+            net::check_restored(&m, host_net.as_ref());
             let digest = m.digest().map_err(|e| CmdError::Internal(e.to_string()))?;
             let initial = InitialState::Snapshot {
                 digest,
@@ -58,7 +60,7 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
             digest,
         })
         .map_err(|e| CmdError::Internal(e.to_string()))?;
-    let live = LiveInputs::new(base_ns, console.input)
+    let live = net::live_inputs(base_ns, console, host_net.as_ref())
         .with_kick_grace(Duration::from_micros(args.kick_grace_us));
     let opts = RecordOptions {
         fingerprint_interval: args.fingerprint_interval,
@@ -70,6 +72,7 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
         ..Default::default()
     };
     let result = machine.run(&mut recorder, limits);
+    net::report(&machine, recorder.live_mut().net_frames_dropped());
     let outcome = match result {
         Ok(o) => o,
         Err(e) => {
@@ -93,13 +96,15 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
     let elapsed = started.elapsed().as_secs_f64();
     let bytes = std::fs::metadata(&args.log).map(|m| m.len()).unwrap_or(0);
     eprintln!(
-        "tandem: recorded {} exits in {elapsed:.2} s to {}: {} bytes ({:.0} bit/s, {:.2} bytes/exit), {} inputs, {} interrupts, {} fingerprints, {} sync points ({} pages), {} kicks",
+        "tandem: recorded {} exits in {elapsed:.2} s to {}: {} bytes ({:.0} bit/s, {:.2} bytes/exit), {} inputs ({} network frames), {} outputs, {} interrupts, {} fingerprints, {} sync points ({} pages), {} kicks",
         seq - start,
         args.log.display(),
         bytes,
         bytes as f64 * 8.0 / elapsed.max(1e-9),
         bytes as f64 / (seq - start).max(1) as f64,
         stats.inputs,
+        stats.net_frames,
+        stats.outputs,
         stats.interrupts,
         stats.fingerprints,
         stats.sync_points,

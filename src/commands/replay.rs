@@ -50,11 +50,11 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
             if disk.is_some() {
                 vm.disk = disk;
             }
-            boot(&vm, out)?
+            boot(&vm)?
         }
         InitialState::Snapshot { digest, path_hint } => {
             let path = args.snapshot.clone().unwrap_or_else(|| path_hint.into());
-            let (mut m, _) = restore_machine(&path, out, disk)?;
+            let (mut m, _) = restore_machine(&path, disk)?;
             let own = m.digest().map_err(|e| CmdError::Internal(e.to_string()))?;
             if own != *digest {
                 return Err(CmdError::Input(format!(
@@ -71,7 +71,8 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
         .enable_sync_points(true)
         .map_err(|e| CmdError::Internal(e.to_string()))?;
     let check = SyncPointCheck::new(&machine.vm.memory);
-    let mut replayer = Replayer::new(source, config.fingerprint_interval, args.repair, check);
+    let mut replayer = Replayer::new(source, config.fingerprint_interval, args.repair, check)
+        .with_console(out);
     check_initial_digest(&mut machine, &mut replayer)?;
     let started = Instant::now();
     let start = machine.exit_seq;

@@ -4,13 +4,14 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 
-use vmm::inputs::{Inputs, LiveInputs};
+use vmm::inputs::Inputs;
 use vmm::machine::{DiskConfig, Machine, MachineError, VmConfig};
 use vmm::run::{RunLimits, RunOutcome};
 use vmm::snapshot;
 
 use super::CmdError;
 use crate::cli::{DiskArg, RestoreArgs, RunArgs, VmArgs};
+use crate::net::{self, HostNet};
 use crate::{console, guest_image};
 
 /// The kernel image to load: a user's file or the built-in guest held in
@@ -113,8 +114,9 @@ pub fn outcome_status(outcome: RunOutcome) -> i32 {
     }
 }
 
-/// The VM configuration the options describe (checked inputs).
-pub fn vm_config(args: &VmArgs) -> Result<VmConfig, CmdError> {
+/// The VM configuration the options describe (checked inputs); `net` is
+/// the NIC `--net` opened.
+pub fn vm_config(args: &VmArgs, net: Option<&HostNet>) -> Result<VmConfig, CmdError> {
     if let Some(initrd) = &args.initrd {
         if !initrd.is_file() {
             return Err(CmdError::Input(format!(
@@ -133,29 +135,37 @@ pub fn vm_config(args: &VmArgs) -> Result<VmConfig, CmdError> {
             vmm::loader::layout::VIRTIO_BLK_IRQ
         ));
     }
+    let net_base = format!("@{:#x}", vmm::loader::layout::VIRTIO_NET_MMIO_BASE);
+    if args.kernel.is_some() && net.is_some() && !cmdline.contains(&net_base) {
+        // And where the NIC is.
+        cmdline.push_str(&format!(
+            " virtio_mmio.device=4K{net_base}:{}",
+            vmm::loader::layout::VIRTIO_NET_IRQ
+        ));
+    }
     Ok(VmConfig {
         mem_mib: args.mem_mib,
         kernel: args.kernel.clone(),
         cmdline: cmdline.trim().to_string(),
         initrd: args.initrd.clone(),
         disk,
+        net: net.map(HostNet::config),
     })
 }
 
-/// Boot the VM `config` describes, its console going to `out`.
-pub fn boot(config: &VmConfig, out: Box<dyn Write + Send>) -> Result<Machine, CmdError> {
+/// Boot the VM `config` describes.
+pub fn boot(config: &VmConfig) -> Result<Machine, CmdError> {
     let kernel = KernelImage::resolve(config.kernel.as_ref())?;
-    Machine::boot(config, &kernel.path, out).map_err(machine_error)
+    Machine::boot(config, &kernel.path).map_err(machine_error)
 }
 
 /// Read a snapshot and build its machine (`disk` overrides the saved one).
 pub fn restore_machine(
     path: &std::path::Path,
-    out: Box<dyn Write + Send>,
     disk: Option<DiskConfig>,
 ) -> Result<(Machine, snapshot::Snapshot), CmdError> {
     let snap = snapshot::read(path).map_err(|e| CmdError::Input(e.to_string()))?;
-    let machine = snap.restore(out, disk).map_err(|e| match e {
+    let machine = snap.restore(disk).map_err(|e| match e {
         snapshot::SnapshotError::Restore { source, .. } => machine_error(source),
         other => CmdError::Input(other.to_string()),
     })?;
@@ -163,10 +173,11 @@ pub fn restore_machine(
 }
 
 pub fn run(args: RunArgs) -> Result<i32, CmdError> {
-    let config = vm_config(&args.vm)?;
+    let host_net = net::open(args.vm.net.net.as_ref())?;
+    let config = vm_config(&args.vm, host_net.as_ref())?;
     let console = console::open(&args.vm.serial)?;
-    let mut machine = boot(&config, console.out)?;
-    let mut inputs = LiveInputs::new(0, console.input);
+    let mut machine = boot(&config)?;
+    let mut inputs = net::live_inputs(0, console, host_net.as_ref());
     if let Some(sock) = &args.api_socket {
         return super::migrate::run_with_api(machine, &mut inputs, sock, false);
     }
@@ -174,7 +185,9 @@ pub fn run(args: RunArgs) -> Result<i32, CmdError> {
         stop_at_exit: args.snapshot_at,
         ..Default::default()
     };
-    let outcome = machine.run(&mut inputs, limits)?;
+    let outcome = machine.run(&mut inputs, limits);
+    net::report(&machine, inputs.net_frames_dropped());
+    let outcome = outcome?;
     if let (RunOutcome::Stopped, Some(path)) = (outcome, &args.snapshot) {
         let virtual_ns = inputs.clock_ns(machine.exit_seq);
         let state = machine
@@ -200,10 +213,13 @@ pub fn run(args: RunArgs) -> Result<i32, CmdError> {
 }
 
 pub fn restore(args: RestoreArgs) -> Result<i32, CmdError> {
+    let host_net = net::open(args.net.net.as_ref())?;
     let console = console::open(&args.serial)?;
     let disk = disk_config(args.disk.as_ref())?;
-    let (mut machine, snap) = restore_machine(&args.snapshot, console.out, disk)?;
-    let mut inputs = LiveInputs::new(snap.state.virtual_ns, console.input);
-    let outcome = machine.run(&mut inputs, RunLimits::default())?;
-    Ok(outcome_status(outcome))
+    let (mut machine, snap) = restore_machine(&args.snapshot, disk)?;
+    net::check_restored(&machine, host_net.as_ref());
+    let mut inputs = net::live_inputs(snap.state.virtual_ns, console, host_net.as_ref());
+    let outcome = machine.run(&mut inputs, RunLimits::default());
+    net::report(&machine, inputs.net_frames_dropped());
+    Ok(outcome_status(outcome?))
 }

@@ -6,16 +6,23 @@
 //! host; a recorder wraps it and logs `(exit_seq, value)`; a replayer returns
 //! the logged value for the same `exit_seq`. Device models never read the
 //! host themselves.
+//!
+//! Every `Inputs` is also the VM's [`Outputs`] (the other direction of the
+//! same boundary): the object that knows how an input is obtained (live,
+//! from the log) also knows what to do with an output (send it, log its
+//! hash, check it against the log).
 
 use std::io::Read;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::Receiver;
 
+use crate::devices::virtio::net::tap::TapReceiver;
+use crate::outputs::{LiveOutputs, Output, Outputs};
 pub use recordlog::{Fingerprint, Input, SyncPoint};
 
 /// Host-to-guest values, requested by the run loop and the devices at exits.
-pub trait Inputs: Send {
+pub trait Inputs: Outputs + Send {
     /// Virtual monotonic time in ns (PIT counter reads, port 0x61).
     fn clock_ns(&mut self, exit_seq: u64) -> u64;
     /// Wall-clock time in ns since the Unix epoch (RTC reads).
@@ -25,8 +32,14 @@ pub trait Inputs: Send {
     fn deadline_reached(&mut self, exit_seq: u64, deadline_ns: u64) -> bool;
     /// Bytes that arrived on the serial console since the last call.
     fn console_input(&mut self, exit_seq: u64) -> Option<Vec<u8>>;
+    /// The next network frame that arrived, if any. Asked only while the
+    /// guest's NIC has a receive buffer posted (a deterministic condition),
+    /// at most `MAX_RX_PER_EXIT` times per exit.
+    fn net_frame(&mut self, _exit_seq: u64) -> Option<Vec<u8>> {
+        None
+    }
     /// The guest halted with nothing pending: wait until `deadline_ns`
-    /// (virtual) or until input may have arrived. Live only; a replayer
+    /// (virtual) or until input (console bytes, a frame) may have arrived. Live only; a replayer
     /// returns at once because its inputs come from the log.
     /// Returns `false` when nothing can ever wake the guest again.
     fn wait_idle(&mut self, exit_seq: u64, deadline_ns: Option<u64>) -> bool;
@@ -137,6 +150,12 @@ pub struct LiveInputs {
     /// Bytes that arrived while waiting in `wait_idle`, handed to the guest
     /// at the next `console_input`.
     pending: Vec<u8>,
+    /// Frames from the TAP's reader thread.
+    net: Option<TapReceiver>,
+    /// A frame that arrived while waiting in `wait_idle` (at most one: a
+    /// guest without receive buffers is not woken by further frames).
+    pending_frame: Option<Vec<u8>>,
+    outputs: Box<dyn Outputs>,
     /// How long after a timer deadline a vCPU that has not exited is kicked.
     kick_grace: Duration,
 }
@@ -150,8 +169,31 @@ impl LiveInputs {
             base_ns,
             console,
             pending: Vec::new(),
+            net: None,
+            pending_frame: None,
+            outputs: Box::new(LiveOutputs::discard()),
             kick_grace: Duration::ZERO,
         }
+    }
+
+    /// Send the VM's outputs to `outputs` (default: discarded).
+    pub fn with_outputs(mut self, outputs: Box<dyn Outputs>) -> Self {
+        self.outputs = outputs;
+        self
+    }
+
+    /// Take received frames from `net` (a TAP's reader thread).
+    pub fn with_net(mut self, net: Option<TapReceiver>) -> Self {
+        self.net = net;
+        self
+    }
+
+    /// Frames the host dropped before the guest could take them (queue
+    /// full), so far.
+    pub fn net_frames_dropped(&self) -> u64 {
+        self.net
+            .as_ref()
+            .map_or(0, |n| n.dropped.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Kick a vCPU that has not exited only `grace` after a deadline, so
@@ -190,6 +232,12 @@ impl LiveInputs {
     }
 }
 
+impl Outputs for LiveInputs {
+    fn emit(&mut self, output: Output) -> Result<(), Divergence> {
+        self.outputs.emit(output)
+    }
+}
+
 impl Inputs for LiveInputs {
     fn clock_ns(&mut self, _exit_seq: u64) -> u64 {
         self.now_ns()
@@ -218,35 +266,58 @@ impl Inputs for LiveInputs {
         (!out.is_empty()).then_some(out)
     }
 
+    fn net_frame(&mut self, _exit_seq: u64) -> Option<Vec<u8>> {
+        if let Some(f) = self.pending_frame.take() {
+            return Some(f);
+        }
+        self.net.as_ref()?.frames.try_recv().ok()
+    }
+
     fn wait_idle(&mut self, _exit_seq: u64, deadline_ns: Option<u64>) -> bool {
         let timeout = deadline_ns.map(|d| Duration::from_nanos(d.saturating_sub(self.now_ns())));
         if !self.pending.is_empty() {
             return true;
         }
-        match (&self.console, timeout) {
-            (None, None) => false,
-            (None, Some(t)) => {
-                std::thread::sleep(t);
-                true
-            }
-            (Some(rx), t) => {
-                let res = match t {
-                    Some(t) => rx.recv_timeout(t),
-                    None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                };
-                match res {
-                    Ok(bytes) => {
-                        self.pending = bytes;
-                        true
-                    }
-                    Err(RecvTimeoutError::Timeout) => true,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        self.console = None;
-                        deadline_ns.is_some()
-                    }
+        let net = match (&self.net, &self.pending_frame) {
+            (Some(n), None) => Some(n.frames.clone()),
+            _ => None,
+        };
+        if self.console.is_none() && net.is_none() {
+            return match timeout {
+                Some(t) => {
+                    std::thread::sleep(t);
+                    true
                 }
+                None => false,
+            };
+        }
+        let mut sel = crossbeam_channel::Select::new();
+        let console_i = self.console.as_ref().map(|rx| sel.recv(rx));
+        let net_i = net.as_ref().map(|rx| sel.recv(rx));
+        let op = match timeout {
+            Some(t) => match sel.select_timeout(t) {
+                Ok(op) => op,
+                Err(_) => return true,
+            },
+            None => sel.select(),
+        };
+        let i = op.index();
+        if Some(i) == console_i {
+            let rx = self.console.as_ref().expect("selected");
+            match op.recv(rx) {
+                Ok(bytes) => self.pending = bytes,
+                Err(_) => self.console = None,
+            }
+        } else if Some(i) == net_i {
+            let rx = net.as_ref().expect("selected");
+            match op.recv(rx) {
+                Ok(frame) => self.pending_frame = Some(frame),
+                Err(_) => self.net = None,
             }
         }
+        // Woken by input, or by a source closing: with a deadline or another
+        // source left, the guest can still be woken.
+        deadline_ns.is_some() || self.console.is_some() || self.net.is_some()
     }
 
     fn interrupt_injected(&mut self, _exit_seq: u64, _vector: u8) -> Result<(), Divergence> {

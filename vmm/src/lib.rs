@@ -3,7 +3,9 @@
 //! tracking.
 //!
 //! Everything the guest can observe from the host passes through the
-//! [`inputs::Inputs`] interface at a VM exit (see `docs/architecture.md`,
+//! [`inputs::Inputs`] interface at a VM exit, and everything the world sees
+//! of the guest leaves through [`outputs::Outputs`] (see
+//! `docs/architecture.md`,
 //! "The determinism boundary"). Devices are deterministic state machines:
 //! their only inputs are the guest's accesses and the values handed to them
 //! by the run loop.
@@ -13,6 +15,7 @@ pub mod dirty;
 pub mod inputs;
 pub mod loader;
 pub mod machine;
+pub mod outputs;
 pub mod persist;
 pub mod run;
 pub mod snapshot;

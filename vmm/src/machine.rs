@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::devices::virtio::block::BlockConfig;
+use crate::devices::virtio::net::MacAddr;
 use crate::devices::{Devices, DevicesError, DevicesState};
 use crate::dirty::DirtyTracker;
 use crate::loader::{self, layout, BootSource, LoaderError};
@@ -31,6 +32,17 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// The virtio-blk disk.
     pub disk: Option<DiskConfig>,
+    /// The virtio-net NIC.
+    pub net: Option<NetConfig>,
+}
+
+/// The NIC of a [`VmConfig`]: the guest's address and, for the record, the
+/// TAP it was attached to (a host resource: a replay opens none, a
+/// migration destination its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    pub mac: MacAddr,
+    pub tap: String,
 }
 
 /// A disk of a [`VmConfig`].
@@ -180,11 +192,7 @@ impl Machine {
 
     /// Build a VM and load `kernel` into it (`config.kernel` is only a
     /// label: the built-in guest is passed here as a path to a memfd).
-    pub fn boot(
-        config: &VmConfig,
-        kernel: &std::path::Path,
-        serial_out: Box<dyn std::io::Write + Send>,
-    ) -> Result<Self, MachineError> {
+    pub fn boot(config: &VmConfig, kernel: &std::path::Path) -> Result<Self, MachineError> {
         let (vm, vcpu) = Self::create(config)?;
         let entry = loader::load(
             &vm.memory,
@@ -199,8 +207,8 @@ impl Machine {
         let devices = Devices::new(
             below,
             above,
-            serial_out,
             config.disk.as_ref().map(DiskConfig::block_config),
+            config.net.as_ref().map(|n| n.mac),
         )?;
         let dirty = DirtyTracker::new(&vm.memory);
         Ok(Machine {
@@ -234,13 +242,12 @@ impl Machine {
     /// set. `disk` overrides the disk of the saved config (a moved image).
     pub fn restore(
         state: &MachineState,
-        serial_out: Box<dyn std::io::Write + Send>,
         disk: Option<DiskConfig>,
         fill_memory: impl FnOnce(&crate::GuestMemory) -> Result<(), MemoryError>,
     ) -> Result<Self, MachineError> {
         let incoming = Self::prepare_incoming(&state.config)?;
         fill_memory(incoming.memory())?;
-        incoming.finish(state, serial_out, disk)
+        incoming.finish(state, disk)
     }
 
     /// The first half of [`Machine::restore`] for a migration destination:
@@ -269,7 +276,6 @@ impl Incoming {
     pub fn finish(
         self,
         state: &MachineState,
-        serial_out: Box<dyn std::io::Write + Send>,
         disk: Option<DiskConfig>,
     ) -> Result<Machine, MachineError> {
         let mut config = state.config.clone();
@@ -280,7 +286,6 @@ impl Incoming {
         vcpu.restore(&state.vcpu)?;
         let devices = Devices::restore(
             &state.devices,
-            serial_out,
             config.disk.as_ref().map(DiskConfig::block_config),
             &vm.memory,
         )?;

@@ -3,7 +3,8 @@
 //! Order at every exit (and at the start of a run, which is "at" the exit
 //! the machine was saved or booted at):
 //! 1. stop here if asked (`stop_at_exit`), completing pending I/O first;
-//! 2. take inputs: console bytes, timer deadline (through [`Inputs`]);
+//! 2. take inputs: console bytes, network frames (while the NIC has a
+//!    receive buffer), timer deadline (through [`Inputs`]);
 //! 3. propagate device interrupt lines to the PIC;
 //! 4. inject the PIC's interrupt if the vCPU can take it, else ask for an
 //!    interrupt-window exit;
@@ -11,8 +12,13 @@
 //!    (then goes back to 2); a recorder captures a periodic one (and also
 //!    goes back to 2, so both sides make the same calls in the same order);
 //! 6. arm the kicker at the host time of the next timer deadline;
-//! 7. `KVM_RUN`; a guest-caused exit increments `exit_seq`, is handled and
-//!    every N exits fingerprinted.
+//! 7. `KVM_RUN`; a guest-caused exit increments `exit_seq`, is handled, its
+//!    outputs (console bytes, sent frames) are emitted through
+//!    [`crate::outputs::Outputs`] tagged with that `exit_seq`, and every N
+//!    exits it is fingerprinted.
+//!
+//! Console bytes still gathered when a run returns are emitted first, at
+//! the exit it returns at (see `SerialDevice::take_output`).
 //!
 //! A kick (`EINTR`) is not an exit: nothing is counted. A recorder captures
 //! a sync point right after it (DESIGN.md rule 4); the replayer meets that
@@ -26,6 +32,7 @@ use std::sync::Arc;
 use crate::devices::IoAction;
 use crate::inputs::{Divergence, Fingerprint, Inputs, SyncReason};
 use crate::machine::Machine;
+use crate::outputs::Output;
 use crate::sync::SyncError;
 use crate::throttle::{DutyCycle, Throttle};
 use crate::vstate::vcpu::VcpuError;
@@ -133,6 +140,31 @@ enum Next {
 impl Machine {
     /// Run until the guest ends, errs, or reaches a limit.
     pub fn run(
+        &mut self,
+        inputs: &mut dyn Inputs,
+        limits: RunLimits,
+    ) -> Result<RunOutcome, RunError> {
+        let outcome = self.run_inner(inputs, limits)?;
+        // Whatever the console gathered leaves now, at the exit the run
+        // stops at (both sides of a replay stop at the same exit).
+        self.emit_outputs(inputs, true)?;
+        Ok(outcome)
+    }
+
+    /// Hand the devices' outputs at the current exit to `inputs`' outputs.
+    fn emit_outputs(&mut self, inputs: &mut dyn Inputs, force: bool) -> Result<(), RunError> {
+        let exit_seq = self.exit_seq;
+        for (kind, bytes) in self.devices.take_outputs(force) {
+            inputs.emit(Output {
+                exit_seq,
+                kind,
+                bytes,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn run_inner(
         &mut self,
         inputs: &mut dyn Inputs,
         limits: RunLimits,
@@ -306,6 +338,18 @@ impl Machine {
         if let Some(bytes) = inputs.console_input(seq) {
             self.devices.serial.enqueue_input(&bytes);
         }
+        if let Some(net) = &mut self.devices.net {
+            let mem = &self.vm.memory;
+            for _ in 0..crate::devices::virtio::net::MAX_RX_PER_EXIT {
+                if !net.rx_ready(mem) {
+                    break;
+                }
+                let Some(frame) = inputs.net_frame(seq) else {
+                    break;
+                };
+                net.receive(&frame, mem);
+            }
+        }
         if let Some(d) = self.devices.pit.next_irq0_deadline() {
             if inputs.deadline_reached(seq, d) {
                 self.devices.pit.irq0_deadline_reached();
@@ -409,6 +453,9 @@ impl Machine {
                 });
             }
         };
+        // Outputs of this exit; a halting guest's console is flushed (its
+        // prompt is shown while it waits).
+        self.emit_outputs(inputs, matches!(next, Next::Halt | Next::End(_)))?;
         if let Some(n) = inputs.fingerprint_interval() {
             if n > 0 && seq.is_multiple_of(n) {
                 let fp = self.fingerprint(seq)?;

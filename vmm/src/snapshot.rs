@@ -202,14 +202,13 @@ impl Snapshot {
     /// saved disk path.
     pub fn restore(
         &self,
-        serial_out: Box<dyn Write + Send>,
         disk: Option<crate::machine::DiskConfig>,
     ) -> Result<Machine, SnapshotError> {
-        Machine::restore(&self.state, serial_out, disk, |mem| self.load_memory(mem)).map_err(
-            |source| SnapshotError::Restore {
+        Machine::restore(&self.state, disk, |mem| self.load_memory(mem)).map_err(|source| {
+            SnapshotError::Restore {
                 path: self.path.clone(),
                 source,
-            },
-        )
+            }
+        })
     }
 }

@@ -1,7 +1,9 @@
 #![allow(dead_code)]
 
 use proptest::prelude::*;
-use recordlog::{Digest, Entry, Fingerprint, Header, InitialState, Input, SyncPoint};
+use recordlog::{
+    Digest, Entry, Fingerprint, Header, InitialState, Input, OutputKind, OutputRecord, SyncPoint,
+};
 
 pub fn header() -> Header {
     Header::new(
@@ -39,6 +41,14 @@ pub fn sample_entries() -> Vec<Entry> {
         Entry::Input {
             exit_seq: 9,
             input: Input::NetFrame(vec![0xaa; 60]),
+        },
+        Entry::Output {
+            exit_seq: 9,
+            output: OutputRecord::of(OutputKind::NetFrame, &[0xbb; 60]),
+        },
+        Entry::Output {
+            exit_seq: 12,
+            output: OutputRecord::of(OutputKind::Console, b"hello\n"),
         },
         Entry::Fingerprint {
             exit_seq: 1000,
@@ -123,6 +133,19 @@ pub enum Kind {
     Fingerprint(Fingerprint),
     SyncPoint(SyncPoint),
     Digest([u8; 32]),
+    Output(OutputRecord),
+}
+
+fn output() -> impl Strategy<Value = OutputRecord> {
+    (any::<bool>(), any::<u64>(), any::<u64>()).prop_map(|(net, len, hash)| OutputRecord {
+        kind: if net {
+            OutputKind::NetFrame
+        } else {
+            OutputKind::Console
+        },
+        len,
+        hash,
+    })
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
@@ -132,6 +155,7 @@ fn kind() -> impl Strategy<Value = Kind> {
         2 => fingerprint().prop_map(Kind::Fingerprint),
         1 => sync_point().prop_map(Kind::SyncPoint),
         1 => any::<[u8; 32]>().prop_map(Kind::Digest),
+        2 => output().prop_map(Kind::Output),
     ]
 }
 
@@ -172,6 +196,10 @@ pub fn entries() -> impl Strategy<Value = Vec<Entry>> {
                     Kind::Digest(d) => Entry::Digest {
                         exit_seq: seq,
                         digest: Digest(d),
+                    },
+                    Kind::Output(output) => Entry::Output {
+                        exit_seq: seq,
+                        output,
                     },
                 });
             }

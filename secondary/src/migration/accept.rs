@@ -14,7 +14,6 @@
 //! ADDR` (and the receiver's stderr says the same). Once a VM has been
 //! received, later sources get `busy: running the VM received from ...`.
 
-use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
@@ -25,8 +24,6 @@ use super::{abort, read_header, receive_one, ReceiveError, ReceiveOptions, Recei
 
 /// Connection attempts set up at once, at most.
 pub const MAX_PENDING: usize = 128;
-
-type SerialOut = Box<dyn FnMut() -> Box<dyn Write + Send> + Send>;
 
 /// Who holds the receiver.
 struct Holder {
@@ -39,7 +36,6 @@ struct Holder {
 /// What the connection threads share.
 struct Desk {
     opts: ReceiveOptions,
-    serial_out: Mutex<SerialOut>,
     holder: Mutex<Option<Holder>>,
     /// Attempts not past their header yet.
     pending: AtomicUsize,
@@ -70,12 +66,10 @@ impl Drop for Slot {
 pub fn receive(
     listener: &BlockingListener,
     opts: &ReceiveOptions,
-    serial_out: impl FnMut() -> Box<dyn Write + Send> + Send + 'static,
 ) -> Result<Received, ReceiveError> {
     let (tx, rx) = channel();
     let desk = Arc::new(Desk {
         opts: opts.clone(),
-        serial_out: Mutex::new(Box::new(serial_out)),
         holder: Mutex::new(None),
         pending: AtomicUsize::new(0),
         done: tx,
@@ -158,8 +152,7 @@ fn serve(pending: BlockingPending, slot: Slot, desk: &Desk) {
         });
     }
     eprintln!("tandem: receiving a VM from {from}");
-    let mut out = || (desk.serial_out.lock().unwrap_or_else(|e| e.into_inner()))();
-    match receive_one(conn, &header, &desk.opts, &mut out) {
+    match receive_one(conn, &header, &desk.opts) {
         Ok(r) => {
             if let Some(h) = desk.holder().as_mut() {
                 h.running = true;

@@ -17,6 +17,8 @@ use failover::channel::{
 use failover::migration::{
     check_page, decode_page, kind, Accepted, DiskPlan, Header, MIGRATION_VERSION,
 };
+use vmm::devices::virtio::net::announce::announce;
+use vmm::devices::virtio::net::tap::TapWriter;
 use vmm::machine::{DiskConfig, Incoming, Machine, MachineState};
 use vmm::vstate::memory::{self, write_page};
 use vmm::PAGE_SIZE;
@@ -47,6 +49,9 @@ pub struct ReceiveOptions {
     /// operator can arrive paused (and be resumed there). Without one a
     /// paused VM is refused at the switchover: it stays on the source.
     pub control_socket: bool,
+    /// The TAP the received VM's NIC is attached to here: the guest's MAC
+    /// is announced from it after the switchover.
+    pub net: Option<TapWriter>,
 }
 
 /// A VM received and restored, about to run.
@@ -82,11 +87,34 @@ pub enum ReceiveError {
     Local(String),
 }
 
-/// Announce the guest's MAC address from its new host (gratuitous ARP /
-/// RARP, as QEMU's `qemu_announce_self`), so that switches learn where it
-/// went. Called right after the switchover. Tandem has no network device
-/// yet, so there is nothing to announce; the virtio-net work fills this in.
-pub fn announce_guest_mac(_machine: &Machine) {}
+/// Announce the guest's MAC address from its new host, as QEMU's
+/// announce-self does (RARP broadcasts, several rounds with growing gaps:
+/// `vmm::devices::virtio::net::announce`), so that switches learn where it
+/// went. Called right after the switchover's `Running`; the rounds (about
+/// 0.8 s) run on a thread of their own while the guest runs. The MAC is the
+/// guest's own (its saved device state), whatever the destination's `--net`
+/// says. Returns the thread, or `None` when there is nothing to announce
+/// (no NIC, or no TAP here: said on stderr).
+pub fn announce_guest_mac(
+    machine: &Machine,
+    tap: Option<&TapWriter>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let mac = machine.devices.net.as_ref()?.mac();
+    let Some(tap) = tap.cloned() else {
+        eprintln!(
+            "tandem: the VM has a network device ({mac}) but this host gave it no --net; its frames go nowhere"
+        );
+        return None;
+    };
+    std::thread::Builder::new()
+        .name("announce".into())
+        .spawn(move || {
+            if let Err(e) = announce(mac, |f| tap.send(f)) {
+                eprintln!("tandem: announcing {mac} on TAP {}: {e}", tap.name());
+            }
+        })
+        .ok()
+}
 
 pub(crate) fn abort(conn: &mut BlockingConnection, reason: &str) {
     let _ = conn.send_msg(&Message::Abort {
@@ -131,7 +159,6 @@ fn receive_one(
     mut conn: BlockingConnection,
     header: &Header,
     opts: &ReceiveOptions,
-    serial_out: &mut dyn FnMut() -> Box<dyn std::io::Write + Send>,
 ) -> Result<Received, ReceiveError> {
     let peer = conn.peer().clone();
     let from = format!("{} at {}", peer.hello.name, peer.addr);
@@ -158,13 +185,13 @@ fn receive_one(
     // Dropped on any failure below: the destination's files go back to how
     // they were.
     let mut disk = disk;
-    match transfer(&mut conn, incoming, &mut disk, opts, serial_out) {
+    match transfer(&mut conn, incoming, &mut disk, opts) {
         Ok((machine, state, rounds, paused)) => {
             conn.send_msg(&Message::Running)?;
             if let Some(d) = disk {
                 d.keep();
             }
-            announce_guest_mac(&machine);
+            announce_guest_mac(&machine, opts.net.as_ref());
             let goodbye = std::thread::Builder::new()
                 .name("migration-goodbye".into())
                 .spawn(move || {
@@ -235,7 +262,6 @@ fn transfer(
     incoming: Incoming,
     disk: &mut Option<DestDisk>,
     opts: &ReceiveOptions,
-    serial_out: &mut dyn FnMut() -> Box<dyn std::io::Write + Send>,
 ) -> Result<(Machine, MachineState, u32, bool), TransferError> {
     let mut page = vec![0u8; PAGE_SIZE];
     let zero = vec![0u8; PAGE_SIZE];
@@ -332,7 +358,7 @@ fn transfer(
                 });
                 let disk_cfg = state.config.disk.clone();
                 let machine = incoming
-                    .finish(&state, serial_out(), disk_cfg)
+                    .finish(&state, disk_cfg)
                     .map_err(|e| TransferError::Local(format!("restoring the VM: {e}")))?;
                 tracing::debug!("restored in {:?}", t.elapsed());
                 return Ok((machine, state, rounds, paused));

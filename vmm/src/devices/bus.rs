@@ -10,6 +10,7 @@
 //! | debug exit | 0xf4 | - |
 //! | 16550 UART (COM1) | 0x3f8-0x3ff | 4 |
 //! | virtio-mmio block | 0xd000_0000 + 4 KiB | 5 |
+//! | virtio-mmio net | 0xd000_1000 + 4 KiB | 6 |
 //!
 //! Unclaimed port reads return all ones, writes are ignored (as on a PC).
 
@@ -22,8 +23,12 @@ use super::legacy::pit::Pit;
 use super::legacy::rtc::Rtc;
 use super::legacy::serial::SerialDevice;
 use super::virtio::block::{BlockConfig, VirtioBlock};
+use super::virtio::net::{MacAddr, VirtioNet};
 use crate::inputs::Inputs;
-use crate::loader::layout::{VIRTIO_BLK_IRQ, VIRTIO_MMIO_BASE};
+use crate::loader::layout::{
+    VIRTIO_BLK_IRQ, VIRTIO_MMIO_BASE, VIRTIO_NET_IRQ, VIRTIO_NET_MMIO_BASE,
+};
+use crate::outputs::OutputKind;
 use crate::persist::Persist;
 use crate::GuestMemory;
 
@@ -56,6 +61,8 @@ pub enum DevicesError {
     Block(#[from] super::virtio::block::BlockError),
     #[error("restoring virtio-blk: {0}")]
     BlockRestore(#[from] super::virtio::block::PersistError),
+    #[error("restoring virtio-net: {0}")]
+    NetRestore(#[from] super::virtio::mmio::MmioError),
     #[error("restoring {device}: {reason}")]
     Restore {
         device: &'static str,
@@ -77,6 +84,7 @@ pub struct Devices {
     pub debug_exit: DebugExit,
     pub post: PostCode,
     pub block: Option<VirtioBlock>,
+    pub net: Option<VirtioNet>,
 }
 
 /// The state of every device.
@@ -89,25 +97,28 @@ pub struct DevicesState {
     pub i8042: <I8042 as Persist>::State,
     pub post: <PostCode as Persist>::State,
     pub block: Option<<VirtioBlock as Persist>::State>,
+    pub net: Option<<VirtioNet as Persist>::State>,
 }
 
 impl Devices {
-    /// A fresh device set.
+    /// A fresh device set: a disk if `disk`, a NIC with address `net` if
+    /// given.
     pub fn new(
         mem_below_4g: u64,
         mem_above_4g: u64,
-        serial_out: Box<dyn std::io::Write + Send>,
         disk: Option<BlockConfig>,
+        net: Option<MacAddr>,
     ) -> Result<Self, DevicesError> {
         Ok(Devices {
             pic: Pic::new(),
             pit: Pit::new(),
             rtc: Rtc::new(mem_below_4g, mem_above_4g),
-            serial: SerialDevice::new(serial_out),
+            serial: SerialDevice::new(),
             i8042: I8042::new(),
             debug_exit: DebugExit::new(),
             post: PostCode::default(),
             block: disk.map(VirtioBlock::new).transpose()?,
+            net: net.map(VirtioNet::new),
         })
     }
 
@@ -159,21 +170,43 @@ impl Devices {
 
     /// MMIO read; unclaimed addresses read as all ones.
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
-        match &mut self.block {
-            Some(b) if (VIRTIO_MMIO_BASE..VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE).contains(&addr) => {
-                b.mmio_read(addr - VIRTIO_MMIO_BASE, data)
-            }
+        let blk = VIRTIO_MMIO_BASE..VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE;
+        let net = VIRTIO_NET_MMIO_BASE..VIRTIO_NET_MMIO_BASE + VIRTIO_MMIO_SIZE;
+        match (&mut self.block, &mut self.net) {
+            (Some(b), _) if blk.contains(&addr) => b.mmio_read(addr - blk.start, data),
+            (_, Some(n)) if net.contains(&addr) => n.mmio_read(addr - net.start, data),
             _ => data.fill(0xff),
         }
     }
 
     /// MMIO write; unclaimed addresses are ignored.
     pub fn mmio_write(&mut self, addr: u64, data: &[u8], mem: &GuestMemory) {
-        if let Some(b) = &mut self.block {
-            if (VIRTIO_MMIO_BASE..VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE).contains(&addr) {
-                b.mmio_write(addr - VIRTIO_MMIO_BASE, data, mem);
-            }
+        let blk = VIRTIO_MMIO_BASE..VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE;
+        let net = VIRTIO_NET_MMIO_BASE..VIRTIO_NET_MMIO_BASE + VIRTIO_MMIO_SIZE;
+        match (&mut self.block, &mut self.net) {
+            (Some(b), _) if blk.contains(&addr) => b.mmio_write(addr - blk.start, data, mem),
+            (_, Some(n)) if net.contains(&addr) => n.mmio_write(addr - net.start, data, mem),
+            _ => {}
         }
+    }
+
+    /// The outputs the devices produced at this exit, in a fixed order
+    /// (console bytes, then sent frames). Console bytes are cut at their
+    /// deterministic points, or now if `force` (see
+    /// [`SerialDevice::take_output`]).
+    pub fn take_outputs(&mut self, force: bool) -> Vec<(OutputKind, Vec<u8>)> {
+        let mut out = Vec::new();
+        if let Some(bytes) = self.serial.take_output(force) {
+            out.push((OutputKind::Console, bytes));
+        }
+        if let Some(n) = &mut self.net {
+            out.extend(
+                n.take_tx_frames()
+                    .into_iter()
+                    .map(|f| (OutputKind::NetFrame, f)),
+            );
+        }
+        out
     }
 
     /// Propagate device interrupt outputs to the PIC.
@@ -184,6 +217,10 @@ impl Devices {
         if let Some(b) = &self.block {
             self.pic
                 .set_irq_level(VIRTIO_BLK_IRQ as u8, b.interrupt_level());
+        }
+        if let Some(n) = &self.net {
+            self.pic
+                .set_irq_level(VIRTIO_NET_IRQ as u8, n.interrupt_level());
         }
     }
 
@@ -197,26 +234,25 @@ impl Devices {
             i8042: self.i8042.save(),
             post: self.post.save(),
             block: self.block.as_ref().map(Persist::save),
+            net: self.net.as_ref().map(Persist::save),
         }
     }
 
     /// Overwrite every device's state in place (sync points), keeping the
-    /// host resources: the console sink and the disk image.
+    /// host resources: the disk image.
     pub fn load_state(
         &mut self,
         state: &DevicesState,
         mem: &GuestMemory,
     ) -> Result<(), DevicesError> {
-        let out = self.serial.take_output();
         let disk = self.block.as_ref().map(|b| b.config().clone());
-        *self = Devices::restore(state, out, disk, mem)?;
+        *self = Devices::restore(state, disk, mem)?;
         Ok(())
     }
 
     /// Rebuild every device from `state`.
     pub fn restore(
         state: &DevicesState,
-        serial_out: Box<dyn std::io::Write + Send>,
         disk: Option<BlockConfig>,
         mem: &GuestMemory,
     ) -> Result<Self, DevicesError> {
@@ -239,11 +275,16 @@ impl Devices {
             pic: r("PIC", Pic::restore((), &state.pic))?,
             pit: r("PIT", Pit::restore((), &state.pit))?,
             rtc: r("RTC", Rtc::restore((), &state.rtc))?,
-            serial: r("serial", SerialDevice::restore(serial_out, &state.serial))?,
+            serial: r("serial", SerialDevice::restore((), &state.serial))?,
             i8042: r("i8042", I8042::restore((), &state.i8042))?,
             debug_exit: DebugExit::new(),
             post: r("POST code", PostCode::restore((), &state.post))?,
             block,
+            net: state
+                .net
+                .as_ref()
+                .map(|s| VirtioNet::restore(mem.clone(), s))
+                .transpose()?,
         })
     }
 }

@@ -18,7 +18,8 @@
 //!                               ELF at its p_paddr — Debian's vmlinux at 16 MiB)
 //!   ...        initrd           placed at the top of low RAM, page aligned
 //! 0xc000_0000  MMIO_HOLE_START  no RAM from 3 GiB to 4 GiB: virtio-mmio devices
-//! 0xd000_0000  VIRTIO_MMIO_BASE   live here (IRQ VIRTIO_BLK_IRQ on the 8259)
+//! 0xd000_0000  VIRTIO_MMIO_BASE   live here (IRQ VIRTIO_BLK_IRQ on the 8259;
+//!                                  the NIC at VIRTIO_NET_MMIO_BASE, IRQ 6)
 //! 0x1_0000_0000 MMIO_HOLE_END   RAM beyond the first 3 GiB continues here
 //! ```
 //!
@@ -70,6 +71,10 @@ pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// 8259 IRQ line of the virtio block device.
 pub const VIRTIO_BLK_IRQ: u32 = 5;
+/// The virtio-mmio network device's window (4 KiB), right after the disk's.
+pub const VIRTIO_NET_MMIO_BASE: u64 = VIRTIO_MMIO_BASE + 0x1000;
+/// The network device's interrupt on the 8259.
+pub const VIRTIO_NET_IRQ: u32 = 6;
 
 // The layout's regions must not overlap (checked at compile time).
 const _: () = {

@@ -15,7 +15,7 @@ use super::i8042::{I8042Error, I8042};
 use super::pic::{Chip, Pic, PicError};
 use super::pit::{Channel, Pit, PitError};
 use super::rtc::{Rtc, RtcError, CMOS_SIZE};
-use super::serial::{SerialDevice, SerialError, SerialOut};
+use super::serial::{SerialDevice, SerialError};
 use crate::persist::Persist;
 
 // ---------------------------------------------------------------- PIC
@@ -309,11 +309,13 @@ pub struct SerialDeviceState {
     pub pending_input: Vec<u8>,
     /// The interrupt fired and the run loop has not taken it yet.
     pub interrupt_raised: bool,
+    /// Console output gathered and not yet emitted (≤ `OUTPUT_CHUNK`).
+    pub waiting_output: Vec<u8>,
 }
 
 impl Persist for SerialDevice {
     type State = SerialDeviceState;
-    type ConstructorArgs = SerialOut;
+    type ConstructorArgs = ();
     type Error = SerialError;
 
     fn save(&self) -> SerialDeviceState {
@@ -335,10 +337,11 @@ impl Persist for SerialDevice {
                 .interrupt_evt()
                 .0
                 .load(std::sync::atomic::Ordering::Relaxed),
+            waiting_output: self.waiting_output().to_vec(),
         }
     }
 
-    fn restore(out: SerialOut, state: &SerialDeviceState) -> Result<Self, SerialError> {
+    fn restore((): (), state: &SerialDeviceState) -> Result<Self, SerialError> {
         let s = SerialState {
             baud_divisor_low: state.baud_divisor_low,
             baud_divisor_high: state.baud_divisor_high,
@@ -351,7 +354,12 @@ impl Persist for SerialDevice {
             scratch: state.scratch,
             in_buffer: state.in_buffer.clone(),
         };
-        SerialDevice::from_parts(&s, &state.pending_input, state.interrupt_raised, out)
+        SerialDevice::from_parts(
+            &s,
+            &state.pending_input,
+            state.interrupt_raised,
+            &state.waiting_output,
+        )
     }
 }
 
@@ -446,7 +454,6 @@ impl Persist for PostCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::legacy::serial::tests::SharedSink;
 
     fn bytes<T: Serialize>(v: &T) -> Vec<u8> {
         postcard::to_allocvec(v).unwrap()
@@ -618,7 +625,7 @@ mod tests {
 
     #[test]
     fn serial_roundtrip_and_same_behaviour() {
-        let mut a = SerialDevice::new(Box::new(std::io::sink()));
+        let mut a = SerialDevice::new();
         a.write(1, 0x03);
         a.write(7, 0x5a);
         let input: Vec<u8> = (0..100u8).collect();
@@ -628,11 +635,11 @@ mod tests {
         assert_eq!(s1.in_buffer.len(), 63);
         assert_eq!(s1.pending_input.len(), 36);
         assert!(s1.interrupt_raised);
+        a.write(0, b'o');
+        let s1 = a.save();
+        assert_eq!(s1.waiting_output, b"o");
         let enc = bytes(&s1);
-        let sink = SharedSink::default();
-        let mut b =
-            SerialDevice::restore(Box::new(sink.clone()), &postcard::from_bytes(&enc).unwrap())
-                .unwrap();
+        let mut b = SerialDevice::restore((), &postcard::from_bytes(&enc).unwrap()).unwrap();
         assert_eq!(bytes(&b.save()), enc);
         assert_eq!(a.take_interrupt(), b.take_interrupt());
         let mut ra = Vec::new();
@@ -646,23 +653,27 @@ mod tests {
         assert_eq!(ra, rb);
         assert_eq!(ra, input[1..].to_vec());
         b.write(0, b'k');
-        assert_eq!(&*sink.0.lock().unwrap(), b"k");
+        assert_eq!(b.take_output(true).as_deref(), Some(&b"ok"[..]));
         a.write(0, b'k');
+        a.take_output(true);
         assert_eq!(a.save(), b.save());
     }
 
     #[test]
     fn serial_restore_rejects_corruption() {
-        let good = SerialDevice::new(Box::new(std::io::sink())).save();
+        let good = SerialDevice::new().save();
         let mut s = good.clone();
         s.in_buffer = vec![0; 65];
-        assert!(SerialDevice::restore(Box::new(std::io::sink()), &s).is_err());
+        assert!(SerialDevice::restore((), &s).is_err());
         let mut s = good.clone();
         s.interrupt_enable = 0xff;
-        assert!(SerialDevice::restore(Box::new(std::io::sink()), &s).is_err());
-        let mut s = good;
+        assert!(SerialDevice::restore((), &s).is_err());
+        let mut s = good.clone();
         s.pending_input = vec![0; crate::devices::legacy::serial::MAX_PENDING_INPUT + 1];
-        assert!(SerialDevice::restore(Box::new(std::io::sink()), &s).is_err());
+        assert!(SerialDevice::restore((), &s).is_err());
+        let mut s = good;
+        s.waiting_output = vec![0; crate::devices::legacy::serial::OUTPUT_CHUNK + 1];
+        assert!(SerialDevice::restore((), &s).is_err());
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! 16550A UART at 0x3f8 (COM1, IRQ 4), wrapping `vm_superio::Serial`.
 //!
-//! * Output: bytes the guest writes to THR go to the output sink. Sink
-//!   errors are logged and otherwise ignored: they never change the
-//!   device's state, so the primary (real sink) and a replayer (sink to
-//!   nowhere) stay identical.
+//! * Output: bytes the guest writes to THR are gathered in the device and
+//!   leave it through the run loop's `Outputs` (DESIGN.md rule 6), cut at
+//!   deterministic points by [`SerialDevice::take_output`]: after a newline,
+//!   when [`OUTPUT_CHUNK`] bytes wait, and when the run loop forces it (the
+//!   guest halts, the run stops). Bytes not yet taken are part of the saved
+//!   state, so a sync point or a migration loses none.
 //! * Input: console bytes from `Inputs` enter through
 //!   [`SerialDevice::enqueue_input`]. The UART's receive FIFO holds 64
 //!   bytes; the rest waits in a pending queue inside the device (part of
@@ -29,6 +31,8 @@ use vm_superio::{Serial, Trigger};
 pub const FIFO_SIZE: usize = 64;
 /// Console input bytes kept waiting for FIFO space, at most.
 pub const MAX_PENDING_INPUT: usize = 1 << 20;
+/// Console output bytes gathered before they leave as one output.
+pub const OUTPUT_CHUNK: usize = 1024;
 
 const DATA_OFFSET: u8 = 0;
 const LCR_OFFSET: u8 = 3;
@@ -44,6 +48,9 @@ pub enum SerialError {
     /// More pending input than the device keeps.
     #[error("invalid serial state: {0} pending input bytes (max {MAX_PENDING_INPUT})")]
     PendingOverflow(usize),
+    /// More waiting output than the device gathers.
+    #[error("invalid serial state: {0} bytes of waiting output (max {OUTPUT_CHUNK})")]
+    OutputOverflow(usize),
     /// Reserved bits set in the interrupt enable register.
     #[error("invalid serial state: interrupt enable register {0:#x}")]
     InterruptEnable(u8),
@@ -62,8 +69,19 @@ impl Trigger for IrqLatch {
     }
 }
 
-/// The output sink type.
-pub type SerialOut = Box<dyn Write + Send>;
+/// Where the UART's transmitter puts bytes: a buffer the run loop drains.
+#[derive(Debug, Default)]
+pub struct SerialOut(pub(crate) Vec<u8>);
+
+impl Write for SerialOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// COM1.
 pub struct SerialDevice {
@@ -82,10 +100,10 @@ impl std::fmt::Debug for SerialDevice {
 }
 
 impl SerialDevice {
-    /// A UART in its reset state writing to `out`.
-    pub fn new(out: SerialOut) -> Self {
+    /// A UART in its reset state.
+    pub fn new() -> Self {
         SerialDevice {
-            serial: Serial::new(IrqLatch::default(), out),
+            serial: Serial::new(IrqLatch::default(), SerialOut::default()),
             pending: VecDeque::new(),
         }
     }
@@ -95,8 +113,11 @@ impl SerialDevice {
         state: &SerialState,
         pending: &[u8],
         interrupt: bool,
-        out: SerialOut,
+        out: &[u8],
     ) -> Result<Self, SerialError> {
+        if out.len() > OUTPUT_CHUNK {
+            return Err(SerialError::OutputOverflow(out.len()));
+        }
         if state.in_buffer.len() > FIFO_SIZE {
             return Err(SerialError::FifoOverflow(state.in_buffer.len()));
         }
@@ -106,8 +127,13 @@ impl SerialDevice {
         if state.interrupt_enable & !0x0f != 0 {
             return Err(SerialError::InterruptEnable(state.interrupt_enable));
         }
-        let serial = Serial::from_state(state, IrqLatch::default(), NoEvents, out)
-            .map_err(|_| SerialError::FifoOverflow(state.in_buffer.len()))?;
+        let serial = Serial::from_state(
+            state,
+            IrqLatch::default(),
+            NoEvents,
+            SerialOut(out.to_vec()),
+        )
+        .map_err(|_| SerialError::FifoOverflow(state.in_buffer.len()))?;
         // from_state re-fires pending interrupts; the saved flag is the
         // truth.
         serial.interrupt_evt().0.store(interrupt, Ordering::Relaxed);
@@ -129,10 +155,8 @@ impl SerialDevice {
 
     /// Guest OUT to 0x3f8 + `offset` (0..8).
     pub fn write(&mut self, offset: u8, value: u8) {
-        if let Err(e) = self.serial.write(offset, value) {
-            // Only a sink error is possible (the trigger is infallible).
-            tracing::debug!("serial output sink: {e}");
-        }
+        // The trigger and the buffer are infallible.
+        let _ = self.serial.write(offset, value);
         if offset == MCR_OFFSET {
             // Leaving loopback mode: external input may flow again.
             self.refill();
@@ -180,87 +204,64 @@ impl SerialDevice {
         self.serial.interrupt_evt().0.swap(false, Ordering::Relaxed)
     }
 
-    /// Replace the output sink (restore, replay to nowhere).
-    pub fn set_output(&mut self, out: SerialOut) {
-        *self.serial.writer_mut() = out;
+    /// The console bytes to emit now, if any: everything gathered, when
+    /// it ends with a newline, fills [`OUTPUT_CHUNK`], or `force` is set.
+    pub fn take_output(&mut self, force: bool) -> Option<Vec<u8>> {
+        let buf = &mut self.serial.writer_mut().0;
+        let cut = match buf.last() {
+            None => false,
+            Some(&b) => force || b == b'\n' || buf.len() >= OUTPUT_CHUNK,
+        };
+        cut.then(|| std::mem::take(buf))
     }
 
-    /// Take the output sink out, leaving a sink that discards.
-    pub fn take_output(&mut self) -> SerialOut {
-        std::mem::replace(self.serial.writer_mut(), Box::new(std::io::sink()))
+    /// Console bytes gathered and not yet taken (saved state).
+    pub(crate) fn waiting_output(&self) -> &[u8] {
+        &self.serial.writer().0
+    }
+}
+
+impl Default for SerialDevice {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    /// A sink the test can look into.
-    #[derive(Clone, Default)]
-    pub(crate) struct SharedSink(pub(crate) Arc<Mutex<Vec<u8>>>);
-
-    impl Write for SharedSink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    struct FailingSink;
-
-    impl Write for FailingSink {
-        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-            Err(std::io::Error::other("broken"))
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     const IER: u8 = 1;
     const IIR: u8 = 2;
     const LSR: u8 = 5;
 
     #[test]
-    fn output_reaches_sink_and_thre_interrupt() {
-        let sink = SharedSink::default();
-        let mut s = SerialDevice::new(Box::new(sink.clone()));
+    fn output_is_cut_at_lines_and_thre_interrupt() {
+        let mut s = SerialDevice::new();
         for &b in b"hello" {
             s.write(0, b);
+            assert_eq!(s.take_output(false), None);
         }
-        assert_eq!(&*sink.0.lock().unwrap(), b"hello");
         assert!(!s.take_interrupt());
         s.write(IER, 0x02); // THRE interrupt
         assert!(s.take_interrupt());
         assert!(!s.take_interrupt());
         assert_eq!(s.read(IIR) & 0x0f, 0x02);
-        // Switching the sink.
-        let sink2 = SharedSink::default();
-        s.set_output(Box::new(sink2.clone()));
+        s.write(0, b'\n');
+        assert_eq!(s.take_output(false).as_deref(), Some(&b"hello\n"[..]));
+        assert_eq!(s.take_output(true), None);
         s.write(0, b'!');
-        assert_eq!(&*sink2.0.lock().unwrap(), b"!");
-        assert_eq!(&*sink.0.lock().unwrap(), b"hello");
-    }
-
-    #[test]
-    fn sink_error_does_not_change_state() {
-        let mut a = SerialDevice::new(Box::new(FailingSink));
-        let mut b = SerialDevice::new(Box::new(std::io::sink()));
-        for s in [&mut a, &mut b] {
-            s.write(IER, 0x02);
+        assert_eq!(s.waiting_output(), b"!");
+        assert_eq!(s.take_output(true).as_deref(), Some(&b"!"[..]));
+        for _ in 0..OUTPUT_CHUNK {
             s.write(0, b'x');
         }
-        assert_eq!(a.serial.state(), b.serial.state());
-        assert_eq!(a.take_interrupt(), b.take_interrupt());
+        assert_eq!(s.take_output(false).map(|v| v.len()), Some(OUTPUT_CHUNK));
     }
 
     #[test]
     fn input_raises_interrupt() {
-        let mut s = SerialDevice::new(Box::new(std::io::sink()));
+        let mut s = SerialDevice::new();
         assert_eq!(s.enqueue_input(b"ab"), 2);
         assert!(!s.take_interrupt(), "RDA interrupt disabled");
         assert_eq!(s.read(LSR) & 1, 1);
@@ -276,7 +277,7 @@ pub(crate) mod tests {
 
     #[test]
     fn fifo_overflow_loses_nothing() {
-        let mut s = SerialDevice::new(Box::new(std::io::sink()));
+        let mut s = SerialDevice::new();
         s.write(IER, 0x01);
         let input: Vec<u8> = (0..200u32).map(|i| i as u8).collect();
         assert_eq!(s.enqueue_input(&input[..150]), FIFO_SIZE);
@@ -300,7 +301,7 @@ pub(crate) mod tests {
 
     #[test]
     fn dlab_reads_do_not_consume_input() {
-        let mut s = SerialDevice::new(Box::new(std::io::sink()));
+        let mut s = SerialDevice::new();
         s.enqueue_input(b"z");
         s.write(LSR - 2, 0x80); // LCR: DLAB
         assert_eq!(s.read(0), 0x0c); // divisor low
@@ -310,7 +311,7 @@ pub(crate) mod tests {
 
     #[test]
     fn loopback_holds_input_until_left() {
-        let mut s = SerialDevice::new(Box::new(std::io::sink()));
+        let mut s = SerialDevice::new();
         s.write(MCR_OFFSET, 0x10); // loopback
         assert_eq!(s.enqueue_input(b"q"), 0);
         assert_eq!(s.pending_input(), 1);
@@ -323,7 +324,7 @@ pub(crate) mod tests {
 
     #[test]
     fn pending_bound() {
-        let mut s = SerialDevice::new(Box::new(std::io::sink()));
+        let mut s = SerialDevice::new();
         let big = vec![b'x'; MAX_PENDING_INPUT + 100];
         s.enqueue_input(&big);
         assert_eq!(s.pending_input(), MAX_PENDING_INPUT - FIFO_SIZE);

@@ -230,10 +230,11 @@ impl Tap {
         self.created
     }
 
-    /// A second handle on the same queue, for writing.
+    /// A second handle on the same queue, for writing (cloneable: the run
+    /// loop's outputs and an announcement thread may share it).
     pub fn writer(&self) -> std::io::Result<TapWriter> {
         Ok(TapWriter {
-            file: self.file.try_clone()?,
+            file: Arc::new(self.file.try_clone()?),
             name: self.name.clone(),
         })
     }
@@ -284,16 +285,16 @@ impl Tap {
 }
 
 /// The sending side of a TAP.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TapWriter {
-    file: File,
+    file: Arc<File>,
     name: String,
 }
 
 impl TapWriter {
-    /// Send one frame.
-    pub fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        self.file.write(frame).map(|_| ())
+    /// Send one frame (one write: a TAP takes a whole frame or nothing).
+    pub fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        (&*self.file).write(frame).map(|_| ())
     }
 
     /// The interface's name.
