@@ -11,6 +11,7 @@ mod commands;
 mod console;
 mod guest_image;
 mod net;
+mod signals;
 
 use std::io::IsTerminal;
 

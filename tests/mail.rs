@@ -31,7 +31,6 @@ fn mail_vm(ns: &NetNs, dir: &TempDir, disk: &std::path::Path) -> Vm {
 /// Tiny, 100 KiB and 1 MiB messages and bodies of dot lines, sent over
 /// one SMTP session, come back byte for byte over POP3.
 #[test]
-#[ignore = "needs the virtio-net device (h5-netvmm)"]
 fn smtplib_messages_come_back_through_poplib() {
     let dir = TempDir::new("mail-roundtrip");
     let disk = dir.disk("mail.img", 64 << 20);
@@ -54,7 +53,6 @@ fn smtplib_messages_come_back_through_poplib() {
 /// recipients, 500 unknown, 552 too big, 501 syntax; POP3 -ERR before
 /// login and for a missing message).
 #[test]
-#[ignore = "needs the virtio-net device (h5-netvmm)"]
 fn smtp_and_pop3_reply_codes() {
     let dir = TempDir::new("mail-codes");
     let disk = dir.disk("mail.img", 16 << 20);
@@ -67,7 +65,6 @@ fn smtp_and_pop3_reply_codes() {
 /// Three SMTP clients at once, each sending three messages: all nine are
 /// stored, none mixed up.
 #[test]
-#[ignore = "needs the virtio-net device (h5-netvmm)"]
 fn several_smtp_clients_at_once() {
     let dir = TempDir::new("mail-parallel");
     let disk = dir.disk("mail.img", 64 << 20);
@@ -94,7 +91,6 @@ fn several_smtp_clients_at_once() {
 /// message is still served; a POP3 deletion (committed at QUIT) survives
 /// the next restart too.
 #[test]
-#[ignore = "needs the virtio-net device (h5-netvmm)"]
 fn restarted_guest_serves_every_message() {
     let dir = TempDir::new("mail-restart");
     let disk = dir.disk("mail.img", 64 << 20);
@@ -120,7 +116,6 @@ fn restarted_guest_serves_every_message() {
 
 /// swaks (a second real SMTP client) delivers one message.
 #[test]
-#[ignore = "needs the virtio-net device (h5-netvmm)"]
 fn swaks_delivers_a_message() {
     let dir = TempDir::new("mail-swaks");
     let disk = dir.disk("mail.img", 16 << 20);
@@ -155,7 +150,6 @@ fn swaks_delivers_a_message() {
 
 /// `net-echo`: several connections at once each get their bytes back.
 #[test]
-#[ignore = "needs the virtio-net device (h5-netvmm)"]
 fn net_echo_serves_several_connections() {
     let dir = TempDir::new("net-echo");
     let ns = NetNs::new("ne");

@@ -11,6 +11,9 @@ use crate::cli::ReceiveArgs;
 use crate::{console, net};
 
 pub fn receive(args: ReceiveArgs) -> Result<i32, CmdError> {
+    if args.api_socket.is_none() {
+        crate::signals::block();
+    }
     let c = &args.creds;
     let creds = failover::certs::Credentials::load(&c.ca, &c.cert, &c.key)
         .map_err(|e| CmdError::Input(format!("loading credentials: {e}")))?;
@@ -53,10 +56,20 @@ pub fn receive(args: ReceiveArgs) -> Result<i32, CmdError> {
     );
     let status = match &args.api_socket {
         Some(sock) => super::migrate::run_with_api(machine, &mut inputs, sock, received.paused),
-        None => machine
-            .run(&mut inputs, RunLimits::default())
-            .map(outcome_status)
-            .map_err(CmdError::from),
+        None => {
+            let stop = crate::signals::on_stop(machine.vcpu.kicker().clone());
+            let mut inputs = inputs.with_wakeup(stop.wakeup);
+            let limits = RunLimits {
+                stop_at_exit: None,
+                pause: Some(stop.flag),
+            };
+            let outcome = machine.run(&mut inputs, limits);
+            net::report(&machine, inputs.net_frames_dropped());
+            outcome.map_err(CmdError::from).map(|o| {
+                super::run::stopped_by_signal(&mut machine, &mut inputs, true);
+                outcome_status(o)
+            })
+        }
     };
     // The source ends once it has our confirmation; let it see it before
     // this process (and the connection) goes away.

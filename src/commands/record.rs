@@ -17,6 +17,7 @@ use crate::{console, net};
 
 pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
     let started = Instant::now();
+    crate::signals::block();
     let host_net = net::open(args.vm.net.net.as_ref())?;
     let console = console::open(&args.vm.serial)?;
     let (mut machine, initial, base_ns) = match &args.from_snapshot {
@@ -60,7 +61,9 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
             digest,
         })
         .map_err(|e| CmdError::Internal(e.to_string()))?;
+    let stop = crate::signals::on_stop(machine.vcpu.kicker().clone());
     let live = net::live_inputs(base_ns, console, host_net.as_ref())
+        .with_wakeup(stop.wakeup)
         .with_kick_grace(Duration::from_micros(args.kick_grace_us));
     let opts = RecordOptions {
         fingerprint_interval: args.fingerprint_interval,
@@ -69,7 +72,7 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
     let mut recorder = Recorder::new(live, writer, opts, start);
     let limits = RunLimits {
         stop_at_exit: args.stop_at,
-        ..Default::default()
+        pause: Some(stop.flag),
     };
     let result = machine.run(&mut recorder, limits);
     net::report(&machine, recorder.live_mut().net_frames_dropped());
@@ -80,6 +83,9 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
             return Err(e.into());
         }
     };
+    // Stopped by a signal: the log is closed as for --stop-at (the last
+    // partial console line stays in the final sync point's device state).
+    super::run::stopped_by_signal(&mut machine, &mut recorder, false);
     let status = outcome_status(outcome);
     // Close the log: the final state (with digest) and the end.
     let seq = machine.exit_seq;

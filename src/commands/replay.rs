@@ -71,8 +71,8 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
         .enable_sync_points(true)
         .map_err(|e| CmdError::Internal(e.to_string()))?;
     let check = SyncPointCheck::new(&machine.vm.memory);
-    let mut replayer = Replayer::new(source, config.fingerprint_interval, args.repair, check)
-        .with_console(out);
+    let mut replayer =
+        Replayer::new(source, config.fingerprint_interval, args.repair, check).with_console(out);
     check_initial_digest(&mut machine, &mut replayer)?;
     let started = Instant::now();
     let start = machine.exit_seq;

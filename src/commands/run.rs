@@ -12,6 +12,7 @@ use vmm::snapshot;
 use super::CmdError;
 use crate::cli::{DiskArg, RestoreArgs, RunArgs, VmArgs};
 use crate::net::{self, HostNet};
+use crate::signals;
 use crate::{console, guest_image};
 
 /// The kernel image to load: a user's file or the built-in guest held in
@@ -172,7 +173,23 @@ pub fn restore_machine(
     Ok((machine, snap))
 }
 
+/// After a run that SIGTERM/SIGINT stopped: the console's last partial
+/// line, and a note on stderr.
+pub fn stopped_by_signal(machine: &mut Machine, inputs: &mut dyn Inputs, flush: bool) -> bool {
+    let Some(sig) = signals::received() else {
+        return false;
+    };
+    if flush {
+        let _ = machine.emit_outputs(inputs, true);
+    }
+    eprintln!("tandem: stopped by {sig} at exit {}", machine.exit_seq);
+    true
+}
+
 pub fn run(args: RunArgs) -> Result<i32, CmdError> {
+    if args.api_socket.is_none() {
+        signals::block();
+    }
     let host_net = net::open(args.vm.net.net.as_ref())?;
     let config = vm_config(&args.vm, host_net.as_ref())?;
     let console = console::open(&args.vm.serial)?;
@@ -181,13 +198,18 @@ pub fn run(args: RunArgs) -> Result<i32, CmdError> {
     if let Some(sock) = &args.api_socket {
         return super::migrate::run_with_api(machine, &mut inputs, sock, false);
     }
+    let stop = signals::on_stop(machine.vcpu.kicker().clone());
+    let mut inputs = inputs.with_wakeup(stop.wakeup);
     let limits = RunLimits {
         stop_at_exit: args.snapshot_at,
-        ..Default::default()
+        pause: Some(stop.flag),
     };
     let outcome = machine.run(&mut inputs, limits);
     net::report(&machine, inputs.net_frames_dropped());
     let outcome = outcome?;
+    if outcome == RunOutcome::Paused && stopped_by_signal(&mut machine, &mut inputs, true) {
+        return Ok(0);
+    }
     if let (RunOutcome::Stopped, Some(path)) = (outcome, &args.snapshot) {
         let virtual_ns = inputs.clock_ns(machine.exit_seq);
         let state = machine
@@ -213,13 +235,22 @@ pub fn run(args: RunArgs) -> Result<i32, CmdError> {
 }
 
 pub fn restore(args: RestoreArgs) -> Result<i32, CmdError> {
+    signals::block();
     let host_net = net::open(args.net.net.as_ref())?;
     let console = console::open(&args.serial)?;
     let disk = disk_config(args.disk.as_ref())?;
     let (mut machine, snap) = restore_machine(&args.snapshot, disk)?;
     net::check_restored(&machine, host_net.as_ref());
-    let mut inputs = net::live_inputs(snap.state.virtual_ns, console, host_net.as_ref());
-    let outcome = machine.run(&mut inputs, RunLimits::default());
+    let stop = signals::on_stop(machine.vcpu.kicker().clone());
+    let mut inputs = net::live_inputs(snap.state.virtual_ns, console, host_net.as_ref())
+        .with_wakeup(stop.wakeup);
+    let limits = RunLimits {
+        stop_at_exit: None,
+        pause: Some(stop.flag),
+    };
+    let outcome = machine.run(&mut inputs, limits);
     net::report(&machine, inputs.net_frames_dropped());
-    Ok(outcome_status(outcome?))
+    let outcome = outcome?;
+    stopped_by_signal(&mut machine, &mut inputs, true);
+    Ok(outcome_status(outcome))
 }

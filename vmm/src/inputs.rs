@@ -156,6 +156,8 @@ pub struct LiveInputs {
     /// guest without receive buffers is not woken by further frames).
     pending_frame: Option<Vec<u8>>,
     outputs: Box<dyn Outputs>,
+    /// Wakes `wait_idle` when the run must stop (a signal).
+    wakeup: Option<Receiver<()>>,
     /// How long after a timer deadline a vCPU that has not exited is kicked.
     kick_grace: Duration,
 }
@@ -172,6 +174,7 @@ impl LiveInputs {
             net: None,
             pending_frame: None,
             outputs: Box::new(LiveOutputs::discard()),
+            wakeup: None,
             kick_grace: Duration::ZERO,
         }
     }
@@ -179,6 +182,13 @@ impl LiveInputs {
     /// Send the VM's outputs to `outputs` (default: discarded).
     pub fn with_outputs(mut self, outputs: Box<dyn Outputs>) -> Self {
         self.outputs = outputs;
+        self
+    }
+
+    /// A message on `wakeup` ends an idle wait (the run loop then sees why,
+    /// e.g. its pause flag).
+    pub fn with_wakeup(mut self, wakeup: Receiver<()>) -> Self {
+        self.wakeup = Some(wakeup);
         self
     }
 
@@ -282,7 +292,7 @@ impl Inputs for LiveInputs {
             (Some(n), None) => Some(n.frames.clone()),
             _ => None,
         };
-        if self.console.is_none() && net.is_none() {
+        if self.console.is_none() && net.is_none() && self.wakeup.is_none() {
             return match timeout {
                 Some(t) => {
                     std::thread::sleep(t);
@@ -294,6 +304,7 @@ impl Inputs for LiveInputs {
         let mut sel = crossbeam_channel::Select::new();
         let console_i = self.console.as_ref().map(|rx| sel.recv(rx));
         let net_i = net.as_ref().map(|rx| sel.recv(rx));
+        let wake_i = self.wakeup.as_ref().map(|rx| sel.recv(rx));
         let op = match timeout {
             Some(t) => match sel.select_timeout(t) {
                 Ok(op) => op,
@@ -308,6 +319,10 @@ impl Inputs for LiveInputs {
                 Ok(bytes) => self.pending = bytes,
                 Err(_) => self.console = None,
             }
+        } else if Some(i) == wake_i {
+            let _ = op.recv(self.wakeup.as_ref().expect("selected"));
+            self.wakeup = None;
+            return true;
         } else if Some(i) == net_i {
             let rx = net.as_ref().expect("selected");
             match op.recv(rx) {

@@ -17,8 +17,9 @@
 //!    [`crate::outputs::Outputs`] tagged with that `exit_seq`, and every N
 //!    exits it is fingerprinted.
 //!
-//! Console bytes still gathered when a run returns are emitted first, at
-//! the exit it returns at (see `SerialDevice::take_output`).
+//! Console bytes of a line not yet ended when a run stops (`Stopped`,
+//! `Paused`, `LogEnded`) stay in the serial device's state: they move with
+//! a snapshot or a migration and leave with the rest of their line.
 //!
 //! A kick (`EINTR`) is not an exit: nothing is counted. A recorder captures
 //! a sync point right after it (DESIGN.md rule 4); the replayer meets that
@@ -144,15 +145,15 @@ impl Machine {
         inputs: &mut dyn Inputs,
         limits: RunLimits,
     ) -> Result<RunOutcome, RunError> {
-        let outcome = self.run_inner(inputs, limits)?;
-        // Whatever the console gathered leaves now, at the exit the run
-        // stops at (both sides of a replay stop at the same exit).
-        self.emit_outputs(inputs, true)?;
-        Ok(outcome)
+        self.run_inner(inputs, limits)
     }
 
-    /// Hand the devices' outputs at the current exit to `inputs`' outputs.
-    fn emit_outputs(&mut self, inputs: &mut dyn Inputs, force: bool) -> Result<(), RunError> {
+    /// Hand the devices' outputs at the current exit to `inputs`' outputs;
+    /// with `force`, console bytes that wait for the end of their line too.
+    /// A live run that ends by being stopped calls this once with `force`
+    /// (its last partial line); a recorder does not (the bytes stay in the
+    /// device state of the log's final sync point).
+    pub fn emit_outputs(&mut self, inputs: &mut dyn Inputs, force: bool) -> Result<(), RunError> {
         let exit_seq = self.exit_seq;
         for (kind, bytes) in self.devices.take_outputs(force) {
             inputs.emit(Output {
