@@ -62,6 +62,7 @@ pub fn receive(args: ReceiveArgs) -> Result<i32, CmdError> {
             let limits = RunLimits {
                 stop_at_exit: None,
                 pause: Some(stop.flag),
+                ..Default::default()
             };
             let outcome = machine.run(&mut inputs, limits);
             net::report(&machine, inputs.net_frames_dropped());

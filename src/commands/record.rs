@@ -73,6 +73,7 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
     let limits = RunLimits {
         stop_at_exit: args.stop_at,
         pause: Some(stop.flag),
+        ..Default::default()
     };
     let result = machine.run(&mut recorder, limits);
     net::report(&machine, recorder.live_mut().net_frames_dropped());

@@ -203,6 +203,7 @@ pub fn run(args: RunArgs) -> Result<i32, CmdError> {
     let limits = RunLimits {
         stop_at_exit: args.snapshot_at,
         pause: Some(stop.flag),
+        ..Default::default()
     };
     let outcome = machine.run(&mut inputs, limits);
     net::report(&machine, inputs.net_frames_dropped());
@@ -247,6 +248,7 @@ pub fn restore(args: RestoreArgs) -> Result<i32, CmdError> {
     let limits = RunLimits {
         stop_at_exit: None,
         pause: Some(stop.flag),
+        ..Default::default()
     };
     let outcome = machine.run(&mut inputs, limits);
     net::report(&machine, inputs.net_frames_dropped());
