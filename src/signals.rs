@@ -1,19 +1,30 @@
 //! SIGTERM and SIGINT end a running VM cleanly: the vCPU stops at its next
 //! exit or kick (as for a pause), the command finishes its work (a
 //! recorder closes its log with a final sync point and an end entry) and
-//! the process exits with a status instead of dying by the signal.
+//! the process exits with a status instead of dying by the signal. Before a
+//! VM runs (a receiver still waiting for one), the signal ends the process
+//! at once with status 128 + its number, and so does a second signal.
 //!
 //! [`block`] must run before the command spawns any thread, so that every
-//! thread inherits the blocked mask and only the waiter thread of
-//! [`on_stop`] receives the signals.
+//! thread inherits the blocked mask and only the waiter thread it starts
+//! receives the signals.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vmm::vstate::vcpu::Kicker;
 
 /// The signal that stopped the VM (0: none yet).
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
+
+/// What the waiter does when a signal comes: stop this VM.
+struct Target {
+    flag: Arc<AtomicBool>,
+    wakeup: crossbeam_channel::Sender<()>,
+    kicker: Kicker,
+}
+
+static TARGET: Mutex<Option<Target>> = Mutex::new(None);
 
 fn set() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset initialise and fill the set in place.
@@ -26,11 +37,41 @@ fn set() -> libc::sigset_t {
     }
 }
 
-/// Block SIGTERM and SIGINT in this thread (and the threads it spawns).
+/// Block SIGTERM and SIGINT in this thread (and the threads it spawns) and
+/// start the thread that waits for them.
 pub fn block() {
     let s = set();
     // SAFETY: a valid signal set; the old mask is not needed.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &s, std::ptr::null_mut()) };
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let s = set();
+            loop {
+                let mut sig = 0;
+                // SAFETY: `s` is a valid set of signals blocked in this
+                // thread (inherited), `sig` a valid out-pointer.
+                if unsafe { libc::sigwait(&s, &mut sig) } != 0 {
+                    return;
+                }
+                // A second signal, or one before any VM runs: end now.
+                if RECEIVED.swap(sig, Ordering::SeqCst) != 0 {
+                    std::process::exit(128 + sig);
+                }
+                let target = TARGET.lock().unwrap_or_else(|e| e.into_inner());
+                match target.as_ref() {
+                    Some(t) => {
+                        t.flag.store(true, Ordering::SeqCst);
+                        let _ = t.wakeup.try_send(());
+                        t.kicker.kick_now();
+                    }
+                    None => std::process::exit(128 + sig),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("tandem: cannot watch for SIGTERM/SIGINT: {e}");
+    }
 }
 
 /// What [`on_stop`] gives the run: the pause flag for `RunLimits::pause`
@@ -40,29 +81,15 @@ pub struct Stop {
     pub wakeup: crossbeam_channel::Receiver<()>,
 }
 
-/// Wait for SIGTERM/SIGINT on a thread of its own; when one comes, raise
-/// the flag, wake the idle wait and kick the vCPU.
+/// From now on SIGTERM/SIGINT stop the VM whose vCPU `kicker` kicks.
 pub fn on_stop(kicker: Kicker) -> Stop {
     let flag = Arc::new(AtomicBool::new(false));
     let (tx, wakeup) = crossbeam_channel::bounded(1);
-    let f = flag.clone();
-    let spawned = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let s = set();
-            let mut sig = 0;
-            // SAFETY: `s` is a valid set of signals blocked in this thread
-            // (inherited), `sig` a valid out-pointer.
-            if unsafe { libc::sigwait(&s, &mut sig) } == 0 {
-                RECEIVED.store(sig, Ordering::SeqCst);
-                f.store(true, Ordering::SeqCst);
-                let _ = tx.try_send(());
-                kicker.kick_now();
-            }
-        });
-    if let Err(e) = spawned {
-        eprintln!("tandem: cannot watch for SIGTERM/SIGINT: {e}");
-    }
+    *TARGET.lock().unwrap_or_else(|e| e.into_inner()) = Some(Target {
+        flag: flag.clone(),
+        wakeup: tx,
+        kicker,
+    });
     Stop { flag, wakeup }
 }
 
