@@ -34,7 +34,8 @@ use vmm::PAGE_SIZE;
 
 /// Version of the migration stream (on top of the channel's protocol
 /// version). A destination refuses another version with a clear `Abort`.
-pub const MIGRATION_VERSION: u32 = 2;
+/// 3: the VM configuration and machine state carry the NIC.
+pub const MIGRATION_VERSION: u32 = 3;
 
 /// Application frame kinds of the migration stream.
 pub mod kind {

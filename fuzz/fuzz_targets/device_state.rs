@@ -29,9 +29,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let mem = vmm::vstate::memory::create(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let cfg = state.block.as_ref().map(|_| disk());
-    if let Ok(devices) = Devices::restore(&state, Box::new(std::io::sink()), cfg.clone(), &mem) {
+    if let Ok(devices) = Devices::restore(&state, cfg.clone(), &mem) {
         let again = devices.save();
-        Devices::restore(&again, Box::new(std::io::sink()), cfg, &mem)
+        Devices::restore(&again, cfg, &mem)
             .expect("saved state restores");
     }
 });

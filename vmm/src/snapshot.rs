@@ -26,8 +26,10 @@ use crate::GuestMemory;
 
 /// Magic at the start of every snapshot file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"TNDMSNAP";
-/// Version of the snapshot format this build reads and writes.
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// Version of the snapshot format this build reads and writes. 2: the
+/// machine state has the NIC (config and device state), virtio transports
+/// save a list of queues, and the serial device its unsent output.
+pub const SNAPSHOT_VERSION: u32 = 2;
 
 /// Errors reading or writing a snapshot.
 #[derive(Debug, thiserror::Error)]
