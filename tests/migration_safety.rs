@@ -339,7 +339,7 @@ fn a_peer_that_sends_only_hello_does_not_block_a_migration() {
     let (dst, addr) = receiver(&[], "127.0.0.1:0", &pki.creds("b"), &[]);
     // Authenticated, Hello sent, then silence (the connection kept alive).
     let idle = FakeSource::connect(&addr, &pki);
-    real_migration(&pki, &tmp, dst, &addr, "dirty 256 400");
+    real_migration(&pki, &tmp, dst, &addr, "dirty 256 1000");
     drop(idle);
 }
 
@@ -373,7 +373,9 @@ fn a_second_source_is_refused_busy_naming_the_first() {
     let mut holder = FakeSource::connect(&addr, &pki);
     holder.offer(None).unwrap();
     wait_count(&dst, "receiving a VM from a at 127.0.0.1:", 1);
-    let cmdline = "dirty 256 400";
+    // Long enough to outlive the refused attempt and the wait for the
+    // holder to go (up to the 3 s idle timeout).
+    let cmdline = "dirty 256 3000";
     let sock = tmp.s("a.sock");
     let mut src = source(&[], &sock, cmdline, &[]);
     src.wait_for("round 20\n", false);

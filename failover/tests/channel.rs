@@ -71,7 +71,7 @@ impl LogBuf {
         let sub = tracing_subscriber::fmt()
             .with_writer(move || me.clone())
             .with_ansi(false)
-            .with_max_level(tracing::Level::WARN)
+            .with_max_level(tracing::Level::DEBUG)
             .finish();
         tracing::subscriber::set_default(sub)
     }
@@ -471,5 +471,43 @@ fn bench_throughput() {
         TOTAL as f64 / (1 << 20) as f64 / secs,
         TOTAL >> 20,
         secs
+    );
+}
+
+#[test]
+fn a_retried_attempt_comes_back_validated() {
+    // What a server under pressure does: it answers unvalidated attempts
+    // with a QUIC Retry; a real client passes it without noticing.
+    let c = Cluster::new();
+    let listener = BlockingListener::bind(loopback(), &c.host("beta"), &server_cfg()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let mut retried = 0;
+        loop {
+            let p = listener.next_pending().unwrap();
+            match p.validated_or_retry() {
+                Some(p) => {
+                    let mut conn = p.establish().unwrap();
+                    let m: Message = conn.recv_msg().unwrap();
+                    conn.send_msg(&m).unwrap();
+                    let _ = conn.recv_msg::<Message>();
+                    return retried;
+                }
+                None => retried += 1,
+            }
+        }
+    });
+    let mut conn =
+        BlockingConnection::connect(addr, "localhost", &c.host("alpha"), &client_cfg()).unwrap();
+    conn.send_msg(&Message::Running).unwrap();
+    assert!(matches!(
+        conn.recv_msg::<Message>().unwrap(),
+        Message::Running
+    ));
+    drop(conn);
+    assert_eq!(
+        server.join().unwrap(),
+        1,
+        "one Retry, then the validated attempt"
     );
 }

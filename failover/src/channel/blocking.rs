@@ -136,6 +136,14 @@ impl BlockingPending {
     pub fn refuse(self) {
         self.inner.refuse();
     }
+
+    /// See [`Pending::validated_or_retry`].
+    pub fn validated_or_retry(self) -> Option<BlockingPending> {
+        let BlockingPending { rt, inner } = self;
+        inner
+            .validated_or_retry()
+            .map(|inner| BlockingPending { rt, inner })
+    }
 }
 
 /// Blocking [`Connection`].

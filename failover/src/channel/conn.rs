@@ -542,6 +542,27 @@ impl Pending {
     pub fn refuse(self) {
         self.incoming.refuse();
     }
+
+    /// Has the peer proved that it receives what is sent to its address
+    /// (a QUIC Retry token)? A peer that spoofs its source address cannot.
+    pub fn address_validated(&self) -> bool {
+        self.incoming.remote_address_validated()
+    }
+
+    /// Keep the attempt if the peer's address is validated; otherwise
+    /// answer with a QUIC Retry (a real peer comes back validated, one
+    /// round trip later, as a new attempt) and give `None`. Servers under
+    /// pressure use this so that floods from spoofed addresses cost them
+    /// nothing.
+    pub fn validated_or_retry(self) -> Option<Pending> {
+        if self.address_validated() {
+            return Some(self);
+        }
+        if let Err(e) = self.incoming.retry() {
+            e.into_incoming().refuse();
+        }
+        None
+    }
 }
 
 impl Listener {

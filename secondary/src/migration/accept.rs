@@ -7,6 +7,8 @@
 //! completes the handshake and sends only `Hello`, or nothing at all —
 //! holds nobody up and is dropped, by name, when its time is up. At most
 //! [`MAX_PENDING`] attempts are set up at once; more are refused at once.
+//! Beyond [`RETRY_ABOVE`] attempts, a new one must first prove its address
+//! with a QUIC Retry, so that a flood from spoofed addresses fills nothing.
 //!
 //! One VM is received at a time: the first source whose header arrives
 //! holds the receiver until its transfer ends; a source whose header
@@ -24,6 +26,9 @@ use super::{abort, read_header, receive_one, ReceiveError, ReceiveOptions, Recei
 
 /// Connection attempts set up at once, at most.
 pub const MAX_PENDING: usize = 128;
+/// With this many attempts being set up, a new one must first prove its
+/// address (QUIC Retry, one more round trip).
+pub const RETRY_ABOVE: usize = 8;
 
 /// Who holds the receiver.
 struct Holder {
@@ -92,6 +97,16 @@ fn take_connections(listener: &BlockingListener, desk: &Arc<Desk>) {
                 eprintln!("tandem: incoming connection failed: {e}");
                 continue;
             }
+        };
+        // Under pressure, only peers that prove their address get a slot:
+        // a flood from spoofed addresses cannot fill them.
+        let pending = if desk.pending.load(Ordering::SeqCst) >= RETRY_ABOVE {
+            match pending.validated_or_retry() {
+                Some(p) => p,
+                None => continue,
+            }
+        } else {
+            pending
         };
         if desk.pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING {
             desk.pending.fetch_sub(1, Ordering::SeqCst);
