@@ -14,12 +14,16 @@
 //! Any request may instead be answered `{"event":"error","error":"..."}`.
 //! Paths are taken as given: clients send absolute paths. A request line
 //! longer than [`MAX_REQUEST_LINE`] bytes is answered with an error naming
-//! the limit and the connection is closed (the rest is never buffered).
+//! the limit and the connection is closed (the rest is never buffered);
+//! beyond [`MAX_CONNECTIONS`] open connections a new one is answered
+//! `busy` and closed.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::ToSocketAddrs;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use primary::migration::{
@@ -87,6 +91,10 @@ pub enum Event {
 /// Default pause target of a migration.
 pub const DEFAULT_DOWNTIME_MS: u64 = 30;
 
+/// Most control connections served at once; one more is answered
+/// `busy` and closed.
+pub const MAX_CONNECTIONS: usize = 32;
+
 /// Longest request line accepted (bytes, without the newline); real
 /// requests are a few hundred bytes.
 pub const MAX_REQUEST_LINE: usize = 64 << 10;
@@ -153,14 +161,35 @@ pub fn serve(path: &Path, ctl: VmController) -> std::io::Result<Server> {
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)?;
+    let open = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
-            for stream in listener.incoming().flatten() {
+            for mut stream in listener.incoming().flatten() {
+                if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    send(
+                        &mut stream,
+                        &Event::Error {
+                            error: format!(
+                                "busy: {MAX_CONNECTIONS} control connections are open (the limit); try again when one closes"
+                            ),
+                        },
+                    );
+                    continue;
+                }
                 let ctl = ctl.clone();
-                let _ = std::thread::Builder::new()
+                let done = open.clone();
+                let spawned = std::thread::Builder::new()
                     .name("api-conn".into())
-                    .spawn(move || serve_conn(stream, &ctl));
+                    .spawn(move || {
+                        serve_conn(stream, &ctl);
+                        done.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    // No thread: the connection is dropped, its slot freed.
+                    open.fetch_sub(1, Ordering::SeqCst);
+                }
             }
         })?;
     Ok(Server {

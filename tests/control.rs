@@ -135,3 +135,50 @@ fn status_shows_the_current_exit_counter() {
     pause("resume");
     vm.wait_past(p1);
 }
+
+/// Idle connections cannot pile up threads without bound: beyond the
+/// limit a new one is answered `busy` and closed; once they close, the
+/// socket serves again.
+#[test]
+fn too_many_connections_are_refused_as_busy() {
+    let vm = Vm::start("ticks 1000000");
+    // Each connection asks for the status and stays open: served ones
+    // answer it, the first one over the limit is answered `busy`.
+    let mut idle = Vec::new();
+    let mut answer = String::new();
+    for _ in 0..100 {
+        let mut c = UnixStream::connect(&vm.sock).unwrap();
+        // A refused connection may be closed before this arrives.
+        let _ = c.write_all(b"{\"cmd\":\"status\"}\n");
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        answer.clear();
+        r.read_line(&mut answer).unwrap();
+        if !answer.contains("\"event\":\"status\"") {
+            break;
+        }
+        idle.push(c);
+    }
+    assert!(
+        answer.contains("busy: 32 control connections are open"),
+        "answer after {} connections: {answer:?}",
+        idle.len()
+    );
+    // The start-up probe's connection may still hold a slot.
+    assert!(
+        (31..=32).contains(&idle.len()),
+        "refused after {} connections",
+        idle.len()
+    );
+    drop(idle);
+    let start = Instant::now();
+    loop {
+        let out = Command::new(TANDEM)
+            .args(["status", "--api", arg(&vm.sock)])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(start.elapsed() < TIMEOUT, "the socket never served again");
+    }
+}
