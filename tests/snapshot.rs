@@ -293,3 +293,45 @@ fn snapshot_then_restore_to_file_console() {
     assert!(text.contains("ticks done 30\n"), "{text:?}");
     assert!(common::result_line(&text).is_some(), "{text:?}");
 }
+
+/// A snapshot written by the previous format (snapshot version 1, machine
+/// state without a state version), kept in the repository: `restore` and
+/// `record --from-snapshot` refuse it by name and version; the same state
+/// behind a current file header is refused as unversioned state. Nothing
+/// is misread.
+#[test]
+fn snapshot_of_the_previous_format_is_refused_clearly() {
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/snapshot-v1.snap");
+    let bytes = common::read(&golden);
+    assert_eq!(&bytes[..8], b"TNDMSNAP");
+    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 1);
+    refused(
+        &golden,
+        &["snapshot-v1.snap", "format version 1", "reads version 3"],
+    );
+    let dir = TempDir::new("oldsnap");
+    let log = dir.file("r.tlog");
+    let rec = tandem(&[
+        "record",
+        "--log",
+        arg(&log),
+        "--from-snapshot",
+        arg(&golden),
+    ]);
+    rec.assert_status(2);
+    assert!(
+        rec.stderr.contains("format version 1"),
+        "{}",
+        rec.describe()
+    );
+
+    // The old machine state under a current header and a valid checksum.
+    let mut relabeled = bytes[..bytes.len() - 4].to_vec();
+    relabeled[8..12].copy_from_slice(&3u32.to_le_bytes());
+    let crc = crc32c::crc32c(&relabeled);
+    relabeled.extend_from_slice(&crc.to_le_bytes());
+    refused(
+        &dir.write("relabeled.snap", &relabeled),
+        &["relabeled.snap", "no state version"],
+    );
+}

@@ -35,7 +35,9 @@ use vmm::PAGE_SIZE;
 /// Version of the migration stream (on top of the channel's protocol
 /// version). A destination refuses another version with a clear `Abort`.
 /// 3: the VM configuration and machine state carry the NIC.
-pub const MIGRATION_VERSION: u32 = 3;
+/// 4: `DeviceState` carries the versioned machine state
+/// (`vmm::persist::encode_state`).
+pub const MIGRATION_VERSION: u32 = 4;
 
 /// Application frame kinds of the migration stream.
 pub mod kind {

@@ -14,7 +14,7 @@ pub fn dump_log(args: DumpLogArgs) -> Result<i32, CmdError> {
     let file = File::open(&args.log).map_err(|e| bad_log(e.to_string()))?;
     let (mut reader, header) =
         LogReader::open(BufReader::new(file)).map_err(|e| bad_log(e.to_string()))?;
-    let config = LogConfig::decode(&header.vm_config).map_err(bad_log)?;
+    let config = LogConfig::decode(&header.vm_config).map_err(|e| bad_log(e.to_string()))?;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "format version {}", header.format_version);
     let _ = writeln!(out, "initial state {:?}", header.initial_state);

@@ -45,7 +45,12 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
         fingerprint_interval: args.fingerprint_interval,
         sync_interval: args.sync_interval,
     };
-    let header = Header::new(config.encode(), initial);
+    let header = Header::new(
+        config
+            .encode()
+            .map_err(|e| CmdError::Internal(e.to_string()))?,
+        initial,
+    );
     let file = File::create(&args.log)
         .map_err(|e| CmdError::Input(format!("--log {}: {e}", args.log.display())))?;
     let mut writer = LogWriter::new(BufWriter::new(file), &header)

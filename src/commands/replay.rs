@@ -36,7 +36,7 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
         let (r, h) = LogReader::open(reader).map_err(|e| bad_log(e.to_string()))?;
         (Box::new(r), h)
     };
-    let config = LogConfig::decode(&header.vm_config).map_err(bad_log)?;
+    let config = LogConfig::decode(&header.vm_config).map_err(|e| bad_log(e.to_string()))?;
     let target = if args.quiet {
         SerialTarget::Null
     } else {

@@ -316,14 +316,13 @@ pub struct LogConfig {
 }
 
 impl LogConfig {
-    /// Encode for the log header.
-    pub fn encode(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).unwrap_or_default()
+    /// Encode for the log header (versioned, see [`crate::persist`]).
+    pub fn encode(&self) -> Result<Vec<u8>, crate::persist::StateError> {
+        crate::persist::encode_state("log's VM configuration", self)
     }
 
     /// Decode from a log header.
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        postcard::from_bytes(bytes)
-            .map_err(|e| format!("the log's VM configuration does not decode: {e}"))
+    pub fn decode(bytes: &[u8]) -> Result<Self, crate::persist::StateError> {
+        crate::persist::decode_state("log's VM configuration", bytes)
     }
 }

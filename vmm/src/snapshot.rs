@@ -21,6 +21,7 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::machine::{Machine, MachineError, MachineState};
+use crate::persist::{decode_state, encode_state};
 use crate::vstate::memory::{self, MemoryError};
 use crate::GuestMemory;
 
@@ -29,7 +30,9 @@ pub const SNAPSHOT_MAGIC: [u8; 8] = *b"TNDMSNAP";
 /// Version of the snapshot format this build reads and writes. 2: the
 /// machine state has the NIC (config and device state), virtio transports
 /// save a list of queues, and the serial device its unsent output.
-pub const SNAPSHOT_VERSION: u32 = 2;
+/// 3: the machine state carries the state version header
+/// ([`crate::persist::STATE_VERSION`]).
+pub const SNAPSHOT_VERSION: u32 = 3;
 
 /// Errors reading or writing a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -89,10 +92,11 @@ pub fn write(path: &Path, state: &MachineState, mem: &GuestMemory) -> Result<(),
             inner: BufWriter::with_capacity(1 << 20, file),
             crc: 0,
         };
-        let encoded = postcard::to_stdvec(state).map_err(|e| SnapshotError::Malformed {
-            path: path.to_path_buf(),
-            reason: format!("encoding the machine state: {e}"),
-        })?;
+        let encoded =
+            encode_state("machine state", state).map_err(|e| SnapshotError::Malformed {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         w.write_all(&SNAPSHOT_MAGIC).map_err(io)?;
         w.write_all(&SNAPSHOT_VERSION.to_le_bytes()).map_err(io)?;
         w.write_all(&(encoded.len() as u64).to_le_bytes())
@@ -174,8 +178,8 @@ pub fn parse(path: &Path, mut bytes: Vec<u8>) -> Result<Snapshot, SnapshotError>
         .checked_add(usize::try_from(state_len).map_err(|_| malformed("state length"))?)
         .filter(|&end| end <= body_len)
         .ok_or_else(|| malformed("machine state runs past the end"))?;
-    let state: MachineState = postcard::from_bytes(&bytes[20..state_end])
-        .map_err(|e| malformed(&format!("machine state: {e}")))?;
+    let state: MachineState = decode_state("machine state", &bytes[20..state_end])
+        .map_err(|e| malformed(&e.to_string()))?;
     bytes.truncate(body_len);
     let memory_image = bytes.split_off(state_end);
     Ok(Snapshot {

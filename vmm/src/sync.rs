@@ -19,6 +19,7 @@ use recordlog::{Digest, Hasher, SyncPoint};
 use crate::devices::DevicesState;
 use crate::dirty::{ConsumerId, DirtyError};
 use crate::machine::Machine;
+use crate::persist::{decode_state, encode_state, StateError};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{VcpuError, VcpuState};
 use crate::{GuestMemory, PAGE_SIZE};
@@ -34,12 +35,8 @@ pub enum SyncError {
     Memory(#[from] MemoryError),
     #[error("devices: {0}")]
     Devices(#[from] crate::devices::DevicesError),
-    #[error("sync point state does not decode: {0}")]
-    Decode(String),
-    #[error("the sync point's vCPU state does not decode: {0}")]
-    VcpuState(postcard::Error),
-    #[error("the sync point's device state does not decode: {0}")]
-    DeviceState(postcard::Error),
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("sync point page at {gpa:#x} is {len} bytes, not one page ({PAGE_SIZE})")]
     PageSize { gpa: u64, len: usize },
     #[error("sync point page at {gpa:#x} is not page-aligned")]
@@ -100,9 +97,8 @@ impl SyncPointCheck {
 }
 
 fn decode_states(sp: &SyncPoint) -> Result<(VcpuState, DevicesState), SyncError> {
-    let vcpu: VcpuState = postcard::from_bytes(&sp.vcpu_state).map_err(SyncError::VcpuState)?;
-    let devices: DevicesState =
-        postcard::from_bytes(&sp.device_state).map_err(SyncError::DeviceState)?;
+    let vcpu: VcpuState = decode_state("sync point's vCPU state", &sp.vcpu_state)?;
+    let devices: DevicesState = decode_state("sync point's device state", &sp.device_state)?;
     Ok((vcpu, devices))
 }
 
@@ -113,22 +109,29 @@ fn msr_in_digest(index: u32) -> bool {
     !matches!(index, 0x10 | 0x3b)
 }
 
-fn hash_pod<T: serde::Serialize>(h: &mut Hasher, v: &T) {
-    let bytes = postcard::to_stdvec(v).unwrap_or_default();
+/// Hash the postcard form of `v`; a value that cannot be encoded is an
+/// error, never hashed as if it were empty.
+fn hash_pod<T: serde::Serialize>(
+    h: &mut Hasher,
+    what: &'static str,
+    v: &T,
+) -> Result<(), StateError> {
+    let bytes = postcard::to_stdvec(v).map_err(|source| StateError::Encode { what, source })?;
     h.update_field(&bytes);
+    Ok(())
 }
 
 /// Digest of the vCPU state, without host-time-dependent parts.
-pub fn vcpu_digest(h: &mut Hasher, s: &VcpuState) {
-    hash_pod(h, &s.regs);
-    hash_pod(h, &s.sregs);
-    hash_pod(h, &s.xsave);
-    hash_pod(h, &s.xcrs);
+pub fn vcpu_digest(h: &mut Hasher, s: &VcpuState) -> Result<(), StateError> {
+    hash_pod(h, "vCPU registers", &s.regs)?;
+    hash_pod(h, "vCPU special registers", &s.sregs)?;
+    hash_pod(h, "vCPU XSAVE area", &s.xsave)?;
+    hash_pod(h, "vCPU XCRs", &s.xcrs)?;
     for m in s.msrs.iter().filter(|m| msr_in_digest(m.index)) {
         h.update_u64(m.index as u64).update_u64(m.data);
     }
-    hash_pod(h, &s.debug_regs);
-    hash_pod(h, &s.mp_state);
+    hash_pod(h, "vCPU debug registers", &s.debug_regs)?;
+    hash_pod(h, "vCPU MP state", &s.mp_state)
 }
 
 /// Digest of guest memory: the region layout, then every non-zero page
@@ -148,17 +151,17 @@ pub fn state_digest(
     mem: &GuestMemory,
     vcpu: &VcpuState,
     devices: &DevicesState,
-) -> Result<Digest, MemoryError> {
+) -> Result<Digest, SyncError> {
     let mut h = Hasher::new();
     memory_digest(&mut h, mem)?;
-    vcpu_digest(&mut h, vcpu);
+    vcpu_digest(&mut h, vcpu)?;
     // Host resources are not guest state: each side replays its own copy
     // of the disk, wherever it lives (DESIGN.md rule 7).
     let mut devices = devices.clone();
     if let Some(b) = devices.block.as_mut() {
         b.path = Default::default();
     }
-    hash_pod(&mut h, &devices);
+    hash_pod(&mut h, "device state", &devices)?;
     Ok(h.finalize())
 }
 
@@ -262,9 +265,8 @@ impl Machine {
             Digest::ZERO
         };
         Ok(SyncPoint {
-            vcpu_state: postcard::to_stdvec(&vcpu).map_err(|e| SyncError::Decode(e.to_string()))?,
-            device_state: postcard::to_stdvec(&devices)
-                .map_err(|e| SyncError::Decode(e.to_string()))?,
+            vcpu_state: encode_state("sync point's vCPU state", &vcpu)?,
+            device_state: encode_state("sync point's device state", &devices)?,
             pages,
             digest,
         })

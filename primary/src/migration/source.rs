@@ -690,7 +690,7 @@ impl Source<'_> {
                     MigrationError::Source(format!("syncing disk {}: {e}", d.path.display()))
                 })?;
         }
-        let state = postcard::to_stdvec(&frozen.state)
+        let state = vmm::persist::encode_state("machine state", &frozen.state)
             .map_err(|e| MigrationError::Protocol(e.to_string()))?;
         let n = state.len();
         self.send(&Message::DeviceState(state), n)?;

@@ -328,10 +328,10 @@ fn transfer(
                 conn.send_msg(&Message::RoundDone { round, dirty_pages })?;
             }
             Message::DeviceState(bytes) => {
-                state =
-                    Some(postcard::from_bytes(&bytes).map_err(|e| {
-                        TransferError::Local(format!("malformed machine state: {e}"))
-                    })?);
+                state = Some(
+                    vmm::persist::decode_state("machine state", &bytes)
+                        .map_err(|e| TransferError::Local(e.to_string()))?,
+                );
             }
             Message::SwitchoverReady { paused } => {
                 if paused && !opts.control_socket {
