@@ -242,7 +242,7 @@ impl Machine {
         self.vcpu.complete_pending_io()?;
         let vcpu = self.vcpu.save()?;
         let devices = self.devices.save();
-        Ok(state_digest(&self.vm.memory, &vcpu, &devices)?)
+        state_digest(&self.vm.memory, &vcpu, &devices)
     }
 
     /// Capture a sync point: vCPU, devices and the pages dirtied since the
