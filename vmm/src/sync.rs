@@ -121,11 +121,52 @@ fn hash_pod<T: serde::Serialize>(
     Ok(())
 }
 
+/// The XSAVE area as the guest can observe it. KVM sometimes reports a
+/// component that is in its initial state with its XSTATE_BV bit set and
+/// sometimes clear (seen on the x87/SSE bits of a freshly booted vCPU:
+/// about one boot in a hundred), and the software-reserved bytes 464..512
+/// of the legacy area belong to the host kernel. Both are normalised: a
+/// component whose contents are its initial values counts as not in use.
+fn canonical_xsave(xsave: &[u32]) -> Vec<u32> {
+    // Word offsets in the legacy region (4-byte words).
+    const SW_RESERVED: std::ops::Range<usize> = 116..128;
+    const XSTATE_BV: usize = 128;
+    const X87_HEADER: std::ops::Range<usize> = 0..6; // FCW..FDP
+    const X87_REGS: std::ops::Range<usize> = 8..40; // ST0-ST7
+    const XMM_REGS: std::ops::Range<usize> = 40..104; // XMM0-XMM15
+    let mut x = xsave.to_vec();
+    if x.len() <= XSTATE_BV {
+        return x;
+    }
+    x[SW_RESERVED].fill(0);
+    // A component whose bit is clear is in its initial state, whatever the
+    // area holds.
+    if x[XSTATE_BV] & 1 == 0 {
+        x[X87_HEADER].fill(0);
+        x[0] = 0x037f;
+        x[X87_REGS].fill(0);
+    }
+    if x[XSTATE_BV] & 2 == 0 {
+        x[XMM_REGS].fill(0);
+    }
+    let zero = |r: std::ops::Range<usize>, x: &[u32]| x[r].iter().all(|&w| w == 0);
+    // x87 initial state: FCW 0x037f, everything else zero.
+    let x87_init =
+        x[0] == 0x037f && x[X87_HEADER][1..].iter().all(|&w| w == 0) && zero(X87_REGS, &x);
+    if x87_init {
+        x[XSTATE_BV] &= !1;
+    }
+    if zero(XMM_REGS, &x) {
+        x[XSTATE_BV] &= !2;
+    }
+    x
+}
+
 /// Digest of the vCPU state, without host-time-dependent parts.
 pub fn vcpu_digest(h: &mut Hasher, s: &VcpuState) -> Result<(), StateError> {
     hash_pod(h, "vCPU registers", &s.regs)?;
     hash_pod(h, "vCPU special registers", &s.sregs)?;
-    hash_pod(h, "vCPU XSAVE area", &s.xsave)?;
+    hash_pod(h, "vCPU XSAVE area", &canonical_xsave(&s.xsave))?;
     hash_pod(h, "vCPU XCRs", &s.xcrs)?;
     for m in s.msrs.iter().filter(|m| msr_in_digest(m.index)) {
         h.update_u64(m.index as u64).update_u64(m.data);
@@ -163,6 +204,28 @@ pub fn state_digest(
     }
     hash_pod(&mut h, "device state", &devices)?;
     Ok(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_xsave;
+
+    #[test]
+    fn init_components_hash_alike_whatever_xstate_bv_says() {
+        let mut a = vec![0u32; 1024];
+        a[0] = 0x037f;
+        a[6] = 0x1f80;
+        a[116] = 0x600e7;
+        let mut b = a.clone();
+        b[116] = 0;
+        b[128] = 0x3;
+        assert_eq!(canonical_xsave(&a), canonical_xsave(&b));
+        // A live XMM register keeps its bit.
+        let mut c = b.clone();
+        c[40] = 1;
+        assert_ne!(canonical_xsave(&c), canonical_xsave(&a));
+        assert_eq!(canonical_xsave(&c)[128], 0x2);
+    }
 }
 
 /// The replayer's copy of memory as of the last applied sync point. Only
