@@ -119,6 +119,17 @@ pub mod reg {
     pub const CONFIG_GENERATION: u64 = 0xfc;
 }
 
+/// A guest read of `data.len()` bytes at `offset` of a device's
+/// configuration space `config`: bytes past its end read as 0.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(start) = usize::try_from(offset).ok().filter(|&o| o < config.len()) else {
+        return;
+    };
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
+
 /// Why a saved transport state cannot be restored.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {

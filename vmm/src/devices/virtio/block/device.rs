@@ -40,7 +40,8 @@ use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::devices::virtio::mmio::{
-    MmioEvent, MmioTransport, CONFIG_SPACE_OFFSET, QUEUE_MAX_SIZE, VIRTIO_F_VERSION_1,
+    read_config_space, MmioEvent, MmioTransport, CONFIG_SPACE_OFFSET, QUEUE_MAX_SIZE,
+    VIRTIO_F_VERSION_1,
 };
 use crate::GuestMemory;
 
@@ -367,14 +368,7 @@ impl VirtioBlock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let c = self.config_space();
-        if offset >= c.len() as u64 {
-            return;
-        }
-        let start = offset as usize;
-        let n = data.len().min(c.len() - start);
-        data[..n].copy_from_slice(&c[start..start + n]);
+        read_config_space(&self.config_space(), offset, data);
     }
 
     /// Process every chain in the available ring (at most one queue's worth:

@@ -29,7 +29,7 @@ use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::mac::MacAddr;
 use crate::devices::virtio::mmio::{
-    MmioEvent, MmioTransport, CONFIG_SPACE_OFFSET, VIRTIO_F_VERSION_1,
+    read_config_space, MmioEvent, MmioTransport, CONFIG_SPACE_OFFSET, VIRTIO_F_VERSION_1,
 };
 use crate::GuestMemory;
 
@@ -123,20 +123,11 @@ impl VirtioNet {
         self.transport.interrupt_status() != 0
     }
 
-    /// A guest read at `offset` in the MMIO window.
+    /// A guest read at `offset` in the MMIO window (the configuration
+    /// space is the MAC address).
     pub fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
-            data.fill(0);
-            let mac = self.mac.bytes();
-            let start = offset - CONFIG_SPACE_OFFSET;
-            for (i, b) in data.iter_mut().enumerate() {
-                if let Some(v) = usize::try_from(start + i as u64)
-                    .ok()
-                    .and_then(|j| mac.get(j))
-                {
-                    *b = *v;
-                }
-            }
+            read_config_space(&self.mac.bytes(), offset - CONFIG_SPACE_OFFSET, data);
         } else {
             self.transport.read_register(offset, data);
         }
