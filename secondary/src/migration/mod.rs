@@ -162,6 +162,9 @@ fn receive_one(
 ) -> Result<Received, ReceiveError> {
     let peer = conn.peer().clone();
     let from = format!("{} at {}", peer.hello.name, peer.addr);
+    if header.disk.is_none() && (opts.disk.is_some() || opts.disk_dir.is_some()) {
+        eprintln!("tandem: the VM from {from} has no disk; --disk/--disk-dir is not used");
+    }
     let (incoming, disk) = match accept_header(header, opts) {
         Ok(x) => x,
         Err(reason) => {
