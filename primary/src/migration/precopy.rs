@@ -34,7 +34,9 @@ pub(crate) const MAX_THROTTLE: u32 = vmm::throttle::MAX_PCT;
 /// The link as the pre-copy sees it at the end of a round.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Link {
-    /// Smoothed round-trip time.
+    /// The link's round trip: the smallest one seen (the smoothed one is
+    /// inflated by the handshake's own processing, queueing and
+    /// retransmissions; the transfer term covers the bytes' own time).
     pub rtt: Duration,
     /// Drain rate measured on rounds big enough to tell (bytes/s).
     pub measured: Option<f64>,

@@ -501,7 +501,7 @@ impl Source<'_> {
 
     fn link(&self, measured: Option<f64>) -> Link {
         Link {
-            rtt: self.rtt(),
+            rtt: self.min_rtt(),
             measured,
             initial: INITIAL_BANDWIDTH,
             cap: self.params.max_bandwidth,
