@@ -180,10 +180,14 @@ mod tests {
             std::thread::sleep(Duration::from_micros(100));
         }
         let slept = t.throttled();
-        let frac = slept.as_secs_f64() / start.elapsed().as_secs_f64();
-        // Oversleeps are paid back in the next cycle; allow one.
-        assert!(frac <= 0.75, "slept {frac} of the time at 60 %");
-        assert!(frac > 0.0, "the throttle never slept");
+        let elapsed = start.elapsed();
+        // Every oversleep is paid back by the next sleep; only the last
+        // one is still outstanding. Without it, the sleeps are at most
+        // 60 % of the time, however late the host woke us.
+        let owed = slept.saturating_sub(duty.overslept);
+        let frac = owed.as_secs_f64() / elapsed.as_secs_f64();
+        assert!(frac <= 0.6 + 1e-3, "slept {frac} of the time at 60 %");
+        assert!(slept > Duration::ZERO, "the throttle never slept");
         // A long sleep ends as soon as the throttle is lifted.
         t.set(99);
         let t2 = t.clone();
