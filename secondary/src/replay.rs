@@ -576,3 +576,75 @@ impl<S: EntrySource> Inputs for Replayer<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use recordlog::{Header, InitialState, LogReader, LogWriter, OutputRecord};
+    use vmm::sync::SyncPointCheck;
+
+    fn replayer(entries: &[Entry]) -> Replayer<LogReader<std::io::Cursor<Vec<u8>>>> {
+        let header = Header::new(Vec::new(), InitialState::Boot);
+        let mut w = LogWriter::new(Vec::new(), &header).unwrap();
+        for e in entries {
+            w.append(e).unwrap();
+        }
+        let bytes = w.into_inner().unwrap();
+        let (r, _) = LogReader::open(std::io::Cursor::new(bytes)).unwrap();
+        Replayer::new(r, 0, false, SyncPointCheck::from_regions(Vec::new()))
+    }
+
+    fn out(exit_seq: u64, kind: OutputKind, bytes: &[u8]) -> Output {
+        Output {
+            exit_seq,
+            kind,
+            bytes: bytes.to_vec(),
+        }
+    }
+
+    #[test]
+    fn outputs_are_checked_against_the_log_and_frames_replayed() {
+        let frame = vec![0xab; 60];
+        let mut r = replayer(&[
+            Entry::Input {
+                exit_seq: 3,
+                input: Input::NetFrame(frame.clone()),
+            },
+            Entry::Output {
+                exit_seq: 5,
+                output: OutputRecord::of(OutputKind::NetFrame, b"sent"),
+            },
+            Entry::Output {
+                exit_seq: 7,
+                output: OutputRecord::of(OutputKind::Console, b"hello\n"),
+            },
+            Entry::Output {
+                exit_seq: 9,
+                output: OutputRecord::of(OutputKind::Console, b"ok\n"),
+            },
+        ]);
+        // Frames only at their exit.
+        assert_eq!(r.net_frame(2), None);
+        assert_eq!(r.net_frame(3), Some(frame));
+        assert_eq!(r.net_frame(3), None);
+        r.emit(out(5, OutputKind::NetFrame, b"sent")).unwrap();
+        r.emit(out(7, OutputKind::Console, b"hello\n")).unwrap();
+        assert_eq!((r.outputs_checked, r.frames_replayed), (2, 1));
+        // Other bytes than the recorded ones: a divergence naming both.
+        let d = r.emit(out(9, OutputKind::Console, b"KO\n")).unwrap_err();
+        assert_eq!(d.exit_seq, 9);
+        assert!(d.expected.contains("Console"), "{d}");
+        assert!(d.found.contains("KO"), "{d}");
+    }
+
+    #[test]
+    fn an_output_the_log_does_not_have_is_a_divergence() {
+        let mut r = replayer(&[Entry::Output {
+            exit_seq: 8,
+            output: OutputRecord::of(OutputKind::Console, b"late\n"),
+        }]);
+        let d = r.emit(out(4, OutputKind::NetFrame, &[1; 60])).unwrap_err();
+        assert_eq!(d.exit_seq, 4);
+        assert!(d.expected.contains("60-byte frame"), "{d}");
+    }
+}

@@ -347,3 +347,51 @@ impl Inputs for LiveInputs {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_frame_wakes_an_idle_guest_and_is_delivered_once() {
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        let net = TapReceiver {
+            frames: rx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        };
+        let mut live = LiveInputs::new(0, None).with_net(Some(net));
+        assert_eq!(live.net_frame(0), None);
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            tx.send(vec![7u8; 60]).unwrap();
+            tx
+        });
+        // No deadline: only the frame can wake it.
+        assert!(live.wait_idle(0, None));
+        assert_eq!(live.net_frame(1), Some(vec![7u8; 60]));
+        assert_eq!(live.net_frame(1), None);
+        // A frame already waiting (the guest has no buffer): further frames
+        // do not wake it, the deadline does.
+        let tx = sender.join().unwrap();
+        tx.send(vec![1; 60]).unwrap();
+        assert!(live.wait_idle(2, None));
+        tx.send(vec![2; 60]).unwrap();
+        let t = Instant::now();
+        assert!(live.wait_idle(3, Some(live.now_ns() + 50_000_000)));
+        assert!(t.elapsed() >= Duration::from_millis(40));
+        assert_eq!(live.net_frame(4), Some(vec![1; 60]));
+        assert_eq!(live.net_frame(4), Some(vec![2; 60]));
+    }
+
+    #[test]
+    fn the_wakeup_ends_an_idle_wait() {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let mut live = LiveInputs::new(0, None).with_wakeup(rx);
+        tx.send(()).unwrap();
+        assert!(live.wait_idle(0, None));
+        // Nothing left to wake it: halted for good.
+        assert!(!live.wait_idle(0, None));
+    }
+}
