@@ -1,28 +1,49 @@
-//! Live migration: Tandem against QEMU on this machine, side by side.
+//! Live migration: Tandem against QEMU on this machine, side by side, over
+//! loopback and over an emulated WAN.
 //!
-//! `cargo bench --bench migrate` (env `TANDEM_BENCH_REPEAT=R`, default 5:
-//! runs per case, the median is reported).
+//! `cargo bench --bench migrate [-- FILTER...]`: with filters, only the
+//! cases whose label contains one of them run (e.g. `-- loopback`,
+//! `-- wan`, `-- "100mbit"`, `-- fill`); env `TANDEM_BENCH_CASES` (comma
+//! separated) does the same. `TANDEM_BENCH_REPEAT=R` runs each case R
+//! times and reports the median (default 3 over loopback, 1 over the WAN;
+//! the whole bench takes a few minutes).
 //!
 //! Both VMMs run the same guest image (the built-in test guest, written out
 //! by the hidden `tandem guest-elf` and booted by QEMU through PVH with
-//! `-kernel`), with 64 MiB of RAM, running `dirty PAGES N` (PAGES pages
-//! rewritten in a loop: 256 = 1 MiB, 8192 = 32 MiB working set) during the
-//! migration, which starts once the guest has printed `round 3`. Both
-//! migrate over loopback to a destination process on the same host with a
-//! 30 ms downtime target and no bandwidth cap:
+//! `-kernel`), with 64 MiB of RAM, running a workload during the migration:
+//! `dirty PAGES` (one word of each of PAGES pages rewritten in a loop: the
+//! pages compress to a few bytes) or `fill PAGES` (every byte of each page
+//! rewritten with random data each round: incompressible, like a real
+//! guest's memory); 256 pages = 1 MiB, 8192 = 32 MiB working set. The
+//! migration starts once the guest has printed `round 3` (`round 1` for
+//! `fill 8192`, whose rounds take seconds on this emulated host).
+//!
+//! Links:
+//! * **loopback**: source and destination processes on this host, 30 ms
+//!   downtime target, no bandwidth cap.
+//! * **wan**: source in one network namespace, destination in another,
+//!   joined by `tandem-wan` (tests/wan/README.md: MTU 9000, 64 MiB TCP
+//!   buffers) at 150 ms RTT, 0% or 1% loss each way, a 1 Gbit/s or
+//!   100 Mbit/s bottleneck; a 100 ms downtime target for both VMMs (75 ms
+//!   of it is the one-way trip that no switchover can avoid).
 //!
 //! * **Tandem**: `tandem run --api-socket` → `tandem migrate --json` →
-//!   `tandem receive` (QUIC + mutual TLS). Downtime: from the guest's stop
-//!   on the source to the destination's `Running` arriving back at the
-//!   source. Bytes: UDP payload bytes the source sent (QUIC, TLS and the
-//!   handshake included).
+//!   `tandem receive` (QUIC + mutual TLS). Total: from the request to the
+//!   destination's confirmation, connection setup included. Downtime: from
+//!   the guest's stop on the source to the destination's `Running` arriving
+//!   back at the source. Bytes: UDP payload bytes the source sent (QUIC,
+//!   TLS and the handshake included).
 //! * **QEMU** (Debian's `qemu-system-x86`, installed with apt if missing):
 //!   `-enable-kvm -cpu max,-arch-capabilities -nodefaults`, migration with
-//!   QMP `migrate` to `-incoming tcp:` with `downtime-limit` 30 and
+//!   QMP `migrate` to `-incoming tcp:` with the same `downtime-limit` and
 //!   `max-bandwidth` unlimited; numbers from `query-migrate`: `total-time`,
 //!   `downtime` (QEMU stops measuring when the source has sent the last
-//!   byte: it does not include the destination's load), `ram.transferred`
-//!   (RAM payload only: no TCP/IP headers, no device state).
+//!   byte: it does not include the trip to the destination nor its load),
+//!   `ram.transferred` (RAM payload only: no TCP/IP headers, no device
+//!   state).
+
+#[path = "../tests/common/wan.rs"]
+mod wan;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -30,7 +51,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use wan::{Wan, WanLink};
+
 const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
+/// Subnet of the WAN namespaces (10.S.0.1 source, 10.S.0.2 destination).
+const WAN_SUBNET: u8 = 230;
+const WAN_DST: &str = "10.230.0.2";
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Sample {
@@ -74,14 +100,59 @@ fn free_port() -> u16 {
     s.local_addr().unwrap().port()
 }
 
-fn tandem_once(dir: &Path, pages: u32) -> Sample {
+/// What one case runs: the guest's workload, when to start, over which link.
+struct Case {
+    label: String,
+    cmdline: String,
+    marker: &'static str,
+    downtime_ms: u32,
+    /// `None`: loopback.
+    link: Option<WanLink>,
+}
+
+/// Where the two hosts are: loopback, or the namespaces of a WAN.
+#[derive(Clone, Copy)]
+enum Net<'a> {
+    Loopback,
+    Wan(&'a Wan),
+}
+
+impl Net<'_> {
+    /// (source prefix, destination prefix, destination IP)
+    fn hosts(&self) -> (Vec<String>, Vec<String>, String) {
+        match self {
+            Net::Loopback => (vec![], vec![], "127.0.0.1".into()),
+            Net::Wan(w) => (
+                w.in_a().iter().map(|s| s.to_string()).collect(),
+                w.in_b().iter().map(|s| s.to_string()).collect(),
+                w.ip_b.clone(),
+            ),
+        }
+    }
+}
+
+/// `prog` run through `prefix` (e.g. `ip netns exec NS`).
+fn command(prefix: &[String], prog: &str) -> Command {
+    match prefix.split_first() {
+        None => Command::new(prog),
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(prog);
+            c
+        }
+    }
+}
+
+fn tandem_once(dir: &Path, net: Net, case: &Case) -> Sample {
     let pki = dir.join("pki");
     if !pki.join("b.pem").exists() {
         let d = pki.to_str().unwrap();
         for args in [
             vec!["certs", "init", "--dir", d],
             vec!["certs", "issue", "--dir", d, "--name", "a"],
-            vec!["certs", "issue", "--dir", d, "--name", "b"],
+            vec![
+                "certs", "issue", "--dir", d, "--name", "b", "--san", WAN_DST,
+            ],
         ] {
             assert!(Command::new(TANDEM)
                 .args(&args)
@@ -101,10 +172,10 @@ fn tandem_once(dir: &Path, pages: u32) -> Sample {
             pki.join(format!("{h}.key")).to_string_lossy().into_owned(),
         ]
     };
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
+    let (in_src, in_dst, dst_ip) = net.hosts();
+    let listen = format!("{dst_ip}:{}", free_port());
     let _dst = Kill(
-        Command::new(TANDEM)
+        command(&in_dst, TANDEM)
             .args(["receive", "--listen", &listen, "--serial", "null"])
             .args(creds("b"))
             .stdout(Stdio::null())
@@ -115,9 +186,10 @@ fn tandem_once(dir: &Path, pages: u32) -> Sample {
     let sock = dir.join("t.sock");
     let out = dir.join("t.out");
     let _ = std::fs::remove_file(&out);
+    let _ = std::fs::remove_file(&sock);
     let _src = Kill(
-        Command::new(TANDEM)
-            .args(["run", "--cmdline", &format!("dirty {pages} 1000000")])
+        command(&in_src, TANDEM)
+            .args(["run", "--cmdline", &case.cmdline])
             .arg("--api-socket")
             .arg(&sock)
             .arg("--serial")
@@ -129,28 +201,32 @@ fn tandem_once(dir: &Path, pages: u32) -> Sample {
     );
     assert!(wait_path(&sock, Duration::from_secs(30)), "no API socket");
     assert!(
-        wait_file_contains(&out, "round 3\n", Duration::from_secs(60)),
+        wait_file_contains(&out, case.marker, Duration::from_secs(120)),
         "guest did not start"
     );
     std::thread::sleep(Duration::from_millis(50)); // the receiver is listening by now
     let o = Command::new(TANDEM)
         .args(["migrate", "--json", "--api"])
         .arg(&sock)
-        .args(["--to", &listen, "--downtime-ms", "30"])
+        .args(["--to", &listen])
+        .args(["--downtime-ms", &case.downtime_ms.to_string()])
         .args(creds("a"))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
-    let done = text
+    let Some(done) = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| v["event"] == "done")
-        .unwrap_or_else(|| {
-            panic!(
-                "tandem migrate failed: {text}\n{}",
-                String::from_utf8_lossy(&o.stderr)
-            )
-        });
+    else {
+        let err = String::from_utf8_lossy(&o.stderr);
+        println!("{:<28} tandem migrate failed: {}", "", err.trim());
+        return Sample {
+            total_ms: f64::NAN,
+            downtime_ms: f64::NAN,
+            bytes: f64::NAN,
+        };
+    };
     Sample {
         total_ms: done["total_ms"].as_f64().unwrap(),
         downtime_ms: done["downtime_ms"].as_f64().unwrap(),
@@ -203,7 +279,7 @@ impl Qmp {
     }
 }
 
-fn qemu_args(elf: &Path, pages: u32) -> Vec<String> {
+fn qemu_args(elf: &Path, cmdline: &str) -> Vec<String> {
     [
         "-enable-kvm",
         "-cpu",
@@ -223,33 +299,34 @@ fn qemu_args(elf: &Path, pages: u32) -> Vec<String> {
     .chain([
         elf.to_string_lossy().into_owned(),
         "-append".into(),
-        format!("dirty {pages} 1000000"),
+        cmdline.to_string(),
     ])
     .collect()
 }
 
-fn qemu_once(dir: &Path, elf: &Path, pages: u32) -> Sample {
-    let port = free_port();
+fn qemu_once(dir: &Path, elf: &Path, net: Net, case: &Case) -> Sample {
+    let (in_src, in_dst, dst_ip) = net.hosts();
+    let incoming = format!("tcp:{dst_ip}:{}", free_port());
     let (src_qmp, dst_qmp) = (dir.join("qs.qmp"), dir.join("qd.qmp"));
     let out = dir.join("q.out");
     for p in [&src_qmp, &dst_qmp, &out] {
         let _ = std::fs::remove_file(p);
     }
     let _dst = Kill(
-        Command::new("qemu-system-x86_64")
-            .args(qemu_args(elf, pages))
+        command(&in_dst, "qemu-system-x86_64")
+            .args(qemu_args(elf, &case.cmdline))
             .args(["-serial", "null", "-qmp"])
             .arg(format!("unix:{},server=on,wait=off", dst_qmp.display()))
             .arg("-incoming")
-            .arg(format!("tcp:127.0.0.1:{port}"))
+            .arg(&incoming)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
     let _src = Kill(
-        Command::new("qemu-system-x86_64")
-            .args(qemu_args(elf, pages))
+        command(&in_src, "qemu-system-x86_64")
+            .args(qemu_args(elf, &case.cmdline))
             .arg("-serial")
             .arg(format!("file:{}", out.display()))
             .arg("-qmp")
@@ -261,13 +338,16 @@ fn qemu_once(dir: &Path, elf: &Path, pages: u32) -> Sample {
     );
     let _dq = Qmp::connect(&dst_qmp);
     let mut q = Qmp::connect(&src_qmp);
-    q.cmd(r#"{"execute":"migrate-set-parameters","arguments":{"downtime-limit":30,"max-bandwidth":100000000000}}"#);
+    q.cmd(&format!(
+        r#"{{"execute":"migrate-set-parameters","arguments":{{"downtime-limit":{},"max-bandwidth":100000000000}}}}"#,
+        case.downtime_ms
+    ));
     assert!(
-        wait_file_contains(&out, "round 3\n", Duration::from_secs(120)),
+        wait_file_contains(&out, case.marker, Duration::from_secs(120)),
         "QEMU guest did not start"
     );
     q.cmd(&format!(
-        r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#
+        r#"{{"execute":"migrate","arguments":{{"uri":"{incoming}"}}}}"#
     ));
     let start = Instant::now();
     loop {
@@ -284,7 +364,7 @@ fn qemu_once(dir: &Path, elf: &Path, pages: u32) -> Sample {
             _ => {}
         }
         assert!(
-            start.elapsed() < Duration::from_secs(120),
+            start.elapsed() < Duration::from_secs(180),
             "QEMU migration hangs: {v}"
         );
         std::thread::sleep(Duration::from_millis(1));
@@ -325,12 +405,71 @@ fn ensure_qemu() -> bool {
         .is_ok()
 }
 
+/// Every case, in order: loopback first, then the WAN.
+fn cases() -> Vec<Case> {
+    let workloads = |kinds: &[&str]| {
+        let mut v = Vec::new();
+        for kind in kinds {
+            for (pages, size) in [(256u32, "1 MiB"), (8192, "32 MiB")] {
+                let marker = if *kind == "fill" && pages > 256 {
+                    "round 1\n"
+                } else {
+                    "round 3\n"
+                };
+                v.push((
+                    format!("{size} {kind}"),
+                    format!("{kind} {pages} 1000000"),
+                    marker,
+                ));
+            }
+        }
+        v
+    };
+    let mut cases = Vec::new();
+    for (what, cmdline, marker) in workloads(&["dirty", "fill"]) {
+        cases.push(Case {
+            label: format!("loopback {what}"),
+            cmdline,
+            marker,
+            downtime_ms: 30,
+            link: None,
+        });
+    }
+    for rate in ["1gbit", "100mbit"] {
+        for loss in ["0%", "1%"] {
+            for (what, cmdline, marker) in workloads(&["fill"]) {
+                cases.push(Case {
+                    label: format!("wan {rate} {loss} {what}"),
+                    cmdline,
+                    marker,
+                    downtime_ms: 100,
+                    link: Some(WanLink {
+                        seed: 8,
+                        ..WanLink::new(150.0, loss, Some(rate))
+                    }),
+                });
+            }
+        }
+    }
+    cases
+}
+
 fn main() {
-    // `cargo bench` passes --bench; nothing else to parse.
-    let repeat: usize = std::env::var("TANDEM_BENCH_REPEAT")
+    // `cargo bench` passes --bench; other words are filters.
+    let mut filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if let Ok(f) = std::env::var("TANDEM_BENCH_CASES") {
+        filters.extend(
+            f.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty()),
+        );
+    }
+    let repeat_env: Option<usize> = std::env::var("TANDEM_BENCH_REPEAT")
         .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+        .and_then(|s| s.parse().ok());
     let dir = std::env::temp_dir().join(format!("tandem-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let elf: PathBuf = dir.join("guest.elf");
@@ -344,27 +483,70 @@ fn main() {
     if !qemu {
         eprintln!("QEMU is not available: only Tandem's numbers are shown");
     }
+    let cases: Vec<Case> = cases()
+        .into_iter()
+        .filter(|c| filters.is_empty() || filters.iter().any(|f| c.label.contains(f.as_str())))
+        .collect();
     println!(
-        "live migration over loopback, 64 MiB guest, `dirty PAGES` running, median of {repeat}"
+        "live migration, 64 MiB guest, working set being rewritten; loopback: 30 ms target; \
+         wan: 150 ms RTT via tandem-wan, 100 ms target"
     );
     println!(
-        "{:<22} {:>12} {:>12} {:>14} | {:>12} {:>12} {:>14}",
-        "working set", "tandem total", "downtime", "bytes", "qemu total", "downtime", "bytes"
+        "{:<28} {:>12} {:>12} {:>14} | {:>12} {:>12} {:>14}",
+        "case (median of N)",
+        "tandem total",
+        "downtime",
+        "bytes",
+        "qemu total",
+        "downtime",
+        "bytes"
     );
     let mut notes = Vec::new();
-    for (pages, label) in [(256u32, "1 MiB (dirty 256)"), (8192, "32 MiB (dirty 8192)")] {
-        let t = median((0..repeat).map(|_| tandem_once(&dir, pages)).collect());
-        let q = if qemu {
-            Some(median(
-                (0..repeat).map(|_| qemu_once(&dir, &elf, pages)).collect(),
-            ))
-        } else {
-            None
+    let mut wan: Option<(String, Wan)> = None;
+    for case in &cases {
+        let net = match &case.link {
+            None => Net::Loopback,
+            Some(link) => {
+                let key = format!("{link:?}");
+                if wan.as_ref().is_none_or(|(k, _)| *k != key) {
+                    // Tear the previous one down before the next takes its subnet.
+                    drop(wan.take());
+                    let w = Wan::new(WAN_SUBNET, link)
+                        .unwrap_or_else(|e| panic!("setting up the WAN: {e}"));
+                    wan = Some((key, w));
+                }
+                Net::Wan(&wan.as_ref().unwrap().1)
+            }
         };
+        let repeat = repeat_env.unwrap_or(if case.link.is_some() { 1 } else { 3 });
+        // What the WAN dropped during one VMM's runs.
+        let drops = |run: &mut dyn FnMut() -> Sample| {
+            let before = wan.as_ref().map(|(_, w)| w.counters());
+            let s = median((0..repeat).map(|_| run()).collect());
+            let after = wan.as_ref().map(|(_, w)| w.counters());
+            let d = match (before, after) {
+                (Some(b), Some(a)) => format!(
+                    " (WAN dropped {} lost + {} queue full)",
+                    wan::counter(&a, "lost") - wan::counter(&b, "lost"),
+                    wan::counter(&a, "queue_full") - wan::counter(&b, "queue_full")
+                ),
+                _ => String::new(),
+            };
+            (s, d)
+        };
+        let (t, t_drops) = drops(&mut || tandem_once(&dir, net, case));
+        let q = qemu.then(|| drops(&mut || qemu_once(&dir, &elf, net, case)));
+        let (q, q_drops) = match q {
+            Some((s, d)) => (Some(s), d),
+            None => (None, String::new()),
+        };
+        if case.link.is_some() {
+            println!("{:<28} tandem{t_drops}, qemu{q_drops}", "");
+        }
         let qs = |f: fn(&Sample) -> String| q.as_ref().map(f).unwrap_or_else(|| "-".into());
         println!(
-            "{:<22} {:>9.1} ms {:>9.2} ms {:>14} | {:>9} ms {:>9} ms {:>14}",
-            label,
+            "{:<28} {:>9.1} ms {:>9.2} ms {:>14} | {:>9} ms {:>9} ms {:>14}",
+            format!("{} ({repeat})", case.label),
             t.total_ms,
             t.downtime_ms,
             format!("{:.0}", t.bytes),
@@ -372,9 +554,10 @@ fn main() {
             qs(|s| format!("{:.2}", s.downtime_ms)),
             qs(|s| format!("{:.0}", s.bytes)),
         );
+        let label = &case.label;
         if let Some(q) = q {
             println!(
-                "{:<22} ratios qemu/tandem: total {:.2}x, downtime {:.2}x, bytes {:.1}x",
+                "{:<28} ratios qemu/tandem: total {:.2}x, downtime {:.2}x, bytes {:.2}x",
                 "",
                 q.total_ms / t.total_ms,
                 q.downtime_ms / t.downtime_ms.max(1e-3),
@@ -383,27 +566,29 @@ fn main() {
             if t.total_ms > q.total_ms {
                 notes.push(format!(
                     "{label}: Tandem's total time is longer than QEMU's. Tandem's total includes \
-                     establishing the QUIC connection with mutual TLS (certificate load and \
-                     verification, ~tens of ms on this emulated host) and the zero-page scan of \
-                     all 64 MiB; QEMU's total-time starts after its plain-TCP connect and counts \
-                     neither authentication nor encryption."
+                     establishing the QUIC connection with mutual TLS; QEMU's total-time starts \
+                     after its plain-TCP connect and counts neither authentication nor \
+                     encryption."
                 ));
             }
             if t.downtime_ms > q.downtime_ms {
                 notes.push(format!(
                     "{label}: Tandem's downtime is longer than QEMU's. Tandem measures until the \
                      destination has restored the VM and its Running confirmation is back at \
-                     the source; QEMU stops its clock when the source has sent the last byte."
+                     the source (a full round trip over the WAN); QEMU stops its clock when the \
+                     source has sent the last byte."
                 ));
             }
             if t.bytes > q.bytes {
                 notes.push(format!(
-                    "{label}: Tandem sent more bytes: its count includes QUIC/TLS framing and \
-                     the handshake (certificates), QEMU's counts RAM payload only."
+                    "{label}: Tandem sent more bytes: its count includes QUIC/TLS framing, \
+                     retransmissions and the handshake (certificates), QEMU's counts RAM \
+                     payload only."
                 ));
             }
         }
     }
+    drop(wan);
     for n in notes {
         println!("note: {n}");
     }

@@ -249,6 +249,25 @@ impl Wan {
         out
     }
 
+    /// The forwarder's counters so far (it keeps running): the last two
+    /// lines it printed after SIGUSR1.
+    pub fn counters(&self) -> String {
+        let Some(child) = self.fwd.as_ref() else {
+            return String::new();
+        };
+        let before = self.fwd_out.lock().unwrap().len();
+        // SAFETY: signalling our own child process by its id.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGUSR1) };
+        let start = Instant::now();
+        loop {
+            let out = String::from_utf8_lossy(&self.fwd_out.lock().unwrap()[before..]).into_owned();
+            if out.lines().count() >= 2 || start.elapsed() > Duration::from_secs(2) {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// What the forwarder printed on stderr so far (start line, errors).
     pub fn log(&self) -> String {
         String::from_utf8_lossy(&self.fwd_err.lock().unwrap()).into_owned()

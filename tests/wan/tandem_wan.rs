@@ -7,7 +7,8 @@
 //! tail-drop queue, then `--delay-ms` of propagation. Frames are read and
 //! written with raw packet sockets (`packet.rs`), so the forwarder is an
 //! invisible wire: no addresses, no routing. On SIGTERM or SIGINT it prints
-//! what it forwarded and dropped per direction, on stdout, and exits 0.
+//! what it forwarded and dropped per direction, on stdout, and exits 0; on
+//! SIGUSR1 it prints the same and goes on.
 //!
 //! The topology the tests build around it is described in
 //! `tests/wan/README.md` and built by `tests/common/wan.rs`.
@@ -32,7 +33,7 @@ use packet::{PacketSocket, Recv, MAX_FRAME};
                   directions), each direction with its own seeded loss, bottleneck rate with a \
                   tail-drop queue, and one-way delay. Needs root (CAP_NET_RAW). Prints one line \
                   per direction with what it forwarded and dropped when it gets SIGTERM or \
-                  SIGINT.\n\nExample: tandem-wan --a veth1 --b veth2 --delay-ms 75 --loss 1% \
+                  SIGINT (and goes on after printing them on SIGUSR1).\n\nExample: tandem-wan --a veth1 --b veth2 --delay-ms 75 --loss 1% \
                   --rate 100mbit --seed 7"
 )]
 struct Args {
@@ -183,6 +184,7 @@ fn main() {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         // Sleep precisely: the delay line wakes per frame.
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
@@ -236,8 +238,13 @@ fn main() {
         queue.as_secs_f64() * 1000.0,
         args.seed
     );
-    let mut sig: libc::c_int = 0;
-    // SAFETY: `set` is initialised; `sig` is a valid out-parameter.
-    unsafe { libc::sigwait(&set, &mut sig) };
-    print_stats(&all);
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is initialised; `sig` is a valid out-parameter.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        print_stats(&all);
+        if sig != libc::SIGUSR1 {
+            break;
+        }
+    }
 }

@@ -571,7 +571,7 @@ impl Listener {
     /// the CA in `creds`.
     pub fn bind(addr: SocketAddr, creds: &Credentials, cfg: &ChannelConfig) -> Result<Self> {
         let sc = tls::server_config(creds, cfg)?;
-        let endpoint = Endpoint::server(sc, addr)?;
+        let endpoint = tls::endpoint(addr, Some(sc), cfg)?;
         Ok(Self {
             endpoint,
             cfg: Arc::new(cfg.clone()),
@@ -663,7 +663,7 @@ pub async fn connect(
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let mut endpoint = Endpoint::client(bind)?;
+    let mut endpoint = tls::endpoint(bind, None, cfg)?;
     endpoint.set_default_client_config(client_cfg);
     let res = tokio::time::timeout(
         cfg.handshake_timeout,

@@ -152,7 +152,11 @@ pub struct ChannelConfig {
     pub handshake_timeout: Duration,
     /// Largest accepted frame payload. Default [`DEFAULT_MAX_FRAME_LEN`].
     pub max_frame_len: u32,
-    /// Per-stream receive window (bytes in flight on one stream). Default 64 MiB.
+    /// Per-stream receive window (bytes in flight on one stream). Default
+    /// 16 MiB: 900 Mbit/s at 150 ms RTT. Larger is not better on lossy
+    /// links: quinn keeps at most 1024 out-of-order pieces of a stream and
+    /// kills the connection beyond that, and a full bottleneck queue drops
+    /// every other packet; 16 MiB of jumbo packets stays below that.
     pub stream_receive_window: u32,
     /// Connection receive window. Default 256 MiB.
     pub receive_window: u32,
@@ -179,7 +183,7 @@ impl ChannelConfig {
             keep_alive: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(10),
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
-            stream_receive_window: 64 << 20,
+            stream_receive_window: 16 << 20,
             receive_window: 256 << 20,
             send_window: 256 << 20,
             max_udp_payload: 9000,

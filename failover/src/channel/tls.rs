@@ -1,6 +1,7 @@
 //! rustls + quinn configuration: mutual TLS 1.3 against the cluster CA only,
 //! with the *ring* provider installed explicitly (no process-default provider).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,6 +75,29 @@ pub(crate) fn transport(cfg: &ChannelConfig) -> Result<Arc<TransportConfig>> {
     // Datagrams are unused.
     t.datagram_receive_buffer_size(None);
     Ok(Arc::new(t))
+}
+
+/// A QUIC endpoint on a UDP socket bound to `addr` (a server if
+/// `server` is given) that tells its peers it takes datagrams of up to
+/// `cfg.max_udp_payload` bytes. quinn's default (1472) is also the ceiling
+/// of the peer's path MTU discovery, which would otherwise never use a
+/// jumbo or loopback MTU however high [`transport`] sets its upper bound.
+pub(crate) fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    cfg: &ChannelConfig,
+) -> Result<quinn::Endpoint> {
+    let mut ec = quinn::EndpointConfig::default();
+    ec.max_udp_payload_size(cfg.max_udp_payload).map_err(|_| {
+        ChannelError::Config(format!(
+            "max UDP payload {} out of range (1200..=65527)",
+            cfg.max_udp_payload
+        ))
+    })?;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    Ok(quinn::Endpoint::new(ec, server, socket, runtime)?)
 }
 
 /// Server side: require and verify a client certificate from the cluster CA.
