@@ -61,6 +61,9 @@ impl Arena {
             // SAFETY: p..p+n lies inside `bytes` (16 bytes of slack for the
             // alignment), which is ours alone.
             unsafe { p.add(i).write(init) };
+            if i % 256 == 255 {
+                crate::io::progress(1024);
+            }
         }
         // SAFETY: all n elements were just initialised.
         unsafe { core::slice::from_raw_parts_mut(p, n) }

@@ -131,6 +131,30 @@ pub fn put_dec(mut v: u64) {
     }
 }
 
+/// Bytes of bulk work since the last [`progress`] exit.
+static WORK: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+/// Exit-free work allowed between two exits: about 1 KiB of per-byte
+/// work is ~1.5k instructions, ~1.5 ms on the emulated CPU.
+const WORK_PER_EXIT: usize = 1024;
+
+/// Account `bytes` of bulk work (scanning, copying, hashing); every
+/// ~1 KiB, take a cheap VM exit (a POST-code write to port 0x80). Long
+/// exit-free stretches make a recording VMM kick the vCPU to deliver a
+/// timer interrupt, and every kick costs a sync point (vCPU state and
+/// dirty pages) in the log; an exit the guest takes itself is a
+/// deterministic point where the interrupt can be delivered instead. It
+/// costs one exit (~6 µs) per ~1.5 ms of work.
+pub fn progress(bytes: usize) {
+    use core::sync::atomic::Ordering::Relaxed;
+    let w = WORK.load(Relaxed) + bytes;
+    if w >= WORK_PER_EXIT {
+        WORK.store(0, Relaxed);
+        outb(0x80, 0);
+    } else {
+        WORK.store(w, Relaxed);
+    }
+}
+
 /// isa-debug-exit style port: writing a status byte ends the VM.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 

@@ -148,7 +148,11 @@ impl Net {
                 .poll_ingress_single(t, &mut self.dev, &mut self.sockets)
                 != PollIngressSingleResult::None
             {}
+            // smoltcp's passes over the sockets are exit-free work too
+            // (see io::progress).
+            crate::io::progress(512);
             let busy = app(&mut self.sockets);
+            crate::io::progress(512);
             self.iface
                 .poll_egress(now(), &mut self.dev, &mut self.sockets);
             self.dev.kick();

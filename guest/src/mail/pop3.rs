@@ -339,7 +339,8 @@ fn fill(r: &mut Retr, buf: &[u8], tx: &mut [u8]) -> usize {
             r.bol = false;
             continue;
         }
-        let avail = (tx.len() - w).min(r.len - r.pos);
+        let avail = (tx.len() - w).min(r.len - r.pos).min(1024);
+        crate::io::progress(avail);
         let seg = &buf[r.pos..r.pos + avail];
         // Copy up to the next line-starting dot (never at 0: see above).
         let n = find_line_dot(seg, false).unwrap_or(avail);

@@ -156,8 +156,10 @@ impl Session {
         while i < b.len() {
             match self.data {
                 Data::Mid | Data::Bol => {
-                    // Copy up to the next line-starting dot (or the end).
-                    let rest = &b[i..];
+                    // Copy up to the next line-starting dot (or the end),
+                    // a slice at a time (see io::progress).
+                    let rest = &b[i..b.len().min(i + 1024)];
+                    crate::io::progress(rest.len());
                     match find_line_dot(rest, self.data == Data::Bol) {
                         Some(k) => {
                             self.add(&rest[..k]);
@@ -166,7 +168,7 @@ impl Session {
                         }
                         None => {
                             self.add(rest);
-                            i = b.len();
+                            i += rest.len();
                             self.data = if rest.last() == Some(&b'\n') {
                                 Data::Bol
                             } else {

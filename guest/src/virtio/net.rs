@@ -190,6 +190,7 @@ impl phy::RxToken for RxToken<'_> {
         let frame =
             unsafe { core::slice::from_raw_parts(rx_buf(self.id).add(HDR_LEN), len - HDR_LEN) };
         let r = f(frame);
+        crate::io::progress(frame.len());
         self.rx.q.push(self.id);
         self.rx.notify = true;
         r
