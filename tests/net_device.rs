@@ -403,3 +403,52 @@ fn migrated_guest_is_announced_with_rarp() {
     let (dcode, _, derr) = dst.finish();
     assert_eq!(dcode, 0, "{derr}");
 }
+
+/// A kernel of the operator's (`--kernel`) is told where the NIC is: the
+/// recorded configuration's command line names the NIC's window and IRQ
+/// (and the disk's, when there is one), the MAC is the one asked for.
+#[test]
+fn kernel_command_line_names_the_nic() {
+    let dir = TempDir::new("netcmdline");
+    let elf = dir.file("guest.elf");
+    tandem(&["guest-elf", "--out", arg(&elf)]).assert_status(0);
+    let disk = dir.disk("d.img", 1 << 20);
+    let log = dir.file("l.tlog");
+    let ns = NetNs::new("cl");
+    let out = ns
+        .command(common::TANDEM)
+        .args(["record", "--log", arg(&log), "--kernel", arg(&elf)])
+        .args([
+            "--cmdline",
+            "hello",
+            "--disk",
+            arg(&disk),
+            "--serial",
+            "null",
+        ])
+        .args(["--net", &format!("tap={TAP},mac=52:54:00:00:00:2a")])
+        .args(["--stop-at", "20"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = tandem(&["dump-log", "--log", arg(&log)]);
+    dump.assert_status(0);
+    let config = dump
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("config"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        config.contains("virtio_mmio.device=4K@0xd0000000:5")
+            && config.contains("virtio_mmio.device=4K@0xd0001000:6"),
+        "{config}"
+    );
+    assert!(config.contains("tap: \"tm0\""), "{config}");
+    assert!(config.contains("[82, 84, 0, 0, 0, 42]"), "{config}");
+}
