@@ -142,6 +142,18 @@ pub struct Server {
     path: PathBuf,
 }
 
+/// Migrations and disk moves whose client has not had its last answer yet
+/// (one server per process).
+static ANSWERING: AtomicUsize = AtomicUsize::new(0);
+
+impl Server {
+    /// Is a migration or disk move still to tell its client how it ended?
+    /// The process waits for that before it exits.
+    pub fn answering(&self) -> bool {
+        ANSWERING.load(Ordering::SeqCst) > 0
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
@@ -256,11 +268,15 @@ fn serve_conn(stream: UnixStream, ctl: &VmController) {
             Request::Resume => result(ctl.resume()),
             Request::Cancel => result(ctl.cancel_migration()),
             Request::Migrate(m) => {
+                ANSWERING.fetch_add(1, Ordering::SeqCst);
                 migrate(&mut w, ctl, &m);
+                ANSWERING.fetch_sub(1, Ordering::SeqCst);
                 return;
             }
             Request::MoveDisk(m) => {
+                ANSWERING.fetch_add(1, Ordering::SeqCst);
                 move_disk(&mut w, ctl, &m);
+                ANSWERING.fetch_sub(1, Ordering::SeqCst);
                 return;
             }
         };

@@ -260,3 +260,29 @@ fn progress_during_a_long_round_and_ctrl_c_cancels_cleanly() {
     assert_eq!(scode, 0, "{serr}");
     continues(&sout, &mut dst);
 }
+
+#[test]
+fn a_guest_that_ends_mid_migration_is_reported_once_and_clearly() {
+    let cmdline = "dirty 256 300";
+    let expected = reference(cmdline, None);
+    let pki = Pki::new(&["a", "b"], &[]);
+    let tmp = TempDir::new("ends");
+    let sock = tmp.s("a.sock");
+    let (mut dst, addr) = receiver(&[], LOOPBACK, &pki.creds("b"), &[]);
+    let mut src = source(&[], &sock, cmdline, &[]);
+    src.wait_round(20);
+    // Round 0 takes seconds at 2 kB/s; the guest's last 280 rounds do not.
+    let (code, out, err) =
+        start_migrate(&sock, &addr, &pki.creds("a"), &["--max-bandwidth", "2000"]).finish();
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("the guest ended on the source before the switchover"),
+        "{err}"
+    );
+    assert_eq!(err.matches("failed").count(), 1, "{err}");
+    let (scode, sout, serr) = src.finish();
+    assert_eq!(scode, 0, "{serr}");
+    assert_eq!(sout, expected);
+    dst.wait_for("failed", true);
+    assert!(!dst.ended(), "the receiver waits for the next VM");
+}

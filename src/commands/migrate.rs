@@ -29,6 +29,12 @@ pub fn run_with_api(
     let server = api::serve(sock, ctl)
         .map_err(|e| CmdError::Input(format!("--api-socket {}: {e}", sock.display())))?;
     let outcome = run_controlled(&mut machine, inputs, side);
+    // A migration in progress sees the guest's end and tells its client
+    // before this process (and the client's connection) goes away.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while server.answering() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     drop(server);
     match outcome? {
         ControlledOutcome::Guest(o) => Ok(outcome_status(o)),
@@ -286,7 +292,7 @@ fn vm_goes_on(sock: &Path) -> &'static str {
     match paused {
         Some(true) => "stays paused",
         Some(false) => "keeps running",
-        None => "stays as it was",
+        None => "has ended",
     }
 }
 

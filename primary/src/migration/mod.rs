@@ -139,7 +139,7 @@ pub enum MigrationError {
     Cancelled,
     #[error("a migration is already in progress")]
     Busy,
-    #[error("the VM has stopped")]
+    #[error("the guest ended on the source before the switchover")]
     VmEnded,
     #[error("cannot connect to the destination {addr}: {source}")]
     Connect {

@@ -234,9 +234,14 @@ impl Source<'_> {
         self.ctl.throttled().saturating_sub(self.throttled_before)
     }
 
+    /// A cancel, or the guest's end, stops the migration (until the guest
+    /// is frozen for the switchover).
     fn check_cancel(&self) -> Result<(), MigrationError> {
         if self.cancellable && self.ctl.cancel_requested() {
             return Err(MigrationError::Cancelled);
+        }
+        if self.cancellable && self.ctl.ended() {
+            return Err(MigrationError::VmEnded);
         }
         Ok(())
     }
