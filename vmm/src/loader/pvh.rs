@@ -35,10 +35,14 @@ const PT_LOAD: u32 = 1;
 /// A PT_LOAD segment: where it goes and how much of it is in the file.
 #[derive(Clone, Copy, Debug)]
 struct Segment {
+    offset: u64,
     paddr: u64,
     filesz: u64,
     memsz: u64,
 }
+
+/// `e_machine` of a 32-bit x86 ELF.
+const EM_386: u16 = 3;
 
 /// What a quick look at the program headers tells: the PT_LOAD segments and
 /// whether a PT_NOTE holds the PVH entry note.
@@ -47,15 +51,21 @@ struct ElfSummary {
     segments: Vec<Segment>,
     /// The entry of the first `XEN_ELFNOTE_PHYS32_ENTRY` note.
     pvh_entry: Option<u64>,
+    /// ELFCLASS32 (loaded here; linux-loader reads ELF64 only).
+    class32: bool,
+    /// `e_machine`.
+    machine: u16,
 }
 
 const PT_NOTE: u32 = 4;
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 0x12;
 
-/// Reads the program headers of a little-endian ELF64 file, only to check
-/// up front that the kernel fits and is PVH-capable and to zero its BSS;
-/// linux-loader does the loading and finds the entry. Returns `None` when
-/// the headers cannot be read: linux-loader then reports what is wrong.
+/// Reads the program headers of a little-endian ELF file: for ELF64, only
+/// to check up front that the kernel fits and is PVH-capable and to zero
+/// its BSS (linux-loader does the loading and finds the entry); ELF32
+/// (ELFCLASS32, the usual form of small PVH kernels) is loaded from this
+/// summary. Returns `None` when the headers cannot be read: linux-loader
+/// then reports what is wrong.
 fn summarize(file: &mut File) -> Option<ElfSummary> {
     let u16_at = |b: &[u8], o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap());
     let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
@@ -63,26 +73,55 @@ fn summarize(file: &mut File) -> Option<ElfSummary> {
     let mut ehdr = [0u8; 64];
     file.seek(SeekFrom::Start(0)).ok()?;
     file.read_exact(&mut ehdr).ok()?;
-    if ehdr[4] != 2 || ehdr[5] != 1 {
-        return None; // not ELFCLASS64 / ELFDATA2LSB
+    if ehdr[5] != 1 {
+        return None; // not ELFDATA2LSB
     }
-    let phoff = u64_at(&ehdr, 0x20);
-    let phentsize = u16_at(&ehdr, 0x36) as usize;
-    let phnum = u16_at(&ehdr, 0x38) as usize;
-    if phentsize != 56 {
+    let class32 = match ehdr[4] {
+        1 => true,
+        2 => false,
+        _ => return None,
+    };
+    // Field offsets of the two classes: (phoff, phentsize, phnum) in the
+    // ELF header; (offset, paddr, filesz, memsz) in a program header.
+    let (phoff, phentsize, phnum) = if class32 {
+        (
+            u64::from(u32_at(&ehdr, 0x1c)),
+            u16_at(&ehdr, 0x2a) as usize,
+            u16_at(&ehdr, 0x2c) as usize,
+        )
+    } else {
+        (
+            u64_at(&ehdr, 0x20),
+            u16_at(&ehdr, 0x36) as usize,
+            u16_at(&ehdr, 0x38) as usize,
+        )
+    };
+    if phentsize != if class32 { 32 } else { 56 } {
         return None;
     }
+    let field = |p: &[u8], o32: usize, o64: usize| {
+        if class32 {
+            u64::from(u32_at(p, o32))
+        } else {
+            u64_at(p, o64)
+        }
+    };
     let mut phdrs = vec![0u8; phentsize * phnum];
     file.seek(SeekFrom::Start(phoff)).ok()?;
     file.read_exact(&mut phdrs).ok()?;
-    let mut summary = ElfSummary::default();
+    let mut summary = ElfSummary {
+        class32,
+        machine: u16_at(&ehdr, 0x12),
+        ..Default::default()
+    };
     for p in phdrs.chunks_exact(phentsize) {
-        let (offset, filesz) = (u64_at(p, 0x08), u64_at(p, 0x20));
+        let (offset, filesz) = (field(p, 0x04, 0x08), field(p, 0x10, 0x20));
         match u32_at(p, 0) {
             PT_LOAD => summary.segments.push(Segment {
-                paddr: u64_at(p, 0x18),
+                offset,
+                paddr: field(p, 0x0c, 0x18),
                 filesz,
-                memsz: u64_at(p, 0x28),
+                memsz: field(p, 0x14, 0x28),
             }),
             PT_NOTE if filesz <= 1 << 20 => {
                 let mut notes = vec![0u8; filesz as usize];
@@ -130,7 +169,7 @@ pub(crate) fn load(
         });
     }
     // Every loadable segment must lie in guest RAM.
-    let segments = summary.segments;
+    let segments = summary.segments.clone();
     let seg_end = |s: &Segment| s.paddr.saturating_add(s.memsz.max(s.filesz));
     if segments
         .iter()
@@ -143,13 +182,18 @@ pub(crate) fn load(
         });
     }
 
-    let result = Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(|e| {
-        LoaderError::InvalidKernel {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        }
-    })?;
-    let entry = match (result.pvh_boot_cap, summary.pvh_entry) {
+    let (loaded_end, loaded_cap) = if summary.class32 {
+        load_elf32(mem, file, &summary, path)?
+    } else {
+        let result = Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(|e| {
+            LoaderError::InvalidKernel {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }
+        })?;
+        (result.kernel_end, result.pvh_boot_cap)
+    };
+    let entry = match (loaded_cap, summary.pvh_entry) {
         (PvhBootCapability::PvhEntryPresent(addr), _) => addr.raw_value(),
         // linux-loader 0.14 keeps the result of the *last* PT_NOTE segment
         // only; an ELF with the Xen note in an earlier one is still PVH.
@@ -184,7 +228,7 @@ pub(crate) fn load(
         .map(seg_end)
         .max()
         .unwrap_or(0)
-        .max(result.kernel_end);
+        .max(loaded_end);
 
     super::write_cmdline(mem, source, CMDLINE_MAX_SIZE - 1)?;
 
@@ -238,6 +282,60 @@ pub(crate) fn load(
         entry,
         boot_info: PVH_INFO_START,
     })
+}
+
+/// Load the PT_LOAD segments of an ELF32 x86 kernel at their physical
+/// addresses (what linux-loader does for ELF64). The segments were checked
+/// to lie in guest RAM; the entry is the PVH note's. Returns the end of the
+/// loaded image and the PVH capability (from the note).
+fn load_elf32(
+    mem: &GuestMemory,
+    file: &mut File,
+    summary: &ElfSummary,
+    path: &Path,
+) -> Result<(u64, PvhBootCapability), LoaderError> {
+    let invalid = |reason: String| LoaderError::InvalidKernel {
+        path: path.to_owned(),
+        reason,
+    };
+    if summary.machine != EM_386 {
+        return Err(invalid(format!(
+            "32-bit ELF for machine {} (only EM_386 x86 kernels boot)",
+            summary.machine
+        )));
+    }
+    let Some(entry) = summary.pvh_entry else {
+        return Err(LoaderError::NoPvhNote {
+            path: path.to_owned(),
+        });
+    };
+    let mut end = 0;
+    for s in &summary.segments {
+        if s.filesz > s.memsz {
+            return Err(invalid(format!(
+                "segment at {:#x} has more file bytes ({}) than memory ({})",
+                s.paddr, s.filesz, s.memsz
+            )));
+        }
+        if s.paddr < HIMEM_START {
+            return Err(invalid(format!(
+                "segment at {:#x} is below 1 MiB, where the boot structures live",
+                s.paddr
+            )));
+        }
+        let mut data = vec![0u8; s.filesz as usize];
+        file.seek(SeekFrom::Start(s.offset))
+            .and_then(|_| file.read_exact(&mut data))
+            .map_err(|e| invalid(format!("reading the segment at {:#x}: {e}", s.paddr)))?;
+        mem.write_slice(&data, GuestAddress(s.paddr))
+            .map_err(|e| LoaderError::GuestMemory {
+                path: path.to_owned(),
+                what: "a kernel segment",
+                reason: e.to_string(),
+            })?;
+        end = end.max(s.paddr + s.memsz);
+    }
+    Ok((end, PvhBootCapability::PvhEntryPresent(GuestAddress(entry))))
 }
 
 /// True if `path` looks like an ELF file (for callers that want to know
