@@ -70,9 +70,9 @@ fn throttled_guest_keeps_running_and_is_at_full_speed_right_after_a_failed_migra
         &pki.creds("a"),
         &["--downtime-ms", "0", "--max-bandwidth", "50000"],
     );
-    let s = wait_status(&sock, "auto-converge at 60 % or more", |s| {
-        throttle_pct(s) >= 60
-    });
+    // At the highest throttle a lingering one would make the guest 100
+    // times slower: far outside the noise of a loaded host (seen: 3x).
+    let s = wait_status(&sock, "auto-converge at 99 %", |s| throttle_pct(s) >= 99);
     // The destination dies; the source waits for it (its idle timeout)
     // with the guest throttled all along, then gives up.
     drop(dst);
@@ -84,18 +84,18 @@ fn throttled_guest_keeps_running_and_is_at_full_speed_right_after_a_failed_migra
     assert!(err.contains("the VM keeps running on the source"), "{err}");
     assert!(
         during > 0,
-        "the guest made no progress in {window:?} throttled at {}% or more\n{}",
+        "the guest made no progress in {window:?} throttled at {}%\n{}",
         throttle_pct(&s),
         src.describe()
     );
-    // Right after the failure: no throttle left.
+    // Right after the failure: no throttle left (1 % speed if it were).
     let after = src.time_rounds(SAMPLE);
     eprintln!(
-        "{SAMPLE} rounds: {base:?} before, {after:?} after the failure; {during} rounds in {window:?} throttled (from {}%)",
+        "{SAMPLE} rounds: {base:?} before, {after:?} after the failure; {during} rounds in {window:?} throttled at {}%",
         throttle_pct(&s)
     );
     assert!(
-        after < base * 4,
+        after < base * 10,
         "{SAMPLE} rounds took {after:?} after the failure, {base:?} before the migration"
     );
     let s = status(&sock);
