@@ -58,6 +58,58 @@ pub enum Command {
     /// Write the built-in test guest's ELF image (for benchmarks).
     #[command(hide = true)]
     GuestElf(GuestElfArgs),
+    /// Wait for a primary (`tandem run --protect-to`) and keep an exact
+    /// copy of its VM: replay its log in lockstep as it arrives, its console
+    /// only to --serial. The exit status is the guest's; 1 if the replay
+    /// diverged.
+    Secondary(SecondaryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SecondaryArgs {
+    /// Address to listen on (UDP), e.g. 0.0.0.0:4445 (port 0: any; the
+    /// address is printed on stderr).
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub creds: CredsArgs,
+    /// This host's copy of the VM's disk image: it must be the primary's
+    /// image byte for byte (checked by length and BLAKE3 before the VM is
+    /// taken; disks are not copied yet). Replay writes to it as the primary
+    /// writes to its own.
+    #[arg(long, value_name = "PATH")]
+    pub disk: Option<PathBuf>,
+    /// Where the replayed guest's console goes (null or file:PATH; it never
+    /// reaches the outside world while this host is the secondary).
+    #[arg(long, default_value = "null")]
+    pub serial: SerialTarget,
+    /// Also keep the received log in this file (it replays with `tandem
+    /// replay --log PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub log: Option<PathBuf>,
+}
+
+/// `tandem run --protect-to`: the secondary and this host's credentials.
+#[derive(Debug, Args)]
+pub struct ProtectArgs {
+    /// Protect the VM from its first exit: stream its log to the `tandem
+    /// secondary` at ADDR (HOST:PORT); every console byte leaves only after
+    /// the secondary has acknowledged the log up to the exit that wrote it.
+    #[arg(long, value_name = "ADDR", requires_all = ["ca", "cert", "key"])]
+    pub protect_to: Option<String>,
+    /// Name the secondary's certificate must carry (default: HOST of
+    /// --protect-to).
+    #[arg(long, requires = "protect_to")]
+    pub server_name: Option<String>,
+    /// The cluster CA certificate (`ca.pem`); needed with --protect-to.
+    #[arg(long, requires = "protect_to")]
+    pub ca: Option<PathBuf>,
+    /// This host's certificate (`NAME.pem`); needed with --protect-to.
+    #[arg(long, requires = "protect_to")]
+    pub cert: Option<PathBuf>,
+    /// This host's private key (`NAME.key`); needed with --protect-to.
+    #[arg(long, requires = "protect_to")]
+    pub key: Option<PathBuf>,
 }
 
 /// `tandem certs ...`
@@ -336,6 +388,8 @@ pub struct RunArgs {
     /// `tandem status`, `tandem migrate`).
     #[arg(long, conflicts_with = "snapshot_at")]
     pub api_socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub protect: ProtectArgs,
 }
 
 #[derive(Debug, Args)]

@@ -4,4 +4,5 @@
 
 pub mod certs;
 pub mod channel;
+pub mod lockstep;
 pub mod migration;

@@ -3,4 +3,5 @@
 //! source.
 
 pub mod migration;
+pub mod lockstep;
 pub mod record;

@@ -33,6 +33,15 @@ impl<W: std::io::Write + Send> EntrySink for recordlog::writer::LogWriter<W> {
     }
 }
 
+impl EntrySink for recordlog::QueueWriter {
+    fn append(&mut self, entry: &Entry) -> Result<(), String> {
+        recordlog::QueueWriter::append(self, entry).map_err(|e| e.to_string())
+    }
+    fn flush(&mut self) -> Result<(), String> {
+        recordlog::QueueWriter::flush(self).map_err(|e| e.to_string())
+    }
+}
+
 /// Recording parameters.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordOptions {
@@ -71,6 +80,7 @@ pub struct Recorder<I: Inputs, S: EntrySink> {
     opts: RecordOptions,
     last_sync_exit: u64,
     error: Option<String>,
+    flush_on_output: bool,
     pub stats: RecordStats,
 }
 
@@ -84,8 +94,17 @@ impl<I: Inputs, S: EntrySink> Recorder<I, S> {
             opts,
             last_sync_exit: start_exit,
             error: None,
+            flush_on_output: false,
             stats: RecordStats::default(),
         }
+    }
+
+    /// Flush the sink after logging each output, before passing it on (a
+    /// protected primary: the output waits for the secondary to have its
+    /// entry, so the entry must leave at once).
+    pub fn flush_on_output(mut self) -> Self {
+        self.flush_on_output = true;
+        self
     }
 
     /// Append an entry; the first failure is kept and ends the run.
@@ -140,6 +159,12 @@ impl<I: Inputs, S: EntrySink> Outputs for Recorder<I, S> {
             exit_seq: output.exit_seq,
             output: output.record(),
         });
+        if self.flush_on_output {
+            if let Err(e) = self.sink.flush() {
+                self.error
+                    .get_or_insert(format!("writing the record log failed: {e}"));
+            }
+        }
         self.live.emit(output)
     }
 }

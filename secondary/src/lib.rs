@@ -3,3 +3,4 @@
 
 pub mod migration;
 pub mod replay;
+pub mod lockstep;

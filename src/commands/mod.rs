@@ -4,10 +4,12 @@ mod certs;
 mod dump;
 mod migrate;
 mod progress;
+mod protect;
 mod receive;
 mod record;
 mod replay;
 mod run;
+mod lockstep;
 
 use vmm::run::RunError;
 
@@ -64,5 +66,6 @@ pub fn dispatch(cli: Cli) -> Result<i32, CmdError> {
         Command::Pause(args) => migrate::pause(args, true),
         Command::Resume(args) => migrate::pause(args, false),
         Command::GuestElf(args) => migrate::guest_elf(args),
+        Command::Secondary(args) => lockstep::secondary(args),
     }
 }

@@ -4,10 +4,10 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::time::{Duration, Instant};
 
-use primary::record::{RecordOptions, Recorder};
+use primary::record::{EntrySink, RecordOptions, Recorder};
 use recordlog::{Entry, Header, InitialState, LogWriter};
-use vmm::inputs::Inputs;
-use vmm::machine::LogConfig;
+use vmm::inputs::{Inputs, LiveInputs};
+use vmm::machine::{LogConfig, Machine};
 use vmm::run::RunLimits;
 
 use super::run::{boot, disk_config, outcome_status, restore_machine, vm_config};
@@ -53,57 +53,18 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
     );
     let file = File::create(&args.log)
         .map_err(|e| CmdError::Input(format!("--log {}: {e}", args.log.display())))?;
-    let mut writer = LogWriter::new(BufWriter::new(file), &header)
+    let writer = LogWriter::new(BufWriter::new(file), &header)
         .map_err(|e| CmdError::Internal(format!("--log {}: {e}", args.log.display())))?;
-    // The identity of the initial state, checked first by the replayer.
-    let start = machine.exit_seq;
-    let digest = machine
-        .digest()
-        .map_err(|e| CmdError::Internal(e.to_string()))?;
-    writer
-        .append(&Entry::Digest {
-            exit_seq: start,
-            digest,
-        })
-        .map_err(|e| CmdError::Internal(e.to_string()))?;
-    let stop = crate::signals::on_stop(machine.vcpu.kicker().clone());
-    let live = net::live_inputs(base_ns, console, host_net.as_ref())
-        .with_wakeup(stop.wakeup)
-        .with_kick_grace(Duration::from_micros(args.kick_grace_us));
-    let opts = RecordOptions {
+    let limits = Limits {
+        stop_at: args.stop_at,
+        kick_grace: Some(Duration::from_micros(args.kick_grace_us)),
         fingerprint_interval: args.fingerprint_interval,
         sync_interval: args.sync_interval,
     };
-    let mut recorder = Recorder::new(live, writer, opts, start);
-    let limits = RunLimits {
-        stop_at_exit: args.stop_at,
-        pause: Some(stop.flag),
-        ..Default::default()
-    };
-    let result = machine.run(&mut recorder, limits);
-    net::report(&machine, recorder.live_mut().net_frames_dropped());
-    let outcome = match result {
-        Ok(o) => o,
-        Err(e) => {
-            let _ = recorder.flush();
-            return Err(e.into());
-        }
-    };
-    // Stopped by a signal: the log is closed as for --stop-at (the last
-    // partial console line stays in the final sync point's device state).
-    super::run::stopped_by_signal(&mut machine, &mut recorder, false);
-    let status = outcome_status(outcome);
-    // Close the log: the final state (with digest) and the end.
+    let live = net::live_inputs(base_ns, console, host_net.as_ref());
+    let start = machine.exit_seq;
+    let (status, recorder) = record_run(&mut machine, live, writer, &limits, false)?;
     let seq = machine.exit_seq;
-    let sp = machine
-        .capture_sync_point(true)
-        .map_err(|e| CmdError::Internal(e.to_string()))?;
-    let _ = recorder.sync_point(seq, sp);
-    recorder.log(Entry::End {
-        exit_seq: seq,
-        status,
-    });
-    recorder.flush().map_err(CmdError::Internal)?;
     let stats = recorder.stats;
     let elapsed = started.elapsed().as_secs_f64();
     let bytes = std::fs::metadata(&args.log).map(|m| m.len()).unwrap_or(0);
@@ -124,4 +85,80 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
         machine.stats.kicks,
     );
     Ok(status)
+}
+
+/// How [`record_run`] records.
+pub struct Limits {
+    pub stop_at: Option<u64>,
+    pub kick_grace: Option<Duration>,
+    pub fingerprint_interval: u64,
+    pub sync_interval: u64,
+}
+
+/// Record `machine` into `sink` until the guest ends (or --stop-at, or a
+/// signal), then close the log: the initial digest first, the final sync
+/// point (with its digest) and the `End` last. `flush_on_output`: flush the
+/// sink at every output (a protected primary). Returns the run's status
+/// and the recorder.
+pub fn record_run<S: EntrySink>(
+    machine: &mut Machine,
+    live: LiveInputs,
+    mut writer: S,
+    limits: &Limits,
+    flush_on_output: bool,
+) -> Result<(i32, Recorder<LiveInputs, S>), CmdError> {
+    // The identity of the initial state, checked first by the replayer.
+    let start = machine.exit_seq;
+    let digest = machine
+        .digest()
+        .map_err(|e| CmdError::Internal(e.to_string()))?;
+    writer
+        .append(&Entry::Digest {
+            exit_seq: start,
+            digest,
+        })
+        .map_err(CmdError::Internal)?;
+    let stop = crate::signals::on_stop(machine.vcpu.kicker().clone());
+    let mut live = live.with_wakeup(stop.wakeup);
+    if let Some(g) = limits.kick_grace {
+        live = live.with_kick_grace(g);
+    }
+    let opts = RecordOptions {
+        fingerprint_interval: limits.fingerprint_interval,
+        sync_interval: limits.sync_interval,
+    };
+    let mut recorder = Recorder::new(live, writer, opts, start);
+    if flush_on_output {
+        recorder = recorder.flush_on_output();
+    }
+    let run_limits = RunLimits {
+        stop_at_exit: limits.stop_at,
+        pause: Some(stop.flag),
+        ..Default::default()
+    };
+    let result = machine.run(&mut recorder, run_limits);
+    net::report(machine, recorder.live_mut().net_frames_dropped());
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = recorder.flush();
+            return Err(e.into());
+        }
+    };
+    // Stopped by a signal: the log is closed as for --stop-at (the last
+    // partial console line stays in the final sync point's device state).
+    super::run::stopped_by_signal(machine, &mut recorder, false);
+    let status = outcome_status(outcome);
+    // Close the log: the final state (with digest) and the end.
+    let seq = machine.exit_seq;
+    let sp = machine
+        .capture_sync_point(true)
+        .map_err(|e| CmdError::Internal(e.to_string()))?;
+    let _ = recorder.sync_point(seq, sp);
+    recorder.log(Entry::End {
+        exit_seq: seq,
+        status,
+    });
+    recorder.flush().map_err(CmdError::Internal)?;
+    Ok((status, recorder))
 }

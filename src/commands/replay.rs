@@ -44,7 +44,7 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
     };
     let out = console::open(&target)?.out;
     let disk = disk_config(args.disk.as_ref())?;
-    let mut machine = match &header.initial_state {
+    let machine = match &header.initial_state {
         InitialState::Boot => {
             let mut vm = config.vm.clone();
             if disk.is_some() {
@@ -67,12 +67,34 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
             m
         }
     };
+    replay_machine(
+        machine,
+        source,
+        config.fingerprint_interval,
+        args.repair,
+        out,
+        &bad_log,
+    )
+}
+
+/// Replay `source` on `machine` (built from the log's header) to the end of
+/// the log and verify it; `bad_log` names the log in errors. Status 0:
+/// verified (or repaired, or the log stopped early: said on stderr), 1:
+/// diverged. A verified replay prints its final state digest.
+pub fn replay_machine(
+    mut machine: Machine,
+    source: Box<dyn EntrySource>,
+    fingerprint_interval: u64,
+    repair: bool,
+    out: Box<dyn std::io::Write + Send>,
+    bad_log: &dyn Fn(String) -> CmdError,
+) -> Result<i32, CmdError> {
     machine
         .enable_sync_points(true)
         .map_err(|e| CmdError::Internal(e.to_string()))?;
     let check = SyncPointCheck::new(&machine.vm.memory);
     let mut replayer =
-        Replayer::new(source, config.fingerprint_interval, args.repair, check).with_console(out);
+        Replayer::new(source, fingerprint_interval, repair, check).with_console(out);
     check_initial_digest(&mut machine, &mut replayer)?;
     let started = Instant::now();
     let start = machine.exit_seq;
@@ -169,6 +191,10 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
         ),
         None => eprintln!("tandem: replay verified: {}", summary(&machine)),
     }
+    let digest = machine
+        .digest()
+        .map_err(|e| CmdError::Internal(e.to_string()))?;
+    eprintln!("tandem: final state digest {}", digest.to_hex());
     Ok(0)
 }
 

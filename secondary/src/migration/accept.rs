@@ -22,7 +22,48 @@ use std::sync::{Arc, Mutex};
 
 use failover::channel::{BlockingListener, BlockingPending};
 
+use failover::channel::BlockingConnection;
+
 use super::{abort, read_header, receive_one, ReceiveError, ReceiveOptions, Received};
+
+/// What a receiver takes from its one peer: a migrated VM, or (for a
+/// secondary) a primary's log stream. The desk around it (concurrent set-up,
+/// time limits before the header, busy refusals naming the peer) is shared.
+pub(crate) trait Intake: Send + Sync + 'static {
+    /// The peer's first application frame, checked.
+    type Header: Send;
+    /// What the receiver's caller gets.
+    type Taken: Send + 'static;
+    /// What is received, for messages ("migration", "log stream").
+    const WHAT: &'static str;
+    /// Read and check the header (bounded in time).
+    fn read_header(&self, conn: &mut BlockingConnection) -> Result<Self::Header, ReceiveError>;
+    /// Take what the header announced.
+    fn take(
+        &self,
+        conn: BlockingConnection,
+        header: &Self::Header,
+    ) -> Result<Self::Taken, ReceiveError>;
+}
+
+/// Migration: [`receive_one`] after [`read_header`].
+struct Migration(ReceiveOptions);
+
+impl Intake for Migration {
+    type Header = failover::migration::Header;
+    type Taken = Received;
+    const WHAT: &'static str = "migration";
+    fn read_header(&self, conn: &mut BlockingConnection) -> Result<Self::Header, ReceiveError> {
+        read_header(conn)
+    }
+    fn take(
+        &self,
+        conn: BlockingConnection,
+        header: &Self::Header,
+    ) -> Result<Received, ReceiveError> {
+        receive_one(conn, header, &self.0)
+    }
+}
 
 /// Connection attempts set up at once, at most.
 pub const MAX_PENDING: usize = 128;
@@ -39,24 +80,24 @@ struct Holder {
 }
 
 /// What the connection threads share.
-struct Desk {
-    opts: ReceiveOptions,
+struct Desk<T: Intake> {
+    intake: T,
     holder: Mutex<Option<Holder>>,
     /// Attempts not past their header yet.
     pending: AtomicUsize,
-    done: Sender<Received>,
+    done: Sender<T::Taken>,
 }
 
-impl Desk {
+impl<T: Intake> Desk<T> {
     fn holder(&self) -> std::sync::MutexGuard<'_, Option<Holder>> {
         self.holder.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 /// Counts one attempt in [`Desk::pending`] while it lives.
-struct Slot(Arc<Desk>);
+struct Slot<T: Intake>(Arc<Desk<T>>);
 
-impl Drop for Slot {
+impl<T: Intake> Drop for Slot<T> {
     fn drop(&mut self) {
         self.0.pending.fetch_sub(1, Ordering::SeqCst);
     }
@@ -72,9 +113,17 @@ pub fn receive(
     listener: &BlockingListener,
     opts: &ReceiveOptions,
 ) -> Result<Received, ReceiveError> {
+    take_one(listener, Migration(opts.clone()))
+}
+
+/// [`receive`] for any [`Intake`].
+pub(crate) fn take_one<T: Intake>(
+    listener: &BlockingListener,
+    intake: T,
+) -> Result<T::Taken, ReceiveError> {
     let (tx, rx) = channel();
     let desk = Arc::new(Desk {
-        opts: opts.clone(),
+        intake,
         holder: Mutex::new(None),
         pending: AtomicUsize::new(0),
         done: tx,
@@ -88,7 +137,7 @@ pub fn receive(
         .map_err(|_| ReceiveError::Local("the listener closed before a VM arrived".into()))
 }
 
-fn take_connections(listener: &BlockingListener, desk: &Arc<Desk>) {
+fn take_connections<T: Intake>(listener: &BlockingListener, desk: &Arc<Desk<T>>) {
     loop {
         let pending = match listener.next_pending() {
             Ok(p) => p,
@@ -130,7 +179,7 @@ fn take_connections(listener: &BlockingListener, desk: &Arc<Desk>) {
 
 /// Set up one connection and, if it is the first to bring a header, take
 /// its VM.
-fn serve(pending: BlockingPending, slot: Slot, desk: &Desk) {
+fn serve<T: Intake>(pending: BlockingPending, slot: Slot<T>, desk: &Desk<T>) {
     let mut conn = match pending.establish() {
         Ok(c) => c,
         Err(e) => {
@@ -140,7 +189,7 @@ fn serve(pending: BlockingPending, slot: Slot, desk: &Desk) {
     };
     let peer = conn.peer().clone();
     let from = format!("{} at {}", peer.hello.name, peer.addr);
-    let header = match read_header(&mut conn) {
+    let header = match desk.intake.read_header(&mut conn) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("tandem: dropped the connection of {from}: {e}; waiting for another");
@@ -157,7 +206,7 @@ fn serve(pending: BlockingPending, slot: Slot, desk: &Desk) {
                 format!("busy: receiving a VM from {}", h.from)
             };
             drop(holder);
-            eprintln!("tandem: refused a migration from {from}: {reason}");
+            eprintln!("tandem: refused a {} from {from}: {reason}", T::WHAT);
             abort(&mut conn, &reason);
             return;
         }
@@ -167,7 +216,7 @@ fn serve(pending: BlockingPending, slot: Slot, desk: &Desk) {
         });
     }
     eprintln!("tandem: receiving a VM from {from}");
-    match receive_one(conn, &header, &desk.opts) {
+    match desk.intake.take(conn, &header) {
         Ok(r) => {
             if let Some(h) = desk.holder().as_mut() {
                 h.running = true;
@@ -176,7 +225,10 @@ fn serve(pending: BlockingPending, slot: Slot, desk: &Desk) {
         }
         Err(e) => {
             *desk.holder() = None;
-            eprintln!("tandem: incoming migration from {from} failed: {e}; waiting for another");
+            eprintln!(
+                "tandem: incoming {} from {from} failed: {e}; waiting for another",
+                T::WHAT
+            );
         }
     }
 }

@@ -4,7 +4,7 @@
 //! `Running`. The protocol is described in `docs/migration.md` and
 //! `failover::migration`.
 
-mod accept;
+pub(crate) mod accept;
 mod disk;
 
 use std::net::SocketAddr;

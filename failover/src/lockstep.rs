@@ -1,0 +1,151 @@
+//! The lockstep protocol between a primary and its secondary (issue 8,
+//! first slice: protection from the first exit). See `docs/lockstep.md`.
+//!
+//! On one authenticated channel connection (the primary connects with
+//! [`Role::Primary`](crate::channel::Role::Primary)):
+//! 1. primary → secondary: a frame of kind [`kind::HEADER`] carrying a
+//!    postcard [`Header`] (what the secondary must hold before any VM byte:
+//!    the disk's length and content hash);
+//! 2. secondary → primary: an empty frame of kind [`kind::ACCEPTED`], or a
+//!    `Message::Abort` naming why it refuses;
+//! 3. primary → secondary: the record log as a byte stream (its own header,
+//!    then frames) in `Message::LogBytes` chunks of whole frames;
+//! 4. secondary → primary: after each chunk, a frame of kind [`kind::ACK`]
+//!    carrying an [`Ack`]: the log bytes it has received so far. The primary
+//!    releases an output once the acknowledged offset covers the log entry
+//!    of that output (the Output Rule).
+
+use std::io::Read;
+use std::path::Path;
+
+use recordlog::{Digest, Hasher};
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol.
+pub const LOCKSTEP_VERSION: u32 = 1;
+
+/// Application frame kinds of the lockstep stream.
+pub mod kind {
+    /// [`super::Header`], primary → secondary.
+    pub const HEADER: u8 = 24;
+    /// Empty: the secondary takes the VM.
+    pub const ACCEPTED: u8 = 25;
+    /// [`super::Ack`], secondary → primary.
+    pub const ACK: u8 = 26;
+}
+
+/// The disk both sides must hold, byte for byte (disks are not copied in
+/// this slice: each side brings its own identical image).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskHash {
+    /// Image length in bytes.
+    pub len: u64,
+    /// BLAKE3 of the whole image.
+    pub hash: Digest,
+}
+
+impl DiskHash {
+    /// Hash the image at `path`.
+    pub fn of(path: &Path) -> std::io::Result<DiskHash> {
+        let mut f = std::fs::File::open(path)?;
+        let mut h = Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut len = 0u64;
+        loop {
+            let n = match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            h.update(&buf[..n]);
+            len += n as u64;
+        }
+        Ok(DiskHash {
+            len,
+            hash: h.finalize(),
+        })
+    }
+}
+
+/// First frame of the primary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Must be [`LOCKSTEP_VERSION`].
+    pub version: u32,
+    /// The VM's disk, if it has one.
+    pub disk: Option<DiskHash>,
+}
+
+/// The secondary has received this many bytes of the log stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// Log stream bytes received (header included).
+    pub offset: u64,
+}
+
+/// Why the secondary refuses a primary's header (`None`: it takes it).
+/// `disk`: the secondary's own image (`--disk`), if any.
+pub fn check_header(header: &Header, disk: Option<&Path>) -> Result<(), String> {
+    if header.version != LOCKSTEP_VERSION {
+        return Err(format!(
+            "lockstep protocol version {} (this secondary speaks {LOCKSTEP_VERSION})",
+            header.version
+        ));
+    }
+    match (&header.disk, disk) {
+        (None, None) => Ok(()),
+        (None, Some(p)) => Err(format!(
+            "the VM has no disk but this secondary was given --disk {}",
+            p.display()
+        )),
+        (Some(d), None) => Err(format!(
+            "the VM has a {}-byte disk: give the secondary a copy of the primary's image with --disk",
+            d.len
+        )),
+        (Some(d), Some(p)) => {
+            let mine = DiskHash::of(p).map_err(|e| format!("--disk {}: {e}", p.display()))?;
+            if mine.len != d.len {
+                return Err(format!(
+                    "--disk {} is {} bytes, the primary's image {} bytes: not the same image",
+                    p.display(),
+                    mine.len,
+                    d.len
+                ));
+            }
+            if mine.hash != d.hash {
+                return Err(format!(
+                    "--disk {} differs from the primary's image (BLAKE3 {}, the primary's {}): the images must be identical",
+                    p.display(),
+                    mine.hash.to_hex(),
+                    d.hash.to_hex()
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_mismatch_is_refused() {
+        let dir = std::env::temp_dir().join(format!("lockstep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = dir.join("a.img");
+        let b = dir.join("b.img");
+        std::fs::write(&a, vec![1u8; 4096]).unwrap();
+        std::fs::write(&b, vec![2u8; 4096]).unwrap();
+        let h = Header {
+            version: LOCKSTEP_VERSION,
+            disk: Some(DiskHash::of(&a).unwrap()),
+        };
+        assert_eq!(check_header(&h, Some(&a)), Ok(()));
+        let e = check_header(&h, Some(&b)).unwrap_err();
+        assert!(e.contains("differs"), "{e}");
+        assert!(check_header(&h, None).unwrap_err().contains("--disk"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

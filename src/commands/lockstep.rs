@@ -1,0 +1,118 @@
+//! `tandem secondary`: wait for a primary (`tandem run --protect-to`),
+//! then replay its log in lockstep as it arrives (`secondary::lockstep`).
+//!
+//! The replayer reads the received stream one entry ahead and blocks
+//! where it ends, so the copy never executes past what the log covers.
+//! Its console goes only to `--serial`. When the primary's log ends, the
+//! replay finishes, is verified like `tandem replay`'s and prints its final
+//! state digest, which must equal the primary's.
+
+use std::time::Duration;
+
+use recordlog::{InitialState, TailOptions, TailReader};
+use secondary::lockstep::{accept, listen, SecondaryOptions};
+use vmm::machine::{DiskConfig, LogConfig};
+
+use super::replay::replay_machine;
+use super::run::boot;
+use super::CmdError;
+use crate::cli::{SecondaryArgs, SerialTarget};
+use crate::console;
+
+pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
+    crate::signals::block();
+    if matches!(args.serial, SerialTarget::Stdio) {
+        return Err(CmdError::Input(
+            "--serial stdio: a secondary's console must not reach the outside world; use null or file:PATH".into(),
+        ));
+    }
+    if let Some(d) = &args.disk {
+        if !d.is_file() {
+            return Err(CmdError::Input(format!(
+                "--disk {}: not a regular file",
+                d.display()
+            )));
+        }
+    }
+    let c = &args.creds;
+    let creds = failover::certs::Credentials::load(&c.ca, &c.cert, &c.key)
+        .map_err(|e| CmdError::Input(format!("loading credentials: {e}")))?;
+    let name = c
+        .cert
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "secondary".into());
+    let log = match &args.log {
+        Some(p) => Some(
+            std::fs::File::create(p)
+                .map_err(|e| CmdError::Input(format!("--log {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    let out = console::open(&args.serial)?.out;
+    let listener = listen(args.listen, &creds, &name)
+        .map_err(|e| CmdError::Input(format!("--listen {}: {e}", args.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CmdError::Internal(e.to_string()))?;
+    eprintln!("tandem: secondary waiting for a primary on {addr}");
+    let opts = SecondaryOptions {
+        disk: args.disk.clone(),
+        log,
+    };
+    let protected = accept(&listener, opts).map_err(|e| CmdError::Internal(e.to_string()))?;
+    eprintln!("tandem: protecting the VM of {}", protected.from);
+    let from = protected.from.clone();
+    let bad_log = |e: String| CmdError::Input(format!("the log stream from {from}: {e}"));
+    let closed = protected.closed.clone();
+    let mut tail = TailReader::new(
+        protected.reader,
+        TailOptions {
+            poll_interval: Duration::from_millis(1),
+            idle_timeout: None,
+        },
+    )
+    .stop_when(move || closed.load(std::sync::atomic::Ordering::SeqCst));
+    let header = tail.wait_header().map_err(|e| bad_log(e.to_string()))?;
+    let config = LogConfig::decode(&header.vm_config).map_err(&bad_log)?;
+    // The peer never chooses a local path: only the built-in guest, and
+    // this host's own disk.
+    if config.vm.kernel.is_some() || config.vm.initrd.is_some() {
+        return Err(bad_log(
+            "the VM boots a kernel file of the primary's host; a secondary runs only the built-in guest yet".into(),
+        ));
+    }
+    if header.initial_state != InitialState::Boot {
+        return Err(bad_log(
+            "the VM starts from a snapshot; a secondary takes VMs protected from boot only yet"
+                .into(),
+        ));
+    }
+    let mut vm = config.vm.clone();
+    vm.net = None;
+    vm.disk = match (vm.disk.take(), &args.disk) {
+        (Some(d), Some(path)) => Some(DiskConfig {
+            path: path.clone(),
+            read_only: d.read_only,
+        }),
+        // The lockstep header was checked against --disk already.
+        (None, _) => None,
+        (Some(_), None) => return Err(bad_log("the VM has a disk: give --disk".into())),
+    };
+    let machine = boot(&vm)?;
+    let status = replay_machine(
+        machine,
+        Box::new(tail),
+        config.fingerprint_interval,
+        false,
+        out,
+        &bad_log,
+    );
+    match protected.thread.join() {
+        Ok(Ok(bytes)) => eprintln!("tandem: received {bytes} log bytes from {from}"),
+        Ok(Err(e)) => eprintln!("tandem: the log stream from {from} ended: {e}"),
+        Err(_) => eprintln!("tandem: the log receiver failed"),
+    }
+    listener.close();
+    status
+}

@@ -1,0 +1,149 @@
+//! `tandem run --protect-to`: a protected primary, from the first exit.
+//!
+//! The VM is booted here and recorded (as `tandem record` does) into a
+//! queue that streams to the `tandem secondary` (`primary::lockstep`); its
+//! console output is held until the secondary has acknowledged the log up
+//! to the exit that produced it (the Output Rule). At the end the log's
+//! `End` reaches the secondary and both sides print their final state
+//! digest.
+
+use std::net::ToSocketAddrs;
+use std::time::{Duration, Instant};
+
+use failover::lockstep::{DiskHash, Header as LockstepHeader, LOCKSTEP_VERSION};
+use primary::lockstep::{Link, LinkParams};
+use primary::record::RecordOptions;
+use recordlog::{Header, InitialState, LogQueue, QueueWriter};
+use vmm::inputs::LiveInputs;
+use vmm::machine::LogConfig;
+use vmm::outputs::LiveOutputs;
+
+use super::record::{record_run, Limits};
+use super::run::{boot, vm_config};
+use super::CmdError;
+use crate::cli::{ProtectArgs, RunArgs};
+use crate::console;
+
+/// How long the secondary may take to acknowledge the end of the log.
+const END_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn link_params(p: &ProtectArgs) -> Result<LinkParams, CmdError> {
+    let to_arg = p.protect_to.clone().unwrap_or_default();
+    let (Some(ca), Some(cert), Some(key)) = (&p.ca, &p.cert, &p.key) else {
+        return Err(CmdError::Input(
+            "--protect-to needs the cluster credentials: --ca, --cert and --key".into(),
+        ));
+    };
+    let to = to_arg
+        .to_socket_addrs()
+        .map_err(|e| CmdError::Input(format!("--protect-to {to_arg}: {e}")))?
+        .next()
+        .ok_or_else(|| CmdError::Input(format!("--protect-to {to_arg}: no address")))?;
+    let host = to_arg
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .unwrap_or(&to_arg);
+    let creds = failover::certs::Credentials::load(ca, cert, key)
+        .map_err(|e| CmdError::Input(format!("loading credentials: {e}")))?;
+    let name = cert
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "primary".into());
+    Ok(LinkParams {
+        to,
+        server_name: p.server_name.clone().unwrap_or_else(|| host.to_string()),
+        creds,
+        name,
+    })
+}
+
+pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
+    // What this first slice cannot protect yet, said up front.
+    let unsupported = [
+        (args.vm.net.net.is_some(), "--net (network frames are not held yet)"),
+        (args.api_socket.is_some(), "--api-socket"),
+        (args.snapshot_at.is_some(), "--snapshot-at"),
+        (
+            args.vm.kernel.is_some() || args.vm.initrd.is_some(),
+            "--kernel/--initrd (the secondary boots the built-in guest only)",
+        ),
+    ];
+    if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
+        return Err(CmdError::Input(format!(
+            "--protect-to cannot be combined with {what} yet"
+        )));
+    }
+    let started = Instant::now();
+    crate::signals::block();
+    let params = link_params(&args.protect)?;
+    let config = vm_config(&args.vm, None)?;
+    let console = console::open(&args.vm.serial)?;
+    let disk = match &config.disk {
+        Some(d) => Some(
+            DiskHash::of(&d.path)
+                .map_err(|e| CmdError::Input(format!("--disk {}: {e}", d.path.display())))?,
+        ),
+        None => None,
+    };
+    let mut machine = boot(&config)?;
+    machine
+        .enable_sync_points(false)
+        .map_err(|e| CmdError::Internal(e.to_string()))?;
+    let rec = RecordOptions::default();
+    let log_config = LogConfig {
+        vm: machine.config.clone(),
+        fingerprint_interval: rec.fingerprint_interval,
+        sync_interval: rec.sync_interval,
+    };
+    let header = Header::new(log_config.encode(), InitialState::Boot);
+    let queue = LogQueue::new();
+    let writer = QueueWriter::new(queue.clone(), &header)
+        .map_err(|e| CmdError::Internal(format!("the log stream: {e}")))?;
+    let link = Link::connect(
+        &params,
+        &LockstepHeader {
+            version: LOCKSTEP_VERSION,
+            disk,
+        },
+        queue.clone(),
+    )
+    .map_err(CmdError::Internal)?;
+    eprintln!("tandem: protected by the secondary {}", link.peer);
+    let (held, release) = link
+        .held_outputs(Box::new(LiveOutputs::new(console.out, None)))
+        .map_err(CmdError::Internal)?;
+    let live = LiveInputs::new(0, console.input).with_outputs(Box::new(held));
+    let limits = Limits {
+        stop_at: None,
+        kick_grace: None,
+        fingerprint_interval: rec.fingerprint_interval,
+        sync_interval: rec.sync_interval,
+    };
+    let (status, recorder) = record_run(&mut machine, live, writer, &limits, true)?;
+    let stats = recorder.stats;
+    // Dropping the recorder drops the held outputs' sender: the release
+    // thread ends once the last output is acknowledged.
+    drop(recorder);
+    let end = link.finish(END_TIMEOUT);
+    let held = release.wait();
+    let digest = machine
+        .digest()
+        .map_err(|e| CmdError::Internal(e.to_string()))?;
+    let sent = queue.stats().pushed_bytes;
+    let elapsed = started.elapsed().as_secs_f64();
+    if let Err(e) = end {
+        return Err(CmdError::Internal(format!(
+            "protection lost at exit {}: {e}; {} outputs were never released",
+            machine.exit_seq, held.withheld
+        )));
+    }
+    eprintln!(
+        "tandem: protected run ended at exit {}: {sent} log bytes streamed ({:.0} bit/s), {} outputs released after acknowledgement, {} sync points",
+        machine.exit_seq,
+        sent as f64 * 8.0 / elapsed.max(1e-9),
+        held.released,
+        stats.sync_points,
+    );
+    eprintln!("tandem: final state digest {}", digest.to_hex());
+    Ok(status)
+}
