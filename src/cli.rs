@@ -110,6 +110,10 @@ pub struct ProtectArgs {
     /// This host's private key (`NAME.key`); needed with --protect-to.
     #[arg(long, requires = "protect_to")]
     pub key: Option<PathBuf>,
+    /// Also write the log streamed to the secondary to this file (the same
+    /// bytes; it replays with `tandem replay`).
+    #[arg(long, value_name = "PATH", requires = "protect_to")]
+    pub keep_log: Option<PathBuf>,
 }
 
 /// `tandem certs ...`

@@ -2,6 +2,6 @@
 //! determinism boundary), log streaming, the output rule and the migration
 //! source.
 
-pub mod migration;
 pub mod lockstep;
+pub mod migration;
 pub mod record;

@@ -121,7 +121,11 @@ impl Link {
                 })
             }
             Ok(Some((k, _))) => return Err(format!("the secondary {peer} sent frame kind {k}")),
-            Ok(None) => return Err(format!("the secondary {peer} did not answer in {ACCEPT_TIMEOUT:?}")),
+            Ok(None) => {
+                return Err(format!(
+                    "the secondary {peer} did not answer in {ACCEPT_TIMEOUT:?}"
+                ))
+            }
             Err(e) => return Err(format!("the secondary {peer}: {e}")),
         }
         let (mut tx, mut rx, handle) = conn.split();
@@ -182,11 +186,10 @@ impl Link {
             let _ = s.join();
         }
         let total = self.queue.stats().pushed_bytes;
-        let ok = self
-            .acks
-            .wait_for(total, Some(Instant::now() + timeout));
+        let ok = self.acks.wait_for(total, Some(Instant::now() + timeout));
         let lost = self.acks.lock().lost.clone();
-        self.handle.close_now(failover::channel::close_code::NORMAL, "done");
+        self.handle
+            .close_now(failover::channel::close_code::NORMAL, "done");
         match (ok, lost) {
             (true, _) => Ok(()),
             (false, Some(why)) => Err(why),

@@ -42,6 +42,29 @@ impl EntrySink for recordlog::QueueWriter {
     }
 }
 
+/// Both sinks get every entry (a protected primary that also keeps its
+/// own log file).
+impl<A: EntrySink, B: EntrySink> EntrySink for (A, B) {
+    fn append(&mut self, entry: &Entry) -> Result<(), String> {
+        self.0.append(entry)?;
+        self.1.append(entry)
+    }
+    fn flush(&mut self) -> Result<(), String> {
+        self.0.flush()?;
+        self.1.flush()
+    }
+}
+
+/// No sink at all when `None`.
+impl<S: EntrySink> EntrySink for Option<S> {
+    fn append(&mut self, entry: &Entry) -> Result<(), String> {
+        self.as_mut().map_or(Ok(()), |s| s.append(entry))
+    }
+    fn flush(&mut self) -> Result<(), String> {
+        self.as_mut().map_or(Ok(()), |s| s.flush())
+    }
+}
+
 /// Recording parameters.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordOptions {

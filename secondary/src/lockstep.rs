@@ -161,7 +161,8 @@ fn receive_log(
                 // is still kept and acknowledged.
                 let _ = tx.send(b);
                 let ack = postcard::to_stdvec(&Ack { offset: total }).map_err(|e| e.to_string())?;
-                conn.send_frame(kind::ACK, &ack).map_err(|e| e.to_string())?;
+                conn.send_frame(kind::ACK, &ack)
+                    .map_err(|e| e.to_string())?;
             }
             Ok(Some(Message::Abort { reason })) => {
                 return Err(format!("the primary aborted: {reason}"))

@@ -2,6 +2,7 @@
 
 mod certs;
 mod dump;
+mod lockstep;
 mod migrate;
 mod progress;
 mod protect;
@@ -9,7 +10,6 @@ mod receive;
 mod record;
 mod replay;
 mod run;
-mod lockstep;
 
 use vmm::run::RunError;
 

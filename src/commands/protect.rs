@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use failover::lockstep::{DiskHash, Header as LockstepHeader, LOCKSTEP_VERSION};
 use primary::lockstep::{Link, LinkParams};
 use primary::record::RecordOptions;
-use recordlog::{Header, InitialState, LogQueue, QueueWriter};
+use recordlog::{Header, InitialState, LogQueue, LogWriter, QueueWriter};
 use vmm::inputs::LiveInputs;
 use vmm::machine::LogConfig;
 use vmm::outputs::LiveOutputs;
@@ -60,7 +60,10 @@ fn link_params(p: &ProtectArgs) -> Result<LinkParams, CmdError> {
 pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
     // What this first slice cannot protect yet, said up front.
     let unsupported = [
-        (args.vm.net.net.is_some(), "--net (network frames are not held yet)"),
+        (
+            args.vm.net.net.is_some(),
+            "--net (network frames are not held yet)",
+        ),
         (args.api_socket.is_some(), "--api-socket"),
         (args.snapshot_at.is_some(), "--snapshot-at"),
         (
@@ -99,6 +102,17 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
     let queue = LogQueue::new();
     let writer = QueueWriter::new(queue.clone(), &header)
         .map_err(|e| CmdError::Internal(format!("the log stream: {e}")))?;
+    let keep = match &args.protect.keep_log {
+        Some(p) => {
+            let f = std::fs::File::create(p)
+                .map_err(|e| CmdError::Input(format!("--keep-log {}: {e}", p.display())))?;
+            Some(
+                LogWriter::new(std::io::BufWriter::new(f), &header)
+                    .map_err(|e| CmdError::Internal(format!("--keep-log {}: {e}", p.display())))?,
+            )
+        }
+        None => None,
+    };
     let link = Link::connect(
         &params,
         &LockstepHeader {
@@ -119,7 +133,7 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
         fingerprint_interval: rec.fingerprint_interval,
         sync_interval: rec.sync_interval,
     };
-    let (status, recorder) = record_run(&mut machine, live, writer, &limits, true)?;
+    let (status, recorder) = record_run(&mut machine, live, (writer, keep), &limits, true)?;
     let stats = recorder.stats;
     // Dropping the recorder drops the held outputs' sender: the release
     // thread ends once the last output is acknowledged.

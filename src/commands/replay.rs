@@ -93,8 +93,7 @@ pub fn replay_machine(
         .enable_sync_points(true)
         .map_err(|e| CmdError::Internal(e.to_string()))?;
     let check = SyncPointCheck::new(&machine.vm.memory);
-    let mut replayer =
-        Replayer::new(source, fingerprint_interval, repair, check).with_console(out);
+    let mut replayer = Replayer::new(source, fingerprint_interval, repair, check).with_console(out);
     check_initial_digest(&mut machine, &mut replayer)?;
     let started = Instant::now();
     let start = machine.exit_seq;

@@ -1,0 +1,272 @@
+//! Lockstep protection from the first exit (issue 8, first slice), over
+//! loopback: `tandem run --protect-to` streams its log to a `tandem
+//! secondary`, which replays it as it arrives. The secondary follows to the
+//! end with the primary's final state digest, both consoles are the same
+//! bytes, the secondary's kept log replays verified, the Output Rule holds
+//! console bytes while the secondary cannot acknowledge, and a secondary
+//! outside the cluster, or without the same disk, is refused before any VM
+//! byte.
+
+mod common;
+
+use std::path::Path;
+use std::time::Instant;
+
+use common::cluster::{make_disk, run_tandem, Pki, Proc};
+use common::{arg, result_line, TempDir, TIMEOUT};
+
+/// Start `tandem secondary` and return it with its address.
+fn secondary(creds: &[String], extra: &[&str]) -> (Proc, String) {
+    let mut args: Vec<&str> = vec!["secondary", "--listen", "127.0.0.1:0"];
+    args.extend(creds.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    let mut p = Proc::spawn(&[], &args);
+    let needle = "waiting for a primary on ";
+    let mut rest = p.wait_for(needle, true);
+    while !rest.contains('\n') {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        rest = p.wait_for(needle, true);
+    }
+    let addr = rest.lines().next().unwrap().trim().to_string();
+    (p, addr)
+}
+
+/// The `final state digest` a process printed.
+#[track_caller]
+fn digest(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("tandem: final state digest "))
+        .unwrap_or_else(|| panic!("no final digest in\n{stderr}"))
+        .to_string()
+}
+
+/// Protect `cmdline` from boot (with a disk: the primary runs on
+/// `primary.img`, the secondary on an identical copy) and check everything
+/// the slice promises.
+fn protected(cmdline: &str, disk_len: Option<usize>) {
+    let dir = TempDir::new("lockstep");
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    let sec_serial = dir.s("sec.txt");
+    let sec_log = dir.s("sec.log");
+    let (pri_img, sec_img, orig_img) = (dir.s("pri.img"), dir.s("sec.img"), dir.s("orig.img"));
+    let mut sec_extra = vec!["--log", &sec_log];
+    let sec_serial_arg = format!("file:{sec_serial}");
+    sec_extra.extend(["--serial", &sec_serial_arg]);
+    if let Some(len) = disk_len {
+        make_disk(Path::new(&orig_img), len);
+        std::fs::copy(&orig_img, &pri_img).unwrap();
+        std::fs::copy(&orig_img, &sec_img).unwrap();
+        sec_extra.extend(["--disk", &sec_img]);
+    }
+    let (sec, addr) = secondary(&pki.creds("sec"), &sec_extra);
+    let mut args = vec!["run", "--cmdline", cmdline, "--protect-to", &addr];
+    let creds = pki.creds("pri");
+    args.extend(creds.iter().map(String::as_str));
+    if disk_len.is_some() {
+        args.extend(["--disk", &pri_img]);
+    }
+    let (status, pri_out, pri_err) = run_tandem(&args);
+    let (sec_status, _, sec_err) = sec.finish();
+    let both = format!("--- primary ---\n{pri_err}\n--- secondary ---\n{sec_err}");
+    assert_eq!(status, 0, "primary failed\n{pri_out}\n{both}");
+    assert_eq!(sec_status, 0, "secondary failed\n{both}");
+    assert!(result_line(&pri_out).is_some(), "no RESULT\n{pri_out}");
+    assert!(sec_err.contains("replay verified"), "{both}");
+    assert_eq!(
+        digest(&pri_err),
+        digest(&sec_err),
+        "final digests differ\n{both}"
+    );
+    let sec_console = std::fs::read_to_string(&sec_serial).unwrap();
+    assert_eq!(pri_out, sec_console, "the consoles differ\n{both}");
+    if disk_len.is_some() {
+        assert!(
+            std::fs::read(&pri_img).unwrap() == std::fs::read(&sec_img).unwrap(),
+            "the disk images differ after the run"
+        );
+    }
+    // The secondary's log replays like any record log.
+    let mut replay = vec!["replay", "--log", &sec_log, "--quiet"];
+    if disk_len.is_some() {
+        replay.extend(["--disk", &orig_img]);
+    }
+    let (rs, _, rerr) = run_tandem(&replay);
+    assert_eq!(rs, 0, "replay of the secondary's log failed\n{rerr}");
+    assert!(rerr.contains("replay verified"), "{rerr}");
+    assert_eq!(digest(&rerr), digest(&pri_err));
+}
+
+#[test]
+fn hello_protected_from_boot() {
+    protected("hello", None);
+}
+
+#[test]
+fn busy_protected_from_boot() {
+    protected("busy 3000", None);
+}
+
+#[test]
+fn dirty_protected_from_boot() {
+    protected("dirty 64 4", None);
+}
+
+#[test]
+fn disk_protected_from_boot() {
+    protected("disk 64", Some(1 << 20));
+}
+
+fn size(p: &str) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Wait (bounded by TIMEOUT) until `cond` holds.
+#[track_caller]
+fn wait_until(what: &str, p: &mut Proc, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        if let Ok(Some(st)) = p.child.try_wait() {
+            panic!("ended ({st}) while waiting for {what}\n{}", p.describe());
+        }
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "timed out: {what}\n{}",
+            p.describe()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// The Output Rule: with the secondary stopped, the guest keeps running
+/// (its log grows) but not one more console byte leaves the primary; after
+/// SIGCONT the held bytes come out and the run ends as usual.
+#[test]
+fn console_waits_for_the_secondary() {
+    let dir = TempDir::new("lockstep-rule");
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    let sec_serial = format!("file:{}", dir.s("sec.txt"));
+    let (sec, addr) = secondary(&pki.creds("sec"), &["--serial", &sec_serial]);
+    let pri_console = dir.s("pri.txt");
+    let pri_log = dir.s("pri.log");
+    let serial = format!("file:{pri_console}");
+    let mut args = vec![
+        "run",
+        "--cmdline",
+        "fill 4 60 3",
+        "--serial",
+        &serial,
+        "--keep-log",
+        &pri_log,
+        "--protect-to",
+        &addr,
+    ];
+    let creds = pki.creds("pri");
+    args.extend(creds.iter().map(String::as_str));
+    let mut pri = Proc::spawn(&[], &args);
+    let rounds = |p: &str| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .matches("round ")
+            .count()
+    };
+    wait_until("round 2 on the primary's console", &mut pri, || {
+        rounds(&pri_console) >= 2
+    });
+    let pid = sec.child.id() as i32;
+    // SAFETY: kill(2) on the child we spawned.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    // Acknowledgements already in flight may still release a line: wait for
+    // the guest to log more first, then take the console's size.
+    let l0 = size(&pri_log);
+    wait_until("the guest's log to grow", &mut pri, || {
+        size(&pri_log) > l0 + 64
+    });
+    let held_at = size(&pri_console);
+    let rounds_at = rounds(&pri_console);
+    let l1 = size(&pri_log);
+    // The guest goes on through several more rounds (each logs its output
+    // and timer ticks) ...
+    wait_until(
+        "the guest's log to grow by several rounds",
+        &mut pri,
+        || size(&pri_log) > l1 + 2048,
+    );
+    // ... but its console does not.
+    assert_eq!(
+        size(&pri_console),
+        held_at,
+        "console output left the primary while the secondary was stopped"
+    );
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    wait_until("held output to be released", &mut pri, || {
+        rounds(&pri_console) > rounds_at
+    });
+    let (status, _, pri_err) = pri.finish();
+    let (sec_status, _, sec_err) = sec.finish();
+    assert_eq!(status, 0, "{pri_err}\n{sec_err}");
+    assert_eq!(sec_status, 0, "{pri_err}\n{sec_err}");
+    let console = std::fs::read_to_string(&pri_console).unwrap();
+    assert!(result_line(&console).is_some(), "{console}");
+    assert_eq!(console, std::fs::read_to_string(dir.s("sec.txt")).unwrap());
+    assert_eq!(digest(&pri_err), digest(&sec_err));
+}
+
+/// A secondary whose certificate comes from another CA is refused in the
+/// TLS handshake: the primary gets a clear error and no console byte, the
+/// secondary receives no log byte.
+#[test]
+fn secondary_from_another_cluster_is_refused() {
+    let dir = TempDir::new("lockstep-ca");
+    let ours = Pki::new(&["pri"], &[]);
+    let theirs = Pki::new(&["sec"], &[]);
+    let sec_log = dir.s("sec.log");
+    let (sec, addr) = secondary(&theirs.creds("sec"), &["--log", &sec_log]);
+    let mut args = vec!["run", "--cmdline", "hello", "--protect-to", &addr];
+    let creds = ours.creds("pri");
+    args.extend(creds.iter().map(String::as_str));
+    let (status, out, err) = run_tandem(&args);
+    assert_ne!(status, 0, "{err}");
+    assert!(err.contains("handshake"), "no handshake error: {err}");
+    assert!(out.is_empty(), "console output without protection: {out}");
+    assert_eq!(size(&sec_log), 0, "the secondary received log bytes");
+    assert!(sec.child.id() > 0);
+    drop(sec);
+    let _ = arg(dir.path());
+}
+
+/// A secondary whose disk is not the primary's image is refused before any
+/// VM byte, with a message naming the difference.
+#[test]
+fn different_disk_is_refused() {
+    let dir = TempDir::new("lockstep-disk");
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    let (pri_img, sec_img, sec_log) = (dir.s("pri.img"), dir.s("sec.img"), dir.s("sec.log"));
+    make_disk(Path::new(&pri_img), 1 << 20);
+    make_disk(Path::new(&sec_img), 1 << 20);
+    let mut other = std::fs::read(&sec_img).unwrap();
+    other[70_000] ^= 0xff;
+    std::fs::write(&sec_img, other).unwrap();
+    let (mut sec, addr) = secondary(&pki.creds("sec"), &["--disk", &sec_img, "--log", &sec_log]);
+    let mut args = vec![
+        "run",
+        "--cmdline",
+        "disk 64",
+        "--disk",
+        &pri_img,
+        "--protect-to",
+        &addr,
+    ];
+    let creds = pki.creds("pri");
+    args.extend(creds.iter().map(String::as_str));
+    let (status, out, err) = run_tandem(&args);
+    assert_ne!(status, 0, "{err}");
+    assert!(
+        err.contains("refused the VM") && err.contains("differs"),
+        "{err}"
+    );
+    assert!(out.is_empty(), "{out}");
+    assert_eq!(size(&sec_log), 0);
+    sec.wait_for("differs from the primary's image", true);
+}
