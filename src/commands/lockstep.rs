@@ -74,7 +74,7 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
     )
     .stop_when(move || closed.load(std::sync::atomic::Ordering::SeqCst));
     let header = tail.wait_header().map_err(|e| bad_log(e.to_string()))?;
-    let config = LogConfig::decode(&header.vm_config).map_err(&bad_log)?;
+    let config = LogConfig::decode(&header.vm_config).map_err(|e| bad_log(e.to_string()))?;
     // The peer never chooses a local path: only the built-in guest, and
     // this host's own disk.
     if config.vm.kernel.is_some() || config.vm.initrd.is_some() {

@@ -98,7 +98,12 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
         fingerprint_interval: rec.fingerprint_interval,
         sync_interval: rec.sync_interval,
     };
-    let header = Header::new(log_config.encode(), InitialState::Boot);
+    let header = Header::new(
+        log_config
+            .encode()
+            .map_err(|e| CmdError::Internal(e.to_string()))?,
+        InitialState::Boot,
+    );
     let queue = LogQueue::new();
     let writer = QueueWriter::new(queue.clone(), &header)
         .map_err(|e| CmdError::Internal(format!("the log stream: {e}")))?;
