@@ -398,3 +398,43 @@ fn a_second_source_is_refused_busy_naming_the_first() {
     assert_eq!((scode, dcode), (0, 0), "{derr}");
     assert_eq!(format!("{sout}{dout}"), expected);
 }
+
+/// The destination dies after the source sent `SwitchoverReady` and
+/// before its `Running` came back: the source cannot know whether the guest
+/// runs there, so it must not resume it (two live copies; with shared
+/// storage, two writers of one image). It stays paused, says why, and
+/// `tandem resume` lets it go on.
+#[test]
+fn an_unconfirmed_switchover_keeps_the_source_paused() {
+    let pki = Pki::new(&["a", "b"], &[]);
+    let tmp = TempDir::new("indoubt");
+    let (dst, addr) = receiver(
+        &["env", "TANDEM_TEST_FAULT=die-before-running"],
+        "127.0.0.1:0",
+        &pki.creds("b"),
+        &[],
+    );
+    let cmdline = "dirty 256 3000";
+    let sock = tmp.s("a.sock");
+    let mut src = source(&[], &sock, cmdline, &[]);
+    src.wait_round(20);
+    let (code, out, err) = migrate(&sock, &addr, &pki.creds("a"), &[]);
+    assert_eq!(code, 1, "{out}\n{err}\n{}", dst.describe());
+    assert!(err.contains("the switchover's outcome is unknown"), "{err}");
+    assert!(err.contains("stays paused"), "{err}");
+    let (dcode, _, derr) = dst.finish();
+    assert_eq!(dcode, 137, "{derr}");
+    // Paused for real: the guest's counter stands still.
+    let s1 = common::cluster::wait_status(&sock, "paused", |s| s["state"] == "paused");
+    let r1 = src.rounds();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let s2 = common::cluster::status(&sock);
+    assert_eq!(s1["exit_seq"], s2["exit_seq"], "{s1} {s2}");
+    assert_eq!(src.rounds(), r1);
+    // The operator decides: resume, and the guest finishes here intact.
+    let (code, _, err) = run_tandem(&["resume", "--api", &sock]);
+    assert_eq!(code, 0, "{err}");
+    let (scode, sout, serr) = src.finish();
+    assert_eq!(scode, 0, "{serr}");
+    assert_eq!(sout, reference(cmdline, None));
+}

@@ -50,6 +50,7 @@ enum Request {
     Freeze(Sender<Frozen>),
     /// A failed migration: continue as if nothing happened.
     Thaw,
+    ThawPaused,
     /// The VM runs elsewhere now: end the run.
     Finish(String),
     /// Stop the guest (without capturing its state) until `ReplaceDisk`
@@ -263,6 +264,14 @@ impl VmController {
         self.post(Request::Thaw);
     }
 
+    /// End the freeze but keep the guest stopped as if the operator had
+    /// paused it (`tandem resume` lets it run).
+    pub(crate) fn thaw_paused(&self) {
+        // Seen by status and messages at once, before the vCPU thread acts.
+        self.shared.user_paused.store(true, Ordering::SeqCst);
+        self.post(Request::ThawPaused);
+    }
+
     /// After a successful [`super::migrate`]: end the local run (the VM runs
     /// at `whereto` now).
     pub fn finish_migrated(&self, whereto: String) {
@@ -433,6 +442,12 @@ fn handle(
             }
         }
         Request::Thaw => flags.frozen = false,
+        Request::ThawPaused => {
+            flags.frozen = false;
+            flags.user_paused = true;
+            shared.user_paused.store(true, Ordering::SeqCst);
+            set_state(shared, "paused", machine.exit_seq);
+        }
         Request::Hold(reply) => {
             flags.frozen = true;
             let _ = reply.send(Instant::now());

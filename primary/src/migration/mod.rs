@@ -158,4 +158,6 @@ pub enum MigrationError {
     Source(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("the switchover's outcome is unknown ({0}): the destination may be running the VM, so it is kept paused here to never run two copies; check the destination, and `tandem resume` here only if the VM does not run there")]
+    InDoubt(String),
 }

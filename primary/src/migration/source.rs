@@ -93,9 +93,21 @@ pub fn migrate(
         pages_encoded: 0,
         marker: None,
         disk_plan: DiskPlan::None,
+        in_doubt: false,
     };
-    let result = source.run();
-    if let Err(e) = &result {
+    let mut result = source.run();
+    if let (true, Err(e)) = (source.in_doubt, &result) {
+        // `SwitchoverReady` went out but no `Running` came back: the
+        // destination may be running the guest. Resuming here could make
+        // two live copies (writing one image, with shared storage): keep
+        // the guest stopped, as paused, for the operator to decide.
+        ctl.set_throttle(0);
+        if let Some(h) = &source.handle {
+            h.close_now(close_code::ABORT, &e.to_string());
+        }
+        ctl.thaw_paused();
+        result = Err(MigrationError::InDoubt(e.to_string()));
+    } else if let Err(e) = &result {
         // The guest first: no more throttling from this instant.
         ctl.set_throttle(0);
         // The caller reports the failure (once); this is for tracing only.
@@ -142,6 +154,9 @@ struct Source<'a> {
     marker: Option<Marker>,
     /// What the destination does with the disk.
     disk_plan: DiskPlan,
+    /// `SwitchoverReady` may have reached the destination: from then on a
+    /// failure cannot tell whether the guest runs there.
+    in_doubt: bool,
 }
 
 /// A marker file next to the source's disk image
@@ -699,6 +714,7 @@ impl Source<'_> {
             .map_err(|e| MigrationError::Protocol(e.to_string()))?;
         let n = state.len();
         self.send(&Message::DeviceState(state), n)?;
+        self.in_doubt = true;
         self.send(
             &Message::SwitchoverReady {
                 paused: frozen.paused,

@@ -116,6 +116,10 @@ pub fn announce_guest_mac(
         .ok()
 }
 
+/// Fault injection for tests (`die-before-running`: the receiver exits
+/// right before it would confirm `Running`).
+pub const FAULT_ENV: &str = "TANDEM_TEST_FAULT";
+
 pub(crate) fn abort(conn: &mut BlockingConnection, reason: &str) {
     let _ = conn.send_msg(&Message::Abort {
         reason: reason.to_string(),
@@ -190,6 +194,12 @@ fn receive_one(
     let mut disk = disk;
     match transfer(&mut conn, incoming, &mut disk, opts) {
         Ok((machine, state, rounds, paused)) => {
+            if std::env::var_os(FAULT_ENV).is_some_and(|v| v == "die-before-running") {
+                // Test hook: this host dies at the worst moment of the
+                // switchover, with the VM restored but unconfirmed.
+                eprintln!("tandem: {FAULT_ENV}=die-before-running: exiting");
+                std::process::exit(137);
+            }
             conn.send_msg(&Message::Running)?;
             if let Some(d) = disk {
                 d.keep();
