@@ -96,7 +96,10 @@ pub fn migrate(
         in_doubt: false,
     };
     let mut result = source.run();
-    if let (true, Err(e)) = (source.in_doubt, &result) {
+    // An `Abort` from the destination is an answer: it does not run the
+    // guest. Anything else after `SwitchoverReady` leaves it in doubt.
+    let in_doubt = source.in_doubt && !matches!(result, Err(MigrationError::Aborted(_)));
+    if let (true, Err(e)) = (in_doubt, &result) {
         // `SwitchoverReady` went out but no `Running` came back: the
         // destination may be running the guest. Resuming here could make
         // two live copies (writing one image, with shared storage): keep
