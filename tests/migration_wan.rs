@@ -11,13 +11,12 @@
 #[path = "common/wan.rs"]
 mod wan;
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wan::{Wan, WanLink};
+use wan::{collect, Wan, WanLink};
 
 const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
 /// Only turns a hang into a failure.
@@ -28,21 +27,6 @@ struct Proc {
     child: Child,
     out: Arc<Mutex<Vec<u8>>>,
     err: Arc<Mutex<Vec<u8>>>,
-}
-
-fn collect<R: Read + Send + 'static>(mut r: R) -> Arc<Mutex<Vec<u8>>> {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let b = buf.clone();
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = r.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            b.lock().unwrap().extend_from_slice(&chunk[..n]);
-        }
-    });
-    buf
 }
 
 impl Proc {

@@ -66,7 +66,8 @@ pub struct Wan {
     fwd_err: Arc<Mutex<Vec<u8>>>,
 }
 
-fn collect<R: Read + Send + 'static>(mut r: R) -> Arc<Mutex<Vec<u8>>> {
+/// Everything `r` yields, collected by a thread (a child's stdout/stderr).
+pub fn collect<R: Read + Send + 'static>(mut r: R) -> Arc<Mutex<Vec<u8>>> {
     let buf = Arc::new(Mutex::new(Vec::new()));
     let b = buf.clone();
     std::thread::spawn(move || {
