@@ -15,11 +15,15 @@ both exercised. Usage:
   mail_client.py dele SEED               POP3: delete that message, QUIT
   mail_client.py contains TEXT           POP3: some message contains TEXT
   mail_client.py codes                   SMTP/POP3 reply codes
+  mail_client.py stream SIZE STOP LIMIT  one SMTP session sending seeds 1, 2,
+                                        ... until the file STOP exists (at most
+                                        LIMIT), printing `sent K` after each 250
   mail_client.py rate N SIZE             send N messages, print msgs/s
   mail_client.py cost N SIZE             like rate, with the guest's XSTATS
                                         deltas per message
   mail_client.py echo PORT N             echo round trips, print p50/p99 ms
 """
+import os
 import poplib
 import smtplib
 import socket
@@ -85,6 +89,23 @@ def send(pairs):
         assert refused == {}, refused
         print("sent", seed, flush=True)
     s.quit()
+
+
+def stream(size, stop, limit):
+    """Message after message over ONE SMTP connection (a reset or a refusal
+    fails the script) until STOP exists; the session ends with QUIT/221."""
+    s = smtplib.SMTP(HOST, 25, timeout=TIMEOUT)
+    code, _ = s.ehlo("client.test")
+    assert code == 250, code
+    k = 0
+    while k < limit and not os.path.exists(stop):
+        k += 1
+        refused = s.sendmail("a@test", ["b@test"], message(k, size))
+        assert refused == {}, refused
+        print("sent", k, flush=True)
+    code, _ = s.quit()
+    assert code == 221, code
+    print("streamed", k, flush=True)
 
 
 def pop_login():
@@ -257,6 +278,8 @@ def main():
         contains(args[0])
     elif cmd == "codes":
         codes()
+    elif cmd == "stream":
+        stream(int(args[0]), args[1], int(args[2]))
     elif cmd == "rate":
         rate(int(args[0]), int(args[1]))
     elif cmd == "cost":
