@@ -18,13 +18,13 @@ mod common;
 #[path = "common/net.rs"]
 mod net;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::{collect, migrate, receiver, source, Netns, Pki, Proc};
 use common::{arg, TempDir, TIMEOUT};
-use net::NetNs;
+use net::{ip, NetNs};
 
 const MAC: &str = "52:54:00:aa:bb:19";
 /// Each message's size: a few KiB (guest code is emulated).
@@ -32,15 +32,6 @@ const SIZE: usize = 2000;
 /// Messages before the migration and after it.
 const BEFORE: usize = 10;
 const AFTER: usize = 10;
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Capture RARP frames (ethertype 0x8035) from MAC on IF until N were seen
 /// or SECS passed; prints `listening`, then one line per frame.
@@ -126,6 +117,21 @@ fn wait_sent(
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Wait for CHILD to end (and its output readers to drain).
+#[track_caller]
+fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(start.elapsed() < TIMEOUT, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    status
 }
 
 #[test]
@@ -216,15 +222,7 @@ fn mail_vm_migrates_under_one_smtp_session() {
     );
 
     std::fs::write(&stop, b"").unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = client.try_wait().unwrap() {
-            break st;
-        }
-        assert!(start.elapsed() < TIMEOUT, "client never quit");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    std::thread::sleep(Duration::from_millis(50));
+    let status = wait_exit(&mut client, "client never quit");
     let text = String::from_utf8_lossy(&client_out.lock().unwrap()).into_owned();
     assert!(
         status.success(),
@@ -258,15 +256,7 @@ fn mail_vm_migrates_under_one_smtp_session() {
     assert_eq!(std::fs::metadata(&disk_b).unwrap().len(), 16 << 20);
 
     // The destination announced the guest's MAC on the client network.
-    let start = Instant::now();
-    let cap_status = loop {
-        if let Some(st) = capture.try_wait().unwrap() {
-            break st;
-        }
-        assert!(start.elapsed() < TIMEOUT, "RARP capture never ended");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    std::thread::sleep(Duration::from_millis(50));
+    let cap_status = wait_exit(&mut capture, "RARP capture never ended");
     let lines = String::from_utf8_lossy(&cap_out.lock().unwrap()).into_owned();
     let from_guest = lines
         .lines()

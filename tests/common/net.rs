@@ -20,7 +20,8 @@ pub const GUEST_IP: &str = "10.0.2.15";
 /// The Python client (smtplib, poplib, echo), written next to the test.
 pub const MAIL_CLIENT: &str = include_str!("../mail_client.py");
 
-fn ip(args: &[&str]) {
+/// Run `ip ARGS`, failing the test (with its stderr) unless it succeeds.
+pub fn ip(args: &[&str]) {
     let out = Command::new("ip")
         .args(args)
         .output()
