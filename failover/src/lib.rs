@@ -2,6 +2,9 @@
 //! channel between hosts (heartbeats, failure detection, arbiter and roles
 //! build on these).
 
+// Every unsafe block says why it is sound (`// SAFETY:`).
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod certs;
 pub mod channel;
 pub mod lockstep;

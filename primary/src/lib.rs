@@ -2,6 +2,9 @@
 //! determinism boundary), log streaming, the output rule and the migration
 //! source.
 
+// Every unsafe block says why it is sound (`// SAFETY:`).
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod lockstep;
 pub mod migration;
 pub mod record;

@@ -79,7 +79,12 @@ pub enum LogEnd {
     /// Not reached yet.
     Open,
     /// An `End` entry: the recorded run finished with this status.
-    End { exit_seq: u64, status: i32 },
+    End {
+        /// The exit of the `End` entry.
+        exit_seq: u64,
+        /// The recorded run's exit status.
+        status: i32,
+    },
     /// The log stops without an `End` (the primary died or the file was
     /// cut): everything up to the last complete entry was replayed.
     Truncated,

@@ -10,6 +10,9 @@
 //! their only inputs are the guest's accesses and the values handed to them
 //! by the run loop.
 
+// Every unsafe block says why it is sound (`// SAFETY:`).
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod devices;
 pub mod dirty;
 pub mod inputs;

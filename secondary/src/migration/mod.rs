@@ -56,6 +56,7 @@ pub struct ReceiveOptions {
 
 /// A VM received and restored, about to run.
 pub struct Received {
+    /// The restored VM.
     pub machine: Machine,
     /// Virtual time to continue from.
     pub virtual_ns: u64,
@@ -73,16 +74,22 @@ pub struct Received {
 /// Why receiving failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
+    /// The connection failed.
     #[error(transparent)]
     Channel(#[from] ChannelError),
+    /// The source sent `Abort` with this reason.
     #[error("the source aborted the migration: {0}")]
     Aborted(String),
+    /// This destination refused the VM (the reason was sent to the source).
     #[error("refused the VM: {0}")]
     Refused(String),
+    /// The source broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The source went quiet for this long.
     #[error("the source sent nothing for {0:?}")]
     Silent(Duration),
+    /// A failure on this side (disk, restore).
     #[error("{0}")]
     Local(String),
 }
