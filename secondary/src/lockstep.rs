@@ -19,7 +19,7 @@ use failover::channel::{BlockingConnection, BlockingListener, ChannelError, Mess
 use failover::lockstep::{check_header, kind, Ack, Header};
 
 use crate::migration::accept::{take_one, Intake};
-use crate::migration::{abort, ReceiveError, HEADER_TIMEOUT, STALL_TIMEOUT};
+use crate::migration::{abort, read_first, ReceiveError, STALL_TIMEOUT};
 
 /// How the secondary is set up (paths are its operator's).
 #[derive(Debug, Default)]
@@ -77,27 +77,13 @@ impl Intake for Lockstep {
     const WHAT: &'static str = "log stream";
 
     fn read_header(&self, conn: &mut BlockingConnection) -> Result<Header, ReceiveError> {
-        let role = conn.peer().hello.role;
-        if role != Role::Primary {
-            let reason = format!("expected a primary, the peer is a {role:?}");
-            abort(conn, &reason);
-            return Err(ReceiveError::Refused(reason));
-        }
-        let Some((k, payload)) = conn.recv_frame_timeout(HEADER_TIMEOUT)? else {
-            let e = ReceiveError::Silent(HEADER_TIMEOUT);
-            abort(conn, &e.to_string());
-            return Err(e);
-        };
-        if k != kind::HEADER {
-            let reason = format!("expected the lockstep header, got frame kind {k}");
-            abort(conn, &reason);
-            return Err(ReceiveError::Protocol(reason));
-        }
-        postcard::from_bytes(&payload).map_err(|e| {
-            let reason = format!("unreadable lockstep header: {e}");
-            abort(conn, &reason);
-            ReceiveError::Refused(reason)
-        })
+        read_first(
+            conn,
+            Role::Primary,
+            "a primary",
+            kind::HEADER,
+            "lockstep header",
+        )
     }
 
     fn take(

@@ -34,14 +34,7 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
             )));
         }
     }
-    let c = &args.creds;
-    let creds = failover::certs::Credentials::load(&c.ca, &c.cert, &c.key)
-        .map_err(|e| CmdError::Input(format!("loading credentials: {e}")))?;
-    let name = c
-        .cert
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "secondary".into());
+    let (creds, name) = super::load_creds(&args.creds, "secondary")?;
     let log = match &args.log {
         Some(p) => Some(
             std::fs::File::create(p)

@@ -51,6 +51,22 @@ impl From<RunError> for CmdError {
     }
 }
 
+/// Load `--ca --cert --key`; the name we announce is the certificate's
+/// file stem (`default` if it has none).
+pub fn load_creds(
+    c: &crate::cli::CredsArgs,
+    default: &str,
+) -> Result<(failover::certs::Credentials, String), CmdError> {
+    let creds = failover::certs::Credentials::load(&c.ca, &c.cert, &c.key)
+        .map_err(|e| CmdError::Input(format!("loading credentials: {e}")))?;
+    let name = c
+        .cert
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| default.into());
+    Ok((creds, name))
+}
+
 /// Run the chosen subcommand; returns the process exit status.
 pub fn dispatch(cli: Cli) -> Result<i32, CmdError> {
     match cli.command {

@@ -14,14 +14,7 @@ pub fn receive(args: ReceiveArgs) -> Result<i32, CmdError> {
     if args.api_socket.is_none() {
         crate::signals::block();
     }
-    let c = &args.creds;
-    let creds = failover::certs::Credentials::load(&c.ca, &c.cert, &c.key)
-        .map_err(|e| CmdError::Input(format!("loading credentials: {e}")))?;
-    let name = c
-        .cert
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "destination".into());
+    let (creds, name) = super::load_creds(&args.creds, "destination")?;
     let listener = listen(args.listen, &creds, &name)
         .map_err(|e| CmdError::Input(format!("--listen {}: {e}", args.listen)))?;
     let addr = listener

@@ -139,12 +139,29 @@ pub(crate) fn abort(conn: &mut BlockingConnection, reason: &str) {
 /// Check who the peer is and read its header, waiting at most
 /// [`HEADER_TIMEOUT`] for it.
 fn read_header(conn: &mut BlockingConnection) -> Result<Header, ReceiveError> {
+    read_first(
+        conn,
+        Role::MigrationSource,
+        "a migration source",
+        kind::HEADER,
+        "migration header",
+    )
+}
+
+/// Check that the peer announced `role` (`who`, for messages) and read its
+/// first frame, of kind `frame_kind`, holding a postcard `T` (`what`),
+/// waiting at most [`HEADER_TIMEOUT`] for it. Any refusal is sent to the
+/// peer as an `Abort` too.
+pub(crate) fn read_first<T: serde::de::DeserializeOwned>(
+    conn: &mut BlockingConnection,
+    role: Role,
+    who: &str,
+    frame_kind: u8,
+    what: &str,
+) -> Result<T, ReceiveError> {
     let peer = conn.peer().clone();
-    if peer.hello.role != Role::MigrationSource {
-        let reason = format!(
-            "expected a migration source, the peer is a {:?}",
-            peer.hello.role
-        );
+    if peer.hello.role != role {
+        let reason = format!("expected {who}, the peer is a {:?}", peer.hello.role);
         abort(conn, &reason);
         return Err(ReceiveError::Refused(reason));
     }
@@ -153,13 +170,13 @@ fn read_header(conn: &mut BlockingConnection) -> Result<Header, ReceiveError> {
         abort(conn, &e.to_string());
         return Err(e);
     };
-    if k != kind::HEADER {
-        let reason = format!("expected the migration header, got frame kind {k}");
+    if k != frame_kind {
+        let reason = format!("expected the {what}, got frame kind {k}");
         abort(conn, &reason);
         return Err(ReceiveError::Protocol(reason));
     }
     postcard::from_bytes(&payload).map_err(|e| {
-        let reason = format!("unreadable migration header: {e}");
+        let reason = format!("unreadable {what}: {e}");
         abort(conn, &reason);
         ReceiveError::Refused(reason)
     })
