@@ -317,11 +317,37 @@ pub fn encode_page(page: &[u8], out: &mut Vec<u8>) -> bool {
     }
 }
 
+/// Why a page from the stream does not decode.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    /// An uncompressed page that is not exactly one page.
+    #[error("raw page of {0} bytes")]
+    RawSize(usize),
+    /// A sparse page whose length is not a whole number of words.
+    #[error("sparse page of {0} bytes")]
+    SparseSize(usize),
+    /// A sparse word outside the page.
+    #[error("sparse page word at byte {0}")]
+    SparseWord(usize),
+    /// An lz4 block that decodes to another size.
+    #[error("compressed page decodes to {0} bytes")]
+    Lz4Size(usize),
+    /// An lz4 block that does not decode.
+    #[error("compressed page: {0}")]
+    Lz4(#[from] lz4_flex::block::DecompressError),
+    /// A codec byte this build does not know.
+    #[error("unknown page codec {0}")]
+    Codec(u8),
+    /// No bytes at all.
+    #[error("empty compressed page")]
+    Empty,
+}
+
 /// Decode a page sent by [`encode_page`] into `page` (exactly one page).
-pub fn decode_page(data: &[u8], compressed: bool, page: &mut [u8]) -> Result<(), String> {
+pub fn decode_page(data: &[u8], compressed: bool, page: &mut [u8]) -> Result<(), PageError> {
     if !compressed {
         if data.len() != page.len() {
-            return Err(format!("raw page of {} bytes", data.len()));
+            return Err(PageError::RawSize(data.len()));
         }
         page.copy_from_slice(data);
         return Ok(());
@@ -329,25 +355,24 @@ pub fn decode_page(data: &[u8], compressed: bool, page: &mut [u8]) -> Result<(),
     match data.split_first() {
         Some((&CODEC_SPARSE, words)) => {
             if words.len() % 10 != 0 {
-                return Err(format!("sparse page of {} bytes", data.len()));
+                return Err(PageError::SparseSize(data.len()));
             }
             page.fill(0);
             for w in words.chunks_exact(10) {
                 let i = u16::from_le_bytes([w[0], w[1]]) as usize * 8;
                 let Some(dst) = page.get_mut(i..i + 8) else {
-                    return Err(format!("sparse page word at byte {i}"));
+                    return Err(PageError::SparseWord(i));
                 };
                 dst.copy_from_slice(&w[2..]);
             }
             Ok(())
         }
-        Some((&CODEC_LZ4, block)) => match lz4_flex::block::decompress_into(block, page) {
-            Ok(n) if n == page.len() => Ok(()),
-            Ok(n) => Err(format!("compressed page decodes to {n} bytes")),
-            Err(e) => Err(format!("compressed page: {e}")),
+        Some((&CODEC_LZ4, block)) => match lz4_flex::block::decompress_into(block, page)? {
+            n if n == page.len() => Ok(()),
+            n => Err(PageError::Lz4Size(n)),
         },
-        Some((codec, _)) => Err(format!("unknown page codec {codec}")),
-        None => Err("empty compressed page".into()),
+        Some((&codec, _)) => Err(PageError::Codec(codec)),
+        None => Err(PageError::Empty),
     }
 }
 

@@ -63,10 +63,10 @@ pub enum DevicesError {
     BlockRestore(#[from] super::virtio::block::PersistError),
     #[error("restoring virtio-net: {0}")]
     NetRestore(#[from] super::virtio::mmio::MmioError),
-    #[error("restoring {device}: {reason}")]
+    #[error("restoring {device}: {source}")]
     Restore {
         device: &'static str,
-        reason: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("the snapshot has a disk but no disk image was given to restore it")]
     MissingDisk,
@@ -256,13 +256,13 @@ impl Devices {
         disk: Option<BlockConfig>,
         mem: &GuestMemory,
     ) -> Result<Self, DevicesError> {
-        fn r<T, E: std::fmt::Display>(
+        fn r<T, E: std::error::Error + Send + Sync + 'static>(
             device: &'static str,
             x: Result<T, E>,
         ) -> Result<T, DevicesError> {
             x.map_err(|e| DevicesError::Restore {
                 device,
-                reason: e.to_string(),
+                source: Box::new(e),
             })
         }
         let block = match (&state.block, disk) {
