@@ -245,8 +245,24 @@ impl Devices {
         state: &DevicesState,
         mem: &GuestMemory,
     ) -> Result<(), DevicesError> {
-        let disk = self.block.as_ref().map(|b| b.config().clone());
-        *self = Devices::restore(state, disk, mem)?;
+        match (&self.block, &state.block) {
+            (Some(_), None) => return Err(DevicesError::UnexpectedDisk),
+            (None, Some(_)) => return Err(DevicesError::MissingDisk),
+            _ => {}
+        }
+        // The legacy devices are plain state machines: rebuilt. The disk
+        // keeps its open image and dirty-block tracker and is restored in
+        // place, last, so that a failure anywhere leaves `self` untouched.
+        let others = DevicesState {
+            block: None,
+            ..state.clone()
+        };
+        let mut fresh = Devices::restore(&others, None, mem)?;
+        if let (Some(b), Some(s)) = (self.block.as_mut(), &state.block) {
+            b.load_state(s, mem)?;
+        }
+        fresh.block = self.block.take();
+        *self = fresh;
         Ok(())
     }
 

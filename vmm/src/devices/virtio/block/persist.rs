@@ -144,6 +144,40 @@ impl Persist for VirtioBlock {
     }
 }
 
+impl VirtioBlock {
+    /// Overwrite the device's state in place (applying a sync point): the
+    /// open image, its capacity and the storage-migration dirty-block
+    /// tracker stay as they are. Everything is checked before anything
+    /// changes, so on error the device is untouched.
+    pub fn load_state(
+        &mut self,
+        state: &VirtioBlockState,
+        mem: &GuestMemory,
+    ) -> Result<(), PersistError> {
+        let path = self.config().path.clone();
+        if self.config().read_only != state.read_only {
+            return Err(PersistError::ReadOnlyMismatch {
+                path,
+                saved: state.read_only,
+                requested: self.config().read_only,
+            });
+        }
+        if self.capacity_sectors() != state.capacity_sectors {
+            return Err(PersistError::CapacityMismatch {
+                path,
+                expected: state.capacity_sectors,
+                found: self.capacity_sectors(),
+            });
+        }
+        // restore_state validates the whole transport before it assigns.
+        self.transport_mut()
+            .restore_state(&state.transport, mem)
+            .map_err(|source| PersistError::Transport { path, source })?;
+        self.set_serial(&state.serial);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +245,29 @@ mod tests {
         let (st, len) = drv.request(&mut dev, &mem, VIRTIO_BLK_T_IN, 0, Some((DATA2, 512)));
         assert_eq!((st, len), (VIRTIO_BLK_S_OK, 513));
         assert_eq!(dev.save().transport.queues[0].next_used, 3);
+    }
+
+    #[test]
+    fn load_state_in_place_keeps_the_dirty_tracker_and_is_atomic() {
+        let img = TempImage::new("persist-inplace", 1 << 20);
+        let mem = new_mem();
+        let mut dev = VirtioBlock::new(img.config(false)).unwrap();
+        Driver::setup(&mut dev, &mem, 16);
+        let state = dev.save();
+        // A storage migration holds the tracker from another thread.
+        let tracker = dev.dirty_blocks();
+        dev.mark_all_dirty();
+        let pending = tracker.pending();
+        assert!(pending > 0);
+        dev.load_state(&state, &mem).unwrap();
+        assert_eq!(dev.save().transport, state.transport);
+        // The same tracker, with what it had recorded.
+        assert_eq!(dev.dirty_blocks().pending(), pending);
+        // A mismatching state changes nothing.
+        let mut bad = state.clone();
+        bad.capacity_sectors += 1;
+        assert!(dev.load_state(&bad, &mem).is_err());
+        assert_eq!(dev.save().transport, state.transport);
     }
 
     #[test]
