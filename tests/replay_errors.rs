@@ -11,9 +11,14 @@ use common::{arg, noise, read, tandem, Output, TempDir};
 
 /// A complete log of `ticks 20` (status 0), its bytes and its directory.
 fn ticks_log() -> (TempDir, PathBuf, Vec<u8>) {
+    ticks_log_with(&[])
+}
+
+/// [`ticks_log`] recorded with `extra` options.
+fn ticks_log_with(extra: &[&str]) -> (TempDir, PathBuf, Vec<u8>) {
     let dir = TempDir::new("rr-err");
     let log = dir.file("ticks.tlog");
-    let rec = tandem(&[
+    let mut args = vec![
         "record",
         "--log",
         arg(&log),
@@ -21,7 +26,9 @@ fn ticks_log() -> (TempDir, PathBuf, Vec<u8>) {
         "ticks 20",
         "--serial",
         "null",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let rec = tandem(&args);
     rec.assert_status(0);
     let bytes = read(&log);
     assert!(bytes.len() > 64, "log of {} bytes", bytes.len());
@@ -342,21 +349,7 @@ fn damaged_last_sync_point_is_damage_not_verified() {
 /// divergence.
 #[test]
 fn damaged_middle_sync_point_is_damage() {
-    let dir = TempDir::new("rr-midsync");
-    let log = dir.file("ticks.tlog");
-    tandem(&[
-        "record",
-        "--log",
-        arg(&log),
-        "--cmdline",
-        "ticks 20",
-        "--serial",
-        "null",
-        "--sync-interval",
-        "20",
-    ])
-    .assert_status(0);
-    let bytes = read(&log);
+    let (dir, _, bytes) = ticks_log_with(&["--sync-interval", "20"]);
     for (i, (what, damage)) in SYNC_DAMAGE.iter().enumerate() {
         let bad = rewrite(&bytes, |es| {
             let idx = sync_point_indices(es);
