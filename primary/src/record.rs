@@ -16,40 +16,51 @@ use recordlog::{Entry, Fingerprint, Input, SyncPoint};
 use vmm::inputs::{Divergence, Inputs, SyncReason};
 use vmm::outputs::{Output, Outputs};
 
+/// Why a sink could not take or push out entries.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The log file.
+    #[error(transparent)]
+    File(#[from] recordlog::WriteError),
+    /// The in-memory queue to the network.
+    #[error(transparent)]
+    Queue(#[from] recordlog::QueueError),
+}
+
 /// Where entries go: a log file, an in-memory queue drained to the network.
 pub trait EntrySink: Send {
     /// Append one entry.
-    fn append(&mut self, entry: &Entry) -> Result<(), String>;
+    fn append(&mut self, entry: &Entry) -> Result<(), SinkError>;
     /// Push buffered entries out.
-    fn flush(&mut self) -> Result<(), String>;
+    fn flush(&mut self) -> Result<(), SinkError>;
 }
 
 impl<W: std::io::Write + Send> EntrySink for recordlog::writer::LogWriter<W> {
-    fn append(&mut self, entry: &Entry) -> Result<(), String> {
-        recordlog::writer::LogWriter::append(self, entry).map_err(|e| e.to_string())
+    fn append(&mut self, entry: &Entry) -> Result<(), SinkError> {
+        Ok(recordlog::writer::LogWriter::append(self, entry)?)
     }
-    fn flush(&mut self) -> Result<(), String> {
-        recordlog::writer::LogWriter::flush(self).map_err(|e| e.to_string())
+    fn flush(&mut self) -> Result<(), SinkError> {
+        Ok(recordlog::writer::LogWriter::flush(self)?)
     }
 }
 
 impl EntrySink for recordlog::QueueWriter {
-    fn append(&mut self, entry: &Entry) -> Result<(), String> {
-        recordlog::QueueWriter::append(self, entry).map_err(|e| e.to_string())
+    fn append(&mut self, entry: &Entry) -> Result<(), SinkError> {
+        Ok(recordlog::QueueWriter::append(self, entry)?)
     }
-    fn flush(&mut self) -> Result<(), String> {
-        recordlog::QueueWriter::flush(self).map_err(|e| e.to_string())
+    fn flush(&mut self) -> Result<(), SinkError> {
+        Ok(recordlog::QueueWriter::flush(self)?)
     }
 }
 
 /// Both sinks get every entry (a protected primary that also keeps its
 /// own log file).
 impl<A: EntrySink, B: EntrySink> EntrySink for (A, B) {
-    fn append(&mut self, entry: &Entry) -> Result<(), String> {
+    fn append(&mut self, entry: &Entry) -> Result<(), SinkError> {
         self.0.append(entry)?;
         self.1.append(entry)
     }
-    fn flush(&mut self) -> Result<(), String> {
+    fn flush(&mut self) -> Result<(), SinkError> {
         self.0.flush()?;
         self.1.flush()
     }
@@ -57,10 +68,10 @@ impl<A: EntrySink, B: EntrySink> EntrySink for (A, B) {
 
 /// No sink at all when `None`.
 impl<S: EntrySink> EntrySink for Option<S> {
-    fn append(&mut self, entry: &Entry) -> Result<(), String> {
+    fn append(&mut self, entry: &Entry) -> Result<(), SinkError> {
         self.as_mut().map_or(Ok(()), |s| s.append(entry))
     }
-    fn flush(&mut self) -> Result<(), String> {
+    fn flush(&mut self) -> Result<(), SinkError> {
         self.as_mut().map_or(Ok(()), |s| s.flush())
     }
 }
@@ -162,7 +173,7 @@ impl<I: Inputs, S: EntrySink> Recorder<I, S> {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
-        self.sink.flush()
+        self.sink.flush().map_err(|e| e.to_string())
     }
 
     /// The live inputs (e.g. to read the clock for a final snapshot).

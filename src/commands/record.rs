@@ -117,7 +117,7 @@ pub fn record_run<S: EntrySink>(
             exit_seq: start,
             digest,
         })
-        .map_err(CmdError::Internal)?;
+        .map_err(|e| CmdError::Internal(e.to_string()))?;
     let stop = crate::signals::on_stop(machine.vcpu.kicker().clone());
     let mut live = live.with_wakeup(stop.wakeup);
     if let Some(g) = limits.kick_grace {
