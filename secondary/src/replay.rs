@@ -653,3 +653,163 @@ mod tests {
         assert!(d.expected.contains("60-byte frame"), "{d}");
     }
 }
+
+#[cfg(test)]
+mod validation_tests {
+    //! The replayer without KVM: entries from a vector, the run loop's
+    //! calls made by hand.
+    use super::*;
+
+    /// A log in memory; each entry is its own "frame" at offset 100 * i.
+    struct VecSource {
+        entries: Vec<Result<Option<Entry>, ReadError>>,
+        at: usize,
+    }
+
+    impl VecSource {
+        fn new(entries: Vec<Entry>) -> Self {
+            let mut v: Vec<_> = entries.into_iter().map(|e| Ok(Some(e))).collect();
+            v.push(Ok(None));
+            VecSource { entries: v, at: 0 }
+        }
+    }
+
+    impl EntrySource for VecSource {
+        fn next_entry(&mut self) -> Result<Option<Entry>, ReadError> {
+            let r = match self.entries.get_mut(self.at) {
+                Some(r) => std::mem::replace(r, Ok(None)),
+                None => Ok(None),
+            };
+            self.at += 1;
+            r
+        }
+        fn offset(&self) -> u64 {
+            100 * self.at as u64
+        }
+    }
+
+    fn replayer(entries: Vec<Entry>, repair: bool) -> Replayer<VecSource> {
+        let check = SyncPointCheck::from_regions(vec![(0, 1 << 20)]);
+        Replayer::new(VecSource::new(entries), 0, repair, check)
+    }
+
+    fn end(exit_seq: u64) -> Entry {
+        Entry::End {
+            exit_seq,
+            status: 0,
+        }
+    }
+
+    #[test]
+    fn logged_inputs_are_served_at_their_exit() {
+        let mut r = replayer(
+            vec![
+                Entry::Input {
+                    exit_seq: 3,
+                    input: Input::Clock(77),
+                },
+                end(5),
+            ],
+            false,
+        );
+        assert!(!r.deadline_reached(3, 0));
+        assert_eq!(r.clock_ns(3), 77);
+        assert!(r.take_divergence().is_none());
+        assert!(r.leaving_exit(3).is_ok());
+        assert!(r.guest_ended(5).is_ok());
+        assert!(r.ended(5));
+        assert_eq!(
+            *r.log_end(),
+            LogEnd::End {
+                exit_seq: 5,
+                status: 0
+            }
+        );
+    }
+
+    #[test]
+    fn an_input_the_replay_did_not_take_is_a_divergence() {
+        let mut r = replayer(
+            vec![
+                Entry::Input {
+                    exit_seq: 3,
+                    input: Input::DeadlineReached,
+                },
+                end(5),
+            ],
+            false,
+        );
+        let d = r.leaving_exit(3).unwrap_err();
+        assert_eq!(d.exit_seq, 3);
+        assert!(d.found.contains("input.deadline_reached"), "{d}");
+        // A clock read the log does not have.
+        let mut r = replayer(vec![end(9)], false);
+        r.clock_ns(4);
+        assert!(r.take_divergence().is_some());
+    }
+
+    #[test]
+    fn a_guest_that_ends_where_the_recording_did_not_diverges() {
+        // The log goes on after the exit where the replay ended...
+        let mut r = replayer(
+            vec![
+                Entry::Interrupt {
+                    exit_seq: 8,
+                    vector: 0x20,
+                },
+                end(9),
+            ],
+            true,
+        );
+        let d = r.guest_ended(6).unwrap_err();
+        assert!(d.expected.contains("interrupt at exit 8"), "{d}");
+        // ...or the recorded run ended at another exit.
+        let mut r = replayer(vec![end(9)], true);
+        let d = r.guest_ended(6).unwrap_err();
+        assert!(d.expected.contains("ended at exit 9"), "{d}");
+        assert!(r.guest_ended(9).is_ok());
+    }
+
+    #[test]
+    fn a_sync_point_page_outside_memory_is_damage_not_divergence() {
+        let vcpu = vmm::persist::encode_state("v", &()).unwrap();
+        let sp = SyncPoint {
+            vcpu_state: vcpu.clone(),
+            device_state: vcpu,
+            pages: vec![(!0xfff, vec![0; 4096])],
+            digest: recordlog::Digest::ZERO,
+        };
+        let mut r = replayer(
+            vec![
+                Entry::Interrupt {
+                    exit_seq: 1,
+                    vector: 0x20,
+                },
+                Entry::SyncPoint {
+                    exit_seq: 2,
+                    sync: Box::new(sp),
+                },
+            ],
+            false,
+        );
+        assert!(r.interrupt_injected(1, 0x20).is_ok());
+        assert!(r.take_sync_point(2).is_none());
+        let e = r.take_error().expect("damage reported");
+        assert!(e.contains("byte offset 100"), "{e}");
+        assert!(r.take_divergence().is_none());
+        assert!(r.ended(2));
+    }
+
+    #[test]
+    fn data_after_the_end_is_refused() {
+        let mut src = VecSource::new(vec![end(4)]);
+        src.entries[1] = Err(ReadError::Truncated { offset: 100 });
+        let check = SyncPointCheck::from_regions(vec![(0, 1 << 20)]);
+        let mut r = Replayer::new(src, 0, false, check);
+        assert!(r.ended(4));
+        assert!(matches!(
+            r.log_end(),
+            LogEnd::Corrupt(BadEntry::AfterEnd { .. })
+        ));
+    }
+}
