@@ -211,8 +211,11 @@ fn linux_pvh_boot_records_and_replays() {
             "earlyprintk=serial console=ttyS0 noapic nolapic",
             "--mem-mib",
             "256",
+            // Console output leaves the VM a line at a time (the Outputs
+            // interface): the banner's line (~220 bytes, two exits a byte
+            // with the LSR poll) is complete by exit ~500.
             "--stop-at",
-            "400",
+            "1000",
             "--fingerprint-interval",
             "50",
         ])
@@ -226,7 +229,7 @@ fn linux_pvh_boot_records_and_replays() {
     let recorded = std::fs::read(&rec_out).unwrap();
     assert!(
         String::from_utf8_lossy(&recorded).contains("Linux version"),
-        "no banner within 400 exits: {rec_err}"
+        "no banner within 1000 exits: {rec_err}"
     );
     let rep = Command::new(tandem)
         .args(["replay", "--log"])
