@@ -259,17 +259,11 @@ fn migrate_at_150ms_rtt_with_a_loose_target() {
 /// 75 ms one way + the last dirty set (1 MiB at most) fits 100 ms: the
 /// migration must converge, not be forced after 30 rounds.
 #[test]
-#[ignore = "converges on an idle host (88 ms, 3 rounds) but not always under CPU load (seen with two test runs \
-            at once): each round waits a 150 ms round trip for its acknowledgement while the guest re-dirties \
-            its set, so the measured rate keeps the estimate above 100 ms; needs streamed pre-copy rounds (issue 9)"]
 fn migrate_at_150ms_rtt() {
     migrate_across(221, WanLink::new(150.0, "0", Some("1gbit")), "100");
 }
 
 #[test]
-#[ignore = "sometimes (1 run in 3) runs 30 rounds: each 1 MiB round waits a lossy round trip for its acknowledgement, \
-            so the bandwidth the source measures (~3.4 MB/s) keeps the estimate above the target \
-            (primary/src/migration/source.rs, h2-freeze's estimate)"]
 fn migrate_at_150ms_rtt_with_1pct_loss() {
     migrate_across(222, lossy(), "100");
 }
