@@ -22,6 +22,17 @@ both exercised. Usage:
   mail_client.py cost N SIZE             like rate, with the guest's XSTATS
                                         deltas per message
   mail_client.py echo PORT N             echo round trips, print p50/p99 ms
+  mail_client.py drill CONN SIZES STOP LIMIT PACE_MS
+                                        `tandem drill`'s load: one SMTP session
+                                        sending seeds CONN*100000+1, +2, ...
+                                        (sizes from the comma list in turn)
+                                        until LIMIT or STOP exists, printing
+                                        `try K` before and `sent K` after each
+                                        250; a failure prints `error WHAT`
+                                        and exits 3
+  mail_client.py mailbox SIZES           POP3: one line per message, `have K ok`
+                                        (byte for byte what drill sent), `have
+                                        K differs`, or `foreign N`; `count N`
 """
 import os
 import poplib
@@ -106,6 +117,59 @@ def stream(size, stop, limit):
     code, _ = s.quit()
     assert code == 221, code
     print("streamed", k, flush=True)
+
+
+def drill_size(sizes, seed):
+    return sizes[(seed % 100000 - 1) % len(sizes)]
+
+
+def drill(conn, sizes, stop, limit, pace_ms):
+    """The drill's load: stops at the first failure, saying what it was."""
+    try:
+        s = smtplib.SMTP(HOST, 25, timeout=TIMEOUT)
+        code, _ = s.ehlo("client.test")
+        assert code == 250, code
+    except Exception as e:
+        print("error connect %s %s" % (type(e).__name__, e), flush=True)
+        sys.exit(3)
+    k = 0
+    while k < limit and not os.path.exists(stop):
+        k += 1
+        seed = conn * 100000 + k
+        print("try", seed, flush=True)
+        try:
+            refused = s.sendmail("a@test", ["b@test"], message(seed, drill_size(sizes, seed)))
+        except Exception as e:
+            print("error %s %s" % (type(e).__name__, e), flush=True)
+            sys.exit(3)
+        if refused:
+            print("error refused %r" % refused, flush=True)
+            sys.exit(3)
+        print("sent", seed, flush=True)
+        if pace_ms:
+            time.sleep(pace_ms / 1000.0)
+    try:
+        code, _ = s.quit()
+    except Exception as e:
+        print("error quit %s %s" % (type(e).__name__, e), flush=True)
+        sys.exit(3)
+    print("done", k, flush=True)
+
+
+def mailbox(sizes):
+    p = pop_login()
+    count, _ = p.stat()
+    for k in range(1, count + 1):
+        _, lines, _ = p.retr(k)
+        data = b"\r\n".join(lines) + b"\r\n"
+        seed = seed_of(lines)
+        if seed <= 0:
+            print("foreign", k, flush=True)
+            continue
+        ok = data == message(seed, drill_size(sizes, seed))
+        print("have", seed, "ok" if ok else "differs", flush=True)
+    p.quit()
+    print("count", count, flush=True)
 
 
 def pop_login():
@@ -284,6 +348,11 @@ def main():
         rate(int(args[0]), int(args[1]))
     elif cmd == "cost":
         cost(int(args[0]), int(args[1]))
+    elif cmd == "drill":
+        sizes = [int(x) for x in args[1].split(",")]
+        drill(int(args[0]), sizes, args[2], int(args[3]), int(args[4]))
+    elif cmd == "mailbox":
+        mailbox([int(x) for x in args[0].split(",")])
     elif cmd == "echo":
         echo(int(args[0]), int(args[1]))
     else:

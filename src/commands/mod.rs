@@ -1,6 +1,7 @@
 //! The subcommands.
 
 mod certs;
+mod drill;
 mod dump;
 mod lockstep;
 mod migrate;
@@ -83,5 +84,6 @@ pub fn dispatch(cli: Cli) -> Result<i32, CmdError> {
         Command::Resume(args) => migrate::pause(args, false),
         Command::GuestElf(args) => migrate::guest_elf(args),
         Command::Secondary(args) => lockstep::secondary(args),
+        Command::Drill(args) => drill::drill(args),
     }
 }

@@ -1,0 +1,179 @@
+//! `tandem drill`: rehearse a disaster on this machine and report what a
+//! skeptical operator would want to see.
+//!
+//! A drill is data (`scenarios/*.toml`, see [`scenario`] and
+//! docs/drills.md): hosts as network namespaces ([`topo`]), the mail VM,
+//! real clients (Python's smtplib, from the client network), a fault
+//! schedule and expectations checked from the clients' side (POP3). Each
+//! run builds everything afresh and tears it down, also on Ctrl-C
+//! ([`run`]); the report gives each run and the total ([`report`]).
+//!
+//! A drill this build cannot do (a fault that needs failover) is refused
+//! up front, naming what is missing, with status 2: never a fake pass.
+
+mod procs;
+mod report;
+mod run;
+pub mod scenario;
+mod topo;
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::CmdError;
+use crate::cli::DrillArgs;
+use report::DrillReport;
+use scenario::Scenario;
+
+/// The built-in drill, until failover lands: a planned migration under load.
+const BUILTIN: &str = include_str!("../../../scenarios/migrate-under-load.toml");
+const BUILTIN_NAME: &str = "scenarios/migrate-under-load.toml (built in)";
+const BUILTIN_NOTE: &str = "built-in drill: migrate-under-load; the pull-the-plug drill needs failover, which this build does not have";
+
+/// Exit status when Ctrl-C ended the drill (everything torn down).
+const INTERRUPTED: i32 = 130;
+
+pub fn drill(args: DrillArgs) -> Result<i32, CmdError> {
+    let (scn, file, note) = match &args.file {
+        Some(f) => (
+            Scenario::load(f).map_err(|e| CmdError::Input(e.to_string()))?,
+            f.display().to_string(),
+            None,
+        ),
+        None => (
+            Scenario::parse(BUILTIN_NAME, BUILTIN).map_err(|e| CmdError::Input(e.to_string()))?,
+            BUILTIN_NAME.to_string(),
+            Some(BUILTIN_NOTE.to_string()),
+        ),
+    };
+    let missing = scn.missing();
+    if args.check {
+        if missing.is_empty() {
+            println!(
+                "{file}: drill {} is valid and this build can run it",
+                scn.name
+            );
+        } else {
+            println!(
+                "{file}: drill {} is valid; this build cannot run it: {}",
+                scn.name,
+                missing.join("; ")
+            );
+        }
+        return Ok(0);
+    }
+    if !missing.is_empty() {
+        return Err(CmdError::Input(format!(
+            "{file}: cannot run drill {}: {}",
+            scn.name,
+            missing.join("; ")
+        )));
+    }
+    if args.runs == 0 {
+        return Err(CmdError::Input("--runs 0: give at least one run".into()));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(CmdError::Input(
+            "tandem drill builds its hosts as network namespaces with TAP devices: run it as root"
+                .into(),
+        ));
+    }
+    let python = std::process::Command::new("python3")
+        .args(["-c", "import smtplib, poplib"])
+        .status();
+    if !python.is_ok_and(|s| s.success()) {
+        return Err(CmdError::Input(
+            "tandem drill's clients are Python's smtplib and poplib: install python3".into(),
+        ));
+    }
+    let tandem = std::env::current_exe()
+        .map_err(|e| CmdError::Internal(format!("finding the tandem binary: {e}")))?;
+    let wan = tandem
+        .parent()
+        .map(|d| d.join("tandem-wan"))
+        .filter(|p| p.exists());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| CmdError::Internal(format!("installing the Ctrl-C handler: {e}")))?;
+    }
+    topo::remove_stale();
+
+    let base = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64 % 1_000_000_007)
+            .unwrap_or(1)
+    });
+    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
+        let bar =
+            ProgressBar::with_draw_target(Some(args.runs as u64), ProgressDrawTarget::stderr());
+        if let Ok(style) =
+            ProgressStyle::with_template("{spinner} run {pos}/{len} {elapsed:>4} {wide_msg}")
+        {
+            bar.set_style(style);
+        }
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar
+    });
+    let mut runs = Vec::new();
+    let head = DrillReport::new(&scn.name, &file, note.clone(), Vec::new());
+    for i in 1..=args.runs {
+        let seed = base.wrapping_add(i as u64 - 1);
+        let say = |what: &str| match &bar {
+            Some(b) => b.set_message(format!("seed {seed}: {what}")),
+            None => eprintln!("drill {}: run {i} (seed {seed}): {what}", scn.name),
+        };
+        let ctx = run::Ctx {
+            scn: &scn,
+            tandem: tandem.clone(),
+            wan: wan.clone(),
+            stop: &stop,
+            keep: args.keep,
+            progress: &say,
+        };
+        let Ok(mut r) = run::run_once(&ctx, i, seed) else {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            eprintln!(
+                "tandem: drill interrupted in run {i} (seed {seed}); its hosts and processes are torn down"
+            );
+            return Ok(INTERRUPTED);
+        };
+        r.run = i;
+        if !args.json {
+            let text = head.run_text(&r, args.runs);
+            match &bar {
+                Some(b) => b.println(text.trim_end()),
+                None => print!("{text}"),
+            }
+        }
+        if let Some(b) = &bar {
+            b.inc(1);
+        }
+        runs.push(r);
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let report = DrillReport::new(&scn.name, &file, note, runs);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report)
+                .map_err(|e| CmdError::Internal(format!("writing the report: {e}")))?
+        );
+    } else {
+        print!("{}", report.total_text());
+    }
+    Ok(if report.passed() { 0 } else { 1 })
+}

@@ -1,0 +1,215 @@
+//! What `tandem drill` prints: each run, then the total (text, or one
+//! JSON object with `--json`).
+
+use serde::Serialize;
+
+use super::run::{Messages, RunReport};
+
+/// p50 / p99 / max of some durations (ms).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Spread {
+    pub count: usize,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(mut v: Vec<f64>) -> Option<Spread> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let at = |q: usize| v[((v.len() - 1) * q).div_ceil(100)];
+        Some(Spread {
+            count: v.len(),
+            p50: at(50),
+            p99: at(99),
+            max: v[v.len() - 1],
+        })
+    }
+
+    fn text(&self, unit: &str) -> String {
+        format!(
+            "p50 {:.1} {unit}  p99 {:.1} {unit}  max {:.1} {unit}  ({} samples)",
+            self.p50, self.p99, self.max, self.count
+        )
+    }
+}
+
+/// The whole drill.
+#[derive(Debug, Serialize)]
+pub struct DrillReport {
+    pub scenario: String,
+    pub file: String,
+    /// Said when the built-in drill stands in for another.
+    pub note: Option<String>,
+    pub runs: Vec<RunReport>,
+    pub total: Total,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Total {
+    pub runs: usize,
+    pub passed: usize,
+    pub failed: usize,
+    pub messages: Messages,
+    pub connections_reset: u32,
+    /// Live copies seen at the end of each run, over all runs.
+    pub live_copies: Vec<u32>,
+    /// The pause clients saw across each fault that fails over.
+    pub failover_gap_ms: Option<Spread>,
+    /// The pause clients saw across each planned migration.
+    pub migration_client_gap_ms: Option<Spread>,
+    /// Each planned migration's downtime, as `tandem migrate` measured it.
+    pub migration_downtime_ms: Option<Spread>,
+    /// `--seed S --runs 1` repeats that run.
+    pub failed_seeds: Vec<u64>,
+}
+
+impl DrillReport {
+    pub fn new(scenario: &str, file: &str, note: Option<String>, runs: Vec<RunReport>) -> Self {
+        let mut m = Messages::default();
+        let mut reset = 0;
+        let (mut fgap, mut mgap, mut down) = (Vec::new(), Vec::new(), Vec::new());
+        for r in &runs {
+            m.sent += r.messages.sent;
+            m.acknowledged += r.messages.acknowledged;
+            m.found += r.messages.found;
+            m.lost += r.messages.lost;
+            m.corrupted += r.messages.corrupted;
+            m.found_unacknowledged += r.messages.found_unacknowledged;
+            m.foreign += r.messages.foreign;
+            reset += r.connections_reset;
+            for f in &r.faults {
+                if f.kind == "migrate" {
+                    mgap.extend(f.client_gap_ms);
+                    down.extend(f.downtime_ms);
+                } else if f.fails_over {
+                    fgap.extend(f.client_gap_ms);
+                }
+            }
+        }
+        let passed = runs.iter().filter(|r| r.passed).count();
+        let total = Total {
+            runs: runs.len(),
+            passed,
+            failed: runs.len() - passed,
+            messages: m,
+            connections_reset: reset,
+            live_copies: runs.iter().map(|r| r.live_copies).collect(),
+            failover_gap_ms: Spread::of(fgap),
+            migration_client_gap_ms: Spread::of(mgap),
+            migration_downtime_ms: Spread::of(down),
+            failed_seeds: runs.iter().filter(|r| !r.passed).map(|r| r.seed).collect(),
+        };
+        DrillReport {
+            scenario: scenario.into(),
+            file: file.into(),
+            note,
+            runs,
+            total,
+        }
+    }
+
+    pub fn passed(&self) -> bool {
+        self.total.failed == 0
+    }
+
+    /// One run, as text.
+    pub fn run_text(&self, r: &RunReport, of: u32) -> String {
+        let mut s = format!(
+            "run {} of {of} (seed {}): {} in {:.1} s\n",
+            r.run,
+            r.seed,
+            if r.passed { "PASS" } else { "FAIL" },
+            r.duration_s
+        );
+        let m = &r.messages;
+        s += &format!(
+            "  messages     sent {}  acknowledged {}  found {}  lost {}  corrupted {}\n",
+            m.sent, m.acknowledged, m.found, m.lost, m.corrupted
+        );
+        s += &format!(
+            "  connections  {}  reset {}\n  live copies  {}\n  longest gap  {:.0} ms between two acknowledgements\n",
+            r.connections, r.connections_reset, r.live_copies, r.max_gap_ms
+        );
+        for f in &r.faults {
+            s += &format!("  fault {:<9}", f.kind);
+            s += &format!(" after {} messages ({:.0} ms)", f.at_messages, f.at_ms);
+            if !f.detail.is_empty() {
+                s += &format!("  {}", f.detail);
+            }
+            if let Some(d) = f.downtime_ms {
+                s += &format!("  downtime {d:.1} ms");
+            }
+            if let Some(g) = f.client_gap_ms {
+                s += &format!("  client gap {g:.0} ms");
+            }
+            s += &format!("  took {:.0} ms", f.took_ms);
+            if let Some(e) = &f.error {
+                s += &format!("\n    error: {e}");
+            }
+            s.push('\n');
+        }
+        for c in &r.checks {
+            s += &format!(
+                "  [{}] {}: {}\n",
+                if c.passed { "ok" } else { "FAILED" },
+                c.name,
+                c.seen
+            );
+        }
+        if let Some(e) = &r.error {
+            s += &format!("  error: {e}\n");
+        }
+        if !r.passed {
+            s += &format!(
+                "  repeat it: tandem drill {} --seed {} --runs 1\n",
+                self.file, r.seed
+            );
+        }
+        if let Some(d) = &r.dir {
+            s += &format!("  outputs kept in {d}\n");
+        }
+        s
+    }
+
+    /// The total, as text.
+    pub fn total_text(&self) -> String {
+        let t = &self.total;
+        let m = &t.messages;
+        let mut s = format!(
+            "drill {}: {} of {} runs passed\n",
+            self.scenario, t.passed, t.runs
+        );
+        if let Some(n) = &self.note {
+            s += &format!("  note: {n}\n");
+        }
+        s += &format!(
+            "  messages       sent {}  acknowledged {}  found {}  lost {}\n",
+            m.sent, m.acknowledged, m.found, m.lost
+        );
+        let copies: std::collections::BTreeSet<u32> = t.live_copies.iter().copied().collect();
+        let copies: Vec<String> = copies.iter().map(u32::to_string).collect();
+        s += &format!(
+            "  resets         {}\n  live copies    {}\n",
+            t.connections_reset,
+            copies.join(", ")
+        );
+        if let Some(g) = &t.failover_gap_ms {
+            s += &format!("  failover gap   {}\n", g.text("ms"));
+        }
+        if let Some(d) = &t.migration_downtime_ms {
+            s += &format!("  migration downtime    {}\n", d.text("ms"));
+        }
+        if let Some(g) = &t.migration_client_gap_ms {
+            s += &format!("  migration client gap  {}\n", g.text("ms"));
+        }
+        if !t.failed_seeds.is_empty() {
+            let seeds: Vec<String> = t.failed_seeds.iter().map(u64::to_string).collect();
+            s += &format!("  failed seeds   {}\n", seeds.join(", "));
+        }
+        s
+    }
+}

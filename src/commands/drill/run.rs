@@ -1,0 +1,755 @@
+//! One run of a drill: build the hosts, start the VM and the clients,
+//! inject the faults when their time comes, then check from the clients'
+//! side what the drill expects.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+
+use super::procs::{output, Proc, WaitError, WaitResult};
+use super::scenario::{FaultKind, Scenario, Trigger};
+use super::topo::{LinkSpec, Topology, TAP};
+
+/// The guest's MAC (its RARP announcements after a migration carry it).
+const MAC: &str = "52:54:00:d1:11:01";
+/// The longest a VM may take to boot, a receiver to listen, a migration
+/// to switch over: generous bounds that only turn a hang into a failure.
+const BOOT: Duration = Duration::from_secs(180);
+const STEP: Duration = Duration::from_secs(120);
+/// The client script (Python smtplib/poplib), shipped in the repository.
+const CLIENT: &str = include_str!("../../../tests/mail_client.py");
+
+/// What the run saw of the messages.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Messages {
+    /// Messages the clients started to send.
+    pub sent: u32,
+    /// Messages the server acknowledged (250 after DATA).
+    pub acknowledged: u32,
+    /// Messages in the mailbox afterwards, byte for byte as sent.
+    pub found: u32,
+    /// Acknowledged but not found (or not intact).
+    pub lost: u32,
+    /// Found but different from what was sent.
+    pub corrupted: u32,
+    /// Found although never acknowledged (the one in flight at a reset).
+    pub found_unacknowledged: u32,
+    /// Messages no client sent.
+    pub foreign: u32,
+}
+
+/// One fault as it happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultReport {
+    pub kind: String,
+    /// Does the secondary go live after it (its gap is a failover gap)?
+    pub fails_over: bool,
+    /// Its trigger, as drawn for this run.
+    pub trigger: Trigger,
+    /// Acknowledged messages when it fired.
+    pub at_messages: u32,
+    /// Time since the clients started (ms) when it fired.
+    pub at_ms: f64,
+    /// Hosts involved (migrate: from, to).
+    pub detail: String,
+    /// How long the fault's own work took (migrate: the whole migration).
+    pub took_ms: f64,
+    /// The VM's downtime (migrate: what `tandem migrate` measured).
+    pub downtime_ms: Option<f64>,
+    /// The longest pause a client saw across it: from its last
+    /// acknowledgement before the fault to its next one.
+    pub client_gap_ms: Option<f64>,
+    /// What went wrong (the fault did not happen as planned).
+    pub error: Option<String>,
+}
+
+/// One expectation, checked.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    /// What was seen.
+    pub seen: String,
+}
+
+/// Everything one run saw.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub run: u32,
+    pub seed: u64,
+    pub passed: bool,
+    pub messages: Messages,
+    pub connections: u32,
+    pub connections_reset: u32,
+    /// What each reset connection reported.
+    pub resets: Vec<String>,
+    /// VM copies running when the drill ended.
+    pub live_copies: u32,
+    /// Longest pause between two acknowledgements of one connection (ms).
+    pub max_gap_ms: f64,
+    pub faults: Vec<FaultReport>,
+    pub checks: Vec<Check>,
+    /// Why the run could not be completed (setup or a step failed).
+    pub error: Option<String>,
+    /// The run's directory (consoles, logs, disks), when kept.
+    pub dir: Option<String>,
+    pub duration_s: f64,
+}
+
+/// What a run needs from the command.
+pub struct Ctx<'a> {
+    pub scn: &'a Scenario,
+    pub tandem: PathBuf,
+    pub wan: Option<PathBuf>,
+    pub stop: &'a AtomicBool,
+    pub keep: bool,
+    pub progress: &'a dyn Fn(&str),
+}
+
+/// A client connection: its process and what it printed.
+struct Conn {
+    proc: Proc,
+}
+
+impl Conn {
+    /// (seed, time) of each acknowledged message.
+    fn acks(&self) -> Vec<(u32, Instant)> {
+        let l = self.proc.out.lock().unwrap_or_else(|e| e.into_inner());
+        l.iter()
+            .filter_map(|(t, line)| Some((line.strip_prefix("sent ")?.trim().parse().ok()?, *t)))
+            .collect()
+    }
+    fn count(&self, prefix: &str) -> u32 {
+        let l = self.proc.out.lock().unwrap_or_else(|e| e.into_inner());
+        l.iter()
+            .filter(|(_, line)| line.starts_with(prefix))
+            .count() as u32
+    }
+    fn error(&self) -> Option<String> {
+        let l = self.proc.out.lock().unwrap_or_else(|e| e.into_inner());
+        l.iter()
+            .find_map(|(_, line)| line.strip_prefix("error ").map(str::to_string))
+    }
+}
+
+/// The state of one run.
+struct Run<'a> {
+    ctx: &'a Ctx<'a>,
+    dir: PathBuf,
+    /// The VMM running the VM now, its host and control socket.
+    vm: Option<Proc>,
+    at: usize,
+    sock: PathBuf,
+    /// VMMs that ran the VM before (a migrated source ends).
+    retired: Vec<Proc>,
+    conns: Vec<Conn>,
+    started: Instant,
+    /// When each fault started and ended.
+    fault_times: Vec<(Instant, Instant)>,
+    spawned: u32,
+    /// Last: dropped after every process in it was killed.
+    topo: Topology,
+}
+
+fn host_index(scn: &Scenario, name: &str) -> usize {
+    scn.hosts
+        .iter()
+        .position(|h| h.name == name)
+        .expect("validated host name")
+}
+
+/// Run the drill once with `seed`; Err only when interrupted.
+pub fn run_once(ctx: &Ctx, run: u32, seed: u64) -> Result<RunReport, ()> {
+    let t0 = Instant::now();
+    let dir = std::env::temp_dir().join(format!("tandem-drill-{}-{run}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut report = RunReport {
+        run,
+        seed,
+        passed: false,
+        messages: Messages::default(),
+        connections: ctx.scn.client.connections,
+        connections_reset: 0,
+        resets: Vec::new(),
+        live_copies: 0,
+        max_gap_ms: 0.0,
+        faults: Vec::new(),
+        checks: Vec::new(),
+        error: None,
+        dir: None,
+        duration_s: 0.0,
+    };
+    let interrupted = match drive(ctx, run, seed, &dir, &mut report) {
+        Ok(()) => false,
+        Err(WaitError::Interrupted) => true,
+        Err(WaitError::Failed(e)) => {
+            report.error = Some(e);
+            false
+        }
+    };
+    report.passed = report.error.is_none() && report.checks.iter().all(|c| c.passed);
+    if ctx.keep || !report.passed {
+        report.dir = Some(dir.display().to_string());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    report.duration_s = t0.elapsed().as_secs_f64();
+    if interrupted {
+        Err(())
+    } else {
+        Ok(report)
+    }
+}
+
+fn drive(ctx: &Ctx, run: u32, seed: u64, dir: &Path, report: &mut RunReport) -> WaitResult<()> {
+    let scn = ctx.scn;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| WaitError::Failed(format!("creating {}: {e}", dir.display())))?;
+    (ctx.progress)("building the hosts");
+    let links: Vec<LinkSpec> = scn
+        .links
+        .iter()
+        .map(|l| LinkSpec {
+            a: host_index(scn, &l.between[0]),
+            b: host_index(scn, &l.between[1]),
+            rtt_ms: l.rtt_ms,
+            loss_percent: l.loss_percent,
+            rate: l.rate.clone(),
+        })
+        .collect();
+    let topo = Topology::build(
+        &run.to_string(),
+        scn.hosts.len(),
+        &links,
+        ctx.wan.as_deref(),
+        seed,
+    )
+    .map_err(WaitError::Failed)?;
+    let at = host_index(scn, &scn.vm.host);
+    let mut r = Run {
+        ctx,
+        dir: dir.to_path_buf(),
+        topo,
+        vm: None,
+        at,
+        sock: dir.join("vm0.sock"),
+        retired: Vec::new(),
+        conns: Vec::new(),
+        started: Instant::now(),
+        fault_times: Vec::new(),
+        spawned: 0,
+    };
+    let result = r.go(seed, report);
+    r.save_outputs();
+    result
+}
+
+impl Run<'_> {
+    fn tandem(&self) -> Command {
+        Command::new(&self.ctx.tandem)
+    }
+
+    fn in_host(&self, h: usize) -> Command {
+        Topology::command(&self.topo.hosts[h], &self.ctx.tandem)
+    }
+
+    fn creds(&self, h: usize) -> Vec<String> {
+        let pki = self.dir.join("pki");
+        let name = &self.ctx.scn.hosts[h].name;
+        vec![
+            "--ca".into(),
+            pki.join("ca.pem").display().to_string(),
+            "--cert".into(),
+            pki.join(format!("{name}.pem")).display().to_string(),
+            "--key".into(),
+            pki.join(format!("{name}.key")).display().to_string(),
+        ]
+    }
+
+    fn run_ok(&self, mut cmd: Command, what: &str) -> WaitResult<String> {
+        cmd.env_remove("TANDEM_LOG");
+        let (code, out, err) = output(cmd).map_err(WaitError::Failed)?;
+        if code != 0 {
+            return Err(WaitError::Failed(format!(
+                "{what} failed (status {code}): {}",
+                err.trim()
+            )));
+        }
+        Ok(out)
+    }
+
+    fn disk(&self, k: u32) -> WaitResult<PathBuf> {
+        let p = self.dir.join(format!("disk{k}.img"));
+        let f = std::fs::File::create(&p)
+            .and_then(|f| f.set_len(self.ctx.scn.vm.disk_mib << 20).map(|_| f));
+        f.map_err(|e| WaitError::Failed(format!("creating {}: {e}", p.display())))?;
+        Ok(p)
+    }
+
+    fn go(&mut self, seed: u64, report: &mut RunReport) -> WaitResult<()> {
+        let scn = self.ctx.scn;
+        let stop = self.ctx.stop;
+        // Certificates: one CA, one certificate per host naming its
+        // link addresses.
+        let pki = self.dir.join("pki");
+        let mut c = self.tandem();
+        c.args(["certs", "init", "--dir"]).arg(&pki);
+        self.run_ok(c, "tandem certs init")?;
+        for (h, host) in scn.hosts.iter().enumerate() {
+            let mut c = self.tandem();
+            c.args(["certs", "issue", "--dir"])
+                .arg(&pki)
+                .args(["--name", &host.name]);
+            for a in self.topo.addrs_of(h) {
+                c.args(["--san", &a]);
+            }
+            self.run_ok(c, "tandem certs issue")?;
+        }
+
+        (self.ctx.progress)(&format!("booting the mail VM on host {}", scn.vm.host));
+        let disk = self.disk(0)?;
+        let mut c = self.in_host(self.at);
+        c.args(["run", "--cmdline", &scn.vm.workload, "--api-socket"])
+            .arg(&self.sock)
+            .args(["--net", &format!("tap={TAP},mac={MAC}")])
+            .args(["--mem-mib", &scn.vm.mem_mib.to_string(), "--disk"])
+            .arg(&disk)
+            .env_remove("TANDEM_LOG");
+        let what = format!("the VM on host {}", scn.vm.host);
+        let mut vm = Proc::spawn(&what, c).map_err(WaitError::Failed)?;
+        vm.wait_line("mail ready", false, BOOT, stop)?;
+        self.vm = Some(vm);
+
+        (self.ctx.progress)("clients sending");
+        let script = self.dir.join("mail_client.py");
+        std::fs::write(&script, CLIENT)
+            .map_err(|e| WaitError::Failed(format!("writing {}: {e}", script.display())))?;
+        let stopfile = self.dir.join("stop-clients");
+        let sizes: Vec<String> = scn.client.sizes.iter().map(u32::to_string).collect();
+        let sizes = sizes.join(",");
+        self.started = Instant::now();
+        for k in 1..=scn.client.connections {
+            let mut c = Topology::command(&self.topo.client_ns, Path::new("python3"));
+            c.arg(&script)
+                .args(["drill", &k.to_string(), &sizes])
+                .arg(&stopfile)
+                .args([
+                    &scn.client.messages.to_string(),
+                    &scn.client.pace_ms.to_string(),
+                ]);
+            let proc =
+                Proc::spawn(&format!("client connection {k}"), c).map_err(WaitError::Failed)?;
+            self.conns.push(Conn { proc });
+        }
+
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut base_msgs = 0;
+        let mut base_t = self.started;
+        'faults: for f in &scn.faults {
+            for _ in 0..f.repeat {
+                let trigger = f.when.resolve(|lo, hi| {
+                    if lo == hi {
+                        lo
+                    } else {
+                        rng.random_range(lo..=hi)
+                    }
+                });
+                loop {
+                    let acked = self.acked();
+                    let due = match trigger {
+                        Trigger::Messages(n) => acked >= base_msgs + n,
+                        Trigger::Ms(ms) => base_t.elapsed() >= Duration::from_millis(ms),
+                    };
+                    if due {
+                        break;
+                    }
+                    if self.clients_done() {
+                        report.faults.push(FaultReport {
+                            kind: f.kind.name().into(),
+                            fails_over: f.kind.fails_over(),
+                            trigger,
+                            at_messages: acked,
+                            at_ms: ms(self.started.elapsed()),
+                            detail: String::new(),
+                            took_ms: 0.0,
+                            downtime_ms: None,
+                            client_gap_ms: None,
+                            error: Some(format!(
+                                "never fired: the clients were done after {acked} acknowledged messages"
+                            )),
+                        });
+                        break 'faults;
+                    }
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Err(WaitError::Interrupted);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let at_messages = self.acked();
+                let start = Instant::now();
+                (self.ctx.progress)(&format!("fault {}", f.kind.name()));
+                let mut fr = FaultReport {
+                    kind: f.kind.name().into(),
+                    fails_over: f.kind.fails_over(),
+                    trigger,
+                    at_messages,
+                    at_ms: ms(start - self.started),
+                    detail: String::new(),
+                    took_ms: 0.0,
+                    downtime_ms: None,
+                    client_gap_ms: None,
+                    error: None,
+                };
+                match f.kind {
+                    FaultKind::Migrate => {
+                        let to = host_index(scn, f.to.as_deref().unwrap_or_default());
+                        // A repeated migration goes back and forth.
+                        let to = if to == self.at {
+                            host_index(scn, &scn.vm.host)
+                        } else {
+                            to
+                        };
+                        fr.detail = format!(
+                            "host {} -> host {}",
+                            scn.hosts[self.at].name, scn.hosts[to].name
+                        );
+                        match self.migrate(to) {
+                            Ok(d) => fr.downtime_ms = d,
+                            Err(WaitError::Interrupted) => return Err(WaitError::Interrupted),
+                            Err(WaitError::Failed(e)) => fr.error = Some(e),
+                        }
+                    }
+                    other => {
+                        // Refused before the run starts (Scenario::missing).
+                        fr.error = Some(format!("fault {} is not available", other.name()));
+                    }
+                }
+                fr.took_ms = ms(start.elapsed());
+                self.fault_times.push((start, Instant::now()));
+                let bad = fr.error.is_some();
+                report.faults.push(fr);
+                if bad {
+                    break 'faults;
+                }
+                base_msgs = self.acked();
+                base_t = Instant::now();
+            }
+        }
+
+        (self.ctx.progress)("clients finishing");
+        let limit = Duration::from_secs(60)
+            + Duration::from_millis((scn.client.messages as u64) * (2000 + scn.client.pace_ms));
+        for conn in &mut self.conns {
+            conn.proc.wait_end(limit, stop)?;
+        }
+
+        (self.ctx.progress)("reading the mailbox over POP3");
+        let mut c = Topology::command(&self.topo.client_ns, Path::new("python3"));
+        c.arg(&script).args(["mailbox", &sizes]);
+        let (code, out, err) = output(c).map_err(WaitError::Failed)?;
+        let mailbox_ok = code == 0 && out.lines().any(|l| l.starts_with("count "));
+        self.evaluate(report, &out, mailbox_ok.then_some(()).ok_or(err));
+        self.shutdown(report);
+        Ok(())
+    }
+
+    /// Migrate the VM to host `to`; its downtime.
+    fn migrate(&mut self, to: usize) -> WaitResult<Option<f64>> {
+        let stop = self.ctx.stop;
+        let from = self.at;
+        let addr = self
+            .topo
+            .addr_towards(to, from)
+            .ok_or_else(|| WaitError::Failed("no link to migrate over".into()))?
+            .to_string();
+        self.spawned += 1;
+        let k = self.spawned;
+        let disk = self.disk(k)?;
+        let sock = self.dir.join(format!("vm{k}.sock"));
+        let mut c = self.in_host(to);
+        c.args(["receive", "--listen", &format!("{addr}:0")])
+            .args(self.creds(to))
+            .args(["--net", &format!("tap={TAP}"), "--disk"])
+            .arg(&disk)
+            .arg("--api-socket")
+            .arg(&sock)
+            .env_remove("TANDEM_LOG");
+        let name = &self.ctx.scn.hosts[to].name;
+        let mut recv =
+            Proc::spawn(&format!("the receiver on host {name}"), c).map_err(WaitError::Failed)?;
+        let listen = recv.wait_line("waiting for a VM on ", true, STEP, stop)?;
+        let mut c = self.tandem();
+        c.args(["migrate", "--api"])
+            .arg(&self.sock)
+            .args(["--to", &listen])
+            .args(self.creds(from))
+            .arg("--json")
+            .env_remove("TANDEM_LOG");
+        let (code, out, err) = output(c).map_err(WaitError::Failed)?;
+        if code != 0 {
+            recv.stop(Duration::from_secs(5));
+            self.retired.push(recv);
+            return Err(WaitError::Failed(format!(
+                "tandem migrate failed (status {code}): {}",
+                err.trim()
+            )));
+        }
+        let downtime = out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|v| find_number(&v, "downtime_ms"));
+        recv.wait_line("running it", true, STEP, stop)?;
+        let mut old = self.vm.take().expect("a VM runs");
+        let ended = old.wait_end(STEP, stop);
+        self.retired.push(old);
+        ended?;
+        self.vm = Some(recv);
+        self.at = to;
+        self.sock = sock;
+        Ok(downtime)
+    }
+
+    fn acked(&self) -> u32 {
+        self.conns.iter().map(|c| c.count("sent ")).sum()
+    }
+
+    fn clients_done(&mut self) -> bool {
+        self.conns.iter_mut().all(|c| c.proc.ended().is_some())
+    }
+
+    fn evaluate(&mut self, report: &mut RunReport, mailbox: &str, read: Result<(), String>) {
+        let scn = self.ctx.scn;
+        let e = &scn.expect;
+        let mut acked = std::collections::BTreeSet::new();
+        let mut tried = 0;
+        let mut max_gap = 0.0f64;
+        for c in &self.conns {
+            let acks = c.acks();
+            tried += c.count("try ");
+            for w in acks.windows(2) {
+                max_gap = max_gap.max(ms(w[1].1 - w[0].1));
+            }
+            acked.extend(acks.iter().map(|(s, _)| *s));
+            if let Some(err) = c.error() {
+                report.resets.push(format!("{}: {err}", c.proc.what));
+            }
+        }
+        // Across a fault: the longest pause between two acknowledgements
+        // of one connection that overlaps the fault's time.
+        for (i, (start, end)) in self.fault_times.iter().enumerate() {
+            let gap = self
+                .conns
+                .iter()
+                .flat_map(|c| {
+                    let acks = c.acks();
+                    acks.windows(2)
+                        .filter(|w| w[1].1 > *start && w[0].1 < *end)
+                        .map(|w| ms(w[1].1 - w[0].1))
+                        .collect::<Vec<_>>()
+                })
+                .fold(None, |m: Option<f64>, g| Some(m.map_or(g, |m| m.max(g))));
+            if let Some(f) = report.faults.get_mut(i) {
+                f.client_gap_ms = gap;
+            }
+        }
+        report.max_gap_ms = max_gap;
+        report.connections_reset = report.resets.len() as u32;
+        let mut found_ok = std::collections::BTreeSet::new();
+        let mut m = Messages {
+            sent: tried,
+            acknowledged: acked.len() as u32,
+            ..Messages::default()
+        };
+        for line in mailbox.lines() {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            match w.as_slice() {
+                ["have", seed, state] => {
+                    let Ok(seed) = seed.parse::<u32>() else {
+                        continue;
+                    };
+                    if *state == "ok" {
+                        found_ok.insert(seed);
+                        m.found += 1;
+                        if !acked.contains(&seed) {
+                            m.found_unacknowledged += 1;
+                        }
+                    } else {
+                        m.corrupted += 1;
+                    }
+                }
+                ["foreign", _] => m.foreign += 1,
+                _ => {}
+            }
+        }
+        let missing: Vec<u32> = acked.difference(&found_ok).copied().collect();
+        m.lost = missing.len() as u32;
+        report.messages = m.clone();
+        report.live_copies = self.live_copies();
+
+        let mut checks = Vec::new();
+        let mut check = |name: &str, passed: bool, seen: String| {
+            checks.push(Check {
+                name: name.into(),
+                passed,
+                seen,
+            })
+        };
+        let fired = report.faults.iter().filter(|f| f.error.is_none()).count();
+        let planned: u32 = scn.faults.iter().map(|f| f.repeat).sum();
+        let fault_errors: Vec<String> = report
+            .faults
+            .iter()
+            .filter_map(|f| Some(format!("{}: {}", f.kind, f.error.as_ref()?)))
+            .collect();
+        check(
+            "every fault happened as planned",
+            fault_errors.is_empty() && fired as u32 == planned,
+            if fault_errors.is_empty() {
+                format!("{fired} of {planned}")
+            } else {
+                fault_errors.join("; ")
+            },
+        );
+        check(
+            "mailbox readable over POP3",
+            read.is_ok(),
+            match &read {
+                Ok(()) => format!("{} messages", m.found + m.corrupted + m.foreign),
+                Err(e) => e.trim().lines().last().unwrap_or("no answer").to_string(),
+            },
+        );
+        if e.no_acknowledged_lost {
+            let first: Vec<String> = missing.iter().take(5).map(|s| format!("m{s}")).collect();
+            check(
+                "no acknowledged message lost",
+                read.is_ok() && missing.is_empty() && m.corrupted == 0,
+                format!(
+                    "{} acknowledged, {} found intact, {} lost{}, {} corrupted",
+                    m.acknowledged,
+                    m.found - m.found_unacknowledged,
+                    m.lost,
+                    if first.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", first.join(", "))
+                    },
+                    m.corrupted
+                ),
+            );
+        }
+        if e.no_connection_reset {
+            check(
+                "no connection reset",
+                report.resets.is_empty(),
+                if report.resets.is_empty() {
+                    format!("{} connections, none reset", report.connections)
+                } else {
+                    report.resets.join("; ")
+                },
+            );
+        }
+        if e.one_live_copy {
+            check(
+                "exactly one live copy",
+                report.live_copies == 1,
+                format!("{} live copies", report.live_copies),
+            );
+        }
+        if let Some(limit) = e.max_gap_ms {
+            check(
+                &format!("client-seen gap under {limit} ms"),
+                max_gap < limit as f64 && report.resets.is_empty(),
+                format!("longest gap {max_gap:.0} ms"),
+            );
+        }
+        if let Some(limit) = e.max_migration_downtime_ms {
+            let worst = report
+                .faults
+                .iter()
+                .filter_map(|f| f.downtime_ms)
+                .fold(0.0f64, f64::max);
+            check(
+                &format!("migration downtime under {limit} ms"),
+                worst < limit,
+                format!("worst {worst:.1} ms"),
+            );
+        }
+        if e.same_result_as_unfailed {
+            let exact = read.is_ok()
+                && found_ok == acked
+                && m.corrupted == 0
+                && m.foreign == 0
+                && tried == m.acknowledged
+                && m.acknowledged == scn.client.connections * scn.client.messages;
+            check(
+                "same result as an unfailed run",
+                exact,
+                format!(
+                    "{} of {} messages sent and acknowledged, mailbox holds {} intact + {} corrupted + {} foreign",
+                    m.acknowledged,
+                    scn.client.connections * scn.client.messages,
+                    m.found,
+                    m.corrupted,
+                    m.foreign
+                ),
+            );
+        }
+        report.checks = checks;
+    }
+
+    fn live_copies(&mut self) -> u32 {
+        let mut n = 0;
+        if let Some(vm) = self.vm.as_mut() {
+            n += vm.ended().is_none() as u32;
+        }
+        for p in &mut self.retired {
+            n += p.ended().is_none() as u32;
+        }
+        n
+    }
+
+    fn shutdown(&mut self, report: &mut RunReport) {
+        if let Some(vm) = self.vm.as_mut() {
+            if vm.stop(Duration::from_secs(30)).is_none() {
+                report.error = Some("the VM did not stop".into());
+            }
+        }
+    }
+
+    /// Every process's output into the run's directory.
+    fn save_outputs(&mut self) {
+        std::fs::write(self.dir.join("stop-clients"), b"").ok();
+        let mut all: Vec<&Proc> = self.retired.iter().collect();
+        all.extend(self.vm.iter());
+        all.extend(self.conns.iter().map(|c| &c.proc));
+        for (i, p) in all.iter().enumerate() {
+            let text = format!(
+                "{}\n--- stdout ---\n{}--- stderr ---\n{}",
+                p.what,
+                Proc::text(&p.out),
+                Proc::text(&p.err)
+            );
+            let _ = std::fs::write(self.dir.join(format!("proc{i}.txt")), text);
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The first number under `key` anywhere in `v`.
+fn find_number(v: &serde_json::Value, key: &str) -> Option<f64> {
+    match v {
+        serde_json::Value::Object(m) => m
+            .get(key)
+            .and_then(serde_json::Value::as_f64)
+            .or_else(|| m.values().find_map(|x| find_number(x, key))),
+        serde_json::Value::Array(a) => a.iter().find_map(|x| find_number(x, key)),
+        _ => None,
+    }
+}

@@ -1,0 +1,216 @@
+//! `tandem drill`: scenario files are validated (a mistake names the file,
+//! the key or value and what is allowed), every shipped scenario parses, a
+//! drill this build cannot do is refused with status 2 naming what is
+//! missing, and `migrate-under-load` runs end to end: the mail VM migrates
+//! between two namespace hosts under SMTP load, nothing acknowledged is
+//! lost (POP3 from the client network), no connection is reset, one copy
+//! is live afterwards.
+//!
+//! The run needs root, `ip netns` and python3 (installed by .ci/run); a
+//! missing one fails the test.
+
+mod common;
+
+use common::{tandem, TempDir};
+
+const SHIPPED: &[&str] = &[
+    "mail-pull-plug",
+    "mail-partition",
+    "migrate-under-load",
+    "secondary-dies",
+    "failover-then-reprotect",
+    "long-distance",
+];
+
+fn scenario(name: &str) -> String {
+    format!("{}/scenarios/{name}.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
+const GOOD: &str = r#"
+name = "t"
+[[hosts]]
+name = "a"
+[[hosts]]
+name = "b"
+[[links]]
+between = ["a", "b"]
+[vm]
+host = "a"
+[client]
+kind = "smtplib"
+messages = 10
+[[faults]]
+kind = "migrate"
+to = "b"
+when = { at_message = 3 }
+"#;
+
+/// `tandem drill --check` of GOOD with `from` replaced by `to`.
+fn check_variant(from: &str, to: &str) -> common::Output {
+    assert!(GOOD.contains(from), "{from:?} not in the base scenario");
+    let dir = TempDir::new("drill-check");
+    let path = dir.write("bad.toml", GOOD.replacen(from, to, 1).as_bytes());
+    tandem(&["drill", "--check", common::arg(&path)])
+}
+
+#[test]
+fn every_shipped_scenario_parses() {
+    for name in SHIPPED {
+        let out = tandem(&["drill", "--check", &scenario(name)]);
+        out.assert_status(0);
+        assert!(out.stdout.contains("is valid"), "{}", out.describe());
+    }
+    let out = tandem(&["drill", "--check", &scenario("migrate-under-load")]);
+    assert!(
+        out.stdout.contains("this build can run it"),
+        "{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn the_base_of_the_mistakes_is_valid() {
+    check_variant("name = \"t\"", "name = \"t\"").assert_status(0);
+}
+
+#[test]
+fn an_unknown_key_is_named_with_the_keys_allowed() {
+    let out = check_variant("messages = 10", "mesages = 10");
+    out.assert_status(2);
+    assert!(
+        out.stderr.contains("bad.toml")
+            && out.stderr.contains("unknown field `mesages`")
+            && out.stderr.contains("`messages`")
+            && out.stderr.contains("line "),
+        "{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn a_bad_value_is_named_with_the_values_allowed() {
+    let out = check_variant("kind = \"migrate\"", "kind = \"explode\"");
+    out.assert_status(2);
+    assert!(
+        out.stderr.contains("bad.toml")
+            && out.stderr.contains("explode")
+            && out.stderr.contains("kill-primary")
+            && out.stderr.contains("pull-plug"),
+        "{}",
+        out.describe()
+    );
+    let out = check_variant("kind = \"smtplib\"", "kind = \"telnet\"");
+    out.assert_status(2);
+    assert!(
+        out.stderr.contains("telnet") && out.stderr.contains("swaks"),
+        "{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn cross_references_are_checked() {
+    for (from, to, says) in [
+        (
+            "host = \"a\"",
+            "host = \"z\"",
+            "vm.host = \"z\": no such host (hosts: a, b)",
+        ),
+        (
+            "to = \"b\"",
+            "to = \"q\"",
+            "faults[0].to = \"q\": no such host",
+        ),
+        ("to = \"b\"", "to = \"a\"", "already on that host"),
+        ("at_message = 3", "at_message = 30", "would never fire"),
+        (
+            "when = { at_message = 3 }",
+            "when = { at_message = 3, at_ms = 5 }",
+            "exactly one of",
+        ),
+        ("messages = 10", "messages = 0", "client.messages = 0: 1 to"),
+        (
+            "between = [\"a\", \"b\"]",
+            "between = [\"a\", \"a\"]",
+            "two different hosts",
+        ),
+        (
+            "kind = \"migrate\"\nto = \"b\"",
+            "kind = \"kill-primary\"",
+            "needs a protected VM (vm.secondary)",
+        ),
+    ] {
+        let out = check_variant(from, to);
+        out.assert_status(2);
+        assert!(
+            out.stderr.contains("bad.toml") && out.stderr.contains(says),
+            "{to}: expected {says:?}\n{}",
+            out.describe()
+        );
+    }
+}
+
+#[test]
+fn a_fault_that_needs_failover_is_refused_not_faked() {
+    for name in [
+        "mail-pull-plug",
+        "secondary-dies",
+        "failover-then-reprotect",
+    ] {
+        let out = tandem(&["drill", &scenario(name)]);
+        out.assert_status(2);
+        assert!(
+            out.stderr
+                .contains("needs failover, which this build does not have"),
+            "{}",
+            out.describe()
+        );
+    }
+    let out = tandem(&["drill", &scenario("mail-pull-plug")]);
+    assert!(
+        out.stderr
+            .contains("fault pull-plug needs failover, which this build does not have"),
+        "{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn migrate_under_load_end_to_end() {
+    let out = tandem(&[
+        "drill",
+        &scenario("migrate-under-load"),
+        "--seed",
+        "11",
+        "--json",
+    ]);
+    out.assert_status(0);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("the report is not JSON ({e})\n{}", out.describe()));
+    let run = &v["runs"][0];
+    assert_eq!(run["passed"], true, "{}", out.describe());
+    assert_eq!(run["seed"], 11);
+    let m = &run["messages"];
+    assert_eq!(m["acknowledged"], 16, "{}", out.describe());
+    assert_eq!(m["found"], 16, "{}", out.describe());
+    assert_eq!(m["lost"], 0);
+    assert_eq!(run["connections_reset"], 0);
+    assert_eq!(run["live_copies"], 1);
+    let f = &run["faults"][0];
+    assert_eq!(f["kind"], "migrate");
+    assert!(f["error"].is_null(), "{}", out.describe());
+    assert!(f["downtime_ms"].as_f64().is_some(), "{}", out.describe());
+    // The fault fired inside its window (4..=8 acknowledged messages).
+    let at = f["at_messages"].as_u64().unwrap();
+    assert!((4..=8).contains(&at), "fired after {at} messages");
+    assert!(
+        run["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["passed"] == true),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(v["total"]["passed"], 1);
+}
