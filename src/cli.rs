@@ -122,6 +122,17 @@ pub struct SecondaryArgs {
     /// replay --log PATH`).
     #[arg(long, value_name = "PATH")]
     pub log: Option<PathBuf>,
+    /// The TAP the VM's NIC uses once this host goes live. While it is the
+    /// secondary the replayed NIC takes its frames from the log and its
+    /// sent frames (checked against the log) go nowhere: nothing is written
+    /// to the TAP. The VM keeps the primary's MAC address.
+    #[arg(long, value_name = "tap=NAME")]
+    pub net: Option<NetArg>,
+    /// One JSON line per acknowledgement sent to the primary (`offset`: log
+    /// bytes received, `sent_ns`: real time), the secondary's side of the
+    /// Output Rule's audit trail.
+    #[arg(long, value_name = "PATH")]
+    pub ack_log: Option<PathBuf>,
 }
 
 /// `tandem run --protect-to`: the secondary and this host's credentials.
@@ -149,6 +160,11 @@ pub struct ProtectArgs {
     /// bytes; it replays with `tandem replay`).
     #[arg(long, value_name = "PATH", requires = "protect_to")]
     pub keep_log: Option<PathBuf>,
+    /// Audit trail of the Output Rule: one JSON line per released output
+    /// (exit, kind, length, hash, the log offset of its entry, the offset
+    /// the secondary had acknowledged, emitted and released times).
+    #[arg(long, value_name = "PATH", requires = "protect_to")]
+    pub output_log: Option<PathBuf>,
 }
 
 /// `tandem certs ...`

@@ -103,3 +103,60 @@ pub fn report(machine: &Machine, host_dropped: u64) {
         host_dropped
     );
 }
+
+/// The TAP of `tandem secondary --net`: opened (created if missing) so
+/// that a bad one fails up front, held for going live, and never read or
+/// written while this host is the secondary (its VM's frames come from the
+/// log; what it sends goes nowhere).
+pub struct StandbyTap {
+    tap: Option<Tap>,
+    mac: Option<MacAddr>,
+}
+
+impl StandbyTap {
+    /// Open the TAP of `--net`, if given.
+    pub fn open(arg: Option<&NetArg>) -> Result<Self, CmdError> {
+        let Some(arg) = arg else {
+            return Ok(StandbyTap {
+                tap: None,
+                mac: None,
+            });
+        };
+        let tap = Tap::open(&arg.tap)
+            .map_err(|e| CmdError::Input(format!("--net tap={}: {e}", arg.tap)))?;
+        if tap.created() {
+            eprintln!(
+                "tandem: created TAP {} (removed when this VM ends)",
+                tap.name()
+            );
+        }
+        Ok(StandbyTap {
+            tap: Some(tap),
+            mac: arg.mac,
+        })
+    }
+
+    /// Say how the protected VM's NIC and this `--net` relate.
+    pub fn check(&self, nic: Option<&NetConfig>) {
+        match (nic, &self.tap) {
+            (Some(n), None) => eprintln!(
+                "tandem: the VM has a network device ({}) but no --net was given: it could not go live on the network",
+                n.mac
+            ),
+            (None, Some(t)) => eprintln!(
+                "tandem: --net tap={}: the VM has no network device; the TAP stays unused",
+                t.name()
+            ),
+            (Some(n), Some(t)) => {
+                if let Some(m) = self.mac.filter(|m| *m != n.mac) {
+                    eprintln!("tandem: the VM keeps its MAC address {} (--net asked for {m})", n.mac);
+                }
+                eprintln!(
+                    "tandem: TAP {} held for going live; nothing is sent on it while this host is the secondary",
+                    t.name()
+                );
+            }
+            (None, None) => {}
+        }
+    }
+}

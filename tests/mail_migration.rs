@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{collect, migrate, receiver, source, Netns, Pki, Proc};
 use common::{arg, TempDir, TIMEOUT};
-use net::{ip, NetNs};
 
 const MAC: &str = "52:54:00:aa:bb:19";
 /// Each message's size: a few KiB (guest code is emulated).
@@ -54,36 +53,6 @@ while seen < n and time.time() < end:
     if src == mac:
         seen += 1
 "#;
-
-/// The client network: netns `C` with bridge `br0` (10.0.2.2/24), and the
-/// host namespaces' bridges (TAP `tn0` on each) joined to it by veth.
-fn client_network(hosts: &Netns) -> NetNs {
-    let id = std::process::id() % 100_000;
-    let c = NetNs {
-        name: format!("tandem-c-mail-{id}"),
-    };
-    ip(&["netns", "add", &c.name]);
-    ip(&["-n", &c.name, "link", "set", "lo", "up"]);
-    ip(&["-n", &c.name, "link", "add", "br0", "type", "bridge"]);
-    ip(&["-n", &c.name, "addr", "add", "10.0.2.2/24", "dev", "br0"]);
-    ip(&["-n", &c.name, "link", "set", "br0", "up"]);
-    for (h, tag) in [(&hosts.a, "a"), (&hosts.b, "b")] {
-        ip(&["-n", h, "link", "add", "brh", "type", "bridge"]);
-        ip(&["-n", h, "link", "set", "brh", "up"]);
-        ip(&["-n", h, "tuntap", "add", "dev", "tn0", "mode", "tap"]);
-        ip(&["-n", h, "link", "set", "tn0", "master", "brh"]);
-        ip(&["-n", h, "link", "set", "tn0", "up"]);
-        let (vc, vh) = (format!("tmc{tag}{id}"), format!("tmh{tag}{id}"));
-        ip(&["link", "add", &vc, "type", "veth", "peer", "name", &vh]);
-        ip(&["link", "set", &vc, "netns", &c.name]);
-        ip(&["link", "set", &vh, "netns", h]);
-        ip(&["-n", &c.name, "link", "set", &vc, "master", "br0"]);
-        ip(&["-n", &c.name, "link", "set", &vc, "up"]);
-        ip(&["-n", h, "link", "set", &vh, "master", "brh"]);
-        ip(&["-n", h, "link", "set", &vh, "up"]);
-    }
-    c
-}
 
 /// The number K of the last `sent K` line.
 fn sent(out: &Arc<Mutex<Vec<u8>>>) -> usize {
@@ -138,7 +107,7 @@ fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
 fn mail_vm_migrates_under_one_smtp_session() {
     let hosts = Netns::new("mailmig", 227)
         .expect("two network namespaces joined by veth (needs root and ip)");
-    let c = client_network(&hosts);
+    let c = net::client_network("mail", &hosts.a, &hosts.b);
     let pki = Pki::new(&["a", "b"], &["10.227.0.2"]);
     let dir = TempDir::new("mail-migration");
     let disk_a = dir.disk("a.img", 16 << 20);

@@ -23,6 +23,8 @@ use recordlog::LogQueue;
 use vmm::inputs::Divergence;
 use vmm::outputs::{Output, Outputs};
 
+use crate::held_audit::{realtime_ns, HeldLatency, ReleaseAudit, Released};
+
 /// Largest `LogBytes` chunk.
 const MAX_CHUNK: usize = 4 << 20;
 /// How long the secondary may take to answer the header.
@@ -173,9 +175,13 @@ impl Link {
     }
 
     /// Outputs held until the secondary has their log entries; released
-    /// to `live` by the returned [`Release`].
-    pub fn held_outputs(&self, live: Box<dyn Outputs>) -> Result<(HeldOutputs, Release), String> {
-        HeldOutputs::new(self.queue.clone(), self.acks.clone(), live)
+    /// to `live` by the returned [`Release`], each noted in `audit`.
+    pub fn held_outputs(
+        &self,
+        live: Box<dyn Outputs>,
+        audit: ReleaseAudit,
+    ) -> Result<(HeldOutputs, Release), String> {
+        HeldOutputs::new(self.queue.clone(), self.acks.clone(), live, audit)
     }
 
     /// After the log's `End` was queued: close the stream and wait (up to
@@ -206,12 +212,22 @@ impl Link {
 pub struct HeldStats {
     pub released: u64,
     pub withheld: u64,
+    /// Added latency of the released outputs.
+    pub latency: HeldLatency,
 }
 
 /// The [`Outputs`] of a protected VM (see the module docs).
 pub struct HeldOutputs {
     queue: LogQueue,
-    tx: Sender<(u64, Output)>,
+    tx: Sender<Held>,
+}
+
+/// An output waiting for the acknowledgement of `entry_end`.
+struct Held {
+    entry_end: u64,
+    output: Output,
+    emitted: Instant,
+    emitted_ns: u64,
 }
 
 /// The thread that releases held outputs.
@@ -230,21 +246,39 @@ impl HeldOutputs {
         queue: LogQueue,
         acks: Arc<Acks>,
         mut live: Box<dyn Outputs>,
+        mut audit: ReleaseAudit,
     ) -> Result<(Self, Release), String> {
-        let (tx, rx) = unbounded::<(u64, Output)>();
+        let (tx, rx) = unbounded::<Held>();
         let releaser = std::thread::Builder::new()
             .name("lockstep-release".into())
             .spawn(move || {
                 let mut stats = HeldStats::default();
-                for (offset, out) in rx {
-                    if stats.withheld == 0 && acks.wait_for(offset, None) {
-                        let _ = live.emit(out);
+                for h in rx {
+                    if stats.withheld == 0 && acks.wait_for(h.entry_end, None) {
+                        let acked = acks.lock().offset;
+                        let (exit_seq, kind) = (h.output.exit_seq, h.output.kind);
+                        let bytes = h.output.bytes.clone();
+                        // Taken before the output leaves: nobody outside
+                        // can have it earlier.
+                        let released_ns = realtime_ns();
+                        let _ = live.emit(h.output);
+                        audit.released(&Released {
+                            exit_seq,
+                            kind,
+                            bytes: &bytes,
+                            entry_end: h.entry_end,
+                            acked,
+                            emitted_ns: h.emitted_ns,
+                            emitted: h.emitted,
+                            released_ns,
+                        });
                         stats.released += 1;
                     } else {
                         // Never acknowledged: it never leaves.
                         stats.withheld += 1;
                     }
                 }
+                stats.latency = audit.latency();
                 stats
             })
             .map_err(|e| format!("starting the output release thread: {e}"))?;
@@ -256,8 +290,12 @@ impl Outputs for HeldOutputs {
     fn emit(&mut self, output: Output) -> Result<(), Divergence> {
         // The recorder flushed the output's entry: everything pushed so far
         // must be acknowledged before the output leaves.
-        let offset = self.queue.stats().pushed_bytes;
-        let _ = self.tx.send((offset, output));
+        let _ = self.tx.send(Held {
+            entry_end: self.queue.stats().pushed_bytes,
+            output,
+            emitted: Instant::now(),
+            emitted_ns: realtime_ns(),
+        });
         Ok(())
     }
 }

@@ -19,6 +19,14 @@ use failover::channel::{BlockingConnection, BlockingListener, ChannelError, Mess
 use failover::lockstep::{check_header, kind, Ack, Header};
 
 use crate::migration::accept::{take_one, Intake};
+
+/// Nanoseconds of the real-time clock.
+fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
 use crate::migration::{abort, read_first, ReceiveError, STALL_TIMEOUT};
 
 /// How the secondary is set up (paths are its operator's).
@@ -28,6 +36,8 @@ pub struct SecondaryOptions {
     pub disk: Option<PathBuf>,
     /// Keep the received log here (opened by the caller).
     pub log: Option<File>,
+    /// One JSON line per acknowledgement sent (opened by the caller).
+    pub ack_log: Option<File>,
 }
 
 /// A primary that was accepted: its log arrives through `reader`.
@@ -61,14 +71,14 @@ pub fn accept(
         listener,
         Lockstep {
             disk: opts.disk,
-            log: std::sync::Mutex::new(opts.log),
+            log: std::sync::Mutex::new((opts.log, opts.ack_log)),
         },
     )
 }
 
 struct Lockstep {
     disk: Option<PathBuf>,
-    log: std::sync::Mutex<Option<File>>,
+    log: std::sync::Mutex<(Option<File>, Option<File>)>,
 }
 
 impl Intake for Lockstep {
@@ -98,14 +108,15 @@ impl Intake for Lockstep {
         conn.send_frame(kind::ACCEPTED, &[])?;
         let peer = conn.peer().clone();
         let from = format!("{} at {}", peer.hello.name, peer.addr);
-        let log = self.log.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (log, ack_log) =
+            std::mem::take(&mut *self.log.lock().unwrap_or_else(|e| e.into_inner()));
         let (tx, rx) = channel();
         let closed = Arc::new(AtomicBool::new(false));
         let c = closed.clone();
         let thread = std::thread::Builder::new()
             .name("lockstep-in".into())
             .spawn(move || {
-                let r = receive_log(&mut conn, log, &tx);
+                let r = receive_log(&mut conn, log, ack_log, &tx);
                 c.store(true, Ordering::SeqCst);
                 drop(tx);
                 // The last acknowledgement must reach the primary: close
@@ -132,6 +143,7 @@ impl Intake for Lockstep {
 fn receive_log(
     conn: &mut BlockingConnection,
     mut log: Option<File>,
+    mut ack_log: Option<File>,
     tx: &Sender<Vec<u8>>,
 ) -> Result<u64, String> {
     let mut total = 0u64;
@@ -147,8 +159,16 @@ fn receive_log(
                 // is still kept and acknowledged.
                 let _ = tx.send(b);
                 let ack = postcard::to_stdvec(&Ack { offset: total }).map_err(|e| e.to_string())?;
+                // Taken before the ack leaves: the primary cannot have it
+                // earlier than this.
+                let sent_ns = realtime_ns();
                 conn.send_frame(kind::ACK, &ack)
                     .map_err(|e| e.to_string())?;
+                if let Some(f) = ack_log.as_mut() {
+                    let line = format!("{{\"offset\":{total},\"sent_ns\":{sent_ns}}}\n");
+                    f.write_all(line.as_bytes())
+                        .map_err(|e| format!("writing the acknowledgement log (--ack-log): {e}"))?;
+                }
             }
             Ok(Some(Message::Abort { reason })) => {
                 return Err(format!("the primary aborted: {reason}"))

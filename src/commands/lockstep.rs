@@ -17,7 +17,7 @@ use super::replay::replay_machine;
 use super::run::boot;
 use super::CmdError;
 use crate::cli::{SecondaryArgs, SerialTarget};
-use crate::console;
+use crate::{console, net};
 
 pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
     crate::signals::block();
@@ -42,6 +42,16 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         ),
         None => None,
     };
+    let ack_log = match &args.ack_log {
+        Some(p) => Some(
+            std::fs::File::create(p)
+                .map_err(|e| CmdError::Input(format!("--ack-log {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    // Opened now (a bad --net fails before any primary is taken), written
+    // to only when this host goes live.
+    let standby = net::StandbyTap::open(args.net.as_ref())?;
     let out = console::open(&args.serial)?.out;
     let listener = listen(args.listen, &creds, &name)
         .map_err(|e| CmdError::Input(format!("--listen {}: {e}", args.listen)))?;
@@ -52,6 +62,7 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
     let opts = SecondaryOptions {
         disk: args.disk.clone(),
         log,
+        ack_log,
     };
     let protected = accept(&listener, opts).map_err(|e| CmdError::Internal(e.to_string()))?;
     eprintln!("tandem: protecting the VM of {}", protected.from);
@@ -82,7 +93,9 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         ));
     }
     let mut vm = config.vm.clone();
-    vm.net = None;
+    // The replayed NIC takes its frames from the log and its sent frames go
+    // nowhere (the replayer checks them against the log).
+    standby.check(vm.net.as_ref());
     vm.disk = match (vm.disk.take(), &args.disk) {
         (Some(d), Some(path)) => Some(DiskConfig {
             path: path.clone(),

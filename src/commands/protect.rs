@@ -11,6 +11,7 @@ use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
 use failover::lockstep::{DiskHash, Header as LockstepHeader, LOCKSTEP_VERSION};
+use primary::held_audit::ReleaseAudit;
 use primary::lockstep::{Link, LinkParams};
 use primary::record::RecordOptions;
 use recordlog::{Header, InitialState, LogQueue, LogWriter, QueueWriter};
@@ -22,7 +23,7 @@ use super::record::{record_run, Limits};
 use super::run::{boot, vm_config};
 use super::CmdError;
 use crate::cli::{ProtectArgs, RunArgs};
-use crate::console;
+use crate::{console, net};
 
 /// How long the secondary may take to acknowledge the end of the log.
 const END_TIMEOUT: Duration = Duration::from_secs(60);
@@ -60,10 +61,6 @@ fn link_params(p: &ProtectArgs) -> Result<LinkParams, CmdError> {
 pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
     // What this first slice cannot protect yet, said up front.
     let unsupported = [
-        (
-            args.vm.net.net.is_some(),
-            "--net (network frames are not held yet)",
-        ),
         (args.api_socket.is_some(), "--api-socket"),
         (args.snapshot_at.is_some(), "--snapshot-at"),
         (
@@ -79,7 +76,8 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
     let started = Instant::now();
     crate::signals::block();
     let params = link_params(&args.protect)?;
-    let config = vm_config(&args.vm, None)?;
+    let host_net = net::open(args.vm.net.net.as_ref())?;
+    let config = vm_config(&args.vm, host_net.as_ref())?;
     let console = console::open(&args.vm.serial)?;
     let disk = match &config.disk {
         Some(d) => Some(
@@ -128,10 +126,24 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
     )
     .map_err(CmdError::Internal)?;
     eprintln!("tandem: protected by the secondary {}", link.peer);
+    let audit = match &args.protect.output_log {
+        Some(p) => Some(
+            std::fs::File::create(p)
+                .map_err(|e| CmdError::Input(format!("--output-log {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    // Console bytes and sent frames alike wait for the acknowledgement.
+    let tap = host_net.as_ref().map(|n| n.tx.clone());
     let (held, release) = link
-        .held_outputs(Box::new(LiveOutputs::new(console.out, None)))
+        .held_outputs(
+            Box::new(LiveOutputs::new(console.out, tap)),
+            ReleaseAudit::new(audit),
+        )
         .map_err(CmdError::Internal)?;
-    let live = LiveInputs::new(0, console.input).with_outputs(Box::new(held));
+    let live = LiveInputs::new(0, console.input)
+        .with_outputs(Box::new(held))
+        .with_net(host_net.as_ref().map(|n| n.rx.clone()));
     let limits = Limits {
         stop_at: None,
         kick_grace: None,
@@ -157,10 +169,12 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
         )));
     }
     eprintln!(
-        "tandem: protected run ended at exit {}: {sent} log bytes streamed ({:.0} bit/s), {} outputs released after acknowledgement, {} sync points",
+        "tandem: protected run ended at exit {}: {sent} log bytes streamed ({:.0} bit/s), {} outputs released after acknowledgement (added latency p50 {:.2} ms, p99 {:.2} ms), {} sync points",
         machine.exit_seq,
         sent as f64 * 8.0 / elapsed.max(1e-9),
         held.released,
+        held.latency.p50.as_secs_f64() * 1e3,
+        held.latency.p99.as_secs_f64() * 1e3,
         stats.sync_points,
     );
     eprintln!("tandem: final state digest {}", digest.to_hex());
