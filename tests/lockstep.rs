@@ -12,33 +12,12 @@ mod common;
 use std::path::Path;
 use std::time::Instant;
 
-use common::cluster::{make_disk, run_tandem, Pki, Proc};
+use common::cluster::{self, final_digest as digest, make_disk, run_tandem, Pki, Proc};
 use common::{arg, result_line, TempDir, TIMEOUT};
 
-/// Start `tandem secondary` and return it with its address.
+/// Start `tandem secondary` on loopback.
 fn secondary(creds: &[String], extra: &[&str]) -> (Proc, String) {
-    let mut args: Vec<&str> = vec!["secondary", "--listen", "127.0.0.1:0"];
-    args.extend(creds.iter().map(String::as_str));
-    args.extend_from_slice(extra);
-    let mut p = Proc::spawn(&[], &args);
-    let needle = "waiting for a primary on ";
-    let mut rest = p.wait_for(needle, true);
-    while !rest.contains('\n') {
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        rest = p.wait_for(needle, true);
-    }
-    let addr = rest.lines().next().unwrap().trim().to_string();
-    (p, addr)
-}
-
-/// The `final state digest` a process printed.
-#[track_caller]
-fn digest(stderr: &str) -> String {
-    stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("tandem: final state digest "))
-        .unwrap_or_else(|| panic!("no final digest in\n{stderr}"))
-        .to_string()
+    cluster::secondary(&[], "127.0.0.1:0", creds, extra)
 }
 
 /// Protect `cmdline` from boot (with a disk: the primary runs on

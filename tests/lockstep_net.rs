@@ -30,7 +30,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::cluster::{collect, Netns, Pki, Proc};
+use common::cluster::{collect, final_digest as digest, secondary, wait_exit, Netns, Pki, Proc};
 use common::{arg, TempDir, TIMEOUT};
 use recordlog::{Entry, LogReader, OutputKind, OutputRecord};
 
@@ -105,15 +105,6 @@ fn json_lines(path: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[track_caller]
-fn digest(stderr: &str) -> String {
-    stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("tandem: final state digest "))
-        .unwrap_or_else(|| panic!("no final digest in\n{stderr}"))
-        .to_string()
-}
-
 fn tap_counter(ns: &str, what: &str) -> u64 {
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", ns, "cat"])
@@ -170,28 +161,23 @@ fn protected_mail_frames_wait_for_the_secondary() {
     let pa = ["ip", "netns", "exec", hosts.a.as_str()];
     let pb = ["ip", "netns", "exec", hosts.b.as_str()];
     let sec_serial = format!("file:{}", dir.s("sec.txt"));
-    let mut args = vec!["secondary", "--listen", "10.231.0.2:0"];
-    let creds_b = pki.creds("b");
-    args.extend(creds_b.iter().map(String::as_str));
-    args.extend([
-        "--disk",
-        arg(&disk_b),
-        "--net",
-        "tap=tn0",
-        "--log",
-        &sec_log,
-        "--ack-log",
-        &ack_log,
-        "--serial",
-        &sec_serial,
-    ]);
-    let mut sec = Proc::spawn(&pb, &args);
-    let mut rest = sec.wait_for("waiting for a primary on ", true);
-    while !rest.contains('\n') {
-        std::thread::sleep(Duration::from_millis(2));
-        rest = sec.wait_for("waiting for a primary on ", true);
-    }
-    let addr = rest.lines().next().unwrap().trim().to_string();
+    let (sec, addr) = secondary(
+        &pb,
+        "10.231.0.2:0",
+        &pki.creds("b"),
+        &[
+            "--disk",
+            arg(&disk_b),
+            "--net",
+            "tap=tn0",
+            "--log",
+            &sec_log,
+            "--ack-log",
+            &ack_log,
+            "--serial",
+            &sec_serial,
+        ],
+    );
 
     let net_arg = format!("tap=tn0,mac={MAC}");
     let mut args = vec!["run", "--cmdline", "mail", "--protect-to", &addr];
@@ -253,14 +239,7 @@ fn protected_mail_frames_wait_for_the_secondary() {
     );
     assert!(late.try_wait().unwrap().is_none(), "the client finished");
     sec.signal(libc::SIGCONT);
-    let start = Instant::now();
-    let st = loop {
-        if let Some(st) = late.try_wait().unwrap() {
-            break st;
-        }
-        assert!(start.elapsed() < TIMEOUT, "the late client never ended");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let st = wait_exit(&mut late, "the late client never ended");
     assert!(
         st.success(),
         "the late SMTP session failed\n{}",

@@ -22,7 +22,7 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::cluster::{collect, migrate, receiver, source, Netns, Pki, Proc};
+use common::cluster::{collect, migrate, receiver, source, wait_exit, Netns, Pki, Proc};
 use common::{arg, TempDir, TIMEOUT};
 
 const MAC: &str = "52:54:00:aa:bb:19";
@@ -86,21 +86,6 @@ fn wait_sent(
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Wait for CHILD to end (and its output readers to drain).
-#[track_caller]
-fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(start.elapsed() < TIMEOUT, "{what}");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    std::thread::sleep(Duration::from_millis(50));
-    status
 }
 
 #[test]

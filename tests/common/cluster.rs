@@ -407,3 +407,50 @@ pub fn wait_status(
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Start `tandem secondary --listen LISTEN` (with `prefix`, e.g. `ip netns
+/// exec NS`) and return it with the address it listens on.
+pub fn secondary(
+    prefix: &[&str],
+    listen: &str,
+    creds: &[String],
+    extra: &[&str],
+) -> (Proc, String) {
+    let mut args: Vec<&str> = vec!["secondary", "--listen", listen];
+    args.extend(creds.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    let mut p = Proc::spawn(prefix, &args);
+    let needle = "waiting for a primary on ";
+    let mut rest = p.wait_for(needle, true);
+    while !rest.contains('\n') {
+        std::thread::sleep(Duration::from_millis(2));
+        rest = p.wait_for(needle, true);
+    }
+    let addr = rest.lines().next().unwrap().trim().to_string();
+    (p, addr)
+}
+
+/// The `final state digest` a process printed.
+#[track_caller]
+pub fn final_digest(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("tandem: final state digest "))
+        .unwrap_or_else(|| panic!("no final digest in\n{stderr}"))
+        .to_string()
+}
+
+/// Wait for CHILD to end (and its output readers to drain).
+#[track_caller]
+pub fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(start.elapsed() < TIMEOUT, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    status
+}
