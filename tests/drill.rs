@@ -175,15 +175,11 @@ fn a_fault_that_needs_failover_is_refused_not_faked() {
     );
 }
 
+/// The built-in drill (`tandem drill` without a file) is
+/// migrate-under-load until failover lands, and says so.
 #[test]
 fn migrate_under_load_end_to_end() {
-    let out = tandem(&[
-        "drill",
-        &scenario("migrate-under-load"),
-        "--seed",
-        "11",
-        "--json",
-    ]);
+    let out = tandem(&["drill", "--seed", "11", "--json"]);
     out.assert_status(0);
     let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
         .unwrap_or_else(|e| panic!("the report is not JSON ({e})\n{}", out.describe()));
@@ -213,4 +209,73 @@ fn migrate_under_load_end_to_end() {
         out.describe()
     );
     assert_eq!(v["total"]["passed"], 1);
+    assert_eq!(v["scenario"], "migrate-under-load");
+    assert!(
+        v["note"].as_str().unwrap_or("").contains("needs failover"),
+        "{}",
+        out.describe()
+    );
+    assert_no_namespaces_left();
+}
+
+/// The namespaces of drills whose process is gone (none may be left).
+fn assert_no_namespaces_left() {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let left: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("tandem-drill-"))
+        .filter(|rest| {
+            let pid = rest.split('-').next().unwrap_or("");
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        })
+        .collect();
+    assert!(left.is_empty(), "drill namespaces left behind: {left:?}");
+}
+
+/// Ctrl-C in the middle of a run tears everything down: status 130, no
+/// namespace and no VMM of the drill left.
+#[test]
+fn an_interrupted_drill_tears_everything_down() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(common::TANDEM)
+        .arg("drill")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tandem drill");
+    let pid = child.id();
+    let mut seen = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("clients sending") {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGINT) };
+        }
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(seen.contains("drill interrupted"), "{seen}");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let mine = format!("tandem-drill-{pid}-");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains(&mine), "left behind: {text}");
+    let ps = std::process::Command::new("pgrep")
+        .args(["-f", &format!("tandem-drill-{pid}-")])
+        .output()
+        .expect("pgrep");
+    assert!(
+        String::from_utf8_lossy(&ps.stdout).trim().is_empty(),
+        "processes of the drill left running: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
 }

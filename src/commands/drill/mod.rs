@@ -162,6 +162,7 @@ pub fn drill(args: DrillArgs) -> Result<i32, CmdError> {
             break;
         }
     }
+    let interrupted = stop.load(Ordering::Relaxed);
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
@@ -174,6 +175,14 @@ pub fn drill(args: DrillArgs) -> Result<i32, CmdError> {
         );
     } else {
         print!("{}", report.total_text());
+    }
+    if interrupted {
+        eprintln!(
+            "tandem: drill interrupted after {} of {} runs; everything is torn down",
+            report.runs.len(),
+            args.runs
+        );
+        return Ok(INTERRUPTED);
     }
     Ok(if report.passed() { 0 } else { 1 })
 }

@@ -192,7 +192,9 @@ pub fn run_once(ctx: &Ctx, run: u32, seed: u64) -> Result<RunReport, ()> {
         }
     };
     report.passed = report.error.is_none() && report.checks.iter().all(|c| c.passed);
-    if ctx.keep || !report.passed {
+    if interrupted && !ctx.keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else if ctx.keep || !report.passed {
         report.dir = Some(dir.display().to_string());
     } else {
         let _ = std::fs::remove_dir_all(&dir);
