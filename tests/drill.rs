@@ -20,6 +20,7 @@ const SHIPPED: &[&str] = &[
     "secondary-dies",
     "failover-then-reprotect",
     "long-distance",
+    "protected-under-load",
 ];
 
 fn scenario(name: &str) -> String {
@@ -60,12 +61,14 @@ fn every_shipped_scenario_parses() {
         out.assert_status(0);
         assert!(out.stdout.contains("is valid"), "{}", out.describe());
     }
-    let out = tandem(&["drill", "--check", &scenario("migrate-under-load")]);
-    assert!(
-        out.stdout.contains("this build can run it"),
-        "{}",
-        out.describe()
-    );
+    for name in ["migrate-under-load", "protected-under-load"] {
+        let out = tandem(&["drill", "--check", &scenario(name)]);
+        assert!(
+            out.stdout.contains("this build can run it"),
+            "{}",
+            out.describe()
+        );
+    }
 }
 
 #[test]
@@ -216,6 +219,35 @@ fn migrate_under_load_end_to_end() {
         out.describe()
     );
     assert_no_namespaces_left();
+}
+
+/// The mail VM protected from boot under load: nothing lost, the
+/// secondary's final state is the primary's, and the cost is reported.
+#[test]
+fn protected_under_load_end_to_end() {
+    let out = tandem(&[
+        "drill",
+        &scenario("protected-under-load"),
+        "--seed",
+        "5",
+        "--json",
+    ]);
+    out.assert_status(0);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("the report is not JSON ({e})\n{}", out.describe()));
+    let run = &v["runs"][0];
+    assert_eq!(run["passed"], true, "{}", out.describe());
+    assert_eq!(run["messages"]["acknowledged"], 16, "{}", out.describe());
+    assert_eq!(run["messages"]["found"], 16);
+    let p = &run["protection"];
+    assert!(
+        p["log_bytes"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        out.describe()
+    );
+    assert!(p["outputs_released"].as_u64().unwrap_or(0) > 0);
+    assert!(p["primary_digest"].is_string(), "{}", out.describe());
+    assert_eq!(p["primary_digest"], p["secondary_digest"]);
 }
 
 /// The namespaces of drills whose process is gone (none may be left).

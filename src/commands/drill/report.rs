@@ -63,6 +63,10 @@ pub struct Total {
     pub migration_client_gap_ms: Option<Spread>,
     /// Each planned migration's downtime, as `tandem migrate` measured it.
     pub migration_downtime_ms: Option<Spread>,
+    /// Output latency added by protection (each run's p99).
+    pub added_latency_p99_ms: Option<Spread>,
+    /// Log bandwidth to the secondary (each run's mean, bit/s).
+    pub log_bit_s: Option<Spread>,
     /// `--seed S --runs 1` repeats that run.
     pub failed_seeds: Vec<u64>,
 }
@@ -101,6 +105,16 @@ impl DrillReport {
             failover_gap_ms: Spread::of(fgap),
             migration_client_gap_ms: Spread::of(mgap),
             migration_downtime_ms: Spread::of(down),
+            added_latency_p99_ms: Spread::of(
+                runs.iter()
+                    .filter_map(|r| Some(r.protection.as_ref()?.added_latency_p99_ms))
+                    .collect(),
+            ),
+            log_bit_s: Spread::of(
+                runs.iter()
+                    .filter_map(|r| Some(r.protection.as_ref()?.log_bit_s))
+                    .collect(),
+            ),
             failed_seeds: runs.iter().filter(|r| !r.passed).map(|r| r.seed).collect(),
         };
         DrillReport {
@@ -134,6 +148,16 @@ impl DrillReport {
             "  connections  {}  reset {}\n  live copies  {}\n  longest gap  {:.0} ms between two acknowledgements\n",
             r.connections, r.connections_reset, r.live_copies, r.max_gap_ms
         );
+        if let Some(p) = &r.protection {
+            s += &format!(
+                "  protection   {} log bytes ({:.2} Mbit/s), {} outputs released after acknowledgement, added latency p50 {:.2} ms p99 {:.2} ms\n",
+                p.log_bytes,
+                p.log_bit_s / 1e6,
+                p.outputs_released,
+                p.added_latency_p50_ms,
+                p.added_latency_p99_ms
+            );
+        }
         for f in &r.faults {
             s += &format!("  fault {:<9}", f.kind);
             s += &format!(" after {} messages ({:.0} ms)", f.at_messages, f.at_ms);
@@ -205,6 +229,18 @@ impl DrillReport {
         }
         if let Some(g) = &t.migration_client_gap_ms {
             s += &format!("  migration client gap  {}\n", g.text("ms"));
+        }
+        if let Some(l) = &t.added_latency_p99_ms {
+            s += &format!("  added output latency p99  {}\n", l.text("ms"));
+        }
+        if let Some(b) = &t.log_bit_s {
+            let mbit = Spread {
+                p50: b.p50 / 1e6,
+                p99: b.p99 / 1e6,
+                max: b.max / 1e6,
+                ..*b
+            };
+            s += &format!("  log bandwidth  {}\n", mbit.text("Mbit/s"));
         }
         if !t.failed_seeds.is_empty() {
             let seeds: Vec<String> = t.failed_seeds.iter().map(u64::to_string).collect();

@@ -67,6 +67,25 @@ pub struct FaultReport {
     pub error: Option<String>,
 }
 
+/// A protected VM's numbers, from its primary's and secondary's own
+/// reports at the end of the run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Protection {
+    /// Log bytes streamed to the secondary.
+    pub log_bytes: u64,
+    /// Their rate over the run (bit/s).
+    pub log_bit_s: f64,
+    /// Outputs (frames, console) released after the secondary's
+    /// acknowledgement.
+    pub outputs_released: u64,
+    /// Latency the Output Rule added to them (ms).
+    pub added_latency_p50_ms: f64,
+    pub added_latency_p99_ms: f64,
+    /// The final state digests of the primary and the secondary.
+    pub primary_digest: Option<String>,
+    pub secondary_digest: Option<String>,
+}
+
 /// One expectation, checked.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -87,8 +106,10 @@ pub struct RunReport {
     pub connections_reset: u32,
     /// What each reset connection reported.
     pub resets: Vec<String>,
-    /// VM copies running when the drill ended.
+    /// VM copies running (serving) when the drill ended.
     pub live_copies: u32,
+    /// What lockstep protection cost and kept (a protected VM).
+    pub protection: Option<Protection>,
     /// Longest pause between two acknowledgements of one connection (ms).
     pub max_gap_ms: f64,
     pub faults: Vec<FaultReport>,
@@ -144,6 +165,8 @@ struct Run<'a> {
     vm: Option<Proc>,
     at: usize,
     sock: PathBuf,
+    /// The secondary of a protected VM.
+    secondary: Option<Proc>,
     /// VMMs that ran the VM before (a migrated source ends).
     retired: Vec<Proc>,
     conns: Vec<Conn>,
@@ -176,6 +199,7 @@ pub fn run_once(ctx: &Ctx, run: u32, seed: u64) -> Result<RunReport, ()> {
         connections_reset: 0,
         resets: Vec::new(),
         live_copies: 0,
+        protection: None,
         max_gap_ms: 0.0,
         faults: Vec::new(),
         checks: Vec::new(),
@@ -239,6 +263,7 @@ fn drive(ctx: &Ctx, run: u32, seed: u64, dir: &Path, report: &mut RunReport) -> 
         vm: None,
         at,
         sock: dir.join("vm0.sock"),
+        secondary: None,
         retired: Vec::new(),
         conns: Vec::new(),
         started: Instant::now(),
@@ -315,9 +340,14 @@ impl Run<'_> {
         (self.ctx.progress)(&format!("booting the mail VM on host {}", scn.vm.host));
         let disk = self.disk(0)?;
         let mut c = self.in_host(self.at);
-        c.args(["run", "--cmdline", &scn.vm.workload, "--api-socket"])
-            .arg(&self.sock)
-            .args(["--net", &format!("tap={TAP},mac={MAC}")])
+        c.args(["run", "--cmdline", &scn.vm.workload]);
+        if let Some(sec) = &scn.vm.secondary {
+            let addr = self.start_secondary(host_index(scn, sec))?;
+            c.args(["--protect-to", &addr]).args(self.creds(self.at));
+        } else {
+            c.arg("--api-socket").arg(&self.sock);
+        }
+        c.args(["--net", &format!("tap={TAP},mac={MAC}")])
             .args(["--mem-mib", &scn.vm.mem_mib.to_string(), "--disk"])
             .arg(&disk)
             .env_remove("TANDEM_LOG");
@@ -457,6 +487,29 @@ impl Run<'_> {
         self.evaluate(report, &out, mailbox_ok.then_some(()).ok_or(err));
         self.shutdown(report);
         Ok(())
+    }
+
+    /// Start the secondary on host `h`; the address it listens on.
+    fn start_secondary(&mut self, h: usize) -> WaitResult<String> {
+        let addr = self
+            .topo
+            .addr_towards(h, self.at)
+            .ok_or_else(|| WaitError::Failed("no link to the secondary".into()))?
+            .to_string();
+        self.spawned += 1;
+        let disk = self.disk(self.spawned)?;
+        let mut c = self.in_host(h);
+        c.args(["secondary", "--listen", &format!("{addr}:0")])
+            .args(self.creds(h))
+            .args(["--net", &format!("tap={TAP}"), "--disk"])
+            .arg(&disk)
+            .env_remove("TANDEM_LOG");
+        let name = &self.ctx.scn.hosts[h].name;
+        let mut p =
+            Proc::spawn(&format!("the secondary on host {name}"), c).map_err(WaitError::Failed)?;
+        let listen = p.wait_line("waiting for a primary on ", true, STEP, self.ctx.stop)?;
+        self.secondary = Some(p);
+        Ok(listen)
     }
 
     /// Migrate the VM to host `to`; its downtime.
@@ -720,6 +773,38 @@ impl Run<'_> {
                 report.error = Some("the VM did not stop".into());
             }
         }
+        let Some(sec) = self.secondary.as_mut() else {
+            return;
+        };
+        // The primary's end ends the log stream, and with it the secondary.
+        if sec.wait_end(STEP, self.ctx.stop).is_err() {
+            sec.stop(Duration::from_secs(10));
+        }
+        let pri = self
+            .vm
+            .as_ref()
+            .map(|p| Proc::text(&p.err))
+            .unwrap_or_default();
+        let sec = Proc::text(&sec.err);
+        let digest = |text: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("tandem: final state digest "))
+                .map(|d| d.trim().to_string())
+        };
+        let mut p = protection_numbers(&pri);
+        p.primary_digest = digest(&pri);
+        p.secondary_digest = digest(&sec);
+        let same = p.primary_digest.is_some() && p.primary_digest == p.secondary_digest;
+        report.checks.push(Check {
+            name: "the secondary kept an exact copy".into(),
+            passed: same,
+            seen: format!(
+                "final state digests: primary {}, secondary {}",
+                p.primary_digest.as_deref().unwrap_or("none"),
+                p.secondary_digest.as_deref().unwrap_or("none")
+            ),
+        });
+        report.protection = Some(p);
     }
 
     /// Every process's output into the run's directory.
@@ -727,6 +812,7 @@ impl Run<'_> {
         std::fs::write(self.dir.join("stop-clients"), b"").ok();
         let mut all: Vec<&Proc> = self.retired.iter().collect();
         all.extend(self.vm.iter());
+        all.extend(self.secondary.iter());
         all.extend(self.conns.iter().map(|c| &c.proc));
         for (i, p) in all.iter().enumerate() {
             let text = format!(
@@ -738,6 +824,40 @@ impl Run<'_> {
             let _ = std::fs::write(self.dir.join(format!("proc{i}.txt")), text);
         }
     }
+}
+
+/// The numbers of the primary's `protected run ended at exit ...` line.
+fn protection_numbers(stderr: &str) -> Protection {
+    let mut p = Protection::default();
+    let Some(line) = stderr
+        .lines()
+        .find(|l| l.contains("protected run ended at exit"))
+    else {
+        return p;
+    };
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let before = |w: &str| {
+        words
+            .iter()
+            .position(|x| x.trim_start_matches('(') == w)
+            .and_then(|i| i.checked_sub(1))
+            .map(|i| words[i].trim_start_matches('('))
+    };
+    let after = |w: &str| {
+        words
+            .iter()
+            .position(|x| *x == w)
+            .and_then(|i| words.get(i + 1))
+            .map(|x| x.trim_end_matches(','))
+    };
+    p.log_bytes = before("log").and_then(|x| x.parse().ok()).unwrap_or(0);
+    p.log_bit_s = before("bit/s),")
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0.0);
+    p.outputs_released = before("outputs").and_then(|x| x.parse().ok()).unwrap_or(0);
+    p.added_latency_p50_ms = after("p50").and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    p.added_latency_p99_ms = after("p99").and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    p
 }
 
 fn ms(d: Duration) -> f64 {
