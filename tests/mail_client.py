@@ -30,6 +30,9 @@ both exercised. Usage:
                                         `try K` before and `sent K` after each
                                         250; a failure prints `error WHAT`
                                         and exits 3
+  mail_client.py swaks CONN SIZES STOP LIMIT PACE_MS
+                                        like drill, each message sent by its own
+                                        swaks (Debian's SMTP client) session
   mail_client.py mailbox SIZES           POP3: one line per message, `have K ok`
                                         (byte for byte what drill sent), `have
                                         K differs`, or `foreign N`; `count N`
@@ -153,6 +156,36 @@ def drill(conn, sizes, stop, limit, pace_ms):
     except Exception as e:
         print("error quit %s %s" % (type(e).__name__, e), flush=True)
         sys.exit(3)
+    print("done", k, flush=True)
+
+
+def swaks(conn, sizes, stop, limit, pace_ms):
+    """The drill's load through swaks: one SMTP session per message."""
+    import subprocess
+    import tempfile
+
+    k = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "message")
+        while k < limit and not os.path.exists(stop):
+            k += 1
+            seed = conn * 100000 + k
+            with open(path, "wb") as f:
+                # swaks ends the DATA with its own CRLF before the dot.
+                f.write(message(seed, drill_size(sizes, seed))[:-2])
+            print("try", seed, flush=True)
+            r = subprocess.run(
+                ["swaks", "--server", HOST, "--port", "25", "--helo", "client.test",
+                 "--from", "a@test", "--to", "b@test", "--data", "@" + path,
+                 "--timeout", str(TIMEOUT), "--silent", "2"],
+                stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            if r.returncode != 0:
+                said = (r.stdout + r.stderr).strip().splitlines()
+                print("error swaks status %d: %s" % (r.returncode, " | ".join(said[-3:])), flush=True)
+                sys.exit(3)
+            print("sent", seed, flush=True)
+            if pace_ms:
+                time.sleep(pace_ms / 1000.0)
     print("done", k, flush=True)
 
 
@@ -351,6 +384,9 @@ def main():
     elif cmd == "drill":
         sizes = [int(x) for x in args[1].split(",")]
         drill(int(args[0]), sizes, args[2], int(args[3]), int(args[4]))
+    elif cmd == "swaks":
+        sizes = [int(x) for x in args[1].split(",")]
+        swaks(int(args[0]), sizes, args[2], int(args[3]), int(args[4]))
     elif cmd == "mailbox":
         mailbox([int(x) for x in args[0].split(",")])
     elif cmd == "echo":

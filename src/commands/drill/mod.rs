@@ -90,6 +90,17 @@ pub fn drill(args: DrillArgs) -> Result<i32, CmdError> {
             "tandem drill's clients are Python's smtplib and poplib: install python3".into(),
         ));
     }
+    if scn.client.kind == scenario::ClientKind::Swaks
+        && !std::process::Command::new("swaks")
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    {
+        return Err(CmdError::Input(
+            "client.kind = \"swaks\": install swaks (Debian package swaks)".into(),
+        ));
+    }
     let tandem = std::env::current_exe()
         .map_err(|e| CmdError::Internal(format!("finding the tandem binary: {e}")))?;
     let wan = tandem

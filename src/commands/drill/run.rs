@@ -11,7 +11,7 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use super::procs::{output, Proc, WaitError, WaitResult};
-use super::scenario::{FaultKind, Scenario, Trigger};
+use super::scenario::{ClientKind, FaultKind, Scenario, Trigger};
 use super::topo::{LinkSpec, Topology, TAP};
 
 /// The guest's MAC (its RARP announcements after a migration carry it).
@@ -367,7 +367,14 @@ impl Run<'_> {
         for k in 1..=scn.client.connections {
             let mut c = Topology::command(&self.topo.client_ns, Path::new("python3"));
             c.arg(&script)
-                .args(["drill", &k.to_string(), &sizes])
+                .args([
+                    match scn.client.kind {
+                        ClientKind::Smtplib => "drill",
+                        ClientKind::Swaks => "swaks",
+                    },
+                    &k.to_string(),
+                    &sizes,
+                ])
                 .arg(&stopfile)
                 .args([
                     &scn.client.messages.to_string(),

@@ -639,11 +639,6 @@ impl Scenario {
             };
             out.push(format!("arbiter {kind} needs failover, {lacks}"));
         }
-        if self.client.kind == ClientKind::Swaks {
-            out.push(
-                "client swaks is not driven by this build's drill runner yet (use smtplib)".into(),
-            );
-        }
         out
     }
 }
