@@ -488,6 +488,13 @@ pub struct RecordArgs {
     /// deadline; each kick costs a sync point in the log.
     #[arg(long, default_value_t = 2000)]
     pub kick_grace_us: u64,
+    /// Serve a control socket here (status, pause/resume; a recorded VM
+    /// is not migrated). A host disk error then pauses the VM until
+    /// `tandem resume` instead of ending the recording. SIGTERM ends the
+    /// process at once, as for `tandem run --api-socket` (the log has no
+    /// end entry).
+    #[arg(long, conflicts_with = "stop_at")]
+    pub api_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

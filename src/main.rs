@@ -1,7 +1,8 @@
 //! `tandem`: a fault-tolerant virtual machine monitor.
 //!
 //! Exit status: the guest's debug-exit status when the guest ends that way;
-//! 2 for bad input (a message names it); 124 when the guest halted for good;
+//! 2 for bad input (a message names it); 123 when a host disk error stopped
+//! the VM (no control socket to pause it on); 124 when the guest halted for good;
 //! 125 when Tandem itself failed; 126 when the guest crashed (emulation
 //! failure, triple fault).
 

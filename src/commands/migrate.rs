@@ -26,6 +26,7 @@ pub fn run_with_api(
 ) -> Result<i32, CmdError> {
     let (ctl, side) = controller(&machine);
     let side = if paused { side.start_paused() } else { side };
+    let side = side.with_api_socket(sock);
     let server = api::serve(sock, ctl)
         .map_err(|e| CmdError::Input(format!("--api-socket {}: {e}", sock.display())))?;
     let outcome = run_controlled(&mut machine, inputs, side);
@@ -319,7 +320,10 @@ pub fn status(args: StatusArgs) -> Result<i32, CmdError> {
     } else {
         match &s.migration {
             Some(p) => println!("migrating: {}", progress_line(p).trim_start()),
-            None => println!("{} (exit {})", s.state, s.exit_seq),
+            None => match &s.reason {
+                Some(why) => println!("{} (exit {}): {why}", s.state, s.exit_seq),
+                None => println!("{} (exit {})", s.state, s.exit_seq),
+            },
         }
     }
     Ok(0)

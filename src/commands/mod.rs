@@ -28,7 +28,16 @@ pub enum CmdError {
     /// Tandem itself failed (status 125).
     #[error("{0}")]
     Internal(String),
+    /// A host I/O error on the disk image stopped the VM (status
+    /// [`DISK_ERROR_STATUS`]); the message names the image, the operation
+    /// and the OS error.
+    #[error("{0}")]
+    DiskIo(String),
 }
+
+/// Exit status of a VM stopped by a host disk error without a control
+/// socket to pause it on (and of a replay stopped by one).
+pub const DISK_ERROR_STATUS: i32 = 123;
 
 impl CmdError {
     pub fn exit_code(&self) -> i32 {
@@ -36,6 +45,7 @@ impl CmdError {
             CmdError::Input(_) => 2,
             CmdError::GuestCrash(_) => 126,
             CmdError::Internal(_) => 125,
+            CmdError::DiskIo(_) => DISK_ERROR_STATUS,
         }
     }
 }
@@ -47,6 +57,9 @@ impl From<RunError> for CmdError {
             | RunError::TripleFault { .. }
             | RunError::FailEntry { .. }
             | RunError::Unexpected { .. } => CmdError::GuestCrash(e),
+            RunError::DiskIo { exit_seq, source } => CmdError::DiskIo(format!(
+                "{source}; the VM is stopped at exit {exit_seq}: the request was not completed and the guest saw no error, the image holds every write the guest was told had completed (as after a power cut at that exit). Run the VM with --api-socket to pause it on such errors and `tandem resume` once the cause is fixed"
+            )),
             other => CmdError::Internal(other.to_string()),
         }
     }

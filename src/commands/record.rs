@@ -2,13 +2,14 @@
 
 use std::fs::File;
 use std::io::BufWriter;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use primary::record::{EntrySink, RecordOptions, Recorder};
 use recordlog::{Entry, Header, InitialState, LogWriter};
 use vmm::inputs::{Inputs, LiveInputs};
 use vmm::machine::{LogConfig, Machine};
-use vmm::run::RunLimits;
+use vmm::run::{RunError, RunLimits, RunOutcome};
 
 use super::run::{boot, disk_config, outcome_status, restore_machine, vm_config};
 use super::CmdError;
@@ -17,7 +18,9 @@ use crate::{console, net};
 
 pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
     let started = Instant::now();
-    crate::signals::block();
+    if args.api_socket.is_none() {
+        crate::signals::block();
+    }
     let host_net = net::open(args.vm.net.net.as_ref())?;
     let console = console::open(&args.vm.serial)?;
     let (mut machine, initial, base_ns) = match &args.from_snapshot {
@@ -63,7 +66,14 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
     };
     let live = net::live_inputs(base_ns, console, host_net.as_ref());
     let start = machine.exit_seq;
-    let (status, recorder) = record_run(&mut machine, live, writer, &limits, false)?;
+    let (status, recorder) = record_run_with(
+        &mut machine,
+        live,
+        writer,
+        &limits,
+        false,
+        args.api_socket.as_deref(),
+    )?;
     let seq = machine.exit_seq;
     let stats = recorder.stats;
     let elapsed = started.elapsed().as_secs_f64();
@@ -103,9 +113,22 @@ pub struct Limits {
 pub fn record_run<S: EntrySink>(
     machine: &mut Machine,
     live: LiveInputs,
+    writer: S,
+    limits: &Limits,
+    flush_on_output: bool,
+) -> Result<(i32, Recorder<LiveInputs, S>), CmdError> {
+    record_run_with(machine, live, writer, limits, flush_on_output, None)
+}
+
+/// [`record_run`], with a control socket at `api` if given (status,
+/// pause/resume; a host disk error pauses the VM until `tandem resume`).
+pub fn record_run_with<S: EntrySink>(
+    machine: &mut Machine,
+    live: LiveInputs,
     mut writer: S,
     limits: &Limits,
     flush_on_output: bool,
+    api: Option<&Path>,
 ) -> Result<(i32, Recorder<LiveInputs, S>), CmdError> {
     // The identity of the initial state, checked first by the replayer.
     let start = machine.exit_seq;
@@ -136,7 +159,10 @@ pub fn record_run<S: EntrySink>(
         pause: Some(stop.flag),
         ..Default::default()
     };
-    let result = machine.run(&mut recorder, run_limits);
+    let result = match api {
+        None => machine.run(&mut recorder, run_limits),
+        Some(sock) => run_with_control(machine, &mut recorder, sock)?,
+    };
     net::report(machine, recorder.live_mut().net_frames_dropped());
     let outcome = match result {
         Ok(o) => o,
@@ -161,4 +187,27 @@ pub fn record_run<S: EntrySink>(
     });
     recorder.flush().map_err(CmdError::Internal)?;
     Ok((status, recorder))
+}
+
+/// Run the recorded `machine` under a control socket at `sock` until the
+/// guest ends.
+fn run_with_control(
+    machine: &mut Machine,
+    inputs: &mut dyn Inputs,
+    sock: &Path,
+) -> Result<Result<RunOutcome, RunError>, CmdError> {
+    use primary::migration::{controller, run_controlled, ControlledOutcome};
+    let (ctl, side) = controller(machine);
+    ctl.refuse_migration(
+        "a VM being recorded cannot be migrated or have its disk moved (its log would not follow it)",
+    );
+    let server = crate::api::serve(sock, ctl)
+        .map_err(|e| CmdError::Input(format!("--api-socket {}: {e}", sock.display())))?;
+    let result = run_controlled(machine, inputs, side.with_api_socket(sock));
+    drop(server);
+    Ok(result.map(|o| match o {
+        ControlledOutcome::Guest(o) => o,
+        // Refused above: never happens.
+        ControlledOutcome::Migrated(_) => RunOutcome::Stopped,
+    }))
 }

@@ -86,6 +86,13 @@ pub enum MachineError {
     Devices(#[from] DevicesError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The VM is stopped in the middle of an exit by a host disk error:
+    /// its state is not one a restore could continue from.
+    #[error("the VM is paused on a disk error at exit {exit_seq} ({source}); fix the cause and resume it before saving its state")]
+    DiskStalled {
+        exit_seq: u64,
+        source: crate::devices::virtio::block::HostIoError,
+    },
 }
 
 /// Everything but guest memory: vCPU, devices, the logical clock.
@@ -227,6 +234,12 @@ impl Machine {
     /// Capture vCPU and devices at the current exit (memory is captured
     /// separately). Completes pending I/O first.
     pub fn save(&mut self, virtual_ns: u64) -> Result<MachineState, MachineError> {
+        if let Some(e) = self.devices.block_stalled() {
+            return Err(MachineError::DiskStalled {
+                exit_seq: self.exit_seq,
+                source: e.clone(),
+            });
+        }
         self.vcpu.complete_pending_io()?;
         Ok(MachineState {
             config: self.config.clone(),

@@ -117,6 +117,15 @@ pub enum RunError {
     Inputs(String),
     #[error("sync point at exit {exit_seq}: {source}")]
     Sync { exit_seq: u64, source: SyncError },
+    /// A host I/O error on the disk image: the vCPU is stopped at exit
+    /// `exit_seq` with the request not completed (the guest saw nothing).
+    /// Calling [`Machine::run`] again retries it; the machine's state
+    /// cannot be saved meanwhile.
+    #[error("{source} at exit {exit_seq}")]
+    DiskIo {
+        exit_seq: u64,
+        source: crate::devices::virtio::block::HostIoError,
+    },
 }
 
 /// Errors the inputs found (replay divergences, log failures).
@@ -173,6 +182,18 @@ impl Machine {
         let kicker = self.vcpu.kicker().clone();
         kicker.bind_current_thread();
         let mut duty = DutyCycle::default();
+        if self.devices.block_stalled().is_some() {
+            // Stopped by a host I/O error in the middle of an exit: finish
+            // that exit first, as if it had never failed.
+            self.devices
+                .retry_block(&self.vm.memory)
+                .map_err(|source| RunError::DiskIo {
+                    exit_seq: self.exit_seq,
+                    source,
+                })?;
+            tracing::info!(exit_seq = self.exit_seq, "disk request retried");
+            self.after_exit(inputs, false)?;
+        }
         loop {
             // Throttled: sleep here once the guest ran its share (ends at
             // once when a pause is raised, checked next).
@@ -412,7 +433,13 @@ impl Machine {
                 Next::Continue
             }
             VcpuExit::MmioWrite(addr, data) => {
-                devices.mmio_write(addr, data, &self.vm.memory);
+                if let Err(source) = devices.mmio_write(addr, data, &self.vm.memory) {
+                    // The rest of this exit waits for the retry.
+                    return Err(RunError::DiskIo {
+                        exit_seq: seq,
+                        source,
+                    });
+                }
                 Next::Continue
             }
             VcpuExit::Hlt => Next::Halt,
@@ -454,9 +481,17 @@ impl Machine {
                 });
             }
         };
-        // Outputs of this exit; a halting guest's console is flushed (its
-        // prompt is shown while it waits).
-        self.emit_outputs(inputs, matches!(next, Next::Halt | Next::End(_)))?;
+        // A halting guest's console is flushed (its prompt is shown while
+        // it waits).
+        self.after_exit(inputs, matches!(next, Next::Halt | Next::End(_)))?;
+        Ok(next)
+    }
+
+    /// The end of a handled exit: its outputs (console bytes cut now if
+    /// `flush`), its fingerprint when one is due, the inputs' errors.
+    fn after_exit(&mut self, inputs: &mut dyn Inputs, flush: bool) -> Result<(), RunError> {
+        let seq = self.exit_seq;
+        self.emit_outputs(inputs, flush)?;
         if let Some(n) = inputs.fingerprint_interval() {
             if n > 0 && seq.is_multiple_of(n) {
                 let fp = self.fingerprint(seq)?;
@@ -464,8 +499,7 @@ impl Machine {
                 inputs.fingerprint(seq, &fp)?;
             }
         }
-        check_inputs(inputs)?;
-        Ok(next)
+        check_inputs(inputs)
     }
 
     /// Replayer: apply a logged sync point; a difference it reveals is a

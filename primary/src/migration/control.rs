@@ -38,6 +38,10 @@ pub struct VmStatus {
     pub exit_seq: u64,
     /// The migration in progress, if any.
     pub migration: Option<Progress>,
+    /// Why the VM is paused when Tandem paused it (a host disk error,
+    /// see [`vmm::devices::virtio::block`]); `tandem resume` retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A request to the vCPU thread.
@@ -103,6 +107,8 @@ struct Shared {
     /// The VM's configuration; its disk path follows local disk moves.
     config: Mutex<VmConfig>,
     disk: Mutex<Option<DiskInfo>>,
+    /// Why migrations and disk moves are refused, if they are.
+    no_migration: std::sync::OnceLock<&'static str>,
 }
 
 /// A cloneable handle on a VM run by [`run_controlled`].
@@ -116,6 +122,8 @@ pub struct VcpuSide {
     shared: Arc<Shared>,
     rx: Receiver<Request>,
     start_paused: bool,
+    /// The control socket, for the resume hint of a disk error.
+    api: Option<PathBuf>,
 }
 
 impl VcpuSide {
@@ -123,6 +131,12 @@ impl VcpuSide {
     /// that arrived paused from a migration).
     pub fn start_paused(mut self) -> Self {
         self.start_paused = true;
+        self
+    }
+
+    /// The control socket clients reach this VM on (named in messages).
+    pub fn with_api_socket(mut self, path: &std::path::Path) -> Self {
+        self.api = Some(path.to_path_buf());
         self
     }
 }
@@ -136,6 +150,9 @@ pub enum ControlError {
     Busy,
     #[error("no migration is in progress")]
     NotMigrating,
+    /// This VM cannot be migrated (said why).
+    #[error("{0}")]
+    Refused(&'static str),
 }
 
 /// How a controlled run ended.
@@ -163,6 +180,7 @@ pub fn controller(machine: &Machine) -> (VmController, VcpuSide) {
             state: "running".into(),
             exit_seq: machine.exit_seq,
             migration: None,
+            reason: None,
         }),
         migrating: AtomicBool::new(false),
         cancel: AtomicBool::new(false),
@@ -173,6 +191,7 @@ pub fn controller(machine: &Machine) -> (VmController, VcpuSide) {
         dirty: machine.dirty.clone(),
         config: Mutex::new(machine.config.clone()),
         disk: Mutex::new(disk),
+        no_migration: std::sync::OnceLock::new(),
     });
     (
         VmController {
@@ -182,6 +201,7 @@ pub fn controller(machine: &Machine) -> (VmController, VcpuSide) {
             shared,
             rx,
             start_paused: false,
+            api: None,
         },
     )
 }
@@ -208,7 +228,8 @@ impl VmController {
         if p.is_some() {
             s.state = "migrating".into();
         } else if s.state == "migrating" {
-            s.state = if self.paused() { "paused" } else { "running" }.into();
+            let paused = self.paused() || s.reason.is_some();
+            s.state = if paused { "paused" } else { "running" }.into();
         }
         s.migration = p;
     }
@@ -295,11 +316,20 @@ impl VmController {
         if self.shared.ended.load(Ordering::SeqCst) {
             return Err(ControlError::Ended);
         }
+        if let Some(why) = self.shared.no_migration.get() {
+            return Err(ControlError::Refused(why));
+        }
         if self.shared.migrating.swap(true, Ordering::SeqCst) {
             return Err(ControlError::Busy);
         }
         self.shared.cancel.store(false, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Refuse every migration and disk move of this VM from now on, with
+    /// `why` as the error (e.g. a VM being recorded).
+    pub fn refuse_migration(&self, why: &'static str) {
+        let _ = self.shared.no_migration.set(why);
     }
 
     /// Ask the migration in progress to stop (it does before its
@@ -399,6 +429,8 @@ fn set_state(shared: &Shared, state: &str, seq: u64) {
 struct Flags {
     user_paused: bool,
     frozen: bool,
+    /// Stopped by a host disk error until `Resume` (which retries).
+    disk_error: bool,
 }
 
 /// Handle one request on the vCPU thread (the guest is stopped).
@@ -421,8 +453,14 @@ fn handle(
         }
         Request::Resume(reply) => {
             flags.user_paused = false;
+            flags.disk_error = false;
             shared.user_paused.store(false, Ordering::SeqCst);
             set_state(shared, "running", machine.exit_seq);
+            shared
+                .status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .reason = None;
             let _ = reply.send(());
         }
         Request::Freeze(reply) => {
@@ -492,6 +530,34 @@ fn replace_disk(machine: &mut Machine, shared: &Shared, config: BlockConfig) -> 
     Ok(())
 }
 
+/// A host disk error stopped the vCPU at `exit_seq` (the request is not
+/// completed): say so, with what to do, and show it in the status.
+fn disk_paused(
+    shared: &Shared,
+    api: Option<&std::path::Path>,
+    exit_seq: u64,
+    err: &vmm::devices::virtio::block::HostIoError,
+) {
+    let resume = match api {
+        Some(p) => format!("tandem resume --api {}", p.display()),
+        None => "tandem resume".into(),
+    };
+    let what = if err.out_of_space() {
+        "free space"
+    } else {
+        "fix the cause"
+    };
+    eprintln!(
+        "tandem: {err}; the VM is paused at exit {exit_seq} (the guest saw no error): {what} and run `{resume}` to retry the request"
+    );
+    set_state(shared, "paused", exit_seq);
+    shared
+        .status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .reason = Some(err.to_string());
+}
+
 /// Run `machine` on this (the vCPU) thread under the control of the
 /// [`VmController`] paired with `side`.
 pub fn run_controlled(
@@ -515,7 +581,15 @@ pub fn run_controlled(
             throttle: Some(shared.throttle.clone()),
             ..Default::default()
         };
-        let outcome = machine.run(inputs, limits)?;
+        let outcome = match machine.run(inputs, limits) {
+            Ok(o) => o,
+            Err(RunError::DiskIo { exit_seq, source }) => {
+                flags.disk_error = true;
+                disk_paused(&shared, side.api.as_deref(), exit_seq, &source);
+                RunOutcome::Paused
+            }
+            Err(e) => return Err(e),
+        };
         if outcome != RunOutcome::Paused {
             return Ok(ControlledOutcome::Guest(outcome));
         }
@@ -527,7 +601,7 @@ pub fn run_controlled(
                     return Ok(end);
                 }
             }
-            if !(flags.user_paused || flags.frozen) {
+            if !(flags.user_paused || flags.frozen || flags.disk_error) {
                 break;
             }
             // Paused or frozen: wait for the next request.

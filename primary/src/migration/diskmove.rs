@@ -83,6 +83,9 @@ pub enum DiskMoveError {
     Busy,
     #[error("the VM has stopped")]
     VmEnded,
+    /// This VM's disk cannot be moved (the reason).
+    #[error("{0}")]
+    Refused(&'static str),
     #[error("the VM has no disk")]
     NoDisk,
     #[error("{0} is the VM's current disk image")]
@@ -118,6 +121,7 @@ fn control_error(e: ControlError) -> DiskMoveError {
     match e {
         ControlError::Busy => DiskMoveError::Busy,
         ControlError::Ended | ControlError::NotMigrating => DiskMoveError::VmEnded,
+        ControlError::Refused(why) => DiskMoveError::Refused(why),
     }
 }
 

@@ -141,6 +141,9 @@ pub enum MigrationError {
     Busy,
     #[error("the guest ended on the source before the switchover")]
     VmEnded,
+    /// This VM cannot be migrated (the reason).
+    #[error("{0}")]
+    NotMigratable(&'static str),
     #[error("cannot connect to the destination {addr}: {source}")]
     Connect {
         addr: SocketAddr,

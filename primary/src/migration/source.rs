@@ -62,6 +62,7 @@ pub fn migrate(
     ctl.begin_migration().map_err(|e| match e {
         ControlError::Busy => MigrationError::Busy,
         ControlError::Ended | ControlError::NotMigrating => MigrationError::VmEnded,
+        ControlError::Refused(why) => MigrationError::NotMigratable(why),
     })?;
     let vm = ctl.vm().clone();
     let consumer = match ctl.dirty().register(&vm.fd, &vm.memory, true) {
@@ -681,6 +682,7 @@ impl Source<'_> {
             ControlError::Ended => MigrationError::VmEnded,
             ControlError::Busy => MigrationError::Busy,
             ControlError::NotMigrating => MigrationError::Protocol(e.to_string()),
+            ControlError::Refused(why) => MigrationError::NotMigratable(why),
         })?;
         // Frozen: from here on, finishing fast is all that matters.
         self.cancellable = false;

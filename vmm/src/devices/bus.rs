@@ -22,7 +22,7 @@ use super::legacy::pic::Pic;
 use super::legacy::pit::Pit;
 use super::legacy::rtc::Rtc;
 use super::legacy::serial::SerialDevice;
-use super::virtio::block::{BlockConfig, VirtioBlock};
+use super::virtio::block::{BlockConfig, HostIoError, VirtioBlock};
 use super::virtio::net::{MacAddr, VirtioNet};
 use crate::inputs::Inputs;
 use crate::loader::layout::{
@@ -179,14 +179,35 @@ impl Devices {
         }
     }
 
-    /// MMIO write; unclaimed addresses are ignored.
-    pub fn mmio_write(&mut self, addr: u64, data: &[u8], mem: &GuestMemory) {
+    /// MMIO write; unclaimed addresses are ignored. A host I/O error of
+    /// the disk stalls it (the exit is unfinished until
+    /// [`Self::retry_block`]).
+    pub fn mmio_write(
+        &mut self,
+        addr: u64,
+        data: &[u8],
+        mem: &GuestMemory,
+    ) -> Result<(), HostIoError> {
         let blk = VIRTIO_MMIO_BASE..VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE;
         let net = VIRTIO_NET_MMIO_BASE..VIRTIO_NET_MMIO_BASE + VIRTIO_MMIO_SIZE;
         match (&mut self.block, &mut self.net) {
-            (Some(b), _) if blk.contains(&addr) => b.mmio_write(addr - blk.start, data, mem),
+            (Some(b), _) if blk.contains(&addr) => b.mmio_write(addr - blk.start, data, mem)?,
             (_, Some(n)) if net.contains(&addr) => n.mmio_write(addr - net.start, data, mem),
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// The host I/O error the disk is stalled on, if any.
+    pub fn block_stalled(&self) -> Option<&HostIoError> {
+        self.block.as_ref().and_then(VirtioBlock::stalled)
+    }
+
+    /// Retry the disk's stalled requests (Ok if it is not stalled).
+    pub fn retry_block(&mut self, mem: &GuestMemory) -> Result<(), HostIoError> {
+        match &mut self.block {
+            Some(b) => b.retry(mem),
+            None => Ok(()),
         }
     }
 

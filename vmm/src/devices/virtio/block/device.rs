@@ -16,8 +16,7 @@
 //! Requests: IN, OUT, FLUSH (`fdatasync`), GET_ID (the serial, "tandem-disk"
 //! unless [`VirtioBlock::set_serial`] says otherwise). Any other type gets
 //! VIRTIO_BLK_S_UNSUPP. IOERR for: data length not a multiple of 512 (IN/OUT),
-//! a range past the end of the disk, OUT on a read-only disk, a host I/O error,
-//! a malformed chain (header shorter than 16 bytes, device-readable after
+//! a range past the end of the disk, OUT on a read-only disk, a malformed chain (header shorter than 16 bytes, device-readable after
 //! device-writable descriptors, buffers outside guest memory). A chain with no
 //! room for a status byte (or whose status byte is outside guest memory) is
 //! returned in the used ring with length 0 and otherwise ignored.
@@ -27,8 +26,18 @@
 //! not moved by [`VirtioBlock::read_block`]. A 0-byte image is a disk with
 //! capacity 0 (every IN/OUT with data fails with IOERR; FLUSH and GET_ID work).
 //!
-//! Host I/O errors are not replicated: if one side's disk fails and the other
-//! does not, the guests diverge; that is reported by the state digests.
+//! **Host I/O errors stall the device** (QEMU's `werror=stop,rerror=stop`):
+//! the guest may never see a result that a replay on another host could not
+//! reproduce (DESIGN.md rule 7). When a host read, write or flush fails, the
+//! failed request and every request after it in the available ring are left
+//! unprocessed (`next_avail` is put back to the failed chain; the chains
+//! completed before it stay in the used ring, their interrupt is held), the
+//! device is *stalled* and the MMIO write that notified it returns the
+//! [`HostIoError`]. The run loop stops the vCPU at that exit;
+//! [`VirtioBlock::retry`] performs the rest of the notify once the operator
+//! fixed the cause. The completed notify is then exactly what a run without
+//! the error would have produced, so a recording holds only the retried
+//! success and a replay reproduces it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -169,6 +178,64 @@ pub enum BlockError {
     },
 }
 
+/// The host operation that failed on a disk image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskOp {
+    /// A read of `len` bytes at byte `offset` of the image.
+    Read {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// A write of `len` bytes at byte `offset` of the image.
+    Write {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// An `fdatasync` of the image.
+    Flush,
+}
+
+impl std::fmt::Display for DiskOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiskOp::Read { offset, len } => write!(f, "read of {len} bytes at offset {offset}"),
+            DiskOp::Write { offset, len } => write!(f, "write of {len} bytes at offset {offset}"),
+            DiskOp::Flush => f.write_str("flush"),
+        }
+    }
+}
+
+/// A guest request that failed on the host (the image's file system is
+/// full, the device returned EIO, ...): the request was not completed and
+/// the device is stalled until [`VirtioBlock::retry`] succeeds.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("disk {}: {op} failed: {source}", path.display())]
+pub struct HostIoError {
+    /// The image.
+    pub path: PathBuf,
+    /// What failed.
+    pub op: DiskOp,
+    /// The OS error.
+    #[source]
+    pub source: std::sync::Arc<std::io::Error>,
+}
+
+impl HostIoError {
+    /// The OS error number, if there is one (e.g. `libc::ENOSPC`).
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+
+    /// The image's file system is full or over quota (ENOSPC, EDQUOT).
+    pub fn out_of_space(&self) -> bool {
+        matches!(self.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+    }
+}
+
 /// Which image and how to open it.
 #[derive(Debug, Clone)]
 pub struct BlockConfig {
@@ -189,6 +256,18 @@ pub struct VirtioBlock {
     /// One bit per [`DIRTY_BLOCK_SIZE`] block of the disk, shared with
     /// storage migration (see [`DirtyBlocks`]).
     dirty: DirtyBlocks,
+    /// A notify left unfinished by a host I/O error (see the module docs).
+    stall: Option<Stall>,
+}
+
+/// An unfinished notify.
+#[derive(Debug, Clone)]
+struct Stall {
+    /// Why.
+    error: HostIoError,
+    /// Chains before the failed one were returned: their interrupt is due
+    /// when the notify completes.
+    used_any: bool,
 }
 
 /// The dirty-block record of a disk: one bit per [`DIRTY_BLOCK_SIZE`]
@@ -266,11 +345,13 @@ struct Seg {
     len: u64,
 }
 
-/// Why a request failed, for the status byte.
+/// Why a request failed, for the status byte, or a host error that stalls
+/// the device instead of completing the request.
 #[derive(Debug)]
 enum ReqError {
     IoErr,
     Unsupp,
+    Host(HostIoError),
 }
 
 impl VirtioBlock {
@@ -292,6 +373,7 @@ impl VirtioBlock {
             serial: DEFAULT_SERIAL.to_owned(),
             transport: MmioTransport::new(VIRTIO_ID_BLOCK, features, 1),
             dirty: DirtyBlocks::new(blocks),
+            stall: None,
         })
     }
 
@@ -344,16 +426,46 @@ impl VirtioBlock {
     }
 
     /// A guest write at `offset` in the MMIO window. A write to QueueNotify
-    /// processes every available request before returning.
-    pub fn mmio_write(&mut self, offset: u64, data: &[u8], mem: &GuestMemory) {
+    /// processes every available request before returning; a host I/O
+    /// error stalls the device and is returned (see the module docs).
+    pub fn mmio_write(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        mem: &GuestMemory,
+    ) -> Result<(), HostIoError> {
         if offset >= CONFIG_SPACE_OFFSET {
             // All virtio-blk config fields we expose are read-only.
             tracing::debug!(offset, "virtio-blk: config space write ignored");
-            return;
+            return Ok(());
+        }
+        if let Some(stall) = &self.stall {
+            // The vCPU is stopped at the stalled exit until `retry`.
+            return Err(stall.error.clone());
         }
         match self.transport.write_register(offset, data, mem) {
-            MmioEvent::Notify(_) => self.process_queue(mem),
-            MmioEvent::Reset | MmioEvent::None => {}
+            MmioEvent::Notify(_) => self.process_queue(mem, false),
+            MmioEvent::Reset | MmioEvent::None => Ok(()),
+        }
+    }
+
+    /// The host error the device is stalled on, if any.
+    pub fn stalled(&self) -> Option<&HostIoError> {
+        self.stall.as_ref().map(|s| &s.error)
+    }
+
+    pub(crate) fn clear_stall(&mut self) {
+        self.stall = None;
+    }
+
+    /// Finish the notify a host I/O error left unfinished: the failed
+    /// request and the ones after it are performed again, from the state
+    /// they were left in. A new error stalls the device again. Nothing to
+    /// do (Ok) when the device is not stalled.
+    pub fn retry(&mut self, mem: &GuestMemory) -> Result<(), HostIoError> {
+        match self.stall.take() {
+            Some(stall) => self.process_queue(mem, stall.used_any),
+            None => Ok(()),
         }
     }
 
@@ -372,25 +484,40 @@ impl VirtioBlock {
     }
 
     /// Process every chain in the available ring (at most one queue's worth:
-    /// the available index is read once).
-    fn process_queue(&mut self, mem: &GuestMemory) {
+    /// the available index is read once). `used_any`: chains were already
+    /// returned by the stalled part of this notify. A host I/O error stops
+    /// at the failed chain and stalls the device.
+    fn process_queue(&mut self, mem: &GuestMemory, mut used_any: bool) -> Result<(), HostIoError> {
         if !self.transport.is_live() {
             tracing::debug!("virtio-blk: notify while not live ignored");
-            return;
+            return Ok(());
         }
+        let start = self.transport.queue(0).next_avail();
         let chains: Vec<DescriptorChain<&GuestMemory>> = match self.transport.queue_mut(0).iter(mem)
         {
             Ok(iter) => iter.collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "virtio-blk: bad available ring");
                 self.transport.set_needs_reset();
-                return;
+                return Ok(());
             }
         };
-        let mut used_any = false;
-        for chain in chains {
+        for (i, chain) in chains.into_iter().enumerate() {
             let head = chain.head_index();
-            let len = self.process_chain(mem, chain);
+            let len = match self.process_chain(mem, chain) {
+                Ok(len) => len,
+                Err(error) => {
+                    // Not completed: this chain is taken again by `retry`.
+                    let next = start.wrapping_add(i as u16);
+                    self.transport.queue_mut(0).set_next_avail(next);
+                    tracing::debug!(%error, "virtio-blk: host I/O error, device stalled");
+                    self.stall = Some(Stall {
+                        error: error.clone(),
+                        used_any,
+                    });
+                    return Err(error);
+                }
+            };
             match self.transport.queue_mut(0).add_used(mem, head, len) {
                 Ok(()) => used_any = true,
                 Err(e) => {
@@ -401,11 +528,17 @@ impl VirtioBlock {
         if used_any {
             self.transport.signal_used();
         }
+        Ok(())
     }
 
     /// Execute one request; returns the used length (bytes written to guest
-    /// memory, status byte included), 0 if the chain had no usable status.
-    fn process_chain(&mut self, mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>) -> u32 {
+    /// memory, status byte included), 0 if the chain had no usable status;
+    /// a host I/O error leaves the request without a status.
+    fn process_chain(
+        &mut self,
+        mem: &GuestMemory,
+        chain: DescriptorChain<&GuestMemory>,
+    ) -> Result<u32, HostIoError> {
         let descs: Vec<Descriptor> = chain.collect();
         let mut readable = Vec::new();
         let mut writable = Vec::new();
@@ -427,24 +560,34 @@ impl VirtioBlock {
         let w_total: u64 = writable.iter().map(|s| s.len).sum();
         if w_total == 0 {
             tracing::debug!("virtio-blk: chain without a status byte");
-            return 0;
+            return Ok(0);
         }
         let data_w = w_total - 1;
         let mut status_byte = [0u8; 1];
         // The status byte must be writable before anything else happens.
         if copy_to_guest(mem, &writable, data_w, &status_byte).is_err() {
             tracing::debug!("virtio-blk: status byte outside guest memory");
-            return 0;
+            return Ok(0);
         }
         let (status, written) = match self.execute(mem, &readable, &writable, data_w, order_ok) {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
             Err((ReqError::IoErr, written)) => (VIRTIO_BLK_S_IOERR, written),
             Err((ReqError::Unsupp, written)) => (VIRTIO_BLK_S_UNSUPP, written),
+            Err((ReqError::Host(e), _)) => return Err(e),
         };
         status_byte[0] = status;
         // Checked above; cannot fail now.
         let _ = copy_to_guest(mem, &writable, data_w, &status_byte);
-        u32::try_from(written + 1).unwrap_or(u32::MAX)
+        Ok(u32::try_from(written + 1).unwrap_or(u32::MAX))
+    }
+
+    /// The error of a failed host operation.
+    fn host_error(&self, op: DiskOp, source: std::io::Error) -> ReqError {
+        ReqError::Host(HostIoError {
+            path: self.config.path.clone(),
+            op,
+            source: std::sync::Arc::new(source),
+        })
     }
 
     /// Run the request; Ok/Err carry the number of data bytes written to
@@ -486,15 +629,15 @@ impl VirtioBlock {
                 let len = r_total - HEADER_SIZE;
                 let off = self.check_range(sector, len).map_err(io)?;
                 check_segments(mem, readable).map_err(io)?;
-                self.write_from_guest(mem, readable, off, len).map_err(io)?;
+                self.write_from_guest(mem, readable, off, len)
+                    .map_err(|e| (e, 0))?;
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
                 if !self.config.read_only {
-                    self.file.sync_data().map_err(|e| {
-                        tracing::warn!(error = %e, "virtio-blk: flush failed");
-                        (ReqError::IoErr, 0)
-                    })?;
+                    if let Err(e) = self.file.sync_data() {
+                        return Err((self.host_error(DiskOp::Flush, e), 0));
+                    }
                 }
                 Ok(0)
             }
@@ -539,8 +682,8 @@ impl VirtioBlock {
         while done < len {
             let n = CHUNK.min((len - done) as usize);
             if let Err(e) = self.file.read_exact_at(&mut buf[..n], off + done) {
-                tracing::warn!(error = %e, "virtio-blk: read failed");
-                return Err((ReqError::IoErr, done));
+                let op = DiskOp::Read { offset: off, len };
+                return Err((self.host_error(op, e), done));
             }
             if copy_to_guest(mem, segs, done, &buf[..n]).is_err() {
                 return Err((ReqError::IoErr, done));
@@ -556,7 +699,7 @@ impl VirtioBlock {
         segs: &[Seg],
         off: u64,
         len: u64,
-    ) -> Result<(), ()> {
+    ) -> Result<(), ReqError> {
         if len == 0 {
             return Ok(());
         }
@@ -566,12 +709,11 @@ impl VirtioBlock {
         while done < len {
             let n = CHUNK.min((len - done) as usize);
             if let Err(()) = copy_from_guest(mem, segs, HEADER_SIZE + done, &mut buf[..n]) {
-                result = Err(());
+                result = Err(ReqError::IoErr);
                 break;
             }
             if let Err(e) = self.file.write_all_at(&buf[..n], off + done) {
-                tracing::warn!(error = %e, "virtio-blk: write failed");
-                result = Err(());
+                result = Err(self.host_error(DiskOp::Write { offset: off, len }, e));
                 break;
             }
             done += n as u64;
@@ -866,7 +1008,8 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn w32(dev: &mut VirtioBlock, mem: &GuestMemory, off: u64, v: u32) {
-        dev.mmio_write(off, &v.to_le_bytes(), mem);
+        dev.mmio_write(off, &v.to_le_bytes(), mem)
+            .expect("no host I/O error");
     }
 
     pub(crate) fn r32(dev: &mut VirtioBlock, off: u64) -> u32 {
@@ -1683,6 +1826,147 @@ pub(crate) mod tests {
             assert!(err.to_string().contains(&*img.path.to_string_lossy()));
         }
         assert!(VirtioBlock::new(img.config(true)).is_ok());
+    }
+
+    /// Replace the device's image handle (same file) by one opened with
+    /// `opts`: a handle that cannot write or read makes every such request
+    /// fail on the host (EBADF), as a full or failing disk would.
+    fn swap_handle(dev: &mut VirtioBlock, img: &TempImage, opts: &mut OpenOptions) {
+        dev.file = opts.open(&img.path).unwrap();
+    }
+
+    #[test]
+    fn host_io_error_stalls_and_retry_completes_as_if_nothing_failed() {
+        let len = 64 * 1024;
+        // The reference: the same three requests without a failure.
+        let run = |fail: bool| {
+            let (img, mut dev, mem, mut drv) = setup("stall", len, false);
+            mem.write_slice(&[0x5a; 4096], GuestAddress(DATA)).unwrap();
+            mem.write_slice(&[0u8; 4096], GuestAddress(DATA2)).unwrap();
+            // Three chains in one notify: a read, a write, a read of what
+            // was written.
+            let h0 = Driver::header(&mem, 0, VIRTIO_BLK_T_IN, 0);
+            let h1 = Driver::header(&mem, 1, VIRTIO_BLK_T_OUT, 8);
+            let h2 = Driver::header(&mem, 2, VIRTIO_BLK_T_IN, 8);
+            drv.post(
+                &mem,
+                &[(h0, 16, false), (DATA2, 512, true), (STATUS, 1, true)],
+            );
+            drv.post(
+                &mem,
+                &[(h1, 16, false), (DATA, 4096, false), (STATUS + 1, 1, true)],
+            );
+            drv.post(
+                &mem,
+                &[
+                    (h2, 16, false),
+                    (DATA2 + 4096, 4096, true),
+                    (STATUS + 2, 1, true),
+                ],
+            );
+            mem.write_slice(&[0xff; 3], GuestAddress(STATUS)).unwrap();
+            if fail {
+                swap_handle(&mut dev, &img, OpenOptions::new().read(true));
+                let err = dev
+                    .mmio_write(reg::QUEUE_NOTIFY, &0u32.to_le_bytes(), &mem)
+                    .unwrap_err();
+                assert_eq!(
+                    err.op,
+                    DiskOp::Write {
+                        offset: 8 * 512,
+                        len: 4096
+                    }
+                );
+                assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+                let msg = err.to_string();
+                assert!(
+                    msg.starts_with(&format!(
+                        "disk {}: write of 4096 bytes at offset 4096 failed: ",
+                        img.path.display()
+                    )),
+                    "{msg}"
+                );
+                assert!(dev.stalled().is_some());
+                // The first chain was returned, the failed one and the one
+                // after it were not, and the guest was not interrupted.
+                assert_eq!(drv.pop_used(&mem), Some((0, 513)));
+                assert_eq!(drv.pop_used(&mem), None);
+                assert!(!dev.interrupt_level());
+                // (The status bytes are only probed before a request runs;
+                // the guest cannot look while the vCPU is stopped.)
+                // Still failing: stalled again, nothing changes.
+                assert!(dev.retry(&mem).is_err());
+                assert_eq!(drv.pop_used(&mem), None);
+                // The cause is fixed: the rest of the notify completes.
+                swap_handle(&mut dev, &img, OpenOptions::new().read(true).write(true));
+                dev.retry(&mem).unwrap();
+                assert!(dev.stalled().is_none());
+                // A retry with nothing stalled does nothing.
+                dev.retry(&mem).unwrap();
+                drv.last_used = 0;
+            } else {
+                drv.notify(&mut dev, &mem);
+            }
+            assert!(dev.interrupt_level());
+            let mut used = Vec::new();
+            while let Some(u) = drv.pop_used(&mem) {
+                used.push(u);
+            }
+            let mut st = [0u8; 3];
+            mem.read_slice(&mut st, GuestAddress(STATUS)).unwrap();
+            let mut data = vec![0u8; 8192];
+            mem.read_slice(&mut data, GuestAddress(DATA2)).unwrap();
+            (
+                used,
+                st,
+                data,
+                img.contents(),
+                crate::persist::Persist::save(&dev),
+            )
+        };
+        let good = run(false);
+        assert_eq!(good.0, vec![(0, 513), (3, 1), (6, 4097)]);
+        assert_eq!(good.1, [VIRTIO_BLK_S_OK; 3]);
+        let retried = run(true);
+        assert_eq!(retried.0, good.0);
+        assert_eq!(retried.1, good.1);
+        assert_eq!(retried.2, good.2);
+        assert_eq!(retried.3, good.3);
+        assert_eq!(retried.4.transport, good.4.transport);
+    }
+
+    #[test]
+    fn host_read_and_flush_errors_stall_too() {
+        let (img, mut dev, mem, mut drv) = setup("stall-read", 4096, false);
+        swap_handle(&mut dev, &img, OpenOptions::new().write(true));
+        let hdr = Driver::header(&mem, 0, VIRTIO_BLK_T_IN, 1);
+        drv.post(
+            &mem,
+            &[(hdr, 16, false), (DATA, 1024, true), (STATUS, 1, true)],
+        );
+        let err = dev
+            .mmio_write(reg::QUEUE_NOTIFY, &0u32.to_le_bytes(), &mem)
+            .unwrap_err();
+        assert_eq!(
+            err.op,
+            DiskOp::Read {
+                offset: 512,
+                len: 1024
+            }
+        );
+        assert!(
+            err.to_string()
+                .contains("read of 1024 bytes at offset 512 failed"),
+            "{err}"
+        );
+        // Further MMIO writes report the same stall and do nothing.
+        let again = dev.mmio_write(reg::QUEUE_NOTIFY, &0u32.to_le_bytes(), &mem);
+        assert!(again.is_err());
+        assert_eq!(drv.pop_used(&mem), None);
+        swap_handle(&mut dev, &img, OpenOptions::new().read(true).write(true));
+        dev.retry(&mem).unwrap();
+        assert_eq!(drv.pop_used(&mem), Some((0, 1025)));
+        assert_eq!(DiskOp::Flush.to_string(), "flush");
     }
 
     #[test]

@@ -174,6 +174,8 @@ impl VirtioBlock {
             .restore_state(&state.transport, mem)
             .map_err(|source| PersistError::Transport { path, source })?;
         self.set_serial(&state.serial);
+        // The queue is the saved one now: nothing is left to retry.
+        self.clear_stall();
         Ok(())
     }
 }
