@@ -8,145 +8,12 @@
 //! source + destination is exactly the unmigrated one). Migrations start on
 //! a guest event (a console line), never after a sleep.
 
+mod common;
 #[path = "common/wan.rs"]
 mod wan;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use wan::{collect, Wan, WanLink};
-
-const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
-/// Only turns a hang into a failure.
-const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// A `tandem` process in a namespace, its output collected by threads.
-struct Proc {
-    child: Child,
-    out: Arc<Mutex<Vec<u8>>>,
-    err: Arc<Mutex<Vec<u8>>>,
-}
-
-impl Proc {
-    fn spawn(ns: [&str; 4], args: &[&str]) -> Proc {
-        let mut child = Command::new(ns[0])
-            .args(&ns[1..])
-            .arg(TANDEM)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tandem");
-        let out = collect(child.stdout.take().unwrap());
-        let err = collect(child.stderr.take().unwrap());
-        Proc { child, out, err }
-    }
-    fn out(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
-    }
-    fn err(&self) -> String {
-        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
-    }
-    /// Wait until `needle` is on stdout (`err`: stderr); returns what follows.
-    #[track_caller]
-    fn wait_for(&mut self, needle: &str, err: bool) -> String {
-        let start = Instant::now();
-        loop {
-            let text = if err { self.err() } else { self.out() };
-            if let Some(i) = text.find(needle) {
-                return text[i + needle.len()..].to_string();
-            }
-            let ended = self.child.try_wait().ok().flatten();
-            if ended.is_some() || start.elapsed() > TIMEOUT {
-                panic!(
-                    "no {needle:?} ({ended:?})\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                    self.out(),
-                    self.err()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-    /// Wait for the end: (status, stdout, stderr).
-    #[track_caller]
-    fn finish(mut self) -> (i32, String, String) {
-        let start = Instant::now();
-        let st = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            assert!(start.elapsed() < TIMEOUT, "timed out\n{}", self.err());
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        (st.code().unwrap_or(-1), self.out(), self.err())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tandem(args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(TANDEM)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-/// A temporary directory with the cluster's PKI: hosts `a` and `b`, `b`'s
-/// certificate naming `b_ip`.
-struct Pki(PathBuf);
-
-impl Pki {
-    fn new(b_ip: &str) -> Pki {
-        let dir =
-            std::env::temp_dir().join(format!("tandem-mig-wan-{}-{b_ip}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let d = dir.to_str().unwrap();
-        for args in [
-            vec!["certs", "init", "--dir", d],
-            vec!["certs", "issue", "--dir", d, "--name", "a"],
-            vec!["certs", "issue", "--dir", d, "--name", "b", "--san", b_ip],
-        ] {
-            let (code, _, err) = tandem(&args);
-            assert_eq!(code, 0, "tandem {args:?}: {err}");
-        }
-        Pki(dir)
-    }
-    fn creds(&self, host: &str) -> Vec<String> {
-        let p = |f: String| self.0.join(f).to_string_lossy().into_owned();
-        vec![
-            "--ca".into(),
-            p("ca.pem".into()),
-            "--cert".into(),
-            p(format!("{host}.pem")),
-            "--key".into(),
-            p(format!("{host}.key")),
-        ]
-    }
-    fn path(&self, f: &str) -> String {
-        self.0.join(f).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::cluster::{migrate, receiver, reference, source, Pki};
+use wan::{Wan, WanLink};
 
 /// The downtime the summary reports, in ms.
 fn reported_downtime_ms(summary: &str) -> f64 {
@@ -166,36 +33,20 @@ fn reported_downtime_ms(summary: &str) -> f64 {
 /// `downtime_ms`.
 fn migrate_across(subnet: u8, link: WanLink, downtime_ms: &str) {
     const CMDLINE: &str = "fill 256 80 25";
-    let (code, expected, err) = tandem(&["run", "--cmdline", CMDLINE]);
-    assert_eq!(code, 0, "{err}");
+    let expected = reference(CMDLINE, None);
     let mut wan = Wan::new(subnet, &link).unwrap_or_else(|e| panic!("WAN setup: {e}"));
-    let pki = Pki::new(&wan.ip_b);
+    let pki = Pki::new(&["a", "b"], &[&wan.ip_b]);
     let listen = format!("{}:0", wan.ip_b);
-    let mut rargs = vec!["receive", "--listen", &listen];
-    let bcreds = pki.creds("b");
-    rargs.extend(bcreds.iter().map(String::as_str));
-    let mut dst = Proc::spawn(wan.in_b(), &rargs);
-    let rest = dst.wait_for("waiting for a VM on ", true);
-    let addr = rest.lines().next().unwrap().trim().to_string();
-    let sock = pki.path("a.sock");
-    let mut src = Proc::spawn(
-        wan.in_a(),
-        &["run", "--cmdline", CMDLINE, "--api-socket", &sock],
-    );
+    let (dst, addr) = receiver(&wan.in_b(), &listen, &pki.creds("b"), &[]);
+    let sock = pki.dir.s("a.sock");
+    let mut src = source(&wan.in_a(), &sock, CMDLINE, &[]);
     src.wait_for("round 2\n", false);
-    let mut margs = vec![
-        "migrate",
-        "--json",
-        "--api",
+    let (code, out, err) = migrate(
         &sock,
-        "--to",
         &addr,
-        "--downtime-ms",
-        downtime_ms,
-    ];
-    let acreds = pki.creds("a");
-    margs.extend(acreds.iter().map(String::as_str));
-    let (code, out, err) = tandem(&margs);
+        &pki.creds("a"),
+        &["--json", "--downtime-ms", downtime_ms],
+    );
     let stats = wan.stop();
     assert_eq!(
         code,
