@@ -270,6 +270,19 @@ impl Machine {
         let (vm, vcpu) = Self::create(config)?;
         Ok(Incoming { vm, vcpu })
     }
+
+    /// What [`Machine::prepare_incoming`] checks and creates, without
+    /// creating anything: the memory size is refused as it would refuse it,
+    /// and the guest memory layout (start, length of each region) is the
+    /// one its VM will have. Lets a migration destination accept a header
+    /// first and prepare the VM while the first pages are on their way.
+    pub fn incoming_layout(config: &VmConfig) -> Result<Vec<(u64, u64)>, MachineError> {
+        check_mem(config.mem_mib)?;
+        Ok(layout::ram_regions(config.mem_mib << 20)
+            .into_iter()
+            .map(|(start, len)| (start.0, len as u64))
+            .collect())
+    }
 }
 
 /// A VM being filled by a migration (see [`Machine::prepare_incoming`]).
