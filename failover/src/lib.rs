@@ -5,7 +5,9 @@
 // Every unsafe block says why it is sound (`// SAFETY:`).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod arbiter;
 pub mod certs;
 pub mod channel;
+pub mod heartbeat;
 pub mod lockstep;
 pub mod migration;

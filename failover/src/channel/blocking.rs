@@ -309,4 +309,11 @@ impl BlockingReceiver {
     pub fn recv_frame(&mut self) -> Result<(u8, Vec<u8>)> {
         self.rt.block_on(self.rx.recv_frame())
     }
+
+    /// Receive one frame or `Ok(None)` after `timeout` (no data lost: a
+    /// partly read frame is kept for the next call).
+    pub fn recv_frame_timeout(&mut self, timeout: Duration) -> Result<Option<(u8, Vec<u8>)>> {
+        let fut = self.rx.recv_frame();
+        block_on_timeout(&self.rt, timeout, fut)
+    }
 }
