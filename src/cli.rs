@@ -133,6 +133,31 @@ pub struct SecondaryArgs {
     /// Output Rule's audit trail.
     #[arg(long, value_name = "PATH")]
     pub ack_log: Option<PathBuf>,
+    /// Where the guest's console goes once this host went live after a
+    /// failover (stdio, null or file:PATH); outputs the old primary may not
+    /// have released are written there again first.
+    #[arg(long, default_value = "stdio")]
+    pub live_serial: SerialTarget,
+    #[command(flatten)]
+    pub failover: FailoverArgs,
+}
+
+/// Failure detection and the arbiter (`docs/failover.md`).
+#[derive(Debug, Args)]
+pub struct FailoverArgs {
+    /// Send a heartbeat to the peer at least this often (ms).
+    #[arg(long, default_value_t = failover::heartbeat::DEFAULT_HEARTBEAT_MS)]
+    pub heartbeat_ms: u64,
+    /// Declare the peer lost after hearing nothing (log, acknowledgement or
+    /// heartbeat) for this long (ms); at least three heartbeats.
+    #[arg(long, default_value_t = failover::heartbeat::DEFAULT_FAILOVER_TIMEOUT_MS)]
+    pub failover_timeout_ms: u64,
+    /// Who may be live after the peer is lost: file:DIR (a directory on
+    /// storage both hosts reach; claims are files in it). Without it a side
+    /// that loses its peer never goes live (the primary stops, outputs
+    /// held; the secondary stops).
+    #[arg(long, value_name = "SPEC")]
+    pub arbiter: Option<String>,
 }
 
 /// `tandem run --protect-to`: the secondary and this host's credentials.
@@ -165,6 +190,8 @@ pub struct ProtectArgs {
     /// the secondary had acknowledged, emitted and released times).
     #[arg(long, value_name = "PATH", requires = "protect_to")]
     pub output_log: Option<PathBuf>,
+    #[command(flatten)]
+    pub failover: FailoverArgs,
 }
 
 /// `tandem certs ...`

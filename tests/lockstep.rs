@@ -139,6 +139,9 @@ fn console_waits_for_the_secondary() {
         &pri_log,
         "--protect-to",
         &addr,
+        // The secondary is stopped on purpose: not a failover.
+        "--failover-timeout-ms",
+        "600000",
     ];
     let creds = pki.creds("pri");
     args.extend(creds.iter().map(String::as_str));

@@ -192,6 +192,9 @@ fn protected_mail_frames_wait_for_the_secondary() {
         &pri_log,
         "--output-log",
         &out_log,
+        // The secondary is stopped on purpose below: not a failover.
+        "--failover-timeout-ms",
+        "600000",
     ]);
     let mut pri = Proc::spawn(&pa, &args);
     pri.wait_for("mail ready", false);

@@ -203,7 +203,10 @@ impl Liveness {
 
     /// How long since the last sign of life.
     pub fn silent_for(&self) -> Duration {
-        Duration::from_micros(self.now_us().saturating_sub(self.last_us.load(Ordering::SeqCst)))
+        Duration::from_micros(
+            self.now_us()
+                .saturating_sub(self.last_us.load(Ordering::SeqCst)),
+        )
     }
 
     /// The instant of the last sign of life.
@@ -215,7 +218,11 @@ impl Liveness {
 /// The end of the primary's release lease for the newest echoed stamp
 /// (µs on the primary's stamp clock): see the module docs.
 pub fn lease_end(echo_us: u64, timing: &Timing) -> u64 {
-    echo_us + timing.timeout.saturating_sub(timing.lease_margin()).as_micros() as u64
+    echo_us
+        + timing
+            .timeout
+            .saturating_sub(timing.lease_margin())
+            .as_micros() as u64
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 // Every unsafe block says why it is sound (`// SAFETY:`).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod failover;
 pub mod held_audit;
 pub mod lockstep;
 pub mod migration;

@@ -9,8 +9,15 @@
 //! release thread, which passes it to the live outputs once the secondary
 //! has acknowledged that offset. The vCPU never waits for an ack; only the
 //! output does. Protocol: `failover::lockstep`, `docs/lockstep.md`.
+//!
+//! Heartbeats and the loss of the secondary (`failover::heartbeat`,
+//! [`crate::failover`], `docs/failover.md`): the sender thread also sends a
+//! heartbeat every interval; the ack thread takes the secondary's
+//! heartbeats and declares it lost after the failover timeout of silence.
+//! Outputs are released only inside the release lease.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,11 +25,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{unbounded, Sender};
 use failover::certs::Credentials;
 use failover::channel::{BlockingConnection, ChannelConfig, Message, Role};
+use failover::heartbeat::{self, lease_end, Liveness, PrimaryBeat, SecondaryBeat};
 use failover::lockstep::{kind, Ack, Header};
 use recordlog::LogQueue;
 use vmm::inputs::Divergence;
 use vmm::outputs::{Output, Outputs};
 
+use crate::failover::{decide, Decision, FailoverParams, STOPPED};
 use crate::held_audit::{realtime_ns, HeldLatency, ReleaseAudit, Released};
 
 /// Largest `LogBytes` chunk.
@@ -36,12 +45,23 @@ struct AckState {
     offset: u64,
     /// The secondary is gone (why).
     lost: Option<String>,
+    /// Newest heartbeat stamp the secondary echoed (the release lease).
+    echo_us: u64,
+    /// The arbiter let us run on alone: everything may leave.
+    alone: bool,
+    /// The secondary acknowledged the whole log including its end: it will
+    /// never go live, so the lease no longer matters.
+    complete: bool,
 }
 
-#[derive(Debug, Default)]
 struct Acks {
     st: Mutex<AckState>,
     cond: Condvar,
+    /// Last sign of life of the secondary; also the stamp clock.
+    life: Liveness,
+    /// Outputs released up to this log offset (for heartbeats).
+    released: AtomicU64,
+    failover: FailoverParams,
 }
 
 impl Acks {
@@ -49,35 +69,68 @@ impl Acks {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lose(&self, why: String) {
-        self.lock().lost.get_or_insert(why);
-        self.cond.notify_all();
-    }
-
     /// Wait until `offset` is acknowledged (true), the secondary is lost or
-    /// `deadline` passed (false).
-    fn wait_for(&self, offset: u64, deadline: Option<Instant>) -> bool {
+    /// `deadline` passed (false). With `lease`: also until the release lease
+    /// holds (or we run alone, or the log is complete); a lost secondary
+    /// then waits for the arbiter's decision.
+    fn wait_for(&self, offset: u64, deadline: Option<Instant>, lease: bool) -> bool {
         let mut st = self.lock();
         loop {
-            if st.offset >= offset {
+            if st.alone {
                 return true;
             }
-            if st.lost.is_some() {
+            let acked = st.offset >= offset;
+            let leased =
+                st.complete || self.life.now_us() < lease_end(st.echo_us, &self.failover.timing);
+            if acked && (!lease || leased) {
+                return true;
+            }
+            if st.lost.is_some() && !lease {
                 return false;
             }
-            st = match deadline {
-                None => self.cond.wait(st).unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return false;
-                    }
-                    self.cond
-                        .wait_timeout(st, d - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
+            // Re-check the lease at least every heartbeat.
+            let mut wait = self.failover.timing.interval;
+            if let Some(d) = deadline {
+                let now = Instant::now();
+                if now >= d {
+                    return false;
                 }
-            };
+                wait = wait.min(d - now);
+            }
+            st = self
+                .cond
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// The secondary is lost (`why`): ask the arbiter, then run on alone or
+    /// stop the process (see [`crate::failover`]).
+    fn secondary_lost(&self, why: String) {
+        {
+            let mut st = self.lock();
+            if st.complete || st.lost.is_some() {
+                st.lost.get_or_insert(why);
+                drop(st);
+                self.cond.notify_all();
+                return;
+            }
+            st.lost = Some(why.clone());
+        }
+        self.cond.notify_all();
+        match decide(&self.failover, &why) {
+            Decision::Alone => {
+                eprintln!(
+                    "tandem: the secondary is lost ({why}); this primary won the arbiter and runs on UNPROTECTED, its held outputs released"
+                );
+                self.lock().alone = true;
+                self.cond.notify_all();
+            }
+            Decision::Stop(msg) => {
+                eprintln!("tandem: {msg}; stopping");
+                std::process::exit(STOPPED);
+            }
         }
     }
 }
@@ -98,6 +151,8 @@ pub struct LinkParams {
     pub server_name: String,
     pub creds: Credentials,
     pub name: String,
+    /// Heartbeats, the VM's identity and the arbiter.
+    pub failover: FailoverParams,
 }
 
 impl Link {
@@ -130,25 +185,66 @@ impl Link {
             }
             Err(e) => return Err(format!("the secondary {peer}: {e}")),
         }
+        let protection = postcard::to_stdvec(&p.failover.protection).map_err(|e| e.to_string())?;
+        conn.send_frame(heartbeat::kind::PROTECTION, &protection)
+            .map_err(|e| format!("the secondary {peer}: {e}"))?;
         let (mut tx, mut rx, handle) = conn.split();
-        let acks = Arc::new(Acks::default());
+        let acks = Arc::new(Acks {
+            st: Mutex::new(AckState::default()),
+            cond: Condvar::new(),
+            life: Liveness::new(),
+            released: AtomicU64::new(0),
+            failover: p.failover.clone(),
+        });
+        let timing = p.failover.timing;
         let a = acks.clone();
         let who = peer.clone();
         std::thread::Builder::new()
             .name("lockstep-acks".into())
             .spawn(move || loop {
-                match rx.recv_frame() {
-                    Ok((kind::ACK, payload)) => match postcard::from_bytes::<Ack>(&payload) {
+                match rx.recv_frame_timeout(timing.interval) {
+                    Ok(Some((kind::ACK, payload))) => match postcard::from_bytes::<Ack>(&payload) {
                         Ok(ack) => {
+                            a.life.touch();
                             let mut st = a.lock();
                             st.offset = st.offset.max(ack.offset);
                             drop(st);
                             a.cond.notify_all();
                         }
-                        Err(e) => return a.lose(format!("unreadable ack from {who}: {e}")),
+                        Err(e) => {
+                            return a.secondary_lost(format!("unreadable ack from {who}: {e}"))
+                        }
                     },
-                    Ok((k, _)) => return a.lose(format!("frame kind {k} from {who}")),
-                    Err(e) => return a.lose(format!("the secondary {who}: {e}")),
+                    Ok(Some((heartbeat::kind::HEARTBEAT, payload))) => {
+                        match postcard::from_bytes::<SecondaryBeat>(&payload) {
+                            Ok(b) => {
+                                a.life.touch();
+                                let mut st = a.lock();
+                                st.offset = st.offset.max(b.offset);
+                                st.echo_us = st.echo_us.max(b.echo_us.min(a.life.now_us()));
+                                drop(st);
+                                a.cond.notify_all();
+                            }
+                            Err(e) => {
+                                return a.secondary_lost(format!(
+                                    "unreadable heartbeat from {who}: {e}"
+                                ))
+                            }
+                        }
+                    }
+                    Ok(Some((k, _))) => {
+                        return a.secondary_lost(format!("frame kind {k} from {who}"))
+                    }
+                    Ok(None) => {
+                        let silent = a.life.silent_for();
+                        if silent >= timing.timeout {
+                            return a.secondary_lost(format!(
+                                "nothing heard from {who} for {} ms",
+                                silent.as_millis()
+                            ));
+                        }
+                    }
+                    Err(e) => return a.secondary_lost(format!("the secondary {who}: {e}")),
                 }
             })
             .map_err(|e| e.to_string())?;
@@ -157,9 +253,45 @@ impl Link {
         let sender = std::thread::Builder::new()
             .name("lockstep-out".into())
             .spawn(move || {
-                while let Some(d) = q.wait_drain(MAX_CHUNK, None) {
-                    if let Err(e) = tx.send_msg(&Message::LogBytes(d.bytes)) {
-                        return a.lose(format!("sending the log: {e}"));
+                let mut beat_at = Instant::now();
+                let mut sending = true;
+                loop {
+                    let d = q.wait_drain(MAX_CHUNK, Some(timing.interval));
+                    let closed = d.is_none() && q.is_closed();
+                    {
+                        let st = a.lock();
+                        if st.lost.is_some() {
+                            // Alone (or stopping): the log goes nowhere.
+                            sending = false;
+                        }
+                        if st.complete {
+                            break;
+                        }
+                    }
+                    if !sending {
+                        if closed {
+                            break;
+                        }
+                        continue;
+                    }
+                    if let Some(d) = d {
+                        if let Err(e) = tx.send_msg(&Message::LogBytes(d.bytes)) {
+                            sending = false;
+                            a.secondary_lost(format!("sending the log: {e}"));
+                            continue;
+                        }
+                    }
+                    if beat_at.elapsed() >= timing.interval {
+                        beat_at = Instant::now();
+                        let beat = PrimaryBeat {
+                            stamp_us: a.life.now_us(),
+                            released: a.released.load(Ordering::SeqCst),
+                        };
+                        let bytes = postcard::to_stdvec(&beat).unwrap_or_default();
+                        if let Err(e) = tx.send_frame(heartbeat::kind::HEARTBEAT, &bytes) {
+                            sending = false;
+                            a.secondary_lost(format!("sending a heartbeat: {e}"));
+                        }
                     }
                 }
                 let _ = tx.finish();
@@ -184,20 +316,40 @@ impl Link {
         HeldOutputs::new(self.queue.clone(), self.acks.clone(), live, audit)
     }
 
+    /// Whether the arbiter let this primary run on alone (unprotected).
+    pub fn alone(&self) -> bool {
+        self.acks.lock().alone
+    }
+
     /// After the log's `End` was queued: close the stream and wait (up to
-    /// `timeout`) until the secondary has acknowledged all of it.
+    /// `timeout`) until the secondary has acknowledged all of it. A primary
+    /// running alone has nothing to wait for.
     pub fn finish(mut self, timeout: Duration) -> Result<(), String> {
         self.queue.close();
+        let total = self.queue.stats().pushed_bytes;
+        let ok = self
+            .acks
+            .wait_for(total, Some(Instant::now() + timeout), false);
+        let (lost, alone) = {
+            let mut st = self.acks.lock();
+            st.complete = ok;
+            let lost = st.lost.clone();
+            if !ok {
+                // The sender stops too.
+                st.lost
+                    .get_or_insert_with(|| "the end of the log was not acknowledged".into());
+            }
+            (lost, st.alone)
+        };
+        self.acks.cond.notify_all();
         if let Some(s) = self.sender.take() {
             let _ = s.join();
         }
-        let total = self.queue.stats().pushed_bytes;
-        let ok = self.acks.wait_for(total, Some(Instant::now() + timeout));
-        let lost = self.acks.lock().lost.clone();
         self.handle
             .close_now(failover::channel::close_code::NORMAL, "done");
         match (ok, lost) {
             (true, _) => Ok(()),
+            (false, Some(_)) if alone => Ok(()),
             (false, Some(why)) => Err(why),
             (false, None) => Err(format!(
                 "the secondary {} did not acknowledge the end of the log in {timeout:?}",
@@ -254,7 +406,7 @@ impl HeldOutputs {
             .spawn(move || {
                 let mut stats = HeldStats::default();
                 for h in rx {
-                    if stats.withheld == 0 && acks.wait_for(h.entry_end, None) {
+                    if stats.withheld == 0 && acks.wait_for(h.entry_end, None, true) {
                         let acked = acks.lock().offset;
                         let (exit_seq, kind) = (h.output.exit_seq, h.output.kind);
                         let bytes = h.output.bytes.clone();
@@ -262,6 +414,7 @@ impl HeldOutputs {
                         // can have it earlier.
                         let released_ns = realtime_ns();
                         let _ = live.emit(h.output);
+                        acks.released.fetch_max(h.entry_end, Ordering::SeqCst);
                         audit.released(&Released {
                             exit_seq,
                             kind,

@@ -8,3 +8,4 @@
 pub mod lockstep;
 pub mod migration;
 pub mod replay;
+pub mod watch;

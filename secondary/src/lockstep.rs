@@ -4,30 +4,33 @@
 //! this host holds the VM's disk byte for byte, then receive the log
 //! stream, keep it in the operator's `--log` file, acknowledge every chunk
 //! and hand the bytes to the replayer as a [`Read`]. Protocol:
-//! `failover::lockstep`, `docs/lockstep.md`.
+//! `failover::lockstep`, `docs/lockstep.md`. Heartbeats and the loss of
+//! the primary: [`crate::watch`].
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::Duration;
 
-use failover::channel::{BlockingConnection, BlockingListener, ChannelError, Message, Role};
-use failover::lockstep::{check_header, kind, Ack, Header};
+use failover::channel::{BlockingConnection, BlockingListener, ChannelError, Role};
+use failover::heartbeat::Timing;
+use failover::lockstep::{check_header, kind, Header};
 
 use crate::migration::accept::{take_one, Intake};
+use crate::watch::{PrimaryWatch, StreamEnd};
 
 /// Nanoseconds of the real-time clock.
-fn realtime_ns() -> u64 {
+pub(crate) fn realtime_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
-use crate::migration::{abort, read_first, ReceiveError, STALL_TIMEOUT};
+use crate::migration::{abort, read_first, ReceiveError};
 
 /// How the secondary is set up (paths are its operator's).
 #[derive(Debug, Default)]
@@ -38,6 +41,8 @@ pub struct SecondaryOptions {
     pub log: Option<File>,
     /// One JSON line per acknowledgement sent (opened by the caller).
     pub ack_log: Option<File>,
+    /// Heartbeat interval and failover timeout.
+    pub timing: Timing,
 }
 
 /// A primary that was accepted: its log arrives through `reader`.
@@ -48,8 +53,11 @@ pub struct Protected {
     pub closed: Arc<AtomicBool>,
     /// `NAME at ADDR` of the primary.
     pub from: String,
-    /// The receiving thread: log bytes received, or why it stopped.
-    pub thread: std::thread::JoinHandle<Result<u64, String>>,
+    /// The receiving thread: log bytes received and how the stream
+    /// ended, or why it failed.
+    pub thread: std::thread::JoinHandle<Result<(u64, StreamEnd), String>>,
+    /// Life, releases and identity of the primary.
+    pub watch: Arc<PrimaryWatch>,
 }
 
 /// Bind the listener of `tandem secondary`.
@@ -72,6 +80,7 @@ pub fn accept(
         Lockstep {
             disk: opts.disk,
             log: std::sync::Mutex::new((opts.log, opts.ack_log)),
+            timing: opts.timing,
         },
     )
 }
@@ -79,6 +88,7 @@ pub fn accept(
 struct Lockstep {
     disk: Option<PathBuf>,
     log: std::sync::Mutex<(Option<File>, Option<File>)>,
+    timing: Timing,
 }
 
 impl Intake for Lockstep {
@@ -113,15 +123,25 @@ impl Intake for Lockstep {
         let (tx, rx) = channel();
         let closed = Arc::new(AtomicBool::new(false));
         let c = closed.clone();
+        let watch = Arc::new(PrimaryWatch::default());
+        let w = watch.clone();
+        let timing = self.timing;
         let thread = std::thread::Builder::new()
             .name("lockstep-in".into())
             .spawn(move || {
-                let r = receive_log(&mut conn, log, ack_log, &tx);
+                let r = crate::watch::receive(&mut conn, (log, ack_log), &tx, &w, timing);
                 c.store(true, Ordering::SeqCst);
                 drop(tx);
-                // The last acknowledgement must reach the primary: close
-                // only once it has taken what we sent.
-                let _ = conn.close();
+                match &r {
+                    // The last acknowledgement must reach the primary:
+                    // close only once it has taken what we sent.
+                    Ok((_, StreamEnd::Closed)) => {
+                        let _ = conn.close();
+                    }
+                    // Lost: nothing more from or to this primary.
+                    Ok((_, StreamEnd::Lost(why))) => conn.abort(why),
+                    Err(why) => conn.abort(why),
+                }
                 r
             })
             .map_err(|e| ReceiveError::Local(format!("starting the log receiver: {e}")))?;
@@ -134,54 +154,8 @@ impl Intake for Lockstep {
             closed,
             from,
             thread,
+            watch,
         })
-    }
-}
-
-/// Receive log chunks until the primary closes: each is written to `log`,
-/// passed on and acknowledged (with the stream offset it reaches).
-fn receive_log(
-    conn: &mut BlockingConnection,
-    mut log: Option<File>,
-    mut ack_log: Option<File>,
-    tx: &Sender<Vec<u8>>,
-) -> Result<u64, String> {
-    let mut total = 0u64;
-    loop {
-        match conn.recv_msg_timeout::<Message>(STALL_TIMEOUT) {
-            Ok(Some(Message::LogBytes(b))) => {
-                if let Some(f) = log.as_mut() {
-                    f.write_all(&b)
-                        .map_err(|e| format!("writing the received log (--log): {e}"))?;
-                }
-                total += b.len() as u64;
-                // The replayer may have stopped (the guest ended): the log
-                // is still kept and acknowledged.
-                let _ = tx.send(b);
-                let ack = postcard::to_stdvec(&Ack { offset: total }).map_err(|e| e.to_string())?;
-                // Taken before the ack leaves: the primary cannot have it
-                // earlier than this.
-                let sent_ns = realtime_ns();
-                conn.send_frame(kind::ACK, &ack)
-                    .map_err(|e| e.to_string())?;
-                if let Some(f) = ack_log.as_mut() {
-                    let line = format!("{{\"offset\":{total},\"sent_ns\":{sent_ns}}}\n");
-                    f.write_all(line.as_bytes())
-                        .map_err(|e| format!("writing the acknowledgement log (--ack-log): {e}"))?;
-                }
-            }
-            Ok(Some(Message::Abort { reason })) => {
-                return Err(format!("the primary aborted: {reason}"))
-            }
-            Ok(Some(other)) => {
-                let reason = format!("unexpected message in the log stream: {other:?}");
-                abort(conn, &reason);
-                return Err(reason);
-            }
-            Ok(None) => return Err(format!("the primary sent nothing for {STALL_TIMEOUT:?}")),
-            Err(e) if e.is_closed() => return Ok(total),
-            Err(e) => return Err(e.to_string()),
-        }
     }
 }
 

@@ -104,6 +104,8 @@ pub struct Replayer<S: EntrySource> {
     repair: bool,
     divergence: Option<Divergence>,
     last_clock: u64,
+    /// Latest timer deadline the log says was reached.
+    virtual_floor: u64,
     last_wall: u64,
     /// Entries consumed.
     pub entries: u64,
@@ -136,6 +138,7 @@ impl<S: EntrySource> Replayer<S> {
             repair,
             divergence: None,
             last_clock: 0,
+            virtual_floor: 0,
             last_wall: 0,
             entries: 0,
             outputs_checked: 0,
@@ -149,6 +152,13 @@ impl<S: EntrySource> Replayer<S> {
     pub fn with_console(mut self, out: Box<dyn std::io::Write + Send>) -> Self {
         self.console = Some(out);
         self
+    }
+
+    /// The latest virtual time the log shows the guest: its last clock
+    /// read or the last timer deadline the recorder had reached, whichever
+    /// is later (a go-live continues from here, never backwards).
+    pub fn last_clock_ns(&self) -> u64 {
+        self.last_clock.max(self.virtual_floor)
     }
 
     /// How the log ended (so far).
@@ -372,17 +382,23 @@ impl<S: EntrySource> Inputs for Replayer<S> {
         }
     }
 
-    fn deadline_reached(&mut self, exit_seq: u64, _deadline_ns: u64) -> bool {
-        self.take_if(exit_seq, |e| {
-            matches!(
-                e,
-                Entry::Input {
-                    input: Input::DeadlineReached,
-                    ..
-                }
-            )
-        })
-        .is_some()
+    fn deadline_reached(&mut self, exit_seq: u64, deadline_ns: u64) -> bool {
+        let reached = self
+            .take_if(exit_seq, |e| {
+                matches!(
+                    e,
+                    Entry::Input {
+                        input: Input::DeadlineReached,
+                        ..
+                    }
+                )
+            })
+            .is_some();
+        if reached {
+            // The recorder's virtual time had reached the deadline.
+            self.virtual_floor = self.virtual_floor.max(deadline_ns);
+        }
+        reached
     }
 
     fn console_input(&mut self, exit_seq: u64) -> Option<Vec<u8>> {

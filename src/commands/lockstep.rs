@@ -5,15 +5,22 @@
 //! where it ends, so the copy never executes past what the log covers.
 //! Its console goes only to `--serial`. When the primary's log ends, the
 //! replay finishes, is verified like `tandem replay`'s and prints its final
-//! state digest, which must equal the primary's.
+//! state digest, which must equal the primary's. When the primary is lost
+//! instead, the secondary may go live (`super::golive`).
 
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
+
+use failover::heartbeat::Timing;
+use secondary::watch::StreamEnd;
 
 use recordlog::{InitialState, TailOptions, TailReader};
 use secondary::lockstep::{accept, listen, SecondaryOptions};
 use vmm::machine::{DiskConfig, LogConfig};
 
-use super::replay::replay_machine;
+use super::golive::{go_live, GoLive, ReplayConsole, Tapped, Unreleased};
+use super::replay::replay_on;
 use super::run::boot;
 use super::CmdError;
 use crate::cli::{SecondaryArgs, SerialTarget};
@@ -34,6 +41,18 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
             )));
         }
     }
+    let timing = Timing::from_ms(
+        args.failover.heartbeat_ms,
+        args.failover.failover_timeout_ms,
+    )
+    .map_err(CmdError::Input)?;
+    let arbiter = args
+        .failover
+        .arbiter
+        .as_deref()
+        .map(failover::arbiter::from_spec)
+        .transpose()
+        .map_err(|e| CmdError::Input(e.to_string()))?;
     let (creds, name) = super::load_creds(&args.creds, "secondary")?;
     let log = match &args.log {
         Some(p) => Some(
@@ -53,6 +72,14 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
     // to only when this host goes live.
     let standby = net::StandbyTap::open(args.net.as_ref())?;
     let out = console::open(&args.serial)?.out;
+    if let crate::cli::SerialTarget::File(p) = &args.live_serial {
+        // Checked now, not at failover time.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| CmdError::Input(format!("--live-serial {}: {e}", p.display())))?;
+    }
     let listener = listen(args.listen, &creds, &name)
         .map_err(|e| CmdError::Input(format!("--listen {}: {e}", args.listen)))?;
     let addr = listener
@@ -63,12 +90,22 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         disk: args.disk.clone(),
         log,
         ack_log,
+        timing,
     };
     let protected = accept(&listener, opts).map_err(|e| CmdError::Internal(e.to_string()))?;
     eprintln!("tandem: protecting the VM of {}", protected.from);
     let from = protected.from.clone();
     let bad_log = |e: String| CmdError::Input(format!("the log stream from {from}: {e}"));
     let closed = protected.closed.clone();
+    let watch = protected.watch.clone();
+    let offset = Arc::new(AtomicU64::new(0));
+    let kept = Arc::new(Unreleased::default());
+    let out = Box::new(ReplayConsole::new(
+        out,
+        offset.clone(),
+        watch.clone(),
+        kept.clone(),
+    ));
     let mut tail = TailReader::new(
         protected.reader,
         TailOptions {
@@ -105,20 +142,47 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         (None, _) => None,
         (Some(_), None) => return Err(bad_log("the VM has a disk: give --disk".into())),
     };
-    let machine = boot(&vm)?;
-    let status = replay_machine(
-        machine,
-        Box::new(tail),
+    let mut machine = boot(&vm)?;
+    let replayed = replay_on(
+        &mut machine,
+        Box::new(Tapped::new(tail, offset)),
         config.fingerprint_interval,
         false,
         out,
         &bad_log,
     );
-    match protected.thread.join() {
-        Ok(Ok(bytes)) => eprintln!("tandem: received {bytes} log bytes from {from}"),
-        Ok(Err(e)) => eprintln!("tandem: the log stream from {from} ended: {e}"),
-        Err(_) => eprintln!("tandem: the log receiver failed"),
-    }
+    let lost = match protected.thread.join() {
+        Ok(Ok((bytes, end))) => {
+            eprintln!("tandem: received {bytes} log bytes from {from}");
+            match end {
+                StreamEnd::Closed => None,
+                StreamEnd::Lost(why) => Some(why),
+            }
+        }
+        Ok(Err(e)) => {
+            eprintln!("tandem: the log stream from {from} ended: {e}");
+            None
+        }
+        Err(_) => {
+            eprintln!("tandem: the log receiver failed");
+            None
+        }
+    };
     listener.close();
-    status
+    let replayed = replayed?;
+    match (replayed.truncated_at_ns, lost) {
+        (Some(virtual_ns), Some(why)) => go_live(
+            &mut machine,
+            GoLive {
+                watch: &watch,
+                why: format!("{from}: {why}"),
+                arbiter: arbiter.as_deref(),
+                holder: format!("secondary {name} (pid {})", std::process::id()),
+                kept: &kept,
+                console: console::open(&args.live_serial)?,
+                virtual_ns,
+            },
+        ),
+        _ => Ok(replayed.status),
+    }
 }

@@ -3,6 +3,7 @@
 mod certs;
 mod drill;
 mod dump;
+mod golive;
 mod lockstep;
 mod migrate;
 mod progress;
@@ -99,4 +100,30 @@ pub fn dispatch(cli: Cli) -> Result<i32, CmdError> {
         Command::Secondary(args) => lockstep::secondary(args),
         Command::Drill(args) => drill::drill(args),
     }
+}
+
+/// `--heartbeat-ms`, `--failover-timeout-ms` and `--arbiter` of a protected
+/// primary (`name`: its certificate's name, for the arbiter's claim).
+pub fn failover_params(
+    a: &crate::cli::FailoverArgs,
+    name: &str,
+) -> Result<primary::failover::FailoverParams, CmdError> {
+    let timing = failover::heartbeat::Timing::from_ms(a.heartbeat_ms, a.failover_timeout_ms)
+        .map_err(CmdError::Input)?;
+    let arbiter = a
+        .arbiter
+        .as_deref()
+        .map(failover::arbiter::from_spec)
+        .transpose()
+        .map_err(|e| CmdError::Input(e.to_string()))?;
+    Ok(primary::failover::FailoverParams {
+        timing,
+        protection: failover::heartbeat::Protection {
+            vm_id: failover::heartbeat::new_vm_id(name.as_bytes()),
+            generation: 1,
+            heartbeat_ms: a.heartbeat_ms,
+        },
+        arbiter: arbiter.map(std::sync::Arc::from),
+        holder: format!("primary {name} (pid {})", std::process::id()),
+    })
 }

@@ -50,11 +50,13 @@ fn link_params(p: &ProtectArgs) -> Result<LinkParams, CmdError> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "primary".into());
+    let failover = super::failover_params(&p.failover, &name)?;
     Ok(LinkParams {
         to,
         server_name: p.server_name.clone().unwrap_or_else(|| host.to_string()),
         creds,
         name,
+        failover,
     })
 }
 
@@ -125,7 +127,20 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
         queue.clone(),
     )
     .map_err(CmdError::Internal)?;
-    eprintln!("tandem: protected by the secondary {}", link.peer);
+    eprintln!(
+        "tandem: protected by the secondary {} (VM {} generation {}; heartbeat {} ms, failover timeout {} ms, arbiter {})",
+        link.peer,
+        params.failover.protection.vm_id,
+        params.failover.protection.generation,
+        params.failover.timing.interval.as_millis(),
+        params.failover.timing.timeout.as_millis(),
+        params
+            .failover
+            .arbiter
+            .as_ref()
+            .map(|a| a.describe())
+            .unwrap_or_else(|| "none: no failover".into())
+    );
     let audit = match &args.protect.output_log {
         Some(p) => Some(
             std::fs::File::create(p)
@@ -155,6 +170,7 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
     // Dropping the recorder drops the held outputs' sender: the release
     // thread ends once the last output is acknowledged.
     drop(recorder);
+    let link_alone = link.alone();
     let end = link.finish(END_TIMEOUT);
     let held = release.wait();
     let digest = machine
@@ -162,6 +178,14 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
         .map_err(|e| CmdError::Internal(e.to_string()))?;
     let sent = queue.stats().pushed_bytes;
     let elapsed = started.elapsed().as_secs_f64();
+    if link_alone {
+        eprintln!(
+            "tandem: the run ended at exit {} UNPROTECTED (the secondary was lost and this primary won the arbiter)",
+            machine.exit_seq
+        );
+        eprintln!("tandem: final state digest {}", digest.to_hex());
+        return Ok(status);
+    }
     if let Err(e) = end {
         return Err(CmdError::Internal(format!(
             "protection lost at exit {}: {e}; {} outputs were never released",

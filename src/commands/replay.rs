@@ -89,12 +89,47 @@ pub fn replay_machine(
     out: Box<dyn std::io::Write + Send>,
     bad_log: &dyn Fn(String) -> CmdError,
 ) -> Result<i32, CmdError> {
+    replay_on(
+        &mut machine,
+        source,
+        fingerprint_interval,
+        repair,
+        out,
+        bad_log,
+    )
+    .map(|r| r.status)
+}
+
+/// How [`replay_on`] ended.
+pub struct Replayed {
+    /// As [`replay_machine`]'s.
+    pub status: i32,
+    /// The log stopped without its end (the recorder is gone): the machine
+    /// stands at the last exit the log covers, and this was the guest's
+    /// last virtual time read there (a go-live continues from it).
+    pub truncated_at_ns: Option<u64>,
+}
+
+/// [`replay_machine`] on a machine the caller keeps (a secondary may go
+/// live on it).
+pub fn replay_on(
+    machine: &mut Machine,
+    source: Box<dyn EntrySource>,
+    fingerprint_interval: u64,
+    repair: bool,
+    out: Box<dyn std::io::Write + Send>,
+    bad_log: &dyn Fn(String) -> CmdError,
+) -> Result<Replayed, CmdError> {
+    let done = |status| Replayed {
+        status,
+        truncated_at_ns: None,
+    };
     machine
         .enable_sync_points(true)
         .map_err(|e| CmdError::Internal(e.to_string()))?;
     let check = SyncPointCheck::new(&machine.vm.memory);
     let mut replayer = Replayer::new(source, fingerprint_interval, repair, check).with_console(out);
-    check_initial_digest(&mut machine, &mut replayer)?;
+    check_initial_digest(machine, &mut replayer)?;
     let started = Instant::now();
     let start = machine.exit_seq;
     let result = machine.run(&mut replayer, RunLimits::default());
@@ -111,11 +146,11 @@ pub fn replay_machine(
         Ok(o) => o,
         Err(RunError::Divergence(d)) => {
             eprintln!("tandem: replay diverged: {d}");
-            eprintln!("tandem: replayed {}", summary(&machine));
-            return Ok(DIVERGED);
+            eprintln!("tandem: replayed {}", summary(machine));
+            return Ok(done(DIVERGED));
         }
         Err(RunError::Inputs(e)) => {
-            eprintln!("tandem: replayed {}", summary(&machine));
+            eprintln!("tandem: replayed {}", summary(machine));
             return Err(bad_log(e));
         }
         Err(RunError::DiskIo { exit_seq, source }) => {
@@ -130,9 +165,12 @@ pub fn replay_machine(
         eprintln!(
             "tandem: the log ends at exit {} without an end entry (the recorder stopped); replay stopped there with the VM intact: {}",
             machine.exit_seq,
-            summary(&machine)
+            summary(machine)
         );
-        return Ok(0);
+        return Ok(Replayed {
+            status: 0,
+            truncated_at_ns: Some(replayer.last_clock_ns()),
+        });
     }
     // The recorder closed the log with a digest-carrying sync point and the
     // end entry at the exit where the guest ended.
@@ -142,8 +180,8 @@ pub fn replay_machine(
             Ok(()) => {}
             Err(RunError::Divergence(d)) => {
                 eprintln!("tandem: replay diverged: {d}");
-                eprintln!("tandem: replayed {}", summary(&machine));
-                return Ok(DIVERGED);
+                eprintln!("tandem: replayed {}", summary(machine));
+                return Ok(done(DIVERGED));
             }
             // The sync point comes from the log: one that cannot be
             // applied is damage in the log.
@@ -162,7 +200,7 @@ pub fn replay_machine(
             "tandem: replay diverged: the guest ended at exit {seq} but the log continues with {:?}",
             extra.kind()
         );
-        return Ok(DIVERGED);
+        return Ok(done(DIVERGED));
     }
     match replayer.log_end().clone() {
         LogEnd::End {
@@ -176,15 +214,15 @@ pub fn replay_machine(
             eprintln!(
                 "tandem: replay diverged: the recorded run ended at exit {exit_seq} with status {logged}, the replay at exit {seq} with status {status}"
             );
-            return Ok(DIVERGED);
+            return Ok(done(DIVERGED));
         }
         LogEnd::Corrupt(e) => return Err(bad_log(e.to_string())),
         LogEnd::Truncated | LogEnd::Open => {
             eprintln!(
                 "tandem: the guest ended at exit {seq} but the log ends without an end entry (truncated): the recorded outcome cannot be checked; {}",
-                summary(&machine)
+                summary(machine)
             );
-            return Ok(0);
+            return Ok(done(0));
         }
     }
     match machine.stats.last_repair_exit {
@@ -192,15 +230,15 @@ pub fn replay_machine(
         Some(at) => eprintln!(
             "tandem: replay repaired: {} divergences repaired; the replica is exact again from the sync point at exit {at} on: {}",
             machine.stats.repaired,
-            summary(&machine)
+            summary(machine)
         ),
-        None => eprintln!("tandem: replay verified: {}", summary(&machine)),
+        None => eprintln!("tandem: replay verified: {}", summary(machine)),
     }
     let digest = machine
         .digest()
         .map_err(|e| CmdError::Internal(e.to_string()))?;
     eprintln!("tandem: final state digest {}", digest.to_hex());
-    Ok(0)
+    Ok(done(0))
 }
 
 /// The recorder's first entry is the digest of the initial state: a

@@ -84,9 +84,7 @@ impl FileArbiter {
                     return Err(damaged(format!("is for VM {v}, not {vm_id}")))
                 }
                 Some(("generation", g)) if g != generation.to_string() => {
-                    return Err(damaged(format!(
-                        "is for generation {g}, not {generation}"
-                    )))
+                    return Err(damaged(format!("is for generation {g}, not {generation}")))
                 }
                 Some(("holder", h)) => holder = Some(h.to_string()),
                 _ => {}
@@ -114,7 +112,9 @@ impl Arbiter for FileArbiter {
         let holder = clean(holder);
         match std::fs::metadata(&self.dir) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(self.unreachable(&self.dir.display().to_string(), "not a directory")),
+            Ok(_) => {
+                return Err(self.unreachable(&self.dir.display().to_string(), "not a directory"))
+            }
             Err(e) => return Err(self.unreachable(&self.dir.display().to_string(), e)),
         }
         let path = self.claim_path(vm_id, generation);
@@ -210,8 +210,11 @@ mod tests {
     fn a_crash_before_the_link_leaves_no_claim_and_garbage_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
         // What a claimant that died after writing its temporary file leaves.
-        std::fs::write(dir.path().join(".ab12.g1.99.1.tmp"), "tandem-claim 1\nholder dead\n")
-            .unwrap();
+        std::fs::write(
+            dir.path().join(".ab12.g1.99.1.tmp"),
+            "tandem-claim 1\nholder dead\n",
+        )
+        .unwrap();
         let a = FileArbiter::new(dir.path().into());
         assert_eq!(a.claim("ab12", 1, "secondary b").unwrap(), Verdict::Won);
     }

@@ -1,0 +1,63 @@
+//! The primary's part of failover (issue 10, `docs/failover.md`): what
+//! happens when its secondary is lost.
+//!
+//! The secondary is lost when nothing (acknowledgement, heartbeat) came
+//! from it for the failover timeout, or the connection failed. The primary
+//! then asks the arbiter for `(VM, generation)`:
+//! - won: it releases every held output and runs on **unprotected** (said
+//!   on stderr);
+//! - lost (the secondary is live already) or the arbiter is unreachable,
+//!   or no arbiter was configured: its held outputs never leave and the
+//!   process stops at once with [`STOPPED`], saying why.
+
+use std::sync::Arc;
+
+use failover::arbiter::{Arbiter, Verdict};
+use failover::heartbeat::{Protection, Timing};
+
+/// Exit status of a side that stopped because it may not be live.
+pub const STOPPED: i32 = 3;
+
+/// What the primary needs for failover.
+#[derive(Clone)]
+pub struct FailoverParams {
+    /// Heartbeat interval and failover timeout.
+    pub timing: Timing,
+    /// The VM and generation (sent to the secondary first).
+    pub protection: Protection,
+    /// `--arbiter`, if given.
+    pub arbiter: Option<Arc<dyn Arbiter>>,
+    /// Our identity in a claim.
+    pub holder: String,
+}
+
+/// What the loss of the secondary decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Run on alone, outputs released.
+    Alone,
+    /// Stop now (the message says why).
+    Stop(String),
+}
+
+/// Ask the arbiter whether we may go on alone after losing the secondary
+/// (`why`).
+pub fn decide(p: &FailoverParams, why: &str) -> Decision {
+    let Some(arbiter) = &p.arbiter else {
+        return Decision::Stop(format!(
+            "protection lost ({why}) and no --arbiter was given: this primary may not run on alone; its held outputs are never released"
+        ));
+    };
+    let vm = &p.protection.vm_id;
+    let g = p.protection.generation;
+    match arbiter.claim(vm, g, &p.holder) {
+        Ok(Verdict::Won) => Decision::Alone,
+        Ok(Verdict::Lost { holder }) => Decision::Stop(format!(
+            "protection lost ({why}); the arbiter {} gave VM {vm} generation {g} to {holder}: that copy is live, this one stops; its held outputs are never released",
+            arbiter.describe()
+        )),
+        Err(e) => Decision::Stop(format!(
+            "protection lost ({why}); {e}: not running on alone; held outputs are never released"
+        )),
+    }
+}

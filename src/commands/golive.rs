@@ -1,0 +1,231 @@
+//! Failover on the secondary (issue 10, `docs/failover.md`): after the
+//! primary is lost, win the arbiter, finish the log, then become the
+//! primary at the last exit the log covers.
+//!
+//! - Inputs switch from the log to this host: the virtual clock continues
+//!   from the last value the log gave the guest (never backwards).
+//! - The console switches to `--live-serial`. Console outputs the replay
+//!   produced after the old primary's last reported release
+//!   ([`PrimaryWatch::released`]) may never have left the old primary: they
+//!   are written there again first (duplicates at the boundary, never a
+//!   gap).
+//! - It runs unprotected, says so, and prints the failover gap: from the
+//!   primary's last sign of life to the first guest output here.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use failover::arbiter::{Arbiter, Verdict};
+use recordlog::{Entry, ReadError};
+use secondary::replay::EntrySource;
+use secondary::watch::PrimaryWatch;
+use vmm::inputs::{Divergence, LiveInputs};
+use vmm::machine::Machine;
+use vmm::outputs::{LiveOutputs, Output, Outputs};
+use vmm::run::RunLimits;
+
+use super::run::outcome_status;
+use super::CmdError;
+
+/// Exit status of a secondary that may not go live.
+pub const NOT_LIVE: i32 = primary::failover::STOPPED;
+
+/// An [`EntrySource`] that publishes its offset (the end of the frame the
+/// last entry came from: for a protected primary's log, the offset the
+/// primary tagged an output with).
+pub struct Tapped<S> {
+    inner: S,
+    offset: Arc<AtomicU64>,
+}
+
+impl<S: EntrySource> Tapped<S> {
+    pub fn new(inner: S, offset: Arc<AtomicU64>) -> Self {
+        Tapped { inner, offset }
+    }
+}
+
+impl<S: EntrySource> EntrySource for Tapped<S> {
+    fn next_entry(&mut self) -> Result<Option<Entry>, ReadError> {
+        let r = self.inner.next_entry();
+        self.offset.store(self.inner.offset(), Ordering::SeqCst);
+        r
+    }
+    fn offset(&self) -> u64 {
+        self.inner.offset()
+    }
+}
+
+/// Replayed console bytes the old primary may not have released yet, by
+/// log offset.
+#[derive(Default)]
+pub struct Unreleased(Mutex<VecDeque<(u64, Vec<u8>)>>);
+
+/// The replay's console: to `--serial` as before, and kept in
+/// [`Unreleased`] until the primary reports it released.
+pub struct ReplayConsole {
+    inner: Box<dyn Write + Send>,
+    offset: Arc<AtomicU64>,
+    watch: Arc<PrimaryWatch>,
+    kept: Arc<Unreleased>,
+}
+
+impl ReplayConsole {
+    pub fn new(
+        inner: Box<dyn Write + Send>,
+        offset: Arc<AtomicU64>,
+        watch: Arc<PrimaryWatch>,
+        kept: Arc<Unreleased>,
+    ) -> Self {
+        ReplayConsole {
+            inner,
+            offset,
+            watch,
+            kept,
+        }
+    }
+}
+
+impl Write for ReplayConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let released = self.watch.released.load(Ordering::SeqCst);
+        let mut k = self.kept.0.lock().unwrap_or_else(|e| e.into_inner());
+        while k.front().is_some_and(|(o, _)| *o <= released) {
+            k.pop_front();
+        }
+        k.push_back((self.offset.load(Ordering::SeqCst), buf.to_vec()));
+        drop(k);
+        self.inner.write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The live outputs of the new primary, noting its first output.
+struct FirstOutput {
+    inner: LiveOutputs,
+    since: Instant,
+    first: Option<f64>,
+}
+
+impl Outputs for FirstOutput {
+    fn emit(&mut self, output: Output) -> Result<(), Divergence> {
+        if self.first.is_none() {
+            let ms = self.since.elapsed().as_secs_f64() * 1e3;
+            self.first = Some(ms);
+            eprintln!(
+                "tandem: failover gap: {ms:.1} ms from the primary's last sign of life to the first guest output of the new primary (exit {})",
+                output.exit_seq
+            );
+        }
+        self.inner.emit(output)
+    }
+}
+
+/// What the secondary needs to go live.
+pub struct GoLive<'a> {
+    pub watch: &'a PrimaryWatch,
+    pub why: String,
+    pub arbiter: Option<&'a dyn Arbiter>,
+    pub holder: String,
+    pub kept: &'a Unreleased,
+    pub console: crate::console::Console,
+    pub virtual_ns: u64,
+}
+
+/// Claim the VM and run it here, unprotected (see the module docs).
+/// Returns the guest's status, or [`NOT_LIVE`] when this side may not go
+/// live (the message says why).
+pub fn go_live(machine: &mut Machine, g: GoLive<'_>) -> Result<i32, CmdError> {
+    let last = g.watch.life.last();
+    let detected = last.elapsed();
+    eprintln!(
+        "tandem: the primary is lost ({}) at exit {}; detected {} ms after its last sign of life",
+        g.why,
+        machine.exit_seq,
+        detected.as_millis()
+    );
+    let Some(arbiter) = g.arbiter else {
+        eprintln!("tandem: no --arbiter: this secondary does not go live; the copy of the VM stays at exit {}", machine.exit_seq);
+        return Ok(NOT_LIVE);
+    };
+    let protection = g
+        .watch
+        .protection
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let Some(p) = protection else {
+        eprintln!("tandem: the primary never named the VM for the arbiter: this secondary does not go live");
+        return Ok(NOT_LIVE);
+    };
+    let asked = Instant::now();
+    match arbiter.claim(&p.vm_id, p.generation, &g.holder) {
+        Ok(Verdict::Won) => {}
+        Ok(Verdict::Lost { holder }) => {
+            eprintln!(
+                "tandem: the arbiter {} gave VM {} generation {} to {holder}: that copy is live, this secondary does not go live",
+                arbiter.describe(),
+                p.vm_id,
+                p.generation
+            );
+            return Ok(NOT_LIVE);
+        }
+        Err(e) => {
+            eprintln!("tandem: {e}: this secondary does not go live");
+            return Ok(NOT_LIVE);
+        }
+    }
+    eprintln!(
+        "tandem: won the arbiter {} for VM {} generation {} in {:.1} ms; going LIVE at exit {}: this host now runs the VM UNPROTECTED",
+        arbiter.describe(),
+        p.vm_id,
+        p.generation,
+        asked.elapsed().as_secs_f64() * 1e3,
+        machine.exit_seq
+    );
+    let mut out = g.console.out;
+    // What the old primary may not have released: produced again.
+    let again: Vec<(u64, Vec<u8>)> = {
+        let released = g.watch.released.load(Ordering::SeqCst);
+        let k = g.kept.0.lock().unwrap_or_else(|e| e.into_inner());
+        k.iter().filter(|(o, _)| *o > released).cloned().collect()
+    };
+    let bytes: usize = again.iter().map(|(_, b)| b.len()).sum();
+    for (_, b) in &again {
+        let _ = out.write_all(b);
+    }
+    let _ = out.flush();
+    if !again.is_empty() {
+        eprintln!(
+            "tandem: {} console outputs ({bytes} bytes) the old primary may not have released were produced again, {:.1} ms after its last sign of life",
+            again.len(),
+            last.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    let stop = crate::signals::on_stop(machine.vcpu.kicker().clone());
+    let outputs = FirstOutput {
+        inner: LiveOutputs::new(out, None),
+        since: last,
+        first: None,
+    };
+    let mut inputs = LiveInputs::new(g.virtual_ns, g.console.input)
+        .with_outputs(Box::new(outputs))
+        .with_wakeup(stop.wakeup);
+    let limits = RunLimits {
+        pause: Some(stop.flag),
+        ..Default::default()
+    };
+    let outcome = machine.run(&mut inputs, limits)?;
+    super::run::stopped_by_signal(machine, &mut inputs, true);
+    let status = outcome_status(outcome);
+    eprintln!(
+        "tandem: the VM ended at exit {} with status {status}, running unprotected on this host since the failover",
+        machine.exit_seq
+    );
+    Ok(status)
+}
