@@ -154,7 +154,7 @@ pub fn replay_on(
             return Err(bad_log(e));
         }
         Err(RunError::DiskIo { exit_seq, source }) => {
-            eprintln!("tandem: replayed {}", summary(&machine));
+            eprintln!("tandem: replayed {}", summary(machine));
             return Err(CmdError::DiskIo(format!(
                 "replay stopped at exit {exit_seq}: {source}: a host problem with this copy of the disk, not a divergence (the recorded run completed this request); fix it and replay again"
             )));
