@@ -250,6 +250,39 @@ fn protected_under_load_end_to_end() {
     assert_eq!(p["primary_digest"], p["secondary_digest"]);
 }
 
+/// A failed expectation fails the drill (status 1) and the report names
+/// the run, its seed, what was seen and how to repeat it; the run's
+/// outputs are kept.
+#[test]
+fn a_failed_expectation_names_the_run_and_its_seed() {
+    let dir = TempDir::new("drill-fail");
+    let text = std::fs::read_to_string(scenario("migrate-under-load"))
+        .unwrap()
+        .replace("same_result_as_unfailed = true", "max_gap_ms = 1");
+    let path = dir.write("strict.toml", text.as_bytes());
+    let out = tandem(&["drill", common::arg(&path), "--seed", "9"]);
+    out.assert_status(1);
+    for want in [
+        "run 1 of 1 (seed 9): FAIL",
+        "[FAILED] client-seen gap under 1 ms: longest gap",
+        "[ok] no acknowledged message lost",
+        "--seed 9 --runs 1",
+        "failed seeds   9",
+    ] {
+        assert!(out.stdout.contains(want), "no {want:?}\n{}", out.describe());
+    }
+    let kept = out
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("outputs kept in "))
+        .unwrap_or_else(|| panic!("no kept directory\n{}", out.describe()));
+    assert!(
+        std::path::Path::new(kept).join("proc0.txt").exists(),
+        "{kept}"
+    );
+    std::fs::remove_dir_all(kept).unwrap();
+}
+
 /// The namespaces of drills whose process is gone (none may be left).
 fn assert_no_namespaces_left() {
     let out = std::process::Command::new("ip")

@@ -7,6 +7,10 @@
 
 #![allow(dead_code)]
 
+/// The drill's topology code (`tandem drill`), shared with the tests.
+#[path = "../../src/commands/drill/topo.rs"]
+mod topo;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -315,7 +319,7 @@ impl Drop for Vm {
 
 /// The client network: netns `C` with bridge `br0` (10.0.2.2/24), and the
 /// bridges of host namespaces A and B (TAP `tn0` on each) joined to it by
-/// veth.
+/// veth — built by the same code as `tandem drill`'s hosts.
 pub fn client_network(tag: &str, a: &str, b: &str) -> NetNs {
     let id = std::process::id() % 100_000;
     let c = NetNs {
@@ -323,23 +327,8 @@ pub fn client_network(tag: &str, a: &str, b: &str) -> NetNs {
     };
     ip(&["netns", "add", &c.name]);
     ip(&["-n", &c.name, "link", "set", "lo", "up"]);
-    ip(&["-n", &c.name, "link", "add", "br0", "type", "bridge"]);
-    ip(&["-n", &c.name, "addr", "add", "10.0.2.2/24", "dev", "br0"]);
-    ip(&["-n", &c.name, "link", "set", "br0", "up"]);
-    for (h, side) in [(a, "a"), (b, "b")] {
-        ip(&["-n", h, "link", "add", "brh", "type", "bridge"]);
-        ip(&["-n", h, "link", "set", "brh", "up"]);
-        ip(&["-n", h, "tuntap", "add", "dev", "tn0", "mode", "tap"]);
-        ip(&["-n", h, "link", "set", "tn0", "master", "brh"]);
-        ip(&["-n", h, "link", "set", "tn0", "up"]);
-        let (vc, vh) = (format!("tmc{side}{id}"), format!("tmh{side}{id}"));
-        ip(&["link", "add", &vc, "type", "veth", "peer", "name", &vh]);
-        ip(&["link", "set", &vc, "netns", &c.name]);
-        ip(&["link", "set", &vh, "netns", h]);
-        ip(&["-n", &c.name, "link", "set", &vc, "master", "br0"]);
-        ip(&["-n", &c.name, "link", "set", &vc, "up"]);
-        ip(&["-n", h, "link", "set", &vh, "master", "brh"]);
-        ip(&["-n", h, "link", "set", &vh, "up"]);
+    if let Err(e) = topo::client_network(&c.name, &[a, b]) {
+        panic!("building the client network: {e}");
     }
     c
 }

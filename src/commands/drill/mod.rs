@@ -124,9 +124,9 @@ pub fn drill(args: DrillArgs) -> Result<i32, CmdError> {
     let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
         let bar =
             ProgressBar::with_draw_target(Some(args.runs as u64), ProgressDrawTarget::stderr());
-        if let Ok(style) =
-            ProgressStyle::with_template("{spinner} run {pos}/{len} {elapsed:>4} {wide_msg}")
-        {
+        if let Ok(style) = ProgressStyle::with_template(
+            "{spinner} {elapsed:>4} [{bar:20}] {pos}/{len} done  {wide_msg}",
+        ) {
             bar.set_style(style);
         }
         bar.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -137,7 +137,7 @@ pub fn drill(args: DrillArgs) -> Result<i32, CmdError> {
     for i in 1..=args.runs {
         let seed = base.wrapping_add(i as u64 - 1);
         let say = |what: &str| match &bar {
-            Some(b) => b.set_message(format!("seed {seed}: {what}")),
+            Some(b) => b.set_message(format!("run {i} (seed {seed}): {what}")),
             None => eprintln!("drill {}: run {i} (seed {seed}): {what}", scn.name),
         };
         let ctx = run::Ctx {

@@ -492,6 +492,7 @@ impl Run<'_> {
         let (code, out, err) = output(c).map_err(WaitError::Failed)?;
         let mailbox_ok = code == 0 && out.lines().any(|l| l.starts_with("count "));
         self.evaluate(report, &out, mailbox_ok.then_some(()).ok_or(err));
+        (self.ctx.progress)("stopping the VM");
         self.shutdown(report);
         Ok(())
     }

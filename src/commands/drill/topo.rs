@@ -70,6 +70,35 @@ pub fn remove_stale() {
     }
 }
 
+/// Make namespace `client` the client network (bridge `br0`,
+/// 10.0.2.2/24) and join to it each namespace of `hosts`: a bridge `brh`
+/// there holding the VM's TAP `tn0` and a veth (`cl`) whose other end
+/// (`hI`) is on `br0`. All namespaces exist already (their `lo` up). The
+/// mail tests (`tests/common/net.rs`) build their client network with this
+/// too.
+pub fn client_network(client: &str, hosts: &[&str]) -> Result<(), String> {
+    let c = client;
+    ip(&["-n", c, "link", "add", "br0", "type", "bridge"])?;
+    ip(&["-n", c, "addr", "add", "10.0.2.2/24", "dev", "br0"])?;
+    ip(&["-n", c, "link", "set", "br0", "up"])?;
+    for (i, h) in hosts.iter().enumerate() {
+        ip(&["-n", h, "link", "add", "brh", "type", "bridge"])?;
+        ip(&["-n", h, "link", "set", "brh", "up"])?;
+        ip(&["-n", h, "tuntap", "add", "dev", TAP, "mode", "tap"])?;
+        ip(&["-n", h, "link", "set", TAP, "master", "brh"])?;
+        ip(&["-n", h, "link", "set", TAP, "up"])?;
+        let hi = format!("h{i}");
+        ip(&[
+            "-n", c, "link", "add", &hi, "type", "veth", "peer", "name", "cl", "netns", h,
+        ])?;
+        ip(&["-n", c, "link", "set", &hi, "master", "br0"])?;
+        ip(&["-n", c, "link", "set", &hi, "up"])?;
+        ip(&["-n", h, "link", "set", "cl", "master", "brh"])?;
+        ip(&["-n", h, "link", "set", "cl", "up"])?;
+    }
+    Ok(())
+}
+
 /// A link to build between hosts `a` and `b` (indices into the hosts).
 #[derive(Debug, Clone)]
 pub struct LinkSpec {
@@ -128,26 +157,11 @@ impl Topology {
         };
         let c = t.client_ns.clone();
         t.add_ns(&c)?;
-        ip(&["-n", &c, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &c, "addr", "add", "10.0.2.2/24", "dev", "br0"])?;
-        ip(&["-n", &c, "link", "set", "br0", "up"])?;
-        for i in 0..hosts {
-            let h = t.hosts[i].clone();
+        for h in t.hosts.clone() {
             t.add_ns(&h)?;
-            ip(&["-n", &h, "link", "add", "brh", "type", "bridge"])?;
-            ip(&["-n", &h, "link", "set", "brh", "up"])?;
-            ip(&["-n", &h, "tuntap", "add", "dev", TAP, "mode", "tap"])?;
-            ip(&["-n", &h, "link", "set", TAP, "master", "brh"])?;
-            ip(&["-n", &h, "link", "set", TAP, "up"])?;
-            let hi = format!("h{i}");
-            ip(&[
-                "-n", &c, "link", "add", &hi, "type", "veth", "peer", "name", "cl", "netns", &h,
-            ])?;
-            ip(&["-n", &c, "link", "set", &hi, "master", "br0"])?;
-            ip(&["-n", &c, "link", "set", &hi, "up"])?;
-            ip(&["-n", &h, "link", "set", "cl", "master", "brh"])?;
-            ip(&["-n", &h, "link", "set", "cl", "up"])?;
         }
+        let hosts: Vec<&str> = t.hosts.iter().map(String::as_str).collect();
+        client_network(&c, &hosts)?;
         for (j, l) in links.iter().enumerate() {
             let link = t.add_link(&prefix, j, l, wan_bin, seed)?;
             t.links.push(link);
