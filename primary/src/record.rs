@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use recordlog::{Entry, Fingerprint, Input, SyncPoint};
-use vmm::inputs::{Divergence, Inputs, SyncReason};
+use vmm::inputs::{Divergence, Inputs, InputsError, SyncReason};
 use vmm::outputs::{Output, Outputs};
 
 /// Why a sink could not take or push out entries.
@@ -113,7 +113,7 @@ pub struct Recorder<I: Inputs, S: EntrySink> {
     sink: S,
     opts: RecordOptions,
     last_sync_exit: u64,
-    error: Option<String>,
+    error: Option<InputsError>,
     flush_on_output: bool,
     pub stats: RecordStats,
 }
@@ -164,16 +164,16 @@ impl<I: Inputs, S: EntrySink> Recorder<I, S> {
         }
         self.stats.entries += 1;
         if let Err(e) = self.sink.append(&entry) {
-            self.error = Some(format!("writing the record log failed: {e}"));
+            self.error = Some(InputsError::log_write(e));
         }
     }
 
     /// Flush the sink.
-    pub fn flush(&mut self) -> Result<(), String> {
+    pub fn flush(&mut self) -> Result<(), InputsError> {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
-        self.sink.flush().map_err(|e| e.to_string())
+        self.sink.flush().map_err(InputsError::log_write)
     }
 
     /// The live inputs (e.g. to read the clock for a final snapshot).
@@ -195,8 +195,7 @@ impl<I: Inputs, S: EntrySink> Outputs for Recorder<I, S> {
         });
         if self.flush_on_output {
             if let Err(e) = self.sink.flush() {
-                self.error
-                    .get_or_insert(format!("writing the record log failed: {e}"));
+                self.error.get_or_insert(InputsError::log_write(e));
             }
         }
         self.live.emit(output)
@@ -255,8 +254,7 @@ impl<I: Inputs, S: EntrySink> Inputs for Recorder<I, S> {
         // Entries waiting in a buffer should reach the secondary while the
         // guest idles.
         if let Err(e) = self.sink.flush() {
-            self.error
-                .get_or_insert(format!("writing the record log failed: {e}"));
+            self.error.get_or_insert(InputsError::log_write(e));
         }
         self.live.wait_idle(exit_seq, deadline_ns)
     }
@@ -298,7 +296,7 @@ impl<I: Inputs, S: EntrySink> Inputs for Recorder<I, S> {
         Ok(())
     }
 
-    fn take_error(&mut self) -> Option<String> {
+    fn take_error(&mut self) -> Option<InputsError> {
         self.error.clone()
     }
 }

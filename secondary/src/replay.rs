@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use recordlog::{Entry, Fingerprint, Input, ReadError, SyncPoint};
-use vmm::inputs::{Divergence, Inputs};
+use vmm::inputs::{Divergence, Inputs, InputsError};
 use vmm::outputs::{Output, OutputKind, Outputs};
 use vmm::sync::{SyncError, SyncPointCheck};
 
@@ -537,9 +537,9 @@ impl<S: EntrySource> Inputs for Replayer<S> {
         true
     }
 
-    fn take_error(&mut self) -> Option<String> {
+    fn take_error(&mut self) -> Option<InputsError> {
         match &self.end {
-            LogEnd::Corrupt(e) => Some(e.to_string()),
+            LogEnd::Corrupt(e) => Some(InputsError::log_damaged(e.clone())),
             _ => None,
         }
     }
@@ -811,7 +811,8 @@ mod validation_tests {
         assert!(r.interrupt_injected(1, 0x20).is_ok());
         assert!(r.take_sync_point(2).is_none());
         let e = r.take_error().expect("damage reported");
-        assert!(e.contains("byte offset 100"), "{e}");
+        assert!(matches!(e, InputsError::LogDamaged(_)), "{e:?}");
+        assert!(e.to_string().contains("byte offset 100"), "{e}");
         assert!(r.take_divergence().is_none());
         assert!(r.ended(2));
     }

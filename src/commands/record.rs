@@ -185,7 +185,9 @@ pub fn record_run_with<S: EntrySink>(
         exit_seq: seq,
         status,
     });
-    recorder.flush().map_err(CmdError::Internal)?;
+    recorder
+        .flush()
+        .map_err(|e| CmdError::Internal(e.to_string()))?;
     Ok((status, recorder))
 }
 

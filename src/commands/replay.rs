@@ -151,7 +151,7 @@ pub fn replay_on(
         }
         Err(RunError::Inputs(e)) => {
             eprintln!("tandem: replayed {}", summary(machine));
-            return Err(bad_log(e));
+            return Err(bad_log(e.to_string()));
         }
         Err(RunError::DiskIo { exit_seq, source }) => {
             eprintln!("tandem: replayed {}", summary(machine));

@@ -99,8 +99,8 @@ pub trait Inputs: Outputs + Send {
         false
     }
     /// A failure of the inputs themselves (the log cannot be written or
-    /// read): ends the run with this message.
-    fn take_error(&mut self) -> Option<String> {
+    /// read): ends the run with this error.
+    fn take_error(&mut self) -> Option<InputsError> {
         None
     }
     /// Replayer: the vCPU is about to leave `exit_seq` (re-enter the
@@ -129,6 +129,30 @@ pub enum SyncReason {
     Kick,
     /// The periodic checkpoint (carries a full state digest).
     Interval,
+}
+
+/// A failure of an [`Inputs`] implementation itself (not of the guest):
+/// ends the run ([`crate::run::RunError::Inputs`]).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InputsError {
+    /// A recorder could not write its log (file or network queue).
+    #[error("writing the record log failed: {0}")]
+    LogWrite(std::sync::Arc<dyn std::error::Error + Send + Sync>),
+    /// A replayer met damage in its log (the error names the offset).
+    #[error("{0}")]
+    LogDamaged(std::sync::Arc<dyn std::error::Error + Send + Sync>),
+}
+
+impl InputsError {
+    /// A recorder's log write failed with `e`.
+    pub fn log_write(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        InputsError::LogWrite(std::sync::Arc::new(e))
+    }
+
+    /// A replayer's log is damaged: `e` says where and how.
+    pub fn log_damaged(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        InputsError::LogDamaged(std::sync::Arc::new(e))
+    }
 }
 
 /// A replayed run disagreed with its log.

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::devices::IoAction;
-use crate::inputs::{Divergence, Fingerprint, Inputs, SyncReason};
+use crate::inputs::{Divergence, Fingerprint, Inputs, InputsError, SyncReason};
 use crate::machine::Machine;
 use crate::outputs::Output;
 use crate::sync::SyncError;
@@ -113,8 +113,8 @@ pub enum RunError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Divergence(#[from] Divergence),
-    #[error("{0}")]
-    Inputs(String),
+    #[error(transparent)]
+    Inputs(#[from] InputsError),
     #[error("sync point at exit {exit_seq}: {source}")]
     Sync { exit_seq: u64, source: SyncError },
     /// A host I/O error on the disk image: the vCPU is stopped at exit

@@ -63,11 +63,21 @@ pub enum DevicesError {
     BlockRestore(#[from] super::virtio::block::PersistError),
     #[error("restoring virtio-net: {0}")]
     NetRestore(#[from] super::virtio::mmio::MmioError),
-    #[error("restoring {device}: {source}")]
-    Restore {
-        device: &'static str,
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
+    /// The saved PIC state is invalid.
+    #[error("restoring the PIC: {0}")]
+    PicRestore(#[from] super::legacy::pic::PicError),
+    /// The saved PIT state is invalid.
+    #[error("restoring the PIT: {0}")]
+    PitRestore(#[from] super::legacy::pit::PitError),
+    /// The saved RTC state is invalid.
+    #[error("restoring the RTC: {0}")]
+    RtcRestore(#[from] super::legacy::rtc::RtcError),
+    /// The saved serial-port state is invalid.
+    #[error("restoring the serial port: {0}")]
+    SerialRestore(#[from] super::legacy::serial::SerialError),
+    /// The saved i8042 state is invalid.
+    #[error("restoring the i8042: {0}")]
+    I8042Restore(#[from] super::legacy::i8042::I8042Error),
     #[error("the snapshot has a disk but no disk image was given to restore it")]
     MissingDisk,
     #[error("a disk image was given but the snapshot has no disk")]
@@ -293,15 +303,6 @@ impl Devices {
         disk: Option<BlockConfig>,
         mem: &GuestMemory,
     ) -> Result<Self, DevicesError> {
-        fn r<T, E: std::error::Error + Send + Sync + 'static>(
-            device: &'static str,
-            x: Result<T, E>,
-        ) -> Result<T, DevicesError> {
-            x.map_err(|e| DevicesError::Restore {
-                device,
-                source: Box::new(e),
-            })
-        }
         let block = match (&state.block, disk) {
             (Some(s), Some(cfg)) => Some(VirtioBlock::restore((cfg, mem.clone()), s)?),
             (Some(_), None) => return Err(DevicesError::MissingDisk),
@@ -309,13 +310,16 @@ impl Devices {
             (None, None) => None,
         };
         Ok(Devices {
-            pic: r("PIC", Pic::restore((), &state.pic))?,
-            pit: r("PIT", Pit::restore((), &state.pit))?,
-            rtc: r("RTC", Rtc::restore((), &state.rtc))?,
-            serial: r("serial", SerialDevice::restore((), &state.serial))?,
-            i8042: r("i8042", I8042::restore((), &state.i8042))?,
+            pic: Pic::restore((), &state.pic)?,
+            pit: Pit::restore((), &state.pit)?,
+            rtc: Rtc::restore((), &state.rtc)?,
+            serial: SerialDevice::restore((), &state.serial)?,
+            i8042: I8042::restore((), &state.i8042)?,
             debug_exit: DebugExit::new(),
-            post: r("POST code", PostCode::restore((), &state.post))?,
+            post: match PostCode::restore((), &state.post) {
+                Ok(p) => p,
+                Err(never) => match never {},
+            },
             block,
             net: state
                 .net

@@ -349,9 +349,36 @@ struct Seg {
 /// the device instead of completing the request.
 #[derive(Debug)]
 enum ReqError {
-    IoErr,
+    /// VIRTIO_BLK_S_IOERR.
+    Bad(BadRequest),
+    /// VIRTIO_BLK_S_UNSUPP.
     Unsupp,
+    /// No status: the device stalls.
     Host(HostIoError),
+}
+
+/// Why a request gets VIRTIO_BLK_S_IOERR: the guest's own mistake, which a
+/// replay meets in the same way (never a host error, see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum BadRequest {
+    #[error("a device-readable descriptor after a device-writable one")]
+    Order,
+    #[error("a request header shorter than 16 bytes")]
+    ShortHeader,
+    #[error("data length {len} is not a multiple of 512")]
+    NotSectors { len: u64 },
+    #[error("{len} bytes at sector {sector} reach past the end of the disk")]
+    PastEnd { sector: u64, len: u64 },
+    #[error("a buffer of {len} bytes at {addr:#x} is outside guest memory")]
+    OutsideMemory { addr: u64, len: u64 },
+    #[error("a write to a read-only disk")]
+    ReadOnly,
+}
+
+impl From<BadRequest> for ReqError {
+    fn from(e: BadRequest) -> Self {
+        ReqError::Bad(e)
+    }
 }
 
 impl VirtioBlock {
@@ -571,7 +598,10 @@ impl VirtioBlock {
         }
         let (status, written) = match self.execute(mem, &readable, &writable, data_w, order_ok) {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
-            Err((ReqError::IoErr, written)) => (VIRTIO_BLK_S_IOERR, written),
+            Err((ReqError::Bad(e), written)) => {
+                tracing::debug!(error = %e, "virtio-blk: request refused");
+                (VIRTIO_BLK_S_IOERR, written)
+            }
             Err((ReqError::Unsupp, written)) => (VIRTIO_BLK_S_UNSUPP, written),
             Err((ReqError::Host(e), _)) => return Err(e),
         };
@@ -600,15 +630,13 @@ impl VirtioBlock {
         data_w: u64,
         order_ok: bool,
     ) -> Result<u64, (ReqError, u64)> {
-        let io = |_| (ReqError::IoErr, 0);
+        let io = |e: BadRequest| (ReqError::Bad(e), 0);
         if !order_ok {
-            tracing::debug!("virtio-blk: readable descriptor after writable one");
-            return Err((ReqError::IoErr, 0));
+            return Err(io(BadRequest::Order));
         }
         let r_total: u64 = readable.iter().map(|s| s.len).sum();
         if r_total < HEADER_SIZE {
-            tracing::debug!("virtio-blk: request header too short");
-            return Err((ReqError::IoErr, 0));
+            return Err(io(BadRequest::ShortHeader));
         }
         let mut hdr = [0u8; HEADER_SIZE as usize];
         copy_from_guest(mem, readable, 0, &mut hdr).map_err(io)?;
@@ -624,7 +652,7 @@ impl VirtioBlock {
             }
             VIRTIO_BLK_T_OUT => {
                 if self.config.read_only {
-                    return Err((ReqError::IoErr, 0));
+                    return Err(io(BadRequest::ReadOnly));
                 }
                 let len = r_total - HEADER_SIZE;
                 let off = self.check_range(sector, len).map_err(io)?;
@@ -657,15 +685,14 @@ impl VirtioBlock {
 
     /// Byte offset of `sector` if `[sector, sector + len)` is on the disk and
     /// `len` is a whole number of sectors.
-    fn check_range(&self, sector: u64, len: u64) -> Result<u64, ()> {
+    fn check_range(&self, sector: u64, len: u64) -> Result<u64, BadRequest> {
         if len & (SECTOR_SIZE - 1) != 0 {
-            tracing::debug!(len, "virtio-blk: data length not a multiple of 512");
-            return Err(());
+            return Err(BadRequest::NotSectors { len });
         }
-        let end = sector.checked_add(len / SECTOR_SIZE).ok_or(())?;
+        let past = BadRequest::PastEnd { sector, len };
+        let end = sector.checked_add(len / SECTOR_SIZE).ok_or(past)?;
         if end > self.capacity_sectors {
-            tracing::debug!(sector, len, "virtio-blk: request past the end of the disk");
-            return Err(());
+            return Err(past);
         }
         Ok(sector * SECTOR_SIZE)
     }
@@ -685,8 +712,8 @@ impl VirtioBlock {
                 let op = DiskOp::Read { offset: off, len };
                 return Err((self.host_error(op, e), done));
             }
-            if copy_to_guest(mem, segs, done, &buf[..n]).is_err() {
-                return Err((ReqError::IoErr, done));
+            if let Err(e) = copy_to_guest(mem, segs, done, &buf[..n]) {
+                return Err((e.into(), done));
             }
             done += n as u64;
         }
@@ -708,8 +735,8 @@ impl VirtioBlock {
         let mut result = Ok(());
         while done < len {
             let n = CHUNK.min((len - done) as usize);
-            if let Err(()) = copy_from_guest(mem, segs, HEADER_SIZE + done, &mut buf[..n]) {
-                result = Err(ReqError::IoErr);
+            if let Err(e) = copy_from_guest(mem, segs, HEADER_SIZE + done, &mut buf[..n]) {
+                result = Err(e.into());
                 break;
             }
             if let Err(e) = self.file.write_all_at(&buf[..n], off + done) {
@@ -880,18 +907,16 @@ fn open_image(config: &BlockConfig) -> Result<(File, u64), BlockError> {
 }
 
 /// Every segment lies in guest memory.
-fn check_segments(mem: &GuestMemory, segs: &[Seg]) -> Result<(), ()> {
+fn check_segments(mem: &GuestMemory, segs: &[Seg]) -> Result<(), BadRequest> {
     for s in segs {
         let ok = usize::try_from(s.len)
             .map(|len| len == 0 || GuestMemoryBackend::check_range(mem, s.addr, len))
             .unwrap_or(false);
         if !ok {
-            tracing::debug!(
-                addr = s.addr.0,
-                len = s.len,
-                "virtio-blk: buffer outside guest memory"
-            );
-            return Err(());
+            return Err(BadRequest::OutsideMemory {
+                addr: s.addr.0,
+                len: s.len,
+            });
         }
     }
     Ok(())
@@ -903,8 +928,8 @@ fn for_each_piece(
     segs: &[Seg],
     offset: u64,
     len: usize,
-    mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), ()>,
-) -> Result<(), ()> {
+    mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), BadRequest>,
+) -> Result<(), BadRequest> {
     let mut pos = 0u64; // start of the current segment in the concatenation
     let mut done = 0usize;
     for s in segs {
@@ -915,7 +940,13 @@ fn for_each_piece(
         if want < pos + s.len {
             let in_seg = want - pos;
             let n = ((s.len - in_seg) as usize).min(len - done);
-            let addr = s.addr.checked_add(in_seg).ok_or(())?;
+            let addr = s
+                .addr
+                .checked_add(in_seg)
+                .ok_or(BadRequest::OutsideMemory {
+                    addr: s.addr.0,
+                    len: s.len,
+                })?;
             f(addr, done..done + n)?;
             done += n;
         }
@@ -924,20 +955,43 @@ fn for_each_piece(
     if done == len {
         Ok(())
     } else {
-        Err(())
+        // The chain's buffers are shorter than the data.
+        Err(BadRequest::OutsideMemory {
+            addr: offset,
+            len: len as u64,
+        })
     }
 }
 
-fn copy_to_guest(mem: &GuestMemory, segs: &[Seg], offset: u64, buf: &[u8]) -> Result<(), ()> {
+fn outside(addr: GuestAddress, r: &std::ops::Range<usize>) -> BadRequest {
+    BadRequest::OutsideMemory {
+        addr: addr.0,
+        len: r.len() as u64,
+    }
+}
+
+fn copy_to_guest(
+    mem: &GuestMemory,
+    segs: &[Seg],
+    offset: u64,
+    buf: &[u8],
+) -> Result<(), BadRequest> {
     for_each_piece(segs, offset, buf.len(), |addr, r| {
-        mem.write_slice(&buf[r], addr).map_err(|_| ())
+        let bad = outside(addr, &r);
+        mem.write_slice(&buf[r], addr).map_err(|_| bad)
     })
 }
 
-fn copy_from_guest(mem: &GuestMemory, segs: &[Seg], offset: u64, buf: &mut [u8]) -> Result<(), ()> {
+fn copy_from_guest(
+    mem: &GuestMemory,
+    segs: &[Seg],
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), BadRequest> {
     let len = buf.len();
     for_each_piece(segs, offset, len, |addr, r| {
-        mem.read_slice(&mut buf[r], addr).map_err(|_| ())
+        let bad = outside(addr, &r);
+        mem.read_slice(&mut buf[r], addr).map_err(|_| bad)
     })
 }
 
