@@ -61,7 +61,11 @@ fn every_shipped_scenario_parses() {
         out.assert_status(0);
         assert!(out.stdout.contains("is valid"), "{}", out.describe());
     }
-    for name in ["migrate-under-load", "protected-under-load"] {
+    for name in [
+        "migrate-under-load",
+        "protected-under-load",
+        "secondary-dies",
+    ] {
         let out = tandem(&["drill", "--check", &scenario(name)]);
         assert!(
             out.stdout.contains("this build can run it"),
@@ -155,27 +159,21 @@ fn cross_references_are_checked() {
 
 #[test]
 fn a_fault_that_needs_failover_is_refused_not_faked() {
-    for name in [
-        "mail-pull-plug",
-        "secondary-dies",
-        "failover-then-reprotect",
+    for (name, fault) in [
+        ("mail-pull-plug", "pull-plug"),
+        ("failover-then-reprotect", "kill-primary"),
+        ("mail-partition", "partition"),
     ] {
         let out = tandem(&["drill", &scenario(name)]);
         out.assert_status(2);
         assert!(
             out.stderr
-                .contains("needs failover, which this build does not have"),
+                .contains(&format!("fault {fault} needs failover"))
+                && out.stderr.contains("which this build does not have"),
             "{}",
             out.describe()
         );
     }
-    let out = tandem(&["drill", &scenario("mail-pull-plug")]);
-    assert!(
-        out.stderr
-            .contains("fault pull-plug needs failover, which this build does not have"),
-        "{}",
-        out.describe()
-    );
 }
 
 /// The built-in drill (`tandem drill` without a file) is
@@ -281,6 +279,32 @@ fn a_failed_expectation_names_the_run_and_its_seed() {
         "{kept}"
     );
     std::fs::remove_dir_all(kept).unwrap();
+}
+
+/// The secondary killed (SIGKILL) under load: the primary wins the file
+/// arbiter and runs on; nothing acknowledged is lost, no session reset,
+/// the pause the clients saw is reported.
+#[test]
+fn secondary_dies_end_to_end() {
+    let out = tandem(&[
+        "drill",
+        &scenario("secondary-dies"),
+        "--seed",
+        "3",
+        "--json",
+    ]);
+    out.assert_status(0);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("the report is not JSON ({e})\n{}", out.describe()));
+    let run = &v["runs"][0];
+    assert_eq!(run["passed"], true, "{}", out.describe());
+    assert_eq!(run["messages"]["acknowledged"], 20, "{}", out.describe());
+    assert_eq!(run["messages"]["lost"], 0);
+    assert_eq!(run["connections_reset"], 0);
+    let f = &run["faults"][0];
+    assert_eq!(f["kind"], "kill-secondary");
+    assert!(f["error"].is_null(), "{}", out.describe());
+    assert!(f["client_gap_ms"].as_f64().is_some(), "{}", out.describe());
 }
 
 /// The namespaces of drills whose process is gone (none may be left).

@@ -31,7 +31,7 @@ use scenario::Scenario;
 /// The built-in drill, until failover lands: a planned migration under load.
 const BUILTIN: &str = include_str!("../../../scenarios/migrate-under-load.toml");
 const BUILTIN_NAME: &str = "scenarios/migrate-under-load.toml (built in)";
-const BUILTIN_NOTE: &str = "built-in drill: migrate-under-load; the pull-the-plug drill needs failover, which this build does not have";
+const BUILTIN_NOTE: &str = "built-in drill: migrate-under-load; the pull-the-plug drill needs failover of a networked VM (a secondary going live with --net), which this build does not have";
 
 /// Exit status when Ctrl-C ended the drill (everything torn down).
 const INTERRUPTED: i32 = 130;

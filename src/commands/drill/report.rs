@@ -59,6 +59,9 @@ pub struct Total {
     pub live_copies: Vec<u32>,
     /// The pause clients saw across each fault that fails over.
     pub failover_gap_ms: Option<Spread>,
+    /// The pause clients saw when the secondary died (the primary's
+    /// detection and arbiter claim).
+    pub secondary_loss_gap_ms: Option<Spread>,
     /// The pause clients saw across each planned migration.
     pub migration_client_gap_ms: Option<Spread>,
     /// Each planned migration's downtime, as `tandem migrate` measured it.
@@ -76,6 +79,7 @@ impl DrillReport {
         let mut m = Messages::default();
         let mut reset = 0;
         let (mut fgap, mut mgap, mut down) = (Vec::new(), Vec::new(), Vec::new());
+        let mut sgap = Vec::new();
         for r in &runs {
             m.sent += r.messages.sent;
             m.acknowledged += r.messages.acknowledged;
@@ -89,6 +93,8 @@ impl DrillReport {
                 if f.kind == "migrate" {
                     mgap.extend(f.client_gap_ms);
                     down.extend(f.downtime_ms);
+                } else if f.kind == "kill-secondary" {
+                    sgap.extend(f.client_gap_ms);
                 } else if f.fails_over {
                     fgap.extend(f.client_gap_ms);
                 }
@@ -103,6 +109,7 @@ impl DrillReport {
             connections_reset: reset,
             live_copies: runs.iter().map(|r| r.live_copies).collect(),
             failover_gap_ms: Spread::of(fgap),
+            secondary_loss_gap_ms: Spread::of(sgap),
             migration_client_gap_ms: Spread::of(mgap),
             migration_downtime_ms: Spread::of(down),
             added_latency_p99_ms: Spread::of(
@@ -223,6 +230,9 @@ impl DrillReport {
         );
         if let Some(g) = &t.failover_gap_ms {
             s += &format!("  failover gap   {}\n", g.text("ms"));
+        }
+        if let Some(g) = &t.secondary_loss_gap_ms {
+            s += &format!("  gap when the secondary died  {}\n", g.text("ms"));
         }
         if let Some(d) = &t.migration_downtime_ms {
             s += &format!("  migration downtime    {}\n", d.text("ms"));

@@ -167,6 +167,8 @@ struct Run<'a> {
     sock: PathBuf,
     /// The secondary of a protected VM.
     secondary: Option<Proc>,
+    /// A fault killed it.
+    secondary_killed: bool,
     /// VMMs that ran the VM before (a migrated source ends).
     retired: Vec<Proc>,
     conns: Vec<Conn>,
@@ -264,6 +266,7 @@ fn drive(ctx: &Ctx, run: u32, seed: u64, dir: &Path, report: &mut RunReport) -> 
         at,
         sock: dir.join("vm0.sock"),
         secondary: None,
+        secondary_killed: false,
         retired: Vec::new(),
         conns: Vec::new(),
         started: Instant::now(),
@@ -344,6 +347,7 @@ impl Run<'_> {
         if let Some(sec) = &scn.vm.secondary {
             let addr = self.start_secondary(host_index(scn, sec))?;
             c.args(["--protect-to", &addr]).args(self.creds(self.at));
+            c.args(self.arbiter_args()?);
         } else {
             c.arg("--api-socket").arg(&self.sock);
         }
@@ -462,6 +466,14 @@ impl Run<'_> {
                             Err(WaitError::Failed(e)) => fr.error = Some(e),
                         }
                     }
+                    FaultKind::KillSecondary => {
+                        fr.detail = "SIGKILL; the primary runs on".into();
+                        match self.kill_secondary() {
+                            Ok(()) => {}
+                            Err(WaitError::Interrupted) => return Err(WaitError::Interrupted),
+                            Err(WaitError::Failed(e)) => fr.error = Some(e),
+                        }
+                    }
                     other => {
                         // Refused before the run starts (Scenario::missing).
                         fr.error = Some(format!("fault {} is not available", other.name()));
@@ -497,6 +509,36 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// `--arbiter file:DIR` (a directory of the run both hosts see), if
+    /// the drill has a file arbiter.
+    fn arbiter_args(&self) -> WaitResult<Vec<String>> {
+        match &self.ctx.scn.arbiter {
+            Some(a) if a.kind == super::scenario::ArbiterKind::File => {
+                let d = self.dir.join("arbiter");
+                std::fs::create_dir_all(&d)
+                    .map_err(|e| WaitError::Failed(format!("creating {}: {e}", d.display())))?;
+                Ok(vec!["--arbiter".into(), format!("file:{}", d.display())])
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Kill the secondary (SIGKILL); the primary must find it lost, win
+    /// the arbiter and run on.
+    fn kill_secondary(&mut self) -> WaitResult<()> {
+        let stop = self.ctx.stop;
+        let sec = self
+            .secondary
+            .as_mut()
+            .ok_or_else(|| WaitError::Failed("no secondary to kill".into()))?;
+        sec.signal(libc::SIGKILL);
+        sec.wait_end(STEP, stop)?;
+        self.secondary_killed = true;
+        let vm = self.vm.as_mut().expect("a VM runs");
+        vm.wait_line("won the arbiter and runs on UNPROTECTED", true, STEP, stop)?;
+        Ok(())
+    }
+
     /// Start the secondary on host `h`; the address it listens on.
     fn start_secondary(&mut self, h: usize) -> WaitResult<String> {
         let addr = self
@@ -511,6 +553,7 @@ impl Run<'_> {
             .args(self.creds(h))
             .args(["--net", &format!("tap={TAP}"), "--disk"])
             .arg(&disk)
+            .args(self.arbiter_args()?)
             .env_remove("TANDEM_LOG");
         let name = &self.ctx.scn.hosts[h].name;
         let mut p =
@@ -784,6 +827,9 @@ impl Run<'_> {
         let Some(sec) = self.secondary.as_mut() else {
             return;
         };
+        if self.secondary_killed {
+            return;
+        }
         // The primary's end ends the log stream, and with it the secondary.
         if sec.wait_end(STEP, self.ctx.stop).is_err() {
             sec.stop(Duration::from_secs(10));

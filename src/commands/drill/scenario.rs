@@ -619,42 +619,52 @@ impl Scenario {
     /// (empty: it can run).
     pub fn missing(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let lacks = failover_lacks();
+        let arbiter = has_arbiter();
         let mut named = BTreeSet::new();
         for f in &self.faults {
-            if f.kind != FaultKind::Migrate && named.insert(f.kind.name()) {
-                out.push(format!("fault {} needs failover, {lacks}", f.kind.name()));
+            if !named.insert(f.kind.name()) {
+                continue;
+            }
+            match f.kind {
+                FaultKind::Migrate => {
+                    if self.vm.secondary.is_some() {
+                        out.push(
+                            "fault migrate of a protected VM (vm.secondary) is not driven by this build's drill runner"
+                                .into(),
+                        );
+                    }
+                }
+                FaultKind::KillSecondary if arbiter => {}
+                FaultKind::KillSecondary => out.push(format!(
+                    "fault kill-secondary needs failover, {NO}"
+                )),
+                other if arbiter => out.push(format!(
+                    "fault {} needs failover of a networked VM (a secondary going live with --net: its frames and the TAP), {NO}",
+                    other.name()
+                )),
+                other => out.push(format!("fault {} needs failover, {NO}", other.name())),
             }
         }
-        if self.vm.secondary.is_some() && self.faults.iter().any(|f| f.kind == FaultKind::Migrate) {
-            out.push(
-                "fault migrate of a protected VM (vm.secondary) is not driven by this build's drill runner"
-                    .into(),
-            );
-        }
-        if let Some(a) = &self.arbiter {
-            let kind = match a.kind {
-                ArbiterKind::File => "file",
-                ArbiterKind::Etcd => "etcd",
-            };
-            out.push(format!("arbiter {kind} needs failover, {lacks}"));
+        match &self.arbiter {
+            Some(a) if a.kind == ArbiterKind::Etcd => {
+                out.push(format!("arbiter etcd needs an etcd arbiter, {NO}"))
+            }
+            Some(_) if !arbiter => out.push(format!("arbiter file needs failover, {NO}")),
+            _ => {}
         }
         out
     }
 }
 
-/// "which this build does not have", or, once `tandem failover` exists,
-/// that the runner does not drive it yet.
-fn failover_lacks() -> String {
+/// What a missing capability says.
+const NO: &str = "which this build does not have";
+
+/// Does this build have failover's arbiter (`tandem secondary --arbiter`)?
+fn has_arbiter() -> bool {
     use clap::CommandFactory;
-    if crate::cli::Cli::command()
-        .find_subcommand("failover")
-        .is_some()
-    {
-        "which this build has (`tandem failover`) but the drill runner does not drive yet".into()
-    } else {
-        "which this build does not have".into()
-    }
+    crate::cli::Cli::command()
+        .find_subcommand("secondary")
+        .is_some_and(|c| c.get_arguments().any(|a| a.get_id() == "arbiter"))
 }
 
 /// The toml error in one or two lines: the position and what is wrong
