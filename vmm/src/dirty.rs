@@ -24,13 +24,18 @@ use crate::{GuestMemory, PAGE_SIZE};
 #[derive(Debug, thiserror::Error)]
 pub enum DirtyError {
     #[error("KVM_GET_DIRTY_LOG for slot {slot}: {source}")]
+    /// KVM's dirty log of a memory slot could not be read.
     DirtyLog {
+        /// The slot.
         slot: u32,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
     #[error("switching dirty logging: {0}")]
+    /// Dirty logging could not be switched on or off.
     Memory(#[from] MemoryError),
     #[error("unknown dirty-tracking consumer {0}")]
+    /// A consumer that was never registered (or already dropped).
     UnknownConsumer(usize),
 }
 

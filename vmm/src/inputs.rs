@@ -159,8 +159,11 @@ impl InputsError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("divergence at exit {exit_seq}: expected {expected}, found {found}")]
 pub struct Divergence {
+    /// The exit at which the replay and the log disagree.
     pub exit_seq: u64,
+    /// What the log (the recorded run) has.
     pub expected: String,
+    /// What the replay produced.
     pub found: String,
 }
 

@@ -12,6 +12,7 @@
 
 // Every unsafe block says why it is sound (`// SAFETY:`).
 #![deny(clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
 
 pub mod devices;
 pub mod dirty;

@@ -41,18 +41,23 @@ pub struct VmConfig {
 /// migration destination its own).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
+    /// The guest's MAC address (part of what the guest sees).
     pub mac: MacAddr,
+    /// The TAP it was attached to, for the record.
     pub tap: String,
 }
 
 /// A disk of a [`VmConfig`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
+    /// The image.
     pub path: PathBuf,
+    /// Opened read-only (VIRTIO_BLK_F_RO).
     pub read_only: bool,
 }
 
 impl DiskConfig {
+    /// The device configuration of this disk.
     pub fn block_config(&self) -> BlockConfig {
         BlockConfig {
             path: self.path.clone(),
@@ -65,9 +70,12 @@ impl DiskConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
     #[error("--mem-mib {0}: too little memory (at least {MIN_MEM_MIB} MiB)")]
+    /// Less than [`MIN_MEM_MIB`].
     TooLittleMemory(u64),
     #[error("--mem-mib {mib}: the guest would not fit in {what}: at most {limit_mib} MiB")]
+    /// More than a limit of this host or process allows.
     TooMuchMemory {
+        /// The size asked for.
         mib: u64,
         /// The largest value that limit allows.
         limit_mib: u64,
@@ -75,22 +83,30 @@ pub enum MachineError {
         what: &'static str,
     },
     #[error(transparent)]
+    /// Creating the KVM VM failed.
     Vm(#[from] VmError),
     #[error(transparent)]
+    /// Building the CPUID table failed.
     Cpuid(#[from] CpuidError),
     #[error(transparent)]
+    /// Creating or setting the vCPU failed.
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
+    /// The kernel could not be loaded.
     Loader(#[from] LoaderError),
     #[error(transparent)]
+    /// The devices could not be built or restored.
     Devices(#[from] DevicesError),
     #[error(transparent)]
+    /// Guest memory could not be allocated or filled.
     Memory(#[from] MemoryError),
     /// The VM is stopped in the middle of an exit by a host disk error:
     /// its state is not one a restore could continue from.
     #[error("the VM is paused on a disk error at exit {exit_seq} ({source}); fix the cause and resume it before saving its state")]
     DiskStalled {
+        /// The exit the vCPU is stopped at.
         exit_seq: u64,
+        /// The failed request.
         source: crate::devices::virtio::block::HostIoError,
     },
 }
@@ -98,23 +114,31 @@ pub enum MachineError {
 /// Everything but guest memory: vCPU, devices, the logical clock.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MachineState {
+    /// How the VM is put together.
     pub config: VmConfig,
     /// The exit at which the state was taken.
     pub exit_seq: u64,
     /// Virtual time (ns) at that exit.
     pub virtual_ns: u64,
+    /// The vCPU's registers and KVM state.
     pub vcpu: VcpuState,
+    /// Every device's state.
     pub devices: DevicesState,
 }
 
 /// A VM ready to run.
 pub struct Machine {
+    /// How the VM is put together (its disk path follows disk moves).
     pub config: VmConfig,
+    /// The KVM VM and guest memory, shared with migration threads.
     pub vm: std::sync::Arc<Vm>,
+    /// The one vCPU.
     pub vcpu: Vcpu,
+    /// The devices.
     pub devices: Devices,
     /// The logical clock: guest-caused exits so far (DESIGN.md rule 1).
     pub exit_seq: u64,
+    /// Dirty-page tracking shared by sync points and migration.
     pub dirty: DirtyTracker,
     /// Sync-point tracking, when recording or replaying.
     pub sync: Option<crate::sync::SyncState>,
@@ -334,6 +358,7 @@ impl Incoming {
 /// the machine and the recording parameters the replayer must mirror.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogConfig {
+    /// The machine.
     pub vm: VmConfig,
     /// A fingerprint every this many exits (0: none).
     pub fingerprint_interval: u64,

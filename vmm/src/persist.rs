@@ -44,21 +44,33 @@ pub enum StateError {
     /// Serializing failed (never an empty value in its place).
     #[error("encoding the {what}: {source}")]
     Encode {
+        /// Which value.
         what: &'static str,
+        /// The encoder's error.
         source: postcard::Error,
     },
     /// No version header: written before saved state was versioned.
     #[error("the {what} has no state version (saved by a Tandem older than state version {STATE_VERSION}); it cannot be read")]
-    Unversioned { what: &'static str },
+    Unversioned {
+        /// Which value.
+        what: &'static str,
+    },
     /// Another version.
     #[error(
         "the {what} has state version {found}; this Tandem reads state version {STATE_VERSION}"
     )]
-    Version { what: &'static str, found: u32 },
+    Version {
+        /// Which value.
+        what: &'static str,
+        /// The version found.
+        found: u32,
+    },
     /// The right version, but the value does not decode.
     #[error("the {what} does not decode: {source}")]
     Decode {
+        /// Which value.
         what: &'static str,
+        /// The decoder's error.
         source: postcard::Error,
     },
 }

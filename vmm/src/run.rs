@@ -74,8 +74,11 @@ pub struct RunLimits {
 /// Counters of a run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunStats {
+    /// Kicks (exits the guest did not cause).
     pub kicks: u64,
+    /// Sync points captured or applied.
     pub sync_points: u64,
+    /// Fingerprints logged or checked.
     pub fingerprints: u64,
     /// Divergences found and repaired (replay with repair).
     pub repaired: u64,
@@ -88,42 +91,72 @@ pub struct RunStats {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("KVM could not emulate a guest instruction (KVM_EXIT_INTERNAL_ERROR, suberror {suberror}) at exit {exit_seq}\n{report}")]
+    /// KVM could not emulate an instruction.
     Emulation {
+        /// KVM's suberror.
         suberror: u32,
+        /// The exit at which it happened.
         exit_seq: u64,
+        /// RIP, instruction bytes, registers.
         report: String,
     },
     #[error("the guest triple-faulted (KVM_EXIT_SHUTDOWN) at exit {exit_seq}\n{report}")]
-    TripleFault { exit_seq: u64, report: String },
-    #[error("VM entry failed (hardware reason {reason:#x}) at exit {exit_seq}\n{report}")]
-    FailEntry {
-        reason: u64,
+    /// The guest triple-faulted.
+    TripleFault {
+        /// The exit at which it happened.
         exit_seq: u64,
+        /// RIP, instruction bytes, registers.
+        report: String,
+    },
+    #[error("VM entry failed (hardware reason {reason:#x}) at exit {exit_seq}\n{report}")]
+    /// VM entry failed.
+    FailEntry {
+        /// The hardware's reason.
+        reason: u64,
+        /// The exit at which it happened.
+        exit_seq: u64,
+        /// RIP, instruction bytes, registers.
         report: String,
     },
     #[error("unexpected VM exit {what} at exit {exit_seq}\n{report}")]
+    /// An exit the run loop does not handle.
     Unexpected {
+        /// The exit, as KVM reported it.
         what: String,
+        /// The exit at which it happened.
         exit_seq: u64,
+        /// RIP, instruction bytes, registers.
         report: String,
     },
     #[error("KVM_RUN failed: {0}")]
+    /// KVM_RUN itself failed.
     Kvm(kvm_ioctls::Error),
     #[error(transparent)]
+    /// Reading or setting vCPU state failed.
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
+    /// A replay disagreed with its log.
     Divergence(#[from] Divergence),
     #[error(transparent)]
+    /// The inputs failed (the log cannot be written or read).
     Inputs(#[from] InputsError),
     #[error("sync point at exit {exit_seq}: {source}")]
-    Sync { exit_seq: u64, source: SyncError },
+    /// A sync point could not be captured or applied.
+    Sync {
+        /// The exit of the sync point.
+        exit_seq: u64,
+        /// Why.
+        source: SyncError,
+    },
     /// A host I/O error on the disk image: the vCPU is stopped at exit
     /// `exit_seq` with the request not completed (the guest saw nothing).
     /// Calling [`Machine::run`] again retries it; the machine's state
     /// cannot be saved meanwhile.
     #[error("{source} at exit {exit_seq}")]
     DiskIo {
+        /// The exit the vCPU is stopped at.
         exit_seq: u64,
+        /// The failed request.
         source: crate::devices::virtio::block::HostIoError,
     },
 }

@@ -38,28 +38,63 @@ pub const SNAPSHOT_VERSION: u32 = 3;
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("snapshot {path}: {source}")]
+    /// Reading or writing the file failed.
     Io {
+        /// The snapshot file.
         path: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
     #[error("{path} is not a Tandem snapshot (bad magic)")]
-    BadMagic { path: PathBuf },
+    /// Not a snapshot file.
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+    },
     #[error(
         "snapshot {path} has format version {found}; this Tandem reads version {SNAPSHOT_VERSION}"
     )]
-    Version { path: PathBuf, found: u32 },
-    #[error("snapshot {path} is corrupted: checksum {found:#010x}, expected {expected:#010x}")]
-    Checksum {
+    /// A snapshot of another format version.
+    Version {
+        /// The file.
         path: PathBuf,
+        /// Its version.
+        found: u32,
+    },
+    #[error("snapshot {path} is corrupted: checksum {found:#010x}, expected {expected:#010x}")]
+    /// The checksum does not match the contents.
+    Checksum {
+        /// The file.
+        path: PathBuf,
+        /// The checksum the file carries.
         expected: u32,
+        /// The checksum of its contents.
         found: u32,
     },
     #[error("snapshot {path} is truncated or malformed: {reason}")]
-    Malformed { path: PathBuf, reason: String },
+    /// The file is cut short or does not decode.
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     #[error("snapshot {path}: {source}")]
-    Memory { path: PathBuf, source: MemoryError },
+    /// The memory image does not fit this VM.
+    Memory {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: MemoryError,
+    },
     #[error("restoring snapshot {path}: {source}")]
-    Restore { path: PathBuf, source: MachineError },
+    /// The machine could not be rebuilt from the snapshot.
+    Restore {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: MachineError,
+    },
 }
 
 /// A writer that keeps a running CRC32C.
@@ -124,7 +159,9 @@ pub fn write(path: &Path, state: &MachineState, mem: &GuestMemory) -> Result<(),
 
 /// A verified snapshot in memory: the machine state and the memory image.
 pub struct Snapshot {
+    /// The file it was read from.
     pub path: PathBuf,
+    /// vCPU, devices, exit counter, virtual time.
     pub state: MachineState,
     /// The memory image bytes (see `vstate::memory::read_image`).
     memory_image: Vec<u8>,

@@ -28,22 +28,42 @@ use crate::{GuestMemory, PAGE_SIZE};
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error(transparent)]
+    /// vCPU state could not be read or set.
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
+    /// Dirty pages could not be collected.
     Dirty(#[from] DirtyError),
     #[error(transparent)]
+    /// Guest memory could not be read or written.
     Memory(#[from] MemoryError),
     #[error("devices: {0}")]
+    /// Device state could not be applied.
     Devices(#[from] crate::devices::DevicesError),
     #[error(transparent)]
+    /// Saved state could not be encoded or decoded.
     State(#[from] StateError),
     #[error("sync point page at {gpa:#x} is {len} bytes, not one page ({PAGE_SIZE})")]
-    PageSize { gpa: u64, len: usize },
+    /// A page of a sync point is not one page long.
+    PageSize {
+        /// Its guest address.
+        gpa: u64,
+        /// Its length.
+        len: usize,
+    },
     #[error("sync point page at {gpa:#x} is not page-aligned")]
-    PageAlign { gpa: u64 },
+    /// A page of a sync point is not page-aligned.
+    PageAlign {
+        /// Its guest address.
+        gpa: u64,
+    },
     #[error("sync point page at {gpa:#x} lies outside guest memory")]
-    PageOutside { gpa: u64 },
+    /// A page of a sync point lies outside guest memory.
+    PageOutside {
+        /// Its guest address.
+        gpa: u64,
+    },
     #[error("sync points are not enabled on this machine")]
+    /// [`crate::machine::Machine::enable_sync_points`] was not called.
     NotEnabled,
 }
 

@@ -37,6 +37,7 @@ pub struct Throttle {
 }
 
 impl Throttle {
+    /// No throttling (0 %).
     pub fn new() -> Self {
         Self::default()
     }

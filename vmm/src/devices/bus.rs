@@ -58,10 +58,13 @@ pub enum IoAction {
 #[derive(Debug, thiserror::Error)]
 pub enum DevicesError {
     #[error("virtio-blk: {0}")]
+    /// The disk image could not be opened.
     Block(#[from] super::virtio::block::BlockError),
     #[error("restoring virtio-blk: {0}")]
+    /// The disk's saved state does not fit its image or guest memory.
     BlockRestore(#[from] super::virtio::block::PersistError),
     #[error("restoring virtio-net: {0}")]
+    /// The NIC's saved transport state is invalid.
     NetRestore(#[from] super::virtio::mmio::MmioError),
     /// The saved PIC state is invalid.
     #[error("restoring the PIC: {0}")]
@@ -79,34 +82,53 @@ pub enum DevicesError {
     #[error("restoring the i8042: {0}")]
     I8042Restore(#[from] super::legacy::i8042::I8042Error),
     #[error("the snapshot has a disk but no disk image was given to restore it")]
+    /// The saved state has a disk, and no image was given.
     MissingDisk,
     #[error("a disk image was given but the snapshot has no disk")]
+    /// An image was given, and the saved state has no disk.
     UnexpectedDisk,
 }
 
 /// Every device of the VM.
 pub struct Devices {
+    /// The interrupt controllers (8259A pair).
     pub pic: Pic,
+    /// The timer (8254).
     pub pit: Pit,
+    /// The CMOS RTC.
     pub rtc: Rtc,
+    /// COM1.
     pub serial: SerialDevice,
+    /// The keyboard controller (reset only).
     pub i8042: I8042,
+    /// The debug-exit port (0xf4).
     pub debug_exit: DebugExit,
+    /// The POST code port (0x80).
     pub post: PostCode,
+    /// The virtio-blk disk, if the VM has one.
     pub block: Option<VirtioBlock>,
+    /// The virtio-net NIC, if the VM has one.
     pub net: Option<VirtioNet>,
 }
 
 /// The state of every device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DevicesState {
+    /// PIC pair.
     pub pic: <Pic as Persist>::State,
+    /// PIT and port 0x61.
     pub pit: <Pit as Persist>::State,
+    /// RTC.
     pub rtc: <Rtc as Persist>::State,
+    /// COM1.
     pub serial: <SerialDevice as Persist>::State,
+    /// i8042.
     pub i8042: <I8042 as Persist>::State,
+    /// POST code.
     pub post: <PostCode as Persist>::State,
+    /// The disk, if any.
     pub block: Option<<VirtioBlock as Persist>::State>,
+    /// The NIC, if any.
     pub net: Option<<VirtioNet as Persist>::State>,
 }
 

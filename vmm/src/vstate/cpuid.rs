@@ -31,8 +31,10 @@ use kvm_ioctls::Kvm;
 #[derive(Debug, thiserror::Error)]
 pub enum CpuidError {
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
+    /// KVM_GET_SUPPORTED_CPUID failed.
     Supported(kvm_ioctls::Error),
     #[error("building the CPUID table failed")]
+    /// The table could not be built.
     Build,
 }
 

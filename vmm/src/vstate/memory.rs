@@ -13,26 +13,43 @@ use crate::{GuestMemory, PAGE_SIZE};
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     #[error("cannot allocate {mib} MiB of guest memory: {source}")]
+    /// Guest RAM could not be allocated.
     Allocate {
+        /// How much.
         mib: u64,
+        /// Why.
         source: vm_memory::mmap::FromRangesError,
     },
     #[error("KVM refused memory slot {slot}: {source}")]
+    /// KVM refused a memory slot.
     Register {
+        /// The slot.
         slot: u32,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
     #[error("guest memory access at {addr:#x}: {source}")]
+    /// Guest memory could not be read or written.
     Access {
+        /// The guest address.
         addr: u64,
+        /// Why.
         source: vm_memory::GuestMemoryError,
     },
     #[error("memory image: {0}")]
+    /// Reading or writing a memory image failed.
     Io(#[from] std::io::Error),
     #[error("memory image does not match this VM: {0}")]
+    /// A memory image of another VM (regions differ).
     Mismatch(String),
     #[error("{len} bytes at guest address {gpa:#x} lie outside guest memory")]
-    OutOfRange { gpa: u64, len: usize },
+    /// A range outside guest memory.
+    OutOfRange {
+        /// Its guest address.
+        gpa: u64,
+        /// Its length.
+        len: usize,
+    },
 }
 
 /// Allocate guest RAM for `ranges` (see `loader::layout::ram_regions`).

@@ -8,32 +8,51 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_debugregs, kvm_interrupt, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVMIO,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::{ioctl::ioctl_with_ref, ioctl_iow_nr};
+use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use crate::GuestMemory;
 
-ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
+/// The ioctl numbers (a private module: the macro makes public functions).
+mod nr {
+    use kvm_bindings::{kvm_interrupt, KVMIO};
+    use vmm_sys_util::ioctl_iow_nr;
+    // `KVM_INTERRUPT`: inject an external interrupt.
+    ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
+}
+use nr::KVM_INTERRUPT;
 
 /// Errors of the vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("cannot create the vCPU: {0}")]
+    /// KVM_CREATE_VCPU failed.
     Create(kvm_ioctls::Error),
     #[error("KVM_SET_CPUID2 failed: {0}")]
+    /// KVM_SET_CPUID2 failed.
     Cpuid(kvm_ioctls::Error),
     #[error("KVM_INTERRUPT (vector {vector:#x}) failed: {source}")]
-    Interrupt { vector: u8, source: std::io::Error },
+    /// KVM_INTERRUPT failed.
+    Interrupt {
+        /// The vector.
+        vector: u8,
+        /// The OS error.
+        source: std::io::Error,
+    },
     #[error("{what} failed: {source}")]
+    /// Reading or setting a piece of vCPU state failed.
     State {
+        /// Which ioctl.
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
     #[error("vCPU state: {0}")]
+    /// A saved vCPU state that cannot be applied.
     Invalid(String),
 }
 
@@ -44,19 +63,27 @@ fn st<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuE
 /// Everything KVM holds about the vCPU.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VcpuState {
+    /// General-purpose registers, RIP, RFLAGS.
     pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers.
     pub sregs: kvm_sregs,
     /// The 4 KiB legacy `kvm_xsave` region (x87, SSE, AVX... state).
     pub xsave: Vec<u32>,
+    /// Extended control registers (XCR0).
     pub xcrs: kvm_xcrs,
+    /// The saved MSRs.
     pub msrs: Vec<kvm_msr_entry>,
+    /// Debug registers.
     pub debug_regs: kvm_debugregs,
+    /// Pending exceptions, interrupts, NMIs.
     pub events: kvm_vcpu_events,
+    /// Runnable or halted.
     pub mp_state: kvm_mp_state,
 }
 
 /// The vCPU and the MSR list it saves.
 pub struct Vcpu {
+    /// The KVM vCPU.
     pub fd: VcpuFd,
     msr_indices: Vec<u32>,
     kicker: Kicker,

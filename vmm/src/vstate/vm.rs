@@ -9,18 +9,25 @@ use crate::GuestMemory;
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("/dev/kvm does not exist: this host has no KVM (load kvm-intel or kvm-amd, or enable nested virtualisation)")]
+    /// /dev/kvm does not exist.
     NoKvm,
     #[error("no permission to open /dev/kvm: run as root or add the user to the 'kvm' group")]
+    /// /dev/kvm cannot be opened by this user.
     KvmPermission,
     #[error("cannot open /dev/kvm: {0}")]
+    /// /dev/kvm cannot be opened.
     KvmOpen(kvm_ioctls::Error),
     #[error("KVM API version {0} is not supported (need 12)")]
+    /// An unsupported KVM API version.
     ApiVersion(i32),
     #[error("KVM_CREATE_VM failed: {0}")]
+    /// KVM_CREATE_VM failed.
     Create(kvm_ioctls::Error),
     #[error("KVM_SET_TSS_ADDR failed: {0}")]
+    /// KVM_SET_TSS_ADDR failed.
     Tss(kvm_ioctls::Error),
     #[error(transparent)]
+    /// Guest memory could not be allocated or registered.
     Memory(#[from] MemoryError),
 }
 
@@ -30,8 +37,11 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
 /// One KVM VM with its memory.
 pub struct Vm {
+    /// /dev/kvm.
     pub kvm: Kvm,
+    /// The VM.
     pub fd: VmFd,
+    /// Guest RAM.
     pub memory: GuestMemory,
 }
 

@@ -23,28 +23,46 @@ use crate::persist::Persist;
 /// One 8259A chip.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PicChipState {
+    /// The IRR as last sampled (edge detection).
     pub last_irr: u8,
+    /// Interrupt request register.
     pub irr: u8,
+    /// Interrupt mask register.
     pub imr: u8,
+    /// In-service register.
     pub isr: u8,
+    /// Rotation: the priority of IRQ 0 is `priority_add`.
     pub priority_add: u8,
+    /// Vector of IRQ 0 (ICW2).
     pub irq_base: u8,
+    /// OCW3 read-register select: ISR (true) or IRR.
     pub read_reg_select: bool,
+    /// The next read is a poll command's answer.
     pub poll: bool,
+    /// Special mask mode.
     pub special_mask: bool,
+    /// Initialization sequence position (ICW2..ICW4 expected).
     pub init_state: u8,
+    /// Automatic end of interrupt (ICW4).
     pub auto_eoi: bool,
+    /// Rotate priorities on an automatic EOI.
     pub rotate_on_auto_eoi: bool,
+    /// Special fully nested mode (ICW4).
     pub special_fully_nested_mode: bool,
+    /// ICW4 is expected (ICW1 bit 0).
     pub init4: bool,
+    /// Single (no cascade) mode (ICW1 bit 1).
     pub single_mode: bool,
+    /// Edge/level control register (port 0x4d0/0x4d1).
     pub elcr: u8,
 }
 
 /// The PIC pair.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PicState {
+    /// The master chip (IRQ 0-7).
     pub master: PicChipState,
+    /// The slave chip (IRQ 8-15).
     pub slave: PicChipState,
 }
 
@@ -126,17 +144,27 @@ pub struct PitChannelState {
     pub mode: u8,
     /// Access mode 1..=3.
     pub rw_mode: u8,
+    /// Byte of the counter the next read returns (access state).
     pub read_state: u8,
+    /// Byte of the reload value the next write sets (access state).
     pub write_state: u8,
+    /// Low byte written while waiting for the high one.
     pub write_latch: u8,
+    /// Counter value latched by a counter-latch command.
     pub latched_count: u16,
     /// 0 (none) or the access state of the latched bytes still to read.
     pub count_latched: u8,
+    /// A read-back command latched the status byte.
     pub status_latched: bool,
+    /// The latched status byte.
     pub status: u8,
+    /// BCD counting.
     pub bcd: bool,
+    /// Gate input (channel 2: port 0x61 bit 0).
     pub gate: bool,
+    /// A reload value was written since the mode was set.
     pub loaded: bool,
+    /// Mode 0: the output went high (terminal count reached).
     pub triggered: bool,
     /// Virtual ns at which counting (re)started.
     pub load_ns: u64,
@@ -147,9 +175,11 @@ pub struct PitChannelState {
 /// The PIT and port 0x61.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PitState {
+    /// Channels 0 (IRQ 0), 1 and 2 (speaker).
     pub channels: [PitChannelState; 3],
     /// Port 0x61 bits 0-3.
     pub port61: u8,
+    /// Port 0x61 bit 4, toggled on every read (refresh).
     pub refresh_toggle: bool,
 }
 
@@ -247,6 +277,7 @@ pub struct RtcState {
     pub cmos: Vec<u8>,
     /// Selected register, 0..128.
     pub index: u8,
+    /// Port 0x70 bit 7: NMI disabled.
     pub nmi_disabled: bool,
     /// Guest time − wall time, ns.
     pub offset_ns: i64,
@@ -294,14 +325,23 @@ impl Persist for Rtc {
 /// is not serde) plus the device's pending input and interrupt flag.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SerialDeviceState {
+    /// Divisor latch, low byte.
     pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
     pub baud_divisor_high: u8,
+    /// IER.
     pub interrupt_enable: u8,
+    /// IIR.
     pub interrupt_identification: u8,
+    /// LCR.
     pub line_control: u8,
+    /// LSR.
     pub line_status: u8,
+    /// MCR.
     pub modem_control: u8,
+    /// MSR.
     pub modem_status: u8,
+    /// Scratch register.
     pub scratch: u8,
     /// Receive FIFO (≤ 64 bytes).
     pub in_buffer: Vec<u8>,
@@ -378,6 +418,7 @@ pub struct I8042State {
     pub pending_cmd: u8,
     /// Bytes queued for the guest (≤ 16).
     pub buffer: Vec<u8>,
+    /// Last byte written to port 0x60.
     pub last_data: u8,
 }
 
@@ -434,6 +475,7 @@ impl Persist for DebugExit {
 /// The POST code port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PostCodeState {
+    /// Last code written to port 0x80.
     pub last: u8,
 }
 

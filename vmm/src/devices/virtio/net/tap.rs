@@ -22,7 +22,6 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, TrySendError};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
-use vmm_sys_util::ioctl_iow_nr;
 
 use super::device::{MAX_FRAME_LEN, NET_HDR_LEN};
 
@@ -31,8 +30,14 @@ pub const RX_QUEUE_FRAMES: usize = 256;
 /// Longest interface name (IFNAMSIZ - 1).
 pub const MAX_NAME_LEN: usize = libc::IFNAMSIZ - 1;
 
-const TUNTAP: u32 = b'T' as u32;
-ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, ::std::os::raw::c_int);
+/// The ioctl numbers (a private module: the macro makes public functions).
+mod nr {
+    use vmm_sys_util::ioctl_iow_nr;
+    const TUNTAP: u32 = b'T' as u32;
+    // `TUNSETIFF`: attach the file to a TUN/TAP interface.
+    ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, ::std::os::raw::c_int);
+}
+use nr::TUNSETIFF;
 
 const IFF_TUN: u16 = 0x0001;
 const IFF_TAP: u16 = 0x0002;
