@@ -45,6 +45,7 @@ mod conn;
 mod frame;
 mod message;
 mod tls;
+mod udp;
 
 use std::net::SocketAddr;
 use std::time::Duration;

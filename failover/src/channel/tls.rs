@@ -95,9 +95,16 @@ pub(crate) fn endpoint(
         ))
     })?;
     let socket = std::net::UdpSocket::bind(addr)?;
+    super::udp::enlarge_buffers(&socket);
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
-    Ok(quinn::Endpoint::new(ec, server, socket, runtime)?)
+    let socket = Arc::new(super::udp::GsoCapped::new(
+        runtime.wrap_udp_socket(socket)?,
+        cfg.max_udp_payload,
+    ));
+    Ok(quinn::Endpoint::new_with_abstract_socket(
+        ec, server, socket, runtime,
+    )?)
 }
 
 /// Server side: require and verify a client certificate from the cluster CA.
