@@ -59,41 +59,68 @@ const HOST_VALIDITY_DAYS: i64 = 365 * 5;
 pub enum CertError {
     /// The file already exists; certificates and keys are never overwritten.
     #[error("refusing to overwrite existing {what} at {}", path.display())]
-    Exists { what: &'static str, path: PathBuf },
+    Exists {
+        /// Which file (CA certificate, host key...).
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+    },
     /// A required file does not exist.
     #[error("{what} not found at {} ({hint})", path.display())]
     Missing {
+        /// Which file (CA certificate, host key...).
         what: &'static str,
+        /// Its path.
         path: PathBuf,
+        /// How to create it.
         hint: &'static str,
     },
     /// A file exists but could not be read.
     #[error("cannot read {what} {}: {source}", path.display())]
     Read {
+        /// Which file (CA certificate, host key...).
         what: &'static str,
+        /// Its path.
         path: PathBuf,
+        /// The OS error.
         source: io::Error,
     },
     /// A file could not be created or written.
     #[error("cannot write {what} {}: {source}", path.display())]
     Write {
+        /// Which file (CA certificate, host key...).
         what: &'static str,
+        /// Its path.
         path: PathBuf,
+        /// The OS error.
         source: io::Error,
     },
     /// A file was read but its content is not what was expected.
     #[error("{} is not a valid {what}: {detail}", path.display())]
     Invalid {
+        /// Which file (CA certificate, host key...).
         what: &'static str,
+        /// Its path.
         path: PathBuf,
+        /// What is wrong with it.
         detail: String,
     },
     /// The host name cannot be used as a file name and certificate name.
     #[error("invalid host name {name:?}: {reason}")]
-    BadName { name: String, reason: &'static str },
+    BadName {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// An extra subject alternative name is neither an IP address nor a DNS name.
     #[error("invalid subject alternative name {san:?}: {detail}")]
-    BadSan { san: String, detail: String },
+    BadSan {
+        /// The name given.
+        san: String,
+        /// Why it is neither.
+        detail: String,
+    },
     /// Certificate generation failed.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),

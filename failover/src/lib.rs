@@ -4,6 +4,7 @@
 
 // Every unsafe block says why it is sound (`// SAFETY:`).
 #![deny(clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
 
 pub mod arbiter;
 pub mod certs;

@@ -147,9 +147,13 @@ pub struct Link {
 
 /// Where the secondary is and who we are.
 pub struct LinkParams {
+    /// The secondary's address.
     pub to: SocketAddr,
+    /// The name its certificate must carry.
     pub server_name: String,
+    /// This host's cluster credentials.
     pub creds: Credentials,
+    /// This host's name (announced in the handshake).
     pub name: String,
     /// Heartbeats, the VM's identity and the arbiter.
     pub failover: FailoverParams,
@@ -362,7 +366,9 @@ impl Link {
 /// Counters of [`HeldOutputs`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HeldStats {
+    /// Outputs released to the world after their acknowledgement.
     pub released: u64,
+    /// Outputs still held (not acknowledged when the run ended).
     pub withheld: u64,
     /// Added latency of the released outputs.
     pub latency: HeldLatency,

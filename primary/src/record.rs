@@ -97,13 +97,21 @@ impl Default for RecordOptions {
 /// Counters of a recording.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RecordStats {
+    /// Entries written.
     pub entries: u64,
+    /// Inputs logged.
     pub inputs: u64,
+    /// Interrupts logged.
     pub interrupts: u64,
+    /// Fingerprints logged.
     pub fingerprints: u64,
+    /// Sync points logged.
     pub sync_points: u64,
+    /// Pages in those sync points.
     pub sync_pages: u64,
+    /// Outputs logged.
     pub outputs: u64,
+    /// Network frames among the inputs.
     pub net_frames: u64,
 }
 
@@ -115,6 +123,7 @@ pub struct Recorder<I: Inputs, S: EntrySink> {
     last_sync_exit: u64,
     error: Option<InputsError>,
     flush_on_output: bool,
+    /// What was logged so far.
     pub stats: RecordStats,
 }
 

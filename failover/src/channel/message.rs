@@ -63,35 +63,66 @@ pub enum Message {
     Hello(Hello),
     /// Guest memory sent during pre-copy round `round`.
     MemoryPages {
+        /// The pre-copy round.
         round: u32,
         /// Whether each page's data is compressed (codec fixed per protocol version).
         compressed: bool,
+        /// The pages.
         pages: Vec<Page>,
     },
     /// Pages that are all zero in round `round` (guest physical addresses).
-    ZeroPages { round: u32, gpas: Vec<u64> },
+    ZeroPages {
+        /// The pre-copy round.
+        round: u32,
+        /// Guest physical addresses of the zero pages.
+        gpas: Vec<u64>,
+    },
     /// Disk contents.
-    DiskBlocks { disk: u32, blocks: Vec<DiskBlock> },
+    DiskBlocks {
+        /// Which disk (0: the only one).
+        disk: u32,
+        /// The blocks, with their offsets.
+        blocks: Vec<DiskBlock>,
+    },
     /// Serialized device state (opaque to the channel).
     DeviceState(#[serde(with = "bytes")] Vec<u8>),
     /// Serialized vCPU state (opaque to the channel).
     VcpuState(#[serde(with = "bytes")] Vec<u8>),
     /// End of pre-copy round `round`; `dirty_pages` were dirtied meanwhile.
-    RoundDone { round: u32, dirty_pages: u64 },
+    RoundDone {
+        /// The round that ended.
+        round: u32,
+        /// Pages dirtied during it.
+        dirty_pages: u64,
+    },
     /// The source has stopped the guest and sent everything; switch over.
     /// `paused`: the guest was paused by its operator and stays paused
     /// at the destination until resumed there.
-    SwitchoverReady { paused: bool },
+    SwitchoverReady {
+        /// The guest stays paused at the destination.
+        paused: bool,
+    },
     /// The destination confirms the guest runs there.
     Running,
     /// Give up the migration or replication.
-    Abort { reason: String },
+    Abort {
+        /// Why, for the other side's operator.
+        reason: String,
+    },
     /// A chunk of the record log (opaque to the channel).
     LogBytes(#[serde(with = "bytes")] Vec<u8>),
     /// The secondary has durably received the log up to `exit_seq`.
-    Ack { exit_seq: u64 },
+    Ack {
+        /// The last exit durably received.
+        exit_seq: u64,
+    },
     /// Liveness; `sent_micros` is the sender's monotonic clock, echoed back if wanted.
-    Heartbeat { seq: u64, sent_micros: u64 },
+    Heartbeat {
+        /// Heartbeat number (increasing).
+        seq: u64,
+        /// The sender's monotonic clock, in µs.
+        sent_micros: u64,
+    },
 }
 
 /// Serialize `Vec<u8>` as a byte string (one memcpy in postcard) instead of a

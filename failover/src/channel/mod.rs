@@ -84,41 +84,78 @@ pub enum ChannelError {
     /// TLS handshake failed: the peer has no certificate from the cluster CA,
     /// or refused ours, or did not complete the handshake in time.
     #[error("TLS handshake with {peer} failed: {reason}")]
-    Handshake { peer: SocketAddr, reason: String },
+    Handshake {
+        /// The peer's address.
+        peer: SocketAddr,
+        /// What TLS said.
+        reason: String,
+    },
     /// The peer speaks another protocol version.
     #[error(
         "protocol version mismatch: we speak version {ours}, the peer speaks version {theirs}"
     )]
-    Version { ours: u32, theirs: u32 },
+    Version {
+        /// Our protocol version.
+        ours: u32,
+        /// The peer's.
+        theirs: u32,
+    },
     /// A frame's declared length exceeds the cap; nothing was allocated.
     #[error("frame of {len} bytes from {peer} exceeds the {max}-byte limit")]
     FrameTooLarge {
+        /// The peer's address.
         peer: SocketAddr,
+        /// The declared length.
         len: u32,
+        /// The limit.
         max: u32,
     },
     /// A frame of another kind than expected arrived.
     #[error("unexpected frame kind {got} from {peer} (expected {expected})")]
     UnexpectedKind {
+        /// The peer's address.
         peer: SocketAddr,
+        /// The kind that came.
         got: u8,
+        /// The kind that was expected.
         expected: u8,
     },
     /// The payload could not be decoded.
     #[error("malformed message from {peer}: {reason}")]
-    Decode { peer: SocketAddr, reason: String },
+    Decode {
+        /// The peer's address.
+        peer: SocketAddr,
+        /// What did not decode.
+        reason: String,
+    },
     /// The peer violated the protocol in another way.
     #[error("protocol error with {peer}: {reason}")]
-    Protocol { peer: SocketAddr, reason: String },
+    Protocol {
+        /// The peer's address.
+        peer: SocketAddr,
+        /// What the peer did.
+        reason: String,
+    },
     /// The stream was finished by the peer at a frame boundary (orderly end).
     #[error("stream from {peer} finished")]
-    Finished { peer: SocketAddr },
+    Finished {
+        /// The peer's address.
+        peer: SocketAddr,
+    },
     /// The connection is closed (by either side, or lost: timeout, reset...).
     #[error("connection with {peer} closed: {reason}")]
-    Closed { peer: SocketAddr, reason: String },
+    Closed {
+        /// The peer's address.
+        peer: SocketAddr,
+        /// Why (as QUIC reports it).
+        reason: String,
+    },
     /// A deadline passed.
     #[error("timed out {what}")]
-    Timeout { what: &'static str },
+    Timeout {
+        /// What was being waited for.
+        what: &'static str,
+    },
     /// TLS or QUIC configuration is invalid (bad key, unusable certificate...).
     #[error("channel configuration error: {0}")]
     Config(String),

@@ -145,10 +145,13 @@ impl VcpuSide {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("the VM has stopped")]
+    /// The vCPU thread has ended.
     Ended,
     #[error("a migration is already in progress")]
+    /// A migration or disk move is already in progress.
     Busy,
     #[error("no migration is in progress")]
+    /// No migration is in progress to cancel.
     NotMigrating,
     /// This VM cannot be migrated (said why).
     #[error("{0}")]

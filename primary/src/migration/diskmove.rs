@@ -80,40 +80,63 @@ pub struct DiskMoveReport {
 #[derive(Debug, thiserror::Error)]
 pub enum DiskMoveError {
     #[error("a migration or disk move is already in progress")]
+    /// A migration or disk move is already in progress.
     Busy,
     #[error("the VM has stopped")]
+    /// The VM ended before the move completed.
     VmEnded,
     /// This VM's disk cannot be moved (the reason).
     #[error("{0}")]
     Refused(&'static str),
     #[error("the VM has no disk")]
+    /// The VM has no disk to move.
     NoDisk,
     #[error("{0} is the VM's current disk image")]
+    /// The destination is the current image.
     SameImage(PathBuf),
     #[error("{0} is a directory")]
+    /// The destination is a directory.
     IsDirectory(PathBuf),
     #[error("{0} is not a regular file")]
+    /// The destination is not a regular file.
     NotRegular(PathBuf),
     #[error("{0} exists and is not empty (--force overwrites it)")]
+    /// The destination holds data (and --force was not given).
     NotEmpty(PathBuf),
     #[error("cannot create {path}: {source}")]
+    /// The destination could not be created.
     Create {
+        /// The destination.
         path: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
     #[error("reading the current disk image {path}: {source}")]
+    /// The current image could not be read.
     Read {
+        /// The current image.
         path: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
     #[error("writing {path}: {source}")]
+    /// The destination could not be written.
     Write {
+        /// The destination.
         path: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
     #[error("switching the disk to {path}: {reason}")]
-    Switch { path: PathBuf, reason: String },
+    /// The device refused the new image (the guest goes on with the old one).
+    Switch {
+        /// The destination.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     #[error("cancelled by the operator")]
+    /// The operator cancelled the move.
     Cancelled,
 }
 

@@ -136,31 +136,44 @@ pub struct MigrationReport {
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     #[error("cancelled by the operator")]
+    /// The operator cancelled the migration.
     Cancelled,
     #[error("a migration is already in progress")]
+    /// Another migration is in progress.
     Busy,
     #[error("the guest ended on the source before the switchover")]
+    /// The guest ended before the switchover.
     VmEnded,
     /// This VM cannot be migrated (the reason).
     #[error("{0}")]
     NotMigratable(&'static str),
     #[error("cannot connect to the destination {addr}: {source}")]
+    /// The destination could not be reached.
     Connect {
+        /// The destination's address.
         addr: SocketAddr,
+        /// Why.
         source: failover::channel::ChannelError,
     },
     #[error("the destination refused the VM: {0}")]
+    /// The destination refused the VM (its reason).
     Refused(String),
     #[error("the destination aborted the migration: {0}")]
+    /// The destination aborted (its reason).
     Aborted(String),
     #[error("lost the destination: {0}")]
+    /// The channel to the destination failed.
     Channel(#[from] failover::channel::ChannelError),
     #[error("the destination did not confirm within {0:?}")]
+    /// The destination did not confirm the switchover in time.
     NoConfirmation(Duration),
     #[error("reading the VM for migration: {0}")]
+    /// The VM's state could not be read here.
     Source(String),
     #[error("protocol error: {0}")]
+    /// The destination broke the protocol.
     Protocol(String),
     #[error("the switchover's outcome is unknown ({0}): the destination may be running the VM, so it is kept paused here to never run two copies; check the destination, and `tandem resume` here only if the VM does not run there")]
+    /// The switchover's outcome is unknown: the VM stays paused here.
     InDoubt(String),
 }
