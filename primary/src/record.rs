@@ -309,3 +309,250 @@ impl<I: Inputs, S: EntrySink> Inputs for Recorder<I, S> {
         self.error.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The recorder without KVM: a scripted host behind it, a sink that
+    //! keeps what it is given.
+
+    use super::*;
+    use recordlog::Digest;
+    use std::sync::{Arc, Mutex};
+    use vmm::outputs::OutputKind;
+
+    /// The host: fixed answers, and what reached the live outputs.
+    #[derive(Default)]
+    struct Host {
+        console: Option<Vec<u8>>,
+        frame: Option<Vec<u8>>,
+        deadline: bool,
+        emitted: Arc<Mutex<Vec<Output>>>,
+    }
+
+    impl Outputs for Host {
+        fn emit(&mut self, output: Output) -> Result<(), Divergence> {
+            self.emitted.lock().unwrap().push(output);
+            Ok(())
+        }
+    }
+
+    impl Inputs for Host {
+        fn clock_ns(&mut self, exit_seq: u64) -> u64 {
+            1000 * exit_seq
+        }
+        fn wall_clock_ns(&mut self, exit_seq: u64) -> u64 {
+            7_000_000 + exit_seq
+        }
+        fn deadline_reached(&mut self, _exit_seq: u64, _deadline_ns: u64) -> bool {
+            self.deadline
+        }
+        fn console_input(&mut self, _exit_seq: u64) -> Option<Vec<u8>> {
+            self.console.take()
+        }
+        fn net_frame(&mut self, _exit_seq: u64) -> Option<Vec<u8>> {
+            self.frame.take()
+        }
+        fn wait_idle(&mut self, _exit_seq: u64, _deadline_ns: Option<u64>) -> bool {
+            true
+        }
+        fn interrupt_injected(&mut self, _exit_seq: u64, _vector: u8) -> Result<(), Divergence> {
+            Ok(())
+        }
+        fn host_instant_of(&self, _deadline_ns: u64) -> Option<Instant> {
+            None
+        }
+    }
+
+    /// Keeps every entry; fails every append and flush once `fail` is set.
+    #[derive(Default, Clone)]
+    struct Sink {
+        entries: Arc<Mutex<Vec<Entry>>>,
+        fail: Arc<Mutex<bool>>,
+        flushes: Arc<Mutex<u32>>,
+    }
+
+    fn broken() -> SinkError {
+        SinkError::File(recordlog::WriteError::Io(std::io::Error::other(
+            "disk gone",
+        )))
+    }
+
+    impl EntrySink for Sink {
+        fn append(&mut self, entry: &Entry) -> Result<(), SinkError> {
+            if *self.fail.lock().unwrap() {
+                return Err(broken());
+            }
+            self.entries.lock().unwrap().push(entry.clone());
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<(), SinkError> {
+            if *self.fail.lock().unwrap() {
+                return Err(broken());
+            }
+            *self.flushes.lock().unwrap() += 1;
+            Ok(())
+        }
+    }
+
+    fn recorder(opts: RecordOptions, start: u64) -> (Recorder<Host, Sink>, Sink, Host) {
+        let host = Host::default();
+        let view = Host {
+            emitted: host.emitted.clone(),
+            ..Host::default()
+        };
+        let sink = Sink::default();
+        (Recorder::new(host, sink.clone(), opts, start), sink, view)
+    }
+
+    fn sync_point() -> SyncPoint {
+        SyncPoint {
+            vcpu_state: vec![1],
+            device_state: vec![2],
+            pages: vec![(0x1000, vec![0; 4096]), (0x3000, vec![1; 4096])],
+            digest: Digest([9; 32]),
+        }
+    }
+
+    #[test]
+    fn inputs_are_logged_at_their_exit_and_polls_only_when_they_deliver() {
+        let (mut r, sink, _) = recorder(RecordOptions::default(), 0);
+        assert_eq!(r.clock_ns(3), 3000);
+        assert_eq!(r.wall_clock_ns(4), 7_000_004);
+        // Nothing there: nothing logged.
+        assert!(!r.deadline_reached(5, 100));
+        assert_eq!(r.console_input(5), None);
+        assert_eq!(r.net_frame(5), None);
+        r.live_mut().deadline = true;
+        r.live_mut().console = Some(b"ls\n".to_vec());
+        r.live_mut().frame = Some(vec![0xab; 60]);
+        assert!(r.deadline_reached(6, 100));
+        assert_eq!(r.console_input(6).as_deref(), Some(&b"ls\n"[..]));
+        assert_eq!(r.net_frame(7).map(|f| f.len()), Some(60));
+        r.interrupt_injected(7, 0x20).unwrap();
+        let entries = sink.entries.lock().unwrap().clone();
+        let input = |exit_seq, input| Entry::Input { exit_seq, input };
+        assert_eq!(
+            entries,
+            vec![
+                input(3, Input::Clock(3000)),
+                input(4, Input::WallClock(7_000_004)),
+                input(6, Input::DeadlineReached),
+                input(6, Input::Console(b"ls\n".to_vec())),
+                input(7, Input::NetFrame(vec![0xab; 60])),
+                Entry::Interrupt {
+                    exit_seq: 7,
+                    vector: 0x20
+                },
+            ]
+        );
+        let s = r.stats;
+        assert_eq!(
+            (s.entries, s.inputs, s.net_frames, s.interrupts),
+            (6, 5, 1, 1)
+        );
+        assert!(r.take_error().is_none());
+    }
+
+    #[test]
+    fn outputs_are_logged_as_records_then_reach_the_live_outputs() {
+        let (mut r, sink, host) = recorder(RecordOptions::default(), 0);
+        let out = Output {
+            exit_seq: 12,
+            kind: OutputKind::Console,
+            bytes: b"hello\n".to_vec(),
+        };
+        r.emit(out.clone()).unwrap();
+        assert_eq!(
+            sink.entries.lock().unwrap().clone(),
+            vec![Entry::Output {
+                exit_seq: 12,
+                output: out.record(),
+            }]
+        );
+        assert_eq!(host.emitted.lock().unwrap().clone(), vec![out.clone()]);
+        // Without flush_on_output the sink is not flushed per output; with
+        // it, every output pushes the log out first.
+        assert_eq!(*sink.flushes.lock().unwrap(), 0);
+        let mut r = r.flush_on_output();
+        r.emit(out).unwrap();
+        assert_eq!(*sink.flushes.lock().unwrap(), 1);
+        assert_eq!(r.stats.outputs, 2);
+        // An idle guest's wait flushes too.
+        assert!(r.wait_idle(13, None));
+        assert_eq!(*sink.flushes.lock().unwrap(), 2);
+    }
+
+    #[test]
+    fn sync_points_at_kicks_and_every_interval_from_the_start_exit() {
+        let opts = RecordOptions {
+            fingerprint_interval: 0,
+            sync_interval: 100,
+        };
+        // Started from a snapshot at exit 1000.
+        let (mut r, sink, _) = recorder(opts, 1000);
+        assert_eq!(r.fingerprint_interval(), None);
+        assert!(r.wants_sync_point(1001, SyncReason::Kick));
+        assert!(!r.wants_sync_point(1099, SyncReason::Interval));
+        assert!(r.wants_sync_point(1100, SyncReason::Interval));
+        r.sync_point(1100, sync_point()).unwrap();
+        // The interval counts from the last sync point, kicks included.
+        assert!(!r.wants_sync_point(1150, SyncReason::Interval));
+        r.sync_point(1150, sync_point()).unwrap();
+        assert!(!r.wants_sync_point(1249, SyncReason::Interval));
+        assert!(r.wants_sync_point(1250, SyncReason::Interval));
+        assert_eq!((r.stats.sync_points, r.stats.sync_pages), (2, 4));
+        assert!(matches!(
+            sink.entries.lock().unwrap()[0],
+            Entry::SyncPoint { exit_seq: 1100, .. }
+        ));
+        // No interval: only kicks.
+        let (mut r, _, _) = recorder(
+            RecordOptions {
+                fingerprint_interval: 50,
+                sync_interval: 0,
+            },
+            0,
+        );
+        assert_eq!(r.fingerprint_interval(), Some(50));
+        assert!(!r.wants_sync_point(1 << 40, SyncReason::Interval));
+        assert!(r.wants_sync_point(1, SyncReason::Kick));
+        let fp = Fingerprint {
+            exit_reason: 2,
+            rip: 0x1234,
+            rax: 1,
+            rcx: 2,
+            rflags: 0x202,
+        };
+        r.fingerprint(50, &fp).unwrap();
+        assert_eq!(r.stats.fingerprints, 1);
+    }
+
+    #[test]
+    fn a_failing_sink_ends_the_run_with_a_typed_error_and_logs_nothing_more() {
+        let (mut r, sink, host) = recorder(RecordOptions::default(), 0);
+        r.clock_ns(1);
+        *sink.fail.lock().unwrap() = true;
+        r.clock_ns(2);
+        let e = r.take_error().expect("the failure is reported");
+        assert!(matches!(e, InputsError::LogWrite(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "writing the record log failed: I/O error writing the log: disk gone"
+        );
+        // The first failure is kept; later entries are dropped, even once
+        // the sink works again (the log has a hole: it must end here).
+        *sink.fail.lock().unwrap() = false;
+        r.clock_ns(3);
+        assert_eq!(sink.entries.lock().unwrap().len(), 1);
+        assert!(r.flush().is_err());
+        // The guest's outputs still reach the world.
+        r.emit(Output {
+            exit_seq: 3,
+            kind: OutputKind::Console,
+            bytes: b"x".to_vec(),
+        })
+        .unwrap();
+        assert_eq!(host.emitted.lock().unwrap().len(), 1);
+        assert!(r.take_error().is_some());
+    }
+}
