@@ -21,7 +21,7 @@
 //! | 0x05 | `Input::NetFrame`        | bytes (rest of payload) |
 //! | 0x10 | `Interrupt`              | vector:u8 |
 //! | 0x11 | `Fingerprint`            | exit_reason, rip, rax, rcx, rflags: varint each |
-//! | 0x12 | `SyncPoint`              | vcpu_len:varint vcpu, dev_len:varint dev, digest[32], npages:varint, npages × (gpa:varint len:varint bytes) |
+//! | 0x12 | `SyncPoint`              | vcpu_len:varint vcpu, dev_len:varint dev, digest[32], npages:varint, npages × (gpa:varint len:varint delta) |
 //! | 0x13 | `Digest`                 | digest[32] |
 //! | 0x14 | `End`                    | status: zigzag varint |
 //! | 0x15 | `Output`                 | kind:u8 len:varint hash:u64le |

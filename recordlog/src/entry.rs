@@ -103,7 +103,9 @@ pub struct SyncPoint {
     /// Device state, opaque to the log (serialized by the vmm).
     pub device_state: Vec<u8>,
     /// Pages dirtied since the previous sync point: `(guest physical address,
-    /// contents)`; contents are normally 4096 bytes (the log does not insist).
+    /// delta)`, the delta being the XOR of the page with its version in the
+    /// previous sync point (or the initial memory), page-coded
+    /// ([`crate::page::encode_delta`]; the log does not decode it).
     pub pages: Vec<(u64, Vec<u8>)>,
     /// Digest of the whole VM state after applying this sync point.
     pub digest: Digest,

@@ -21,9 +21,11 @@ use crate::codec::{put_varint, CodecError, Cursor};
 use crate::digest::Digest;
 
 /// The version this crate writes and reads.
-/// Version 2 added `Output` entries (0x15); version-1 logs are refused: a
-/// replay of one would miss every output check.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 2 added `Output` entries (0x15); version 3 encodes sync point
+/// pages against their previous version (`crate::page::encode_delta`).
+/// Older logs are refused: a version-1 replay would miss every output
+/// check, a version-2 sync point's raw pages would be read as deltas.
+pub const FORMAT_VERSION: u32 = 3;
 /// First 8 bytes of every log.
 pub const MAGIC: [u8; 8] = *b"TNDMLOG\0";
 /// Largest accepted header body (the VM configuration is small).
@@ -260,13 +262,13 @@ mod tests {
         assert_eq!(
             e,
             HeaderError::UnsupportedVersion {
-                expected: 2,
+                expected: 3,
                 found: 7
             }
         );
         assert_eq!(
             e.to_string(),
-            "unsupported log format version: expected 2, found 7"
+            "unsupported log format version: expected 3, found 7"
         );
         let mut h = snap();
         h.format_version = 1;

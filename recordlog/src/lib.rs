@@ -2,7 +2,7 @@
 //! (DESIGN.md, "The determinism boundary"), their byte format, and readers
 //! and writers for files and streams. No KVM code; decoding is fuzzed.
 //!
-//! # Format (version 2)
+//! # Format (version 3)
 //!
 //! A log is a [`Header`] followed by frames (full layout and rationale in
 //! `docs/log-format.md`):
@@ -69,6 +69,7 @@ pub mod codec;
 pub mod digest;
 pub mod entry;
 pub mod header;
+pub mod page;
 pub mod queue;
 pub mod reader;
 pub mod stream;

@@ -102,13 +102,16 @@ fn truncation_at_every_offset() {
 #[test]
 fn wrong_magic_and_version_are_named() {
     let (mut bytes, _) = write(&sample_entries(), false);
-    // Version 1 (before Output entries) is refused, by name.
-    bytes[8] = 1;
-    match LogReader::open(&bytes[..]) {
-        Err(ReadError::Header(HeaderError::UnsupportedVersion { expected, found })) => {
-            assert_eq!((expected, found), (2, 1));
+    // Versions 1 (before Output entries) and 2 (raw sync point pages) are
+    // refused, by name.
+    for old in [1, 2] {
+        bytes[8] = old;
+        match LogReader::open(&bytes[..]) {
+            Err(ReadError::Header(HeaderError::UnsupportedVersion { expected, found })) => {
+                assert_eq!((expected, found), (3, old as u32));
+            }
+            other => panic!("{other:?}"),
         }
-        other => panic!("{other:?}"),
     }
     let e = LogReader::open(&b"GIF89a........................"[..]).unwrap_err();
     assert!(matches!(e, ReadError::Header(HeaderError::BadMagic { .. })));

@@ -25,8 +25,9 @@ pub fn dump_log(args: DumpLogArgs) -> Result<i32, CmdError> {
             Ok(Some(e)) => {
                 let line = match &e {
                     Entry::SyncPoint { exit_seq, sync } => format!(
-                        "SyncPoint {{ exit_seq: {exit_seq}, pages: {}, vcpu bytes: {}, device bytes: {}, digest: {} }}",
+                        "SyncPoint {{ exit_seq: {exit_seq}, pages: {} ({} bytes of deltas against the previous sync point), vcpu bytes: {}, device bytes: {}, digest: {} }}",
                         sync.pages.len(),
+                        sync.pages.iter().map(|(_, d)| d.len()).sum::<usize>(),
                         sync.vcpu_state.len(),
                         sync.device_state.len(),
                         sync.digest.to_hex()

@@ -5,12 +5,18 @@
 //! it had to kick the vCPU (the guest did not exit by itself) and
 //! periodically; the replayer applies it instead of executing.
 //!
-//! The replayer keeps a [`Checkpoint`]: a copy of guest memory as of the
-//! last applied sync point, maintained incrementally (only pages dirtied
-//! since are copied). With it a diverged replayer can roll memory back to
-//! the last sync point and adopt the next one exactly: the next sync point
-//! carries every page the primary wrote in between, and the pages only the
-//! replayer wrote get their checkpoint contents back.
+//! Both sides keep a [`Checkpoint`]: a copy of guest memory as of the last
+//! sync point (the initial memory before the first), maintained
+//! incrementally (only the pages of each sync point are copied). A sync
+//! point's pages are encoded against it (`recordlog::page::encode_delta`:
+//! the XOR with the previous version, then the page codec), so a page the
+//! guest changed in a few words costs a few bytes; the replayer decodes
+//! against its own checkpoint, which holds the same versions because it
+//! applies every sync point in order. With it, too, a diverged replayer can
+//! roll memory back to the last sync point and adopt the next one exactly:
+//! the next sync point carries every page the primary wrote in between,
+//! and the pages only the replayer wrote get their checkpoint contents
+//! back.
 
 use std::collections::{HashMap, HashSet};
 
@@ -42,13 +48,13 @@ pub enum SyncError {
     #[error(transparent)]
     /// Saved state could not be encoded or decoded.
     State(#[from] StateError),
-    #[error("sync point page at {gpa:#x} is {len} bytes, not one page ({PAGE_SIZE})")]
-    /// A page of a sync point is not one page long.
-    PageSize {
+    #[error("sync point page at {gpa:#x} does not decode: {source}")]
+    /// A page of a sync point does not decode to exactly one page.
+    PageCode {
         /// Its guest address.
         gpa: u64,
-        /// Its length.
-        len: usize,
+        /// Why.
+        source: recordlog::page::PageError,
     },
     #[error("sync point page at {gpa:#x} is not page-aligned")]
     /// A page of a sync point is not page-aligned.
@@ -97,14 +103,11 @@ impl SyncPointCheck {
     /// Decode and check `sp`.
     pub fn check(&self, sp: &SyncPoint) -> Result<(VcpuState, DevicesState), SyncError> {
         let (vcpu, devices) = decode_states(sp)?;
+        let mut scratch = vec![0u8; PAGE_SIZE];
         for (gpa, data) in &sp.pages {
             let gpa = *gpa;
-            if data.len() != PAGE_SIZE {
-                return Err(SyncError::PageSize {
-                    gpa,
-                    len: data.len(),
-                });
-            }
+            recordlog::page::check_delta(data, &mut scratch)
+                .map_err(|source| SyncError::PageCode { gpa, source })?;
             if !gpa.is_multiple_of(PAGE_SIZE as u64) {
                 return Err(SyncError::PageAlign { gpa });
             }
@@ -300,19 +303,20 @@ impl Applied {
 /// Sync-point machinery attached to a machine.
 pub struct SyncState {
     consumer: ConsumerId,
-    checkpoint: Option<Checkpoint>,
+    /// Memory as of the last sync point: what its pages are encoded
+    /// against, and where a replayer rolls back to.
+    checkpoint: Checkpoint,
 }
 
 impl Machine {
-    /// Start tracking pages for sync points. `replayer`: also keep the
-    /// memory checkpoint used to verify and repair.
-    pub fn enable_sync_points(&mut self, replayer: bool) -> Result<(), SyncError> {
+    /// Start tracking pages for sync points, and keep the memory checkpoint
+    /// the pages are encoded against (a copy of the non-zero guest pages;
+    /// the recorder and the replayer must enable at the same state).
+    /// `_replayer`: this machine applies sync points rather than capturing
+    /// them (both keep the same checkpoint).
+    pub fn enable_sync_points(&mut self, _replayer: bool) -> Result<(), SyncError> {
         let consumer = self.dirty.register(&self.vm.fd, &self.vm.memory, false)?;
-        let checkpoint = if replayer {
-            Some(Checkpoint::new(&self.vm.memory)?)
-        } else {
-            None
-        };
+        let checkpoint = Checkpoint::new(&self.vm.memory)?;
         self.sync = Some(SyncState {
             consumer,
             checkpoint,
@@ -336,11 +340,15 @@ impl Machine {
         let vcpu = self.vcpu.save()?;
         let devices = self.devices.save();
         let dirty = self.dirty.take(&self.vm.fd, &self.vm.memory, consumer)?;
+        let cp = &mut self.sync.as_mut().ok_or(SyncError::NotEnabled)?.checkpoint;
         let mut pages = Vec::with_capacity(dirty.len());
+        let (mut cur, mut xor) = (vec![0u8; PAGE_SIZE], Vec::with_capacity(PAGE_SIZE));
         for gpa in dirty {
-            let mut p = vec![0u8; PAGE_SIZE];
-            memory::read_page(&self.vm.memory, gpa, &mut p)?;
-            pages.push((gpa, p));
+            memory::read_page(&self.vm.memory, gpa, &mut cur)?;
+            let mut enc = Vec::new();
+            recordlog::page::encode_delta(&cur, cp.page(gpa), &mut xor, &mut enc);
+            cp.set(gpa, &cur);
+            pages.push((gpa, enc));
         }
         let digest = if with_digest {
             state_digest(&self.vm.memory, &vcpu, &devices)?
@@ -380,25 +388,23 @@ impl Machine {
         let own_dirty = self.dirty.take(&self.vm.fd, &self.vm.memory, consumer)?;
         let theirs: HashSet<u64> = sp.pages.iter().map(|(gpa, _)| *gpa).collect();
         let mem = self.vm.memory.clone();
-        if let Some(cp) = self.sync.as_mut().and_then(|s| s.checkpoint.as_mut()) {
-            let mut rolled_back = 0;
-            for gpa in own_dirty.iter().filter(|g| !theirs.contains(g)) {
-                let mut cur = vec![0u8; PAGE_SIZE];
-                memory::read_page(&mem, *gpa, &mut cur)?;
-                if cur != cp.page(*gpa) {
-                    memory::write_page(&mem, *gpa, cp.page(*gpa))?;
-                    rolled_back += 1;
-                }
+        let cp = &mut self.sync.as_mut().ok_or(SyncError::NotEnabled)?.checkpoint;
+        let mut cur = vec![0u8; PAGE_SIZE];
+        let mut rolled_back = 0;
+        for gpa in own_dirty.iter().filter(|g| !theirs.contains(g)) {
+            memory::read_page(&mem, *gpa, &mut cur)?;
+            if cur != cp.page(*gpa) {
+                memory::write_page(&mem, *gpa, cp.page(*gpa))?;
+                rolled_back += 1;
             }
-            applied.rolled_back = rolled_back;
-            for (gpa, data) in &sp.pages {
-                memory::write_page(&mem, *gpa, data)?;
-                cp.set(*gpa, data);
-            }
-        } else {
-            for (gpa, data) in &sp.pages {
-                memory::write_page(&mem, *gpa, data)?;
-            }
+        }
+        applied.rolled_back = rolled_back;
+        for (gpa, data) in &sp.pages {
+            // Checked above: every page decodes.
+            recordlog::page::decode_delta(data, cp.page(*gpa), &mut cur)
+                .map_err(|source| SyncError::PageCode { gpa: *gpa, source })?;
+            memory::write_page(&mem, *gpa, &cur)?;
+            cp.set(*gpa, &cur);
         }
         self.vcpu.restore(&vcpu)?;
         self.vcpu.derive_readiness_from_state()?;
@@ -416,10 +422,9 @@ impl Machine {
         let consumer = self.sync.as_ref().ok_or(SyncError::NotEnabled)?.consumer;
         let own_dirty = self.dirty.take(&self.vm.fd, &self.vm.memory, consumer)?;
         let mem = self.vm.memory.clone();
-        if let Some(cp) = self.sync.as_ref().and_then(|s| s.checkpoint.as_ref()) {
-            for gpa in own_dirty {
-                memory::write_page(&mem, gpa, cp.page(gpa))?;
-            }
+        let cp = &self.sync.as_ref().ok_or(SyncError::NotEnabled)?.checkpoint;
+        for gpa in own_dirty {
+            memory::write_page(&mem, gpa, cp.page(gpa))?;
         }
         self.dirty.take(&self.vm.fd, &self.vm.memory, consumer)?;
         Ok(())
