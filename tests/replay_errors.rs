@@ -33,7 +33,10 @@ fn ticks_log_with(extra: &[&str]) -> (TempDir, PathBuf, Vec<u8>) {
     let bytes = read(&log);
     assert!(bytes.len() > 64, "log of {} bytes", bytes.len());
     assert_eq!(&bytes[..8], b"TNDMLOG\0");
-    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 2);
+    assert_eq!(
+        u32::from_le_bytes(bytes[8..12].try_into().unwrap()),
+        recordlog::FORMAT_VERSION
+    );
     (dir, log, bytes)
 }
 
