@@ -43,6 +43,9 @@ pub enum Request {
     MoveDisk(MoveDiskRequest),
     /// Cancel the migration in progress (before its switchover).
     Cancel,
+    /// Test failover: a protected primary stops as if its host died
+    /// (`tandem failover`; served by `crate::commands::failover_api`).
+    Failover,
 }
 
 /// The arguments of a local disk move.
@@ -100,7 +103,7 @@ pub const MAX_CONNECTIONS: usize = 32;
 pub const MAX_REQUEST_LINE: usize = 64 << 10;
 
 /// One request line read from a client.
-enum Line {
+pub(crate) enum Line {
     Request(String),
     /// Longer than [`MAX_REQUEST_LINE`].
     TooLong,
@@ -111,7 +114,7 @@ enum Line {
 }
 
 /// Read the next line, never holding more than `max` bytes of it.
-fn read_line(r: &mut impl BufRead, max: usize) -> Line {
+pub(crate) fn read_line(r: &mut impl BufRead, max: usize) -> Line {
     let mut line = Vec::new();
     loop {
         let buf = match r.fill_buf() {
@@ -267,6 +270,10 @@ fn serve_conn(stream: UnixStream, ctl: &VmController) {
             Request::Pause => result(ctl.pause()),
             Request::Resume => result(ctl.resume()),
             Request::Cancel => result(ctl.cancel_migration()),
+            Request::Failover => Event::Error {
+                error: "this VM is not protected: a test failover needs tandem run --protect-to"
+                    .into(),
+            },
             Request::Migrate(m) => {
                 ANSWERING.fetch_add(1, Ordering::SeqCst);
                 migrate(&mut w, ctl, &m);

@@ -51,6 +51,11 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Where a VM with a control socket is: running, migrating, paused.
     Status(StatusArgs),
+    /// Test failover: the protected primary (`tandem run --protect-to
+    /// --api-socket`) stops at once as if its host died (no goodbye to the
+    /// secondary, held outputs never released); its secondary goes live
+    /// after the failover timeout, as it would after a real failure.
+    Failover(FailoverCmdArgs),
     /// Pause a VM with a control socket (until `tandem resume`).
     Pause(StatusArgs),
     /// Resume a VM paused with `tandem pause`.
@@ -310,6 +315,13 @@ pub struct MigrateArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FailoverCmdArgs {
+    /// Control socket of the protected primary.
+    #[arg(long)]
+    pub api: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use common::cluster::{make_disk, run_tandem, secondary, Pki, Proc};
 use common::{result_line, TempDir, TIMEOUT};
 
-/// Heartbeat and timeout of these tests (short, so the tests are short).
-const TIMING: [&str; 4] = ["--heartbeat-ms", "50", "--failover-timeout-ms", "500"];
+/// Heartbeat and timeout of these tests: the defaults (the tests run
+/// beside each other on a loaded host; a shorter timeout failed over
+/// falsely there once).
+const TIMING: [&str; 4] = ["--heartbeat-ms", "50", "--failover-timeout-ms", "1000"];
 
 /// A guest point to fail at: round 5..=(5+span) chosen from the clock.
 fn random_round(span: u64) -> u64 {
@@ -99,11 +101,15 @@ impl Pair {
         secondary(&[], "127.0.0.1:0", &self.pki.creds("sec"), &extra)
     }
 
-    /// The primary, its console in `pri.txt`.
+    /// The primary, its console in `pri.txt` (its control socket is
+    /// `api.sock`).
     fn primary(&self, cmdline: &str, addr: &str, disk: Option<&str>) -> Proc {
         let serial = format!("file:{}", self.dir.s("pri.txt"));
+        let sock = self.dir.s("api.sock");
         let mut args = vec![
             "run",
+            "--api-socket",
+            &sock,
             "--cmdline",
             cmdline,
             "--serial",
@@ -150,6 +156,18 @@ fn primary_killed(
     disk_len: Option<usize>,
     kill_at: &dyn Fn(&str) -> bool,
 ) {
+    primary_fails(tag, cmdline, disk_len, kill_at, false)
+}
+
+/// As [`primary_killed`]; with `test_failover` the primary is stopped by
+/// `tandem failover --api` instead of kill -9.
+fn primary_fails(
+    tag: &str,
+    cmdline: &str,
+    disk_len: Option<usize>,
+    kill_at: &dyn Fn(&str) -> bool,
+    test_failover: bool,
+) {
     let pair = Pair::new(tag);
     let (pri_img, sec_img, ref_img) = (
         pair.dir.s("pri.img"),
@@ -174,8 +192,21 @@ fn primary_killed(
     wait_until("the kill point on the primary's console", &mut pri, |_| {
         kill_at(&pair.console("pri.txt"))
     });
-    signal(&pri, libc::SIGKILL);
-    let _ = pri.child.wait();
+    if test_failover {
+        let sock = pair.dir.s("api.sock");
+        let (st, out, err) = run_tandem(&["failover", "--api", &sock]);
+        assert_eq!(st, 0, "{out}{err}");
+        assert!(out.contains("stopped as if its host died"), "{out}");
+    } else {
+        signal(&pri, libc::SIGKILL);
+    }
+    let st = pri.child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&st),
+        Some(libc::SIGKILL),
+        "{}",
+        pri.describe()
+    );
     let before = pair.console("pri.txt");
     sec.wait_for("going LIVE", true);
     let sec_pid = sec.child.id();
@@ -341,4 +372,18 @@ fn without_an_arbiter_the_primary_stops() {
     assert_eq!(status, 3, "{err}");
     assert!(err.contains("no --arbiter"), "{err}");
     assert!(result_line(&console()).is_none(), "{err}");
+}
+
+/// `tandem failover --api`: the primary stops as if its host died and the
+/// secondary takes over as after kill -9.
+#[test]
+fn test_failover_command() {
+    let at = random_round(40);
+    primary_fails(
+        "fo-test",
+        "fill 4 60 3",
+        None,
+        &|c| rounds(c) as u64 >= at,
+        true,
+    );
 }

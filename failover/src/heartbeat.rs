@@ -174,6 +174,7 @@ pub struct SecondaryBeat {
 pub struct Liveness {
     start: Instant,
     last_us: AtomicU64,
+    longest_us: AtomicU64,
 }
 
 impl Default for Liveness {
@@ -188,6 +189,7 @@ impl Liveness {
         Liveness {
             start: Instant::now(),
             last_us: AtomicU64::new(0),
+            longest_us: AtomicU64::new(0),
         }
     }
 
@@ -198,7 +200,16 @@ impl Liveness {
 
     /// A sign of life, now.
     pub fn touch(&self) {
-        self.last_us.fetch_max(self.now_us(), Ordering::SeqCst);
+        let now = self.now_us();
+        let prev = self.last_us.fetch_max(now, Ordering::SeqCst);
+        self.longest_us
+            .fetch_max(now.saturating_sub(prev), Ordering::SeqCst);
+    }
+
+    /// The longest silence between two signs of life so far (what a
+    /// timeout must stay above: `docs/failover.md`).
+    pub fn longest_silence(&self) -> Duration {
+        Duration::from_micros(self.longest_us.load(Ordering::SeqCst))
     }
 
     /// How long since the last sign of life.

@@ -49,6 +49,8 @@ struct AckState {
     echo_us: u64,
     /// The arbiter let us run on alone: everything may leave.
     alone: bool,
+    /// The arbiter is being asked.
+    deciding: bool,
     /// The secondary acknowledged the whole log including its end: it will
     /// never go live, so the lease no longer matters.
     complete: bool,
@@ -85,7 +87,7 @@ impl Acks {
             if acked && (!lease || leased) {
                 return true;
             }
-            if st.lost.is_some() && !lease {
+            if st.lost.is_some() && !st.deciding && !lease {
                 return false;
             }
             // Re-check the lease at least every heartbeat.
@@ -117,6 +119,7 @@ impl Acks {
                 return;
             }
             st.lost = Some(why.clone());
+            st.deciding = true;
         }
         self.cond.notify_all();
         match decide(&self.failover, &why) {
@@ -124,7 +127,10 @@ impl Acks {
                 eprintln!(
                     "tandem: the secondary is lost ({why}); this primary won the arbiter and runs on UNPROTECTED, its held outputs released"
                 );
-                self.lock().alone = true;
+                let mut st = self.lock();
+                st.alone = true;
+                st.deciding = false;
+                drop(st);
                 self.cond.notify_all();
             }
             Decision::Stop(msg) => {
@@ -320,16 +326,16 @@ impl Link {
         HeldOutputs::new(self.queue.clone(), self.acks.clone(), live, audit)
     }
 
-    /// Whether the arbiter let this primary run on alone (unprotected).
-    pub fn alone(&self) -> bool {
-        self.acks.lock().alone
-    }
-
     /// After the log's `End` was queued: close the stream and wait (up to
     /// `timeout`) until the secondary has acknowledged all of it. A primary
-    /// running alone has nothing to wait for.
-    pub fn finish(mut self, timeout: Duration) -> Result<(), String> {
+    /// running alone has nothing to wait for: `Ok(true)`.
+    pub fn finish(mut self, timeout: Duration) -> Result<bool, String> {
         self.queue.close();
+        eprintln!(
+            "tandem: heartbeats: longest silence from the secondary {:.1} ms (failover timeout {} ms)",
+            self.acks.life.longest_silence().as_secs_f64() * 1e3,
+            self.acks.failover.timing.timeout.as_millis()
+        );
         let total = self.queue.stats().pushed_bytes;
         let ok = self
             .acks
@@ -352,8 +358,8 @@ impl Link {
         self.handle
             .close_now(failover::channel::close_code::NORMAL, "done");
         match (ok, lost) {
-            (true, _) => Ok(()),
-            (false, Some(_)) if alone => Ok(()),
+            (_, _) if alone => Ok(true),
+            (true, _) => Ok(false),
             (false, Some(why)) => Err(why),
             (false, None) => Err(format!(
                 "the secondary {} did not acknowledge the end of the log in {timeout:?}",

@@ -169,6 +169,11 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         }
     };
     listener.close();
+    eprintln!(
+        "tandem: heartbeats: longest silence from the primary {:.1} ms (failover timeout {} ms)",
+        watch.life.longest_silence().as_secs_f64() * 1e3,
+        timing.timeout.as_millis()
+    );
     let replayed = replayed?;
     match (replayed.truncated_at_ns, lost) {
         (Some(virtual_ns), Some(why)) => go_live(

@@ -3,6 +3,7 @@
 mod certs;
 mod drill;
 mod dump;
+mod failover_api;
 mod golive;
 mod lockstep;
 mod migrate;
@@ -94,6 +95,7 @@ pub fn dispatch(cli: Cli) -> Result<i32, CmdError> {
         Command::Receive(args) => receive::receive(args),
         Command::Migrate(args) => migrate::migrate(args),
         Command::Status(args) => migrate::status(args),
+        Command::Failover(args) => failover_api::failover(args),
         Command::Pause(args) => migrate::pause(args, true),
         Command::Resume(args) => migrate::pause(args, false),
         Command::GuestElf(args) => migrate::guest_elf(args),

@@ -63,7 +63,6 @@ fn link_params(p: &ProtectArgs) -> Result<LinkParams, CmdError> {
 pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
     // What this first slice cannot protect yet, said up front.
     let unsupported = [
-        (args.api_socket.is_some(), "--api-socket"),
         (args.snapshot_at.is_some(), "--snapshot-at"),
         (
             args.vm.kernel.is_some() || args.vm.initrd.is_some(),
@@ -76,6 +75,9 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
         )));
     }
     let started = Instant::now();
+    if let Some(sock) = &args.api_socket {
+        super::failover_api::serve(sock)?;
+    }
     crate::signals::block();
     let params = link_params(&args.protect)?;
     let host_net = net::open(args.vm.net.net.as_ref())?;
@@ -170,8 +172,8 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
     // Dropping the recorder drops the held outputs' sender: the release
     // thread ends once the last output is acknowledged.
     drop(recorder);
-    let link_alone = link.alone();
     let end = link.finish(END_TIMEOUT);
+    let link_alone = matches!(end, Ok(true));
     let held = release.wait();
     let digest = machine
         .digest()

@@ -1,0 +1,120 @@
+//! Test failover (issue 10, `docs/failover.md`): `tandem run --protect-to
+//! --api-socket SOCK` serves `{"cmd":"failover"}` on its control socket,
+//! and `tandem failover --api SOCK` sends it. The primary answers `ok`,
+//! then stops as if its host died: SIGKILL to itself, so nothing is said
+//! to the secondary, no held output leaves and nothing is cleaned up. The
+//! secondary sees what it sees after a real failure: silence, then its
+//! failover timeout.
+//!
+//! This is the minimal control socket of a protected primary: the other
+//! requests (status, pause, migrate) are answered with an error naming
+//! what is served.
+
+use std::io::{BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+use super::CmdError;
+use crate::api::{self, read_line, Event, Line, Request, MAX_REQUEST_LINE};
+use crate::cli::FailoverCmdArgs;
+
+fn send(w: &mut UnixStream, ev: &Event) -> bool {
+    let mut line = serde_json::to_string(ev).unwrap_or_default();
+    line.push('\n');
+    w.write_all(line.as_bytes())
+        .and_then(|()| w.flush())
+        .is_ok()
+}
+
+/// Serve the control socket of a protected primary on a background thread.
+pub fn serve(path: &Path) -> Result<(), CmdError> {
+    let bad = |e: std::io::Error| CmdError::Input(format!("--api-socket {}: {e}", path.display()));
+    if path.exists() {
+        // A socket nobody answers on is left over from a dead VM.
+        if UnixStream::connect(path).is_ok() {
+            return Err(CmdError::Input(format!(
+                "--api-socket {}: in use by a running VM",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(bad)?;
+    }
+    let listener = UnixListener::bind(path).map_err(bad)?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .spawn(move || serve_conn(stream));
+            }
+        })
+        .map_err(|e| CmdError::Internal(format!("starting the control socket: {e}")))?;
+    Ok(())
+}
+
+fn serve_conn(stream: UnixStream) {
+    let Ok(mut w) = stream.try_clone() else {
+        return;
+    };
+    let mut r = BufReader::new(stream);
+    loop {
+        let line = match read_line(&mut r, MAX_REQUEST_LINE) {
+            Line::Request(l) => l,
+            Line::TooLong => {
+                send(
+                    &mut w,
+                    &Event::Error {
+                        error: format!("request longer than {MAX_REQUEST_LINE} bytes"),
+                    },
+                );
+                return;
+            }
+            Line::NotText => {
+                send(
+                    &mut w,
+                    &Event::Error {
+                        error: "request is not UTF-8".into(),
+                    },
+                );
+                continue;
+            }
+            Line::End => return,
+        };
+        let answer = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Failover) => {
+                send(&mut w, &Event::Ok);
+                eprintln!("tandem: test failover: this primary stops now as if its host died");
+                // SAFETY: kill(2) on our own process; nothing after it runs.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                return;
+            }
+            Ok(_) => Event::Error {
+                error: "a protected primary serves only {\"cmd\":\"failover\"} on its control socket yet".into(),
+            },
+            Err(e) => Event::Error {
+                error: format!("bad request: {e}"),
+            },
+        };
+        if !send(&mut w, &answer) {
+            return;
+        }
+    }
+}
+
+/// `tandem failover --api SOCK`.
+pub fn failover(args: FailoverCmdArgs) -> Result<i32, CmdError> {
+    let mut res = Err("no answer".to_string());
+    api::call(&args.api, &Request::Failover, |ev| {
+        res = match ev {
+            Event::Ok => Ok(()),
+            Event::Error { error } => Err(error),
+            other => Err(format!("unexpected answer {other:?}")),
+        };
+        false
+    })
+    .map_err(CmdError::Input)?;
+    res.map_err(CmdError::Internal)?;
+    println!("the primary stopped as if its host died; its secondary goes live after its failover timeout");
+    Ok(0)
+}
