@@ -21,6 +21,7 @@ const SHIPPED: &[&str] = &[
     "failover-then-reprotect",
     "long-distance",
     "protected-under-load",
+    "migrate-long-distance",
 ];
 
 fn scenario(name: &str) -> String {
