@@ -455,6 +455,17 @@ pub struct VmArgs {
     /// Serial console: stdio, null or file:PATH.
     #[arg(long, default_value = "stdio")]
     pub serial: SerialTarget,
+    /// The CPU the guest sees (docs/cpu-models.md): `baseline`
+    /// (x86-64-v1: SSE2, no SSE3) or `v2` (x86-64-v2: + SSE3, SSSE3,
+    /// SSE4.1/4.2, POPCNT, CMPXCHG16B, LAHF); neither has XSAVE/AVX, and
+    /// nothing of the host's CPUID shows through. Default: the most capable
+    /// of these this host's KVM provides (v2 on an ordinary VT-x/AMD-V
+    /// server, baseline on PVM-based KVM). The model is recorded with the
+    /// VM: a replay, restore or migration uses it and refuses a host that
+    /// cannot provide it, naming the missing features.
+    #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(
+        vmm::vstate::cpu_model::MODELS.iter().map(|m| m.name)))]
+    pub cpu_model: Option<String>,
 }
 
 /// The NIC option, shared by every command that runs a VM.
@@ -510,7 +521,8 @@ pub struct RecordArgs {
     #[command(flatten)]
     pub vm: VmArgs,
     /// Start from this snapshot instead of booting (the VM options other
-    /// than --serial and --disk are then taken from the snapshot).
+    /// than --serial and --disk are then taken from the snapshot; a
+    /// --cpu-model other than the snapshot's is refused).
     #[arg(long)]
     pub from_snapshot: Option<PathBuf>,
     /// Log a fingerprint (exit reason, RIP, registers) every N exits.

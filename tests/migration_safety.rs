@@ -236,6 +236,7 @@ impl FakeSource {
                 read_only: false,
             }),
             net: None,
+            cpu: vmm::vstate::cpu_model::CpuModel::baseline(),
         };
         let memory = {
             let inc = vmm::machine::Machine::prepare_incoming(&config).unwrap();

@@ -37,7 +37,9 @@ use vmm::PAGE_SIZE;
 /// 3: the VM configuration and machine state carry the NIC.
 /// 4: `DeviceState` carries the versioned machine state
 /// (`vmm::persist::encode_state`).
-pub const MIGRATION_VERSION: u32 = 4;
+/// 5: the header's VM configuration carries the CPU model; the
+/// destination builds that model or refuses, naming what its host lacks.
+pub const MIGRATION_VERSION: u32 = 5;
 
 /// Application frame kinds of the migration stream.
 pub mod kind {

@@ -31,6 +31,18 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
         Some(path) => {
             let disk = disk_config(args.vm.disk.as_ref())?;
             let (mut m, snap) = restore_machine(path, disk)?;
+            if let Some(name) = args
+                .vm
+                .cpu_model
+                .as_deref()
+                .filter(|n| *n != m.config.cpu.name)
+            {
+                return Err(CmdError::Input(format!(
+                    "--cpu-model {name}: the VM in {} has CPU model {} (a running VM keeps its CPU)",
+                    path.display(),
+                    m.config.cpu.name
+                )));
+            }
             net::check_restored(&m, host_net.as_ref());
             let digest = m.digest().map_err(|e| CmdError::Internal(e.to_string()))?;
             let initial = InitialState::Snapshot {

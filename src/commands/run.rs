@@ -8,6 +8,8 @@ use vmm::inputs::Inputs;
 use vmm::machine::{DiskConfig, Machine, MachineError, VmConfig};
 use vmm::run::{RunLimits, RunOutcome};
 use vmm::snapshot;
+use vmm::vstate::cpu_model::CpuModel;
+use vmm::vstate::cpuid::CpuidError;
 
 use super::CmdError;
 use crate::cli::{DiskArg, RestoreArgs, RunArgs, VmArgs};
@@ -88,7 +90,8 @@ pub fn machine_error(e: MachineError) -> CmdError {
         MachineError::TooLittleMemory(_)
         | MachineError::TooMuchMemory { .. }
         | MachineError::Loader(_)
-        | MachineError::Devices(_) => CmdError::Input(e.to_string()),
+        | MachineError::Devices(_)
+        | MachineError::Cpuid(CpuidError::Model(_)) => CmdError::Input(e.to_string()),
         MachineError::Vm(ref v) => match v {
             vmm::vstate::vm::VmError::NoKvm | vmm::vstate::vm::VmError::KvmPermission => {
                 CmdError::Input(e.to_string())
@@ -151,7 +154,22 @@ pub fn vm_config(args: &VmArgs, net: Option<&HostNet>) -> Result<VmConfig, CmdEr
         initrd: args.initrd.clone(),
         disk,
         net: net.map(HostNet::config),
+        cpu: cpu_model(args.cpu_model.as_deref())?,
     })
+}
+
+/// `--cpu-model NAME`, or the most capable model this host's KVM provides.
+pub fn cpu_model(name: Option<&str>) -> Result<CpuModel, CmdError> {
+    if let Some(name) = name {
+        return CpuModel::named(name).map_err(|e| CmdError::Input(e.to_string()));
+    }
+    match vmm::vstate::cpuid::host_default() {
+        Ok(model) => Ok(model),
+        // Building the VM will say what is wrong with /dev/kvm.
+        Err(CpuidError::Open(_)) => Ok(CpuModel::baseline()),
+        Err(CpuidError::Model(m)) => Err(CmdError::Input(m.to_string())),
+        Err(other) => Err(CmdError::Internal(other.to_string())),
+    }
 }
 
 /// Boot the VM `config` describes.

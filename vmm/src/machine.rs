@@ -11,6 +11,7 @@ use crate::devices::virtio::net::MacAddr;
 use crate::devices::{Devices, DevicesError, DevicesState};
 use crate::dirty::DirtyTracker;
 use crate::loader::{self, layout, BootSource, LoaderError};
+use crate::vstate::cpu_model::CpuModel;
 use crate::vstate::cpuid::{self, CpuidError};
 use crate::vstate::memory::MemoryError;
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuState};
@@ -34,6 +35,10 @@ pub struct VmConfig {
     pub disk: Option<DiskConfig>,
     /// The virtio-net NIC.
     pub net: Option<NetConfig>,
+    /// The CPU the guest sees: the model's name and its whole CPUID table
+    /// (checked against the host and this Tandem's models wherever the VM
+    /// is built: boot, replay, restore, incoming migration).
+    pub cpu: CpuModel,
 }
 
 /// The NIC of a [`VmConfig`]: the guest's address and, for the record, the
@@ -88,6 +93,9 @@ pub enum MachineError {
     #[error(transparent)]
     /// Building the CPUID table failed.
     Cpuid(#[from] CpuidError),
+    /// A migration's final state names another CPU than its header did.
+    #[error("the VM's state has CPU model {state} but the VM was built with CPU model {built}")]
+    CpuChanged { built: String, state: String },
     #[error(transparent)]
     /// Creating or setting the vCPU failed.
     Vcpu(#[from] VcpuError),
@@ -199,6 +207,25 @@ fn check_mem(mib: u64) -> Result<(), MachineError> {
     Ok(())
 }
 
+/// Guest RAM must lie below the CPU model's physical address limit.
+fn check_phys_bits(config: &VmConfig) -> Result<(), MachineError> {
+    let bits = config.cpu.phys_bits();
+    let top = layout::ram_regions(config.mem_mib << 20)
+        .iter()
+        .map(|(start, len)| start.0 + *len as u64)
+        .max()
+        .unwrap_or(0);
+    if bits < 64 && top > 1u64 << bits {
+        let limit_mib = ((1u64 << bits) - (layout::MMIO_HOLE_END - layout::MMIO_HOLE_START)) >> 20;
+        return Err(MachineError::TooMuchMemory {
+            mib: config.mem_mib,
+            limit_mib,
+            what: "the CPU model's physical address space",
+        });
+    }
+    Ok(())
+}
+
 fn split_mem(mem: &crate::GuestMemory) -> (u64, u64) {
     let mut below = 0;
     let mut above = 0;
@@ -216,7 +243,8 @@ impl Machine {
     fn create(config: &VmConfig) -> Result<(Vm, Vcpu), MachineError> {
         check_mem(config.mem_mib)?;
         let vm = Vm::new(&layout::ram_regions(config.mem_mib << 20))?;
-        let cpuid = cpuid::build(&vm.kvm)?;
+        let cpuid = cpuid::build(&vm.kvm, &config.cpu)?;
+        check_phys_bits(config)?;
         let vcpu = Vcpu::new(&vm.kvm, &vm.fd, &cpuid)?;
         Ok((vm, vcpu))
     }
@@ -292,7 +320,11 @@ impl Machine {
     /// written into it while they arrive, long before the final state does.
     pub fn prepare_incoming(config: &VmConfig) -> Result<Incoming, MachineError> {
         let (vm, vcpu) = Self::create(config)?;
-        Ok(Incoming { vm, vcpu })
+        Ok(Incoming {
+            vm,
+            vcpu,
+            cpu: config.cpu.clone(),
+        })
     }
 
     /// What [`Machine::prepare_incoming`] checks and creates, without
@@ -313,6 +345,8 @@ impl Machine {
 pub struct Incoming {
     vm: Vm,
     vcpu: Vcpu,
+    /// The CPU model the vCPU was built with.
+    cpu: CpuModel,
 }
 
 impl Incoming {
@@ -332,7 +366,13 @@ impl Incoming {
         if disk.is_some() {
             config.disk = disk;
         }
-        let Incoming { vm, vcpu } = self;
+        let Incoming { vm, vcpu, cpu } = self;
+        if state.config.cpu != cpu {
+            return Err(MachineError::CpuChanged {
+                built: cpu.name,
+                state: state.config.cpu.name.clone(),
+            });
+        }
         vcpu.restore(&state.vcpu)?;
         let devices = Devices::restore(
             &state.devices,

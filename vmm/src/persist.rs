@@ -32,8 +32,9 @@ pub trait Persist: Sized {
 /// that snapshots, migration streams, sync points and log headers refuse
 /// state written by another format instead of misreading it. Bump it
 /// whenever any saved type changes (a field added to one device changes
-/// them all). Version 1 was the unversioned postcard of earlier builds.
-pub const STATE_VERSION: u32 = 2;
+/// them all). Version 1 was the unversioned postcard of earlier builds;
+/// 3: the VM configuration carries the CPU model (name and CPUID table).
+pub const STATE_VERSION: u32 = 3;
 
 /// Magic in front of every saved value.
 pub const STATE_MAGIC: [u8; 4] = *b"TDST";

@@ -1,5 +1,7 @@
-//! KVM state: the VM, its vCPU, the CPUID model and guest memory.
+//! KVM state: the VM, its vCPU, the CPU model and its CPUID table, guest
+//! memory.
 
+pub mod cpu_model;
 pub mod cpuid;
 pub mod memory;
 pub mod vcpu;
