@@ -435,7 +435,8 @@ pub struct VmArgs {
     /// Kernel command line. For the built-in guest: `WORKLOAD [ARGS] [hz=N]`
     /// with WORKLOAD one of `hello`, `ticks N`, `dirty PAGES ROUNDS`,
     /// `fill PAGES ROUNDS [TICKS]` (incompressible pages), `busy N`, `disk SECTORS` (512-byte sectors; needs --disk), `echo`,
-    /// `tsc N`, `exits N` (empty: a short demo).
+    /// `tsc N`, `exits N`, `cpuid` (what CPUID shows the guest) (empty: a
+    /// short demo).
     #[arg(long, default_value = "")]
     pub cmdline: String,
     /// Initial ramdisk (Linux).
@@ -458,7 +459,8 @@ pub struct VmArgs {
     /// The CPU the guest sees (docs/cpu-models.md): `baseline`
     /// (x86-64-v1: SSE2, no SSE3) or `v2` (x86-64-v2: + SSE3, SSSE3,
     /// SSE4.1/4.2, POPCNT, CMPXCHG16B, LAHF); neither has XSAVE/AVX, and
-    /// nothing of the host's CPUID shows through. Default: the most capable
+    /// the host's CPUID is never passed through (PVM-based KVM alone fills
+    /// leaves 0x1, 0x7, 0xd from the hardware). Default: the most capable
     /// of these this host's KVM provides (v2 on an ordinary VT-x/AMD-V
     /// server, baseline on PVM-based KVM). The model is recorded with the
     /// VM: a replay, restore or migration uses it and refuses a host that

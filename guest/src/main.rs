@@ -92,6 +92,7 @@
 
 mod arena;
 mod boot;
+mod cpuinfo;
 mod echo;
 mod interrupts;
 mod io;

@@ -220,6 +220,7 @@ pub fn run(args: &Args, info: &HvmStartInfo) -> ! {
         b"disk" => disk(args.num(1, 64)),
         b"echo" => result(b"echo", echo::run()),
         b"tsc" => tsc(args.num(1, 1000)),
+        b"cpuid" => crate::cpuinfo::run(),
         b"fault" => fault(),
         b"exits" => exits(args.num(1, 1000)),
         b"net-echo" => net_echo::run(args.num(1, 7), &args.ip, &mut Arena::new(info)),

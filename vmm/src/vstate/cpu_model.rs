@@ -318,6 +318,9 @@ impl ModelDef {
                 out.push(leaf(function, index, subleaves.is_some(), regs));
             }
         }
+        // The hypervisor range, present and empty: no KVM signature, no
+        // kvmclock (without it KVM would answer with the highest basic leaf).
+        out.push(leaf(0x4000_0000, 0, false, [0; 4]));
         for function in 0x8000_0000..=MAX_EXT {
             let regs = match function {
                 0x8000_0000 => [MAX_EXT, 0, 0, 0],
@@ -401,14 +404,21 @@ impl CpuModel {
     /// The most capable model `supported` (a host's KVM_GET_SUPPORTED_CPUID)
     /// provides, or why not even the least capable one.
     pub fn most_capable(supported: &[CpuidLeaf]) -> Result<CpuModel, CpuModelError> {
-        let mut best = Err(());
+        let mut best = None;
         for def in MODELS {
             let m = CpuModel::named(def.name)?;
             if m.missing(supported).is_empty() {
-                best = Ok(m);
+                best = Some(m);
             }
         }
-        best.or_else(|()| Err(CpuModel::baseline().check(supported).unwrap_err()))
+        best.ok_or_else(|| {
+            let least = CpuModel::baseline();
+            CpuModelError::Missing {
+                missing: least.missing(supported),
+                model: least.name,
+                provides: Vec::new(),
+            }
+        })
     }
 
     /// The names of the models `supported` provides.
