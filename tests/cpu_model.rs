@@ -267,9 +267,9 @@ fn a_snapshot_whose_model_this_host_lacks_is_refused() {
     tandem(&["restore", "--snapshot", arg(&snap)]).assert_status(0);
 }
 
-/// An incoming migration builds the VM from the header's configuration
-/// (the destination's `accept_header`): a model this host lacks is refused
-/// before any page arrives.
+/// An incoming migration builds the VM from the header's configuration:
+/// the destination's `accept_header` checks it (`incoming_layout`) before
+/// it accepts, so a model this host lacks is refused before any page moves.
 #[test]
 fn an_incoming_vm_whose_model_this_host_lacks_is_refused() {
     let mut cpu = CpuModel::baseline();
@@ -283,12 +283,15 @@ fn an_incoming_vm_whose_model_this_host_lacks_is_refused() {
         net: None,
         cpu,
     };
+    // Before `Accepted` (the header check) and when the VM is built.
+    let early = vmm::machine::Machine::incoming_layout(&config).unwrap_err();
     let e = vmm::machine::Machine::prepare_incoming(&config)
         .err()
         .expect("refused");
-    assert!(
-        e.to_string()
-            .contains("lacks cpuid 0x1.0 edx bit 10 needed by CPU model baseline"),
-        "{e}"
-    );
+    for e in [early.to_string(), e.to_string()] {
+        assert!(
+            e.contains("lacks cpuid 0x1.0 edx bit 10 needed by CPU model baseline"),
+            "{e}"
+        );
+    }
 }

@@ -328,12 +328,15 @@ impl Machine {
     }
 
     /// What [`Machine::prepare_incoming`] checks and creates, without
-    /// creating anything: the memory size is refused as it would refuse it,
+    /// creating anything: the memory size and the CPU model are refused as
+    /// it would refuse them,
     /// and the guest memory layout (start, length of each region) is the
     /// one its VM will have. Lets a migration destination accept a header
     /// first and prepare the VM while the first pages are on their way.
     pub fn incoming_layout(config: &VmConfig) -> Result<Vec<(u64, u64)>, MachineError> {
         check_mem(config.mem_mib)?;
+        cpuid::check(&config.cpu)?;
+        check_phys_bits(config)?;
         Ok(layout::ram_regions(config.mem_mib << 20)
             .into_iter()
             .map(|(start, len)| (start.0, len as u64))

@@ -60,6 +60,12 @@ pub fn host_default() -> Result<CpuModel, CpuidError> {
     Ok(CpuModel::most_capable(&supported(&kvm)?)?)
 }
 
+/// Can this host run `model`? (What [`build`] checks, without a VM.)
+pub fn check(model: &CpuModel) -> Result<(), CpuidError> {
+    let kvm = Kvm::new().map_err(CpuidError::Open)?;
+    Ok(model.check(&supported(&kvm)?)?)
+}
+
 /// The CPUID table of `model`, refused if this host cannot provide it or
 /// it is not exactly this Tandem's model of that name.
 pub fn build(kvm: &Kvm, model: &CpuModel) -> Result<CpuId, CpuidError> {
