@@ -95,7 +95,12 @@ pub enum MachineError {
     Cpuid(#[from] CpuidError),
     /// A migration's final state names another CPU than its header did.
     #[error("the VM's state has CPU model {state} but the VM was built with CPU model {built}")]
-    CpuChanged { built: String, state: String },
+    CpuChanged {
+        /// The model of the header (the VM as built).
+        built: String,
+        /// The model the final state names.
+        state: String,
+    },
     #[error(transparent)]
     /// Creating or setting the vCPU failed.
     Vcpu(#[from] VcpuError),

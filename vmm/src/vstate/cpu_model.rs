@@ -30,9 +30,13 @@ pub struct CpuidLeaf {
     pub index: u32,
     /// The leaf has subleaves (KVM_CPUID_FLAG_SIGNIFCANT_INDEX).
     pub indexed: bool,
+    /// EAX on output.
     pub eax: u32,
+    /// EBX on output.
     pub ebx: u32,
+    /// ECX on output.
     pub ecx: u32,
+    /// EDX on output.
     pub edx: u32,
 }
 
@@ -60,9 +64,13 @@ impl std::fmt::Debug for CpuModel {
 /// A register of a CPUID leaf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reg {
+    /// EAX.
     Eax,
+    /// EBX.
     Ebx,
+    /// ECX.
     Ecx,
+    /// EDX.
     Edx,
 }
 
@@ -201,19 +209,27 @@ pub struct ModelDef {
     pub summary: &'static str,
     /// Leaf 0 vendor string.
     pub vendor: &'static [u8; 12],
+    /// CPU family (leaf 0x1 EAX, with the extended family above 15).
     pub family: u32,
+    /// CPU model (leaf 0x1 EAX, with the extended model).
     pub model: u32,
+    /// Stepping (leaf 0x1 EAX bits 3..0).
     pub stepping: u32,
     /// Leaves 0x8000_0002..=0x8000_0004 (at most 47 bytes).
     pub brand: &'static str,
+    /// Leaf 0x1 ECX feature bits.
     pub leaf1_ecx: u32,
+    /// Leaf 0x1 EDX feature bits.
     pub leaf1_edx: u32,
     /// Leaf 0x7.0 EBX, ECX, EDX.
     pub leaf7: [u32; 3],
+    /// Leaf 0x8000_0001 ECX feature bits.
     pub ext1_ecx: u32,
+    /// Leaf 0x8000_0001 EDX feature bits.
     pub ext1_edx: u32,
     /// Physical and linear address bits (leaf 0x8000_0008 EAX).
     pub phys_bits: u32,
+    /// Linear address bits.
     pub virt_bits: u32,
 }
 
@@ -348,10 +364,14 @@ impl ModelDef {
 pub enum CpuModelError {
     /// `--cpu-model NAME` names no model.
     #[error("unknown CPU model '{name}': this Tandem knows {}", known_names())]
-    Unknown { name: String },
+    Unknown {
+        /// The name given.
+        name: String,
+    },
     /// The host's KVM cannot provide the model.
     #[error("this host's KVM lacks {} needed by CPU model {model}{}", .missing.join(", "), provided(.provides))]
     Missing {
+        /// The model's name.
         model: String,
         /// The features (or properties) missing, by name.
         missing: Vec<String>,
@@ -361,8 +381,11 @@ pub enum CpuModelError {
     /// A recorded table that is not this Tandem's table of that name.
     #[error("the recorded CPU model '{name}' is not this Tandem's {}: {detail}", if *.known { "model of that name" } else { "(it knows none of that name)" })]
     Mismatch {
+        /// The recorded name.
         name: String,
+        /// This Tandem has a model of that name.
         known: bool,
+        /// What differs.
         detail: String,
     },
 }

@@ -21,11 +21,13 @@ use super::cpu_model::{CpuModel, CpuModelError, CpuidLeaf};
 /// Errors of the CPUID table.
 #[derive(Debug, thiserror::Error)]
 pub enum CpuidError {
+    /// /dev/kvm could not be opened.
     #[error("opening /dev/kvm: {0}")]
     Open(kvm_ioctls::Error),
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     /// KVM_GET_SUPPORTED_CPUID failed.
     Supported(kvm_ioctls::Error),
+    /// The model cannot run here, or is not one of ours.
     #[error(transparent)]
     Model(#[from] CpuModelError),
     #[error("building the CPUID table failed")]
