@@ -417,6 +417,30 @@ fn move_disk(w: &mut UnixStream, ctl: &VmController, m: &MoveDiskRequest) {
     }
 }
 
+/// Client side: send `req` and take its one answer, which must be `ok`
+/// (`Err`: the socket failed, or the answer, e.g. the VM's error).
+pub fn call_ok(path: &Path, req: &Request) -> Result<(), CmdAnswer> {
+    let mut res = Err(CmdAnswer::Refused("no answer".to_string()));
+    call(path, req, |ev| {
+        res = match ev {
+            Event::Ok => Ok(()),
+            Event::Error { error } => Err(CmdAnswer::Refused(error)),
+            other => Err(CmdAnswer::Refused(format!("unexpected answer {other:?}"))),
+        };
+        false
+    })
+    .map_err(CmdAnswer::Socket)?;
+    res
+}
+
+/// Why [`call_ok`] did not get `ok`.
+pub enum CmdAnswer {
+    /// The socket could not be used (named in the message).
+    Socket(String),
+    /// The VM answered something else.
+    Refused(String),
+}
+
 /// Client side: send one request, call `on_event` for each answer line
 /// until the server closes or `on_event` returns `false`.
 pub fn call(

@@ -104,17 +104,15 @@ fn serve_conn(stream: UnixStream) {
 
 /// `tandem failover --api SOCK`.
 pub fn failover(args: FailoverCmdArgs) -> Result<i32, CmdError> {
-    let mut res = Err("no answer".to_string());
-    api::call(&args.api, &Request::Failover, |ev| {
-        res = match ev {
-            Event::Ok => Ok(()),
-            Event::Error { error } => Err(error),
-            other => Err(format!("unexpected answer {other:?}")),
-        };
-        false
-    })
-    .map_err(CmdError::Input)?;
-    res.map_err(CmdError::Internal)?;
+    api::call_ok(&args.api, &Request::Failover).map_err(answer_error)?;
     println!("the primary stopped as if its host died; its secondary goes live after its failover timeout");
     Ok(0)
+}
+
+/// A control request that was not answered `ok`, as a command error.
+pub fn answer_error(e: api::CmdAnswer) -> CmdError {
+    match e {
+        api::CmdAnswer::Socket(m) => CmdError::Input(m),
+        api::CmdAnswer::Refused(m) => CmdError::Internal(m),
+    }
 }

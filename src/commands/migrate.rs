@@ -335,17 +335,7 @@ pub fn pause(args: StatusArgs, pause: bool) -> Result<i32, CmdError> {
     } else {
         Request::Resume
     };
-    let mut res = Err("no answer".to_string());
-    api::call(&args.api, &req, |ev| {
-        res = match ev {
-            Event::Ok => Ok(()),
-            Event::Error { error } => Err(error),
-            other => Err(format!("unexpected answer {other:?}")),
-        };
-        false
-    })
-    .map_err(CmdError::Input)?;
-    res.map_err(CmdError::Internal)?;
+    api::call_ok(&args.api, &req).map_err(super::failover_api::answer_error)?;
     println!("{}", if pause { "paused" } else { "running" });
     Ok(0)
 }
