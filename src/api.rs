@@ -10,6 +10,11 @@
 //! | `{"cmd":"migrate", "to":ADDR, "server_name":..., "ca":..., "cert":..., "key":..., "downtime_ms":..., "max_bandwidth":...}` | `{"event":"progress", ...}` lines, then `{"event":"done", ...}` (the VM runs at the destination; this process ends) |
 //! | `{"cmd":"move_disk", "dest":PATH, "force":false, "downtime_ms":...}` | `{"event":"progress", ...}` lines, then `{"event":"disk_moved", ...}` (the VM runs on the image at PATH now) |
 //! | `{"cmd":"cancel"}` | `{"event":"ok"}`: the migration or disk move in progress stops before its switchover (its own stream ends with an error) |
+//! | `{"cmd":"protect", "to":ADDR, "server_name":..., "ca":..., "cert":..., "key":..., "downtime_ms":...}` | `{"event":"progress", ...}` lines, then `{"event":"protected", ...}` (the VM runs protected by the secondary at ADDR) |
+//! | `{"cmd":"unprotect"}` | `{"event":"unprotected", ...}` (the secondary has stopped; the VM runs on unprotected) |
+//!
+//! A secondary's socket (`tandem secondary --api-socket`) answers `status`
+//! only (its `protection` says how far behind it is).
 //!
 //! Any request may instead be answered `{"event":"error","error":"..."}`.
 //! Paths are taken as given: clients send absolute paths. A request line
@@ -30,6 +35,7 @@ use primary::migration::{
     DiskMoveParams, DiskMoveReport, MigrationParams, MigrationReport, Progress, VmController,
     VmStatus,
 };
+use primary::protect::{ProtectReport, UnprotectReport};
 use serde::{Deserialize, Serialize};
 
 /// A request on the control socket.
@@ -46,6 +52,10 @@ pub enum Request {
     /// Test failover: a protected primary stops as if its host died
     /// (`tandem failover`; served by `crate::commands::failover_api`).
     Failover,
+    /// Protect the running VM (`tandem protect`).
+    Protect(ProtectRequest),
+    /// End its protection (`tandem unprotect`).
+    Unprotect,
 }
 
 /// The arguments of a local disk move.
@@ -79,6 +89,18 @@ pub struct MigrateRequest {
     pub max_bandwidth: Option<u64>,
 }
 
+/// The arguments of a protect: where the secondary is (as for a
+/// migration) and the failover settings of the protection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProtectRequest {
+    #[serde(flatten)]
+    pub to: MigrateRequest,
+    pub heartbeat_ms: u64,
+    pub failover_timeout_ms: u64,
+    /// `file:DIR`, if any.
+    pub arbiter: Option<String>,
+}
+
 /// An answer line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -89,6 +111,15 @@ pub enum Event {
     Progress(Progress),
     Done(MigrationReport),
     DiskMoved(DiskMoveReport),
+    Protected(ProtectReport),
+    Unprotected(UnprotectReport),
+}
+
+/// What a control socket serves: a VM, or a secondary (status only).
+#[derive(Clone)]
+pub enum Target {
+    Vm(VmController),
+    Secondary(Arc<dyn Fn() -> VmStatus + Send + Sync>),
 }
 
 /// Default pause target of a migration.
@@ -165,6 +196,11 @@ impl Drop for Server {
 
 /// Bind `path` and serve `ctl` on a background thread.
 pub fn serve(path: &Path, ctl: VmController) -> std::io::Result<Server> {
+    serve_target(path, Target::Vm(ctl))
+}
+
+/// Bind `path` and serve `target` on a background thread.
+pub fn serve_target(path: &Path, ctl: Target) -> std::io::Result<Server> {
     if path.exists() {
         // A socket nobody answers on is left over from a dead VM.
         if UnixStream::connect(path).is_ok() {
@@ -220,7 +256,7 @@ fn send(w: &mut UnixStream, ev: &Event) -> bool {
         .is_ok()
 }
 
-fn serve_conn(stream: UnixStream, ctl: &VmController) {
+fn serve_conn(stream: UnixStream, target: &Target) {
     let Ok(mut w) = stream.try_clone() else {
         return;
     };
@@ -265,8 +301,37 @@ fn serve_conn(stream: UnixStream, ctl: &VmController) {
                 continue;
             }
         };
+        let ctl = match (target, req) {
+            (Target::Vm(ctl), r) => (ctl, r),
+            (Target::Secondary(status), Request::Status) => {
+                if !send(&mut w, &Event::Status(status())) {
+                    return;
+                }
+                continue;
+            }
+            (Target::Secondary(_), _) => {
+                let error = "this is a secondary: it answers status only (protection is controlled on the primary)".to_string();
+                if !send(&mut w, &Event::Error { error }) {
+                    return;
+                }
+                continue;
+            }
+        };
+        let (ctl, req) = ctl;
         let answer = match req {
             Request::Status => Event::Status(ctl.status()),
+            Request::Unprotect => match primary::protect::unprotect(ctl) {
+                Ok(r) => Event::Unprotected(r),
+                Err(e) => Event::Error {
+                    error: e.to_string(),
+                },
+            },
+            Request::Protect(m) => {
+                ANSWERING.fetch_add(1, Ordering::SeqCst);
+                protect(&mut w, ctl, &m);
+                ANSWERING.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
             Request::Pause => result(ctl.pause()),
             Request::Resume => result(ctl.resume()),
             Request::Cancel => result(ctl.cancel_migration()),
@@ -355,6 +420,58 @@ fn migrate(w: &mut UnixStream, ctl: &VmController, m: &MigrateRequest) {
             eprintln!(
                 "tandem: migration to {} failed: {e}; the VM {} here",
                 params.to,
+                goes_on(ctl)
+            );
+            send(
+                w,
+                &Event::Error {
+                    error: e.to_string(),
+                },
+            );
+        }
+    }
+}
+
+fn protect(w: &mut UnixStream, ctl: &VmController, m: &ProtectRequest) {
+    let failover = crate::cli::FailoverArgs {
+        heartbeat_ms: m.heartbeat_ms,
+        failover_timeout_ms: m.failover_timeout_ms,
+        arbiter: m.arbiter.clone(),
+    };
+    let made = params(&m.to).and_then(|p| {
+        crate::commands::failover_params(&failover, &p.name)
+            .map(|f| (p, f))
+            .map_err(|e| e.to_string())
+    });
+    let (params, failover) = match made {
+        Ok(p) => p,
+        Err(error) => {
+            send(w, &Event::Error { error });
+            return;
+        }
+    };
+    eprintln!(
+        "tandem: protecting the VM: seeding the secondary at {}",
+        params.to
+    );
+    let mut client = true;
+    let rec = primary::record::RecordOptions::default();
+    let result = primary::protect::protect(ctl, &params, failover, rec, &mut |p| {
+        if client {
+            client = send(w, &Event::Progress(p.clone()));
+        }
+    });
+    match result {
+        Ok(report) => {
+            eprintln!(
+                "tandem: protected by the secondary {} from exit {} (primary paused {:.1} ms)",
+                report.secondary, report.start_exit, report.pause_ms
+            );
+            send(w, &Event::Protected(report));
+        }
+        Err(e) => {
+            eprintln!(
+                "tandem: protecting the VM failed: {e}; the VM {} unprotected",
                 goes_on(ctl)
             );
             send(

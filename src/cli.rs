@@ -63,6 +63,18 @@ pub enum Command {
     /// Write the built-in test guest's ELF image (for benchmarks).
     #[command(hide = true)]
     GuestElf(GuestElfArgs),
+    /// Protect a VM that already runs (`tandem run --api-socket`) without
+    /// stopping it: seed the `tandem secondary` at --to with the same
+    /// pre-copy as a migration (memory and disk), then pause the VM briefly
+    /// (measured and printed) to send its device and vCPU state and start
+    /// recording; from then on its log streams to the secondary and every
+    /// output waits for the secondary's acknowledgement. Exit status 0:
+    /// protected; 1: it failed and the VM runs on unprotected.
+    Protect(ProtectCmdArgs),
+    /// End the protection of a VM (`tandem protect`) in order: the log ends
+    /// at the next exit, the secondary acknowledges it and stops, held
+    /// outputs are released, the VM runs on unprotected.
+    Unprotect(StatusArgs),
     /// Wait for a primary (`tandem run --protect-to`) and keep an exact
     /// copy of its VM: replay its log in lockstep as it arrives, its console
     /// only to --serial. The exit status is the guest's; 1 if the replay
@@ -113,10 +125,12 @@ pub struct SecondaryArgs {
     pub listen: std::net::SocketAddr,
     #[command(flatten)]
     pub creds: CredsArgs,
-    /// This host's copy of the VM's disk image: it must be the primary's
-    /// image byte for byte (checked by length and BLAKE3 before the VM is
-    /// taken; disks are not copied yet). Replay writes to it as the primary
-    /// writes to its own.
+    /// This host's copy of the VM's disk image. For a VM protected from
+    /// boot it must be the primary's image byte for byte (checked by length
+    /// and BLAKE3 before the VM is taken); for a running VM (`tandem
+    /// protect`) the image is copied here during the seeding (written next
+    /// to PATH, put at PATH once the seed is complete). Replay writes to it
+    /// as the primary writes to its own.
     #[arg(long, value_name = "PATH")]
     pub disk: Option<PathBuf>,
     /// Where the replayed guest's console goes (null or file:PATH; it never
@@ -145,6 +159,9 @@ pub struct SecondaryArgs {
     pub live_serial: SerialTarget,
     #[command(flatten)]
     pub failover: FailoverArgs,
+    /// Control socket (`tandem status --api PATH` shows the lag).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Failure detection and the arbiter (`docs/failover.md`).
@@ -163,6 +180,37 @@ pub struct FailoverArgs {
     /// held; the secondary stops).
     #[arg(long, value_name = "SPEC")]
     pub arbiter: Option<String>,
+}
+
+/// `tandem protect`.
+#[derive(Debug, Args)]
+pub struct ProtectCmdArgs {
+    /// Control socket of the VM (`tandem run --api-socket`).
+    #[arg(long)]
+    pub api: PathBuf,
+    /// The `tandem secondary --listen` address (HOST:PORT).
+    #[arg(long)]
+    pub to: String,
+    /// Name the secondary's certificate must carry (default: HOST of --to).
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// The cluster CA certificate (`ca.pem`).
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// This host's certificate (`NAME.pem`).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// This host's private key (`NAME.key`).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Pause target of the pre-copy, in ms (as `tandem migrate`).
+    #[arg(long, default_value_t = 30)]
+    pub downtime_ms: u64,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub failover: FailoverArgs,
 }
 
 /// `tandem run --protect-to`: the secondary and this host's credentials.

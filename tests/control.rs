@@ -49,8 +49,9 @@ impl Vm {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(out.status.success(), "status failed: {text}");
-        // `running (exit 1234)`
-        let (state, rest) = text.trim().split_once(" (exit ").expect(&text);
+        // `running (exit 1234)`, then the protection (`unprotected`)
+        let first = text.lines().next().unwrap_or_default();
+        let (state, rest) = first.trim().split_once(" (exit ").expect(&text);
         let seq = rest.trim_end_matches(')').parse().expect(&text);
         (state.to_string(), seq)
     }

@@ -14,6 +14,21 @@
 //!    carrying an [`Ack`]: the log bytes it has received so far. The primary
 //!    releases an output once the acknowledged offset covers the log entry
 //!    of that output (the Output Rule).
+//!
+//! A *seeded* stream (`tandem protect` of a running VM) has
+//! [`Header::seed`]: the migration header of the VM. The secondary answers
+//! [`kind::ACCEPTED`] with a postcard `migration::Accepted` (its disk
+//! plan), then the migration's pre-copy follows on the same connection
+//! exactly as `docs/migration.md` describes it (pages, disk blocks,
+//! `RoundDone` acknowledged), then, at the exit where the primary paused,
+//! its final pages and blocks, `DeviceState` and `SwitchoverReady` (here:
+//! the bootstrap is complete, the log follows). The secondary restores the
+//! VM, answers `Running` (it holds the seed), and from then on the stream is
+//! the log as in steps 3 and 4, its header naming the seed's digest.
+//!
+//! [`kind::UNPROTECT`] (empty, primary → secondary) after the log's `End`:
+//! the operator ended protection (`tandem unprotect`); the guest runs on,
+//! unprotected, on the primary.
 
 use std::io::Read;
 use std::path::Path;
@@ -21,8 +36,8 @@ use std::path::Path;
 use recordlog::{Digest, Hasher};
 use serde::{Deserialize, Serialize};
 
-/// Version of this protocol.
-pub const LOCKSTEP_VERSION: u32 = 1;
+/// Version of this protocol. 2: [`Header::seed`].
+pub const LOCKSTEP_VERSION: u32 = 2;
 
 /// Application frame kinds of the lockstep stream.
 pub mod kind {
@@ -32,6 +47,9 @@ pub mod kind {
     pub const ACCEPTED: u8 = 25;
     /// [`super::Ack`], secondary → primary.
     pub const ACK: u8 = 26;
+    /// Empty, primary → secondary, after the log's `End`: protection was
+    /// ended by the operator, the guest runs on at the primary.
+    pub const UNPROTECT: u8 = 29;
 }
 
 /// The disk both sides must hold, byte for byte (disks are not copied in
@@ -73,8 +91,12 @@ impl DiskHash {
 pub struct Header {
     /// Must be [`LOCKSTEP_VERSION`].
     pub version: u32,
-    /// The VM's disk, if it has one.
+    /// The VM's disk, if it has one (a stream from boot: the secondary's
+    /// own copy must be identical; a seeded stream copies it instead).
     pub disk: Option<DiskHash>,
+    /// A running VM is seeded first (the migration pre-copy): its migration
+    /// header. `None`: the log starts at boot.
+    pub seed: Option<crate::migration::Header>,
 }
 
 /// The secondary has received this many bytes of the log stream.
@@ -82,6 +104,47 @@ pub struct Header {
 pub struct Ack {
     /// Log stream bytes received (header included).
     pub offset: u64,
+    /// The exit the secondary's replay has reached.
+    pub replayed: u64,
+    /// The guest's virtual time there (ns: the last clock value replayed).
+    pub replayed_ns: u64,
+}
+
+/// A protected VM as `tandem status` shows it, on either side.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProtectionStatus {
+    /// `primary` or `secondary`.
+    pub role: String,
+    /// `seeding`, `protected`, `lost: WHY` (primary); `replaying`,
+    /// `ended` (secondary).
+    pub state: String,
+    /// `NAME at ADDR` of the other side.
+    pub peer: String,
+    /// The exit protection started at (0: from boot).
+    pub start_exit: u64,
+    /// The primary's exit (as of its last status or mark the secondary has).
+    pub exit_seq: u64,
+    /// The exit the secondary's replay has reached (its last ack).
+    pub replayed_exit: u64,
+    /// Exits the secondary is behind.
+    pub lag_exits: u64,
+    /// Guest virtual time the secondary is behind (µs).
+    pub lag_us: f64,
+    /// Log bytes streamed (primary) or received (secondary).
+    pub log_bytes: u64,
+    /// Average log bandwidth since protection started (bit/s).
+    pub log_bandwidth_bps: f64,
+    /// Log bytes the secondary has acknowledged.
+    pub acked_bytes: u64,
+    /// Outputs held until acknowledged (primary).
+    pub outputs_held: u64,
+    /// Age of the oldest held output (ms).
+    pub oldest_held_ms: f64,
+    /// Last measured acknowledgement round trip: a chunk sent to its ack (ms).
+    pub ack_rtt_ms: f64,
+    /// Divergences repaired (issue 8's repair; 0 until it is built).
+    #[serde(default)]
+    pub repaired: u64,
 }
 
 /// Why the secondary refuses a primary's header (`None`: it takes it).
@@ -92,6 +155,16 @@ pub fn check_header(header: &Header, disk: Option<&Path>) -> Result<(), String> 
             "lockstep protocol version {} (this secondary speaks {LOCKSTEP_VERSION})",
             header.version
         ));
+    }
+    if let Some(seed) = &header.seed {
+        // The disk is copied during the seeding, to --disk.
+        return match (&seed.disk, disk) {
+            (Some(d), None) => Err(format!(
+                "the VM has a {}-byte disk: give the secondary --disk PATH for its copy",
+                d.len
+            )),
+            _ => Ok(()),
+        };
     }
     match (&header.disk, disk) {
         (None, None) => Ok(()),
@@ -141,6 +214,7 @@ mod tests {
         let h = Header {
             version: LOCKSTEP_VERSION,
             disk: Some(DiskHash::of(&a).unwrap()),
+            seed: None,
         };
         assert_eq!(check_header(&h, Some(&a)), Ok(()));
         let e = check_header(&h, Some(&b)).unwrap_err();

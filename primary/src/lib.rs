@@ -10,4 +10,5 @@ pub mod failover;
 pub mod held_audit;
 pub mod lockstep;
 pub mod migration;
+pub mod protect;
 pub mod record;

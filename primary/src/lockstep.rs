@@ -40,11 +40,29 @@ const MAX_CHUNK: usize = 4 << 20;
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
-struct AckState {
+pub(crate) struct AckState {
     /// Log bytes the secondary has acknowledged.
-    offset: u64,
+    pub(crate) offset: u64,
     /// The secondary is gone (why).
-    lost: Option<String>,
+    pub(crate) lost: Option<String>,
+    /// Protection ended or never started (`crate::protect`): every output
+    /// leaves at once.
+    pub(crate) unprotected: bool,
+    /// The last acknowledgement, and when it arrived.
+    pub(crate) last: Option<(Ack, Instant)>,
+    /// Chunks sent and not yet acknowledged: (stream offset they end at,
+    /// when they left), oldest first.
+    sent: std::collections::VecDeque<(u64, Instant)>,
+    /// The last acknowledgement round trip: a chunk's sending to its ack.
+    pub(crate) rtt: Option<Duration>,
+    /// The exits the primary had reached when chunks left (the highest
+    /// exit in each), oldest first: when was the primary where the
+    /// secondary is now?
+    reached: std::collections::VecDeque<(u64, Instant)>,
+    /// How long ago the primary was at the exit the secondary had replayed
+    /// when it last acknowledged (its lag in time; the primary's virtual
+    /// clock is host time).
+    pub(crate) lag: Option<Duration>,
     /// Newest heartbeat stamp the secondary echoed (the release lease).
     echo_us: u64,
     /// The arbiter let us run on alone: everything may leave.
@@ -56,7 +74,12 @@ struct AckState {
     complete: bool,
 }
 
-struct Acks {
+/// Unacknowledged chunks remembered for the round trip, at most.
+const MAX_SENT: usize = 4096;
+
+/// What the secondary has acknowledged (shared by the ack reader, the
+/// output release and `tandem status`).
+pub(crate) struct Acks {
     st: Mutex<AckState>,
     cond: Condvar,
     /// Last sign of life of the secondary; also the stamp clock.
@@ -67,8 +90,67 @@ struct Acks {
 }
 
 impl Acks {
-    fn lock(&self) -> std::sync::MutexGuard<'_, AckState> {
+    /// Nothing acknowledged yet.
+    pub(crate) fn new(failover: FailoverParams) -> Acks {
+        Acks {
+            st: Mutex::new(AckState::default()),
+            cond: Condvar::new(),
+            life: Liveness::new(),
+            released: AtomicU64::new(0),
+            failover,
+        }
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, AckState> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// No secondary any more by decision: held outputs leave at once.
+    pub(crate) fn unprotect(&self) {
+        self.lock().unprotected = true;
+        self.cond.notify_all();
+    }
+
+    /// An acknowledgement arrived: the round trip of the chunks it covers.
+    fn acked(&self, ack: Ack) {
+        let mut st = self.lock();
+        st.offset = st.offset.max(ack.offset);
+        let now = Instant::now();
+        st.last = Some((ack, now));
+        while let Some(&(end, at)) = st.sent.front() {
+            if end > ack.offset {
+                break;
+            }
+            st.rtt = Some(now - at);
+            st.sent.pop_front();
+        }
+        while st.reached.len() > 1 && st.reached[1].0 <= ack.replayed {
+            st.reached.pop_front();
+        }
+        // When the primary first reached (or passed) that exit.
+        st.lag = Some(match (st.reached.front(), st.reached.get(1)) {
+            (Some(&(exit, at)), _) if exit >= ack.replayed => now - at,
+            (_, Some(&(_, at))) => now - at,
+            // Past every exit sent so far: caught up.
+            _ => Duration::ZERO,
+        });
+    }
+
+    /// A chunk ending at stream offset `end` left, its highest exit
+    /// `exit`.
+    fn sent(&self, end: u64, exit: Option<u64>) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        if st.sent.len() >= MAX_SENT {
+            st.sent.pop_front();
+        }
+        st.sent.push_back((end, now));
+        if let Some(exit) = exit {
+            if st.reached.len() >= MAX_SENT {
+                st.reached.pop_front();
+            }
+            st.reached.push_back((exit, now));
+        }
     }
 
     /// Wait until `offset` is acknowledged (true), the secondary is lost or
@@ -78,7 +160,7 @@ impl Acks {
     fn wait_for(&self, offset: u64, deadline: Option<Instant>, lease: bool) -> bool {
         let mut st = self.lock();
         loop {
-            if st.alone {
+            if st.alone || st.unprotected {
                 return true;
             }
             let acked = st.offset >= offset;
@@ -147,6 +229,9 @@ pub struct Link {
     acks: Arc<Acks>,
     sender: Option<JoinHandle<()>>,
     handle: failover::channel::Handle,
+    /// Set before [`Link::finish`]: tell the secondary protection ends
+    /// by decision (`kind::UNPROTECT` after the log).
+    unprotect: Arc<std::sync::atomic::AtomicBool>,
     /// `NAME at ADDR` of the secondary.
     pub peer: String,
 }
@@ -195,18 +280,24 @@ impl Link {
             }
             Err(e) => return Err(format!("the secondary {peer}: {e}")),
         }
-        let protection = postcard::to_stdvec(&p.failover.protection).map_err(|e| e.to_string())?;
+        Self::start(conn, queue, Arc::new(Acks::new(p.failover.clone())))
+    }
+
+    /// The secondary has accepted the VM on `conn`: send it the protection
+    /// (VM, generation), then stream `queue` and take its acknowledgements
+    /// and heartbeats into `acks`.
+    pub(crate) fn start(
+        mut conn: BlockingConnection,
+        queue: LogQueue,
+        acks: Arc<Acks>,
+    ) -> Result<Link, String> {
+        let peer = format!("{} at {}", conn.peer().hello.name, conn.peer().addr);
+        let protection =
+            postcard::to_stdvec(&acks.failover.protection).map_err(|e| e.to_string())?;
         conn.send_frame(heartbeat::kind::PROTECTION, &protection)
             .map_err(|e| format!("the secondary {peer}: {e}"))?;
         let (mut tx, mut rx, handle) = conn.split();
-        let acks = Arc::new(Acks {
-            st: Mutex::new(AckState::default()),
-            cond: Condvar::new(),
-            life: Liveness::new(),
-            released: AtomicU64::new(0),
-            failover: p.failover.clone(),
-        });
-        let timing = p.failover.timing;
+        let timing = acks.failover.timing;
         let a = acks.clone();
         let who = peer.clone();
         std::thread::Builder::new()
@@ -216,9 +307,7 @@ impl Link {
                     Ok(Some((kind::ACK, payload))) => match postcard::from_bytes::<Ack>(&payload) {
                         Ok(ack) => {
                             a.life.touch();
-                            let mut st = a.lock();
-                            st.offset = st.offset.max(ack.offset);
-                            drop(st);
+                            a.acked(ack);
                             a.cond.notify_all();
                         }
                         Err(e) => {
@@ -260,11 +349,14 @@ impl Link {
             .map_err(|e| e.to_string())?;
         let q = queue.clone();
         let a = acks.clone();
+        let unprotect = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let bye = unprotect.clone();
         let sender = std::thread::Builder::new()
             .name("lockstep-out".into())
             .spawn(move || {
                 let mut beat_at = Instant::now();
                 let mut sending = true;
+                let mut offset = 0u64;
                 loop {
                     let d = q.wait_drain(MAX_CHUNK, Some(timing.interval));
                     let closed = d.is_none() && q.is_closed();
@@ -285,11 +377,18 @@ impl Link {
                         continue;
                     }
                     if let Some(d) = d {
+                        offset += d.bytes.len() as u64;
+                        let exit = d.last_exit_seq;
                         if let Err(e) = tx.send_msg(&Message::LogBytes(d.bytes)) {
                             sending = false;
                             a.secondary_lost(format!("sending the log: {e}"));
                             continue;
                         }
+                        a.sent(offset, exit);
+                    }
+                    if closed && bye.swap(false, Ordering::SeqCst) {
+                        // After the whole log: protection ends by decision.
+                        let _ = tx.send_frame(kind::UNPROTECT, &[]);
                     }
                     if beat_at.elapsed() >= timing.interval {
                         beat_at = Instant::now();
@@ -312,8 +411,15 @@ impl Link {
             acks,
             sender: Some(sender),
             handle,
+            unprotect,
             peer,
         })
+    }
+
+    /// Make [`Link::finish`] tell the secondary that protection ends by
+    /// decision, not because the guest ended.
+    pub fn ending_protection(&self) {
+        self.unprotect.store(true, Ordering::SeqCst);
     }
 
     /// Outputs held until the secondary has their log entries; released
@@ -384,6 +490,24 @@ pub struct HeldStats {
 pub struct HeldOutputs {
     queue: LogQueue,
     tx: Sender<Held>,
+    waiting: Arc<Waiting>,
+}
+
+/// The outputs waiting for an acknowledgement (for `tandem status`):
+/// when each was produced, oldest first.
+#[derive(Debug, Default)]
+pub(crate) struct Waiting(Mutex<std::collections::VecDeque<Instant>>);
+
+impl Waiting {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Instant>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// (outputs held, age of the oldest).
+    pub(crate) fn now(&self) -> (u64, Option<Duration>) {
+        let q = self.lock();
+        (q.len() as u64, q.front().map(Instant::elapsed))
+    }
 }
 
 /// An output waiting for the acknowledgement of `entry_end`.
@@ -395,24 +519,40 @@ struct Held {
 }
 
 /// The thread that releases held outputs.
-pub struct Release(JoinHandle<HeldStats>);
+pub struct Release(JoinHandle<(HeldStats, Box<dyn Outputs>)>);
 
 impl Release {
     /// After the run, once the [`HeldOutputs`] are dropped: wait until
     /// every output was released (or the secondary was lost).
     pub fn wait(self) -> HeldStats {
-        self.0.join().unwrap_or_default()
+        self.wait_outputs().0
+    }
+
+    /// [`Release::wait`], and get the live outputs back (`None` if the
+    /// release thread failed).
+    pub fn wait_outputs(self) -> (HeldStats, Option<Box<dyn Outputs>>) {
+        match self.0.join() {
+            Ok((stats, live)) => (stats, Some(live)),
+            Err(_) => (HeldStats::default(), None),
+        }
     }
 }
 
 impl HeldOutputs {
-    fn new(
+    /// The outputs it holds now.
+    pub(crate) fn waiting(&self) -> Arc<Waiting> {
+        self.waiting.clone()
+    }
+
+    pub(crate) fn new(
         queue: LogQueue,
         acks: Arc<Acks>,
         mut live: Box<dyn Outputs>,
         mut audit: ReleaseAudit,
     ) -> Result<(Self, Release), String> {
         let (tx, rx) = unbounded::<Held>();
+        let waiting = Arc::new(Waiting::default());
+        let w = waiting.clone();
         let releaser = std::thread::Builder::new()
             .name("lockstep-release".into())
             .spawn(move || {
@@ -442,12 +582,13 @@ impl HeldOutputs {
                         // Never acknowledged: it never leaves.
                         stats.withheld += 1;
                     }
+                    w.lock().pop_front();
                 }
                 stats.latency = audit.latency();
-                stats
+                (stats, live)
             })
             .map_err(|e| format!("starting the output release thread: {e}"))?;
-        Ok((HeldOutputs { queue, tx }, Release(releaser)))
+        Ok((HeldOutputs { queue, tx, waiting }, Release(releaser)))
     }
 }
 
@@ -455,6 +596,7 @@ impl Outputs for HeldOutputs {
     fn emit(&mut self, output: Output) -> Result<(), Divergence> {
         // The recorder flushed the output's entry: everything pushed so far
         // must be acknowledged before the output leaves.
+        self.waiting.lock().push_back(Instant::now());
         let _ = self.tx.send(Held {
             entry_end: self.queue.stats().pushed_bytes,
             output,

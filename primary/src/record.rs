@@ -194,6 +194,12 @@ impl<I: Inputs, S: EntrySink> Recorder<I, S> {
     pub fn into_sink(self) -> S {
         self.sink
     }
+
+    /// The live inputs and the sink (recording ends; the run may go on
+    /// with the live inputs alone).
+    pub fn into_parts(self) -> (I, S) {
+        (self.live, self.sink)
+    }
 }
 
 impl<I: Inputs, S: EntrySink> Outputs for Recorder<I, S> {

@@ -8,4 +8,5 @@
 pub mod lockstep;
 pub mod migration;
 pub mod replay;
+pub mod seed;
 pub mod watch;

@@ -11,14 +11,18 @@ use std::fs::File;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use failover::channel::{BlockingConnection, BlockingListener, ChannelError, Role};
 use failover::heartbeat::Timing;
-use failover::lockstep::{check_header, kind, Header};
+use failover::lockstep::{check_header, kind, Ack, Header, ProtectionStatus};
+use recordlog::{Entry, Input, ReadError};
+
+use crate::replay::EntrySource;
+use crate::seed::Seeded;
 
 use crate::migration::accept::{take_one, Intake};
 use crate::watch::{PrimaryWatch, StreamEnd};
@@ -58,6 +62,160 @@ pub struct Protected {
     pub thread: std::thread::JoinHandle<Result<(u64, StreamEnd), String>>,
     /// Life, releases and identity of the primary.
     pub watch: Arc<PrimaryWatch>,
+    /// A running VM's seed (`tandem protect`): replay starts from it.
+    pub seeded: Option<Seeded>,
+    /// How far the replay is, what was received (acks and status).
+    pub follow: Arc<Follow>,
+}
+
+/// How far the secondary is: updated by the replay ([`Tracked`]) and the
+/// receiver, read by acknowledgements and `tandem status`.
+#[derive(Debug)]
+pub struct Follow {
+    started: Instant,
+    /// The primary's exit as last known (the log's entries and marks).
+    primary_exit: AtomicU64,
+    primary_ns: AtomicU64,
+    replayed_exit: AtomicU64,
+    replayed_ns: AtomicU64,
+    bytes: AtomicU64,
+    start_exit: AtomicU64,
+    /// The primary ended protection (`tandem unprotect`).
+    unprotected: AtomicBool,
+    ended: AtomicBool,
+    from: std::sync::Mutex<String>,
+}
+
+impl Follow {
+    fn new() -> Arc<Follow> {
+        Arc::new(Follow {
+            started: Instant::now(),
+            primary_exit: AtomicU64::new(0),
+            primary_ns: AtomicU64::new(0),
+            replayed_exit: AtomicU64::new(0),
+            replayed_ns: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            start_exit: AtomicU64::new(0),
+            unprotected: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+            from: std::sync::Mutex::new(String::new()),
+        })
+    }
+
+    /// Did the primary end protection by decision (not the guest's end)?
+    pub fn unprotected(&self) -> bool {
+        self.unprotected.load(Ordering::SeqCst)
+    }
+
+    /// The primary said protection ends by decision.
+    pub(crate) fn set_unprotected(&self) {
+        self.unprotected.store(true, Ordering::SeqCst);
+    }
+
+    /// The acknowledgement of `offset` received bytes, with the replay's
+    /// position.
+    pub(crate) fn ack(&self, offset: u64) -> Ack {
+        self.bytes.store(offset, Ordering::SeqCst);
+        Ack {
+            offset,
+            replayed: self.replayed_exit.load(Ordering::SeqCst),
+            replayed_ns: self.replayed_ns.load(Ordering::SeqCst),
+        }
+    }
+
+    /// The replay has ended.
+    pub fn set_ended(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+    }
+
+    /// The secondary's side of `tandem status`.
+    pub fn status(&self) -> ProtectionStatus {
+        let replayed = self.replayed_exit.load(Ordering::SeqCst);
+        let primary = self.primary_exit.load(Ordering::SeqCst).max(replayed);
+        let bytes = self.bytes.load(Ordering::SeqCst);
+        let secs = self.started.elapsed().as_secs_f64();
+        ProtectionStatus {
+            role: "secondary".into(),
+            state: if self.ended.load(Ordering::SeqCst) {
+                "ended".into()
+            } else {
+                "replaying".into()
+            },
+            peer: self.from.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            start_exit: self.start_exit.load(Ordering::SeqCst),
+            exit_seq: primary,
+            replayed_exit: replayed,
+            lag_exits: primary - replayed,
+            lag_us: self
+                .primary_ns
+                .load(Ordering::SeqCst)
+                .saturating_sub(self.replayed_ns.load(Ordering::SeqCst)) as f64
+                / 1e3,
+            log_bytes: bytes,
+            log_bandwidth_bps: if secs > 0.0 {
+                bytes as f64 * 8.0 / secs
+            } else {
+                0.0
+            },
+            acked_bytes: bytes,
+            ..Default::default()
+        }
+    }
+}
+
+/// An [`EntrySource`] that tells [`Follow`] how far the replay is. The
+/// replayer reads one entry ahead: when it asks for entry k+1 it has
+/// replayed up to the exit of entry k.
+pub struct Tracked<S> {
+    inner: S,
+    follow: Arc<Follow>,
+    last: Option<(u64, Option<u64>)>,
+}
+
+impl<S: EntrySource> Tracked<S> {
+    /// Track `inner`'s entries into `follow`.
+    pub fn new(inner: S, follow: Arc<Follow>, start_exit: u64) -> Self {
+        follow.replayed_exit.store(start_exit, Ordering::SeqCst);
+        follow.primary_exit.store(start_exit, Ordering::SeqCst);
+        follow.start_exit.store(start_exit, Ordering::SeqCst);
+        Tracked {
+            inner,
+            follow,
+            last: None,
+        }
+    }
+}
+
+impl<S: EntrySource> EntrySource for Tracked<S> {
+    fn next_entry(&mut self) -> Result<Option<Entry>, ReadError> {
+        if let Some((exit, ns)) = self.last.take() {
+            self.follow.replayed_exit.fetch_max(exit, Ordering::SeqCst);
+            if let Some(ns) = ns {
+                self.follow.replayed_ns.fetch_max(ns, Ordering::SeqCst);
+            }
+        }
+        let e = self.inner.next_entry()?;
+        if let Some(entry) = &e {
+            let exit = entry.exit_seq();
+            let ns = match entry {
+                Entry::Input {
+                    input: Input::Clock(v),
+                    ..
+                } => Some(*v),
+                _ => None,
+            };
+            self.follow.primary_exit.fetch_max(exit, Ordering::SeqCst);
+            if let Some(ns) = ns {
+                self.follow.primary_ns.fetch_max(ns, Ordering::SeqCst);
+            }
+            self.last = Some((exit, ns));
+        }
+        Ok(e)
+    }
+
+    fn offset(&self) -> u64 {
+        self.inner.offset()
+    }
 }
 
 /// Bind the listener of `tandem secondary`.
@@ -115,21 +273,30 @@ impl Intake for Lockstep {
             abort(&mut conn, &reason);
             return Err(ReceiveError::Refused(reason));
         }
-        conn.send_frame(kind::ACCEPTED, &[])?;
+        let seeded = match &header.seed {
+            Some(seed) => Some(crate::seed::receive(&mut conn, seed, self.disk.clone())?),
+            None => {
+                conn.send_frame(kind::ACCEPTED, &[])?;
+                None
+            }
+        };
         let peer = conn.peer().clone();
         let from = format!("{} at {}", peer.hello.name, peer.addr);
         let (log, ack_log) =
             std::mem::take(&mut *self.log.lock().unwrap_or_else(|e| e.into_inner()));
+        let follow = Follow::new();
+        *follow.from.lock().unwrap_or_else(|e| e.into_inner()) = from.clone();
         let (tx, rx) = channel();
         let closed = Arc::new(AtomicBool::new(false));
         let c = closed.clone();
         let watch = Arc::new(PrimaryWatch::default());
         let w = watch.clone();
+        let f = follow.clone();
         let timing = self.timing;
         let thread = std::thread::Builder::new()
             .name("lockstep-in".into())
             .spawn(move || {
-                let r = crate::watch::receive(&mut conn, (log, ack_log), &tx, &w, timing);
+                let r = crate::watch::receive(&mut conn, (log, ack_log), &tx, &w, timing, &f);
                 c.store(true, Ordering::SeqCst);
                 drop(tx);
                 match &r {
@@ -155,6 +322,8 @@ impl Intake for Lockstep {
             from,
             thread,
             watch,
+            seeded,
+            follow,
         })
     }
 }

@@ -21,7 +21,7 @@ use failover::channel::{kind as chan_kind, BlockingConnection, Message};
 use failover::heartbeat::{
     kind as hb_kind, Liveness, PrimaryBeat, Protection, SecondaryBeat, Timing,
 };
-use failover::lockstep::{kind, Ack};
+use failover::lockstep::kind;
 
 use crate::migration::abort;
 
@@ -59,6 +59,7 @@ pub fn receive(
     tx: &Sender<Vec<u8>>,
     watch: &PrimaryWatch,
     timing: Timing,
+    follow: &crate::lockstep::Follow,
 ) -> Result<(u64, StreamEnd), String> {
     let mut total = 0u64;
     let mut echo = 0u64;
@@ -83,8 +84,8 @@ pub fn receive(
                         // The replayer may have stopped (the guest ended):
                         // the log is still kept and acknowledged.
                         let _ = tx.send(b);
-                        let ack = postcard::to_stdvec(&Ack { offset: total })
-                            .map_err(|e| e.to_string())?;
+                        let ack =
+                            postcard::to_stdvec(&follow.ack(total)).map_err(|e| e.to_string())?;
                         // Taken before the ack leaves: the primary cannot
                         // have it earlier than this.
                         let sent_ns = crate::lockstep::realtime_ns();
@@ -138,6 +139,10 @@ pub fn receive(
                     );
                 }
                 *watch.protection.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+            }
+            Some((kind::UNPROTECT, _)) => {
+                watch.life.touch();
+                follow.set_unprotected();
             }
             Some((k, _)) => {
                 let reason = format!("unexpected frame kind {k} in the log stream");

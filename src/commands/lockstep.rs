@@ -16,7 +16,7 @@ use failover::heartbeat::Timing;
 use secondary::watch::StreamEnd;
 
 use recordlog::{InitialState, TailOptions, TailReader};
-use secondary::lockstep::{accept, listen, SecondaryOptions};
+use secondary::lockstep::{accept, listen, SecondaryOptions, Tracked};
 use vmm::machine::{DiskConfig, LogConfig};
 
 use super::golive::{go_live, GoLive, ReplayConsole, Tapped, Unreleased};
@@ -34,7 +34,8 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         ));
     }
     if let Some(d) = &args.disk {
-        if !d.is_file() {
+        // A path that does not exist yet is where a seeded VM's disk goes.
+        if d.exists() && !d.is_file() {
             return Err(CmdError::Input(format!(
                 "--disk {}: not a regular file",
                 d.display()
@@ -92,8 +93,26 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         ack_log,
         timing,
     };
-    let protected = accept(&listener, opts).map_err(|e| CmdError::Internal(e.to_string()))?;
-    eprintln!("tandem: protecting the VM of {}", protected.from);
+    let mut protected = accept(&listener, opts).map_err(|e| CmdError::Internal(e.to_string()))?;
+    let follow = protected.follow.clone();
+    let _server = match &args.api_socket {
+        Some(sock) => Some(serve_status(sock, follow.clone())?),
+        None => None,
+    };
+    let seeded = protected.seeded.take();
+    match &seeded {
+        Some(s) => eprintln!(
+            "tandem: protecting the running VM of {}: seeded at exit {} after {} pre-copy rounds{}",
+            protected.from,
+            s.machine.exit_seq,
+            s.rounds,
+            s.disk
+                .as_ref()
+                .map(|d| format!(", its disk copied to {}", d.display()))
+                .unwrap_or_default()
+        ),
+        None => eprintln!("tandem: protecting the VM of {}", protected.from),
+    }
     let from = protected.from.clone();
     let bad_log = |e: String| CmdError::Input(format!("the log stream from {from}: {e}"));
     let closed = protected.closed.clone();
@@ -123,29 +142,32 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
             "the VM boots a kernel file of the primary's host; a secondary runs only the built-in guest yet".into(),
         ));
     }
-    if header.initial_state != InitialState::Boot {
-        return Err(bad_log(
-            "the VM starts from a snapshot; a secondary takes VMs protected from boot only yet"
-                .into(),
-        ));
-    }
-    let mut vm = config.vm.clone();
-    // The replayed NIC takes its frames from the log and its sent frames go
-    // nowhere (the replayer checks them against the log).
-    standby.check(vm.net.as_ref());
-    vm.disk = match (vm.disk.take(), &args.disk) {
-        (Some(d), Some(path)) => Some(DiskConfig {
-            path: path.clone(),
-            read_only: d.read_only,
-        }),
-        // The lockstep header was checked against --disk already.
-        (None, _) => None,
-        (Some(_), None) => return Err(bad_log("the VM has a disk: give --disk".into())),
+    let start_exit = seeded.as_ref().map_or(0, |s| s.machine.exit_seq);
+    let mut machine = match (seeded, &header.initial_state) {
+        // The log's initial digest is checked against the seed by the replay.
+        (Some(s), InitialState::Snapshot { .. }) => {
+            standby.check(s.machine.config.net.as_ref());
+            s.machine
+        }
+        (Some(_), InitialState::Boot) => {
+            return Err(bad_log(
+                "the primary seeded this secondary but its log starts at boot".into(),
+            ))
+        }
+        (None, InitialState::Snapshot { .. }) => {
+            return Err(bad_log(
+                "the log starts from a snapshot the primary did not send (no seed)".into(),
+            ))
+        }
+        (None, InitialState::Boot) => boot_for_log(&config, &args, &standby, &bad_log)?,
     };
-    let mut machine = boot(&vm)?;
     let replayed = replay_on(
         &mut machine,
-        Box::new(Tapped::new(tail, offset)),
+        Box::new(Tracked::new(
+            Tapped::new(tail, offset),
+            follow.clone(),
+            start_exit,
+        )),
         config.fingerprint_interval,
         false,
         out,
@@ -168,6 +190,13 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
             None
         }
     };
+    follow.set_ended();
+    if follow.unprotected() {
+        eprintln!(
+            "tandem: the primary {from} ended protection (tandem unprotect) at exit {}: this secondary stops; the VM runs on there, unprotected",
+            machine.exit_seq
+        );
+    }
     listener.close();
     eprintln!(
         "tandem: heartbeats: longest silence from the primary {:.1} ms (failover timeout {} ms)",
@@ -190,4 +219,46 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         ),
         _ => Ok(replayed.status),
     }
+}
+
+/// The VM of a log protected from boot, on this host's own disk.
+fn boot_for_log(
+    config: &LogConfig,
+    args: &SecondaryArgs,
+    standby: &net::StandbyTap,
+    bad_log: &dyn Fn(String) -> CmdError,
+) -> Result<vmm::machine::Machine, CmdError> {
+    let mut vm = config.vm.clone();
+    // The replayed NIC takes its frames from the log and its sent frames go
+    // nowhere (the replayer checks them against the log).
+    standby.check(vm.net.as_ref());
+    vm.disk = match (vm.disk.take(), &args.disk) {
+        (Some(d), Some(path)) => Some(DiskConfig {
+            path: path.clone(),
+            read_only: d.read_only,
+        }),
+        // The lockstep header was checked against --disk already.
+        (None, _) => None,
+        (Some(_), None) => return Err(bad_log("the VM has a disk: give --disk".into())),
+    };
+    boot(&vm)
+}
+
+/// The secondary's control socket: `tandem status` only.
+fn serve_status(
+    sock: &std::path::Path,
+    follow: Arc<secondary::lockstep::Follow>,
+) -> Result<crate::api::Server, CmdError> {
+    let status = Arc::new(move || {
+        let p = follow.status();
+        primary::migration::VmStatus {
+            state: "secondary".into(),
+            exit_seq: p.replayed_exit,
+            migration: None,
+            reason: None,
+            protection: Some(Box::new(p)),
+        }
+    });
+    crate::api::serve_target(sock, crate::api::Target::Secondary(status))
+        .map_err(|e| CmdError::Input(format!("--api-socket {}: {e}", sock.display())))
 }

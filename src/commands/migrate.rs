@@ -4,8 +4,9 @@
 use std::path::Path;
 
 use primary::migration::{
-    controller, run_controlled, ControlledOutcome, DiskMoveReport, MigrationReport, Progress,
+    controller, ControlledOutcome, DiskMoveReport, MigrationReport, Progress,
 };
+use primary::protect::run_protectable;
 use vmm::inputs::LiveInputs;
 use vmm::machine::Machine;
 
@@ -20,7 +21,7 @@ use crate::cli::{GuestElfArgs, MigrateArgs, StatusArgs};
 /// paused, until `tandem resume`.
 pub fn run_with_api(
     mut machine: Machine,
-    inputs: &mut LiveInputs,
+    inputs: LiveInputs,
     sock: &Path,
     paused: bool,
 ) -> Result<i32, CmdError> {
@@ -29,7 +30,13 @@ pub fn run_with_api(
     let side = side.with_api_socket(sock);
     let server = api::serve(sock, ctl)
         .map_err(|e| CmdError::Input(format!("--api-socket {}: {e}", sock.display())))?;
-    let outcome = run_controlled(&mut machine, inputs, side);
+    // `tandem protect` and `tandem unprotect` start and end recording.
+    let outcome = run_protectable(&mut machine, inputs, side, outcome_status).map(|(o, end)| {
+        if let Some(end) = end {
+            super::protect_running::report_end(&end);
+        }
+        o
+    });
     // A migration in progress sees the guest's end and tells its client
     // before this process (and the client's connection) goes away.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -43,10 +50,12 @@ pub fn run_with_api(
             eprintln!("tandem: the VM was migrated and runs on {dest} now; exiting");
             Ok(0)
         }
+        // Handled by run_protectable.
+        ControlledOutcome::Protection(_) => Ok(0),
     }
 }
 
-fn absolute(p: &Path) -> Result<std::path::PathBuf, CmdError> {
+pub(super) fn absolute(p: &Path) -> Result<std::path::PathBuf, CmdError> {
     std::path::absolute(p).map_err(|e| CmdError::Input(format!("{}: {e}", p.display())))
 }
 
@@ -63,7 +72,7 @@ fn size(b: u64) -> String {
     }
 }
 
-fn progress_line(p: &Progress) -> String {
+pub(super) fn progress_line(p: &Progress) -> String {
     if p.phase.starts_with("disk-") {
         return disk_progress_line(p);
     }
@@ -217,26 +226,12 @@ pub fn migrate(args: MigrateArgs) -> Result<i32, CmdError> {
     };
     let disk_move = matches!(req, Request::MoveDisk(_));
     let what = if disk_move { "disk move" } else { "migration" };
-    let cancel = CtrlC::install(&args.api, what)
-        .map_err(|e| CmdError::Internal(format!("installing the Ctrl-C handler: {e}")))?;
-    let mut display = Display::new(args.json);
-    let mut result: Option<Result<Outcome, String>> = None;
-    let called = api::call(&args.api, &req, |ev| {
-        match ev {
-            Event::Progress(p) => {
-                display.progress(&p, &progress_line(&p));
-                return true;
-            }
-            Event::Done(r) => result = Some(Ok(Outcome::Migrated(r))),
-            Event::DiskMoved(r) => result = Some(Ok(Outcome::DiskMoved(r))),
-            Event::Error { error } => result = Some(Err(error)),
-            other => result = Some(Err(format!("unexpected answer {other:?}"))),
-        }
-        false
-    });
-    display.finish();
-    let cancelled = cancel.finish();
-    called.map_err(CmdError::Input)?;
+    let (result, cancelled) =
+        call_with_progress(&args.api, &req, args.json, what, |ev| match ev {
+            Event::Done(r) => Some(Outcome::Migrated(r)),
+            Event::DiskMoved(r) => Some(Outcome::DiskMoved(r)),
+            _ => None,
+        })?;
     match result {
         Some(Ok(outcome)) => {
             if cancelled {
@@ -280,9 +275,45 @@ pub fn migrate(args: MigrateArgs) -> Result<i32, CmdError> {
     }
 }
 
+/// Send `req` (a long request: migrate, move a disk, protect) and show its
+/// progress until its result: `done` turns the final event into the
+/// outcome (`None`: an unexpected answer). Ctrl-C asks the VM to cancel
+/// (`what` names the work). Returns the result (`None`: the socket closed
+/// without one) and whether a cancel was asked for.
+pub(super) fn call_with_progress<T>(
+    sock: &Path,
+    req: &Request,
+    json: bool,
+    what: &'static str,
+    mut done: impl FnMut(Event) -> Option<T>,
+) -> Result<(Option<Result<T, String>>, bool), CmdError> {
+    let cancel = CtrlC::install(sock, what)
+        .map_err(|e| CmdError::Internal(format!("installing the Ctrl-C handler: {e}")))?;
+    let mut display = Display::new(json);
+    let mut result: Option<Result<T, String>> = None;
+    let called = api::call(sock, req, |ev| {
+        match ev {
+            Event::Progress(p) => {
+                display.progress(&p, &progress_line(&p));
+                return true;
+            }
+            Event::Error { error } => result = Some(Err(error)),
+            other => {
+                let shown = format!("unexpected answer {other:?}");
+                result = Some(done(other).ok_or(shown));
+            }
+        }
+        false
+    });
+    display.finish();
+    let cancelled = cancel.finish();
+    called.map_err(CmdError::Input)?;
+    Ok((result, cancelled))
+}
+
 /// After a failed migration: "keeps running" or "stays paused", as the
 /// VM's status says.
-fn vm_goes_on(sock: &Path) -> &'static str {
+pub(super) fn vm_goes_on(sock: &Path) -> &'static str {
     let mut paused = None;
     let _ = api::call(sock, &Request::Status, |ev| {
         if let Event::Status(s) = ev {
@@ -324,6 +355,11 @@ pub fn status(args: StatusArgs) -> Result<i32, CmdError> {
                 Some(why) => println!("{} (exit {}): {why}", s.state, s.exit_seq),
                 None => println!("{} (exit {})", s.state, s.exit_seq),
             },
+        }
+        match &s.protection {
+            Some(p) => println!("{}", super::protect_running::status_text(p)),
+            None if s.state != "stopped" => println!("unprotected"),
+            None => {}
         }
     }
     Ok(0)

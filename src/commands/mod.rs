@@ -9,6 +9,7 @@ mod lockstep;
 mod migrate;
 mod progress;
 mod protect;
+mod protect_running;
 mod receive;
 mod record;
 mod replay;
@@ -101,6 +102,8 @@ pub fn dispatch(cli: Cli) -> Result<i32, CmdError> {
         Command::GuestElf(args) => migrate::guest_elf(args),
         Command::Secondary(args) => lockstep::secondary(args),
         Command::Drill(args) => drill::drill(args),
+        Command::Protect(args) => protect_running::protect(args),
+        Command::Unprotect(args) => protect_running::unprotect(args),
     }
 }
 

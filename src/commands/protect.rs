@@ -125,6 +125,7 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
         &LockstepHeader {
             version: LOCKSTEP_VERSION,
             disk,
+            seed: None,
         },
         queue.clone(),
     )

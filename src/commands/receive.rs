@@ -34,7 +34,7 @@ pub fn receive(args: ReceiveArgs) -> Result<i32, CmdError> {
     if machine.devices.net.is_none() {
         net::check_restored(&machine, host_net.as_ref());
     }
-    let mut inputs = net::live_inputs(received.virtual_ns, console, host_net.as_ref());
+    let inputs = net::live_inputs(received.virtual_ns, console, host_net.as_ref());
     let what = match (&args.api_socket, received.paused) {
         // Only with a control socket may a VM arrive paused.
         (Some(sock), true) => format!(
@@ -48,7 +48,7 @@ pub fn receive(args: ReceiveArgs) -> Result<i32, CmdError> {
         received.from, received.rounds
     );
     let status = match &args.api_socket {
-        Some(sock) => super::migrate::run_with_api(machine, &mut inputs, sock, received.paused),
+        Some(sock) => super::migrate::run_with_api(machine, inputs, sock, received.paused),
         None => {
             let stop = crate::signals::on_stop(machine.vcpu.kicker().clone());
             let mut inputs = inputs.with_wakeup(stop.wakeup);

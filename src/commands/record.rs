@@ -217,11 +217,12 @@ fn run_with_control(
     );
     let server = crate::api::serve(sock, ctl)
         .map_err(|e| CmdError::Input(format!("--api-socket {}: {e}", sock.display())))?;
-    let result = run_controlled(machine, inputs, side.with_api_socket(sock));
+    let mut side = side.with_api_socket(sock);
+    let result = run_controlled(machine, inputs, &mut side);
     drop(server);
     Ok(result.map(|o| match o {
         ControlledOutcome::Guest(o) => o,
-        // Refused above: never happens.
-        ControlledOutcome::Migrated(_) => RunOutcome::Stopped,
+        // Refused above (a protect is a migration too): never happens.
+        ControlledOutcome::Migrated(_) | ControlledOutcome::Protection(_) => RunOutcome::Stopped,
     }))
 }

@@ -215,9 +215,9 @@ pub fn run(args: RunArgs) -> Result<i32, CmdError> {
     let config = vm_config(&args.vm, host_net.as_ref())?;
     let console = console::open(&args.vm.serial)?;
     let mut machine = boot(&config)?;
-    let mut inputs = net::live_inputs(0, console, host_net.as_ref());
+    let inputs = net::live_inputs(0, console, host_net.as_ref());
     if let Some(sock) = &args.api_socket {
-        return super::migrate::run_with_api(machine, &mut inputs, sock, false);
+        return super::migrate::run_with_api(machine, inputs, sock, false);
     }
     let stop = signals::on_stop(machine.vcpu.kicker().clone());
     let mut inputs = inputs.with_wakeup(stop.wakeup);

@@ -212,6 +212,12 @@ impl LiveInputs {
         self
     }
 
+    /// Send the VM's outputs to `outputs` from now on; returns where they
+    /// went so far (a running VM that becomes protected, and back).
+    pub fn replace_outputs(&mut self, outputs: Box<dyn Outputs>) -> Box<dyn Outputs> {
+        std::mem::replace(&mut self.outputs, outputs)
+    }
+
     /// A message on `wakeup` ends an idle wait (the run loop then sees why,
     /// e.g. its pause flag).
     pub fn with_wakeup(mut self, wakeup: Receiver<()>) -> Self {

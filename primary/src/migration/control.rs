@@ -42,6 +42,9 @@ pub struct VmStatus {
     /// see [`vmm::devices::virtio::block`]); `tandem resume` retries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The VM's protection, if it is protected (`tandem protect`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection: Option<Box<failover::lockstep::ProtectionStatus>>,
 }
 
 /// A request to the vCPU thread.
@@ -67,6 +70,9 @@ enum Request {
         config: BlockConfig,
         reply: Sender<Result<Instant, String>>,
     },
+    /// Start or end protection (`crate::protect`): handled by
+    /// `protect::run_protectable` around [`run_controlled`].
+    Protection(crate::protect::Step),
 }
 
 /// The guest stopped for the switchover.
@@ -109,6 +115,8 @@ struct Shared {
     disk: Mutex<Option<DiskInfo>>,
     /// Why migrations and disk moves are refused, if they are.
     no_migration: std::sync::OnceLock<&'static str>,
+    /// The protection in progress (`crate::protect`).
+    protection: Mutex<Option<Arc<crate::protect::Session>>>,
 }
 
 /// A cloneable handle on a VM run by [`run_controlled`].
@@ -127,6 +135,13 @@ pub struct VcpuSide {
 }
 
 impl VcpuSide {
+    /// The controller this side answers.
+    pub(crate) fn controller(&self) -> VmController {
+        VmController {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Start the run paused, as if `tandem pause` had been given (a VM
     /// that arrived paused from a migration).
     pub fn start_paused(mut self) -> Self {
@@ -165,6 +180,9 @@ pub enum ControlledOutcome {
     Guest(RunOutcome),
     /// The VM was migrated; it runs at the given place now.
     Migrated(String),
+    /// Start or end recording (never returned by
+    /// `protect::run_protectable`, which handles it).
+    Protection(crate::protect::Step),
 }
 
 /// Build the controller for `machine`, before its vCPU thread starts.
@@ -184,6 +202,7 @@ pub fn controller(machine: &Machine) -> (VmController, VcpuSide) {
             exit_seq: machine.exit_seq,
             migration: None,
             reason: None,
+            protection: None,
         }),
         migrating: AtomicBool::new(false),
         cancel: AtomicBool::new(false),
@@ -195,6 +214,7 @@ pub fn controller(machine: &Machine) -> (VmController, VcpuSide) {
         config: Mutex::new(machine.config.clone()),
         disk: Mutex::new(disk),
         no_migration: std::sync::OnceLock::new(),
+        protection: Mutex::new(None),
     });
     (
         VmController {
@@ -223,7 +243,28 @@ impl VmController {
             let mut s = self.status_mut();
             s.exit_seq = s.exit_seq.max(seq);
         }
-        self.status_mut().clone()
+        let mut status = self.status_mut().clone();
+        status.protection = self
+            .protection_session()
+            .map(|p| Box::new(p.status(status.exit_seq)));
+        status
+    }
+
+    /// The protection in progress.
+    pub(crate) fn protection_session(&self) -> Option<Arc<crate::protect::Session>> {
+        self.shared
+            .protection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_protection_session(&self, s: Option<Arc<crate::protect::Session>>) {
+        *self
+            .shared
+            .protection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = s;
     }
 
     pub(crate) fn set_progress(&self, p: Option<Progress>) {
@@ -282,6 +323,16 @@ impl VmController {
             self.shared.throttle.wake();
             self.shared.kicker.kick_now();
         }
+    }
+
+    /// Hand a protection step to the vCPU thread (it stops at its next
+    /// exit, also when frozen).
+    pub(crate) fn protection(&self, step: crate::protect::Step) -> Result<(), ControlError> {
+        if self.shared.ended.load(Ordering::SeqCst) {
+            return Err(ControlError::Ended);
+        }
+        self.post(Request::Protection(step));
+        Ok(())
     }
 
     pub(crate) fn thaw(&self) {
@@ -498,6 +549,7 @@ fn handle(
             flags.frozen = false;
             let _ = reply.send(result.map(|()| Instant::now()));
         }
+        Request::Protection(step) => return Some(ControlledOutcome::Protection(step)),
         Request::Finish(whereto) => {
             set_state(shared, "stopped", machine.exit_seq);
             return Some(ControlledOutcome::Migrated(whereto));
@@ -562,15 +614,18 @@ fn disk_paused(
 }
 
 /// Run `machine` on this (the vCPU) thread under the control of the
-/// [`VmController`] paired with `side`.
+/// [`VmController`] paired with `side`. A run that returns a
+/// [`ControlledOutcome::Protection`] step may be continued by calling
+/// again (a freeze ends there; an operator's pause goes on).
 pub fn run_controlled(
     machine: &mut Machine,
     inputs: &mut dyn Inputs,
-    side: VcpuSide,
+    side: &mut VcpuSide,
 ) -> Result<ControlledOutcome, RunError> {
     let shared = side.shared.clone();
     let mut flags = Flags {
-        user_paused: side.start_paused,
+        user_paused: std::mem::take(&mut side.start_paused)
+            || shared.user_paused.load(Ordering::SeqCst),
         ..Flags::default()
     };
     if flags.user_paused {

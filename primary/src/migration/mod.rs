@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 pub use control::{controller, run_controlled, ControlledOutcome, VmController, VmStatus};
 pub use diskmove::{move_disk, DiskMoveError, DiskMoveParams, DiskMoveReport};
 pub use source::migrate;
+pub(crate) use source::{seed, Seeding};
 
 use failover::certs::Credentials;
 

@@ -18,7 +18,7 @@ use vmm::dirty::ConsumerId;
 use vmm::vstate::memory::{self, page_is_zero, read_page};
 use vmm::PAGE_SIZE;
 
-use super::control::{ControlError, DiskInfo, VmController};
+use super::control::{ControlError, DiskInfo, Frozen, VmController};
 use super::precopy::{Link, Next, Precopy, MAX_ROUNDS};
 use super::{MigrationError, MigrationParams, MigrationReport, Progress};
 
@@ -59,6 +59,44 @@ pub fn migrate(
     params: &MigrationParams,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, MigrationError> {
+    transfer(ctl, params, on_progress, None).map(|(report, _)| report)
+}
+
+/// What seeding a secondary (`tandem protect`) does differently from a
+/// migration: the connection is a primary's, the header a lockstep one
+/// (`failover::lockstep`), and at the freeze, once the state is sent, the
+/// guest starts recording at that exit and runs on here.
+pub(crate) trait Seeding {
+    /// The lockstep header frame that carries `migration`.
+    fn header(&self, migration: &Header) -> Result<(u8, Vec<u8>), String>;
+    /// Decode the secondary's acceptance frame `(kind, payload)`.
+    fn accepted(&self, kind: u8, payload: &[u8]) -> Option<Result<Accepted, String>>;
+    /// The guest is frozen and its state sent: start recording from this
+    /// exit and let the guest run on. Returns when it runs again.
+    fn start(&mut self, frozen: Frozen) -> Result<Instant, String>;
+}
+
+/// Seed a secondary: the migration's pre-copy and stop-and-copy, then
+/// `Seeding::start` instead of the switchover. Returns the report (its
+/// `downtime_ms` is the primary's pause) and the connection, on which the
+/// secondary has confirmed the seed (`Running`).
+pub(crate) fn seed<'a>(
+    ctl: &'a VmController,
+    params: &'a MigrationParams,
+    on_progress: &'a mut dyn FnMut(&Progress),
+    seeding: &'a mut dyn Seeding,
+) -> Result<(MigrationReport, BlockingConnection), MigrationError> {
+    let (report, conn) = transfer(ctl, params, on_progress, Some(seeding))?;
+    let conn = conn.ok_or_else(|| MigrationError::Protocol("no connection".into()))?;
+    Ok((report, conn))
+}
+
+fn transfer<'a>(
+    ctl: &'a VmController,
+    params: &'a MigrationParams,
+    on_progress: &'a mut dyn FnMut(&Progress),
+    seeding: Option<&'a mut dyn Seeding>,
+) -> Result<(MigrationReport, Option<BlockingConnection>), MigrationError> {
     ctl.begin_migration().map_err(|e| match e {
         ControlError::Busy => MigrationError::Busy,
         ControlError::Ended | ControlError::NotMigrating => MigrationError::VmEnded,
@@ -95,6 +133,8 @@ pub fn migrate(
         marker: None,
         disk_plan: DiskPlan::None,
         in_doubt: false,
+        seeding,
+        recording: false,
     };
     let mut result = source.run();
     // An `Abort` from the destination is an answer: it does not run the
@@ -124,11 +164,14 @@ pub fn migrate(
         if let Some(h) = &source.handle {
             h.close_now(close_code::ABORT, &e.to_string());
         }
-        ctl.thaw();
+        if !source.recording {
+            ctl.thaw();
+        }
     }
     let _ = ctl.dirty().unregister(&vm.fd, &vm.memory, consumer);
     ctl.end_migration();
-    result
+    let conn = source.conn.take();
+    result.map(|r| (r, conn))
 }
 
 struct Source<'a> {
@@ -161,6 +204,10 @@ struct Source<'a> {
     /// `SwitchoverReady` may have reached the destination: from then on a
     /// failure cannot tell whether the guest runs there.
     in_doubt: bool,
+    /// Seeding a secondary rather than migrating.
+    seeding: Option<&'a mut dyn Seeding>,
+    /// Seeding: the guest runs on, recorded (nothing to thaw on failure).
+    recording: bool,
 }
 
 /// A marker file next to the source's disk image
@@ -312,7 +359,11 @@ impl Source<'_> {
 
     fn connect(&mut self) -> Result<(), MigrationError> {
         let params = self.params;
-        let mut cfg = ChannelConfig::new(Role::MigrationSource, params.name.clone());
+        let role = match self.seeding {
+            Some(_) => Role::Primary,
+            None => Role::MigrationSource,
+        };
+        let mut cfg = ChannelConfig::new(role, params.name.clone());
         cfg.idle_timeout = IDLE_TIMEOUT;
         cfg.keep_alive = IDLE_TIMEOUT / 6;
         let mut conn =
@@ -335,15 +386,28 @@ impl Source<'_> {
             memory: memory::layout(&vm.memory),
             disk,
         };
-        let bytes =
-            postcard::to_stdvec(&header).map_err(|e| MigrationError::Protocol(e.to_string()))?;
-        let conn = self.conn();
-        conn.send_frame(kind::HEADER, &bytes)?;
-        let (k, payload) = conn.recv_frame()?;
+        let (frame, bytes) = match &self.seeding {
+            Some(s) => s.header(&header).map_err(MigrationError::Protocol)?,
+            None => (
+                kind::HEADER,
+                postcard::to_stdvec(&header)
+                    .map_err(|e| MigrationError::Protocol(e.to_string()))?,
+            ),
+        };
+        self.conn().send_frame(frame, &bytes)?;
+        let (k, payload) = self.conn().recv_frame()?;
+        let seeded = self.seeding.as_ref().and_then(|s| s.accepted(k, &payload));
+        let accepted = match seeded {
+            Some(a) => Some(a.map_err(MigrationError::Protocol)?),
+            None if k == kind::ACCEPTED && self.seeding.is_none() => Some(
+                postcard::from_bytes(&payload)
+                    .map_err(|e| MigrationError::Protocol(format!("unreadable acceptance: {e}")))?,
+            ),
+            None => None,
+        };
         match k {
-            kind::ACCEPTED => {
-                let a: Accepted = postcard::from_bytes(&payload)
-                    .map_err(|e| MigrationError::Protocol(format!("unreadable acceptance: {e}")))?;
+            _ if accepted.is_some() => {
+                let a: Accepted = accepted.expect("checked");
                 let want = if header.disk.is_some() {
                     [DiskPlan::Copy, DiskPlan::Shared].contains(&a.disk)
                 } else {
@@ -719,6 +783,17 @@ impl Source<'_> {
             .map_err(|e| MigrationError::Protocol(e.to_string()))?;
         let n = state.len();
         self.send(&Message::DeviceState(state), n)?;
+        if self.seeding.is_some() {
+            // The bootstrap is complete; the log follows.
+            self.conn()
+                .send_msg(&Message::SwitchoverReady { paused: false })?;
+            let at = frozen.at;
+            let seeding = self.seeding.as_mut().expect("seeding");
+            let resumed = seeding.start(frozen).map_err(MigrationError::Source)?;
+            self.recording = true;
+            self.report.downtime_ms = ms(resumed.saturating_duration_since(at));
+            return self.seeded();
+        }
         self.in_doubt = true;
         self.send(
             &Message::SwitchoverReady {
@@ -738,22 +813,44 @@ impl Source<'_> {
         // The guest started there one trip before its confirmation got here.
         let downtime = confirmed.saturating_sub(self.min_rtt() / 2);
         tracing::debug!("confirmed after {confirmed:?}; downtime {downtime:?}");
-        let (tx, rx) = self.wire_bytes();
-        self.report.total_ms = ms(self.start.elapsed());
         self.report.downtime_ms = ms(downtime);
         self.report.confirmed_ms = ms(confirmed);
-        self.report.bytes_on_wire = tx;
-        self.report.bytes_received = rx;
-        self.report.pages_sent = self.progress.pages_sent;
-        self.report.disk_bytes_sent = self.progress.disk_bytes_sent;
-        self.progress.phase = "done".into();
-        self.publish();
+        self.finish_report();
         // The destination runs the guest; say goodbye in order (it waits
         // for our close to know we got its confirmation).
         if let Some(conn) = self.conn.take() {
             let _ = conn.close();
         }
         Ok(self.report.clone())
+    }
+}
+
+impl Source<'_> {
+    /// After `Seeding::start`: wait for the secondary's `Running` (it
+    /// restored the seed) and finish the report.
+    fn seeded(&mut self) -> Result<MigrationReport, MigrationError> {
+        match self.recv(CONFIRM_TIMEOUT)? {
+            Message::Running => {}
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "expected Running (the secondary holds the seed), got {other:?}"
+                )))
+            }
+        }
+        self.finish_report();
+        Ok(self.report.clone())
+    }
+
+    /// The totals of a transfer that reached its end.
+    fn finish_report(&mut self) {
+        let (tx, rx) = self.wire_bytes();
+        self.report.total_ms = ms(self.start.elapsed());
+        self.report.bytes_on_wire = tx;
+        self.report.bytes_received = rx;
+        self.report.pages_sent = self.progress.pages_sent;
+        self.report.disk_bytes_sent = self.progress.disk_bytes_sent;
+        self.progress.phase = "done".into();
+        self.publish();
     }
 }
 

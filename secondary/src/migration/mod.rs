@@ -5,7 +5,7 @@
 //! `failover::migration`.
 
 pub(crate) mod accept;
-mod disk;
+pub(crate) mod disk;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -270,7 +270,10 @@ fn receive_one(
 /// have them) and, last, get the disk ready. Nothing is created on disk
 /// before every other check passed; the VM is created after `Accepted`
 /// ([`prepare`]).
-fn accept_header(header: &Header, opts: &ReceiveOptions) -> Result<Option<DestDisk>, String> {
+pub(crate) fn accept_header(
+    header: &Header,
+    opts: &ReceiveOptions,
+) -> Result<Option<DestDisk>, String> {
     if header.version != MIGRATION_VERSION {
         return Err(format!(
             "migration stream version {} is not supported (this Tandem speaks version {MIGRATION_VERSION})",
@@ -297,14 +300,14 @@ fn check_layout(header: &Header, ours: &[(u64, u64)]) -> Result<(), String> {
 }
 
 /// Create the VM (zeroed memory) the accepted header announced.
-fn prepare(header: &Header) -> Result<Incoming, String> {
+pub(crate) fn prepare(header: &Header) -> Result<Incoming, String> {
     let incoming =
         Machine::prepare_incoming(&header.config).map_err(|e| format!("creating the VM: {e}"))?;
     check_layout(header, &memory::layout(incoming.memory()))?;
     Ok(incoming)
 }
 
-enum TransferError {
+pub(crate) enum TransferError {
     /// Our fault (disk full, bad data): tell the source.
     Local(String),
     /// The source went away or aborted.
@@ -317,7 +320,7 @@ impl From<ChannelError> for TransferError {
     }
 }
 
-fn transfer(
+pub(crate) fn transfer(
     conn: &mut BlockingConnection,
     incoming: Incoming,
     disk: &mut Option<DestDisk>,

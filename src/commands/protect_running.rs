@@ -1,0 +1,152 @@
+//! `tandem protect` and `tandem unprotect` (clients of a running VM's
+//! control socket; the work is `primary::protect`), and what `tandem
+//! status` and the VM's own stderr say of a protected VM.
+
+use failover::lockstep::ProtectionStatus;
+use primary::protect::{ProtectReport, ProtectedEnd};
+
+use super::migrate::{absolute, call_with_progress, vm_goes_on};
+use super::CmdError;
+use crate::api::{self, Event, MigrateRequest, ProtectRequest, Request};
+use crate::cli::{ProtectCmdArgs, StatusArgs};
+
+fn summary(r: &ProtectReport) -> String {
+    format!(
+        "protected by {} from exit {}\n  primary paused {:.1} ms\n  seeding        {:.1} ms, {} pre-copy rounds + the pause ({} pages)\n  pages sent     {}\n  disk sent      {:.1} MiB\n  bytes on wire  {}{}",
+        r.secondary,
+        r.start_exit,
+        r.pause_ms,
+        r.total_ms,
+        r.rounds,
+        r.final_pages,
+        r.pages_sent,
+        r.disk_bytes_sent as f64 / (1024.0 * 1024.0),
+        r.bytes_on_wire,
+        if r.converged {
+            ""
+        } else {
+            "\n  note: pre-copy did not reach its pause target"
+        }
+    )
+}
+
+pub fn protect(args: ProtectCmdArgs) -> Result<i32, CmdError> {
+    let req = Request::Protect(ProtectRequest {
+        to: MigrateRequest {
+            to: args.to.clone(),
+            server_name: args.server_name.clone(),
+            ca: absolute(&args.ca)?,
+            cert: absolute(&args.cert)?,
+            key: absolute(&args.key)?,
+            downtime_ms: Some(args.downtime_ms),
+            max_bandwidth: None,
+        },
+        heartbeat_ms: args.failover.heartbeat_ms,
+        failover_timeout_ms: args.failover.failover_timeout_ms,
+        arbiter: args.failover.arbiter.clone(),
+    });
+    let (result, cancelled) =
+        call_with_progress(&args.api, &req, args.json, "protect", |ev| match ev {
+            Event::Protected(r) => Some(r),
+            _ => None,
+        })?;
+    match result {
+        Some(Ok(r)) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&Event::Protected(r)).unwrap_or_default()
+                );
+            } else {
+                println!("{}", summary(&r));
+            }
+            Ok(0)
+        }
+        Some(Err(e)) => {
+            let how = vm_goes_on(&args.api);
+            if cancelled {
+                eprintln!("tandem: protect cancelled; the VM {how} unprotected");
+            } else {
+                eprintln!("tandem: protect failed: {e}; the VM {how} unprotected");
+            }
+            Ok(1)
+        }
+        None => {
+            eprintln!("tandem: the VM's control socket closed without a result");
+            Ok(1)
+        }
+    }
+}
+
+pub fn unprotect(args: StatusArgs) -> Result<i32, CmdError> {
+    let mut result = Err("no answer".to_string());
+    api::call(&args.api, &Request::Unprotect, |ev| {
+        result = match ev {
+            Event::Unprotected(r) => Ok(r),
+            Event::Error { error } => Err(error),
+            other => Err(format!("unexpected answer {other:?}")),
+        };
+        false
+    })
+    .map_err(CmdError::Input)?;
+    let r = result.map_err(CmdError::Input)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&Event::Unprotected(r.clone())).unwrap_or_default()
+        );
+    }
+    match &r.acknowledged {
+        Ok(()) => {
+            if !args.json {
+                println!(
+                    "unprotected at exit {}: the secondary {} acknowledged the whole log ({} bytes) and stopped; {} held outputs released",
+                    r.exit_seq, r.secondary, r.log_bytes, r.released
+                );
+            }
+            Ok(0)
+        }
+        Err(e) => {
+            eprintln!(
+                "tandem: unprotected at exit {}, but the secondary {} did not acknowledge the end of the log: {e}; the VM runs on unprotected",
+                r.exit_seq, r.secondary
+            );
+            Ok(1)
+        }
+    }
+}
+
+/// One line per field of a protection's status.
+pub fn status_text(p: &ProtectionStatus) -> String {
+    format!(
+        "{} ({}), peer {}\n  exit {} replayed {} (lag {} exits, {:.0} us of guest time)\n  log {} bytes ({:.0} bit/s), {} acknowledged\n  outputs held {} (oldest {:.1} ms), ack round trip {:.2} ms",
+        p.role,
+        p.state,
+        p.peer,
+        p.exit_seq,
+        p.replayed_exit,
+        p.lag_exits,
+        p.lag_us,
+        p.log_bytes,
+        p.log_bandwidth_bps,
+        p.acked_bytes,
+        p.outputs_held,
+        p.oldest_held_ms,
+        p.ack_rtt_ms
+    )
+}
+
+/// What the VM's stderr says when the guest ends protected.
+pub fn report_end(end: &ProtectedEnd) {
+    match &end.acknowledged {
+        Ok(()) => eprintln!(
+            "tandem: protected run ended at exit {}: {} log bytes streamed to {}, {} outputs released after acknowledgement",
+            end.exit_seq, end.log_bytes, end.secondary, end.released
+        ),
+        Err(e) => eprintln!(
+            "tandem: protection lost at exit {}: {e}; {} outputs were released only once the VM was unprotected, {} never",
+            end.exit_seq, end.released, end.withheld
+        ),
+    }
+    eprintln!("tandem: final state digest {}", end.digest.to_hex());
+}

@@ -1,0 +1,209 @@
+//! Protecting a VM that already runs (`tandem protect`), over loopback: a
+//! `tandem run --api-socket` guest is seeded into a `tandem secondary`
+//! mid-run (the migration's pre-copy, then a measured pause), which then
+//! replays its log to the end: the final digests are equal, the
+//! secondary's console is exactly the primary's from the seed on, a disk
+//! copied during the seeding ends identical. `tandem status` shows the
+//! protection on both sides; `tandem unprotect` ends it in order and the VM
+//! finishes unprotected; a protect to nobody fails and the VM runs on.
+//! Everything is triggered by guest events (console lines), never by
+//! sleeping.
+
+mod common;
+
+use std::path::Path;
+
+use common::cluster::{
+    final_digest as digest, make_disk, reference, run_tandem, source, status, Pki, Proc,
+};
+use common::{result_line, TempDir};
+
+fn secondary(creds: &[String], extra: &[&str]) -> (Proc, String) {
+    common::cluster::secondary(&[], "127.0.0.1:0", creds, extra)
+}
+
+/// `tandem protect --api SOCK --to ADDR`: (status, stdout, stderr).
+fn protect(sock: &str, to: &str, creds: &[String]) -> (i32, String, String) {
+    let mut args = vec!["protect", "--api", sock, "--to", to];
+    args.extend(creds.iter().map(String::as_str));
+    run_tandem(&args)
+}
+
+/// The measured pause `tandem protect` printed (ms).
+#[track_caller]
+fn pause_ms(out: &str) -> f64 {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("primary paused "))
+        .and_then(|r| r.strip_suffix(" ms"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no pause in\n{out}"))
+}
+
+#[track_caller]
+fn num(v: &serde_json::Value, field: &str) -> f64 {
+    v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no number {field} in {v}"))
+}
+
+/// Protect `cmdline` once `marker` is on its console (with a disk of
+/// `disk_len` bytes: the secondary gets a copy at a fresh path during the
+/// seeding), check both status views mid-run, and everything at the end.
+fn protect_mid_run(cmdline: &str, marker: &str, disk_len: Option<usize>) {
+    let dir = TempDir::new("protect");
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    let (sock, sec_sock) = (dir.s("pri.sock"), dir.s("sec.sock"));
+    let sec_serial = format!("file:{}", dir.s("sec.txt"));
+    let (pri_img, sec_img) = (dir.s("pri.img"), dir.s("sec.img"));
+    let mut sec_extra = vec!["--serial", &sec_serial, "--api-socket", &sec_sock];
+    let mut pri_extra = vec![];
+    if let Some(len) = disk_len {
+        make_disk(Path::new(&pri_img), len);
+        sec_extra.extend(["--disk", &sec_img]);
+        pri_extra.extend(["--disk", &pri_img]);
+    }
+    let (sec, addr) = secondary(&pki.creds("sec"), &sec_extra);
+    let mut pri = source(&[], &sock, cmdline, &pri_extra);
+    pri.wait_for(marker, false);
+    let (code, out, err) = protect(&sock, &addr, &pki.creds("pri"));
+    assert_eq!(code, 0, "protect failed\n{out}\n{err}\n{}", pri.describe());
+    assert!(out.contains("protected by sec at"), "{out}");
+    let pause = pause_ms(&out);
+    eprintln!("{cmdline}: primary paused {pause:.1} ms");
+    assert!(pause > 0.0, "{out}");
+    // Both sides say what protects what (unless the guest ended already).
+    let p = status(&sock);
+    if p["state"] != "stopped" {
+        let pp = &p["protection"];
+        assert_eq!(pp["role"], "primary", "{p}");
+        assert!(pp["peer"].as_str().unwrap().starts_with("sec at"), "{p}");
+        assert!(num(pp, "exit_seq") >= num(pp, "start_exit"), "{p}");
+        assert!(num(pp, "replayed_exit") <= num(pp, "exit_seq"), "{p}");
+        assert!(num(pp, "log_bytes") >= num(pp, "acked_bytes"), "{p}");
+        for f in [
+            "lag_us",
+            "log_bandwidth_bps",
+            "oldest_held_ms",
+            "ack_rtt_ms",
+        ] {
+            assert!(num(pp, f) >= 0.0, "{f}: {p}");
+        }
+        assert!(num(pp, "outputs_held") >= 0.0, "{p}");
+        eprintln!("{cmdline}: primary status {pp}");
+    }
+    if let Ok(s) = std::panic::catch_unwind(|| status(&sec_sock)) {
+        let sp = &s["protection"];
+        assert_eq!(sp["role"], "secondary", "{s}");
+        assert!(sp["peer"].as_str().unwrap().starts_with("pri at"), "{s}");
+        assert!(num(sp, "replayed_exit") >= num(sp, "start_exit"), "{s}");
+        assert!(num(sp, "log_bytes") > 0.0, "{s}");
+        eprintln!("{cmdline}: secondary status {sp}");
+    }
+    let (pcode, pout, perr) = pri.finish();
+    let (scode, _, serr) = sec.finish();
+    let both = format!("--- primary ---\n{perr}\n--- secondary ---\n{serr}");
+    assert_eq!(pcode, 0, "primary\n{pout}\n{both}");
+    assert_eq!(scode, 0, "secondary\n{both}");
+    assert!(serr.contains("seeded at exit"), "{both}");
+    assert!(serr.contains("replay verified"), "{both}");
+    assert_eq!(digest(&perr), digest(&serr), "final digests differ\n{both}");
+    assert!(result_line(&pout).is_some(), "{pout}");
+    let sec_console = std::fs::read_to_string(dir.file("sec.txt")).unwrap();
+    assert!(
+        !sec_console.is_empty() && pout.ends_with(&sec_console),
+        "the secondary's console is not the primary's from the seed on\n--- primary ---\n{pout}\n--- secondary ---\n{sec_console}"
+    );
+    if disk_len.is_some() {
+        assert!(
+            std::fs::read(&pri_img).unwrap() == std::fs::read(&sec_img).unwrap(),
+            "the disk images differ after the run"
+        );
+    }
+}
+
+#[test]
+fn protect_busy_mid_run() {
+    protect_mid_run("busy 300000", "busy ", None);
+}
+
+#[test]
+fn protect_dirty_mid_run() {
+    protect_mid_run("dirty 64 1500", "round 100\n", None);
+}
+
+#[test]
+fn protect_disk_mid_run() {
+    protect_mid_run("disk 512", "disk capacity", Some(4 << 20));
+}
+
+/// `tandem unprotect`: the secondary stops saying why, the VM finishes
+/// unprotected with the result of an unprotected run.
+#[test]
+fn unprotect_then_the_vm_finishes_alone() {
+    let cmdline = "dirty 64 1500";
+    let expected = reference(cmdline, None);
+    let dir = TempDir::new("unprotect");
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    let sock = dir.s("pri.sock");
+    let (sec, addr) = secondary(&pki.creds("sec"), &[]);
+    let mut pri = source(&[], &sock, cmdline, &[]);
+    pri.wait_for("round 100\n", false);
+    let (code, out, err) = protect(&sock, &addr, &pki.creds("pri"));
+    assert_eq!(code, 0, "protect failed\n{out}\n{err}\n{}", pri.describe());
+    pri.wait_for("round 400\n", false);
+    let (code, out, err) = run_tandem(&["unprotect", "--api", &sock]);
+    assert_eq!(
+        code,
+        0,
+        "unprotect failed\n{out}\n{err}\n{}",
+        pri.describe()
+    );
+    assert!(out.contains("unprotected at exit"), "{out}");
+    let s = status(&sock);
+    assert!(
+        s.get("protection").is_none() || s["state"] == "stopped",
+        "{s}"
+    );
+    let (scode, _, serr) = sec.finish();
+    assert_eq!(scode, 0, "secondary\n{serr}");
+    assert!(serr.contains("ended protection"), "{serr}");
+    assert!(serr.contains("replay verified"), "{serr}");
+    let (pcode, pout, perr) = pri.finish();
+    assert_eq!(pcode, 0, "primary\n{perr}");
+    assert_eq!(
+        pout, expected,
+        "the console differs from an unprotected run"
+    );
+}
+
+/// A protect to an address where nobody listens fails with a clear error;
+/// the VM runs on, unprotected (its console goes on growing).
+#[test]
+fn protect_to_nobody_fails_and_the_vm_runs_on() {
+    let dir = TempDir::new("protect-nobody");
+    let pki = Pki::new(&["pri"], &[]);
+    let sock = dir.s("pri.sock");
+    // A port nobody listens on: bound and closed again.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let to = format!("127.0.0.1:{port}");
+    // Long enough to outlive the failed attempt on any load; ended below.
+    let mut pri = source(&[], &sock, "dirty 64 1000000", &[]);
+    pri.wait_for("round 10\n", false);
+    let (code, out, err) = protect(&sock, &to, &pki.creds("pri"));
+    assert_eq!(code, 1, "protect to nobody did not fail\n{out}\n{err}");
+    assert!(err.contains("protect failed"), "{err}");
+    assert!(err.contains("keeps running unprotected"), "{err}");
+    let s = status(&sock);
+    assert_eq!(s["state"], "running", "{s}");
+    assert!(s.get("protection").is_none(), "{s}");
+    // It runs on: rounds it had not reached when the protect failed.
+    let (_, text, _) = run_tandem(&["status", "--api", &sock]);
+    assert!(text.contains("unprotected"), "{text}");
+    let rounds = pri.out().matches("round ").count();
+    pri.wait_for(&format!("round {}\n", rounds + 20), false);
+    let _ = pri.child.kill();
+}
