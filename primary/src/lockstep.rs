@@ -292,6 +292,8 @@ impl Link {
         acks: Arc<Acks>,
     ) -> Result<Link, String> {
         let peer = format!("{} at {}", conn.peer().hello.name, conn.peer().addr);
+        // The secondary's silence counts from now (a seeding took a while).
+        acks.life.touch();
         let protection =
             postcard::to_stdvec(&acks.failover.protection).map_err(|e| e.to_string())?;
         conn.send_frame(heartbeat::kind::PROTECTION, &protection)

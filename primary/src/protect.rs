@@ -195,6 +195,8 @@ impl Session {
         let log_bytes = self.queue.stats().pushed_bytes;
         let elapsed = info.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
         let replayed = acks.last.map_or(info.start_exit, |(a, _)| a.replayed);
+        // Asked of the vCPU a moment before the last ack was read.
+        let exit_seq = exit_seq.max(replayed);
         let state = match &acks.lost {
             Some(why) => format!("lost: {why}"),
             None => info.state.clone(),
