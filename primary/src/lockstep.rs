@@ -448,6 +448,12 @@ impl Link {
         let ok = self
             .acks
             .wait_for(total, Some(Instant::now() + timeout), false);
+        // Ending protection: the sender says so after the whole log, before
+        // the stream ends (it clears the flag once it has).
+        let said = Instant::now() + Duration::from_secs(2);
+        while ok && self.unprotect.load(Ordering::SeqCst) && Instant::now() < said {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let (lost, alone) = {
             let mut st = self.acks.lock();
             st.complete = ok;
