@@ -83,16 +83,22 @@ pub struct UnprotectReport {
 /// Why a protect failed; the guest runs on unprotected.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtectError {
+    /// Protected already (by this secondary).
     #[error("the VM is already protected by {0}")]
     Already(String),
+    /// Paused by its operator.
     #[error("the VM is paused: resume it before protecting it")]
     Paused,
+    /// `tandem unprotect` of a VM that is not protected.
     #[error("the VM is not protected")]
     NotProtected,
+    /// The guest has ended.
     #[error("the VM has stopped")]
     Ended,
+    /// The seeding (the migration's transfer) failed.
     #[error(transparent)]
     Seed(#[from] MigrationError),
+    /// The log stream could not start or end in order.
     #[error("starting the log stream: {0}")]
     Stream(String),
 }
