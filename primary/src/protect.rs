@@ -623,7 +623,7 @@ fn end(machine: &mut Machine, r: Recording, how: Ending) -> (LiveInputs, Protect
             if how == Ending::Unprotect {
                 link.ending_protection();
             }
-            link.finish(STEP_TIMEOUT)
+            link.finish(STEP_TIMEOUT).map(|_| ())
         }
         (None, Ending::Abandon) => Err("protection was abandoned".to_string()),
         (None, _) => Err("the secondary was never connected".to_string()),
