@@ -87,6 +87,10 @@ pub enum DevicesError {
     #[error("a disk image was given but the snapshot has no disk")]
     /// An image was given, and the saved state has no disk.
     UnexpectedDisk,
+    /// A sync point's devices have a NIC and the machine has none, or the
+    /// other way round.
+    #[error("the saved state and the machine differ in having a NIC")]
+    NetMismatch,
 }
 
 /// Every device of the VM.
@@ -304,17 +308,35 @@ impl Devices {
             _ => {}
         }
         // The legacy devices are plain state machines: rebuilt. The disk
-        // keeps its open image and dirty-block tracker and is restored in
-        // place, last, so that a failure anywhere leaves `self` untouched.
+        // keeps its open image and dirty-block tracker, the NIC its host
+        // counters: both are restored in place. Everything is checked
+        // before anything changes (the disk last: its `load_state` checks
+        // first), so that a failure leaves `self` untouched.
+        let net = match (&self.net, &state.net) {
+            (Some(n), Some(s)) => Some(n.check_state(s, mem)?),
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => return Err(DevicesError::NetMismatch),
+        };
+        // Only the legacy devices' states are copied.
         let others = DevicesState {
+            pic: state.pic.clone(),
+            pit: state.pit.clone(),
+            rtc: state.rtc.clone(),
+            serial: state.serial.clone(),
+            i8042: state.i8042.clone(),
+            post: state.post.clone(),
             block: None,
-            ..state.clone()
+            net: None,
         };
         let mut fresh = Devices::restore(&others, None, mem)?;
         if let (Some(b), Some(s)) = (self.block.as_mut(), &state.block) {
             b.load_state(s, mem)?;
         }
+        if let (Some(n), Some(checked)) = (self.net.as_mut(), net) {
+            n.commit_state(checked);
+        }
         fresh.block = self.block.take();
+        fresh.net = self.net.take();
         *self = fresh;
         Ok(())
     }
@@ -349,5 +371,56 @@ impl Devices {
                 .map(|s| VirtioNet::restore(mem.clone(), s))
                 .transpose()?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::tests::{new_mem, TempImage};
+    use crate::devices::virtio::net::NetStats;
+
+    fn devices(img: &TempImage) -> Devices {
+        let mac = "52:54:00:12:34:56".parse::<MacAddr>().unwrap();
+        Devices::new(16 << 20, 0, Some(img.config(false)), Some(mac)).unwrap()
+    }
+
+    #[test]
+    fn load_state_keeps_the_nics_counters_and_changes_nothing_on_error() {
+        let img = TempImage::new("bus-load", 1 << 20);
+        let mem = new_mem();
+        let mut d = devices(&img);
+        let stats = NetStats {
+            rx_frames: 3,
+            tx_frames: 5,
+            ..NetStats::default()
+        };
+        d.net.as_mut().unwrap().set_stats(stats);
+        let saved = d.save();
+        d.pic.raise_irq(3);
+        d.load_state(&saved, &mem).unwrap();
+        assert_eq!(format!("{:?}", d.save()), format!("{saved:?}"));
+        assert_eq!(d.net.as_ref().unwrap().stats(), stats, "host counters kept");
+
+        // A NIC state that cannot be applied: nothing changes, not even
+        // the devices restored before it.
+        d.pic.raise_irq(3);
+        let before = format!("{:?}", d.save());
+        let mut bad = saved.clone();
+        bad.net.as_mut().unwrap().transport.device_features ^= 1 << 40;
+        assert!(matches!(
+            d.load_state(&bad, &mem),
+            Err(DevicesError::NetRestore(_))
+        ));
+        assert_eq!(format!("{:?}", d.save()), before);
+        // A sync point of a machine without a NIC.
+        let mut none = saved.clone();
+        none.net = None;
+        assert!(matches!(
+            d.load_state(&none, &mem),
+            Err(DevicesError::NetMismatch)
+        ));
+        assert_eq!(format!("{:?}", d.save()), before);
+        assert_eq!(d.net.as_ref().unwrap().stats(), stats);
     }
 }

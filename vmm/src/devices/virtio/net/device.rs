@@ -109,6 +109,10 @@ impl VirtioNet {
         self.stats
     }
 
+    pub(crate) fn set_stats(&mut self, stats: NetStats) {
+        self.stats = stats;
+    }
+
     /// The transport (registers and queues).
     pub fn transport(&self) -> &MmioTransport {
         &self.transport
