@@ -301,8 +301,23 @@ fn tsc_divergence_is_detected_every_time_and_repaired() {
     let dir = TempDir::new("rr-tsc");
     for round in 0..3 {
         let log = dir.file(&format!("tsc{round}.tlog"));
-        let (_, s) = record(&log, "tsc 200", &["--fingerprint-interval", "10"], None);
+        // No kick: a kick's sync point hands the replay the recorder's state
+        // in the middle of the loop, before any fingerprint could show the
+        // other TSC values (under load the loop can outlast the default
+        // 2 ms grace, about one run in 30).
+        let (_, s) = record(
+            &log,
+            "tsc 200",
+            &[
+                "--fingerprint-interval",
+                "10",
+                "--kick-grace-us",
+                "60000000",
+            ],
+            None,
+        );
         assert!(s.fingerprints > 0, "{s:?}");
+        assert_eq!(s.kicks, 0, "{s:?}");
 
         let rep = replay(&log, &["--quiet"]);
         rep.assert_status(1);
