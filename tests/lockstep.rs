@@ -252,3 +252,26 @@ fn different_disk_is_refused() {
     assert_eq!(size(&sec_log), 0);
     sec.wait_for("differs from the primary's image", true);
 }
+
+/// `tsc` reads the TSC, which the secondary's replay cannot reproduce: the
+/// secondary reports the divergence and re-joins at the next sync point
+/// (here the primary's final one) instead of ending protection; its final
+/// digest is the primary's.
+#[test]
+fn tsc_divergence_is_repaired_on_the_secondary() {
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    let (sec, addr) = secondary(&pki.creds("sec"), &[]);
+    let mut args = vec!["run", "--cmdline", "tsc 200", "--protect-to", &addr];
+    let creds = pki.creds("pri");
+    args.extend(creds.iter().map(String::as_str));
+    let (status, pri_out, pri_err) = run_tandem(&args);
+    let (sec_status, _, sec_err) = sec.finish();
+    let both = format!("--- primary ---\n{pri_out}\n{pri_err}\n--- secondary ---\n{sec_err}");
+    assert_eq!(status, 0, "{both}");
+    assert_eq!(sec_status, 0, "{both}");
+    assert!(
+        sec_err.contains("replay repaired: "),
+        "{both}"
+    );
+    assert_eq!(digest(&pri_err), digest(&sec_err), "{both}");
+}

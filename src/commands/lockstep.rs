@@ -169,7 +169,7 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
             start_exit,
         )),
         config.fingerprint_interval,
-        false,
+        true,
         out,
         &bad_log,
     );
