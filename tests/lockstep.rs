@@ -260,18 +260,25 @@ fn different_disk_is_refused() {
 #[test]
 fn tsc_divergence_is_repaired_on_the_secondary() {
     let pki = Pki::new(&["pri", "sec"], &[]);
-    let (sec, addr) = secondary(&pki.creds("sec"), &[]);
-    let mut args = vec!["run", "--cmdline", "tsc 200", "--protect-to", &addr];
-    let creds = pki.creds("pri");
-    args.extend(creds.iter().map(String::as_str));
-    let (status, pri_out, pri_err) = run_tandem(&args);
-    let (sec_status, _, sec_err) = sec.finish();
-    let both = format!("--- primary ---\n{pri_out}\n{pri_err}\n--- secondary ---\n{sec_err}");
-    assert_eq!(status, 0, "{both}");
-    assert_eq!(sec_status, 0, "{both}");
-    assert!(
-        sec_err.contains("replay repaired: "),
-        "{both}"
-    );
-    assert_eq!(digest(&pri_err), digest(&sec_err), "{both}");
+    // A kick's sync point can land before the first fingerprint that
+    // would show the divergence (a loaded host): then the replay is
+    // verified; a few rounds show the repair.
+    let mut repaired = false;
+    for _ in 0..5 {
+        let (sec, addr) = secondary(&pki.creds("sec"), &[]);
+        let mut args = vec!["run", "--cmdline", "tsc 200", "--protect-to", &addr];
+        let creds = pki.creds("pri");
+        args.extend(creds.iter().map(String::as_str));
+        let (status, pri_out, pri_err) = run_tandem(&args);
+        let (sec_status, _, sec_err) = sec.finish();
+        let both = format!("--- primary ---\n{pri_out}\n{pri_err}\n--- secondary ---\n{sec_err}");
+        assert_eq!(status, 0, "{both}");
+        assert_eq!(sec_status, 0, "{both}");
+        assert_eq!(digest(&pri_err), digest(&sec_err), "{both}");
+        if sec_err.contains("replay repaired: ") {
+            repaired = true;
+            break;
+        }
+    }
+    assert!(repaired, "no round showed a repaired divergence");
 }
