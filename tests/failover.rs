@@ -7,10 +7,9 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use common::cluster::{make_disk, run_tandem, secondary, Pki, Proc};
-use common::{result_line, TempDir, TIMEOUT};
+use common::cluster::{make_disk, run_tandem, secondary, status, wait_status, Pki, Proc};
+use common::{result_line, TempDir};
 
 /// Heartbeat and timeout of these tests: the defaults (the tests run
 /// beside each other on a loaded host; a shorter timeout failed over
@@ -28,33 +27,6 @@ fn random_round(span: u64) -> u64 {
 
 fn rounds(text: &str) -> usize {
     text.matches("round ").count()
-}
-
-/// Send `sig` to `p`.
-fn signal(p: &Proc, sig: i32) {
-    // SAFETY: kill(2) on a child this test spawned.
-    assert_eq!(unsafe { libc::kill(p.child.id() as i32, sig) }, 0);
-}
-
-/// Wait (bounded by TIMEOUT) until `cond` holds.
-#[track_caller]
-fn wait_until(what: &str, p: &mut Proc, mut cond: impl FnMut(&Proc) -> bool) {
-    let start = Instant::now();
-    while !cond(p) {
-        if let Ok(Some(st)) = p.child.try_wait() {
-            std::thread::sleep(Duration::from_millis(50));
-            if cond(p) {
-                return;
-            }
-            panic!("ended ({st}) while waiting for {what}\n{}", p.describe());
-        }
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "timed out: {what}\n{}",
-            p.describe()
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 /// `before` (the old primary's console) followed by `after` (the new
@@ -85,20 +57,33 @@ impl Pair {
         let arbiter = format!("file:{}", dir.s("arbiter"));
         Pair {
             dir,
-            pki: Pki::new(&["pri", "sec"], &[]),
+            pki: Pki::new(&["pri", "sec", "third"], &[]),
             arbiter,
         }
     }
 
     /// The secondary (live console to `live.txt`).
     fn secondary(&self, disk: Option<&str>) -> (Proc, String) {
-        let live = format!("file:{}", self.dir.s("live.txt"));
-        let mut extra = vec!["--arbiter", &self.arbiter, "--live-serial", &live];
-        extra.extend(TIMING);
+        self.secondary_as("sec", "live.txt", disk, &[])
+    }
+
+    /// A secondary with the certificate `cert`, its live console to `live`
+    /// (a file in the test's directory), and `extra` options.
+    fn secondary_as(
+        &self,
+        cert: &str,
+        live: &str,
+        disk: Option<&str>,
+        extra: &[&str],
+    ) -> (Proc, String) {
+        let live = format!("file:{}", self.dir.s(live));
+        let mut args = vec!["--arbiter", &self.arbiter, "--live-serial", &live];
+        args.extend(TIMING);
         if let Some(d) = disk {
-            extra.extend(["--disk", d]);
+            args.extend(["--disk", d]);
         }
-        secondary(&[], "127.0.0.1:0", &self.pki.creds("sec"), &extra)
+        args.extend_from_slice(extra);
+        secondary(&[], "127.0.0.1:0", &self.pki.creds(cert), &args)
     }
 
     /// The primary, its console in `pri.txt` (its control socket is
@@ -134,16 +119,29 @@ impl Pair {
 
     /// The holder written in the one claim of the arbiter directory.
     fn holder(&self) -> String {
-        let claims: Vec<_> = std::fs::read_dir(self.dir.file("arbiter"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let claims = self.claims();
         assert_eq!(claims.len(), 1, "{claims:?}");
-        let text = std::fs::read_to_string(&claims[0]).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("holder "))
-            .unwrap_or_else(|| panic!("no holder in {text}"))
-            .to_string()
+        claims[0].1.clone()
+    }
+
+    /// Every claim of the arbiter directory: (file name, holder), by name.
+    fn claims(&self) -> Vec<(String, String)> {
+        let mut claims: Vec<_> = std::fs::read_dir(self.dir.file("arbiter"))
+            .unwrap()
+            .map(|e| {
+                let path = e.unwrap().path();
+                let text = std::fs::read_to_string(&path).unwrap();
+                let holder = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("holder "))
+                    .unwrap_or_else(|| panic!("no holder in {text}"))
+                    .to_string();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                (name, holder)
+            })
+            .collect();
+        claims.sort();
+        claims
     }
 }
 
@@ -189,7 +187,7 @@ fn primary_fails(
     assert_eq!(st, 0, "{err}");
     let (mut sec, addr) = pair.secondary(disk(&sec_img).as_deref());
     let mut pri = pair.primary(cmdline, &addr, disk(&pri_img).as_deref());
-    wait_until("the kill point on the primary's console", &mut pri, |_| {
+    pri.wait_until("the kill point on the primary's console", || {
         kill_at(&pair.console("pri.txt"))
     });
     if test_failover {
@@ -198,7 +196,7 @@ fn primary_fails(
         assert_eq!(st, 0, "{out}{err}");
         assert!(out.contains("stopped as if its host died"), "{out}");
     } else {
-        signal(&pri, libc::SIGKILL);
+        pri.signal(libc::SIGKILL);
     }
     let st = pri.child.wait().unwrap();
     assert_eq!(
@@ -262,10 +260,8 @@ fn secondary_killed_primary_runs_on() {
     let (sec, addr) = pair.secondary(None);
     let mut pri = pair.primary(cmdline, &addr, None);
     let at = random_round(30) as usize;
-    wait_until("the kill point", &mut pri, |_| {
-        rounds(&pair.console("pri.txt")) >= at
-    });
-    signal(&sec, libc::SIGKILL);
+    pri.wait_until("the kill point", || rounds(&pair.console("pri.txt")) >= at);
+    sec.signal(libc::SIGKILL);
     let pri_pid = pri.child.id();
     let (status, _, err) = pri.finish();
     assert_eq!(status, 0, "{err}");
@@ -292,13 +288,13 @@ fn frozen_primary_stops_when_it_wakes() {
     let mut sec = sec;
     let mut pri = pair.primary(cmdline, &addr, None);
     let at = random_round(30) as usize;
-    wait_until("the freeze point", &mut pri, |_| {
+    pri.wait_until("the freeze point", || {
         rounds(&pair.console("pri.txt")) >= at
     });
-    signal(&pri, libc::SIGSTOP);
+    pri.signal(libc::SIGSTOP);
     sec.wait_for("going LIVE", true);
     let frozen = pair.console("pri.txt");
-    signal(&pri, libc::SIGCONT);
+    pri.signal(libc::SIGCONT);
     let (status, _, err) = pri.finish();
     assert_eq!(status, 3, "{err}");
     assert!(
@@ -326,12 +322,10 @@ fn frozen_secondary_does_not_go_live() {
     let cmdline = "fill 4 60 3";
     let (mut sec, addr) = pair.secondary(None);
     let mut pri = pair.primary(cmdline, &addr, None);
-    wait_until("round 5", &mut pri, |_| {
-        rounds(&pair.console("pri.txt")) >= 5
-    });
-    signal(&sec, libc::SIGSTOP);
+    pri.wait_until("round 5", || rounds(&pair.console("pri.txt")) >= 5);
+    sec.signal(libc::SIGSTOP);
     pri.wait_for("runs on UNPROTECTED", true);
-    signal(&sec, libc::SIGCONT);
+    sec.signal(libc::SIGCONT);
     sec.wait_for("does not go live", true);
     let (status, _, err) = sec.finish();
     assert_eq!(status, 3, "{err}");
@@ -366,8 +360,8 @@ fn without_an_arbiter_the_primary_stops() {
     args.extend(creds.iter().map(String::as_str));
     let mut pri = Proc::spawn(&[], &args);
     let console = || std::fs::read_to_string(dir.file("pri.txt")).unwrap_or_default();
-    wait_until("round 5", &mut pri, |_| rounds(&console()) >= 5);
-    signal(&sec, libc::SIGKILL);
+    pri.wait_until("round 5", || rounds(&console()) >= 5);
+    sec.signal(libc::SIGKILL);
     let (status, _, err) = pri.finish();
     assert_eq!(status, 3, "{err}");
     assert!(err.contains("no --arbiter"), "{err}");
@@ -386,4 +380,98 @@ fn test_failover_command() {
         &|c| rounds(c) as u64 >= at,
         true,
     );
+}
+
+/// Re-protection (issue 10): kill -9 of the primary; the secondary goes
+/// live with its control socket, says `unprotected after failover` with
+/// the generation and whom it took over from; `tandem protect --to` seeds a
+/// third host with generation 2 while the VM runs; kill -9 of that new
+/// primary: the third host claims generation 2, goes live, and the guest
+/// ends with the unfailed run's console.
+#[test]
+fn failover_then_reprotect_then_failover_again() {
+    let pair = Pair::new("fo-reprotect");
+    let cmdline = "fill 4 300 3";
+    let (st, want, err) = run_tandem(&["run", "--cmdline", cmdline]);
+    assert_eq!(st, 0, "{err}");
+    let b_sock = pair.dir.s("b.sock");
+    let c_sock = pair.dir.s("c.sock");
+    let (mut b, b_addr) = pair.secondary_as("sec", "live.txt", None, &["--api-socket", &b_sock]);
+    let mut a = pair.primary(cmdline, &b_addr, None);
+    let at = random_round(20) as usize;
+    a.wait_until("the first kill point", || {
+        rounds(&pair.console("pri.txt")) >= at
+    });
+    a.signal(libc::SIGKILL);
+    let _ = a.child.wait();
+    b.wait_for("going LIVE", true);
+    b.wait_for("serves the live VM now", true);
+    let s = wait_status(&b_sock, "the live VM's status", |s| {
+        s["lineage"]["role"] == "unprotected_after_failover"
+    });
+    assert_eq!(s["lineage"]["generation"], 1, "{s}");
+    assert!(
+        s["lineage"]["took_over_from"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("pri at ")),
+        "{s}"
+    );
+    let (code, text, err) = run_tandem(&["status", "--api", &b_sock]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("unprotected after failover") && text.contains("took over from pri at"),
+        "{text}"
+    );
+    // Protect it again, onto a third host, while it runs.
+    let (mut c, c_addr) = pair.secondary_as("third", "live2.txt", None, &["--api-socket", &c_sock]);
+    let mut args = vec![
+        "protect",
+        "--api",
+        &b_sock,
+        "--to",
+        &c_addr,
+        "--arbiter",
+        &pair.arbiter,
+    ];
+    args.extend(TIMING);
+    let creds = pair.pki.creds("sec");
+    args.extend(creds.iter().map(String::as_str));
+    let (code, out, err) = run_tandem(&args);
+    assert_eq!(code, 0, "{out}{err}\n{}", b.describe());
+    assert!(out.contains("protected by third"), "{out}");
+    let s = status(&b_sock);
+    assert_eq!(s["protection"]["generation"], 2, "{s}");
+    assert_eq!(s["lineage"]["role"], "protected", "{s}");
+    let vm = s["protection"]["vm_id"].as_str().unwrap().to_string();
+    let sc = wait_status(&c_sock, "the VM named on the third host", |s| {
+        s["protection"]["generation"] == 2
+    });
+    assert_eq!(sc["protection"]["vm_id"], vm.as_str(), "{sc}");
+    assert_eq!(sc["protection"]["failover_timeout_ms"], 1000, "{sc}");
+    // The second failover, a few rounds later.
+    let r0 = rounds(&pair.console("live.txt"));
+    b.wait_until("a few rounds protected", || {
+        rounds(&pair.console("live.txt")) >= r0 + 3
+    });
+    b.signal(libc::SIGKILL);
+    let _ = b.child.wait();
+    c.wait_for("going LIVE", true);
+    let c_pid = c.child.id();
+    let (status_c, _, cerr) = c.finish();
+    assert_eq!(status_c, 0, "{cerr}");
+    let all = joined(
+        &joined(&pair.console("pri.txt"), &pair.console("live.txt")),
+        &pair.console("live2.txt"),
+    );
+    assert_eq!(result_line(&all), result_line(&want), "{cerr}");
+    assert_eq!(
+        all, want,
+        "the three consoles joined != the unfailed run\n{cerr}"
+    );
+    let claims = pair.claims();
+    assert_eq!(claims.len(), 2, "{claims:?}");
+    assert_eq!(claims[0].0, format!("{vm}.g1.claim"));
+    assert!(claims[0].1.starts_with("secondary sec (pid "), "{claims:?}");
+    assert_eq!(claims[1].0, format!("{vm}.g2.claim"));
+    assert_eq!(claims[1].1, format!("secondary third (pid {c_pid})"));
 }

@@ -10,10 +10,9 @@
 mod common;
 
 use std::path::Path;
-use std::time::Instant;
 
 use common::cluster::{self, final_digest as digest, make_disk, run_tandem, Pki, Proc};
-use common::{arg, result_line, TempDir, TIMEOUT};
+use common::{arg, result_line, TempDir};
 
 /// Start `tandem secondary` on loopback.
 fn secondary(creds: &[String], extra: &[&str]) -> (Proc, String) {
@@ -100,23 +99,6 @@ fn size(p: &str) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
 
-/// Wait (bounded by TIMEOUT) until `cond` holds.
-#[track_caller]
-fn wait_until(what: &str, p: &mut Proc, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        if let Ok(Some(st)) = p.child.try_wait() {
-            panic!("ended ({st}) while waiting for {what}\n{}", p.describe());
-        }
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "timed out: {what}\n{}",
-            p.describe()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-}
-
 /// The Output Rule: with the secondary stopped, the guest keeps running
 /// (its log grows) but not one more console byte leaves the primary; after
 /// SIGCONT the held bytes come out and the run ends as usual.
@@ -152,7 +134,7 @@ fn console_waits_for_the_secondary() {
             .matches("round ")
             .count()
     };
-    wait_until("round 2 on the primary's console", &mut pri, || {
+    pri.wait_until("round 2 on the primary's console", || {
         rounds(&pri_console) >= 2
     });
     let pid = sec.child.id() as i32;
@@ -161,19 +143,15 @@ fn console_waits_for_the_secondary() {
     // Acknowledgements already in flight may still release a line: wait for
     // the guest to log more first, then take the console's size.
     let l0 = size(&pri_log);
-    wait_until("the guest's log to grow", &mut pri, || {
-        size(&pri_log) > l0 + 64
-    });
+    pri.wait_until("the guest's log to grow", || size(&pri_log) > l0 + 64);
     let held_at = size(&pri_console);
     let rounds_at = rounds(&pri_console);
     let l1 = size(&pri_log);
     // The guest goes on through several more rounds (each logs its output
     // and timer ticks) ...
-    wait_until(
-        "the guest's log to grow by several rounds",
-        &mut pri,
-        || size(&pri_log) > l1 + 2048,
-    );
+    pri.wait_until("the guest's log to grow by several rounds", || {
+        size(&pri_log) > l1 + 2048
+    });
     // ... but its console does not.
     assert_eq!(
         size(&pri_console),
@@ -182,7 +160,7 @@ fn console_waits_for_the_secondary() {
     );
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
-    wait_until("held output to be released", &mut pri, || {
+    pri.wait_until("held output to be released", || {
         rounds(&pri_console) > rounds_at
     });
     let (status, _, pri_err) = pri.finish();

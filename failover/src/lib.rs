@@ -10,5 +10,6 @@ pub mod arbiter;
 pub mod certs;
 pub mod channel;
 pub mod heartbeat;
+pub mod lineage;
 pub mod lockstep;
 pub mod migration;

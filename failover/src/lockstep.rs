@@ -145,6 +145,23 @@ pub struct ProtectionStatus {
     /// Divergences repaired (issue 8's repair; 0 until it is built).
     #[serde(default)]
     pub repaired: u64,
+    /// This side's heartbeat interval (ms).
+    #[serde(default)]
+    pub heartbeat_ms: u64,
+    /// This side's failover timeout (ms): silence for this long and the
+    /// peer is lost.
+    #[serde(default)]
+    pub failover_timeout_ms: u64,
+    /// How long ago the peer gave its last sign of life (ms).
+    #[serde(default)]
+    pub last_heard_ms: f64,
+    /// The VM's identity for the arbiter (empty until the primary sent it).
+    #[serde(default)]
+    pub vm_id: String,
+    /// The protection generation: the arbiter's claim is `(vm_id,
+    /// generation)`.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// Why the secondary refuses a primary's header (`None`: it takes it).

@@ -29,6 +29,10 @@ pub struct FailoverParams {
     pub arbiter: Option<Arc<dyn Arbiter>>,
     /// Our identity in a claim.
     pub holder: String,
+    /// Called (on its own thread's behalf: it must not block) once this
+    /// primary has lost its secondary and won the arbiter: it runs alone
+    /// now (`tandem protect` notes it, `--spare` seeds a new secondary).
+    pub on_alone: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// What the loss of the secondary decided.

@@ -105,6 +105,16 @@ impl Acks {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The failover settings, and how long the secondary has been silent.
+    pub(crate) fn heard(&self) -> (&FailoverParams, Duration) {
+        (&self.failover, self.life.silent_for())
+    }
+
+    /// The secondary was lost and this primary won the arbiter.
+    pub(crate) fn alone(&self) -> bool {
+        self.lock().alone
+    }
+
     /// No secondary any more by decision: held outputs leave at once.
     pub(crate) fn unprotect(&self) {
         self.lock().unprotected = true;
@@ -214,6 +224,9 @@ impl Acks {
                 st.deciding = false;
                 drop(st);
                 self.cond.notify_all();
+                if let Some(f) = &self.failover.on_alone {
+                    f();
+                }
             }
             Decision::Stop(msg) => {
                 eprintln!("tandem: {msg}; stopping");

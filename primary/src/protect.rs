@@ -196,6 +196,7 @@ impl Session {
     /// The status, with the primary at `exit_seq`.
     pub fn status(&self, exit_seq: u64) -> ProtectionStatus {
         let info = self.info();
+        let (failover, silent) = self.acks.heard();
         let acks = self.acks.lock();
         let (held, oldest) = info.waiting.as_ref().map_or((0, None), |w| w.now());
         let log_bytes = self.queue.stats().pushed_bytes;
@@ -227,6 +228,11 @@ impl Session {
             oldest_held_ms: oldest.map_or(0.0, |d| d.as_secs_f64() * 1e3),
             ack_rtt_ms: acks.rtt.map_or(0.0, |d| d.as_secs_f64() * 1e3),
             repaired: 0,
+            heartbeat_ms: failover.timing.interval.as_millis() as u64,
+            failover_timeout_ms: failover.timing.timeout.as_millis() as u64,
+            last_heard_ms: silent.as_secs_f64() * 1e3,
+            vm_id: failover.protection.vm_id.clone(),
+            generation: failover.protection.generation,
         }
     }
 }
@@ -292,7 +298,12 @@ pub fn protect(
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<ProtectReport, ProtectError> {
     if let Some(s) = ctl.protection_session() {
-        return Err(ProtectError::Already(s.info().peer.clone()));
+        if !s.acks.alone() {
+            return Err(ProtectError::Already(s.info().peer.clone()));
+        }
+        // Its secondary was lost and it won the arbiter: that recording
+        // goes nowhere; end it before seeding the new secondary.
+        abandon(ctl);
     }
     if ctl.paused() {
         return Err(ProtectError::Paused);
@@ -300,6 +311,24 @@ pub fn protect(
     if ctl.ended() {
         return Err(ProtectError::Ended);
     }
+    // The next generation of this VM's protection (`failover::lineage`).
+    let mut failover = failover;
+    let before = {
+        let mut lineage = ctl.lineage();
+        let before = lineage.role;
+        let (id, generation) = lineage.next_protection(&failover.protection.vm_id);
+        failover.protection.vm_id = id;
+        failover.protection.generation = generation;
+        before
+    };
+    let then = failover.on_alone.take();
+    let noted = ctl.clone();
+    failover.on_alone = Some(Arc::new(move || {
+        noted.lineage().secondary_lost();
+        if let Some(f) = &then {
+            f();
+        }
+    }));
     let session = Session::new(failover);
     ctl.set_protection_session(Some(session.clone()));
     let mut seeder = Seeder {
@@ -320,6 +349,7 @@ pub fn protect(
                 info.peer = peer.clone();
                 info.state = "protected".into();
             }
+            ctl.lineage().protected(&peer);
             *session.link() = Some(link);
             Ok(ProtectReport {
                 secondary: peer,
@@ -338,21 +368,29 @@ pub fn protect(
         session.info().closed = true;
         if seeder.started {
             // Recording began: abandon it, the guest runs on unprotected.
-            let (tx, rx) = bounded(1);
-            if ctl
-                .protection(Step::Stop(Stop {
-                    abandon: true,
-                    reply: tx,
-                }))
-                .is_ok()
-            {
-                let _ = rx.recv_timeout(STEP_TIMEOUT);
-            }
+            abandon(ctl);
         }
         session.acks.unprotect();
         ctl.set_protection_session(None);
+        ctl.lineage().protect_failed(before);
     }
     result
+}
+
+/// End the recording of a protection whose secondary was lost (this
+/// primary won the arbiter and runs alone): nothing is sent or waited for.
+fn abandon(ctl: &VmController) {
+    let (tx, rx) = bounded(1);
+    if ctl
+        .protection(Step::Stop(Stop {
+            abandon: true,
+            reply: tx,
+        }))
+        .is_ok()
+    {
+        let _ = rx.recv_timeout(STEP_TIMEOUT);
+    }
+    ctl.set_protection_session(None);
 }
 
 /// End protection in order: the log's `End` at the next exit, the
@@ -378,6 +416,7 @@ pub fn unprotect(ctl: &VmController) -> Result<UnprotectReport, ProtectError> {
         .map_err(|_| ProtectError::Ended)?
         .map_err(ProtectError::Stream);
     ctl.set_protection_session(None);
+    ctl.lineage().unprotected();
     r
 }
 

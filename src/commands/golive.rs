@@ -106,7 +106,7 @@ impl Write for ReplayConsole {
 }
 
 /// The live outputs of the new primary, noting its first output.
-struct FirstOutput {
+pub(super) struct FirstOutput {
     inner: LiveOutputs,
     since: Instant,
     first: Option<f64>,
@@ -135,6 +135,19 @@ pub struct GoLive<'a> {
     pub kept: &'a Unreleased,
     pub console: crate::console::Console,
     pub virtual_ns: u64,
+    /// `--api-socket`: the new primary serves the VM's control socket there
+    /// (`tandem status`, `tandem protect` to re-protect it).
+    pub api: Option<LiveApi>,
+}
+
+/// The control socket of the new primary.
+pub struct LiveApi {
+    /// Its path (the secondary's status socket until now).
+    pub sock: std::path::PathBuf,
+    /// The secondary's status server on it, replaced at go-live.
+    pub server: Option<crate::api::Server>,
+    /// The old primary (`NAME at ADDR`).
+    pub from: String,
 }
 
 /// Claim the VM and run it here, unprotected (see the module docs).
@@ -207,12 +220,15 @@ pub fn go_live(machine: &mut Machine, g: GoLive<'_>) -> Result<i32, CmdError> {
             last.elapsed().as_secs_f64() * 1e3
         );
     }
-    let stop = crate::signals::on_stop(machine.vcpu.kicker().clone());
     let outputs = FirstOutput {
         inner: LiveOutputs::new(out, None),
         since: last,
         first: None,
     };
+    if let Some(api) = g.api {
+        return super::live_api::run(machine, api, &p, g.virtual_ns, g.console.input, outputs);
+    }
+    let stop = crate::signals::on_stop(machine.vcpu.kicker().clone());
     let mut inputs = LiveInputs::new(g.virtual_ns, g.console.input)
         .with_outputs(Box::new(outputs))
         .with_wakeup(stop.wakeup);

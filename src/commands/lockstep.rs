@@ -19,7 +19,7 @@ use recordlog::{InitialState, TailOptions, TailReader};
 use secondary::lockstep::{accept, listen, SecondaryOptions, Tracked};
 use vmm::machine::{DiskConfig, LogConfig};
 
-use super::golive::{go_live, GoLive, ReplayConsole, Tapped, Unreleased};
+use super::golive::{go_live, GoLive, LiveApi, ReplayConsole, Tapped, Unreleased};
 use super::replay::replay_on;
 use super::run::boot;
 use super::CmdError;
@@ -95,8 +95,13 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
     };
     let mut protected = accept(&listener, opts).map_err(|e| CmdError::Internal(e.to_string()))?;
     let follow = protected.follow.clone();
-    let _server = match &args.api_socket {
-        Some(sock) => Some(serve_status(sock, follow.clone())?),
+    let mut server = match &args.api_socket {
+        Some(sock) => Some(serve_status(
+            sock,
+            follow.clone(),
+            protected.watch.clone(),
+            timing,
+        )?),
         None => None,
     };
     let seeded = protected.seeded.take();
@@ -215,6 +220,11 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
                 kept: &kept,
                 console: console::open(&args.live_serial)?,
                 virtual_ns,
+                api: args.api_socket.clone().map(|sock| LiveApi {
+                    sock,
+                    server: server.take(),
+                    from: from.clone(),
+                }),
             },
         ),
         _ => Ok(replayed.status),
@@ -248,15 +258,30 @@ fn boot_for_log(
 fn serve_status(
     sock: &std::path::Path,
     follow: Arc<secondary::lockstep::Follow>,
+    watch: Arc<secondary::watch::PrimaryWatch>,
+    timing: Timing,
 ) -> Result<crate::api::Server, CmdError> {
     let status = Arc::new(move || {
-        let p = follow.status();
+        let mut p = follow.status();
+        p.heartbeat_ms = timing.interval.as_millis() as u64;
+        p.failover_timeout_ms = timing.timeout.as_millis() as u64;
+        p.last_heard_ms = watch.life.silent_for().as_secs_f64() * 1e3;
+        if let Some(id) = watch
+            .protection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            p.vm_id = id.vm_id.clone();
+            p.generation = id.generation;
+        }
         primary::migration::VmStatus {
             state: "secondary".into(),
             exit_seq: p.replayed_exit,
             migration: None,
             reason: None,
             protection: Some(Box::new(p)),
+            lineage: None,
         }
     });
     crate::api::serve_target(sock, crate::api::Target::Secondary(status))

@@ -25,13 +25,29 @@ pub fn run_with_api(
     sock: &Path,
     paused: bool,
 ) -> Result<i32, CmdError> {
-    let (ctl, side) = controller(&machine);
+    run_with_api_as(&mut machine, inputs, sock, paused, None)
+}
+
+/// [`run_with_api`] of a VM with a protection history (a secondary that
+/// went live: `tandem status` says so, `tandem protect` continues its
+/// generations).
+pub fn run_with_api_as(
+    machine: &mut Machine,
+    inputs: LiveInputs,
+    sock: &Path,
+    paused: bool,
+    lineage: Option<failover::lineage::Lineage>,
+) -> Result<i32, CmdError> {
+    let (ctl, side) = controller(machine);
+    if let Some(l) = lineage {
+        *ctl.lineage() = l;
+    }
     let side = if paused { side.start_paused() } else { side };
     let side = side.with_api_socket(sock);
     let server = api::serve(sock, ctl)
         .map_err(|e| CmdError::Input(format!("--api-socket {}: {e}", sock.display())))?;
     // `tandem protect` and `tandem unprotect` start and end recording.
-    let outcome = run_protectable(&mut machine, inputs, side, outcome_status).map(|(o, end)| {
+    let outcome = run_protectable(machine, inputs, side, outcome_status).map(|(o, end)| {
         if let Some(end) = end {
             super::protect_running::report_end(&end);
         }
@@ -356,10 +372,14 @@ pub fn status(args: StatusArgs) -> Result<i32, CmdError> {
                 None => println!("{} (exit {})", s.state, s.exit_seq),
             },
         }
-        match &s.protection {
-            Some(p) => println!("{}", super::protect_running::status_text(p)),
-            None if s.state != "stopped" => println!("unprotected"),
-            None => {}
+        match (&s.protection, &s.lineage) {
+            (Some(p), _) => println!("{}", super::protect_running::status_text(p)),
+            (None, Some(_)) => {}
+            (None, None) if s.state != "stopped" => println!("unprotected"),
+            (None, None) => {}
+        }
+        if let Some(l) = &s.lineage {
+            println!("{}", super::protect_running::lineage_text(l));
         }
     }
     Ok(0)

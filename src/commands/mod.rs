@@ -5,6 +5,7 @@ mod drill;
 mod dump;
 mod failover_api;
 mod golive;
+mod live_api;
 mod lockstep;
 mod migrate;
 mod progress;
@@ -130,5 +131,6 @@ pub fn failover_params(
         },
         arbiter: arbiter.map(std::sync::Arc::from),
         holder: format!("primary {name} (pid {})", std::process::id()),
+        on_alone: None,
     })
 }

@@ -133,7 +133,34 @@ pub fn status_text(p: &ProtectionStatus) -> String {
         p.outputs_held,
         p.oldest_held_ms,
         p.ack_rtt_ms
+    ) + &format!(
+        "\n  heartbeat {} ms, failover timeout {} ms, last sign of life {:.0} ms ago\n  VM {} generation {}",
+        p.heartbeat_ms,
+        p.failover_timeout_ms,
+        p.last_heard_ms,
+        if p.vm_id.is_empty() { "(not named yet)" } else { &p.vm_id },
+        p.generation
     )
+}
+
+/// The VM's protection history (`failover::lineage`) in words.
+pub fn lineage_text(l: &failover::lineage::Lineage) -> String {
+    let mut s = format!(
+        "{}: VM {} generation {}",
+        l.role.describe(),
+        l.vm_id.as_deref().unwrap_or("(not named yet)"),
+        l.generation
+    );
+    if let Some(from) = &l.took_over_from {
+        s.push_str(&format!(", took over from {from}"));
+    }
+    if !l.spares.is_empty() {
+        s.push_str(&format!("\n  spares {}", l.spares.join(", ")));
+    }
+    if let Some(n) = &l.spare_note {
+        s.push_str(&format!("\n  spare: {n}"));
+    }
+    s
 }
 
 /// What the VM's stderr says when the guest ends protected.

@@ -363,6 +363,28 @@ impl Proc {
         t0.elapsed()
     }
 
+    /// Wait (bounded by TIMEOUT) until `cond` holds; fails if the process
+    /// ends first (unless `cond` holds once its last output is read).
+    #[track_caller]
+    pub fn wait_until(&mut self, what: &str, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(50));
+                if cond() {
+                    return;
+                }
+                panic!("ended ({st}) while waiting for {what}\n{}", self.describe());
+            }
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "timed out: {what}\n{}",
+                self.describe()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Send `sig` to it.
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on a child we spawned and have not reaped.

@@ -45,6 +45,10 @@ pub struct VmStatus {
     /// The VM's protection, if it is protected (`tandem protect`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protection: Option<Box<failover::lockstep::ProtectionStatus>>,
+    /// The VM's protection history: generation, failovers, spares
+    /// (`failover::lineage`); absent for a VM never protected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<failover::lineage::Lineage>,
 }
 
 /// A request to the vCPU thread.
@@ -117,6 +121,8 @@ struct Shared {
     no_migration: std::sync::OnceLock<&'static str>,
     /// The protection in progress (`crate::protect`).
     protection: Mutex<Option<Arc<crate::protect::Session>>>,
+    /// Generations, failovers and spares of this VM.
+    lineage: Mutex<failover::lineage::Lineage>,
 }
 
 /// A cloneable handle on a VM run by [`run_controlled`].
@@ -203,6 +209,7 @@ pub fn controller(machine: &Machine) -> (VmController, VcpuSide) {
             migration: None,
             reason: None,
             protection: None,
+            lineage: None,
         }),
         migrating: AtomicBool::new(false),
         cancel: AtomicBool::new(false),
@@ -215,6 +222,7 @@ pub fn controller(machine: &Machine) -> (VmController, VcpuSide) {
         disk: Mutex::new(disk),
         no_migration: std::sync::OnceLock::new(),
         protection: Mutex::new(None),
+        lineage: Mutex::new(failover::lineage::Lineage::default()),
     });
     (
         VmController {
@@ -247,7 +255,17 @@ impl VmController {
         status.protection = self
             .protection_session()
             .map(|p| Box::new(p.status(status.exit_seq)));
+        let lineage = self.lineage().clone();
+        status.lineage = (lineage != failover::lineage::Lineage::default()).then_some(lineage);
         status
+    }
+
+    /// The VM's protection history (generations, failovers, spares).
+    pub fn lineage(&self) -> std::sync::MutexGuard<'_, failover::lineage::Lineage> {
+        self.shared
+            .lineage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// The protection in progress.
