@@ -99,6 +99,10 @@ pub struct ProtectRequest {
     pub failover_timeout_ms: u64,
     /// `file:DIR`, if any.
     pub arbiter: Option<String>,
+    /// Spare secondaries (`--spare`): seeded in turn when the secondary is
+    /// lost and this primary won the arbiter (`crate::spare`).
+    #[serde(default)]
+    pub spares: Vec<String>,
 }
 
 /// An answer line.
@@ -367,7 +371,7 @@ fn result<E: std::fmt::Display>(r: Result<(), E>) -> Event {
     }
 }
 
-fn params(m: &MigrateRequest) -> Result<MigrationParams, String> {
+pub(crate) fn params(m: &MigrateRequest) -> Result<MigrationParams, String> {
     let to =
         m.to.to_socket_addrs()
             .map_err(|e| format!("--to {}: {e}", m.to))?
@@ -433,23 +437,18 @@ fn migrate(w: &mut UnixStream, ctl: &VmController, m: &MigrateRequest) {
 }
 
 fn protect(w: &mut UnixStream, ctl: &VmController, m: &ProtectRequest) {
-    let failover = crate::cli::FailoverArgs {
-        heartbeat_ms: m.heartbeat_ms,
-        failover_timeout_ms: m.failover_timeout_ms,
-        arbiter: m.arbiter.clone(),
-    };
-    let made = params(&m.to).and_then(|p| {
-        crate::commands::failover_params(&failover, &p.name)
-            .map(|f| (p, f))
-            .map_err(|e| e.to_string())
-    });
-    let (params, failover) = match made {
-        Ok(p) => p,
+    let made = failover::lineage::parse_spares(&m.spares)
+        .and_then(|spares| crate::spare::params(ctl, m).map(|p| (spares, p)));
+    let (spares, (params, failover)) = match made {
+        Ok(x) => x,
         Err(error) => {
             send(w, &Event::Error { error });
             return;
         }
     };
+    if !spares.is_empty() {
+        ctl.lineage().spares = spares;
+    }
     eprintln!(
         "tandem: protecting the VM: seeding the secondary at {}",
         params.to

@@ -211,6 +211,11 @@ pub struct ProtectCmdArgs {
     pub json: bool,
     #[command(flatten)]
     pub failover: FailoverArgs,
+    /// Spare secondaries (`tandem secondary` addresses, HOST:PORT): when
+    /// the secondary is lost and this primary wins the arbiter, it seeds the
+    /// first spare that takes the VM, by itself (each is used once).
+    #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
+    pub spare: Vec<String>,
 }
 
 /// `tandem run --protect-to`: the secondary and this host's credentials.

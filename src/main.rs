@@ -13,6 +13,7 @@ mod console;
 mod guest_image;
 mod net;
 mod signals;
+mod spare;
 
 use std::io::IsTerminal;
 

@@ -8,7 +8,9 @@ mod common;
 
 use std::path::Path;
 
-use common::cluster::{make_disk, run_tandem, secondary, status, wait_status, Pki, Proc};
+use common::cluster::{
+    final_digest, make_disk, run_tandem, secondary, status, wait_status, Pki, Proc,
+};
 use common::{result_line, TempDir};
 
 /// Heartbeat and timeout of these tests: the defaults (the tests run
@@ -474,4 +476,88 @@ fn failover_then_reprotect_then_failover_again() {
     assert!(claims[0].1.starts_with("secondary sec (pid "), "{claims:?}");
     assert_eq!(claims[1].0, format!("{vm}.g2.claim"));
     assert_eq!(claims[1].1, format!("secondary third (pid {c_pid})"));
+}
+
+/// `--spare` (issue 10): a VM protected with `tandem protect --spare`
+/// loses its secondary (kill -9); it wins the arbiter and seeds the spare
+/// by itself, generation 2; status says so; the spare follows to the end
+/// with the primary's final digest and the console is the unfailed run's.
+#[test]
+fn secondary_killed_the_spare_is_seeded() {
+    let pair = Pair::new("fo-spare");
+    let cmdline = "fill 4 200 3";
+    let (st, want, err) = run_tandem(&["run", "--cmdline", cmdline]);
+    assert_eq!(st, 0, "{err}");
+    let sock = pair.dir.s("api.sock");
+    let serial = format!("file:{}", pair.dir.s("pri.txt"));
+    let mut pri = Proc::spawn(
+        &[],
+        &[
+            "run",
+            "--api-socket",
+            &sock,
+            "--cmdline",
+            cmdline,
+            "--serial",
+            &serial,
+        ],
+    );
+    pri.wait_until("round 3", || rounds(&pair.console("pri.txt")) >= 3);
+    let (sec, addr) = pair.secondary(None);
+    let (mut spare, spare_addr) = pair.secondary_as("third", "live2.txt", None, &[]);
+    let mut args = vec![
+        "protect",
+        "--api",
+        &sock,
+        "--to",
+        &addr,
+        "--arbiter",
+        &pair.arbiter,
+        "--spare",
+        &spare_addr,
+    ];
+    args.extend(TIMING);
+    let creds = pair.pki.creds("pri");
+    args.extend(creds.iter().map(String::as_str));
+    let (code, out, err) = run_tandem(&args);
+    assert_eq!(code, 0, "{out}{err}\n{}", pri.describe());
+    let s = status(&sock);
+    assert_eq!(s["lineage"]["spares"][0], spare_addr.as_str(), "{s}");
+    assert_eq!(s["protection"]["generation"], 1, "{s}");
+    let (_, text, _) = run_tandem(&["status", "--api", &sock]);
+    assert!(text.contains(&format!("spares {spare_addr}")), "{text}");
+    assert!(
+        text.contains("heartbeat 50 ms, failover timeout 1000 ms"),
+        "{text}"
+    );
+    sec.signal(libc::SIGKILL);
+    let s = wait_status(&sock, "protected by the spare", |s| {
+        s["lineage"]["role"] == "protected" && s["lineage"]["generation"] == 2
+    });
+    assert!(
+        s["lineage"]["spare_note"]
+            .as_str()
+            .is_some_and(|n| n.contains("protected by the spare third")),
+        "{s}"
+    );
+    assert_eq!(
+        s["lineage"]["spares"].as_array().map(Vec::len),
+        Some(0),
+        "{s}"
+    );
+    assert_eq!(s["protection"]["generation"], 2, "{s}");
+    let pri_pid = pri.child.id();
+    let (status_p, _, perr) = pri.finish();
+    assert_eq!(status_p, 0, "{perr}");
+    assert!(
+        perr.contains("won the arbiter and runs on UNPROTECTED"),
+        "{perr}"
+    );
+    spare.wait_for("final state digest", true);
+    let (status_s, _, serr) = spare.finish();
+    assert_eq!(status_s, 0, "{serr}");
+    assert!(serr.contains("replay verified"), "{serr}");
+    assert_eq!(final_digest(&perr), final_digest(&serr), "{perr}\n{serr}");
+    assert_eq!(pair.console("pri.txt"), want);
+    assert_eq!(pair.holder(), format!("primary pri (pid {pri_pid})"));
 }

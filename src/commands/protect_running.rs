@@ -31,6 +31,7 @@ fn summary(r: &ProtectReport) -> String {
 }
 
 pub fn protect(args: ProtectCmdArgs) -> Result<i32, CmdError> {
+    failover::lineage::parse_spares(&args.spare).map_err(CmdError::Input)?;
     let req = Request::Protect(ProtectRequest {
         to: MigrateRequest {
             to: args.to.clone(),
@@ -44,6 +45,7 @@ pub fn protect(args: ProtectCmdArgs) -> Result<i32, CmdError> {
         heartbeat_ms: args.failover.heartbeat_ms,
         failover_timeout_ms: args.failover.failover_timeout_ms,
         arbiter: args.failover.arbiter.clone(),
+        spares: args.spare.clone(),
     });
     let (result, cancelled) =
         call_with_progress(&args.api, &req, args.json, "protect", |ev| match ev {

@@ -1,0 +1,86 @@
+//! Spare secondaries (`--spare ADDR[,ADDR...]`, issue 10; `docs/failover.md`):
+//! a primary that lost its secondary and won the arbiter seeds a new
+//! secondary by itself, from the first spare that takes the VM (each spare
+//! is used once; one that refuses or cannot be reached is skipped). The new
+//! protection is the VM's next generation (`failover::lineage`), with the
+//! credentials, heartbeat, timeout and arbiter of the protection it
+//! replaces, and spares of its own (the rest of the list). `tandem status`
+//! shows the spares left and what the last attempt did.
+
+use std::sync::Arc;
+
+use primary::migration::{MigrationParams, VmController};
+
+use crate::api::{self, ProtectRequest};
+
+/// The primary's failover settings for `m`, with the spare logic of the
+/// VM's lineage hooked to the loss of its secondary.
+pub fn params(
+    ctl: &VmController,
+    m: &ProtectRequest,
+) -> Result<(MigrationParams, primary::failover::FailoverParams), String> {
+    let p = api::params(&m.to)?;
+    let failover = crate::cli::FailoverArgs {
+        heartbeat_ms: m.heartbeat_ms,
+        failover_timeout_ms: m.failover_timeout_ms,
+        arbiter: m.arbiter.clone(),
+    };
+    let mut f = crate::commands::failover_params(&failover, &p.name).map_err(|e| e.to_string())?;
+    let (ctl, m) = (ctl.clone(), m.clone());
+    f.on_alone = Some(Arc::new(move || {
+        if ctl.lineage().spares.is_empty() {
+            return;
+        }
+        let (ctl, m) = (ctl.clone(), m.clone());
+        let spawned = std::thread::Builder::new()
+            .name("spare".into())
+            .spawn(move || seed_spare(&ctl, &m));
+        if let Err(e) = spawned {
+            eprintln!("tandem: cannot start seeding a spare: {e}");
+        }
+    }));
+    Ok((p, f))
+}
+
+/// Seed the first spare that takes the VM (see the module docs).
+pub fn seed_spare(ctl: &VmController, template: &ProtectRequest) {
+    loop {
+        let Some(addr) = ctl.lineage().take_spare() else {
+            note(ctl, "no spare left: the VM runs unprotected".into());
+            return;
+        };
+        let mut m = template.clone();
+        m.to.to = addr.clone();
+        note(ctl, format!("seeding the spare {addr}"));
+        let made = params(ctl, &m);
+        let result = made.and_then(|(p, f)| {
+            primary::protect::protect(
+                ctl,
+                &p,
+                f,
+                primary::record::RecordOptions::default(),
+                &mut |_| {},
+            )
+            .map_err(|e| e.to_string())
+        });
+        match result {
+            Ok(r) => {
+                let generation = ctl.lineage().generation;
+                note(
+                    ctl,
+                    format!(
+                        "protected by the spare {} (generation {generation}) from exit {}, primary paused {:.1} ms",
+                        r.secondary, r.start_exit, r.pause_ms
+                    ),
+                );
+                return;
+            }
+            Err(e) => note(ctl, format!("the spare {addr} failed: {e}")),
+        }
+    }
+}
+
+fn note(ctl: &VmController, what: String) {
+    eprintln!("tandem: spare: {what}");
+    ctl.lineage().spare_note = Some(what);
+}
