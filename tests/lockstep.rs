@@ -231,32 +231,65 @@ fn different_disk_is_refused() {
     sec.wait_for("differs from the primary's image", true);
 }
 
-/// `tsc` reads the TSC, which the secondary's replay cannot reproduce: the
-/// secondary reports the divergence and re-joins at the next sync point
-/// (here the primary's final one) instead of ending protection; its final
-/// digest is the primary's.
+/// `tsc` reads the TSC, which the secondary's replay cannot reproduce:
+/// every round of it diverges on the secondary, which asks the primary for
+/// a sync point at once (DESIGN.md rule 5) instead of waiting for the next
+/// one in the log, adopts it within a bounded number of exits, and carries
+/// on protecting; both sides count the repairs; the final digests are equal.
 #[test]
 fn tsc_divergence_is_repaired_on_the_secondary() {
     let pki = Pki::new(&["pri", "sec"], &[]);
-    // A kick's sync point can land before the first fingerprint that
-    // would show the divergence (a loaded host): then the replay is
-    // verified; a few rounds show the repair.
-    let mut repaired = false;
-    for _ in 0..5 {
-        let (sec, addr) = secondary(&pki.creds("sec"), &[]);
-        let mut args = vec!["run", "--cmdline", "tsc 200", "--protect-to", &addr];
-        let creds = pki.creds("pri");
-        args.extend(creds.iter().map(String::as_str));
-        let (status, pri_out, pri_err) = run_tandem(&args);
-        let (sec_status, _, sec_err) = sec.finish();
-        let both = format!("--- primary ---\n{pri_out}\n{pri_err}\n--- secondary ---\n{sec_err}");
-        assert_eq!(status, 0, "{both}");
-        assert_eq!(sec_status, 0, "{both}");
-        assert_eq!(digest(&pri_err), digest(&sec_err), "{both}");
-        if sec_err.contains("replay repaired: ") {
-            repaired = true;
-            break;
-        }
-    }
-    assert!(repaired, "no round showed a repaired divergence");
+    let (sec, addr) = secondary(&pki.creds("sec"), &[]);
+    let mut args = vec!["run", "--cmdline", "tsc 200 100", "--protect-to", &addr];
+    let creds = pki.creds("pri");
+    args.extend(creds.iter().map(String::as_str));
+    let (status, pri_out, pri_err) = run_tandem(&args);
+    let (sec_status, _, sec_err) = sec.finish();
+    let both = format!("--- primary ---\n{pri_out}\n{pri_err}\n--- secondary ---\n{sec_err}");
+    assert_eq!(status, 0, "{both}");
+    assert_eq!(sec_status, 0, "{both}");
+    assert_eq!(digest(&pri_err), digest(&sec_err), "{both}");
+    assert!(sec_err.contains("replay repaired: "), "{both}");
+    // Each repair: the divergence's exit, the adopted sync point's exit.
+    let repairs: Vec<(u64, u64)> = sec_err
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split("divergence at exit ").nth(1)?;
+            let (d, rest) = rest.split_once(" repaired with the sync point at exit ")?;
+            let s = rest.split_whitespace().next()?;
+            Some((d.parse().ok()?, s.parse().ok()?))
+        })
+        .collect();
+    assert!(!repairs.is_empty(), "no repair reported\n{both}");
+    let asked = sec_err
+        .matches("asking the primary for a sync point")
+        .count();
+    assert!(asked >= 1, "the secondary never asked\n{both}");
+    // The primary answered: a sync point at its next exit after the
+    // request arrived, long before the next periodic one (200000 exits).
+    assert!(
+        pri_err.contains("it gets a sync point at the next exit"),
+        "{both}"
+    );
+    let worst = repairs.iter().map(|(d, s)| s - d).max().unwrap();
+    println!(
+        "{} repairs, {asked} sync points asked for, worst {worst} exits from divergence to repair",
+        repairs.len()
+    );
+    assert!(worst < 20_000, "a repair took {worst} exits\n{both}");
+    // Both sides count them (the primary: as far as reported before it
+    // closed the stream).
+    let total = num_after(&sec_err, "replay repaired: ").unwrap_or(0);
+    assert_eq!(total as usize, repairs.len(), "{both}");
+    let pri_count = num_after(&pri_err, "the secondary repaired ").expect("primary count");
+    assert!(pri_count >= 1 && pri_count <= total, "{both}");
+}
+
+/// The number right after the first `prefix` in `text`.
+fn num_after(text: &str, prefix: &str) -> Option<u64> {
+    let rest = text.split(prefix).nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }

@@ -29,6 +29,13 @@
 //! [`kind::UNPROTECT`] (empty, primary → secondary) after the log's `End`:
 //! the operator ended protection (`tandem unprotect`); the guest runs on,
 //! unprotected, on the primary.
+//!
+//! Repair (DESIGN.md rule 5): a secondary whose replay diverged sends
+//! [`kind::SYNC_REQUEST`] (a [`SyncRequest`]) at once; the primary captures
+//! a sync point (with its state digest) at its next exit and logs it like
+//! any other; the secondary, skipping the log to the next sync point,
+//! adopts it and reports [`kind::REPAIRED`] (a [`Repaired`]), whose count
+//! the primary shows in `tandem status`.
 
 use std::io::Read;
 use std::path::Path;
@@ -36,8 +43,10 @@ use std::path::Path;
 use recordlog::{Digest, Hasher};
 use serde::{Deserialize, Serialize};
 
-/// Version of this protocol. 2: [`Header::seed`].
-pub const LOCKSTEP_VERSION: u32 = 2;
+/// Version of this protocol. 2: [`Header::seed`]. 3: [`kind::SYNC_REQUEST`]
+/// and [`kind::REPAIRED`] (a version-2 primary would take them for a
+/// protocol error and drop its secondary, so version 2 is refused).
+pub const LOCKSTEP_VERSION: u32 = 3;
 
 /// Application frame kinds of the lockstep stream.
 pub mod kind {
@@ -50,6 +59,29 @@ pub mod kind {
     /// Empty, primary → secondary, after the log's `End`: protection was
     /// ended by the operator, the guest runs on at the primary.
     pub const UNPROTECT: u8 = 29;
+    /// [`super::SyncRequest`], secondary → primary: the replay diverged,
+    /// log a sync point at the next exit.
+    pub const SYNC_REQUEST: u8 = 30;
+    /// [`super::Repaired`], secondary → primary: a divergence was repaired.
+    pub const REPAIRED: u8 = 31;
+}
+
+/// The secondary's replay diverged at `exit_seq`: it asks for a sync point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    /// The exit at which the replay diverged.
+    pub exit_seq: u64,
+}
+
+/// The secondary repaired a divergence by adopting a sync point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Repaired {
+    /// The exit at which the replay diverged.
+    pub diverged_at: u64,
+    /// The exit of the sync point it adopted.
+    pub sync_exit: u64,
+    /// Divergences repaired so far on this secondary (this one included).
+    pub repaired: u64,
 }
 
 /// The disk both sides must hold, byte for byte (disks are not copied in
@@ -142,7 +174,8 @@ pub struct ProtectionStatus {
     pub oldest_held_ms: f64,
     /// Last measured acknowledgement round trip: a chunk sent to its ack (ms).
     pub ack_rtt_ms: f64,
-    /// Divergences repaired (issue 8's repair; 0 until it is built).
+    /// Divergences of the secondary's replay repaired by a sync point
+    /// (the primary: as the secondary last reported).
     #[serde(default)]
     pub repaired: u64,
     /// This side's heartbeat interval (ms).
@@ -162,6 +195,10 @@ pub struct ProtectionStatus {
     /// generation)`.
     #[serde(default)]
     pub generation: u64,
+    /// Sync points the secondary asked for after a divergence (primary:
+    /// requests answered; secondary: requests sent).
+    #[serde(default)]
+    pub sync_requests: u64,
 }
 
 /// Why the secondary refuses a primary's header (`None`: it takes it).

@@ -64,7 +64,7 @@
 //! | `busy N` | N iterations of integer mixing with the timer running and no exits inside the loop (default 100000) |
 //! | `disk SECTORS` | writes a per-sector pattern to 512-byte sectors 0..SECTORS (8 per request), FLUSH, reads back and verifies; checksum of the data read (default 64) |
 //! | `echo` | prints `echo ready`, then `echo: <line>` for each serial input line (interrupt-driven RX); `quit` ends it |
-//! | `tsc N` | reads RDTSC N times and counts the odd values — deliberately timing dependent (default 1000) |
+//! | `tsc N ROUNDS` | reads RDTSC N times and counts the odd values, ROUNDS times (a line each) — deliberately timing dependent (defaults 1000 1) |
 //! | `exits N` | N writes to port 0x80 in a tight loop, interrupts off: one VM exit each (the exit-rate benchmark; default 1000) |
 //! | `fault` | executes `ud2`: exercises the exception path (exit status 0xe6) |
 //! | `net-echo PORT` | TCP echo service on PORT (default 7), 4 connections at once; runs until the VM is stopped |

@@ -219,7 +219,7 @@ pub fn run(args: &Args, info: &HvmStartInfo) -> ! {
         b"busy" => busy(args.num(1, 100_000)),
         b"disk" => disk(args.num(1, 64)),
         b"echo" => result(b"echo", echo::run()),
-        b"tsc" => tsc(args.num(1, 1000)),
+        b"tsc" => tsc(args.num(1, 1000), args.num(2, 1)),
         b"cpuid" => crate::cpuinfo::run(),
         b"fault" => fault(),
         b"exits" => exits(args.num(1, 1000)),
@@ -447,29 +447,32 @@ fn fault() -> ! {
 
 use interrupts::rdtsc;
 
-fn tsc(n: u64) -> ! {
+fn tsc(n: u64, rounds: u64) -> ! {
     // Branch on the low bits of the distance between consecutive reads:
     // host timing decides them, so a replay that does not trap RDTSC takes
     // other branches and ends with other data (a known divergence source).
+    // Each of `rounds` rounds prints its count: one divergence per round.
     let mut h = Hash::new();
-    let mut taken = 0u64;
-    let mut prev = rdtsc();
-    for _ in 0..n {
-        let t = rdtsc();
-        let delta = t.wrapping_sub(prev);
-        prev = t;
-        h.u64(delta);
-        if (delta >> 3) & 1 == 1 {
-            taken += 1;
+    for _ in 0..rounds.max(1) {
+        let mut taken = 0u64;
+        let mut prev = rdtsc();
+        for _ in 0..n {
+            let t = rdtsc();
+            let delta = t.wrapping_sub(prev);
+            prev = t;
+            h.u64(delta);
+            if (delta >> 3) & 1 == 1 {
+                taken += 1;
+            }
         }
+        io::puts(b"tsc branch taken ");
+        io::put_dec(taken);
+        io::puts(b" of ");
+        io::put_dec(n);
+        io::putc(b'\n');
+        h.u64(n);
+        h.u64(taken);
     }
-    io::puts(b"tsc branch taken ");
-    io::put_dec(taken);
-    io::puts(b" of ");
-    io::put_dec(n);
-    io::putc(b'\n');
-    h.u64(n);
-    h.u64(taken);
     result(b"tsc", h.finish())
 }
 

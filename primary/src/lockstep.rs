@@ -17,7 +17,7 @@
 //! Outputs are released only inside the release lease.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ use crossbeam_channel::{unbounded, Sender};
 use failover::certs::Credentials;
 use failover::channel::{BlockingConnection, ChannelConfig, Message, Role};
 use failover::heartbeat::{self, lease_end, Liveness, PrimaryBeat, SecondaryBeat};
-use failover::lockstep::{kind, Ack, Header};
+use failover::lockstep::{kind, Ack, Header, Repaired, SyncRequest};
 use recordlog::LogQueue;
 use vmm::inputs::Divergence;
 use vmm::outputs::{Output, Outputs};
@@ -72,6 +72,10 @@ pub(crate) struct AckState {
     /// The secondary acknowledged the whole log including its end: it will
     /// never go live, so the lease no longer matters.
     complete: bool,
+    /// Divergences the secondary repaired (its last [`Repaired`] report).
+    pub(crate) repaired: u64,
+    /// Sync points the secondary asked for (divergences to repair).
+    pub(crate) sync_requests: u64,
 }
 
 /// Unacknowledged chunks remembered for the round trip, at most.
@@ -87,6 +91,9 @@ pub(crate) struct Acks {
     /// Outputs released up to this log offset (for heartbeats).
     released: AtomicU64,
     failover: FailoverParams,
+    /// The secondary asked for a sync point: the recorder takes one at its
+    /// next exit (`LiveInputs::set_sync_requests`).
+    pub(crate) sync_wanted: Arc<AtomicBool>,
 }
 
 impl Acks {
@@ -98,6 +105,7 @@ impl Acks {
             life: Liveness::new(),
             released: AtomicU64::new(0),
             failover,
+            sync_wanted: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -119,6 +127,23 @@ impl Acks {
     pub(crate) fn unprotect(&self) {
         self.lock().unprotected = true;
         self.cond.notify_all();
+    }
+
+    /// The secondary's replay diverged at `exit_seq`: a sync point at the
+    /// next exit (DESIGN.md rule 5).
+    fn sync_requested(&self, req: SyncRequest, who: &str) {
+        self.sync_wanted.store(true, Ordering::SeqCst);
+        self.lock().sync_requests += 1;
+        eprintln!(
+            "tandem: the secondary {who} diverged at exit {}: it gets a sync point at the next exit",
+            req.exit_seq
+        );
+    }
+
+    /// The secondary repaired a divergence.
+    fn repaired(&self, r: Repaired) {
+        let mut st = self.lock();
+        st.repaired = st.repaired.max(r.repaired);
     }
 
     /// An acknowledgement arrived: the round trip of the chunks it covers.
@@ -346,6 +371,31 @@ impl Link {
                             }
                         }
                     }
+                    Ok(Some((kind::SYNC_REQUEST, payload))) => {
+                        match postcard::from_bytes::<SyncRequest>(&payload) {
+                            Ok(req) => {
+                                a.life.touch();
+                                a.sync_requested(req, &who);
+                            }
+                            Err(e) => {
+                                return a.secondary_lost(format!(
+                                    "unreadable sync point request from {who}: {e}"
+                                ))
+                            }
+                        }
+                    }
+                    Ok(Some((kind::REPAIRED, payload))) => {
+                        match postcard::from_bytes::<Repaired>(&payload) {
+                            Ok(r) => {
+                                a.life.touch();
+                                a.repaired(r);
+                            }
+                            Err(e) => {
+                                return a
+                                    .secondary_lost(format!("unreadable repair from {who}: {e}"))
+                            }
+                        }
+                    }
                     Ok(Some((k, _))) => {
                         return a.secondary_lost(format!("frame kind {k} from {who}"))
                     }
@@ -431,6 +481,18 @@ impl Link {
         })
     }
 
+    /// Set when the secondary asks for a sync point (for
+    /// `LiveInputs::set_sync_requests`).
+    pub fn sync_requests(&self) -> Arc<AtomicBool> {
+        self.acks.sync_wanted.clone()
+    }
+
+    /// (divergences the secondary repaired, sync points it asked for).
+    pub fn repairs(&self) -> (u64, u64) {
+        let st = self.acks.lock();
+        (st.repaired, st.sync_requests)
+    }
+
     /// Make [`Link::finish`] tell the secondary that protection ends by
     /// decision, not because the guest ended.
     pub fn ending_protection(&self) {
@@ -469,6 +531,12 @@ impl Link {
         }
         let (lost, alone) = {
             let mut st = self.acks.lock();
+            if st.repaired > 0 || st.sync_requests > 0 {
+                eprintln!(
+                    "tandem: the secondary repaired {} divergences ({} sync points asked for)",
+                    st.repaired, st.sync_requests
+                );
+            }
             st.complete = ok;
             let lost = st.lost.clone();
             if !ok {

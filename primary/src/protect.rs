@@ -227,12 +227,13 @@ impl Session {
             outputs_held: held,
             oldest_held_ms: oldest.map_or(0.0, |d| d.as_secs_f64() * 1e3),
             ack_rtt_ms: acks.rtt.map_or(0.0, |d| d.as_secs_f64() * 1e3),
-            repaired: 0,
             heartbeat_ms: failover.timing.interval.as_millis() as u64,
             failover_timeout_ms: failover.timing.timeout.as_millis() as u64,
             last_heard_ms: silent.as_secs_f64() * 1e3,
             vm_id: failover.protection.vm_id.clone(),
             generation: failover.protection.generation,
+            repaired: acks.repaired,
+            sync_requests: acks.sync_requests,
         }
     }
 }
@@ -594,6 +595,7 @@ fn begin(
         info.started = Some(Instant::now());
     }
     live.replace_outputs(Box::new(held));
+    live.set_sync_requests(Some(start.session.acks.sync_wanted.clone()));
     let seq = machine.exit_seq;
     let recorder = Recorder::new(live, writer, start.rec, seq).flush_on_output();
     Ok(Recording {
@@ -644,6 +646,7 @@ fn end(machine: &mut Machine, r: Recording, how: Ending) -> (LiveInputs, Protect
     }
     let (mut live, writer) = recorder.into_parts();
     drop(writer);
+    live.set_sync_requests(None);
     // Dropping the held outputs ends the release thread once it has
     // released what it holds.
     drop(live.replace_outputs(Box::new(LiveOutputs::discard())));

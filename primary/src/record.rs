@@ -296,8 +296,11 @@ impl<I: Inputs, S: EntrySink> Inputs for Recorder<I, S> {
         match reason {
             SyncReason::Kick => true,
             SyncReason::Interval => {
-                self.opts.sync_interval > 0
-                    && exit_seq >= self.last_sync_exit + self.opts.sync_interval
+                // The secondary asked for one (a divergence to repair).
+                let asked = self.live.wants_sync_point(exit_seq, reason);
+                asked
+                    || (self.opts.sync_interval > 0
+                        && exit_seq >= self.last_sync_exit + self.opts.sync_interval)
             }
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod lockstep;
 pub mod migration;
+pub mod repair;
 pub mod replay;
 pub mod seed;
 pub mod watch;

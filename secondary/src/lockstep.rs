@@ -66,6 +66,9 @@ pub struct Protected {
     pub seeded: Option<Seeded>,
     /// How far the replay is, what was received (acks and status).
     pub follow: Arc<Follow>,
+    /// Frames for the primary (sync point requests, repair reports: see
+    /// [`crate::repair::ChannelRepair`]), sent by the receiving thread.
+    pub to_primary: std::sync::mpsc::Sender<crate::repair::Outgoing>,
 }
 
 /// How far the secondary is: updated by the replay ([`Tracked`]) and the
@@ -84,6 +87,10 @@ pub struct Follow {
     unprotected: AtomicBool,
     ended: AtomicBool,
     from: std::sync::Mutex<String>,
+    /// Divergences repaired ([`crate::repair`]).
+    pub(crate) repaired: AtomicU64,
+    /// Sync points asked of the primary.
+    pub(crate) sync_requests: AtomicU64,
 }
 
 impl Follow {
@@ -99,6 +106,8 @@ impl Follow {
             unprotected: AtomicBool::new(false),
             ended: AtomicBool::new(false),
             from: std::sync::Mutex::new(String::new()),
+            repaired: AtomicU64::new(0),
+            sync_requests: AtomicU64::new(0),
         })
     }
 
@@ -158,6 +167,8 @@ impl Follow {
                 0.0
             },
             acked_bytes: bytes,
+            repaired: self.repaired.load(Ordering::SeqCst),
+            sync_requests: self.sync_requests.load(Ordering::SeqCst),
             ..Default::default()
         }
     }
@@ -293,10 +304,18 @@ impl Intake for Lockstep {
         let w = watch.clone();
         let f = follow.clone();
         let timing = self.timing;
+        let (to_primary, outgoing) = channel();
         let thread = std::thread::Builder::new()
             .name("lockstep-in".into())
             .spawn(move || {
-                let r = crate::watch::receive(&mut conn, (log, ack_log), &tx, &w, timing, &f);
+                let r = crate::watch::receive(
+                    &mut conn,
+                    (log, ack_log),
+                    (&tx, &outgoing),
+                    &w,
+                    timing,
+                    &f,
+                );
                 c.store(true, Ordering::SeqCst);
                 drop(tx);
                 match &r {
@@ -324,6 +343,7 @@ impl Intake for Lockstep {
             watch,
             seeded,
             follow,
+            to_primary,
         })
     }
 }

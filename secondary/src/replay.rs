@@ -118,6 +118,9 @@ pub struct Replayer<S: EntrySource> {
     /// Where the console output of the replay goes (the replayed guest's
     /// console, for comparison with the recorded one).
     console: Option<Box<dyn std::io::Write + Send>>,
+    /// Told of every divergence and repair (a live secondary asks its
+    /// primary for a sync point).
+    hooks: Option<Box<dyn crate::repair::RepairHooks>>,
 }
 
 impl<S: EntrySource> Replayer<S> {
@@ -145,7 +148,14 @@ impl<S: EntrySource> Replayer<S> {
             frames_replayed: 0,
             frames_received: 0,
             console: None,
+            hooks: None,
         }
+    }
+
+    /// Tell `hooks` of every divergence and repair (repair mode).
+    pub fn with_repair_hooks(mut self, hooks: Box<dyn crate::repair::RepairHooks>) -> Self {
+        self.hooks = Some(hooks);
+        self
     }
 
     /// Write the replayed console output to `out` (after checking it).
@@ -531,6 +541,18 @@ impl<S: EntrySource> Inputs for Replayer<S> {
 
     fn repairs(&self) -> bool {
         self.repair
+    }
+
+    fn diverged(&mut self, divergence: &Divergence) {
+        if let Some(h) = &mut self.hooks {
+            h.diverged(divergence);
+        }
+    }
+
+    fn repaired(&mut self, divergence: &Divergence, sync_exit: u64) {
+        if let Some(h) = &mut self.hooks {
+            h.repaired(divergence, sync_exit);
+        }
     }
 
     fn replaying(&self) -> bool {

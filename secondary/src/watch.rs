@@ -13,7 +13,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -52,11 +52,12 @@ pub enum StreamEnd {
 /// to `log`, passed on and acknowledged (each acknowledgement noted in
 /// `ack_log`, the `--ack-log` audit trail). Returns the log bytes received
 /// and how it ended; `Err` for a protocol error (bad frames) or a local
-/// failure.
+/// failure. Frames on `outgoing` (the replay's repair requests) are sent
+/// within a few milliseconds.
 pub fn receive(
     conn: &mut BlockingConnection,
     (mut log, mut ack_log): (Option<File>, Option<File>),
-    tx: &Sender<Vec<u8>>,
+    (tx, outgoing): (&Sender<Vec<u8>>, &Receiver<crate::repair::Outgoing>),
     watch: &PrimaryWatch,
     timing: Timing,
     follow: &crate::lockstep::Follow,
@@ -64,8 +65,15 @@ pub fn receive(
     let mut total = 0u64;
     let mut echo = 0u64;
     let mut beat_at = Instant::now();
+    // A repair request must not wait for the next frame from the primary.
+    let poll = timing.interval.min(std::time::Duration::from_millis(2));
     loop {
-        let frame = match conn.recv_frame_timeout(timing.interval) {
+        while let Ok((k, payload)) = outgoing.try_recv() {
+            if let Err(e) = conn.send_frame(k, &payload) {
+                return Ok((total, StreamEnd::Lost(e.to_string())));
+            }
+        }
+        let frame = match conn.recv_frame_timeout(poll) {
             Ok(f) => f,
             Err(e) if e.is_closed() => return Ok((total, StreamEnd::Closed)),
             Err(e) => return Ok((total, StreamEnd::Lost(e.to_string()))),

@@ -17,6 +17,7 @@ use secondary::watch::StreamEnd;
 
 use recordlog::{InitialState, TailOptions, TailReader};
 use secondary::lockstep::{accept, listen, SecondaryOptions, Tracked};
+use secondary::repair::ChannelRepair;
 use vmm::machine::{DiskConfig, LogConfig};
 
 use super::golive::{go_live, GoLive, LiveApi, ReplayConsole, Tapped, Unreleased};
@@ -174,7 +175,13 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
             start_exit,
         )),
         config.fingerprint_interval,
-        true,
+        (
+            true,
+            Some(Box::new(ChannelRepair::new(
+                protected.to_primary.clone(),
+                follow.clone(),
+            ))),
+        ),
         out,
         &bad_log,
     );

@@ -159,9 +159,10 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
             ReleaseAudit::new(audit),
         )
         .map_err(CmdError::Internal)?;
-    let live = LiveInputs::new(0, console.input)
+    let mut live = LiveInputs::new(0, console.input)
         .with_outputs(Box::new(held))
         .with_net(host_net.as_ref().map(|n| n.rx.clone()));
+    live.set_sync_requests(Some(link.sync_requests()));
     let limits = Limits {
         stop_at: None,
         kick_grace: None,

@@ -121,7 +121,7 @@ pub fn unprotect(args: StatusArgs) -> Result<i32, CmdError> {
 /// One line per field of a protection's status.
 pub fn status_text(p: &ProtectionStatus) -> String {
     format!(
-        "{} ({}), peer {}\n  exit {} replayed {} (lag {} exits, {:.0} us of guest time)\n  log {} bytes ({:.0} bit/s), {} acknowledged\n  outputs held {} (oldest {:.1} ms), ack round trip {:.2} ms",
+        "{} ({}), peer {}\n  exit {} replayed {} (lag {} exits, {:.0} us of guest time)\n  log {} bytes ({:.0} bit/s), {} acknowledged\n  outputs held {} (oldest {:.1} ms), ack round trip {:.2} ms\n  divergences repaired {} ({} sync points asked for)",
         p.role,
         p.state,
         p.peer,
@@ -134,7 +134,9 @@ pub fn status_text(p: &ProtectionStatus) -> String {
         p.acked_bytes,
         p.outputs_held,
         p.oldest_held_ms,
-        p.ack_rtt_ms
+        p.ack_rtt_ms,
+        p.repaired,
+        p.sync_requests
     ) + &format!(
         "\n  heartbeat {} ms, failover timeout {} ms, last sign of life {:.0} ms ago\n  VM {} generation {}",
         p.heartbeat_ms,

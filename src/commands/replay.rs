@@ -5,6 +5,7 @@ use std::io::BufReader;
 use std::time::{Duration, Instant};
 
 use recordlog::{InitialState, LogReader, TailOptions, TailReader};
+use secondary::repair::RepairHooks;
 use secondary::replay::{EntrySource, LogEnd, Replayer};
 use vmm::machine::{LogConfig, Machine};
 use vmm::run::{RunError, RunLimits, RunOutcome};
@@ -93,7 +94,7 @@ pub fn replay_machine(
         &mut machine,
         source,
         fingerprint_interval,
-        repair,
+        (repair, None),
         out,
         bad_log,
     )
@@ -116,7 +117,7 @@ pub fn replay_on(
     machine: &mut Machine,
     source: Box<dyn EntrySource>,
     fingerprint_interval: u64,
-    repair: bool,
+    (repair, hooks): (bool, Option<Box<dyn RepairHooks>>),
     out: Box<dyn std::io::Write + Send>,
     bad_log: &dyn Fn(String) -> CmdError,
 ) -> Result<Replayed, CmdError> {
@@ -129,6 +130,9 @@ pub fn replay_on(
         .map_err(|e| CmdError::Internal(e.to_string()))?;
     let check = SyncPointCheck::new(&machine.vm.memory);
     let mut replayer = Replayer::new(source, fingerprint_interval, repair, check).with_console(out);
+    if let Some(h) = hooks {
+        replayer = replayer.with_repair_hooks(h);
+    }
     check_initial_digest(machine, &mut replayer)?;
     let started = Instant::now();
     let start = machine.exit_seq;

@@ -13,6 +13,8 @@
 //! hash, check it against the log).
 
 use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Receiver;
@@ -86,6 +88,13 @@ pub trait Inputs: Outputs + Send {
     fn skip_to_sync_point(&mut self) -> Option<(u64, SyncPoint)> {
         None
     }
+    /// Replayer in repair mode: the replay diverged (`divergence`), just
+    /// before [`Inputs::skip_to_sync_point`]. A live secondary asks its
+    /// primary for a sync point now instead of waiting for the next one.
+    fn diverged(&mut self, _divergence: &Divergence) {}
+    /// Replayer in repair mode: `divergence` was repaired by adopting the
+    /// sync point at `sync_exit`.
+    fn repaired(&mut self, _divergence: &Divergence, _sync_exit: u64) {}
     /// Is this the replaying side? A replayer ignores exits that are not
     /// clock ticks (interrupt-window exits): where they land is not
     /// reproducible, and the recorder logged a sync point wherever it
@@ -187,6 +196,9 @@ pub struct LiveInputs {
     wakeup: Option<Receiver<()>>,
     /// How long after a timer deadline a vCPU that has not exited is kicked.
     kick_grace: Duration,
+    /// Set by a protected primary's link when its secondary asks for a
+    /// sync point (a divergence to repair): taken at the next exit.
+    sync_requested: Option<Arc<AtomicBool>>,
 }
 
 impl LiveInputs {
@@ -203,7 +215,14 @@ impl LiveInputs {
             outputs: Box::new(LiveOutputs::discard()),
             wakeup: None,
             kick_grace: Duration::ZERO,
+            sync_requested: None,
         }
+    }
+
+    /// A sync point is wanted at the next exit whenever `flag` is set (it
+    /// is cleared then); `None`: no more requests.
+    pub fn set_sync_requests(&mut self, flag: Option<Arc<AtomicBool>>) {
+        self.sync_requested = flag;
     }
 
     /// Send the VM's outputs to `outputs` (default: discarded).
@@ -370,6 +389,14 @@ impl Inputs for LiveInputs {
 
     fn interrupt_injected(&mut self, _exit_seq: u64, _vector: u8) -> Result<(), Divergence> {
         Ok(())
+    }
+
+    fn wants_sync_point(&mut self, _exit_seq: u64, reason: SyncReason) -> bool {
+        reason == SyncReason::Interval
+            && self
+                .sync_requested
+                .as_ref()
+                .is_some_and(|f| f.swap(false, Ordering::SeqCst))
     }
 
     fn host_instant_of(&self, deadline_ns: u64) -> Option<Instant> {

@@ -367,6 +367,9 @@ impl Machine {
         let RunError::Divergence(d) = err else {
             return Err(err);
         };
+        if inputs.repairs() {
+            inputs.diverged(&d);
+        }
         let Some((seq, sp)) = inputs.skip_to_sync_point() else {
             // A damaged log met while looking for the sync point is damage,
             // not a divergence.
@@ -384,6 +387,7 @@ impl Machine {
         self.stats.sync_points += 1;
         self.stats.repaired += 1;
         self.stats.last_repair_exit = Some(seq);
+        inputs.repaired(&d, seq);
         Ok(())
     }
 
@@ -551,22 +555,23 @@ impl Machine {
             })?;
         self.stats.sync_points += 1;
         if applied.diverged() {
+            let (expected, found) = match applied.digest_mismatch {
+                Some(own) => (
+                    format!("state digest {}", sp.digest.to_hex()),
+                    format!("state digest {}", own.to_hex()),
+                ),
+                None => (
+                    "the primary's memory at the sync point".into(),
+                    format!("{} pages written only by the replayer", applied.rolled_back),
+                ),
+            };
+            let d = Divergence {
+                exit_seq: seq,
+                expected,
+                found,
+            };
             if !inputs.repairs() {
-                let (expected, found) = match applied.digest_mismatch {
-                    Some(own) => (
-                        format!("state digest {}", sp.digest.to_hex()),
-                        format!("state digest {}", own.to_hex()),
-                    ),
-                    None => (
-                        "the primary's memory at the sync point".into(),
-                        format!("{} pages written only by the replayer", applied.rolled_back),
-                    ),
-                };
-                return Err(RunError::Divergence(Divergence {
-                    exit_seq: seq,
-                    expected,
-                    found,
-                }));
+                return Err(RunError::Divergence(d));
             }
             tracing::warn!(
                 exit_seq = seq,
@@ -575,6 +580,7 @@ impl Machine {
             );
             self.stats.repaired += 1;
             self.stats.last_repair_exit = Some(seq);
+            inputs.repaired(&d, seq);
         }
         Ok(())
     }
