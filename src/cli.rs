@@ -115,6 +115,11 @@ pub struct DrillArgs {
     /// Only validate the file and say whether this build can run it.
     #[arg(long)]
     pub check: bool,
+    /// Run the hosts as processes over loopback instead of network
+    /// namespaces (the default without root): console workloads only, and
+    /// a pulled plug is kill -9 alone (no links to cut).
+    #[arg(long)]
+    pub loopback: bool,
 }
 
 #[derive(Debug, Args)]

@@ -22,6 +22,7 @@ const SHIPPED: &[&str] = &[
     "long-distance",
     "protected-under-load",
     "migrate-long-distance",
+    "console-pull-plug",
 ];
 
 fn scenario(name: &str) -> String {
@@ -66,6 +67,7 @@ fn every_shipped_scenario_parses() {
         "migrate-under-load",
         "protected-under-load",
         "secondary-dies",
+        "console-pull-plug",
     ] {
         let out = tandem(&["drill", "--check", &scenario(name)]);
         assert!(
@@ -138,6 +140,21 @@ fn cross_references_are_checked() {
         ),
         ("messages = 10", "messages = 0", "client.messages = 0: 1 to"),
         (
+            "when = { at_message = 3 }",
+            "when = { at_line = 3 }",
+            "the mail workload counts messages",
+        ),
+        (
+            "host = \"a\"",
+            "host = \"a\"\nworkload = \"fill 4 10 0\"",
+            "is a console workload: its output is the console, it takes no [client]",
+        ),
+        (
+            "host = \"a\"",
+            "host = \"a\"\nworkload = \"telnet\"",
+            "or a console workload of the test guest (fill, dirty, ticks)",
+        ),
+        (
             "between = [\"a\", \"b\"]",
             "between = [\"a\", \"a\"]",
             "two different hosts",
@@ -177,11 +194,16 @@ fn a_fault_that_needs_failover_is_refused_not_faked() {
     }
 }
 
-/// The built-in drill (`tandem drill` without a file) is
-/// migrate-under-load until failover lands, and says so.
+/// The mail VM migrates under load: nothing lost, nothing reset.
 #[test]
 fn migrate_under_load_end_to_end() {
-    let out = tandem(&["drill", "--seed", "11", "--json"]);
+    let out = tandem(&[
+        "drill",
+        &scenario("migrate-under-load"),
+        "--seed",
+        "11",
+        "--json",
+    ]);
     out.assert_status(0);
     let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
         .unwrap_or_else(|e| panic!("the report is not JSON ({e})\n{}", out.describe()));
@@ -212,12 +234,102 @@ fn migrate_under_load_end_to_end() {
     );
     assert_eq!(v["total"]["passed"], 1);
     assert_eq!(v["scenario"], "migrate-under-load");
+    assert_no_namespaces_left();
+}
+
+/// One run of a console drill's JSON report: it passed, the console the
+/// reader saw is the unfailed run's, one fault failed the VM over and
+/// both gaps were measured; the run itself.
+fn console_failover_passed(out: &common::Output, kind: &str) -> serde_json::Value {
+    out.assert_status(0);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("the report is not JSON ({e})\n{}", out.describe()));
+    let run = v["runs"][0].clone();
+    assert_eq!(run["passed"], true, "{}", out.describe());
+    let c = &run["console"];
+    assert!(c["lines"].as_u64().unwrap_or(0) > 100, "{}", out.describe());
+    assert_eq!(c["lines"], c["expected_lines"], "{}", out.describe());
+    assert!(c["result"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("RESULT fill "));
+    assert_eq!(c["result"], c["expected_result"]);
+    assert_eq!(run["live_copies"], 1);
+    let f = &run["faults"][0];
+    assert_eq!(f["kind"], kind);
+    assert_eq!(f["fails_over"], true);
+    assert!(f["error"].is_null(), "{}", out.describe());
+    assert!(f["client_gap_ms"].as_f64().is_some(), "{}", out.describe());
+    assert!(f["vmm_gap_ms"].as_f64().is_some(), "{}", out.describe());
+    assert!(v["total"]["failover_gap_ms"]["p50"].as_f64().is_some());
+    run
+}
+
+/// `tandem drill` without a file (as root): the built-in pull-the-plug
+/// drill in namespaces, kill -9 and every link of the primary's host cut;
+/// the secondary goes live and the console continues exactly.
+#[test]
+fn the_builtin_drill_pulls_the_plug() {
+    let out = tandem(&["drill", "--seed", "11", "--json"]);
+    let run = console_failover_passed(&out, "pull-plug");
+    let f = &run["faults"][0];
     assert!(
-        v["note"].as_str().unwrap_or("").contains("needs failover"),
+        f["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("every link of host a cut"),
+        "{}",
+        out.describe()
+    );
+    let at = f["at_messages"].as_u64().unwrap();
+    assert!((20..=100).contains(&at), "fired after {at} lines");
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(v["scenario"], "console-pull-plug");
+    assert!(
+        v["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("network namespaces"),
         "{}",
         out.describe()
     );
     assert_no_namespaces_left();
+}
+
+/// Over loopback (what `tandem drill` does without root): the same drill
+/// with processes as hosts, and says so; and the operator's test failover
+/// (`tandem failover --api`) as the fault.
+#[test]
+fn console_drills_over_loopback() {
+    let out = tandem(&["drill", "--loopback", "--seed", "4", "--json"]);
+    let run = console_failover_passed(&out, "pull-plug");
+    assert!(
+        run["faults"][0]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no links to cut"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stdout.contains("processes over loopback"),
+        "{}",
+        out.describe()
+    );
+    let dir = TempDir::new("drill-failover");
+    let text = std::fs::read_to_string(scenario("console-pull-plug"))
+        .unwrap()
+        .replace("kind = \"pull-plug\"", "kind = \"failover\"");
+    let path = dir.write("failover.toml", text.as_bytes());
+    let out = tandem(&[
+        "drill",
+        common::arg(&path),
+        "--loopback",
+        "--seed",
+        "8",
+        "--json",
+    ]);
+    console_failover_passed(&out, "failover");
 }
 
 /// The mail VM protected from boot under load: nothing lost, the
@@ -344,7 +456,7 @@ fn an_interrupted_drill_tears_everything_down() {
         let line = line.unwrap();
         seen.push_str(&line);
         seen.push('\n');
-        if line.contains("clients sending") {
+        if line.contains("booting the console VM") {
             // SAFETY: kill(2) on our own child.
             unsafe { libc::kill(pid as i32, libc::SIGINT) };
         }

@@ -6,10 +6,10 @@
 //! it: each kind is handled by a rule below, and the few changes made to a
 //! command are listed in [`SUBSTITUTIONS`] with the reason:
 //!
-//! * the first two lines (`cargo run --release -- run`, `cargo test
-//!   --workspace --release`) are checked to be there, not run (the first is
-//!   `tandem run`, which runs below; the second is the suite this test is
-//!   part of);
+//! * the first two lines (`cargo run --release -- drill`, `cargo test
+//!   --workspace --release`) are checked to be there; the first runs as
+//!   `tandem drill` (the built-in pull-the-plug drill, a few seconds) and
+//!   must pass; the second is the suite this test is part of;
 //! * `cargo bench --bench NAME`: the benchmark must exist (`benches/NAME.rs`
 //!   and a `[[bench]]` in Cargo.toml); benchmarks are not run by tests;
 //! * `truncate -s SIZE FILE` runs as is;
@@ -162,12 +162,24 @@ fn readme_commands_run() {
     assert_eq!(
         first,
         [
-            "cargo run --release -- run",
+            "cargo run --release -- drill",
             "cargo test --workspace --release"
         ],
         "README.md must begin with Tandem's main job on its default, then the tests"
     );
     let dir = TempDir::new("readme");
+    let out = Command::new(TANDEM)
+        .arg("drill")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 of 1 runs passed"),
+        "README's first command, tandem drill: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut background: Vec<Proc> = Vec::new();
     let mut receiver: Option<String> = None;
     let mut ran = 0;

@@ -28,15 +28,20 @@ use crate::cli::DrillArgs;
 use report::DrillReport;
 use scenario::Scenario;
 
-/// The built-in drill, until failover lands: a planned migration under load.
-const BUILTIN: &str = include_str!("../../../scenarios/migrate-under-load.toml");
-const BUILTIN_NAME: &str = "scenarios/migrate-under-load.toml (built in)";
-const BUILTIN_NOTE: &str = "built-in drill: migrate-under-load; the pull-the-plug drill needs failover of a networked VM (a secondary going live with --net), which this build does not have";
+/// The built-in drill: the plug of a protected VM's primary pulled. Its
+/// mail version needs a secondary that goes live with the VM's network
+/// ([`scenario::NETWORK_FAILOVER`]); until then the console workload.
+const BUILTIN: &str = include_str!("../../../scenarios/console-pull-plug.toml");
+const BUILTIN_NAME: &str = "scenarios/console-pull-plug.toml (built in)";
+const BUILTIN_NOTE_ROOT: &str = "built-in drill: the plug of a protected VM's primary pulled (kill -9 and every link of its host cut) while it writes its console, hosts as network namespaces; the mail version needs a secondary that goes live with the VM's network (--net), which this build does not have";
+const BUILTIN_NOTE_USER: &str = "built-in drill, not root (or --loopback): the hosts are processes over loopback on this machine (no namespaces, so the plug pulled is kill -9 of the primary's VMM, no links to cut), the workload a console one; as root it runs in network namespaces";
 
 /// Exit status when Ctrl-C ended the drill (everything torn down).
 const INTERRUPTED: i32 = 130;
 
 pub fn drill(args: DrillArgs) -> Result<i32, CmdError> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
     let (scn, file, note) = match &args.file {
         Some(f) => (
             Scenario::load(f).map_err(|e| CmdError::Input(e.to_string()))?,
@@ -46,9 +51,17 @@ pub fn drill(args: DrillArgs) -> Result<i32, CmdError> {
         None => (
             Scenario::parse(BUILTIN_NAME, BUILTIN).map_err(|e| CmdError::Input(e.to_string()))?,
             BUILTIN_NAME.to_string(),
-            Some(BUILTIN_NOTE.to_string()),
+            Some(
+                if root && !args.loopback {
+                    BUILTIN_NOTE_ROOT
+                } else {
+                    BUILTIN_NOTE_USER
+                }
+                .to_string(),
+            ),
         ),
     };
+    let console = scn.workload() == scenario::WorkloadKind::Console;
     let missing = scn.missing();
     if args.check {
         if missing.is_empty() {
@@ -75,22 +88,34 @@ pub fn drill(args: DrillArgs) -> Result<i32, CmdError> {
     if args.runs == 0 {
         return Err(CmdError::Input("--runs 0: give at least one run".into()));
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    let loopback = !root || args.loopback;
+    if loopback && !console {
         return Err(CmdError::Input(
-            "tandem drill builds its hosts as network namespaces with TAP devices: run it as root"
+            "tandem drill builds the mail VM's hosts as network namespaces with TAP devices: run it as root, without --loopback (over loopback only console workloads run)"
                 .into(),
         ));
     }
-    let python = std::process::Command::new("python3")
-        .args(["-c", "import smtplib, poplib"])
-        .status();
-    if !python.is_ok_and(|s| s.success()) {
+    if loopback
+        && scn
+            .links
+            .iter()
+            .any(|l| l.rtt_ms > 0.0 || l.loss_percent > 0.0 || l.rate.is_some())
+    {
+        return Err(CmdError::Input(
+            "a link with rtt_ms, loss_percent or rate is built from network namespaces: run the drill as root".into(),
+        ));
+    }
+    if !console
+        && !std::process::Command::new("python3")
+            .args(["-c", "import smtplib, poplib"])
+            .status()
+            .is_ok_and(|s| s.success())
+    {
         return Err(CmdError::Input(
             "tandem drill's clients are Python's smtplib and poplib: install python3".into(),
         ));
     }
-    if scn.client.kind == scenario::ClientKind::Swaks
+    if scn.client.as_ref().map(|c| c.kind) == Some(scenario::ClientKind::Swaks)
         && !std::process::Command::new("swaks")
             .arg("--version")
             .stdout(std::process::Stdio::null())
@@ -113,7 +138,14 @@ pub fn drill(args: DrillArgs) -> Result<i32, CmdError> {
         signal_hook::flag::register(sig, stop.clone())
             .map_err(|e| CmdError::Internal(format!("installing the Ctrl-C handler: {e}")))?;
     }
-    topo::remove_stale();
+    if !loopback {
+        topo::remove_stale();
+    }
+    let reference = if console {
+        Some(unfailed_console(&tandem, &scn)?)
+    } else {
+        None
+    };
 
     let base = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -147,6 +179,8 @@ pub fn drill(args: DrillArgs) -> Result<i32, CmdError> {
             stop: &stop,
             keep: args.keep,
             progress: &say,
+            loopback,
+            reference: reference.clone(),
         };
         let Ok(mut r) = run::run_once(&ctx, i, seed) else {
             if let Some(b) = &bar {
@@ -196,4 +230,25 @@ pub fn drill(args: DrillArgs) -> Result<i32, CmdError> {
         return Ok(INTERRUPTED);
     }
     Ok(if report.passed() { 0 } else { 1 })
+}
+
+/// The console of an unfailed, unprotected run of a console workload:
+/// what every run's console must be.
+fn unfailed_console(tandem: &std::path::Path, scn: &Scenario) -> Result<Vec<u8>, CmdError> {
+    let out = std::process::Command::new(tandem)
+        .args(["run", "--cmdline", &scn.vm.workload])
+        .args(["--mem-mib", &scn.vm.mem_mib.to_string()])
+        .env_remove("TANDEM_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| CmdError::Internal(format!("running the unfailed reference run: {e}")))?;
+    if !out.status.success() {
+        return Err(CmdError::Input(format!(
+            "vm.workload = {:?}: its unfailed run ended with {}: {}",
+            scn.vm.workload,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(out.stdout)
 }

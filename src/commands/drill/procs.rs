@@ -22,17 +22,30 @@ pub enum WaitError {
 
 pub type WaitResult<T> = Result<T, WaitError>;
 
-fn read_lines<R: Read + Send + 'static>(r: R) -> Lines {
+/// Bytes a process printed, exactly (a last line without its newline
+/// stays without one).
+pub type Raw = Arc<Mutex<Vec<u8>>>;
+
+fn read_lines<R: Read + Send + 'static>(r: R) -> (Lines, Raw) {
     let lines: Lines = Arc::default();
-    let l = lines.clone();
+    let raw: Raw = Arc::default();
+    let (l, b) = (lines.clone(), raw.clone());
     std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
+        let mut r = BufReader::new(r);
+        let mut buf = Vec::new();
+        while r.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
+            b.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(&buf);
+            let text = String::from_utf8_lossy(&buf);
+            let line = text.strip_suffix('\n').unwrap_or(&text).to_string();
             l.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push((Instant::now(), line));
+            buf.clear();
         }
     });
-    lines
+    (lines, raw)
 }
 
 /// A process of the drill.
@@ -40,6 +53,8 @@ pub struct Proc {
     pub what: String,
     child: Child,
     pub out: Lines,
+    /// Its stdout byte for byte (a VMM's console).
+    pub out_raw: Raw,
     pub err: Lines,
     status: Option<std::process::ExitStatus>,
 }
@@ -52,12 +67,13 @@ impl Proc {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("starting {what}: {e}"))?;
-        let out = read_lines(child.stdout.take().expect("piped"));
-        let err = read_lines(child.stderr.take().expect("piped"));
+        let (out, out_raw) = read_lines(child.stdout.take().expect("piped"));
+        let (err, _) = read_lines(child.stderr.take().expect("piped"));
         Ok(Proc {
             what: what.to_string(),
             child,
             out,
+            out_raw,
             err,
             status: None,
         })

@@ -57,8 +57,13 @@ pub struct Total {
     pub connections_reset: u32,
     /// Live copies seen at the end of each run, over all runs.
     pub live_copies: Vec<u32>,
+    /// Console workloads: lines expected (unfailed runs) and seen.
+    pub console_lines: Option<(u32, u32)>,
     /// The pause clients saw across each fault that fails over.
     pub failover_gap_ms: Option<Spread>,
+    /// The new primaries' own measure of each failover: the old one's
+    /// last sign of life to the first guest output.
+    pub failover_vmm_gap_ms: Option<Spread>,
     /// The pause clients saw when the secondary died (the primary's
     /// detection and arbiter claim).
     pub secondary_loss_gap_ms: Option<Spread>,
@@ -79,7 +84,8 @@ impl DrillReport {
         let mut m = Messages::default();
         let mut reset = 0;
         let (mut fgap, mut mgap, mut down) = (Vec::new(), Vec::new(), Vec::new());
-        let mut sgap = Vec::new();
+        let (mut sgap, mut vgap) = (Vec::new(), Vec::new());
+        let mut lines: Option<(u32, u32)> = None;
         for r in &runs {
             m.sent += r.messages.sent;
             m.acknowledged += r.messages.acknowledged;
@@ -89,6 +95,11 @@ impl DrillReport {
             m.found_unacknowledged += r.messages.found_unacknowledged;
             m.foreign += r.messages.foreign;
             reset += r.connections_reset;
+            if let Some(c) = &r.console {
+                let l = lines.get_or_insert((0, 0));
+                l.0 += c.expected_lines;
+                l.1 += c.lines;
+            }
             for f in &r.faults {
                 if f.kind == "migrate" {
                     mgap.extend(f.client_gap_ms);
@@ -97,6 +108,7 @@ impl DrillReport {
                     sgap.extend(f.client_gap_ms);
                 } else if f.fails_over {
                     fgap.extend(f.client_gap_ms);
+                    vgap.extend(f.vmm_gap_ms);
                 }
             }
         }
@@ -108,7 +120,9 @@ impl DrillReport {
             messages: m,
             connections_reset: reset,
             live_copies: runs.iter().map(|r| r.live_copies).collect(),
+            console_lines: lines,
             failover_gap_ms: Spread::of(fgap),
+            failover_vmm_gap_ms: Spread::of(vgap),
             secondary_loss_gap_ms: Spread::of(sgap),
             migration_client_gap_ms: Spread::of(mgap),
             migration_downtime_ms: Spread::of(down),
@@ -147,14 +161,26 @@ impl DrillReport {
             r.duration_s
         );
         let m = &r.messages;
-        s += &format!(
-            "  messages     sent {}  acknowledged {}  found {}  lost {}  corrupted {}\n",
-            m.sent, m.acknowledged, m.found, m.lost, m.corrupted
-        );
-        s += &format!(
-            "  connections  {}  reset {}\n  live copies  {}\n  longest gap  {:.0} ms between two acknowledgements\n",
-            r.connections, r.connections_reset, r.live_copies, r.max_gap_ms
-        );
+        if let Some(c) = &r.console {
+            s += &format!(
+                "  console      {} lines of {} (unfailed run), {} bytes produced again at the failover, {}\n  live copies  {}\n  longest gap  {:.0} ms between two console lines\n",
+                c.lines,
+                c.expected_lines,
+                c.produced_again_bytes,
+                c.result.as_deref().unwrap_or("no RESULT"),
+                r.live_copies,
+                r.max_gap_ms
+            );
+        } else {
+            s += &format!(
+                "  messages     sent {}  acknowledged {}  found {}  lost {}  corrupted {}\n",
+                m.sent, m.acknowledged, m.found, m.lost, m.corrupted
+            );
+            s += &format!(
+                "  connections  {}  reset {}\n  live copies  {}\n  longest gap  {:.0} ms between two acknowledgements\n",
+                r.connections, r.connections_reset, r.live_copies, r.max_gap_ms
+            );
+        }
         if let Some(p) = &r.protection {
             s += &format!(
                 "  protection   {} log bytes ({:.2} Mbit/s), {} outputs released after acknowledgement, added latency p50 {:.2} ms p99 {:.2} ms\n",
@@ -167,7 +193,16 @@ impl DrillReport {
         }
         for f in &r.faults {
             s += &format!("  fault {:<9}", f.kind);
-            s += &format!(" after {} messages ({:.0} ms)", f.at_messages, f.at_ms);
+            s += &format!(
+                " after {} {} ({:.0} ms)",
+                f.at_messages,
+                if r.console.is_some() {
+                    "lines"
+                } else {
+                    "messages"
+                },
+                f.at_ms
+            );
             if !f.detail.is_empty() {
                 s += &format!("  {}", f.detail);
             }
@@ -176,6 +211,9 @@ impl DrillReport {
             }
             if let Some(g) = f.client_gap_ms {
                 s += &format!("  client gap {g:.0} ms");
+            }
+            if let Some(g) = f.vmm_gap_ms {
+                s += &format!("  (VMM: {g:.0} ms from the last sign of life to the first output)");
             }
             s += &format!("  took {:.0} ms", f.took_ms);
             if let Some(e) = &f.error {
@@ -217,10 +255,17 @@ impl DrillReport {
         if let Some(n) = &self.note {
             s += &format!("  note: {n}\n");
         }
-        s += &format!(
-            "  messages       sent {}  acknowledged {}  found {}  lost {}\n",
-            m.sent, m.acknowledged, m.found, m.lost
-        );
+        match t.console_lines {
+            Some((want, got)) => {
+                s += &format!("  console lines  {got} seen of {want} (unfailed runs)\n")
+            }
+            None => {
+                s += &format!(
+                    "  messages       sent {}  acknowledged {}  found {}  lost {}\n",
+                    m.sent, m.acknowledged, m.found, m.lost
+                )
+            }
+        }
         let copies: std::collections::BTreeSet<u32> = t.live_copies.iter().copied().collect();
         let copies: Vec<String> = copies.iter().map(u32::to_string).collect();
         s += &format!(
@@ -230,6 +275,9 @@ impl DrillReport {
         );
         if let Some(g) = &t.failover_gap_ms {
             s += &format!("  failover gap   {}\n", g.text("ms"));
+        }
+        if let Some(g) = &t.failover_vmm_gap_ms {
+            s += &format!("  failover gap (VMM's measure)  {}\n", g.text("ms"));
         }
         if let Some(g) = &t.secondary_loss_gap_ms {
             s += &format!("  gap when the secondary died  {}\n", g.text("ms"));

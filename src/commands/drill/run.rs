@@ -11,7 +11,10 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use super::procs::{output, Proc, WaitError, WaitResult};
-use super::scenario::{ClientKind, FaultKind, Scenario, Trigger};
+use super::scenario::{ClientKind, FaultKind, Scenario, Trigger, WorkloadKind};
+
+mod console;
+mod failover;
 use super::topo::{LinkSpec, Topology, TAP};
 
 /// The guest's MAC (its RARP announcements after a migration carry it).
@@ -63,6 +66,9 @@ pub struct FaultReport {
     /// The longest pause a client saw across it: from its last
     /// acknowledgement before the fault to its next one.
     pub client_gap_ms: Option<f64>,
+    /// A failover: the new primary's own measure, from the old one's
+    /// last sign of life to its first guest output (ms).
+    pub vmm_gap_ms: Option<f64>,
     /// What went wrong (the fault did not happen as planned).
     pub error: Option<String>,
 }
@@ -110,6 +116,8 @@ pub struct RunReport {
     pub live_copies: u32,
     /// What lockstep protection cost and kept (a protected VM).
     pub protection: Option<Protection>,
+    /// A console workload: what its console showed.
+    pub console: Option<console::ConsoleReport>,
     /// Longest pause between two acknowledgements of one connection (ms).
     pub max_gap_ms: f64,
     pub faults: Vec<FaultReport>,
@@ -129,6 +137,11 @@ pub struct Ctx<'a> {
     pub stop: &'a AtomicBool,
     pub keep: bool,
     pub progress: &'a dyn Fn(&str),
+    /// Hosts as processes over loopback, not namespaces (not root: a
+    /// console workload only).
+    pub loopback: bool,
+    /// A console workload: the unfailed run's console.
+    pub reference: Option<Vec<u8>>,
 }
 
 /// A client connection: its process and what it printed.
@@ -165,8 +178,10 @@ struct Run<'a> {
     vm: Option<Proc>,
     at: usize,
     sock: PathBuf,
-    /// The secondary of a protected VM.
+    /// The secondary of a protected VM, its host and control socket.
     secondary: Option<Proc>,
+    secondary_at: usize,
+    secondary_sock: PathBuf,
     /// A fault killed it.
     secondary_killed: bool,
     /// VMMs that ran the VM before (a migrated source ends).
@@ -197,11 +212,12 @@ pub fn run_once(ctx: &Ctx, run: u32, seed: u64) -> Result<RunReport, ()> {
         seed,
         passed: false,
         messages: Messages::default(),
-        connections: ctx.scn.client.connections,
+        connections: ctx.scn.client.as_ref().map_or(0, |c| c.connections),
         connections_reset: 0,
         resets: Vec::new(),
         live_copies: 0,
         protection: None,
+        console: None,
         max_gap_ms: 0.0,
         faults: Vec::new(),
         checks: Vec::new(),
@@ -249,14 +265,18 @@ fn drive(ctx: &Ctx, run: u32, seed: u64, dir: &Path, report: &mut RunReport) -> 
             rate: l.rate.clone(),
         })
         .collect();
-    let topo = Topology::build(
-        &run.to_string(),
-        scn.hosts.len(),
-        &links,
-        ctx.wan.as_deref(),
-        seed,
-    )
-    .map_err(WaitError::Failed)?;
+    let topo = if ctx.loopback {
+        Topology::loopback(scn.hosts.len())
+    } else {
+        Topology::build(
+            &run.to_string(),
+            scn.hosts.len(),
+            &links,
+            ctx.wan.as_deref(),
+            seed,
+        )
+        .map_err(WaitError::Failed)?
+    };
     let at = host_index(scn, &scn.vm.host);
     let mut r = Run {
         ctx,
@@ -266,6 +286,8 @@ fn drive(ctx: &Ctx, run: u32, seed: u64, dir: &Path, report: &mut RunReport) -> 
         at,
         sock: dir.join("vm0.sock"),
         secondary: None,
+        secondary_at: 0,
+        secondary_sock: dir.join("secondary.sock"),
         secondary_killed: false,
         retired: Vec::new(),
         conns: Vec::new(),
@@ -340,39 +362,58 @@ impl Run<'_> {
             self.run_ok(c, "tandem certs issue")?;
         }
 
-        (self.ctx.progress)(&format!("booting the mail VM on host {}", scn.vm.host));
-        let disk = self.disk(0)?;
+        let mail = scn.workload() == WorkloadKind::Mail;
+        (self.ctx.progress)(&format!(
+            "booting the {} VM on host {}",
+            if mail { "mail" } else { "console" },
+            scn.vm.host
+        ));
         let mut c = self.in_host(self.at);
         c.args(["run", "--cmdline", &scn.vm.workload]);
         if let Some(sec) = &scn.vm.secondary {
             let addr = self.start_secondary(host_index(scn, sec))?;
             c.args(["--protect-to", &addr]).args(self.creds(self.at));
             c.args(self.arbiter_args()?);
-        } else {
+        }
+        // A protected primary's control socket serves only the test
+        // failover (and its SIGTERM then ends the run without the end
+        // report): only a drill with that fault gets one.
+        if scn.vm.secondary.is_none() || scn.faults.iter().any(|f| f.kind == FaultKind::Failover) {
             c.arg("--api-socket").arg(&self.sock);
         }
-        c.args(["--net", &format!("tap={TAP},mac={MAC}")])
-            .args(["--mem-mib", &scn.vm.mem_mib.to_string(), "--disk"])
-            .arg(&disk)
+        if mail {
+            let disk = self.disk(0)?;
+            c.args(["--net", &format!("tap={TAP},mac={MAC}"), "--disk"])
+                .arg(&disk);
+        }
+        c.args(["--mem-mib", &scn.vm.mem_mib.to_string()])
             .env_remove("TANDEM_LOG");
         let what = format!("the VM on host {}", scn.vm.host);
         let mut vm = Proc::spawn(&what, c).map_err(WaitError::Failed)?;
+        if !mail {
+            // The console is the client: counting starts at its first line.
+            vm.wait_line("", false, BOOT, stop)?;
+            self.started = Instant::now();
+            self.vm = Some(vm);
+            return self.faults_then_check(seed, report, None);
+        }
         vm.wait_line("mail ready", false, BOOT, stop)?;
         self.vm = Some(vm);
+        let client = scn.mail_client();
 
         (self.ctx.progress)("clients sending");
         let script = self.dir.join("mail_client.py");
         std::fs::write(&script, CLIENT)
             .map_err(|e| WaitError::Failed(format!("writing {}: {e}", script.display())))?;
         let stopfile = self.dir.join("stop-clients");
-        let sizes: Vec<String> = scn.client.sizes.iter().map(u32::to_string).collect();
+        let sizes: Vec<String> = client.sizes.iter().map(u32::to_string).collect();
         let sizes = sizes.join(",");
         self.started = Instant::now();
-        for k in 1..=scn.client.connections {
+        for k in 1..=client.connections {
             let mut c = Topology::command(&self.topo.client_ns, Path::new("python3"));
             c.arg(&script)
                 .args([
-                    match scn.client.kind {
+                    match client.kind {
                         ClientKind::Smtplib => "drill",
                         ClientKind::Swaks => "swaks",
                     },
@@ -380,14 +421,24 @@ impl Run<'_> {
                     &sizes,
                 ])
                 .arg(&stopfile)
-                .args([
-                    &scn.client.messages.to_string(),
-                    &scn.client.pace_ms.to_string(),
-                ]);
+                .args([&client.messages.to_string(), &client.pace_ms.to_string()]);
             let proc =
                 Proc::spawn(&format!("client connection {k}"), c).map_err(WaitError::Failed)?;
             self.conns.push(Conn { proc });
         }
+        self.faults_then_check(seed, report, Some((&script, &sizes)))
+    }
+
+    /// Inject the faults when their time comes, then let the work finish
+    /// and check it (`mail`: the client script and the sizes it sends).
+    fn faults_then_check(
+        &mut self,
+        seed: u64,
+        report: &mut RunReport,
+        mail: Option<(&Path, &str)>,
+    ) -> WaitResult<()> {
+        let scn = self.ctx.scn;
+        let stop = self.ctx.stop;
 
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut base_msgs = 0;
@@ -402,15 +453,15 @@ impl Run<'_> {
                     }
                 });
                 loop {
-                    let acked = self.acked();
+                    let acked = self.work_seen();
                     let due = match trigger {
-                        Trigger::Messages(n) => acked >= base_msgs + n,
+                        Trigger::Messages(n) | Trigger::Lines(n) => acked >= base_msgs + n,
                         Trigger::Ms(ms) => base_t.elapsed() >= Duration::from_millis(ms),
                     };
                     if due {
                         break;
                     }
-                    if self.clients_done() {
+                    if self.work_done() {
                         report.faults.push(FaultReport {
                             kind: f.kind.name().into(),
                             fails_over: f.kind.fails_over(),
@@ -421,8 +472,14 @@ impl Run<'_> {
                             took_ms: 0.0,
                             downtime_ms: None,
                             client_gap_ms: None,
+                            vmm_gap_ms: None,
                             error: Some(format!(
-                                "never fired: the clients were done after {acked} acknowledged messages"
+                                "never fired: the work was done after {acked} {}",
+                                if mail.is_some() {
+                                    "acknowledged messages"
+                                } else {
+                                    "console lines"
+                                }
                             )),
                         });
                         break 'faults;
@@ -432,7 +489,7 @@ impl Run<'_> {
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                let at_messages = self.acked();
+                let at_messages = self.work_seen();
                 let start = Instant::now();
                 (self.ctx.progress)(&format!("fault {}", f.kind.name()));
                 let mut fr = FaultReport {
@@ -445,6 +502,7 @@ impl Run<'_> {
                     took_ms: 0.0,
                     downtime_ms: None,
                     client_gap_ms: None,
+                    vmm_gap_ms: None,
                     error: None,
                 };
                 match f.kind {
@@ -474,6 +532,13 @@ impl Run<'_> {
                             Err(WaitError::Failed(e)) => fr.error = Some(e),
                         }
                     }
+                    FaultKind::KillPrimary | FaultKind::PullPlug | FaultKind::Failover => {
+                        match self.fail_over(f.kind, &mut fr) {
+                            Ok(()) => {}
+                            Err(WaitError::Interrupted) => return Err(WaitError::Interrupted),
+                            Err(WaitError::Failed(e)) => fr.error = Some(e),
+                        }
+                    }
                     other => {
                         // Refused before the run starts (Scenario::missing).
                         fr.error = Some(format!("fault {} is not available", other.name()));
@@ -486,21 +551,29 @@ impl Run<'_> {
                 if bad {
                     break 'faults;
                 }
-                base_msgs = self.acked();
+                base_msgs = self.work_seen();
                 base_t = Instant::now();
             }
         }
 
+        let Some((script, sizes)) = mail else {
+            (self.ctx.progress)("the guest finishing");
+            let vm = self.vm.as_mut().expect("a VM runs");
+            vm.wait_end(BOOT, stop)?;
+            self.evaluate_console(report);
+            return Ok(());
+        };
+        let client = scn.mail_client();
         (self.ctx.progress)("clients finishing");
         let limit = Duration::from_secs(60)
-            + Duration::from_millis((scn.client.messages as u64) * (2000 + scn.client.pace_ms));
+            + Duration::from_millis((client.messages as u64) * (2000 + client.pace_ms));
         for conn in &mut self.conns {
             conn.proc.wait_end(limit, stop)?;
         }
 
         (self.ctx.progress)("reading the mailbox over POP3");
         let mut c = Topology::command(&self.topo.client_ns, Path::new("python3"));
-        c.arg(&script).args(["mailbox", &sizes]);
+        c.arg(script).args(["mailbox", sizes]);
         let (code, out, err) = output(c).map_err(WaitError::Failed)?;
         let mailbox_ok = code == 0 && out.lines().any(|l| l.starts_with("count "));
         self.evaluate(report, &out, mailbox_ok.then_some(()).ok_or(err));
@@ -551,10 +624,15 @@ impl Run<'_> {
         let mut c = self.in_host(h);
         c.args(["secondary", "--listen", &format!("{addr}:0")])
             .args(self.creds(h))
-            .args(["--net", &format!("tap={TAP}"), "--disk"])
-            .arg(&disk)
             .args(self.arbiter_args()?)
+            .arg("--api-socket")
+            .arg(&self.secondary_sock)
             .env_remove("TANDEM_LOG");
+        if self.ctx.scn.workload() == WorkloadKind::Mail {
+            c.args(["--net", &format!("tap={TAP}"), "--disk"])
+                .arg(&disk);
+        }
+        self.secondary_at = h;
         let name = &self.ctx.scn.hosts[h].name;
         let mut p =
             Proc::spawn(&format!("the secondary on host {name}"), c).map_err(WaitError::Failed)?;
@@ -623,12 +701,33 @@ impl Run<'_> {
         self.conns.iter().map(|c| c.count("sent ")).sum()
     }
 
-    fn clients_done(&mut self) -> bool {
-        self.conns.iter_mut().all(|c| c.proc.ended().is_some())
+    /// The work the clients saw so far: acknowledged messages, or the
+    /// console lines of a console workload.
+    fn work_seen(&self) -> u32 {
+        match self.ctx.scn.workload() {
+            WorkloadKind::Mail => self.acked(),
+            WorkloadKind::Console => console::lines_seen(&self.primaries()),
+        }
+    }
+
+    /// The clients (mail) or the guest (console) are done.
+    fn work_done(&mut self) -> bool {
+        match self.ctx.scn.workload() {
+            WorkloadKind::Mail => self.conns.iter_mut().all(|c| c.proc.ended().is_some()),
+            WorkloadKind::Console => self.vm.as_mut().is_none_or(|v| v.ended().is_some()),
+        }
+    }
+
+    /// Every VMM that ran the VM as its primary, in order.
+    fn primaries(&self) -> Vec<&Proc> {
+        let mut v: Vec<&Proc> = self.retired.iter().collect();
+        v.extend(self.vm.iter());
+        v
     }
 
     fn evaluate(&mut self, report: &mut RunReport, mailbox: &str, read: Result<(), String>) {
         let scn = self.ctx.scn;
+        let client = scn.mail_client();
         let e = &scn.expect;
         let mut acked = std::collections::BTreeSet::new();
         let mut tried = 0;
@@ -696,7 +795,7 @@ impl Run<'_> {
         report.messages = m.clone();
         report.live_copies = self.live_copies();
 
-        let mut checks = Vec::new();
+        let mut checks = self.fault_checks(report);
         let mut check = |name: &str, passed: bool, seen: String| {
             checks.push(Check {
                 name: name.into(),
@@ -704,24 +803,6 @@ impl Run<'_> {
                 seen,
             })
         };
-        let fired = report.faults.iter().filter(|f| f.error.is_none()).count();
-        let planned: u32 = scn.faults.iter().map(|f| f.repeat).sum();
-        let fault_errors: Vec<String> = report
-            .faults
-            .iter()
-            .filter_map(|f| Some(format!("{}: {}", f.kind, f.error.as_ref()?)))
-            .collect();
-        if planned > 0 || !fault_errors.is_empty() {
-            check(
-                "every fault happened as planned",
-                fault_errors.is_empty() && fired as u32 == planned,
-                if fault_errors.is_empty() {
-                    format!("{fired} of {planned}")
-                } else {
-                    fault_errors.join("; ")
-                },
-            );
-        }
         check(
             "mailbox readable over POP3",
             read.is_ok(),
@@ -792,14 +873,14 @@ impl Run<'_> {
                 && m.corrupted == 0
                 && m.foreign == 0
                 && tried == m.acknowledged
-                && m.acknowledged == scn.client.connections * scn.client.messages;
+                && m.acknowledged == client.connections * client.messages;
             check(
                 "same result as an unfailed run",
                 exact,
                 format!(
                     "{} of {} messages sent and acknowledged, mailbox holds {} intact + {} corrupted + {} foreign",
                     m.acknowledged,
-                    scn.client.connections * scn.client.messages,
+                    client.connections * client.messages,
                     m.found,
                     m.corrupted,
                     m.foreign
@@ -809,13 +890,50 @@ impl Run<'_> {
         report.checks = checks;
     }
 
+    /// "every fault happened as planned" (when the drill has faults).
+    fn fault_checks(&self, report: &RunReport) -> Vec<Check> {
+        let fired = report.faults.iter().filter(|f| f.error.is_none()).count();
+        let planned: u32 = self.ctx.scn.faults.iter().map(|f| f.repeat).sum();
+        let fault_errors: Vec<String> = report
+            .faults
+            .iter()
+            .filter_map(|f| Some(format!("{}: {}", f.kind, f.error.as_ref()?)))
+            .collect();
+        if planned == 0 && fault_errors.is_empty() {
+            return Vec::new();
+        }
+        vec![Check {
+            name: "every fault happened as planned".into(),
+            passed: fault_errors.is_empty() && fired as u32 == planned,
+            seen: if fault_errors.is_empty() {
+                format!("{fired} of {planned}")
+            } else {
+                fault_errors.join("; ")
+            },
+        }]
+    }
+
+    /// Copies of the VM live now: every VMM that ran it as its primary and
+    /// still runs, and a secondary that went live on its own (it says
+    /// `going LIVE`). For a console workload, whose guest has ended by
+    /// now, a VMM that ran the guest to its end (status 0) counts too.
     fn live_copies(&mut self) -> u32 {
+        let console = self.ctx.scn.workload() == WorkloadKind::Console;
+        let live = |p: &mut Proc| match p.ended() {
+            None => 1,
+            Some(st) => (console && st.success()) as u32,
+        };
         let mut n = 0;
         if let Some(vm) = self.vm.as_mut() {
-            n += vm.ended().is_none() as u32;
+            n += live(vm);
         }
         for p in &mut self.retired {
-            n += p.ended().is_none() as u32;
+            n += live(p);
+        }
+        if let Some(sec) = self.secondary.as_mut() {
+            if Proc::text(&sec.err).contains("going LIVE") {
+                n += live(sec);
+            }
         }
         n
     }
