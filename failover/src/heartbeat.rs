@@ -69,19 +69,18 @@ impl Default for Timing {
 impl Timing {
     /// From `--heartbeat-ms` and `--failover-timeout-ms`; the timeout must
     /// cover at least three heartbeats.
-    pub fn from_ms(heartbeat_ms: u64, timeout_ms: u64) -> Result<Timing, String> {
+    pub fn from_ms(heartbeat_ms: u64, timeout_ms: u64) -> Result<Timing, HeartbeatError> {
         if heartbeat_ms == 0 {
-            return Err("--heartbeat-ms must be at least 1".into());
+            return Err(HeartbeatError::ZeroInterval);
         }
-        if timeout_ms < 3 * heartbeat_ms {
-            return Err(format!(
-                "--failover-timeout-ms {timeout_ms} must be at least three heartbeats (3 x --heartbeat-ms {heartbeat_ms})"
-            ));
+        if timeout_ms < heartbeat_ms.saturating_mul(3) {
+            return Err(HeartbeatError::TimeoutTooShort {
+                timeout_ms,
+                heartbeat_ms,
+            });
         }
-        if timeout_ms > 600_000 {
-            return Err(format!(
-                "--failover-timeout-ms {timeout_ms}: at most 600000 (10 minutes)"
-            ));
+        if timeout_ms > MAX_FAILOVER_TIMEOUT_MS {
+            return Err(HeartbeatError::TimeoutTooLong { timeout_ms });
         }
         Ok(Timing {
             interval: Duration::from_millis(heartbeat_ms),
@@ -113,29 +112,58 @@ pub struct Protection {
 
 impl Protection {
     /// A peer's identity is checked before it names a claim file.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), HeartbeatError> {
         check_vm_id(&self.vm_id)?;
         if self.generation == 0 {
-            return Err("protection generation 0".into());
+            return Err(HeartbeatError::GenerationZero);
         }
         Ok(())
     }
 }
 
 /// A VM id is 1..=64 lowercase hex digits or dashes.
-pub fn check_vm_id(id: &str) -> Result<(), String> {
+pub fn check_vm_id(id: &str) -> Result<(), HeartbeatError> {
     if id.is_empty()
         || id.len() > MAX_VM_ID
         || !id
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b) || b == b'-')
     {
-        return Err(format!(
-            "VM id {:?}: must be 1 to {MAX_VM_ID} lowercase hex digits or dashes",
-            id.chars().take(80).collect::<String>()
-        ));
+        return Err(HeartbeatError::VmId(id.chars().take(80).collect()));
     }
     Ok(())
+}
+
+/// Longest accepted `--failover-timeout-ms` (10 minutes).
+pub const MAX_FAILOVER_TIMEOUT_MS: u64 = 600_000;
+
+/// Bad heartbeat settings or a bad protection identity from a peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeartbeatError {
+    /// `--heartbeat-ms 0`.
+    #[error("--heartbeat-ms must be at least 1")]
+    ZeroInterval,
+    /// The timeout covers fewer than three heartbeats.
+    #[error("--failover-timeout-ms {timeout_ms} must be at least three heartbeats (3 x --heartbeat-ms {heartbeat_ms})")]
+    TimeoutTooShort {
+        /// The timeout asked for.
+        timeout_ms: u64,
+        /// The heartbeat interval.
+        heartbeat_ms: u64,
+    },
+    /// The timeout is over [`MAX_FAILOVER_TIMEOUT_MS`].
+    #[error("--failover-timeout-ms {timeout_ms}: at most 600000 (10 minutes)")]
+    TimeoutTooLong {
+        /// The timeout asked for.
+        timeout_ms: u64,
+    },
+    /// A VM id that is not 1..=64 lowercase hex digits or dashes (its
+    /// first 80 characters).
+    #[error("VM id {0:?}: must be 1 to {MAX_VM_ID} lowercase hex digits or dashes")]
+    VmId(String),
+    /// A protection of generation 0.
+    #[error("protection generation 0")]
+    GenerationZero,
 }
 
 /// A fresh VM id: BLAKE3 of the time, the process and `seed`, 32 hex digits.
@@ -243,7 +271,21 @@ mod tests {
     #[test]
     fn timing_is_checked() {
         assert!(Timing::from_ms(0, 100).is_err());
-        assert!(Timing::from_ms(50, 100).unwrap_err().contains("three"));
+        assert_eq!(
+            Timing::from_ms(50, 100).unwrap_err(),
+            HeartbeatError::TimeoutTooShort {
+                timeout_ms: 100,
+                heartbeat_ms: 50
+            }
+        );
+        assert!(Timing::from_ms(50, 100)
+            .unwrap_err()
+            .to_string()
+            .contains("three"));
+        assert!(matches!(
+            Timing::from_ms(50, 600_001),
+            Err(HeartbeatError::TimeoutTooLong { .. })
+        ));
         let t = Timing::from_ms(50, 1000).unwrap();
         assert_eq!(t.lease_margin(), Duration::from_millis(100));
         assert_eq!(lease_end(1_000, &t), 1_000 + 900_000);

@@ -38,7 +38,7 @@
 //! the primary shows in `tandem status`.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use recordlog::{Digest, Hasher};
 use serde::{Deserialize, Serialize};
@@ -201,52 +201,88 @@ pub struct ProtectionStatus {
     pub sync_requests: u64,
 }
 
-/// Why the secondary refuses a primary's header (`None`: it takes it).
-/// `disk`: the secondary's own image (`--disk`), if any.
-pub fn check_header(header: &Header, disk: Option<&Path>) -> Result<(), String> {
+/// Why the secondary refuses a primary's header.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    /// Another version of this protocol.
+    #[error("lockstep protocol version {0} (this secondary speaks {LOCKSTEP_VERSION})")]
+    Version(u32),
+    /// A seeded VM with a disk, and no `--disk` to copy it to.
+    #[error("the VM has a {0}-byte disk: give the secondary --disk PATH for its copy")]
+    SeedNeedsDisk(u64),
+    /// `--disk` for a VM without a disk.
+    #[error("the VM has no disk but this secondary was given --disk {}", .0.display())]
+    UnexpectedDisk(PathBuf),
+    /// A VM protected from boot with a disk, and no `--disk`.
+    #[error(
+        "the VM has a {0}-byte disk: give the secondary a copy of the primary's image with --disk"
+    )]
+    NeedsDisk(u64),
+    /// `--disk` cannot be read.
+    #[error("--disk {}: {source}", path.display())]
+    ReadDisk {
+        /// This secondary's image.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `--disk` has another length than the primary's image.
+    #[error("--disk {} is {mine} bytes, the primary's image {theirs} bytes: not the same image", path.display())]
+    DiskLength {
+        /// This secondary's image.
+        path: PathBuf,
+        /// Its length.
+        mine: u64,
+        /// The primary's.
+        theirs: u64,
+    },
+    /// `--disk` has other contents than the primary's image.
+    #[error("--disk {} differs from the primary's image (BLAKE3 {}, the primary's {}): the images must be identical", path.display(), mine.to_hex(), theirs.to_hex())]
+    DiskContent {
+        /// This secondary's image.
+        path: PathBuf,
+        /// Its hash.
+        mine: Digest,
+        /// The primary's.
+        theirs: Digest,
+    },
+}
+
+/// Does the secondary take a primary's header? `disk`: the secondary's own
+/// image (`--disk`), if any.
+pub fn check_header(header: &Header, disk: Option<&Path>) -> Result<(), HeaderError> {
     if header.version != LOCKSTEP_VERSION {
-        return Err(format!(
-            "lockstep protocol version {} (this secondary speaks {LOCKSTEP_VERSION})",
-            header.version
-        ));
+        return Err(HeaderError::Version(header.version));
     }
     if let Some(seed) = &header.seed {
         // The disk is copied during the seeding, to --disk.
         return match (&seed.disk, disk) {
-            (Some(d), None) => Err(format!(
-                "the VM has a {}-byte disk: give the secondary --disk PATH for its copy",
-                d.len
-            )),
+            (Some(d), None) => Err(HeaderError::SeedNeedsDisk(d.len)),
             _ => Ok(()),
         };
     }
     match (&header.disk, disk) {
         (None, None) => Ok(()),
-        (None, Some(p)) => Err(format!(
-            "the VM has no disk but this secondary was given --disk {}",
-            p.display()
-        )),
-        (Some(d), None) => Err(format!(
-            "the VM has a {}-byte disk: give the secondary a copy of the primary's image with --disk",
-            d.len
-        )),
+        (None, Some(p)) => Err(HeaderError::UnexpectedDisk(p.to_path_buf())),
+        (Some(d), None) => Err(HeaderError::NeedsDisk(d.len)),
         (Some(d), Some(p)) => {
-            let mine = DiskHash::of(p).map_err(|e| format!("--disk {}: {e}", p.display()))?;
+            let mine = DiskHash::of(p).map_err(|source| HeaderError::ReadDisk {
+                path: p.to_path_buf(),
+                source,
+            })?;
             if mine.len != d.len {
-                return Err(format!(
-                    "--disk {} is {} bytes, the primary's image {} bytes: not the same image",
-                    p.display(),
-                    mine.len,
-                    d.len
-                ));
+                return Err(HeaderError::DiskLength {
+                    path: p.to_path_buf(),
+                    mine: mine.len,
+                    theirs: d.len,
+                });
             }
             if mine.hash != d.hash {
-                return Err(format!(
-                    "--disk {} differs from the primary's image (BLAKE3 {}, the primary's {}): the images must be identical",
-                    p.display(),
-                    mine.hash.to_hex(),
-                    d.hash.to_hex()
-                ));
+                return Err(HeaderError::DiskContent {
+                    path: p.to_path_buf(),
+                    mine: mine.hash,
+                    theirs: d.hash,
+                });
             }
             Ok(())
         }
@@ -270,10 +306,18 @@ mod tests {
             disk: Some(DiskHash::of(&a).unwrap()),
             seed: None,
         };
-        assert_eq!(check_header(&h, Some(&a)), Ok(()));
+        assert!(check_header(&h, Some(&a)).is_ok());
         let e = check_header(&h, Some(&b)).unwrap_err();
-        assert!(e.contains("differs"), "{e}");
-        assert!(check_header(&h, None).unwrap_err().contains("--disk"));
+        assert!(matches!(e, HeaderError::DiskContent { .. }), "{e}");
+        assert!(e.to_string().contains("differs"), "{e}");
+        let e = check_header(&h, None).unwrap_err();
+        assert!(matches!(e, HeaderError::NeedsDisk(4096)), "{e}");
+        assert!(e.to_string().contains("--disk"));
+        let old = Header { version: 2, ..h };
+        assert!(matches!(
+            check_header(&old, Some(&a)),
+            Err(HeaderError::Version(2))
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -280,7 +280,8 @@ impl Intake for Lockstep {
         mut conn: BlockingConnection,
         header: &Header,
     ) -> Result<Protected, ReceiveError> {
-        if let Err(reason) = check_header(header, self.disk.as_deref()) {
+        if let Err(e) = check_header(header, self.disk.as_deref()) {
+            let reason = e.to_string();
             abort(&mut conn, &reason);
             return Err(ReceiveError::Refused(reason));
         }

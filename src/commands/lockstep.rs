@@ -47,7 +47,7 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         args.failover.heartbeat_ms,
         args.failover.failover_timeout_ms,
     )
-    .map_err(CmdError::Input)?;
+    .map_err(|e| CmdError::Input(e.to_string()))?;
     let arbiter = args
         .failover
         .arbiter

@@ -115,7 +115,7 @@ pub fn failover_params(
     name: &str,
 ) -> Result<primary::failover::FailoverParams, CmdError> {
     let timing = failover::heartbeat::Timing::from_ms(a.heartbeat_ms, a.failover_timeout_ms)
-        .map_err(CmdError::Input)?;
+        .map_err(|e| CmdError::Input(e.to_string()))?;
     let arbiter = a
         .arbiter
         .as_deref()

@@ -108,7 +108,7 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 
 impl Arbiter for FileArbiter {
     fn claim(&self, vm_id: &str, generation: u64, holder: &str) -> Result<Verdict, ArbiterError> {
-        check_vm_id(vm_id).map_err(ArbiterError::Config)?;
+        check_vm_id(vm_id)?;
         let holder = clean(holder);
         match std::fs::metadata(&self.dir) {
             Ok(m) if m.is_dir() => {}

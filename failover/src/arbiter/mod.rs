@@ -47,9 +47,12 @@ pub enum ArbiterError {
         /// What is wrong with it.
         reason: String,
     },
-    /// A bad `--arbiter` or a bad VM identity.
+    /// A bad `--arbiter`.
     #[error("{0}")]
     Config(String),
+    /// A bad VM identity.
+    #[error(transparent)]
+    VmId(#[from] crate::heartbeat::HeartbeatError),
 }
 
 /// An atomic test-and-set per `(vm_id, generation)`.

@@ -72,7 +72,7 @@ enum Request {
     /// guest may run again.
     ReplaceDisk {
         config: BlockConfig,
-        reply: Sender<Result<Instant, String>>,
+        reply: Sender<Result<Instant, ReplaceDiskError>>,
     },
     /// Start or end protection (`crate::protect`): handled by
     /// `protect::run_protectable` around [`run_controlled`].
@@ -177,6 +177,18 @@ pub enum ControlError {
     /// This VM cannot be migrated (said why).
     #[error("{0}")]
     Refused(&'static str),
+}
+
+/// Why a disk move's switch to the new image failed (the guest goes on
+/// with the old one).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplaceDiskError {
+    /// The VM has no disk to switch.
+    #[error("the VM has no disk")]
+    NoDisk,
+    /// The device refused the new image.
+    #[error(transparent)]
+    Backing(#[from] vmm::devices::virtio::block::BlockError),
 }
 
 /// How a controlled run ended.
@@ -446,7 +458,7 @@ impl VmController {
     pub(crate) fn replace_disk(
         &self,
         config: BlockConfig,
-    ) -> Result<Result<Instant, String>, ControlError> {
+    ) -> Result<Result<Instant, ReplaceDiskError>, ControlError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.request(Request::ReplaceDisk { config, reply: tx }, &rx)
     }
@@ -578,15 +590,17 @@ fn handle(
 
 /// Switch the disk of `machine` to `config` (same data, same size) and
 /// make every later snapshot or migration name the new image.
-fn replace_disk(machine: &mut Machine, shared: &Shared, config: BlockConfig) -> Result<(), String> {
+fn replace_disk(
+    machine: &mut Machine,
+    shared: &Shared,
+    config: BlockConfig,
+) -> Result<(), ReplaceDiskError> {
     let block = machine
         .devices
         .block
         .as_mut()
-        .ok_or_else(|| "the VM has no disk".to_string())?;
-    block
-        .replace_backing(config.clone())
-        .map_err(|e| e.to_string())?;
+        .ok_or(ReplaceDiskError::NoDisk)?;
+    block.replace_backing(config.clone())?;
     if let Some(d) = machine.config.disk.as_mut() {
         d.path = config.path.clone();
     }

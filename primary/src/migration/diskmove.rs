@@ -133,7 +133,8 @@ pub enum DiskMoveError {
         /// The destination.
         path: PathBuf,
         /// Why.
-        reason: String,
+        #[source]
+        reason: super::control::ReplaceDiskError,
     },
     #[error("cancelled by the operator")]
     /// The operator cancelled the move.
