@@ -454,7 +454,10 @@ fn protect(w: &mut UnixStream, ctl: &VmController, m: &ProtectRequest) {
         params.to
     );
     let mut client = true;
-    let rec = primary::record::RecordOptions::default();
+    let rec = primary::record::RecordOptions {
+        progress: std::time::Duration::from_millis(primary::lockstep::DEFAULT_PROGRESS_MS),
+        ..primary::record::RecordOptions::default()
+    };
     let result = primary::protect::protect(ctl, &params, failover, rec, &mut |p| {
         if client {
             client = send(w, &Event::Progress(p.clone()));

@@ -153,7 +153,8 @@ pub struct SecondaryArgs {
     #[arg(long, value_name = "tap=NAME")]
     pub net: Option<NetArg>,
     /// One JSON line per acknowledgement sent to the primary (`offset`: log
-    /// bytes received, `sent_ns`: real time), the secondary's side of the
+    /// bytes received, `replayed`: the exit the replay had reached,
+    /// `sent_ns`: real time), the secondary's side of the
     /// Output Rule's audit trail.
     #[arg(long, value_name = "PATH")]
     pub ack_log: Option<PathBuf>,
@@ -254,7 +255,21 @@ pub struct ProtectArgs {
     #[arg(long, value_name = "PATH", requires = "protect_to")]
     pub output_log: Option<PathBuf>,
     #[command(flatten)]
+    pub lag: LagArgs,
+    #[command(flatten)]
     pub failover: FailoverArgs,
+}
+
+/// How closely the secondary follows a protected primary
+/// (docs/lockstep.md, "Lag").
+#[derive(Debug, Clone, Args)]
+pub struct LagArgs {
+    /// Progress marks: when nothing else was logged for MS milliseconds
+    /// (a guest that exits without inputs, or idles), the primary logs a
+    /// mark with the exit it has reached, so that the secondary replays
+    /// up to it instead of waiting at its last logged exit. 0: no marks.
+    #[arg(long, value_name = "MS", default_value_t = primary::lockstep::DEFAULT_PROGRESS_MS)]
+    pub progress_ms: u64,
 }
 
 /// `tandem certs ...`

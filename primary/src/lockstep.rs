@@ -34,6 +34,10 @@ use vmm::outputs::{Output, Outputs};
 use crate::failover::{decide, Decision, FailoverParams, STOPPED};
 use crate::held_audit::{realtime_ns, HeldLatency, ReleaseAudit, Released};
 
+/// Default interval of progress marks (`RecordOptions::progress`), ms:
+/// a secondary stays within about this much of its primary.
+pub const DEFAULT_PROGRESS_MS: u64 = 2;
+
 /// Largest `LogBytes` chunk.
 const MAX_CHUNK: usize = 4 << 20;
 /// How long the secondary may take to answer the header.

@@ -10,7 +10,7 @@
 //! frames) is logged as a short record (kind, length, hash) at the exit
 //! that produced it, then passed to the live outputs.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use recordlog::{Entry, Fingerprint, Input, SyncPoint};
 use vmm::inputs::{Divergence, Inputs, InputsError, SyncReason};
@@ -83,6 +83,12 @@ pub struct RecordOptions {
     pub fingerprint_interval: u64,
     /// A sync point with a full digest every this many exits (0: none).
     pub sync_interval: u64,
+    /// Progress marks (a protected primary): when nothing was flushed for
+    /// this long, the recorder logs `Entry::Progress` at the exit it has
+    /// reached and flushes, so that a secondary that replays as the log
+    /// arrives may run on to that exit; also before the guest idles.
+    /// Zero: none (`tandem record`).
+    pub progress: Duration,
 }
 
 impl Default for RecordOptions {
@@ -90,6 +96,7 @@ impl Default for RecordOptions {
         RecordOptions {
             fingerprint_interval: 1000,
             sync_interval: 200_000,
+            progress: Duration::ZERO,
         }
     }
 }
@@ -113,6 +120,8 @@ pub struct RecordStats {
     pub outputs: u64,
     /// Network frames among the inputs.
     pub net_frames: u64,
+    /// Progress marks logged.
+    pub progress_marks: u64,
 }
 
 /// The recording [`Inputs`].
@@ -123,6 +132,13 @@ pub struct Recorder<I: Inputs, S: EntrySink> {
     last_sync_exit: u64,
     error: Option<InputsError>,
     flush_on_output: bool,
+    /// Progress marks: at most one per this interval, when nothing else
+    /// reached the sink in it (`None`: none).
+    progress: Option<Duration>,
+    /// When the sink was last flushed.
+    flushed_at: Instant,
+    /// The exit of the last entry logged.
+    logged_exit: u64,
     /// What was logged so far.
     pub stats: RecordStats,
 }
@@ -138,7 +154,27 @@ impl<I: Inputs, S: EntrySink> Recorder<I, S> {
             last_sync_exit: start_exit,
             error: None,
             flush_on_output: false,
+            progress: (!opts.progress.is_zero()).then_some(opts.progress),
+            flushed_at: Instant::now(),
+            logged_exit: start_exit,
             stats: RecordStats::default(),
+        }
+    }
+
+    /// A progress mark at `exit_seq` if the log says nothing of it yet
+    /// (its last entry is at an earlier exit), then a flush.
+    fn mark(&mut self, exit_seq: u64) {
+        if exit_seq > self.logged_exit {
+            self.log(Entry::Progress { exit_seq });
+            self.stats.progress_marks += 1;
+        }
+        self.flush_sink();
+    }
+
+    fn flush_sink(&mut self) {
+        self.flushed_at = Instant::now();
+        if let Err(e) = self.sink.flush() {
+            self.error.get_or_insert(InputsError::log_write(e));
         }
     }
 
@@ -172,6 +208,7 @@ impl<I: Inputs, S: EntrySink> Recorder<I, S> {
             _ => {}
         }
         self.stats.entries += 1;
+        self.logged_exit = self.logged_exit.max(entry.exit_seq());
         if let Err(e) = self.sink.append(&entry) {
             self.error = Some(InputsError::log_write(e));
         }
@@ -182,6 +219,7 @@ impl<I: Inputs, S: EntrySink> Recorder<I, S> {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
+        self.flushed_at = Instant::now();
         self.sink.flush().map_err(InputsError::log_write)
     }
 
@@ -209,9 +247,7 @@ impl<I: Inputs, S: EntrySink> Outputs for Recorder<I, S> {
             output: output.record(),
         });
         if self.flush_on_output {
-            if let Err(e) = self.sink.flush() {
-                self.error.get_or_insert(InputsError::log_write(e));
-            }
+            self.flush_sink();
         }
         self.live.emit(output)
     }
@@ -267,11 +303,24 @@ impl<I: Inputs, S: EntrySink> Inputs for Recorder<I, S> {
 
     fn wait_idle(&mut self, exit_seq: u64, deadline_ns: Option<u64>) -> bool {
         // Entries waiting in a buffer should reach the secondary while the
-        // guest idles.
-        if let Err(e) = self.sink.flush() {
-            self.error.get_or_insert(InputsError::log_write(e));
+        // guest idles (with marks: and it may replay up to here).
+        if self.progress.is_some() {
+            self.mark(exit_seq);
+        } else {
+            self.flush_sink();
         }
         self.live.wait_idle(exit_seq, deadline_ns)
+    }
+
+    fn leaving_exit(&mut self, exit_seq: u64) -> Result<(), Divergence> {
+        // Everything of the exits before this one is logged (a kick's sync
+        // point may still come at this one).
+        if let Some(every) = self.progress {
+            if exit_seq > self.logged_exit && self.flushed_at.elapsed() >= every {
+                self.mark(exit_seq);
+            }
+        }
+        Ok(())
     }
 
     fn interrupt_injected(&mut self, exit_seq: u64, vector: u8) -> Result<(), Divergence> {
@@ -496,6 +545,7 @@ mod tests {
         let opts = RecordOptions {
             fingerprint_interval: 0,
             sync_interval: 100,
+            ..RecordOptions::default()
         };
         // Started from a snapshot at exit 1000.
         let (mut r, sink, _) = recorder(opts, 1000);
@@ -519,6 +569,7 @@ mod tests {
             RecordOptions {
                 fingerprint_interval: 50,
                 sync_interval: 0,
+                ..RecordOptions::default()
             },
             0,
         );
@@ -534,6 +585,44 @@ mod tests {
         };
         r.fingerprint(50, &fp).unwrap();
         assert_eq!(r.stats.fingerprints, 1);
+    }
+
+    #[test]
+    fn progress_marks_only_when_nothing_else_was_flushed_for_the_interval() {
+        let opts = RecordOptions {
+            progress: Duration::from_millis(5),
+            ..RecordOptions::default()
+        };
+        let (mut r, sink, _) = recorder(opts, 10);
+        // Just flushed (the recorder was made): no mark yet.
+        r.leaving_exit(11).unwrap();
+        assert!(sink.entries.lock().unwrap().is_empty());
+        std::thread::sleep(Duration::from_millis(6));
+        r.leaving_exit(12).unwrap();
+        r.leaving_exit(13).unwrap();
+        assert_eq!(
+            sink.entries.lock().unwrap().clone(),
+            vec![Entry::Progress { exit_seq: 12 }]
+        );
+        assert_eq!(*sink.flushes.lock().unwrap(), 1);
+        // An entry at this exit already says as much: no mark at it.
+        std::thread::sleep(Duration::from_millis(6));
+        r.clock_ns(14);
+        r.leaving_exit(14).unwrap();
+        assert_eq!(sink.entries.lock().unwrap().len(), 2);
+        // Before the guest idles: a mark at once, and the flush.
+        assert!(r.wait_idle(20, None));
+        assert_eq!(
+            sink.entries.lock().unwrap().last(),
+            Some(&Entry::Progress { exit_seq: 20 })
+        );
+        assert_eq!(r.stats.progress_marks, 2);
+        // Without marks nothing of the kind is logged.
+        let (mut r, sink, _) = recorder(RecordOptions::default(), 0);
+        std::thread::sleep(Duration::from_millis(6));
+        r.leaving_exit(5).unwrap();
+        assert!(r.wait_idle(6, None));
+        assert!(sink.entries.lock().unwrap().is_empty());
     }
 
     #[test]

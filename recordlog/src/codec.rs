@@ -25,6 +25,7 @@
 //! | 0x13 | `Digest`                 | digest[32] |
 //! | 0x14 | `End`                    | status: zigzag varint |
 //! | 0x15 | `Output`                 | kind:u8 len:varint hash:u64le |
+//! | 0x16 | `Progress`               | (empty) |
 //!
 //! A payload is at most [`MAX_FRAME_PAYLOAD`] bytes. A batch holds at least
 //! one inner entry and no nested batch; an `End` entry is the last entry of
@@ -54,10 +55,11 @@ pub(crate) mod tag {
     pub const DIGEST: u8 = 0x13;
     pub const END: u8 = 0x14;
     pub const OUTPUT: u8 = 0x15;
+    pub const PROGRESS: u8 = 0x16;
     pub const BATCH: u8 = 0x7f;
 
     pub fn is_entry(t: u8) -> bool {
-        matches!(t, 0x01..=0x05 | 0x10..=0x15)
+        matches!(t, 0x01..=0x05 | 0x10..=0x16)
     }
 }
 
@@ -314,6 +316,7 @@ fn entry_tag(e: &Entry) -> u8 {
         Entry::SyncPoint { .. } => tag::SYNC_POINT,
         Entry::Digest { .. } => tag::DIGEST,
         Entry::End { .. } => tag::END,
+        Entry::Progress { .. } => tag::PROGRESS,
     }
 }
 
@@ -353,6 +356,7 @@ fn payload_len(e: &Entry, delta: u64) -> usize {
             Entry::SyncPoint { sync, .. } => sync_len(sync),
             Entry::Digest { .. } => 32,
             Entry::End { status, .. } => varint_len(zigzag(*status)),
+            Entry::Progress { .. } => 0,
         }
 }
 
@@ -392,6 +396,7 @@ fn put_payload(out: &mut Vec<u8>, e: &Entry, delta: u64) {
         }
         Entry::Digest { digest, .. } => out.extend_from_slice(&digest.0),
         Entry::End { status, .. } => put_varint(out, zigzag(*status)),
+        Entry::Progress { .. } => {}
     }
 }
 
@@ -709,6 +714,7 @@ fn decode_payload<S: Sink>(
                 status: unzigzag(z),
             })
         }
+        tag::PROGRESS => out.put(Entry::Progress { exit_seq }),
         _ => return Err(corrupt(format!("unknown entry type 0x{t:02x}"))),
     };
     if c.remaining() != 0 {
@@ -731,6 +737,7 @@ fn tag_kind(t: u8) -> &'static str {
         tag::DIGEST => "digest",
         tag::END => "end",
         tag::OUTPUT => "output",
+        tag::PROGRESS => "progress",
         _ => "unknown",
     }
 }

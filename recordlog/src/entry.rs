@@ -157,6 +157,16 @@ pub enum Entry {
         /// The digest.
         digest: Digest,
     },
+    /// A progress mark: every entry of the exits before `exit_seq` has
+    /// been logged (the recorder is at `exit_seq` or later). A protected
+    /// primary writes one when nothing else was logged for a while, so
+    /// that a replayer that reads the log as it arrives may run on to
+    /// `exit_seq` instead of waiting at its last logged exit. It changes
+    /// nothing in the replayed VM.
+    Progress {
+        /// The exit the recorder had reached.
+        exit_seq: u64,
+    },
     /// The recorded run ended at `exit_seq` with `status`; nothing follows.
     End {
         /// The last exit of the run.
@@ -176,6 +186,7 @@ impl Entry {
             | Entry::Fingerprint { exit_seq, .. }
             | Entry::SyncPoint { exit_seq, .. }
             | Entry::Digest { exit_seq, .. }
+            | Entry::Progress { exit_seq }
             | Entry::End { exit_seq, .. } => exit_seq,
         }
     }
@@ -198,6 +209,7 @@ impl Entry {
             Entry::Fingerprint { .. } => "fingerprint",
             Entry::SyncPoint { .. } => "sync_point",
             Entry::Digest { .. } => "digest",
+            Entry::Progress { .. } => "progress",
             Entry::End { .. } => "end",
         }
     }

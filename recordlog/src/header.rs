@@ -22,10 +22,13 @@ use crate::digest::Digest;
 
 /// The version this crate writes and reads.
 /// Version 2 added `Output` entries (0x15); version 3 encodes sync point
-/// pages against their previous version (`crate::page::encode_delta`).
+/// pages against their previous version (`crate::page::encode_delta`);
+/// version 4 added `Progress` marks (0x16).
 /// Older logs are refused: a version-1 replay would miss every output
-/// check, a version-2 sync point's raw pages would be read as deltas.
-pub const FORMAT_VERSION: u32 = 3;
+/// check, a version-2 sync point's raw pages would be read as deltas, a
+/// version-3 reader would call a progress mark an unknown entry (so a
+/// version-3 log is refused too rather than read by two rules).
+pub const FORMAT_VERSION: u32 = 4;
 /// First 8 bytes of every log.
 pub const MAGIC: [u8; 8] = *b"TNDMLOG\0";
 /// Largest accepted header body (the VM configuration is small).
@@ -262,13 +265,13 @@ mod tests {
         assert_eq!(
             e,
             HeaderError::UnsupportedVersion {
-                expected: 3,
+                expected: 4,
                 found: 7
             }
         );
         assert_eq!(
             e.to_string(),
-            "unsupported log format version: expected 3, found 7"
+            "unsupported log format version: expected 4, found 7"
         );
         let mut h = snap();
         h.format_version = 1;

@@ -2,7 +2,7 @@
 //! (DESIGN.md, "The determinism boundary"), their byte format, and readers
 //! and writers for files and streams. No KVM code; decoding is fuzzed.
 //!
-//! # Format (version 3)
+//! # Format (version 4)
 //!
 //! A log is a [`Header`] followed by frames (full layout and rationale in
 //! `docs/log-format.md`):
@@ -10,7 +10,7 @@
 //! ```text
 //! header = "TNDMLOG\0" version:u32le body_len:u32le body crc32c:u32le
 //! frame  = tag:u8 len:varint payload[len] crc32c:u32le   (CRC over tag..payload)
-//! entry payload = exit_seq_delta:varint body              (tags 0x01..0x15)
+//! entry payload = exit_seq_delta:varint body              (tags 0x01..0x16)
 //! batch payload = (tag:u8 len:varint payload[len])+       (tag 0x7f, one CRC for all)
 //! ```
 //!

@@ -102,13 +102,13 @@ fn truncation_at_every_offset() {
 #[test]
 fn wrong_magic_and_version_are_named() {
     let (mut bytes, _) = write(&sample_entries(), false);
-    // Versions 1 (before Output entries) and 2 (raw sync point pages) are
-    // refused, by name.
-    for old in [1, 2] {
+    // Versions 1 (before Output entries), 2 (raw sync point pages) and 3
+    // (no progress marks) are refused, by name.
+    for old in [1, 2, 3] {
         bytes[8] = old;
         match LogReader::open(&bytes[..]) {
             Err(ReadError::Header(HeaderError::UnsupportedVersion { expected, found })) => {
-                assert_eq!((expected, found), (3, old as u32));
+                assert_eq!((expected, found), (4, old as u32));
             }
             other => panic!("{other:?}"),
         }

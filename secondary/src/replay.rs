@@ -206,6 +206,18 @@ impl<S: EntrySource> Replayer<S> {
         self.peeked.as_ref()
     }
 
+    /// The next entry that can concern exit `exit_seq`. A progress mark
+    /// (`Entry::Progress`) up to `exit_seq` says nothing more and is
+    /// dropped; one past it stays peeked: nothing is logged at the exits
+    /// before it, so the replay runs on to it without waiting for more of
+    /// the log.
+    fn peek_at(&mut self, exit_seq: u64) -> Option<&Entry> {
+        while matches!(self.peek(), Some(Entry::Progress { exit_seq: e }) if *e <= exit_seq) {
+            self.peeked = None;
+        }
+        self.peek()
+    }
+
     /// After the `End` entry the log must end: anything more is damage.
     fn after_end(&mut self, exit_seq: u64, status: i32) -> LogEnd {
         let end = self.source.offset();
@@ -229,14 +241,16 @@ impl<S: EntrySource> Replayer<S> {
 
     /// The next entry, if it is at `exit_seq` and `pred` accepts it.
     fn take_if(&mut self, exit_seq: u64, pred: impl Fn(&Entry) -> bool) -> Option<Entry> {
-        match self.peek() {
+        match self.peek_at(exit_seq) {
             Some(e) if e.exit_seq() == exit_seq && pred(e) => self.take(),
             _ => None,
         }
     }
 
     fn diverge(&mut self, exit_seq: u64, expected: impl Into<String>) {
-        if self.peek().is_none() && matches!(self.end, LogEnd::Truncated | LogEnd::Corrupt(_)) {
+        if self.peek_at(exit_seq).is_none()
+            && matches!(self.end, LogEnd::Truncated | LogEnd::Corrupt(_))
+        {
             // Not a divergence: the log stops here (the recorder died) and
             // the run loop stops at this exit, or the log is damaged, which
             // `take_error` reports.
@@ -274,7 +288,12 @@ impl<S: EntrySource> Replayer<S> {
     /// Read to the end of the log (after the guest ended): what remains
     /// besides the final sync point is a divergence.
     pub fn finish(&mut self) -> Option<Entry> {
-        self.take()
+        loop {
+            match self.take() {
+                Some(Entry::Progress { .. }) => continue,
+                e => return e,
+            }
+        }
     }
 }
 
@@ -485,7 +504,7 @@ impl<S: EntrySource> Inputs for Replayer<S> {
     }
 
     fn fingerprint(&mut self, exit_seq: u64, fp: &Fingerprint) -> Result<(), Divergence> {
-        match self.peek() {
+        match self.peek_at(exit_seq) {
             // The log may legitimately end before this exit's fingerprint.
             None => Ok(()),
             Some(Entry::Fingerprint {
@@ -567,7 +586,7 @@ impl<S: EntrySource> Inputs for Replayer<S> {
     }
 
     fn leaving_exit(&mut self, exit_seq: u64) -> Result<(), Divergence> {
-        match self.peek() {
+        match self.peek_at(exit_seq) {
             Some(e) if e.exit_seq() <= exit_seq => {
                 let found = format!(
                     "the log has {} at exit {} that the replay did not take",
@@ -585,7 +604,7 @@ impl<S: EntrySource> Inputs for Replayer<S> {
     }
 
     fn guest_ended(&mut self, exit_seq: u64) -> Result<(), Divergence> {
-        let found = match self.peek() {
+        let found = match self.peek_at(exit_seq) {
             // The recorder's final sync point, then its `End`.
             Some(Entry::SyncPoint { exit_seq: s, .. }) if *s == exit_seq => return Ok(()),
             Some(e) => format!(
@@ -608,7 +627,7 @@ impl<S: EntrySource> Inputs for Replayer<S> {
     }
 
     fn ended(&mut self, exit_seq: u64) -> bool {
-        if self.peek().is_some() {
+        if self.peek_at(exit_seq).is_some() {
             return false;
         }
         match self.end {
@@ -763,6 +782,44 @@ mod validation_tests {
                 status: 0
             }
         );
+    }
+
+    #[test]
+    fn a_progress_mark_lets_the_replay_run_to_its_exit_and_changes_nothing() {
+        let mut r = replayer(
+            vec![
+                Entry::Interrupt {
+                    exit_seq: 2,
+                    vector: 0x20,
+                },
+                Entry::Progress { exit_seq: 6 },
+                Entry::Input {
+                    exit_seq: 6,
+                    input: Input::Clock(5),
+                },
+                Entry::Progress { exit_seq: 9 },
+                end(9),
+            ],
+            false,
+        );
+        assert!(r.interrupt_injected(2, 0x20).is_ok());
+        // Exits 2..6: nothing logged, nothing expected, the log not ended.
+        for exit in 2..6 {
+            assert!(!r.deadline_reached(exit, 0));
+            assert!(r.leaving_exit(exit).is_ok());
+            assert!(!r.ended(exit));
+        }
+        // At the mark's exit the next entry counts again.
+        assert_eq!(r.clock_ns(6), 5);
+        assert!(r.leaving_exit(6).is_ok());
+        // A fingerprint the log does not have before the next mark.
+        assert!(r.fingerprint(7, &Fingerprint::default()).is_err());
+        assert!(r.guest_ended(9).is_ok());
+        assert!(r.ended(9));
+        assert!(r.finish().is_none());
+        assert!(r.take_divergence().is_none());
+        // The marks are read, not taken as events.
+        assert_eq!(r.entries, 2);
     }
 
     #[test]

@@ -92,8 +92,9 @@ pub fn receive(
                         // The replayer may have stopped (the guest ended):
                         // the log is still kept and acknowledged.
                         let _ = tx.send(b);
-                        let ack =
-                            postcard::to_stdvec(&follow.ack(total)).map_err(|e| e.to_string())?;
+                        let ack = follow.ack(total);
+                        let replayed = ack.replayed;
+                        let ack = postcard::to_stdvec(&ack).map_err(|e| e.to_string())?;
                         // Taken before the ack leaves: the primary cannot
                         // have it earlier than this.
                         let sent_ns = crate::lockstep::realtime_ns();
@@ -101,7 +102,9 @@ pub fn receive(
                             return Ok((total, StreamEnd::Lost(e.to_string())));
                         }
                         if let Some(f) = ack_log.as_mut() {
-                            let line = format!("{{\"offset\":{total},\"sent_ns\":{sent_ns}}}\n");
+                            let line = format!(
+                                "{{\"offset\":{total},\"replayed\":{replayed},\"sent_ns\":{sent_ns}}}\n"
+                            );
                             f.write_all(line.as_bytes()).map_err(|e| {
                                 format!("writing the acknowledgement log (--ack-log): {e}")
                             })?;

@@ -94,7 +94,10 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
     machine
         .enable_sync_points(false)
         .map_err(|e| CmdError::Internal(e.to_string()))?;
-    let rec = RecordOptions::default();
+    let rec = RecordOptions {
+        progress: Duration::from_millis(args.protect.lag.progress_ms),
+        ..RecordOptions::default()
+    };
     let log_config = LogConfig {
         vm: machine.config.clone(),
         fingerprint_interval: rec.fingerprint_interval,
@@ -166,8 +169,7 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
     let limits = Limits {
         stop_at: None,
         kick_grace: None,
-        fingerprint_interval: rec.fingerprint_interval,
-        sync_interval: rec.sync_interval,
+        rec,
     };
     let (status, recorder) = record_run(&mut machine, live, (writer, keep), &limits, true)?;
     let stats = recorder.stats;

@@ -73,8 +73,11 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
     let limits = Limits {
         stop_at: args.stop_at,
         kick_grace: Some(Duration::from_micros(args.kick_grace_us)),
-        fingerprint_interval: args.fingerprint_interval,
-        sync_interval: args.sync_interval,
+        rec: RecordOptions {
+            fingerprint_interval: args.fingerprint_interval,
+            sync_interval: args.sync_interval,
+            ..RecordOptions::default()
+        },
     };
     let live = net::live_inputs(base_ns, console, host_net.as_ref());
     let start = machine.exit_seq;
@@ -113,8 +116,7 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
 pub struct Limits {
     pub stop_at: Option<u64>,
     pub kick_grace: Option<Duration>,
-    pub fingerprint_interval: u64,
-    pub sync_interval: u64,
+    pub rec: RecordOptions,
 }
 
 /// Record `machine` into `sink` until the guest ends (or --stop-at, or a
@@ -158,11 +160,7 @@ pub fn record_run_with<S: EntrySink>(
     if let Some(g) = limits.kick_grace {
         live = live.with_kick_grace(g);
     }
-    let opts = RecordOptions {
-        fingerprint_interval: limits.fingerprint_interval,
-        sync_interval: limits.sync_interval,
-    };
-    let mut recorder = Recorder::new(live, writer, opts, start);
+    let mut recorder = Recorder::new(live, writer, limits.rec, start);
     if flush_on_output {
         recorder = recorder.flush_on_output();
     }

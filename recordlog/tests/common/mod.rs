@@ -134,6 +134,7 @@ pub enum Kind {
     SyncPoint(SyncPoint),
     Digest([u8; 32]),
     Output(OutputRecord),
+    Progress,
 }
 
 fn output() -> impl Strategy<Value = OutputRecord> {
@@ -156,6 +157,7 @@ fn kind() -> impl Strategy<Value = Kind> {
         1 => sync_point().prop_map(Kind::SyncPoint),
         1 => any::<[u8; 32]>().prop_map(Kind::Digest),
         2 => output().prop_map(Kind::Output),
+        1 => Just(Kind::Progress),
     ]
 }
 
@@ -201,6 +203,7 @@ pub fn entries() -> impl Strategy<Value = Vec<Entry>> {
                         exit_seq: seq,
                         output,
                     },
+                    Kind::Progress => Entry::Progress { exit_seq: seq },
                 });
             }
             if let Some((d, status)) = end {
