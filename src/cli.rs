@@ -165,9 +165,21 @@ pub struct SecondaryArgs {
     pub live_serial: SerialTarget,
     #[command(flatten)]
     pub failover: FailoverArgs,
-    /// Control socket (`tandem status --api PATH` shows the lag).
+    /// Control socket (`tandem status --api PATH` shows the lag). After a
+    /// failover it serves the live VM (`tandem status`, `tandem protect`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Spare secondaries (HOST:PORT): once this host went live after a
+    /// failover, it seeds the first spare that takes the VM, by itself
+    /// (with this host's credentials, timing and arbiter); needs
+    /// --api-socket.
+    #[arg(
+        long,
+        value_name = "ADDR[,ADDR...]",
+        value_delimiter = ',',
+        requires = "api_socket"
+    )]
+    pub spare: Vec<String>,
 }
 
 /// Failure detection and the arbiter (`docs/failover.md`).

@@ -84,3 +84,33 @@ fn note(ctl: &VmController, what: String) {
     eprintln!("tandem: spare: {what}");
     ctl.lineage().spare_note = Some(what);
 }
+
+/// `tandem secondary --spare`: what the host seeds once it went live (its
+/// own credentials, timing and arbiter), checked before any primary comes.
+pub fn at_go_live(
+    args: &crate::cli::SecondaryArgs,
+) -> Result<Option<ProtectRequest>, crate::commands::CmdError> {
+    use crate::commands::CmdError;
+    let spares = failover::lineage::parse_spares(&args.spare).map_err(CmdError::Input)?;
+    if spares.is_empty() {
+        return Ok(None);
+    }
+    let abs = |p: &std::path::Path| {
+        std::path::absolute(p).map_err(|e| CmdError::Input(format!("{}: {e}", p.display())))
+    };
+    Ok(Some(ProtectRequest {
+        to: api::MigrateRequest {
+            to: String::new(),
+            server_name: None,
+            ca: abs(&args.creds.ca)?,
+            cert: abs(&args.creds.cert)?,
+            key: abs(&args.creds.key)?,
+            downtime_ms: Some(api::DEFAULT_DOWNTIME_MS),
+            max_bandwidth: None,
+        },
+        heartbeat_ms: args.failover.heartbeat_ms,
+        failover_timeout_ms: args.failover.failover_timeout_ms,
+        arbiter: args.failover.arbiter.clone(),
+        spares,
+    }))
+}

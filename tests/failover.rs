@@ -561,3 +561,54 @@ fn secondary_killed_the_spare_is_seeded() {
     assert_eq!(pair.console("pri.txt"), want);
     assert_eq!(pair.holder(), format!("primary pri (pid {pri_pid})"));
 }
+
+/// `tandem secondary --spare`: the secondary goes live after kill -9 of the
+/// primary and at once seeds the spare by itself (generation 2); the spare
+/// follows to the end with the new primary's final digest.
+#[test]
+fn secondary_gone_live_seeds_its_spare() {
+    let pair = Pair::new("fo-sec-spare");
+    let cmdline = "fill 4 200 3";
+    let (st, want, err) = run_tandem(&["run", "--cmdline", cmdline]);
+    assert_eq!(st, 0, "{err}");
+    let b_sock = pair.dir.s("b.sock");
+    let (mut spare, spare_addr) = pair.secondary_as("third", "live2.txt", None, &[]);
+    let (mut b, b_addr) = pair.secondary_as(
+        "sec",
+        "live.txt",
+        None,
+        &["--api-socket", &b_sock, "--spare", &spare_addr],
+    );
+    let mut a = pair.primary(cmdline, &b_addr, None);
+    let at = random_round(20) as usize;
+    a.wait_until("the kill point", || rounds(&pair.console("pri.txt")) >= at);
+    a.signal(libc::SIGKILL);
+    let _ = a.child.wait();
+    b.wait_for("going LIVE", true);
+    let s = wait_status(&b_sock, "protected by the spare", |s| {
+        s["lineage"]["role"] == "protected"
+    });
+    assert_eq!(s["lineage"]["generation"], 2, "{s}");
+    assert!(
+        s["lineage"]["took_over_from"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("pri at ")),
+        "{s}"
+    );
+    let (code, _, berr) = b.finish();
+    assert_eq!(code, 0, "{berr}");
+    assert!(
+        berr.contains("spare: protected by the spare third"),
+        "{berr}"
+    );
+    spare.wait_for("final state digest", true);
+    let (code, _, serr) = spare.finish();
+    assert_eq!(code, 0, "{serr}");
+    assert!(serr.contains("replay verified"), "{serr}");
+    assert_eq!(final_digest(&berr), final_digest(&serr), "{berr}\n{serr}");
+    assert_eq!(
+        joined(&pair.console("pri.txt"), &pair.console("live.txt")),
+        want,
+        "{berr}"
+    );
+}

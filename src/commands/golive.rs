@@ -148,6 +148,9 @@ pub struct LiveApi {
     pub server: Option<crate::api::Server>,
     /// The old primary (`NAME at ADDR`).
     pub from: String,
+    /// `--spare`: seed the first spare that takes the VM at once (its
+    /// spares, credentials, timing and arbiter; `crate::spare`).
+    pub spare: Option<crate::api::ProtectRequest>,
 }
 
 /// Claim the VM and run it here, unprotected (see the module docs).

@@ -33,7 +33,23 @@ pub(super) fn run(
         p.generation + 1
     );
     let inputs = LiveInputs::new(virtual_ns, input).with_outputs(Box::new(outputs));
-    let status = super::migrate::run_with_api_as(machine, inputs, &api.sock, false, Some(lineage))?;
+    let spare = api.spare;
+    let status = super::migrate::run_with_api_as(machine, inputs, &api.sock, false, |ctl| {
+        let mut lineage = lineage;
+        if let Some(s) = &spare {
+            lineage.spares = s.spares.clone();
+        }
+        *ctl.lineage() = lineage;
+        if let Some(s) = spare {
+            let ctl = ctl.clone();
+            let spawned = std::thread::Builder::new()
+                .name("spare".into())
+                .spawn(move || crate::spare::seed_spare(&ctl, &s));
+            if let Err(e) = spawned {
+                eprintln!("tandem: cannot start seeding a spare: {e}");
+            }
+        }
+    })?;
     eprintln!(
         "tandem: the VM ended at exit {} with status {status}, running on this host since the failover",
         machine.exit_seq

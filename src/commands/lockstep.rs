@@ -56,6 +56,7 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         .transpose()
         .map_err(|e| CmdError::Input(e.to_string()))?;
     let (creds, name) = super::load_creds(&args.creds, "secondary")?;
+    let mut spare = crate::spare::at_go_live(&args)?;
     let log = match &args.log {
         Some(p) => Some(
             std::fs::File::create(p)
@@ -231,6 +232,7 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
                     sock,
                     server: server.take(),
                     from: from.clone(),
+                    spare: spare.take(),
                 }),
             },
         ),

@@ -25,23 +25,22 @@ pub fn run_with_api(
     sock: &Path,
     paused: bool,
 ) -> Result<i32, CmdError> {
-    run_with_api_as(&mut machine, inputs, sock, paused, None)
+    run_with_api_as(&mut machine, inputs, sock, paused, |_| {})
 }
 
-/// [`run_with_api`] of a VM with a protection history (a secondary that
-/// went live: `tandem status` says so, `tandem protect` continues its
-/// generations).
+/// [`run_with_api`], with `setup` given the VM's controller before the
+/// guest runs (a secondary that went live sets the VM's protection
+/// history there: `tandem status` says so, `tandem protect` continues its
+/// generations, `--spare` starts seeding).
 pub fn run_with_api_as(
     machine: &mut Machine,
     inputs: LiveInputs,
     sock: &Path,
     paused: bool,
-    lineage: Option<failover::lineage::Lineage>,
+    setup: impl FnOnce(&primary::migration::VmController),
 ) -> Result<i32, CmdError> {
     let (ctl, side) = controller(machine);
-    if let Some(l) = lineage {
-        *ctl.lineage() = l;
-    }
+    setup(&ctl);
     let side = if paused { side.start_paused() } else { side };
     let side = side.with_api_socket(sock);
     let server = api::serve(sock, ctl)
