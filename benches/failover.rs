@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{run_tandem, secondary, Pki, Proc};
+use common::cluster::{loopback_secondary, run_tandem, Pki, Proc};
 use common::TempDir;
 
 fn env_num(name: &str, default: usize) -> usize {
@@ -83,7 +83,7 @@ fn with_arbiter(tag: &str) -> (TempDir, String) {
 
 /// `tandem secondary` on loopback with the certificate of `host`.
 fn on_loopback(pki: &Pki, host: &str, extra: &[&str]) -> (Proc, String) {
-    secondary(&[], "127.0.0.1:0", &pki.creds(host), extra)
+    loopback_secondary(&pki.creds(host), extra)
 }
 
 #[derive(Default)]

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use common::cluster::{
-    final_digest, make_disk, run_tandem, secondary, status, wait_status, Pki, Proc,
+    final_digest, loopback_secondary, make_disk, run_tandem, status, wait_status, Pki, Proc,
 };
 use common::{result_line, TempDir};
 
@@ -85,7 +85,7 @@ impl Pair {
             args.extend(["--disk", d]);
         }
         args.extend_from_slice(extra);
-        secondary(&[], "127.0.0.1:0", &self.pki.creds(cert), &args)
+        loopback_secondary(&self.pki.creds(cert), &args)
     }
 
     /// The primary, its console in `pri.txt` (its control socket is
@@ -346,7 +346,7 @@ fn without_an_arbiter_the_primary_stops() {
     let pki = Pki::new(&["pri", "sec"], &[]);
     let mut extra = vec![];
     extra.extend(TIMING);
-    let (sec, addr) = secondary(&[], "127.0.0.1:0", &pki.creds("sec"), &extra);
+    let (sec, addr) = loopback_secondary(&pki.creds("sec"), &extra);
     let serial = format!("file:{}", dir.s("pri.txt"));
     let mut args = vec![
         "run",

@@ -11,13 +11,10 @@ mod common;
 
 use std::path::Path;
 
-use common::cluster::{self, final_digest as digest, make_disk, run_tandem, Pki, Proc};
+use common::cluster::{
+    final_digest as digest, loopback_secondary, make_disk, run_tandem, Pki, Proc,
+};
 use common::{arg, result_line, TempDir};
-
-/// Start `tandem secondary` on loopback.
-fn secondary(creds: &[String], extra: &[&str]) -> (Proc, String) {
-    cluster::secondary(&[], "127.0.0.1:0", creds, extra)
-}
 
 /// Protect `cmdline` from boot (with a disk: the primary runs on
 /// `primary.img`, the secondary on an identical copy) and check everything
@@ -37,7 +34,7 @@ fn protected(cmdline: &str, disk_len: Option<usize>) {
         std::fs::copy(&orig_img, &sec_img).unwrap();
         sec_extra.extend(["--disk", &sec_img]);
     }
-    let (sec, addr) = secondary(&pki.creds("sec"), &sec_extra);
+    let (sec, addr) = loopback_secondary(&pki.creds("sec"), &sec_extra);
     let mut args = vec!["run", "--cmdline", cmdline, "--protect-to", &addr];
     let creds = pki.creds("pri");
     args.extend(creds.iter().map(String::as_str));
@@ -107,7 +104,7 @@ fn console_waits_for_the_secondary() {
     let dir = TempDir::new("lockstep-rule");
     let pki = Pki::new(&["pri", "sec"], &[]);
     let sec_serial = format!("file:{}", dir.s("sec.txt"));
-    let (sec, addr) = secondary(&pki.creds("sec"), &["--serial", &sec_serial]);
+    let (sec, addr) = loopback_secondary(&pki.creds("sec"), &["--serial", &sec_serial]);
     let pri_console = dir.s("pri.txt");
     let pri_log = dir.s("pri.log");
     let serial = format!("file:{pri_console}");
@@ -182,7 +179,7 @@ fn secondary_from_another_cluster_is_refused() {
     let ours = Pki::new(&["pri"], &[]);
     let theirs = Pki::new(&["sec"], &[]);
     let sec_log = dir.s("sec.log");
-    let (sec, addr) = secondary(&theirs.creds("sec"), &["--log", &sec_log]);
+    let (sec, addr) = loopback_secondary(&theirs.creds("sec"), &["--log", &sec_log]);
     let mut args = vec!["run", "--cmdline", "hello", "--protect-to", &addr];
     let creds = ours.creds("pri");
     args.extend(creds.iter().map(String::as_str));
@@ -208,7 +205,8 @@ fn different_disk_is_refused() {
     let mut other = std::fs::read(&sec_img).unwrap();
     other[70_000] ^= 0xff;
     std::fs::write(&sec_img, other).unwrap();
-    let (mut sec, addr) = secondary(&pki.creds("sec"), &["--disk", &sec_img, "--log", &sec_log]);
+    let (mut sec, addr) =
+        loopback_secondary(&pki.creds("sec"), &["--disk", &sec_img, "--log", &sec_log]);
     let mut args = vec![
         "run",
         "--cmdline",
@@ -239,7 +237,7 @@ fn different_disk_is_refused() {
 #[test]
 fn tsc_divergence_is_repaired_on_the_secondary() {
     let pki = Pki::new(&["pri", "sec"], &[]);
-    let (sec, addr) = secondary(&pki.creds("sec"), &[]);
+    let (sec, addr) = loopback_secondary(&pki.creds("sec"), &[]);
     let mut args = vec!["run", "--cmdline", "tsc 200 100", "--protect-to", &addr];
     let creds = pki.creds("pri");
     args.extend(creds.iter().map(String::as_str));

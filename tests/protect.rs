@@ -14,13 +14,10 @@ mod common;
 use std::path::Path;
 
 use common::cluster::{
-    final_digest as digest, make_disk, reference, run_tandem, source, status, Pki, Proc,
+    final_digest as digest, loopback_secondary, make_disk, reference, run_tandem, source, status,
+    Pki,
 };
 use common::{result_line, TempDir};
-
-fn secondary(creds: &[String], extra: &[&str]) -> (Proc, String) {
-    common::cluster::secondary(&[], "127.0.0.1:0", creds, extra)
-}
 
 /// `tandem protect --api SOCK --to ADDR`: (status, stdout, stderr).
 fn protect(sock: &str, to: &str, creds: &[String]) -> (i32, String, String) {
@@ -62,7 +59,7 @@ fn protect_mid_run(cmdline: &str, marker: &str, disk_len: Option<usize>) {
         sec_extra.extend(["--disk", &sec_img]);
         pri_extra.extend(["--disk", &pri_img]);
     }
-    let (sec, addr) = secondary(&pki.creds("sec"), &sec_extra);
+    let (sec, addr) = loopback_secondary(&pki.creds("sec"), &sec_extra);
     let mut pri = source(&[], &sock, cmdline, &pri_extra);
     pri.wait_for(marker, false);
     let (code, out, err) = protect(&sock, &addr, &pki.creds("pri"));
@@ -145,7 +142,7 @@ fn unprotect_then_the_vm_finishes_alone() {
     let dir = TempDir::new("unprotect");
     let pki = Pki::new(&["pri", "sec"], &[]);
     let sock = dir.s("pri.sock");
-    let (sec, addr) = secondary(&pki.creds("sec"), &[]);
+    let (sec, addr) = loopback_secondary(&pki.creds("sec"), &[]);
     let mut pri = source(&[], &sock, cmdline, &[]);
     pri.wait_for("round 100\n", false);
     let (code, out, err) = protect(&sock, &addr, &pki.creds("pri"));

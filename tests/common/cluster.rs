@@ -452,6 +452,11 @@ pub fn secondary(
     (p, addr)
 }
 
+/// [`secondary`] listening on loopback (any port).
+pub fn loopback_secondary(creds: &[String], extra: &[&str]) -> (Proc, String) {
+    secondary(&[], "127.0.0.1:0", creds, extra)
+}
+
 /// The `final state digest` a process printed.
 #[track_caller]
 pub fn final_digest(stderr: &str) -> String {
