@@ -450,6 +450,13 @@ fn failover_then_reprotect_then_failover_again() {
     });
     assert_eq!(sc["protection"]["vm_id"], vm.as_str(), "{sc}");
     assert_eq!(sc["protection"]["failover_timeout_ms"], 1000, "{sc}");
+    assert_eq!(sc["lineage"]["role"], "secondary", "{sc}");
+    let (_, text, _) = run_tandem(&["status", "--api", &c_sock]);
+    assert!(
+        text.contains("heartbeat 50 ms, failover timeout 1000 ms, last sign of life")
+            && text.contains(&format!("secondary (the copy): VM {vm} generation 2")),
+        "{text}"
+    );
     // The second failover, a few rounds later.
     let r0 = rounds(&pair.console("live.txt"));
     b.wait_until("a few rounds protected", || {
@@ -580,6 +587,12 @@ fn secondary_gone_live_seeds_its_spare() {
         &["--api-socket", &b_sock, "--spare", &spare_addr],
     );
     let mut a = pair.primary(cmdline, &b_addr, None);
+    // Its control socket serves once it took the primary.
+    b.wait_for("protecting the VM of", true);
+    let s = wait_status(&b_sock, "the VM named on the secondary", |s| {
+        s["protection"]["generation"] == 1
+    });
+    assert_eq!(s["lineage"]["spares"][0], spare_addr.as_str(), "{s}");
     let at = random_round(20) as usize;
     a.wait_until("the kill point", || rounds(&pair.console("pri.txt")) >= at);
     a.signal(libc::SIGKILL);

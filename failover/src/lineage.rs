@@ -35,6 +35,8 @@ pub enum Role {
     UnprotectedSecondaryLost,
     /// Protection was ended by the operator (`tandem unprotect`).
     EndedByOperator,
+    /// This host holds the copy: it is a secondary.
+    Secondary,
 }
 
 impl Role {
@@ -47,6 +49,7 @@ impl Role {
             Role::Protected => "protected",
             Role::UnprotectedAfterFailover => "unprotected after failover",
             Role::UnprotectedSecondaryLost => "unprotected after losing its secondary",
+            Role::Secondary => "secondary (the copy)",
         }
     }
 }
@@ -128,7 +131,7 @@ impl Lineage {
 
     /// Running alone now?
     pub fn alone(&self) -> bool {
-        !matches!(self.role, Role::Seeding | Role::Protected)
+        !matches!(self.role, Role::Seeding | Role::Protected | Role::Secondary)
     }
 }
 

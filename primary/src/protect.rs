@@ -326,8 +326,23 @@ pub fn protect(
     let noted = ctl.clone();
     failover.on_alone = Some(Arc::new(move || {
         noted.lineage().secondary_lost();
-        if let Some(f) = &then {
-            f();
+        let (ctl, then) = (noted.clone(), then.clone());
+        // Called on the ack thread: the vCPU thread's answer is awaited on
+        // a thread of its own.
+        let spawned = std::thread::Builder::new()
+            .name("secondary-lost".into())
+            .spawn(move || {
+                // The recording goes nowhere now: end it, the guest runs on
+                // (a protect or a spare may have replaced it meanwhile).
+                if ctl.protection_session().is_some_and(|s| s.acks.alone()) {
+                    abandon(&ctl);
+                }
+                if let Some(f) = &then {
+                    f();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("ending the lost protection: {e}");
         }
     }));
     let session = Session::new(failover);

@@ -103,6 +103,7 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
             follow.clone(),
             protected.watch.clone(),
             timing,
+            spare.as_ref().map(|s| s.spares.clone()).unwrap_or_default(),
         )?),
         None => None,
     };
@@ -269,6 +270,7 @@ fn serve_status(
     follow: Arc<secondary::lockstep::Follow>,
     watch: Arc<secondary::watch::PrimaryWatch>,
     timing: Timing,
+    spares: Vec<String>,
 ) -> Result<crate::api::Server, CmdError> {
     let status = Arc::new(move || {
         let mut p = follow.status();
@@ -289,8 +291,14 @@ fn serve_status(
             exit_seq: p.replayed_exit,
             migration: None,
             reason: None,
+            lineage: Some(failover::lineage::Lineage {
+                vm_id: (!p.vm_id.is_empty()).then(|| p.vm_id.clone()),
+                generation: p.generation,
+                role: failover::lineage::Role::Secondary,
+                spares: spares.clone(),
+                ..Default::default()
+            }),
             protection: Some(Box::new(p)),
-            lineage: None,
         }
     });
     crate::api::serve_target(sock, crate::api::Target::Secondary(status))
