@@ -23,6 +23,8 @@ const SHIPPED: &[&str] = &[
     "protected-under-load",
     "migrate-long-distance",
     "console-pull-plug",
+    "console-failover-then-reprotect",
+    "console-partition",
 ];
 
 fn scenario(name: &str) -> String {
@@ -68,6 +70,8 @@ fn every_shipped_scenario_parses() {
         "protected-under-load",
         "secondary-dies",
         "console-pull-plug",
+        "console-failover-then-reprotect",
+        "console-partition",
     ] {
         let out = tandem(&["drill", "--check", &scenario(name)]);
         assert!(
@@ -194,6 +198,15 @@ fn a_fault_that_needs_failover_is_refused_not_faked() {
     }
 }
 
+/// The JSON report of a drill that passed (status 0, its first run passed).
+fn passed_report(out: &common::Output) -> serde_json::Value {
+    out.assert_status(0);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("the report is not JSON ({e})\n{}", out.describe()));
+    assert_eq!(v["runs"][0]["passed"], true, "{}", out.describe());
+    v
+}
+
 /// The mail VM migrates under load: nothing lost, nothing reset.
 #[test]
 fn migrate_under_load_end_to_end() {
@@ -204,11 +217,8 @@ fn migrate_under_load_end_to_end() {
         "11",
         "--json",
     ]);
-    out.assert_status(0);
-    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
-        .unwrap_or_else(|e| panic!("the report is not JSON ({e})\n{}", out.describe()));
+    let v = passed_report(&out);
     let run = &v["runs"][0];
-    assert_eq!(run["passed"], true, "{}", out.describe());
     assert_eq!(run["seed"], 11);
     let m = &run["messages"];
     assert_eq!(m["acknowledged"], 16, "{}", out.describe());
@@ -241,11 +251,8 @@ fn migrate_under_load_end_to_end() {
 /// reader saw is the unfailed run's, one fault failed the VM over and
 /// both gaps were measured; the run itself.
 fn console_failover_passed(out: &common::Output, kind: &str) -> serde_json::Value {
-    out.assert_status(0);
-    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
-        .unwrap_or_else(|e| panic!("the report is not JSON ({e})\n{}", out.describe()));
+    let v = passed_report(out);
     let run = v["runs"][0].clone();
-    assert_eq!(run["passed"], true, "{}", out.describe());
     let c = &run["console"];
     assert!(c["lines"].as_u64().unwrap_or(0) > 100, "{}", out.describe());
     assert_eq!(c["lines"], c["expected_lines"], "{}", out.describe());
@@ -343,11 +350,8 @@ fn protected_under_load_end_to_end() {
         "5",
         "--json",
     ]);
-    out.assert_status(0);
-    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
-        .unwrap_or_else(|e| panic!("the report is not JSON ({e})\n{}", out.describe()));
+    let v = passed_report(&out);
     let run = &v["runs"][0];
-    assert_eq!(run["passed"], true, "{}", out.describe());
     assert_eq!(run["messages"]["acknowledged"], 16, "{}", out.describe());
     assert_eq!(run["messages"]["found"], 16);
     let p = &run["protection"];
@@ -406,11 +410,8 @@ fn secondary_dies_end_to_end() {
         "3",
         "--json",
     ]);
-    out.assert_status(0);
-    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
-        .unwrap_or_else(|e| panic!("the report is not JSON ({e})\n{}", out.describe()));
+    let v = passed_report(&out);
     let run = &v["runs"][0];
-    assert_eq!(run["passed"], true, "{}", out.describe());
     assert_eq!(run["messages"]["acknowledged"], 20, "{}", out.describe());
     assert_eq!(run["messages"]["lost"], 0);
     assert_eq!(run["connections_reset"], 0);
@@ -480,4 +481,56 @@ fn an_interrupted_drill_tears_everything_down() {
         "processes of the drill left running: {}",
         String::from_utf8_lossy(&ps.stdout)
     );
+}
+
+/// Fail over, protect the VM that went live again to a third host, fail
+/// over again: the console across both failovers is the unfailed run's.
+#[test]
+fn console_failover_then_reprotect_end_to_end() {
+    let out = tandem(&[
+        "drill",
+        &scenario("console-failover-then-reprotect"),
+        "--seed",
+        "2",
+        "--json",
+    ]);
+    let run = console_failover_passed(&out, "kill-primary");
+    let f = run["faults"].as_array().unwrap();
+    assert_eq!(f.len(), 3, "{}", out.describe());
+    assert_eq!(f[1]["kind"], "reprotect");
+    assert_eq!(f[2]["kind"], "kill-primary");
+    assert!(
+        f[2]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("on host b -> host c"),
+        "{}",
+        out.describe()
+    );
+    assert!(f[2]["vmm_gap_ms"].as_f64().is_some(), "{}", out.describe());
+}
+
+/// The host-to-host link cut past the failover timeout: one side wins the
+/// file arbiter, the other stops; one copy ran the guest to its end, the
+/// console is the unfailed run's.
+#[test]
+fn console_partition_end_to_end() {
+    let out = tandem(&[
+        "drill",
+        &scenario("console-partition"),
+        "--seed",
+        "3",
+        "--json",
+    ]);
+    let v = passed_report(&out);
+    let run = &v["runs"][0];
+    assert_eq!(run["live_copies"], 1);
+    assert_eq!(run["console"]["lines"], run["console"]["expected_lines"]);
+    let detail = run["faults"][0]["detail"].as_str().unwrap_or("");
+    assert!(
+        detail.contains("won the arbiter") && detail.contains("stopped (exit status: 3)"),
+        "{}",
+        out.describe()
+    );
+    assert_no_namespaces_left();
 }

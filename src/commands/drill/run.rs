@@ -186,6 +186,8 @@ struct Run<'a> {
     secondary_killed: bool,
     /// VMMs that ran the VM before (a migrated source ends).
     retired: Vec<Proc>,
+    /// Secondaries that stopped after losing the arbiter (a partition).
+    stopped: Vec<Proc>,
     conns: Vec<Conn>,
     started: Instant,
     /// When each fault started and ended.
@@ -290,6 +292,7 @@ fn drive(ctx: &Ctx, run: u32, seed: u64, dir: &Path, report: &mut RunReport) -> 
         secondary_sock: dir.join("secondary.sock"),
         secondary_killed: false,
         retired: Vec::new(),
+        stopped: Vec::new(),
         conns: Vec::new(),
         started: Instant::now(),
         fault_times: Vec::new(),
@@ -505,7 +508,7 @@ impl Run<'_> {
                     vmm_gap_ms: None,
                     error: None,
                 };
-                match f.kind {
+                let done = match f.kind {
                     FaultKind::Migrate => {
                         let to = host_index(scn, f.to.as_deref().unwrap_or_default());
                         // A repeated migration goes back and forth.
@@ -518,31 +521,29 @@ impl Run<'_> {
                             "host {} -> host {}",
                             scn.hosts[self.at].name, scn.hosts[to].name
                         );
-                        match self.migrate(to) {
-                            Ok(d) => fr.downtime_ms = d,
-                            Err(WaitError::Interrupted) => return Err(WaitError::Interrupted),
-                            Err(WaitError::Failed(e)) => fr.error = Some(e),
-                        }
+                        self.migrate(to).map(|d| fr.downtime_ms = d)
                     }
                     FaultKind::KillSecondary => {
                         fr.detail = "SIGKILL; the primary runs on".into();
-                        match self.kill_secondary() {
-                            Ok(()) => {}
-                            Err(WaitError::Interrupted) => return Err(WaitError::Interrupted),
-                            Err(WaitError::Failed(e)) => fr.error = Some(e),
-                        }
+                        self.kill_secondary()
+                    }
+                    FaultKind::Reprotect => {
+                        let to = host_index(scn, f.to.as_deref().unwrap_or_default());
+                        self.reprotect(to, &mut fr)
+                    }
+                    FaultKind::Partition => {
+                        let [x, y] = f.between.clone().unwrap_or_default();
+                        let ms = f.duration_ms.unwrap_or_default();
+                        self.partition(&x, &y, ms, &mut fr)
                     }
                     FaultKind::KillPrimary | FaultKind::PullPlug | FaultKind::Failover => {
-                        match self.fail_over(f.kind, &mut fr) {
-                            Ok(()) => {}
-                            Err(WaitError::Interrupted) => return Err(WaitError::Interrupted),
-                            Err(WaitError::Failed(e)) => fr.error = Some(e),
-                        }
+                        self.fail_over(f.kind, &mut fr)
                     }
-                    other => {
-                        // Refused before the run starts (Scenario::missing).
-                        fr.error = Some(format!("fault {} is not available", other.name()));
-                    }
+                };
+                match done {
+                    Ok(()) => {}
+                    Err(WaitError::Interrupted) => return Err(WaitError::Interrupted),
+                    Err(WaitError::Failed(e)) => fr.error = Some(e),
                 }
                 fr.took_ms = ms(start.elapsed());
                 self.fault_times.push((start, Instant::now()));
@@ -621,6 +622,8 @@ impl Run<'_> {
             .to_string();
         self.spawned += 1;
         let disk = self.disk(self.spawned)?;
+        // Its own socket: after going live it is the VM's control socket.
+        self.secondary_sock = self.dir.join(format!("sec{}.sock", self.spawned));
         let mut c = self.in_host(h);
         c.args(["secondary", "--listen", &format!("{addr}:0")])
             .args(self.creds(h))
@@ -930,6 +933,11 @@ impl Run<'_> {
         for p in &mut self.retired {
             n += live(p);
         }
+        for p in &mut self.stopped {
+            if Proc::text(&p.err).contains("going LIVE") {
+                n += live(p);
+            }
+        }
         if let Some(sec) = self.secondary.as_mut() {
             if Proc::text(&sec.err).contains("going LIVE") {
                 n += live(sec);
@@ -985,6 +993,7 @@ impl Run<'_> {
     fn save_outputs(&mut self) {
         std::fs::write(self.dir.join("stop-clients"), b"").ok();
         let mut all: Vec<&Proc> = self.retired.iter().collect();
+        all.extend(self.stopped.iter());
         all.extend(self.vm.iter());
         all.extend(self.secondary.iter());
         all.extend(self.conns.iter().map(|c| &c.proc));

@@ -724,14 +724,22 @@ impl Scenario {
                 }
                 _ if !arbiter => out.push(format!("fault {} needs failover, {NO}", f.kind.name())),
                 FaultKind::KillSecondary => {}
-                FaultKind::KillPrimary | FaultKind::PullPlug | FaultKind::Failover
+                FaultKind::KillPrimary
+                | FaultKind::PullPlug
+                | FaultKind::Failover
+                | FaultKind::Reprotect
                     if !networked || NETWORK_FAILOVER => {}
-                FaultKind::Reprotect if !networked || NETWORK_FAILOVER => out.push(format!(
-                    "fault reprotect needs re-protection of a VM that went live (tandem protect --to), {NO}"
-                )),
-                FaultKind::Partition if !networked || NETWORK_FAILOVER => out.push(
-                    "fault partition is not driven by this build's drill runner yet".into(),
-                ),
+                FaultKind::Partition if !networked || NETWORK_FAILOVER => {
+                    if self.faults.iter().any(|g| {
+                        g.between
+                            .as_ref()
+                            .is_some_and(|e| e.iter().any(|x| x == "arbiter"))
+                    }) {
+                        out.push(format!(
+                            "fault partition from the arbiter needs the etcd arbiter on its own host (a file arbiter is storage both hosts reach: nothing to cut), {NO}"
+                        ));
+                    }
+                }
                 other => out.push(format!(
                     "fault {} needs failover of a networked VM (a secondary going live with --net: its frames and the TAP), {NO}",
                     other.name()

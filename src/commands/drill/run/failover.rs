@@ -3,11 +3,14 @@
 //! of its host cut at that instant: the host's power and network gone at
 //! once), `failover` (`tandem failover --api`, the operator's test
 //! failover). Each waits, bounded, until the secondary says it won the
-//! arbiter and went live; from then on that VMM is the VM.
+//! arbiter and went live; from then on that VMM is the VM. And
+//! `reprotect`: the VM that went live is protected again (`tandem protect
+//! --api` of its control socket, `--to` a new secondary), so that it can
+//! fail over once more.
 
 use std::time::{Duration, Instant};
 
-use super::{ms, output, FaultKind, FaultReport, Run, WaitError, WaitResult, STEP};
+use super::{ms, output, FaultKind, FaultReport, Proc, Run, WaitError, WaitResult, STEP};
 use crate::commands::drill::scenario::WorkloadKind;
 
 /// How long a new primary may take to produce its first guest output (a
@@ -100,6 +103,140 @@ impl Run<'_> {
         self.retired.push(old);
         self.at = self.secondary_at;
         self.sock = self.secondary_sock.clone();
+        Ok(())
+    }
+
+    /// Protect the VM again, to a new secondary on host `to` (after a
+    /// failover it runs unprotected).
+    pub(super) fn reprotect(&mut self, to: usize, fr: &mut FaultReport) -> WaitResult<()> {
+        if self.secondary.is_some() {
+            return Err(WaitError::Failed(
+                "reprotect: the VM is still protected (no failover before it)".into(),
+            ));
+        }
+        if to == self.at {
+            return Err(WaitError::Failed(format!(
+                "reprotect to host {}: the VM runs there",
+                self.ctx.scn.hosts[to].name
+            )));
+        }
+        fr.detail = format!(
+            "host {} protected again to host {}",
+            self.ctx.scn.hosts[self.at].name, self.ctx.scn.hosts[to].name
+        );
+        let listen = self.start_secondary(to)?;
+        let mut c = self.tandem();
+        c.args(["protect", "--api"])
+            .arg(&self.sock)
+            .args(["--to", &listen])
+            .args(self.creds(self.at))
+            .args(self.arbiter_args()?)
+            .arg("--json")
+            .env_remove("TANDEM_LOG");
+        let (code, out, err) = output(c).map_err(WaitError::Failed)?;
+        if code != 0 {
+            return Err(WaitError::Failed(format!(
+                "tandem protect failed (status {code}): {}{}",
+                out.trim(),
+                err.trim()
+            )));
+        }
+        fr.downtime_ms = out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|v| super::find_number(&v, "pause_ms"));
+        Ok(())
+    }
+
+    /// Cut the link between hosts `x` and `y` for `duration_ms`, then heal
+    /// it; then wait (bounded) for what the arbiter decided: the
+    /// secondary went live and the primary stopped, or the primary runs on
+    /// alone and the secondary stopped (a partition shorter than the
+    /// failover timeout may change nothing).
+    pub(super) fn partition(
+        &mut self,
+        x: &str,
+        y: &str,
+        duration_ms: u64,
+        fr: &mut FaultReport,
+    ) -> WaitResult<()> {
+        let stop = self.ctx.stop;
+        let scn = self.ctx.scn;
+        let host = |n: &str| scn.hosts.iter().position(|h| h.name == n);
+        let (Some(a), Some(b)) = (host(x), host(y)) else {
+            return Err(WaitError::Failed(format!(
+                "partition {x} - {y}: only a link between two hosts can be cut by this runner"
+            )));
+        };
+        self.topo.set_link(a, b, false).map_err(WaitError::Failed)?;
+        let cut = Instant::now();
+        let mut healed = false;
+        let heal = |t: &crate::commands::drill::topo::Topology, healed: &mut bool| {
+            if !*healed && cut.elapsed() >= Duration::from_millis(duration_ms) {
+                *healed = true;
+                t.set_link(a, b, true).map_err(WaitError::Failed)?;
+            }
+            WaitResult::Ok(())
+        };
+        fr.detail = format!("link {x} - {y} cut for {duration_ms} ms");
+        let deadline = Duration::from_millis(duration_ms) + STEP;
+        loop {
+            heal(&self.topo, &mut healed)?;
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(WaitError::Interrupted);
+            }
+            let sec_live = self
+                .secondary
+                .as_ref()
+                .is_some_and(|p| Proc::text(&p.err).contains("going LIVE"));
+            let pri_alone = self
+                .vm
+                .as_ref()
+                .is_some_and(|p| Proc::text(&p.err).contains("runs on UNPROTECTED"));
+            let pri_ended = self.vm.as_mut().is_some_and(|p| p.ended().is_some());
+            let sec_ended = self.secondary.as_mut().is_some_and(|p| p.ended().is_some());
+            if sec_live && pri_ended {
+                let sec = self.secondary.take().expect("it went live");
+                let mut old = self.vm.replace(sec).expect("a VM runs");
+                fr.detail += &format!(
+                    "; the secondary on host {} won the arbiter and went live, the primary stopped ({})",
+                    scn.hosts[self.secondary_at].name,
+                    old.ended().map(|s| s.to_string()).unwrap_or_default()
+                );
+                self.retired.push(old);
+                self.at = self.secondary_at;
+                self.sock = self.secondary_sock.clone();
+                break;
+            }
+            if pri_alone && sec_ended {
+                let mut sec = self.secondary.take().expect("it ended");
+                fr.detail += &format!(
+                    "; the primary won the arbiter and runs on alone, the secondary stopped ({})",
+                    sec.ended().map(|s| s.to_string()).unwrap_or_default()
+                );
+                self.stopped.push(sec);
+                break;
+            }
+            if healed && !sec_live && !pri_alone && (pri_ended || sec_ended) {
+                // The guest ended (console workload) with the pair intact.
+                fr.detail += "; no side lost the other";
+                break;
+            }
+            if cut.elapsed() > deadline {
+                return Err(WaitError::Failed(format!(
+                    "partition: no decision within {deadline:?} (secondary went live: {sec_live}, primary runs alone: {pri_alone})"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Heal on time even when the decision came first.
+        while !healed {
+            heal(&self.topo, &mut healed)?;
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(WaitError::Interrupted);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         Ok(())
     }
 }
