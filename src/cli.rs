@@ -282,6 +282,33 @@ pub struct LagArgs {
     /// up to it instead of waiting at its last logged exit. 0: no marks.
     #[arg(long, value_name = "MS", default_value_t = primary::lockstep::DEFAULT_PROGRESS_MS)]
     pub progress_ms: u64,
+    /// Lag bound: once the secondary is more than MS milliseconds behind
+    /// (a busier host, a stop), the primary slows its vCPU (a duty cycle
+    /// as migration's auto-converge: 20 % held, 20 more every 100 ms, at
+    /// most 99 %) until the lag is under half of it; `tandem status` says
+    /// so. 0: never slow down.
+    #[arg(long, value_name = "MS", default_value_t = primary::lag::DEFAULT_LAG_BOUND_MS)]
+    pub lag_bound_ms: u64,
+    /// Most log bytes queued for the secondary, in MiB: when the queue is
+    /// full the vCPU waits until there is room (nothing is dropped).
+    /// 0: unbounded.
+    #[arg(long, value_name = "MIB", default_value_t = primary::lag::DEFAULT_LOG_QUEUE_MIB)]
+    pub log_queue_mib: u64,
+    /// The same bound in KiB (finer, for tests); overrides --log-queue-mib.
+    #[arg(long, value_name = "KIB", hide = true)]
+    pub log_queue_kib: Option<u64>,
+}
+
+impl LagArgs {
+    /// The limits these arguments ask for.
+    pub fn limits(&self) -> primary::lag::LagLimits {
+        primary::lag::LagLimits {
+            bound: std::time::Duration::from_millis(self.lag_bound_ms),
+            queue_bytes: self
+                .log_queue_kib
+                .map_or(self.log_queue_mib << 20, |k| k << 10),
+        }
+    }
 }
 
 /// `tandem certs ...`

@@ -39,7 +39,15 @@ fn an_idle_guest_s_secondary_replays_up_to_the_primary_s_exit() {
         &[],
         "127.0.0.1:0",
         &pki.creds("sec"),
-        &["--api-socket", &sec_sock, "--log", &sec_log],
+        &[
+            "--api-socket",
+            &sec_sock,
+            "--log",
+            &sec_log,
+            // The primary is stopped on purpose: not a failover.
+            "--failover-timeout-ms",
+            "600000",
+        ],
     );
     let console = dir.s("pri.txt");
     let serial = format!("file:{console}");
@@ -115,4 +123,91 @@ fn an_idle_guest_s_secondary_replays_up_to_the_primary_s_exit() {
     assert_eq!(s["protection"]["lag_exits"].as_u64(), Some(0), "{s}");
     pri.signal(libc::SIGKILL);
     sec.signal(libc::SIGKILL);
+}
+
+/// A secondary that falls behind (SIGSTOPped) does not grow the primary's
+/// buffers without bound: past the lag bound the primary slows its vCPU
+/// and says so in `tandem status`, its log queue stays under its bound, and
+/// once the secondary runs again the vCPU is back at full speed and the
+/// run ends verified on both sides.
+#[test]
+fn a_stopped_secondary_slows_the_primary_within_its_bounds() {
+    let dir = TempDir::new("lag-bound");
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    // Stopped on purpose: neither side takes the silence for a failure.
+    let (sec, addr) = cluster::secondary(
+        &[],
+        "127.0.0.1:0",
+        &pki.creds("sec"),
+        &["--failover-timeout-ms", "600000"],
+    );
+    let sock = dir.s("pri.sock");
+    let mut args = vec![
+        "run",
+        "--cmdline",
+        "fill 4 400 1",
+        "--api-socket",
+        &sock,
+        "--protect-to",
+        &addr,
+        "--lag-bound-ms",
+        "100",
+        "--log-queue-kib",
+        "256",
+        // The secondary is stopped on purpose: not a failover.
+        "--failover-timeout-ms",
+        "600000",
+    ];
+    let creds = pki.creds("pri");
+    args.extend(creds.iter().map(String::as_str));
+    let mut pri = Proc::spawn(&[], &args);
+    let start = Instant::now();
+    while !std::path::Path::new(&sock).exists() {
+        assert!(start.elapsed() < TIMEOUT && !pri.ended(), "{}", pri.describe());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let bound = |s: &serde_json::Value| s["protection"]["bound"].clone();
+    cluster::wait_status(&sock, "the log streaming", |s| {
+        bound(s)["lag_samples"].as_u64() > Some(5)
+    });
+    sec.signal(libc::SIGSTOP);
+    let slowed = cluster::wait_status(&sock, "the primary slowed", |s| {
+        bound(s)["slowed"] == true && bound(s)["throttle_pct"].as_u64() >= Some(40)
+    });
+    let b = bound(&slowed);
+    assert_eq!(b["lag_bound_ms"].as_u64(), Some(100), "{slowed}");
+    assert!(b["lag_now_ms"].as_f64().unwrap() > 100.0, "{slowed}");
+    // The text form says so too.
+    let (_, text, _) = cluster::run_tandem(&["status", "--api", &sock]);
+    assert!(text.contains("vCPU SLOWED"), "{text}");
+    // Held while stopped: the guest ran less than it would have.
+    let held = cluster::wait_status(&sock, "the vCPU held", |s| {
+        bound(s)["held_ms"].as_f64() > Some(100.0)
+    });
+    let queue_bound = 256 << 10;
+    for s in [&slowed, &held] {
+        let b = bound(s);
+        assert_eq!(b["queue_bound_bytes"].as_u64(), Some(queue_bound), "{s}");
+        assert!(b["queue_bytes"].as_u64().unwrap() <= queue_bound, "{s}");
+        assert!(
+            b["queue_high_water_bytes"].as_u64().unwrap() <= queue_bound,
+            "{s}"
+        );
+    }
+    sec.signal(libc::SIGCONT);
+    cluster::wait_status(&sock, "full speed again", |s| {
+        bound(s)["slowed"] == false && bound(s)["throttle_pct"].as_u64() == Some(0)
+    });
+    let (status, out, pri_err) = pri.finish();
+    let (sec_status, _, sec_err) = sec.finish();
+    let both = format!("--- primary ---\n{pri_err}\n--- secondary ---\n{sec_err}");
+    assert_eq!((status, sec_status), (0, 0), "{both}");
+    assert!(common::result_line(&out).is_some(), "{out}");
+    assert!(pri_err.contains("slowing this VM's vCPU"), "{both}");
+    assert!(pri_err.contains("caught up"), "{both}");
+    assert_eq!(
+        cluster::final_digest(&pri_err),
+        cluster::final_digest(&sec_err),
+        "{both}"
+    );
 }

@@ -199,6 +199,49 @@ pub struct ProtectionStatus {
     /// requests answered; secondary: requests sent).
     #[serde(default)]
     pub sync_requests: u64,
+    /// The primary's lag bound and log queue (primary only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound: Option<LagBoundStatus>,
+}
+
+/// How a protected primary keeps its secondary close (docs/lockstep.md,
+/// "Lag bound"): the measured lag, the bound past which it slows its
+/// vCPU, and its bounded log queue.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LagBoundStatus {
+    /// The lag bound (ms; 0: none).
+    pub lag_bound_ms: u64,
+    /// The secondary's lag now, counted from the last acknowledgement
+    /// (grows while no acknowledgement comes) (ms).
+    pub lag_now_ms: f64,
+    /// The vCPU is slowed now because the lag passed the bound.
+    pub slowed: bool,
+    /// The vCPU's hold now (%, the duty-cycle throttle).
+    pub throttle_pct: u32,
+    /// Times the vCPU was slowed, and the time it was held in all (ms).
+    pub slow_downs: u64,
+    /// Time the vCPU was held by the throttle in all (ms).
+    pub held_ms: f64,
+    /// The secondary's lag at its acknowledgements: p50, p99 and maximum
+    /// (µs) over `lag_samples` acknowledgements.
+    pub lag_p50_us: f64,
+    /// See `lag_p50_us`.
+    pub lag_p99_us: f64,
+    /// See `lag_p50_us`.
+    pub lag_max_us: f64,
+    /// Acknowledgements measured.
+    pub lag_samples: u64,
+    /// Log bytes queued for the secondary now, the most ever, the bound.
+    pub queue_bytes: u64,
+    /// See `queue_bytes`.
+    pub queue_high_water_bytes: u64,
+    /// See `queue_bytes`.
+    pub queue_bound_bytes: u64,
+    /// Times the vCPU waited because the queue was full, and how long in
+    /// all (ms).
+    pub queue_full_waits: u64,
+    /// See `queue_full_waits`.
+    pub queue_full_wait_ms: f64,
 }
 
 /// Why the secondary refuses a primary's header.

@@ -8,7 +8,9 @@
 
 pub mod failover;
 pub mod held_audit;
+pub mod lag;
 pub mod lockstep;
 pub mod migration;
 pub mod protect;
 pub mod record;
+pub mod status;

@@ -67,6 +67,8 @@ pub(crate) struct AckState {
     /// when it last acknowledged (its lag in time; the primary's virtual
     /// clock is host time).
     pub(crate) lag: Option<Duration>,
+    /// That lag at every acknowledgement.
+    pub(crate) lag_samples: crate::lag::LagSamples,
     /// Newest heartbeat stamp the secondary echoed (the release lease).
     echo_us: u64,
     /// The arbiter let us run on alone: everything may leave.
@@ -80,6 +82,19 @@ pub(crate) struct AckState {
     pub(crate) repaired: u64,
     /// Sync points the secondary asked for (divergences to repair).
     pub(crate) sync_requests: u64,
+}
+
+impl AckState {
+    /// When the primary first reached (or passed) exit `replayed`, seen
+    /// from `now`.
+    fn lag_at(&self, replayed: u64, now: Instant) -> Duration {
+        match (self.reached.front(), self.reached.get(1)) {
+            (Some(&(exit, at)), _) if exit >= replayed => now - at,
+            (_, Some(&(_, at))) => now - at,
+            // Past every exit sent so far: caught up.
+            _ => Duration::ZERO,
+        }
+    }
 }
 
 /// Unacknowledged chunks remembered for the round trip, at most.
@@ -166,13 +181,18 @@ impl Acks {
         while st.reached.len() > 1 && st.reached[1].0 <= ack.replayed {
             st.reached.pop_front();
         }
-        // When the primary first reached (or passed) that exit.
-        st.lag = Some(match (st.reached.front(), st.reached.get(1)) {
-            (Some(&(exit, at)), _) if exit >= ack.replayed => now - at,
-            (_, Some(&(_, at))) => now - at,
-            // Past every exit sent so far: caught up.
-            _ => Duration::ZERO,
-        });
+        let lag = st.lag_at(ack.replayed, now);
+        st.lag = Some(lag);
+        st.lag_samples.push(lag);
+    }
+
+    /// The secondary's lag now: how long ago the primary was where the
+    /// secondary last said it was (it grows while no acknowledgement
+    /// comes: a stopped secondary falls behind).
+    pub(crate) fn lag_now(&self) -> Duration {
+        let st = self.lock();
+        let replayed = st.last.map_or(0, |(a, _)| a.replayed);
+        st.lag_at(replayed, Instant::now())
     }
 
     /// A chunk ending at stream offset `end` left, its highest exit
@@ -274,6 +294,8 @@ pub struct Link {
     /// Set before [`Link::finish`]: tell the secondary protection ends
     /// by decision (`kind::UNPROTECT` after the log).
     unprotect: Arc<std::sync::atomic::AtomicBool>,
+    /// The lag bound ([`Link::govern`]).
+    governor: Option<Arc<crate::lag::Governor>>,
     /// `NAME at ADDR` of the secondary.
     pub peer: String,
 }
@@ -481,8 +503,38 @@ impl Link {
             sender: Some(sender),
             handle,
             unprotect,
+            governor: None,
             peer,
         })
+    }
+
+    /// Slow the vCPU of `throttle` (the run loop's duty cycle) while the
+    /// secondary is more than `bound` behind (`crate::lag`).
+    pub fn govern(&mut self, throttle: Arc<vmm::throttle::Throttle>, bound: Duration) {
+        self.governor = Some(Arc::new(crate::lag::Governor::start(
+            self.acks.clone(),
+            throttle,
+            bound,
+        )));
+    }
+
+    /// What `tandem status` shows of this protection, with `held`'s
+    /// outputs and the primary's exit from `exit` (see
+    /// [`crate::record::Recorder::with_exit_gauge`]).
+    pub fn status_source(
+        &self,
+        held: &HeldOutputs,
+        exit: Arc<AtomicU64>,
+    ) -> crate::status::StatusSource {
+        crate::status::StatusSource {
+            acks: self.acks.clone(),
+            queue: self.queue.clone(),
+            governor: self.governor.clone(),
+            waiting: held.waiting(),
+            exit,
+            peer: self.peer.clone(),
+            started: Instant::now(),
+        }
     }
 
     /// Set when the secondary asks for a sync point (for
@@ -517,6 +569,9 @@ impl Link {
     /// `timeout`) until the secondary has acknowledged all of it. A primary
     /// running alone has nothing to wait for: `Ok(true)`.
     pub fn finish(mut self, timeout: Duration) -> Result<bool, String> {
+        if let Some(g) = self.governor.take() {
+            g.stop();
+        }
         self.queue.close();
         eprintln!(
             "tandem: heartbeats: longest silence from the secondary {:.1} ms (failover timeout {} ms)",

@@ -30,6 +30,7 @@ use vmm::outputs::LiveOutputs;
 use vmm::run::{RunError, RunOutcome};
 
 use crate::failover::FailoverParams;
+use crate::lag::{Governor, LagLimits};
 use crate::lockstep::{Acks, HeldOutputs, Link, Release, Waiting};
 use crate::migration::control::{ControlledOutcome, Frozen, VcpuSide, VmController};
 use crate::migration::{MigrationError, MigrationParams, Progress};
@@ -134,6 +135,8 @@ pub struct Session {
     queue: LogQueue,
     acks: Arc<Acks>,
     link: Mutex<Option<Link>>,
+    /// The lag bound, while the log streams.
+    governor: Mutex<Option<Governor>>,
     inner: Mutex<SessionInfo>,
 }
 
@@ -160,9 +163,10 @@ impl std::fmt::Debug for Session {
 impl Session {
     fn new(failover: FailoverParams) -> Arc<Session> {
         Arc::new(Session {
-            queue: LogQueue::new(),
+            queue: LagLimits::default().queue(),
             acks: Arc::new(Acks::new(failover)),
             link: Mutex::new(None),
+            governor: Mutex::new(None),
             inner: Mutex::new(SessionInfo {
                 state: "seeding".into(),
                 ..Default::default()
@@ -196,45 +200,27 @@ impl Session {
     /// The status, with the primary at `exit_seq`.
     pub fn status(&self, exit_seq: u64) -> ProtectionStatus {
         let info = self.info();
-        let (failover, silent) = self.acks.heard();
-        let acks = self.acks.lock();
-        let (held, oldest) = info.waiting.as_ref().map_or((0, None), |w| w.now());
-        let log_bytes = self.queue.stats().pushed_bytes;
-        let elapsed = info.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        let replayed = acks.last.map_or(info.start_exit, |(a, _)| a.replayed);
-        // Asked of the vCPU a moment before the last ack was read.
-        let exit_seq = exit_seq.max(replayed);
-        let state = match &acks.lost {
-            Some(why) => format!("lost: {why}"),
-            None => info.state.clone(),
-        };
-        ProtectionStatus {
-            role: "primary".into(),
-            state,
-            peer: info.peer.clone(),
-            start_exit: info.start_exit,
-            exit_seq,
-            replayed_exit: replayed,
-            lag_exits: exit_seq.saturating_sub(replayed),
-            lag_us: acks.lag.map_or(0.0, |d| d.as_secs_f64() * 1e6),
-            log_bytes,
-            log_bandwidth_bps: if elapsed > 0.0 {
-                log_bytes as f64 * 8.0 / elapsed
-            } else {
-                0.0
+        let bound = self
+            .governor()
+            .as_ref()
+            .map(|g| g.status(&self.acks, &self.queue));
+        crate::status::primary_status(
+            &self.acks,
+            &self.queue,
+            crate::status::View {
+                state: info.state.clone(),
+                peer: info.peer.clone(),
+                start_exit: info.start_exit,
+                started: info.started,
+                waiting: info.waiting.as_deref(),
+                exit_seq,
+                bound,
             },
-            acked_bytes: acks.offset,
-            outputs_held: held,
-            oldest_held_ms: oldest.map_or(0.0, |d| d.as_secs_f64() * 1e3),
-            ack_rtt_ms: acks.rtt.map_or(0.0, |d| d.as_secs_f64() * 1e3),
-            heartbeat_ms: failover.timing.interval.as_millis() as u64,
-            failover_timeout_ms: failover.timing.timeout.as_millis() as u64,
-            last_heard_ms: silent.as_secs_f64() * 1e3,
-            vm_id: failover.protection.vm_id.clone(),
-            generation: failover.protection.generation,
-            repaired: acks.repaired,
-            sync_requests: acks.sync_requests,
-        }
+        )
+    }
+
+    fn governor(&self) -> std::sync::MutexGuard<'_, Option<Governor>> {
+        self.governor.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -367,6 +353,11 @@ pub fn protect(
             }
             ctl.lineage().protected(&peer);
             *session.link() = Some(link);
+            *session.governor() = Some(Governor::start(
+                session.acks.clone(),
+                ctl.throttle(),
+                LagLimits::default().bound,
+            ));
             Ok(ProtectReport {
                 secondary: peer,
                 total_ms: report.total_ms,
@@ -669,6 +660,9 @@ fn end(machine: &mut Machine, r: Recording, how: Ending) -> (LiveInputs, Protect
         Ending::Abandon => session.link().take(),
         _ => session.take_link(STEP_TIMEOUT),
     };
+    if let Some(g) = session.governor().take() {
+        g.stop();
+    }
     session.queue.close();
     let secondary = link.as_ref().map(|l| l.peer.clone()).unwrap_or_default();
     let acknowledged = match (link, how) {

@@ -139,6 +139,8 @@ pub struct Recorder<I: Inputs, S: EntrySink> {
     flushed_at: Instant,
     /// The exit of the last entry logged.
     logged_exit: u64,
+    /// Where the exit the vCPU is leaving is published (`tandem status`).
+    exit_gauge: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     /// What was logged so far.
     pub stats: RecordStats,
 }
@@ -157,8 +159,16 @@ impl<I: Inputs, S: EntrySink> Recorder<I, S> {
             progress: (!opts.progress.is_zero()).then_some(opts.progress),
             flushed_at: Instant::now(),
             logged_exit: start_exit,
+            exit_gauge: None,
             stats: RecordStats::default(),
         }
+    }
+
+    /// Publish every exit the vCPU leaves in `gauge` (for a status asked
+    /// from another thread).
+    pub fn with_exit_gauge(mut self, gauge: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.exit_gauge = Some(gauge);
+        self
     }
 
     /// A progress mark at `exit_seq` if the log says nothing of it yet
@@ -313,6 +323,9 @@ impl<I: Inputs, S: EntrySink> Inputs for Recorder<I, S> {
     }
 
     fn leaving_exit(&mut self, exit_seq: u64) -> Result<(), Divergence> {
+        if let Some(g) = &self.exit_gauge {
+            g.store(exit_seq, std::sync::atomic::Ordering::Relaxed);
+        }
         // Everything of the exits before this one is logged (a kick's sync
         // point may still come at this one).
         if let Some(every) = self.progress {

@@ -44,6 +44,13 @@ struct State {
     pushed: u64,
     drained: u64,
     closed: bool,
+    /// Most bytes pending at once ([`LogQueue::bounded`]; 0: unbounded).
+    bound: u64,
+    /// Most bytes ever pending.
+    high_water: u64,
+    /// Pushes that waited for room, and how long in all.
+    full_waits: u64,
+    full_wait_ns: u64,
 }
 
 #[derive(Debug, Default)]
@@ -79,20 +86,37 @@ pub struct QueueStats {
     pub pending_chunks: usize,
     /// Whether [`LogQueue::close`] was called.
     pub closed: bool,
+    /// The bound on pending bytes (0: unbounded).
+    pub bound_bytes: u64,
+    /// Most bytes ever pending at once.
+    pub high_water_bytes: u64,
+    /// Pushes that waited because the queue was full.
+    pub full_waits: u64,
+    /// Time those pushes waited, in all.
+    pub full_wait: Duration,
 }
 
 /// A cloneable handle to a shared queue of encoded log chunks
-/// (`Mutex` + `Condvar`; unbounded: use [`LogQueue::wait_below`] for
-/// back-pressure).
+/// (`Mutex` + `Condvar`; unbounded unless made [`LogQueue::bounded`]).
 #[derive(Debug, Clone, Default)]
 pub struct LogQueue {
     shared: Arc<Shared>,
 }
 
 impl LogQueue {
-    /// An empty, open queue.
+    /// An empty, open, unbounded queue.
     pub fn new() -> Self {
         LogQueue::default()
+    }
+
+    /// An empty, open queue that holds at most `bytes` pending bytes: a
+    /// push that would exceed it waits until the drains make room (the
+    /// producer waits; nothing is ever dropped). A chunk larger than the
+    /// bound is taken once the queue is empty.
+    pub fn bounded(bytes: u64) -> Self {
+        let q = LogQueue::default();
+        q.lock().bound = bytes;
+        q
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -103,6 +127,8 @@ impl LogQueue {
 
     /// Appends a chunk of whole frames (or the header). `last_exit_seq`: the
     /// highest `exit_seq` of an entry in it.
+    /// With a bound, waits while the chunk does not fit (see
+    /// [`LogQueue::bounded`]); a close ends the wait with `Closed`.
     pub fn push(&self, chunk: &[u8], last_exit_seq: Option<u64>) -> Result<(), QueueError> {
         let mut st = self.lock();
         if st.closed {
@@ -111,12 +137,28 @@ impl LogQueue {
         if chunk.is_empty() {
             return Ok(());
         }
+        let full = |st: &State| {
+            let pending = st.pushed - st.drained;
+            st.bound > 0 && pending > 0 && pending + chunk.len() as u64 > st.bound
+        };
+        if full(&st) {
+            let since = Instant::now();
+            while full(&st) && !st.closed {
+                st = self.shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            st.full_waits += 1;
+            st.full_wait_ns += since.elapsed().as_nanos() as u64;
+            if st.closed {
+                return Err(QueueError::Closed);
+            }
+        }
         st.data.extend(chunk);
         st.chunks.push_back(Chunk {
             len: chunk.len(),
             last_exit_seq,
         });
         st.pushed += chunk.len() as u64;
+        st.high_water = st.high_water.max(st.pushed - st.drained);
         drop(st);
         self.shared.cond.notify_all();
         Ok(())
@@ -241,6 +283,10 @@ impl LogQueue {
             pending_bytes: st.pushed - st.drained,
             pending_chunks: st.chunks.len(),
             closed: st.closed,
+            bound_bytes: st.bound,
+            high_water_bytes: st.high_water,
+            full_waits: st.full_waits,
+            full_wait: Duration::from_nanos(st.full_wait_ns),
         }
     }
 

@@ -124,3 +124,48 @@ fn wait_drain_times_out_and_sees_close() {
     q.close();
     assert!(t.join().unwrap().is_none());
 }
+
+#[test]
+fn a_bounded_queue_makes_the_producer_wait_and_drops_nothing() {
+    let q = LogQueue::bounded(1000);
+    let producer = {
+        let q = q.clone();
+        std::thread::spawn(move || {
+            for i in 0..50u64 {
+                q.push(&[i as u8; 300], Some(i)).unwrap();
+            }
+        })
+    };
+    // The producer fills the queue and waits: never more than the bound.
+    std::thread::sleep(Duration::from_millis(50));
+    let st = q.stats();
+    assert!(st.pending_bytes <= 1000, "{st:?}");
+    assert_eq!(st.pushed_bytes, 900, "three chunks fit, the fourth waits");
+    let mut got = Vec::new();
+    while got.len() < 50 * 300 {
+        got.extend(
+            q.wait_drain(400, Some(Duration::from_secs(10)))
+                .unwrap()
+                .bytes,
+        );
+        assert!(q.stats().pending_bytes <= 1000);
+    }
+    producer.join().unwrap();
+    // Every chunk, in order.
+    let want: Vec<u8> = (0..50u8).flat_map(|i| [i; 300]).collect();
+    assert_eq!(got, want);
+    let st = q.stats();
+    assert_eq!((st.bound_bytes, st.high_water_bytes), (1000, 900));
+    assert!(
+        st.full_waits >= 1 && st.full_wait > Duration::ZERO,
+        "{st:?}"
+    );
+    // A chunk larger than the bound goes into an empty queue; a close ends
+    // a waiting push with an error.
+    q.push(&[0; 5000], None).unwrap();
+    let q2 = q.clone();
+    let waiting = std::thread::spawn(move || q2.push(&[1; 10], None));
+    std::thread::sleep(Duration::from_millis(20));
+    q.close();
+    assert_eq!(waiting.join().unwrap(), Err(recordlog::QueueError::Closed));
+}

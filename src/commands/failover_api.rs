@@ -6,9 +6,10 @@
 //! secondary sees what it sees after a real failure: silence, then its
 //! failover timeout.
 //!
-//! This is the minimal control socket of a protected primary: the other
-//! requests (status, pause, migrate) are answered with an error naming
-//! what is served.
+//! This is the control socket of a VM protected from boot: it also
+//! answers `{"cmd":"status"}` (`tandem status`: the protection's lag, lag
+//! bound, log queue, held outputs, ...); the other requests (pause,
+//! migrate, unprotect) are answered with an error naming what is served.
 
 use std::io::{BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -26,8 +27,12 @@ fn send(w: &mut UnixStream, ev: &Event) -> bool {
         .is_ok()
 }
 
-/// Serve the control socket of a protected primary on a background thread.
-pub fn serve(path: &Path) -> Result<(), CmdError> {
+/// The protection's status, once the log streams.
+pub type StatusCell = std::sync::Arc<std::sync::OnceLock<primary::status::StatusSource>>;
+
+/// Serve the control socket of a protected primary on a background thread;
+/// `status` answers `tandem status` once it is set.
+pub fn serve(path: &Path, status: StatusCell) -> Result<(), CmdError> {
     let bad = |e: std::io::Error| CmdError::Input(format!("--api-socket {}: {e}", path.display()));
     if path.exists() {
         // A socket nobody answers on is left over from a dead VM.
@@ -44,16 +49,30 @@ pub fn serve(path: &Path) -> Result<(), CmdError> {
         .name("api".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
+                let status = status.clone();
                 let _ = std::thread::Builder::new()
                     .name("api-conn".into())
-                    .spawn(move || serve_conn(stream));
+                    .spawn(move || serve_conn(stream, &status));
             }
         })
         .map_err(|e| CmdError::Internal(format!("starting the control socket: {e}")))?;
     Ok(())
 }
 
-fn serve_conn(stream: UnixStream) {
+/// `tandem status` of the protected primary.
+fn status_of(cell: &StatusCell) -> primary::migration::VmStatus {
+    let protection = cell.get().map(|s| s.status());
+    primary::migration::VmStatus {
+        state: "running".into(),
+        exit_seq: protection.as_ref().map_or(0, |p| p.exit_seq),
+        migration: None,
+        reason: None,
+        protection: protection.map(Box::new),
+        lineage: None,
+    }
+}
+
+fn serve_conn(stream: UnixStream, status: &StatusCell) {
     let Ok(mut w) = stream.try_clone() else {
         return;
     };
@@ -89,8 +108,9 @@ fn serve_conn(stream: UnixStream) {
                 unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
                 return;
             }
+            Ok(Request::Status) => Event::Status(status_of(status)),
             Ok(_) => Event::Error {
-                error: "a protected primary serves only {\"cmd\":\"failover\"} on its control socket yet".into(),
+                error: "a VM protected from boot serves only {\"cmd\":\"status\"} and {\"cmd\":\"failover\"} on its control socket yet".into(),
             },
             Err(e) => Event::Error {
                 error: format!("bad request: {e}"),

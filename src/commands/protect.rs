@@ -8,16 +8,19 @@
 //! digest.
 
 use std::net::ToSocketAddrs;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use failover::lockstep::{DiskHash, Header as LockstepHeader, LOCKSTEP_VERSION};
 use primary::held_audit::ReleaseAudit;
 use primary::lockstep::{Link, LinkParams};
 use primary::record::RecordOptions;
-use recordlog::{Header, InitialState, LogQueue, LogWriter, QueueWriter};
+use recordlog::{Header, InitialState, LogWriter, QueueWriter};
 use vmm::inputs::LiveInputs;
 use vmm::machine::LogConfig;
 use vmm::outputs::LiveOutputs;
+use vmm::throttle::Throttle;
 
 use super::record::{record_run, Limits};
 use super::run::{boot, vm_config};
@@ -75,9 +78,11 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
         )));
     }
     let started = Instant::now();
+    let status_cell = super::failover_api::StatusCell::default();
     if let Some(sock) = &args.api_socket {
-        super::failover_api::serve(sock)?;
+        super::failover_api::serve(sock, status_cell.clone())?;
     }
+    let lag = args.protect.lag.limits();
     crate::signals::block();
     let params = link_params(&args.protect)?;
     let host_net = net::open(args.vm.net.net.as_ref())?;
@@ -109,7 +114,7 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
             .map_err(|e| CmdError::Internal(e.to_string()))?,
         InitialState::Boot,
     );
-    let queue = LogQueue::new();
+    let queue = lag.queue();
     let writer = QueueWriter::new(queue.clone(), &header)
         .map_err(|e| CmdError::Internal(format!("the log stream: {e}")))?;
     let keep = match &args.protect.keep_log {
@@ -123,7 +128,7 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
         }
         None => None,
     };
-    let link = Link::connect(
+    let mut link = Link::connect(
         &params,
         &LockstepHeader {
             version: LOCKSTEP_VERSION,
@@ -162,6 +167,10 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
             ReleaseAudit::new(audit),
         )
         .map_err(CmdError::Internal)?;
+    let throttle = Arc::new(Throttle::new());
+    link.govern(throttle.clone(), lag.bound);
+    let exit = Arc::new(AtomicU64::new(0));
+    let _ = status_cell.set(link.status_source(&held, exit.clone()));
     let mut live = LiveInputs::new(0, console.input)
         .with_outputs(Box::new(held))
         .with_net(host_net.as_ref().map(|n| n.rx.clone()));
@@ -170,6 +179,8 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
         stop_at: None,
         kick_grace: None,
         rec,
+        throttle: Some(throttle),
+        exit_gauge: Some(exit),
     };
     let (status, recorder) = record_run(&mut machine, live, (writer, keep), &limits, true)?;
     let stats = recorder.stats;
@@ -207,6 +218,21 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
         held.latency.p99.as_secs_f64() * 1e3,
         stats.sync_points,
     );
+    if let Some(b) = status_cell.get().and_then(|s| s.status().bound) {
+        eprintln!(
+            "tandem: secondary lag at acknowledgements p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} acks); lag bound {} ms: slowed {} times, vCPU held {:.0} ms; log queue at most {} bytes (bound {}), full {} times",
+            b.lag_p50_us / 1e3,
+            b.lag_p99_us / 1e3,
+            b.lag_max_us / 1e3,
+            b.lag_samples,
+            b.lag_bound_ms,
+            b.slow_downs,
+            b.held_ms,
+            b.queue_high_water_bytes,
+            b.queue_bound_bytes,
+            b.queue_full_waits,
+        );
+    }
     eprintln!("tandem: final state digest {}", digest.to_hex());
     Ok(status)
 }

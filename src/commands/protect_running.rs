@@ -144,6 +144,34 @@ pub fn status_text(p: &ProtectionStatus) -> String {
         p.last_heard_ms,
         if p.vm_id.is_empty() { "(not named yet)" } else { &p.vm_id },
         p.generation
+    ) + &p.bound.as_ref().map(bound_text).unwrap_or_default()
+}
+
+/// The lag bound and log queue of a primary, in words.
+fn bound_text(b: &failover::lockstep::LagBoundStatus) -> String {
+    let slowed = if b.slowed {
+        format!("vCPU SLOWED, held {} %", b.throttle_pct)
+    } else {
+        "vCPU at full speed".into()
+    };
+    format!(
+        "
+  lag now {:.1} ms, bound {} ms: {slowed} ({} slow-downs, held {:.0} ms in all)
+  lag at acks p50 {:.2} ms p99 {:.2} ms max {:.2} ms ({} acks)
+  log queue {} bytes (most {} of {} bound), vCPU waited for room {} times ({:.1} ms)",
+        b.lag_now_ms,
+        b.lag_bound_ms,
+        b.slow_downs,
+        b.held_ms,
+        b.lag_p50_us / 1e3,
+        b.lag_p99_us / 1e3,
+        b.lag_max_us / 1e3,
+        b.lag_samples,
+        b.queue_bytes,
+        b.queue_high_water_bytes,
+        b.queue_bound_bytes,
+        b.queue_full_waits,
+        b.queue_full_wait_ms,
     )
 }
 

@@ -78,6 +78,8 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
             sync_interval: args.sync_interval,
             ..RecordOptions::default()
         },
+        throttle: None,
+        exit_gauge: None,
     };
     let live = net::live_inputs(base_ns, console, host_net.as_ref());
     let start = machine.exit_seq;
@@ -117,6 +119,10 @@ pub struct Limits {
     pub stop_at: Option<u64>,
     pub kick_grace: Option<Duration>,
     pub rec: RecordOptions,
+    /// The vCPU's duty-cycle throttle (a protected primary's lag bound).
+    pub throttle: Option<std::sync::Arc<vmm::throttle::Throttle>>,
+    /// Where the recorder publishes the exit it reached.
+    pub exit_gauge: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Record `machine` into `sink` until the guest ends (or --stop-at, or a
@@ -161,13 +167,16 @@ pub fn record_run_with<S: EntrySink>(
         live = live.with_kick_grace(g);
     }
     let mut recorder = Recorder::new(live, writer, limits.rec, start);
+    if let Some(g) = &limits.exit_gauge {
+        recorder = recorder.with_exit_gauge(g.clone());
+    }
     if flush_on_output {
         recorder = recorder.flush_on_output();
     }
     let run_limits = RunLimits {
         stop_at_exit: limits.stop_at,
         pause: Some(stop.flag),
-        ..Default::default()
+        throttle: limits.throttle.clone(),
     };
     let result = match api {
         None => machine.run(&mut recorder, run_limits),

@@ -391,6 +391,12 @@ impl VmController {
     }
 
     /// Time the guest has been held by auto-converge, over the VM's life.
+    /// The VM's throttle (the lag bound of a protection uses it too:
+    /// `crate::lag`).
+    pub(crate) fn throttle(&self) -> Arc<Throttle> {
+        self.shared.throttle.clone()
+    }
+
     pub(crate) fn throttled(&self) -> Duration {
         self.shared.throttle.throttled()
     }
