@@ -163,7 +163,11 @@ fn a_stopped_secondary_slows_the_primary_within_its_bounds() {
     let mut pri = Proc::spawn(&[], &args);
     let start = Instant::now();
     while !std::path::Path::new(&sock).exists() {
-        assert!(start.elapsed() < TIMEOUT && !pri.ended(), "{}", pri.describe());
+        assert!(
+            start.elapsed() < TIMEOUT && !pri.ended(),
+            "{}",
+            pri.describe()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let bound = |s: &serde_json::Value| s["protection"]["bound"].clone();
