@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::cluster::{self, status, Pki, Proc};
-use common::{TempDir, TIMEOUT};
+use common::TempDir;
 use recordlog::{Entry, LogReader};
 
 /// The entries of a log file that may still be growing (read up to its
@@ -66,18 +66,11 @@ fn an_idle_guest_s_secondary_replays_up_to_the_primary_s_exit() {
     let creds = pki.creds("pri");
     args.extend(creds.iter().map(String::as_str));
     let mut pri = Proc::spawn(&[], &args);
-    let start = Instant::now();
-    while !std::fs::read_to_string(&console)
-        .unwrap_or_default()
-        .contains("echo ready")
-    {
-        assert!(
-            start.elapsed() < TIMEOUT && !pri.ended(),
-            "{}",
-            pri.describe()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    pri.wait_until("echo ready on the console", || {
+        std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains("echo ready")
+    });
     // Stop the primary until what the secondary received ends with a mark
     // (it idles most of the time; a stop during a tick's events is retried).
     let mut tries = 0;
@@ -161,15 +154,9 @@ fn a_stopped_secondary_slows_the_primary_within_its_bounds() {
     let creds = pki.creds("pri");
     args.extend(creds.iter().map(String::as_str));
     let mut pri = Proc::spawn(&[], &args);
-    let start = Instant::now();
-    while !std::path::Path::new(&sock).exists() {
-        assert!(
-            start.elapsed() < TIMEOUT && !pri.ended(),
-            "{}",
-            pri.describe()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    pri.wait_until("the control socket", || {
+        std::path::Path::new(&sock).exists()
+    });
     let bound = |s: &serde_json::Value| s["protection"]["bound"].clone();
     cluster::wait_status(&sock, "the log streaming", |s| {
         bound(s)["lag_samples"].as_u64() > Some(5)
