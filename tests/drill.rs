@@ -361,6 +361,19 @@ fn protected_under_load_end_to_end() {
         out.describe()
     );
     assert!(p["outputs_released"].as_u64().unwrap_or(0) > 0);
+    // The secondary's lag and bandwidth, from its status while it ran.
+    let sec = &run["secondary"];
+    assert!(
+        sec["samples"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        out.describe()
+    );
+    assert!(
+        sec["log_bytes"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        out.describe()
+    );
+    assert!(sec["lag_exits"]["max"].as_f64().is_some());
     assert!(p["primary_digest"].is_string(), "{}", out.describe());
     assert_eq!(p["primary_digest"], p["secondary_digest"]);
 }

@@ -75,6 +75,10 @@ pub struct Total {
     pub added_latency_p99_ms: Option<Spread>,
     /// Log bandwidth to the secondary (each run's mean, bit/s).
     pub log_bit_s: Option<Spread>,
+    /// How far the secondary's replay was behind (each run's p99, in
+    /// exits and in guest ms), from its status every 100 ms.
+    pub secondary_lag_exits_p99: Option<Spread>,
+    pub secondary_lag_ms_p99: Option<Spread>,
     /// `--seed S --runs 1` repeats that run.
     pub failed_seeds: Vec<u64>,
 }
@@ -131,9 +135,27 @@ impl DrillReport {
                     .filter_map(|r| Some(r.protection.as_ref()?.added_latency_p99_ms))
                     .collect(),
             ),
+            // The primary's end report; after a failover (no such report)
+            // what the secondary said.
             log_bit_s: Spread::of(
                 runs.iter()
-                    .filter_map(|r| Some(r.protection.as_ref()?.log_bit_s))
+                    .filter_map(|r| {
+                        r.protection
+                            .as_ref()
+                            .map(|p| p.log_bit_s)
+                            .filter(|b| *b > 0.0)
+                            .or(r.secondary.as_ref().map(|s| s.log_bit_s))
+                    })
+                    .collect(),
+            ),
+            secondary_lag_exits_p99: Spread::of(
+                runs.iter()
+                    .filter_map(|r| Some(r.secondary.as_ref()?.lag_exits.p99))
+                    .collect(),
+            ),
+            secondary_lag_ms_p99: Spread::of(
+                runs.iter()
+                    .filter_map(|r| Some(r.secondary.as_ref()?.lag_ms.p99))
                     .collect(),
             ),
             failed_seeds: runs.iter().filter(|r| !r.passed).map(|r| r.seed).collect(),
@@ -189,6 +211,18 @@ impl DrillReport {
                 p.outputs_released,
                 p.added_latency_p50_ms,
                 p.added_latency_p99_ms
+            );
+        }
+        if let Some(l) = &r.secondary {
+            s += &format!(
+                "  secondary    lag p50 {:.0} p99 {:.0} max {:.0} exits, p99 {:.2} ms of guest time ({} samples); {} log bytes received, {:.2} Mbit/s\n",
+                l.lag_exits.p50,
+                l.lag_exits.p99,
+                l.lag_exits.max,
+                l.lag_ms.p99,
+                l.samples,
+                l.log_bytes,
+                l.log_bit_s / 1e6
             );
         }
         for f in &r.faults {
@@ -299,6 +333,15 @@ impl DrillReport {
                 ..*b
             };
             s += &format!("  log bandwidth  {}\n", mbit.text("Mbit/s"));
+        }
+        if let Some(l) = &t.secondary_lag_exits_p99 {
+            s += &format!("  secondary lag (each run's p99)  {}\n", l.text("exits"));
+        }
+        if let Some(l) = &t.secondary_lag_ms_p99 {
+            s += &format!(
+                "  secondary lag (each run's p99)  {}\n",
+                l.text("ms of guest time")
+            );
         }
         if !t.failed_seeds.is_empty() {
             let seeds: Vec<String> = t.failed_seeds.iter().map(u64::to_string).collect();

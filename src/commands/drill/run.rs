@@ -15,6 +15,7 @@ use super::scenario::{ClientKind, FaultKind, Scenario, Trigger, WorkloadKind};
 
 mod console;
 mod failover;
+mod lag;
 use super::topo::{LinkSpec, Topology, TAP};
 
 /// The guest's MAC (its RARP announcements after a migration carry it).
@@ -118,6 +119,9 @@ pub struct RunReport {
     pub protection: Option<Protection>,
     /// A console workload: what its console showed.
     pub console: Option<console::ConsoleReport>,
+    /// A protected VM: its secondaries' lag and log bandwidth, from their
+    /// `tandem status` every 100 ms.
+    pub secondary: Option<lag::SecondaryStats>,
     /// Longest pause between two acknowledgements of one connection (ms).
     pub max_gap_ms: f64,
     pub faults: Vec<FaultReport>,
@@ -188,6 +192,8 @@ struct Run<'a> {
     retired: Vec<Proc>,
     /// Secondaries that stopped after losing the arbiter (a partition).
     stopped: Vec<Proc>,
+    /// Asks the secondary for its lag.
+    sampler: Option<lag::Sampler>,
     conns: Vec<Conn>,
     started: Instant,
     /// When each fault started and ended.
@@ -220,6 +226,7 @@ pub fn run_once(ctx: &Ctx, run: u32, seed: u64) -> Result<RunReport, ()> {
         live_copies: 0,
         protection: None,
         console: None,
+        secondary: None,
         max_gap_ms: 0.0,
         faults: Vec::new(),
         checks: Vec::new(),
@@ -293,12 +300,14 @@ fn drive(ctx: &Ctx, run: u32, seed: u64, dir: &Path, report: &mut RunReport) -> 
         secondary_killed: false,
         retired: Vec::new(),
         stopped: Vec::new(),
+        sampler: None,
         conns: Vec::new(),
         started: Instant::now(),
         fault_times: Vec::new(),
         spawned: 0,
     };
     let result = r.go(seed, report);
+    report.secondary = r.sampler.as_mut().and_then(lag::Sampler::finish);
     r.save_outputs();
     result
 }
@@ -641,6 +650,12 @@ impl Run<'_> {
             Proc::spawn(&format!("the secondary on host {name}"), c).map_err(WaitError::Failed)?;
         let listen = p.wait_line("waiting for a primary on ", true, STEP, self.ctx.stop)?;
         self.secondary = Some(p);
+        match &self.sampler {
+            Some(s) => {
+                *s.sock.lock().unwrap_or_else(|e| e.into_inner()) = self.secondary_sock.clone()
+            }
+            None => self.sampler = Some(lag::Sampler::start(self.secondary_sock.clone())),
+        }
         Ok(listen)
     }
 
