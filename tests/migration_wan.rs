@@ -28,6 +28,24 @@ fn reported_downtime_ms(summary: &str) -> f64 {
     v["downtime_ms"].as_f64().expect("downtime_ms")
 }
 
+/// How far the source's rounds ran ahead of the destination's
+/// acknowledgements at most (`round - acked_round` over the progress
+/// events). Rounds are streamed: 2 or more means the source began a round
+/// before the acknowledgement of the one before the previous one had come
+/// back, which waiting for every round's acknowledgement never allows.
+fn rounds_ahead(summary: &str) -> i64 {
+    summary
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["phase"] == "precopy")
+        .filter_map(|v| {
+            let round = v["round"].as_i64()?;
+            Some(round - v["acked_round"].as_i64().unwrap_or(-1))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Migrate `fill 256 80 25` (1 MiB of incompressible pages rewritten
 /// every round, then 100 ms idle: at least 8 s of guest) from namespace A to B across `link` with a pause target of
 /// `downtime_ms`.
@@ -56,7 +74,13 @@ fn migrate_across(subnet: u8, link: WanLink, downtime_ms: &str) {
         src.err()
     );
     assert!(!src.err().contains("did not converge"), "{}", src.err());
+    eprintln!("{out}{stats}");
     let downtime = reported_downtime_ms(&out);
+    let ahead = rounds_ahead(&out);
+    assert!(
+        ahead >= 2,
+        "the rounds waited for acknowledgements ({ahead} ahead at most)\n{out}"
+    );
     // The guest stops here and starts there: at least one one-way trip.
     assert!(
         downtime >= link.delay_ms,
@@ -72,7 +96,6 @@ fn migrate_across(subnet: u8, link: WanLink, downtime_ms: &str) {
     } else {
         assert_eq!(lost, 0, "{stats}");
     }
-    eprintln!("{out}{stats}");
     let (scode, sout, serr) = src.finish();
     assert_eq!(scode, 0, "{serr}");
     let (dcode, dout, derr) = dst.finish();

@@ -68,7 +68,11 @@ pub(crate) fn transport(cfg: &ChannelConfig) -> Result<Arc<TransportConfig>> {
     // about 100 KB/s at 150 ms, whatever the link. BBR paces at the
     // measured bottleneck rate and treats random loss as loss, not as
     // congestion.
-    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    // Its window never below the initial one (congestion.rs: quinn's BBR
+    // stalls a new connection in ProbeRTT otherwise).
+    t.congestion_controller_factory(Arc::new(super::congestion::FlooredBbr::new(
+        cfg.initial_window,
+    )));
     // Before the first RTT sample every timer derives from this; quinn's
     // default (333 ms) makes one lost handshake packet cost a second.
     t.initial_rtt(INITIAL_RTT);

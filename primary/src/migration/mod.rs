@@ -13,6 +13,7 @@
 
 pub mod control;
 mod diskmove;
+mod pipeline;
 mod precopy;
 mod source;
 
@@ -53,6 +54,11 @@ pub struct Progress {
     pub phase: String,
     /// Pre-copy round (0 = the full first pass).
     pub round: u32,
+    /// The last round the destination has acknowledged (applied). Rounds
+    /// are streamed: the source does not wait for a round's
+    /// acknowledgement before the next, so this may lag `round` by several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_round: Option<u32>,
     /// Bytes sent on the wire so far (UDP payload, QUIC and TLS included).
     pub bytes_sent: u64,
     /// Guest pages sent so far (zero pages of the first pass are skipped).

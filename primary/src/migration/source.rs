@@ -19,6 +19,7 @@ use vmm::vstate::memory::{self, page_is_zero, read_page};
 use vmm::PAGE_SIZE;
 
 use super::control::{ControlError, DiskInfo, Frozen, VmController};
+use super::pipeline::{LinkView, Pipeline};
 use super::precopy::{Link, Next, Precopy, MAX_ROUNDS};
 use super::{MigrationError, MigrationParams, MigrationReport, Progress};
 
@@ -135,6 +136,8 @@ fn transfer<'a>(
         in_doubt: false,
         seeding,
         recording: false,
+        pipe: Pipeline::new(Instant::now()),
+        stashed: None,
     };
     let mut result = source.run();
     // An `Abort` from the destination is an answer: it does not run the
@@ -208,6 +211,11 @@ struct Source<'a> {
     seeding: Option<&'a mut dyn Seeding>,
     /// Seeding: the guest runs on, recorded (nothing to thaw on failure).
     recording: bool,
+    /// The rounds in the pipe and their acknowledgements.
+    pipe: Pipeline,
+    /// A message other than an acknowledgement, taken while polling for
+    /// acknowledgements (after the switchover: `Running`).
+    stashed: Option<Message>,
 }
 
 /// A marker file next to the source's disk image
@@ -332,13 +340,20 @@ impl Source<'_> {
         self.check_cancel()?;
         self.conn().send_msg(msg)?;
         self.queued += payload_len as u64;
+        // Acknowledgements are timed as they arrive: they measure the link.
+        self.poll_echoes()?;
         self.tick();
         Ok(())
     }
 
     /// Wait for a reply on the control stream, failing on `Abort`;
-    /// publishes progress and honours a cancel meanwhile.
+    /// publishes progress and honours a cancel meanwhile. The
+    /// acknowledgements of rounds (`RoundDone` echoes) that arrive first go
+    /// to the pipeline.
     fn recv(&mut self, timeout: Duration) -> Result<Message, MigrationError> {
+        if let Some(m) = self.stashed.take() {
+            return Ok(m);
+        }
         let deadline = Instant::now() + timeout;
         loop {
             self.check_cancel()?;
@@ -350,11 +365,130 @@ impl Source<'_> {
                 .conn()
                 .recv_msg_timeout::<Message>(left.min(CANCEL_POLL))?
             {
-                Some(Message::Abort { reason }) => return Err(MigrationError::Aborted(reason)),
-                Some(m) => return Ok(m),
+                Some(m) => {
+                    if let Some(m) = self.echo(m)? {
+                        return Ok(m);
+                    }
+                }
                 None => self.tick(),
             }
         }
+    }
+
+    /// Take a message from the destination: a round's acknowledgement
+    /// goes to the pipeline (`None`), an `Abort` fails, anything else is
+    /// returned.
+    fn echo(&mut self, m: Message) -> Result<Option<Message>, MigrationError> {
+        match m {
+            Message::Abort { reason } => Err(MigrationError::Aborted(reason)),
+            Message::RoundDone { round, .. } => {
+                let rtt = self.min_rtt();
+                if !self.pipe.acked(round, Instant::now(), rtt) {
+                    return Err(MigrationError::Protocol(format!(
+                        "acknowledgement of round {round}, which is not outstanding"
+                    )));
+                }
+                self.progress.acked_round = self.pipe.acked_round();
+                Ok(None)
+            }
+            other => Ok(Some(other)),
+        }
+    }
+
+    /// Take the acknowledgements that have arrived, without waiting, and
+    /// what the congestion controller knows of the link's rate.
+    fn poll_echoes(&mut self) -> Result<(), MigrationError> {
+        if self.stashed.is_some() {
+            return Ok(());
+        }
+        if let Some(h) = &self.handle {
+            // BBR paces at its bandwidth estimate times a gain of at most
+            // 2.885 (its startup's): the estimate is at least this.
+            if let Some(bits) = h.quinn().congestion_state().metrics().pacing_rate {
+                self.pipe.transport_rate(bits as f64 / 8.0 / 2.885);
+            }
+        }
+        while let Some(m) = self.conn().recv_msg_timeout::<Message>(Duration::ZERO)? {
+            if let Some(other) = self.echo(m)? {
+                // For `recv` (or a protocol error during pre-copy).
+                self.stashed = Some(other);
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// What the transport knows of the link now.
+    fn link_view(&self) -> LinkView {
+        LinkView {
+            rtt: self.min_rtt(),
+            cwnd: self
+                .handle
+                .as_ref()
+                .map_or(0, |h| h.quinn().stats().path.cwnd),
+        }
+    }
+
+    /// The pause if the guest stopped now with `dirty` pages and
+    /// `dirty_blocks` disk blocks dirty: with what is still queued ahead
+    /// of them (see [`Pipeline::backlog`]), and without it.
+    fn estimate(&self, dirty: u64, dirty_blocks: u64) -> (Link, Duration, Duration) {
+        let avg_page = if self.pages_encoded > 0 {
+            self.page_bytes as f64 / self.pages_encoded as f64
+        } else {
+            PAGE_SIZE as f64
+        };
+        // The cost of a page end to end (read, encode, send, decode and
+        // write on the destination), measured from the acknowledgements.
+        let secs_per_page = self.pipe.secs_per_page().unwrap_or(0.0);
+        let (backlog, backlog_pages) = self.pipe.backlog(Instant::now());
+        let link = self.link(self.pipe.rate());
+        let dirty_bytes = dirty as f64 * avg_page + (dirty_blocks * DIRTY_BLOCK_SIZE) as f64;
+        let with_backlog = link.estimate(
+            backlog as f64 + dirty_bytes,
+            (dirty + backlog_pages) as f64 * secs_per_page,
+        );
+        let dirty_only = link.estimate(dirty_bytes, dirty as f64 * secs_per_page);
+        (link, with_backlog, dirty_only)
+    }
+
+    /// Wait (at most [`CANCEL_POLL`]) for an acknowledgement, and take
+    /// whatever else came; publishes progress and honours a cancel.
+    fn wait_for_echo(&mut self) -> Result<(), MigrationError> {
+        self.check_cancel()?;
+        if let Some(other) = self.stashed.take() {
+            return Err(MigrationError::Protocol(format!(
+                "expected the acknowledgement of a round, got {other:?}"
+            )));
+        }
+        match self.conn().recv_msg_timeout::<Message>(CANCEL_POLL)? {
+            Some(m) => {
+                if let Some(other) = self.echo(m)? {
+                    return Err(MigrationError::Protocol(format!(
+                        "expected the acknowledgement of a round, got {other:?}"
+                    )));
+                }
+                self.poll_echoes()
+            }
+            None => {
+                self.tick();
+                Ok(())
+            }
+        }
+    }
+
+    /// Wait until the next round may begin (see [`Pipeline::may_start`]),
+    /// taking acknowledgements; publishes progress and honours a cancel.
+    fn wait_for_room(&mut self) -> Result<(), MigrationError> {
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        self.poll_echoes()?;
+        while !self.pipe.may_start(&self.link_view()) {
+            if Instant::now() >= deadline {
+                return Err(MigrationError::NoConfirmation(ACK_TIMEOUT));
+            }
+            self.wait_for_echo()?;
+        }
+        Ok(())
     }
 
     fn connect(&mut self) -> Result<(), MigrationError> {
@@ -623,12 +757,11 @@ impl Source<'_> {
             tracing::warn!("migration to {}: {note}", self.params.to);
             self.progress.note = Some(note);
         }
-        let mut measured: Option<f64> = None;
         let mut round = 0u32;
-        let mut secs_per_page: Option<f64> = None;
         let vm = self.ctl.vm().clone();
         self.progress.phase = "precopy".into();
         self.publish();
+        self.pipe = Pipeline::new(Instant::now());
         loop {
             let t0 = Instant::now();
             self.progress.round = round;
@@ -648,6 +781,9 @@ impl Source<'_> {
                 };
                 bytes += self.send_blocks(d, f, &blocks, round == 0)?;
             }
+            // Streamed: no waiting for this round's acknowledgement, only
+            // until the link has room for the next round (pipeline.rs).
+            self.pipe.sent(round, bytes, sent.pages, t0);
             self.send(
                 &Message::RoundDone {
                     round,
@@ -655,50 +791,37 @@ impl Source<'_> {
                 },
                 8,
             )?;
-            match self.recv(ACK_TIMEOUT)? {
-                Message::RoundDone { round: r, .. } if r == round => {}
-                other => {
-                    return Err(MigrationError::Protocol(format!(
-                        "expected the acknowledgement of round {round}, got {other:?}"
-                    )))
+            self.wait_for_room()?;
+            let (dirty, dirty_blocks, estimate, link) = loop {
+                // What the guest dirtied meanwhile.
+                self.ctl
+                    .dirty()
+                    .collect(&vm.fd, &vm.memory)
+                    .map_err(|e| MigrationError::Source(e.to_string()))?;
+                let dirty = self.ctl.dirty().pending(self.consumer) as u64;
+                let dirty_blocks = disk.as_ref().map_or(0, |d| d.dirty.pending());
+                let (link, queued, dirty_only) = self.estimate(dirty, dirty_blocks);
+                // Only the backlog stands between this round and the
+                // target: let it drain (no round, no throttle: neither
+                // would shorten it), then look again.
+                if queued > precopy.target()
+                    && dirty_only <= precopy.target()
+                    && self.pipe.outstanding() > 0
+                {
+                    self.wait_for_echo()?;
+                    continue;
                 }
-            }
-            let elapsed = t0.elapsed();
-            if bytes >= 256 << 10 {
-                // The round's data drained in its time minus the ack's trip.
-                let drain = elapsed.saturating_sub(self.rtt()).max(elapsed / 4);
-                let rate = bytes as f64 / drain.as_secs_f64();
-                measured = Some(measured.map_or(rate, |m: f64| m.max(rate)));
-            }
-            // What the guest dirtied meanwhile.
-            self.ctl
-                .dirty()
-                .collect(&vm.fd, &vm.memory)
-                .map_err(|e| MigrationError::Source(e.to_string()))?;
-            let dirty = self.ctl.dirty().pending(self.consumer) as u64;
-            let dirty_blocks = disk.as_ref().map_or(0, |d| d.dirty.pending());
-            let avg_page = if self.pages_encoded > 0 {
-                self.page_bytes as f64 / self.pages_encoded as f64
-            } else {
-                PAGE_SIZE as f64
+                break (dirty, dirty_blocks, queued, link);
             };
-            // The cost of a page end to end (read, encode, send, decode and
-            // write on the destination): measured on rounds big enough to
-            // tell. A round's time counts every page it sent, so this errs
-            // on the slow side.
-            if sent.pages >= 512 {
-                let p = elapsed.as_secs_f64() / sent.pages as f64;
-                secs_per_page = Some(secs_per_page.map_or(p, |q: f64| q.min(p)));
-            }
-            let link = self.link(measured);
-            let to_send = dirty as f64 * avg_page + (dirty_blocks * DIRTY_BLOCK_SIZE) as f64;
-            let estimate = link.estimate(to_send, dirty as f64 * secs_per_page.unwrap_or(0.0));
+            let elapsed = t0.elapsed();
             tracing::debug!(
-                "round {round}: {} pages ({} sent) {} bytes in {:?}; {dirty} dirty now, estimate {:?} (rtt {:?}, {:.0} B/s)",
+                "round {round}: {} pages ({} sent) {} bytes in {:?}; {dirty} dirty now, {} bytes outstanding, {} rounds unacknowledged, estimate {:?} (rtt {:?}, {:.0} B/s)",
                 gpas.len(),
                 sent.pages,
                 bytes,
                 elapsed,
+                self.pipe.outstanding(),
+                self.pipe.unacked_rounds(),
                 estimate,
                 link.rtt,
                 link.rate()
