@@ -136,6 +136,18 @@ impl StandbyTap {
         })
     }
 
+    /// Going live: start reading the TAP (frames for the guest, from now on)
+    /// and give its sending handle; `None` without `--net`.
+    pub fn attach(&self) -> Result<Option<(TapReceiver, TapWriter)>, CmdError> {
+        let Some(tap) = &self.tap else {
+            return Ok(None);
+        };
+        let bad = |e: std::io::Error| CmdError::Internal(format!("TAP {}: {e}", tap.name()));
+        let rx = tap.spawn_reader().map_err(bad)?;
+        let tx = tap.writer().map_err(bad)?;
+        Ok(Some((rx, tx)))
+    }
+
     /// Say how the protected VM's NIC and this `--net` relate.
     pub fn check(&self, nic: Option<&NetConfig>) {
         match (nic, &self.tap) {

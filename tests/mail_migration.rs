@@ -18,11 +18,12 @@ mod common;
 #[path = "common/net.rs"]
 mod net;
 
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::cluster::{collect, migrate, receiver, source, wait_exit, Netns, Pki, Proc};
+use common::cluster::{
+    collect, migrate, receiver, source, wait_exit, MailStream, Netns, Pki, Proc,
+};
 use common::{arg, TempDir, TIMEOUT};
 
 const MAC: &str = "52:54:00:aa:bb:19";
@@ -31,62 +32,6 @@ const SIZE: usize = 2000;
 /// Messages before the migration and after it.
 const BEFORE: usize = 10;
 const AFTER: usize = 10;
-
-/// Capture RARP frames (ethertype 0x8035) from MAC on IF until N were seen
-/// or SECS passed; prints `listening`, then one line per frame.
-const RARP_WAIT: &str = r#"
-import socket, sys, time
-ifname, mac, n, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x8035))
-s.bind((ifname, 0))
-s.settimeout(0.1)
-print("listening", flush=True)
-end = time.time() + secs
-seen = 0
-while seen < n and time.time() < end:
-    try:
-        f = s.recv(2048)
-    except socket.timeout:
-        continue
-    src = f[6:12].hex(":")
-    print("rarp", src, f[12:14].hex(), flush=True)
-    if src == mac:
-        seen += 1
-"#;
-
-/// The number K of the last `sent K` line.
-fn sent(out: &Arc<Mutex<Vec<u8>>>) -> usize {
-    let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
-    text.lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("sent ")?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Wait until the client has sent N messages (failing if it ends first).
-#[track_caller]
-fn wait_sent(
-    client: &mut Child,
-    out: &Arc<Mutex<Vec<u8>>>,
-    err: &Arc<Mutex<Vec<u8>>>,
-    n: usize,
-    src: &Proc,
-    dst: &Proc,
-) {
-    let start = Instant::now();
-    while sent(out) < n {
-        let ended = client.try_wait().unwrap();
-        assert!(
-            ended.is_none() && start.elapsed() < TIMEOUT,
-            "client at {} of {n} messages ({ended:?})\n{}\n--- source ---\n{}\n--- destination ---\n{}",
-            sent(out),
-            String::from_utf8_lossy(&err.lock().unwrap()),
-            src.describe(),
-            dst.describe()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 #[test]
 fn mail_vm_migrates_under_one_smtp_session() {
@@ -130,7 +75,7 @@ fn mail_vm_migrates_under_one_smtp_session() {
     // The RARP watch on the client bridge, from before the migration.
     let mut capture = c
         .command("python3")
-        .args(["-c", RARP_WAIT, "br0", MAC, "1", "120"])
+        .args(["-c", net::RARP_WAIT, "br0", MAC, "1", "120"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -142,51 +87,29 @@ fn mail_vm_migrates_under_one_smtp_session() {
     // One SMTP session from the client network, sending until told to stop.
     let script = dir.file("mail_client.py");
     std::fs::write(&script, net::MAIL_CLIENT).unwrap();
-    let stop = dir.file("stop");
-    let mut client = c
-        .command("python3")
-        .arg(&script)
-        .args(["stream", &SIZE.to_string(), arg(&stop), "1000"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let client_out = collect(client.stdout.take().unwrap());
-    let client_err = collect(client.stderr.take().unwrap());
-    wait_sent(&mut client, &client_out, &client_err, BEFORE, &src, &dst);
+    let mut client =
+        MailStream::start(c.command("python3"), &script, SIZE, &dir.file("stop"), 1000);
+    let both = |src: &Proc, dst: &Proc| {
+        format!(
+            "--- source ---\n{}\n--- destination ---\n{}",
+            src.describe(),
+            dst.describe()
+        )
+    };
+    client.wait_sent(BEFORE, &|| both(&src, &dst));
     let start = Instant::now();
     while !String::from_utf8_lossy(&cap_out.lock().unwrap()).contains("listening") {
         assert!(start.elapsed() < TIMEOUT, "RARP capture never started");
         std::thread::sleep(Duration::from_millis(10));
     }
 
-    let at_start = sent(&client_out);
+    let at_start = client.sent();
     let (code, out, err) = migrate(&sock, &addr, &pki.creds("a"), &[]);
     assert_eq!(code, 0, "{out}\n{err}\n{}", dst.describe());
     dst.wait_for("running it", true);
-    let at_end = sent(&client_out);
-    wait_sent(
-        &mut client,
-        &client_out,
-        &client_err,
-        at_end + AFTER,
-        &src,
-        &dst,
-    );
-
-    std::fs::write(&stop, b"").unwrap();
-    let status = wait_exit(&mut client, "client never quit");
-    let text = String::from_utf8_lossy(&client_out.lock().unwrap()).into_owned();
-    assert!(
-        status.success(),
-        "the SMTP session failed ({status})\n{text}\n{}",
-        String::from_utf8_lossy(&client_err.lock().unwrap())
-    );
-    let total: usize = text
-        .lines()
-        .find_map(|l| l.strip_prefix("streamed ")?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no `streamed` line: {text}"));
+    let at_end = client.sent();
+    client.wait_sent(at_end + AFTER, &|| both(&src, &dst));
+    let total = client.finish(&|| both(&src, &dst));
     eprintln!(
         "messages: {at_start} before the migration, {} during it, {} after; {total} in all",
         at_end - at_start,
@@ -194,17 +117,7 @@ fn mail_vm_migrates_under_one_smtp_session() {
     );
 
     // Every accepted message, read back over POP3 from the client network.
-    let mut check = vec!["check".to_string()];
-    check.extend((1..=total).map(|k| format!("{k}:{SIZE}")));
-    let check: Vec<&str> = check.iter().map(String::as_str).collect();
-    let out = c.client(dir.path(), &check);
-    let got = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && got.contains(&format!("checked {total} messages")),
-        "POP3 check failed\n{got}\n{}\n--- destination ---\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        dst.describe()
-    );
+    c.check_stream(dir.path(), total, SIZE, &dst.describe());
 
     // The receiver's own image is the one the guest uses now.
     assert_eq!(std::fs::metadata(&disk_b).unwrap().len(), 16 << 20);

@@ -111,7 +111,8 @@ pub struct Replayer<S: EntrySource> {
     pub entries: u64,
     /// Outputs checked against the log.
     pub outputs_checked: u64,
-    /// Frames the replay sent (checked, then dropped).
+    /// Frames the replay sent (checked, then dropped or handed to the
+    /// frame sink).
     pub frames_replayed: u64,
     /// Frames received from the log.
     pub frames_received: u64,
@@ -121,6 +122,9 @@ pub struct Replayer<S: EntrySource> {
     /// Told of every divergence and repair (a live secondary asks its
     /// primary for a sync point).
     hooks: Option<Box<dyn crate::repair::RepairHooks>>,
+    /// Where the replay's sent frames go once checked (a secondary keeps
+    /// the ones its primary may not have released, for going live).
+    frames: Option<Box<dyn Outputs>>,
 }
 
 impl<S: EntrySource> Replayer<S> {
@@ -149,7 +153,14 @@ impl<S: EntrySource> Replayer<S> {
             frames_received: 0,
             console: None,
             hooks: None,
+            frames: None,
         }
+    }
+
+    /// Hand every sent frame, once checked, to `frames`.
+    pub fn with_frames(mut self, frames: Box<dyn Outputs>) -> Self {
+        self.frames = Some(frames);
+        self
     }
 
     /// Tell `hooks` of every divergence and repair (repair mode).
@@ -348,7 +359,12 @@ impl<S: EntrySource> Outputs for Replayer<S> {
                     let _ = c.write_all(&output.bytes);
                 }
             }
-            OutputKind::NetFrame => self.frames_replayed += 1,
+            OutputKind::NetFrame => {
+                self.frames_replayed += 1;
+                if let Some(f) = &mut self.frames {
+                    f.emit(output)?;
+                }
+            }
         }
         Ok(())
     }

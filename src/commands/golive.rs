@@ -4,13 +4,18 @@
 //!
 //! - Inputs switch from the log to this host: the virtual clock continues
 //!   from the last value the log gave the guest (never backwards).
-//! - The console switches to `--live-serial`. Console outputs the replay
+//! - The console switches to `--live-serial`; the NIC attaches to the
+//!   standby TAP of `--net` (frames in and out from now on), and the
+//!   guest's MAC is announced there as after a migration
+//!   (`secondary::migration::announce_guest_mac`). Outputs the replay
 //!   produced after the old primary's last reported release
-//!   ([`PrimaryWatch::released`]) may never have left the old primary: they
-//!   are written there again first (duplicates at the boundary, never a
-//!   gap).
+//!   ([`PrimaryWatch::released`]) may never have left the old primary:
+//!   console bytes and frames are produced again first, in order
+//!   (duplicates at the boundary, never a gap; TCP absorbs duplicate
+//!   segments).
 //! - It runs unprotected, says so, and prints the failover gap: from the
-//!   primary's last sign of life to the first guest output here.
+//!   primary's last sign of life to the first guest output here, and to
+//!   the first frame that left for the network.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -24,7 +29,7 @@ use secondary::replay::EntrySource;
 use secondary::watch::PrimaryWatch;
 use vmm::inputs::{Divergence, LiveInputs};
 use vmm::machine::Machine;
-use vmm::outputs::{LiveOutputs, Output, Outputs};
+use vmm::outputs::{LiveOutputs, Output, OutputKind, Outputs};
 use vmm::run::RunLimits;
 
 use super::run::outcome_status;
@@ -58,45 +63,54 @@ impl<S: EntrySource> EntrySource for Tapped<S> {
     }
 }
 
-/// Replayed console bytes the old primary may not have released yet, by
-/// log offset.
+/// Replayed outputs (console bytes and frames) the old primary may not
+/// have released yet, by log offset.
 #[derive(Default)]
-pub struct Unreleased(Mutex<VecDeque<(u64, Vec<u8>)>>);
+pub struct Unreleased(Mutex<VecDeque<(u64, OutputKind, Vec<u8>)>>);
 
-/// The replay's console: to `--serial` as before, and kept in
-/// [`Unreleased`] until the primary reports it released.
-pub struct ReplayConsole {
-    inner: Box<dyn Write + Send>,
+/// Keeps each replayed output in [`Unreleased`] until the primary reports
+/// it released.
+#[derive(Clone)]
+pub struct Keeper {
     offset: Arc<AtomicU64>,
     watch: Arc<PrimaryWatch>,
     kept: Arc<Unreleased>,
 }
 
-impl ReplayConsole {
-    pub fn new(
-        inner: Box<dyn Write + Send>,
-        offset: Arc<AtomicU64>,
-        watch: Arc<PrimaryWatch>,
-        kept: Arc<Unreleased>,
-    ) -> Self {
-        ReplayConsole {
-            inner,
+impl Keeper {
+    pub fn new(offset: Arc<AtomicU64>, watch: Arc<PrimaryWatch>, kept: Arc<Unreleased>) -> Self {
+        Keeper {
             offset,
             watch,
             kept,
         }
     }
+
+    fn keep(&self, kind: OutputKind, bytes: &[u8]) {
+        let released = self.watch.released.load(Ordering::SeqCst);
+        let mut k = self.kept.0.lock().unwrap_or_else(|e| e.into_inner());
+        while k.front().is_some_and(|(o, _, _)| *o <= released) {
+            k.pop_front();
+        }
+        k.push_back((self.offset.load(Ordering::SeqCst), kind, bytes.to_vec()));
+    }
+}
+
+/// The replay's console: to `--serial` as before, and kept.
+pub struct ReplayConsole {
+    inner: Box<dyn Write + Send>,
+    keeper: Keeper,
+}
+
+impl ReplayConsole {
+    pub fn new(inner: Box<dyn Write + Send>, keeper: Keeper) -> Self {
+        ReplayConsole { inner, keeper }
+    }
 }
 
 impl Write for ReplayConsole {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let released = self.watch.released.load(Ordering::SeqCst);
-        let mut k = self.kept.0.lock().unwrap_or_else(|e| e.into_inner());
-        while k.front().is_some_and(|(o, _)| *o <= released) {
-            k.pop_front();
-        }
-        k.push_back((self.offset.load(Ordering::SeqCst), buf.to_vec()));
-        drop(k);
+        self.keeper.keep(OutputKind::Console, buf);
         self.inner.write_all(buf)?;
         Ok(buf.len())
     }
@@ -105,15 +119,43 @@ impl Write for ReplayConsole {
     }
 }
 
+/// The replay's sent frames (checked by the replayer): kept, never sent
+/// while this host is the secondary.
+pub struct ReplayFrames(pub Keeper);
+
+impl Outputs for ReplayFrames {
+    fn emit(&mut self, output: Output) -> Result<(), Divergence> {
+        self.0.keep(output.kind, &output.bytes);
+        Ok(())
+    }
+}
+
 /// The live outputs of the new primary, noting its first output.
 pub(super) struct FirstOutput {
     inner: LiveOutputs,
     since: Instant,
     first: Option<f64>,
+    first_frame: Option<f64>,
+}
+
+impl FirstOutput {
+    /// A frame left for the network (`what`: produced again, or new).
+    fn frame_left(&mut self, what: &str) {
+        if self.first_frame.is_none() {
+            let ms = self.since.elapsed().as_secs_f64() * 1e3;
+            self.first_frame = Some(ms);
+            eprintln!(
+                "tandem: failover gap (network): {ms:.1} ms from the primary's last sign of life to the first frame of the new primary ({what})"
+            );
+        }
+    }
 }
 
 impl Outputs for FirstOutput {
     fn emit(&mut self, output: Output) -> Result<(), Divergence> {
+        if output.kind == OutputKind::NetFrame {
+            self.frame_left(&format!("new, exit {}", output.exit_seq));
+        }
         if self.first.is_none() {
             let ms = self.since.elapsed().as_secs_f64() * 1e3;
             self.first = Some(ms);
@@ -134,6 +176,8 @@ pub struct GoLive<'a> {
     pub holder: String,
     pub kept: &'a Unreleased,
     pub console: crate::console::Console,
+    /// `--net`: the NIC attaches to it at go-live.
+    pub standby: &'a crate::net::StandbyTap,
     pub virtual_ns: u64,
     /// `--api-socket`: the new primary serves the VM's control socket there
     /// (`tandem status`, `tandem protect` to re-protect it).
@@ -205,35 +249,74 @@ pub fn go_live(machine: &mut Machine, g: GoLive<'_>) -> Result<i32, CmdError> {
         machine.exit_seq
     );
     let mut out = g.console.out;
-    // What the old primary may not have released: produced again.
-    let again: Vec<(u64, Vec<u8>)> = {
+    // The NIC attaches to the standby TAP; the guest's MAC is announced
+    // from it as after a migration (its rounds run on a thread of their own).
+    let net = g.standby.attach()?;
+    if machine.devices.net.is_some() {
+        let tx = net.as_ref().map(|(_, tx)| tx);
+        if secondary::migration::announce_guest_mac(machine, tx).is_some() {
+            eprintln!(
+                "tandem: the NIC is attached to TAP {}; announcing the guest's MAC there",
+                tx.map_or("", |t| t.name())
+            );
+        }
+    }
+    let mut outputs = FirstOutput {
+        inner: LiveOutputs::new(Box::new(std::io::sink()), None),
+        since: last,
+        first: None,
+        first_frame: None,
+    };
+    // What the old primary may not have released: produced again, console
+    // bytes and frames in the order the guest produced them.
+    let again: Vec<(u64, OutputKind, Vec<u8>)> = {
         let released = g.watch.released.load(Ordering::SeqCst);
         let k = g.kept.0.lock().unwrap_or_else(|e| e.into_inner());
-        k.iter().filter(|(o, _)| *o > released).cloned().collect()
+        k.iter()
+            .filter(|(o, _, _)| *o > released)
+            .cloned()
+            .collect()
     };
-    let bytes: usize = again.iter().map(|(_, b)| b.len()).sum();
-    for (_, b) in &again {
-        let _ = out.write_all(b);
+    let (mut lines, mut bytes, mut frames) = (0, 0, 0);
+    for (_, kind, b) in &again {
+        match kind {
+            OutputKind::Console => {
+                lines += 1;
+                bytes += b.len();
+                let _ = out.write_all(b);
+            }
+            OutputKind::NetFrame => {
+                frames += 1;
+                if let Some((_, tx)) = &net {
+                    if tx.send(b).is_ok() {
+                        outputs.frame_left("produced again");
+                    }
+                }
+            }
+        }
     }
     let _ = out.flush();
     if !again.is_empty() {
         eprintln!(
-            "tandem: {} console outputs ({bytes} bytes) the old primary may not have released were produced again, {:.1} ms after its last sign of life",
-            again.len(),
+            "tandem: {lines} console outputs ({bytes} bytes) and {frames} frames the old primary may not have released were produced again, {:.1} ms after its last sign of life",
             last.elapsed().as_secs_f64() * 1e3
         );
     }
-    let outputs = FirstOutput {
-        inner: LiveOutputs::new(out, None),
-        since: last,
-        first: None,
-    };
+    let (rx, tx) = net.unzip();
+    outputs.inner = LiveOutputs::new(out, tx);
     if let Some(api) = g.api {
-        return super::live_api::run(machine, api, &p, g.virtual_ns, g.console.input, outputs);
+        return super::live_api::run(
+            machine,
+            api,
+            &p,
+            (g.virtual_ns, g.console.input, rx),
+            outputs,
+        );
     }
     let stop = crate::signals::on_stop(machine.vcpu.kicker().clone());
     let mut inputs = LiveInputs::new(g.virtual_ns, g.console.input)
         .with_outputs(Box::new(outputs))
+        .with_net(rx)
         .with_wakeup(stop.wakeup);
     let limits = RunLimits {
         pause: Some(stop.flag),

@@ -8,6 +8,7 @@
 use crossbeam_channel::Receiver;
 use failover::heartbeat::Protection;
 use failover::lineage::Lineage;
+use vmm::devices::virtio::net::tap::TapReceiver;
 use vmm::inputs::LiveInputs;
 use vmm::machine::Machine;
 
@@ -20,8 +21,7 @@ pub(super) fn run(
     machine: &mut Machine,
     api: LiveApi,
     p: &Protection,
-    virtual_ns: u64,
-    input: Option<Receiver<Vec<u8>>>,
+    (virtual_ns, input, net): (u64, Option<Receiver<Vec<u8>>>, Option<TapReceiver>),
     outputs: FirstOutput,
 ) -> Result<i32, CmdError> {
     // The secondary's status server gives the path up first.
@@ -32,7 +32,9 @@ pub(super) fn run(
         api.sock.display(),
         p.generation + 1
     );
-    let inputs = LiveInputs::new(virtual_ns, input).with_outputs(Box::new(outputs));
+    let inputs = LiveInputs::new(virtual_ns, input)
+        .with_outputs(Box::new(outputs))
+        .with_net(net);
     let spare = api.spare;
     let status = super::migrate::run_with_api_as(machine, inputs, &api.sock, false, |ctl| {
         let mut lineage = lineage;

@@ -20,7 +20,9 @@ use secondary::lockstep::{accept, listen, SecondaryOptions, Tracked};
 use secondary::repair::ChannelRepair;
 use vmm::machine::{DiskConfig, LogConfig};
 
-use super::golive::{go_live, GoLive, LiveApi, ReplayConsole, Tapped, Unreleased};
+use super::golive::{
+    go_live, GoLive, Keeper, LiveApi, ReplayConsole, ReplayFrames, Tapped, Unreleased,
+};
 use super::replay::replay_on;
 use super::run::boot;
 use super::CmdError;
@@ -127,12 +129,8 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
     let watch = protected.watch.clone();
     let offset = Arc::new(AtomicU64::new(0));
     let kept = Arc::new(Unreleased::default());
-    let out = Box::new(ReplayConsole::new(
-        out,
-        offset.clone(),
-        watch.clone(),
-        kept.clone(),
-    ));
+    let keeper = Keeper::new(offset.clone(), watch.clone(), kept.clone());
+    let out = Box::new(ReplayConsole::new(out, keeper.clone()));
     let mut tail = TailReader::new(
         protected.reader,
         TailOptions {
@@ -185,6 +183,7 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
             ))),
         ),
         out,
+        Some(Box::new(ReplayFrames(keeper))),
         &bad_log,
     );
     let lost = match protected.thread.join() {
@@ -228,6 +227,7 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
                 holder: format!("secondary {name} (pid {})", std::process::id()),
                 kept: &kept,
                 console: console::open(&args.live_serial)?,
+                standby: &standby,
                 virtual_ns,
                 api: args.api_socket.clone().map(|sock| LiveApi {
                     sock,

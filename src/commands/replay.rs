@@ -96,6 +96,7 @@ pub fn replay_machine(
         fingerprint_interval,
         (repair, None),
         out,
+        None,
         bad_log,
     )
     .map(|r| r.status)
@@ -119,6 +120,7 @@ pub fn replay_on(
     fingerprint_interval: u64,
     (repair, hooks): (bool, Option<Box<dyn RepairHooks>>),
     out: Box<dyn std::io::Write + Send>,
+    frames: Option<Box<dyn vmm::outputs::Outputs>>,
     bad_log: &dyn Fn(String) -> CmdError,
 ) -> Result<Replayed, CmdError> {
     let done = |status| Replayed {
@@ -130,6 +132,9 @@ pub fn replay_on(
         .map_err(|e| CmdError::Internal(e.to_string()))?;
     let check = SyncPointCheck::new(&machine.vm.memory);
     let mut replayer = Replayer::new(source, fingerprint_interval, repair, check).with_console(out);
+    if let Some(f) = frames {
+        replayer = replayer.with_frames(f);
+    }
     if let Some(h) = hooks {
         replayer = replayer.with_repair_hooks(h);
     }

@@ -481,3 +481,88 @@ pub fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
     std::thread::sleep(Duration::from_millis(50));
     status
 }
+
+/// One SMTP session of `mail_client.py stream`: message after message over
+/// one connection, `sent K` after each 250, until its stop file exists.
+pub struct MailStream {
+    child: Child,
+    out: Arc<Mutex<Vec<u8>>>,
+    err: Arc<Mutex<Vec<u8>>>,
+    stop: std::path::PathBuf,
+}
+
+impl MailStream {
+    /// Start it with `python3` (`cmd`, e.g. `ip netns exec C python3`) and
+    /// the client script `script`; messages of `size` bytes, at most
+    /// `limit`; it stops once `stop` exists.
+    pub fn start(mut cmd: Command, script: &Path, size: usize, stop: &Path, limit: usize) -> Self {
+        let mut child = cmd
+            .arg(script)
+            .args(["stream", &size.to_string(), arg(stop), &limit.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let out = collect(child.stdout.take().unwrap());
+        let err = collect(child.stderr.take().unwrap());
+        MailStream {
+            child,
+            out,
+            err,
+            stop: stop.to_path_buf(),
+        }
+    }
+
+    /// The number K of the last `sent K` line: messages that got 250.
+    pub fn sent(&self) -> usize {
+        let text = String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned();
+        text.lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("sent ")?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Wait until N messages got 250 (failing, with `describe()`, if the
+    /// client ends first or the time runs out).
+    #[track_caller]
+    pub fn wait_sent(&mut self, n: usize, describe: &dyn Fn() -> String) {
+        let start = Instant::now();
+        while self.sent() < n {
+            let ended = self.child.try_wait().unwrap();
+            assert!(
+                ended.is_none() && start.elapsed() < TIMEOUT,
+                "client at {} of {n} messages ({ended:?})\n{}\n{}",
+                self.sent(),
+                String::from_utf8_lossy(&self.err.lock().unwrap()),
+                describe()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stop it; it must end the session cleanly (QUIT/221, never reset).
+    /// Returns how many messages it sent.
+    #[track_caller]
+    pub fn finish(mut self, describe: &dyn Fn() -> String) -> usize {
+        std::fs::write(&self.stop, b"").unwrap();
+        let status = wait_exit(&mut self.child, "the mail client never quit");
+        let text = String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned();
+        assert!(
+            status.success(),
+            "the SMTP session failed ({status})\n{text}\n{}\n{}",
+            String::from_utf8_lossy(&self.err.lock().unwrap()),
+            describe()
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix("streamed ")?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no `streamed` line: {text}"))
+    }
+}
+
+impl Drop for MailStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -24,6 +24,28 @@ pub const GUEST_IP: &str = "10.0.2.15";
 /// The Python client (smtplib, poplib, echo), written next to the test.
 pub const MAIL_CLIENT: &str = include_str!("../mail_client.py");
 
+/// Capture RARP frames (ethertype 0x8035) from MAC on IF until N were seen
+/// or SECS passed; prints `listening`, then one line per frame.
+pub const RARP_WAIT: &str = r#"
+import socket, sys, time
+ifname, mac, n, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x8035))
+s.bind((ifname, 0))
+s.settimeout(0.1)
+print("listening", flush=True)
+end = time.time() + secs
+seen = 0
+while seen < n and time.time() < end:
+    try:
+        f = s.recv(2048)
+    except socket.timeout:
+        continue
+    src = f[6:12].hex(":")
+    print("rarp", src, f[12:14].hex(), flush=True)
+    if src == mac:
+        seen += 1
+"#;
+
 /// Run `ip ARGS`, failing the test (with its stderr) unless it succeeds.
 pub fn ip(args: &[&str]) {
     let out = Command::new("ip")
@@ -95,6 +117,24 @@ impl NetNs {
             vm.console()
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl NetNs {
+    /// POP3 from this namespace: the mailbox holds exactly the messages
+    /// 1..=TOTAL of SIZE bytes a `stream` session sent, byte for byte.
+    #[track_caller]
+    pub fn check_stream(&self, dir: &Path, total: usize, size: usize, describe: &str) {
+        let mut check = vec!["check".to_string()];
+        check.extend((1..=total).map(|k| format!("{k}:{size}")));
+        let check: Vec<&str> = check.iter().map(String::as_str).collect();
+        let out = self.client(dir, &check);
+        let got = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && got.contains(&format!("checked {total} messages")),
+            "POP3 check failed\n{got}\n{}\n{describe}",
+            String::from_utf8_lossy(&out.stderr),
+        );
     }
 }
 

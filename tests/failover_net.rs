@@ -1,0 +1,206 @@
+//! Failover of the mail VM under one open SMTP connection (issue 10).
+//!
+//! Topology (all namespaces this test creates): host A runs the primary
+//! (`tandem run --protect-to --net`), host B the secondary (`tandem
+//! secondary --net`, its TAP held for going live); the channel goes over
+//! their veth link (the `cluster::Netns` pair). Each host's TAP `tn0` is
+//! bridged onto the client network (netns `C`, bridge `br0`). Both hosts
+//! reach the file arbiter's directory (storage they share).
+//!
+//! A client on `C` (smtplib) keeps ONE SMTP session open, message after
+//! message. The primary dies — `kill -9` of its process, or "both plugs
+//! pulled": `kill -9` and the host's links (to B and to the client network)
+//! removed at the same instant. The secondary wins the arbiter, goes live,
+//! attaches the NIC to its TAP and announces the guest's MAC; the same SMTP
+//! session goes on (never reset) and every message that got 250 is in the
+//! mailbox afterwards, read back over POP3 from `C`. The RARP announcement
+//! and the new primary's first frame are seen on `br0`; the client-visible
+//! gap (kill to the next 250) is printed.
+//!
+//! Needs root, `ip netns` and `python3` (installed by .ci/run); a missing
+//! one fails the test.
+
+mod common;
+#[path = "common/net.rs"]
+mod net;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::cluster::{collect, secondary, wait_exit, MailStream, Netns, Pki, Proc};
+use common::{arg, TempDir};
+
+/// Each message's size (guest code is emulated).
+const SIZE: usize = 1500;
+/// Messages before the failover, and after it.
+const BEFORE: usize = 3;
+const AFTER: usize = 3;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Death {
+    Kill,
+    PlugsPulled,
+}
+
+fn failover_under_smtp(tag: &str, subnet: u8, mac: &str, death: Death) {
+    let hosts =
+        Netns::new(tag, subnet).expect("two network namespaces joined by veth (needs root and ip)");
+    let c = net::client_network(tag, &hosts.a, &hosts.b);
+    let sec_ip = format!("10.{subnet}.0.2");
+    let pki = Pki::new(&["a", "b"], &[&sec_ip]);
+    let dir = TempDir::new(tag);
+    let disk_a = dir.disk("a.img", 16 << 20);
+    let disk_b = dir.disk("b.img", 16 << 20);
+    let arbiter_dir = dir.file("arbiter");
+    std::fs::create_dir(&arbiter_dir).unwrap();
+    let arbiter = format!("file:{}", arbiter_dir.display());
+    let pa = ["ip", "netns", "exec", hosts.a.as_str()];
+    let pb = ["ip", "netns", "exec", hosts.b.as_str()];
+
+    let sec_serial = format!("file:{}", dir.s("sec.txt"));
+    let live_serial = format!("file:{}", dir.s("live.txt"));
+    let (sec, addr) = secondary(
+        &pb,
+        &format!("{sec_ip}:0"),
+        &pki.creds("b"),
+        &[
+            "--disk",
+            arg(&disk_b),
+            "--net",
+            "tap=tn0",
+            "--arbiter",
+            &arbiter,
+            "--serial",
+            &sec_serial,
+            "--live-serial",
+            &live_serial,
+        ],
+    );
+    let net_arg = format!("tap=tn0,mac={mac}");
+    let mut args = vec!["run", "--cmdline", "mail", "--protect-to", &addr];
+    let creds_a = pki.creds("a");
+    args.extend(creds_a.iter().map(String::as_str));
+    args.extend([
+        "--net",
+        &net_arg,
+        "--disk",
+        arg(&disk_a),
+        "--arbiter",
+        &arbiter,
+    ]);
+    let mut pri = Proc::spawn(&pa, &args);
+    pri.wait_for("mail ready", false);
+
+    // The announcement's watch on the client bridge.
+    let mut capture = c
+        .command("python3")
+        .args(["-c", net::RARP_WAIT, "br0", mac, "1", "120"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let cap_out = collect(capture.stdout.take().unwrap());
+
+    let script = dir.file("mail_client.py");
+    std::fs::write(&script, net::MAIL_CLIENT).unwrap();
+    let mut client =
+        MailStream::start(c.command("python3"), &script, SIZE, &dir.file("stop"), 1000);
+    let describe = |pri: &Proc, sec: &Proc| {
+        format!(
+            "--- primary ---\n{}\n--- secondary ---\n{}",
+            pri.describe(),
+            sec.describe()
+        )
+    };
+    client.wait_sent(BEFORE, &|| describe(&pri, &sec));
+    let start = Instant::now();
+    while !String::from_utf8_lossy(&cap_out.lock().unwrap()).contains("listening") {
+        assert!(
+            start.elapsed() < common::TIMEOUT,
+            "RARP capture never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // The primary's host dies.
+    let at_kill = client.sent();
+    let killed = Instant::now();
+    pri.signal(libc::SIGKILL);
+    if death == Death::PlugsPulled {
+        // Its port on the client network and its link to B, deleted
+        // (deleting one end of a veth removes both).
+        net::ip(&["-n", &hosts.a, "link", "del", "cl"]);
+        let link = String::from_utf8_lossy(
+            &std::process::Command::new("ip")
+                .args(["-n", &hosts.a, "-o", "link", "show", "type", "veth"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .into_owned();
+        for l in link.lines() {
+            let name = l.split(':').nth(1).unwrap().trim();
+            let name = name.split('@').next().unwrap();
+            net::ip(&["-n", &hosts.a, "link", "del", name]);
+        }
+    }
+    let st = pri.child.wait().unwrap();
+    assert_eq!(st.code(), None, "{}", pri.describe());
+
+    // The same session goes on with the new primary.
+    client.wait_sent(at_kill + 1, &|| sec.describe());
+    let gap = killed.elapsed();
+    client.wait_sent(at_kill + AFTER, &|| sec.describe());
+    let err = sec.err();
+    assert!(err.contains("going LIVE"), "{err}");
+    assert!(err.contains("the NIC is attached to TAP tn0"), "{err}");
+    let total = client.finish(&|| sec.describe());
+    eprintln!(
+        "{tag}: {at_kill} messages before the failover, {} after; the next 250 came {:.0} ms after the kill",
+        total - at_kill,
+        gap.as_secs_f64() * 1e3
+    );
+    for l in err
+        .lines()
+        .filter(|l| l.contains("failover gap") || l.contains("produced again"))
+    {
+        eprintln!("{tag}: {l}");
+    }
+
+    // Every message that got 250, read back from the client network.
+    c.check_stream(dir.path(), total, SIZE, &sec.describe());
+
+    // The new primary announced the guest's MAC on the client network.
+    let st = wait_exit(&mut capture, "the RARP capture never ended");
+    let lines = String::from_utf8_lossy(&cap_out.lock().unwrap()).into_owned();
+    assert!(
+        st.success() && lines.contains(&format!("rarp {mac} 8035")),
+        "no RARP from {mac} on br0\n{lines}\n{}",
+        sec.describe()
+    );
+
+    // The claim names the secondary.
+    let claims: Vec<_> = std::fs::read_dir(&arbiter_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "claim"))
+        .collect();
+    assert_eq!(claims.len(), 1, "{claims:?}");
+    let claim = std::fs::read_to_string(&claims[0]).unwrap();
+    assert!(claim.contains("secondary"), "{claim}");
+
+    sec.signal(libc::SIGTERM);
+    let (scode, _, serr) = sec.finish();
+    assert_eq!(scode, 0, "{serr}");
+}
+
+#[test]
+fn primary_killed_under_one_smtp_session() {
+    failover_under_smtp("fonetk", 233, "52:54:00:aa:bb:41", Death::Kill);
+}
+
+#[test]
+fn both_plugs_pulled_under_one_smtp_session() {
+    failover_under_smtp("fonetp", 234, "52:54:00:aa:bb:42", Death::PlugsPulled);
+}
