@@ -24,11 +24,10 @@ mod common;
 #[path = "common/net.rs"]
 mod net;
 
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::cluster::{collect, secondary, wait_exit, MailStream, Netns, Pki, Proc};
-use common::{arg, TempDir};
+use common::cluster::{protected_mail, MailStream, Netns, Pki, Proc};
+use common::TempDir;
 
 /// Each message's size (guest code is emulated).
 const SIZE: usize = 1500;
@@ -54,54 +53,30 @@ fn failover_under_smtp(tag: &str, subnet: u8, mac: &str, death: Death) {
     let arbiter_dir = dir.file("arbiter");
     std::fs::create_dir(&arbiter_dir).unwrap();
     let arbiter = format!("file:{}", arbiter_dir.display());
-    let pa = ["ip", "netns", "exec", hosts.a.as_str()];
-    let pb = ["ip", "netns", "exec", hosts.b.as_str()];
 
     let sec_serial = format!("file:{}", dir.s("sec.txt"));
     let live_serial = format!("file:{}", dir.s("live.txt"));
-    let (sec, addr) = secondary(
-        &pb,
+    let (mut pri, sec) = protected_mail(
+        &hosts,
         &format!("{sec_ip}:0"),
-        &pki.creds("b"),
-        &[
-            "--disk",
-            arg(&disk_b),
-            "--net",
-            "tap=tn0",
-            "--arbiter",
-            &arbiter,
-            "--serial",
-            &sec_serial,
-            "--live-serial",
-            &live_serial,
-        ],
+        &pki,
+        (&disk_a, &disk_b),
+        mac,
+        (
+            &["--arbiter", &arbiter],
+            &[
+                "--arbiter",
+                &arbiter,
+                "--serial",
+                &sec_serial,
+                "--live-serial",
+                &live_serial,
+            ],
+        ),
     );
-    let net_arg = format!("tap=tn0,mac={mac}");
-    let mut args = vec!["run", "--cmdline", "mail", "--protect-to", &addr];
-    let creds_a = pki.creds("a");
-    args.extend(creds_a.iter().map(String::as_str));
-    args.extend([
-        "--net",
-        &net_arg,
-        "--disk",
-        arg(&disk_a),
-        "--arbiter",
-        &arbiter,
-    ]);
-    let mut pri = Proc::spawn(&pa, &args);
-    pri.wait_for("mail ready", false);
 
     // The announcement's watch on the client bridge.
-    let mut capture = c
-        .command("python3")
-        .args(["-c", net::RARP_WAIT, "br0", mac, "1", "120"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let cap_out = collect(capture.stdout.take().unwrap());
-
+    let rarp = c.rarp_watch(dir.path(), mac, 1);
     let script = dir.file("mail_client.py");
     std::fs::write(&script, net::MAIL_CLIENT).unwrap();
     let mut client =
@@ -114,14 +89,6 @@ fn failover_under_smtp(tag: &str, subnet: u8, mac: &str, death: Death) {
         )
     };
     client.wait_sent(BEFORE, &|| describe(&pri, &sec));
-    let start = Instant::now();
-    while !String::from_utf8_lossy(&cap_out.lock().unwrap()).contains("listening") {
-        assert!(
-            start.elapsed() < common::TIMEOUT,
-            "RARP capture never started"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 
     // The primary's host dies.
     let at_kill = client.sent();
@@ -172,10 +139,9 @@ fn failover_under_smtp(tag: &str, subnet: u8, mac: &str, death: Death) {
     c.check_stream(dir.path(), total, SIZE, &sec.describe());
 
     // The new primary announced the guest's MAC on the client network.
-    let st = wait_exit(&mut capture, "the RARP capture never ended");
-    let lines = String::from_utf8_lossy(&cap_out.lock().unwrap()).into_owned();
+    let (seen, lines) = rarp.finish();
     assert!(
-        st.success() && lines.contains(&format!("rarp {mac} 8035")),
+        seen >= 1,
         "no RARP from {mac} on br0\n{lines}\n{}",
         sec.describe()
     );

@@ -30,8 +30,10 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::cluster::{collect, final_digest as digest, secondary, wait_exit, Netns, Pki, Proc};
-use common::{arg, TempDir, TIMEOUT};
+use common::cluster::{
+    collect, final_digest as digest, protected_mail, wait_exit, Netns, Pki, Proc,
+};
+use common::{TempDir, TIMEOUT};
 use recordlog::{Entry, LogReader, OutputKind, OutputRecord};
 
 const MAC: &str = "52:54:00:aa:bb:31";
@@ -158,46 +160,33 @@ fn protected_mail_frames_wait_for_the_secondary() {
         std::thread::sleep(Duration::from_millis(10));
     }
 
-    let pa = ["ip", "netns", "exec", hosts.a.as_str()];
-    let pb = ["ip", "netns", "exec", hosts.b.as_str()];
     let sec_serial = format!("file:{}", dir.s("sec.txt"));
-    let (sec, addr) = secondary(
-        &pb,
+    let (mut pri, sec) = protected_mail(
+        &hosts,
         "10.231.0.2:0",
-        &pki.creds("b"),
-        &[
-            "--disk",
-            arg(&disk_b),
-            "--net",
-            "tap=tn0",
-            "--log",
-            &sec_log,
-            "--ack-log",
-            &ack_log,
-            "--serial",
-            &sec_serial,
-        ],
+        &pki,
+        (&disk_a, &disk_b),
+        MAC,
+        (
+            &[
+                "--keep-log",
+                &pri_log,
+                "--output-log",
+                &out_log,
+                // The secondary is stopped on purpose below: not a failover.
+                "--failover-timeout-ms",
+                "600000",
+            ],
+            &[
+                "--log",
+                &sec_log,
+                "--ack-log",
+                &ack_log,
+                "--serial",
+                &sec_serial,
+            ],
+        ),
     );
-
-    let net_arg = format!("tap=tn0,mac={MAC}");
-    let mut args = vec!["run", "--cmdline", "mail", "--protect-to", &addr];
-    let creds_a = pki.creds("a");
-    args.extend(creds_a.iter().map(String::as_str));
-    args.extend([
-        "--net",
-        &net_arg,
-        "--disk",
-        arg(&disk_a),
-        "--keep-log",
-        &pri_log,
-        "--output-log",
-        &out_log,
-        // The secondary is stopped on purpose below: not a failover.
-        "--failover-timeout-ms",
-        "600000",
-    ]);
-    let mut pri = Proc::spawn(&pa, &args);
-    pri.wait_for("mail ready", false);
 
     // Mail as without protection.
     let first = ["1:300", "2:5000", "3:40"];

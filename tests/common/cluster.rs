@@ -452,6 +452,47 @@ pub fn secondary(
     (p, addr)
 }
 
+/// Start `tandem run --cmdline CMDLINE --protect-to ADDR CREDS EXTRA` (with
+/// `prefix`): a VM protected from boot by the secondary at `addr`.
+pub fn protected_primary(
+    prefix: &[&str],
+    cmdline: &str,
+    addr: &str,
+    creds: &[String],
+    extra: &[&str],
+) -> Proc {
+    let mut args: Vec<&str> = vec!["run", "--cmdline", cmdline, "--protect-to", addr];
+    args.extend(creds.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    Proc::spawn(prefix, &args)
+}
+
+/// The mail VM protected from boot across `hosts`: the secondary on host
+/// B (listening on `listen`, its disk `disks.1`, its `--net` the TAP
+/// `tn0`), the primary on host A (disk `disks.0`, NIC on `tn0` with
+/// `mac`), each with its extra arguments; returns (primary, secondary) once
+/// the guest's mail server is ready.
+pub fn protected_mail(
+    hosts: &Netns,
+    listen: &str,
+    pki: &Pki,
+    disks: (&Path, &Path),
+    mac: &str,
+    (pri_extra, sec_extra): (&[&str], &[&str]),
+) -> (Proc, Proc) {
+    let pa = ["ip", "netns", "exec", hosts.a.as_str()];
+    let pb = ["ip", "netns", "exec", hosts.b.as_str()];
+    let mut args = vec!["--disk", arg(disks.1), "--net", "tap=tn0"];
+    args.extend_from_slice(sec_extra);
+    let (sec, addr) = secondary(&pb, listen, &pki.creds("b"), &args);
+    let net_arg = format!("tap=tn0,mac={mac}");
+    let mut args = vec!["--net", &net_arg, "--disk", arg(disks.0)];
+    args.extend_from_slice(pri_extra);
+    let mut pri = protected_primary(&pa, "mail", &addr, &pki.creds("a"), &args);
+    pri.wait_for("mail ready", false);
+    (pri, sec)
+}
+
 /// [`secondary`] listening on loopback (any port).
 pub fn loopback_secondary(creds: &[String], extra: &[&str]) -> (Proc, String) {
     secondary(&[], "127.0.0.1:0", creds, extra)

@@ -138,6 +138,66 @@ impl NetNs {
     }
 }
 
+/// A capture of the RARP announcements on the client bridge `br0`.
+pub struct RarpWatch {
+    child: Child,
+    out: PathBuf,
+    mac: String,
+}
+
+impl NetNs {
+    /// Watch `br0` for RARP frames from MAC (until N were seen, at most
+    /// 120 s); returns once the capture listens.
+    pub fn rarp_watch(&self, dir: &Path, mac: &str, n: usize) -> RarpWatch {
+        static K: AtomicU64 = AtomicU64::new(0);
+        let out = dir.join(format!("rarp-{}.txt", K.fetch_add(1, Ordering::Relaxed)));
+        let child = self
+            .command("python3")
+            .args(["-c", RARP_WAIT, "br0", mac, &n.to_string(), "120"])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("creating the capture's file"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3");
+        let start = Instant::now();
+        while !std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("listening")
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the RARP capture never started"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        RarpWatch {
+            child,
+            out,
+            mac: mac.to_string(),
+        }
+    }
+}
+
+impl RarpWatch {
+    /// Wait for the capture's end: (frames from the MAC seen, what it
+    /// printed).
+    #[track_caller]
+    pub fn finish(mut self) -> (usize, String) {
+        let st = self.child.wait().expect("waiting for the RARP capture");
+        let lines = std::fs::read_to_string(&self.out).unwrap_or_default();
+        assert!(st.success(), "the RARP capture failed ({st})\n{lines}");
+        let want = format!("rarp {} 8035", self.mac);
+        (lines.lines().filter(|l| *l == want).count(), lines)
+    }
+}
+
+impl Drop for RarpWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip")
