@@ -16,7 +16,7 @@ use failover::arbiter::{Arbiter, Verdict};
 use failover::heartbeat::{Protection, Timing};
 
 /// Exit status of a side that stopped because it may not be live.
-pub const STOPPED: i32 = 3;
+pub const STOPPED: i32 = failover::arbiter::STOPPED;
 
 /// What the primary needs for failover.
 #[derive(Clone)]
@@ -55,7 +55,16 @@ pub fn decide(p: &FailoverParams, why: &str) -> Decision {
     let vm = &p.protection.vm_id;
     let g = p.protection.generation;
     match arbiter.claim(vm, g, &p.holder) {
-        Ok(Verdict::Won) => Decision::Alone,
+        Ok(Verdict::Won) => {
+            let note = failover::arbiter::token_note(arbiter.as_ref(), vm, g);
+            if !note.is_empty() {
+                eprintln!(
+                    "tandem: the arbiter {} gave VM {vm} generation {g} to this primary{note}",
+                    arbiter.describe()
+                );
+            }
+            Decision::Alone
+        }
         Ok(Verdict::Lost { holder }) => Decision::Stop(format!(
             "protection lost ({why}); the arbiter {} gave VM {vm} generation {g} to {holder}: that copy is live, this one stops; its held outputs are never released",
             arbiter.describe()

@@ -241,10 +241,11 @@ pub fn go_live(machine: &mut Machine, g: GoLive<'_>) -> Result<i32, CmdError> {
         }
     }
     eprintln!(
-        "tandem: won the arbiter {} for VM {} generation {} in {:.1} ms; going LIVE at exit {}: this host now runs the VM UNPROTECTED",
+        "tandem: won the arbiter {} for VM {} generation {}{} in {:.1} ms; going LIVE at exit {}: this host now runs the VM UNPROTECTED",
         arbiter.describe(),
         p.vm_id,
         p.generation,
+        failover::arbiter::token_note(arbiter, &p.vm_id, p.generation),
         asked.elapsed().as_secs_f64() * 1e3,
         machine.exit_seq
     );

@@ -30,13 +30,11 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use super::{Arbiter, ArbiterError, Verdict};
+use super::{claim_holder, claim_text, clean, Arbiter, ArbiterError, Verdict};
 use crate::heartbeat::check_vm_id;
 
 /// Largest claim file read back.
 const MAX_CLAIM: u64 = 4096;
-/// First line of a claim file.
-const MAGIC: &str = "tandem-claim 1";
 
 /// See the module docs.
 #[derive(Debug, Clone)]
@@ -64,42 +62,16 @@ impl FileArbiter {
 
     /// Read the holder out of an existing claim.
     fn holder(&self, path: &Path, vm_id: &str, generation: u64) -> Result<String, ArbiterError> {
-        let damaged = |reason: String| ArbiterError::Damaged {
-            arbiter: self.describe(),
-            what: path.display().to_string(),
-            reason,
-        };
         let mut text = String::new();
         File::open(path)
             .and_then(|f| f.take(MAX_CLAIM).read_to_string(&mut text))
             .map_err(|e| self.unreachable(&format!("reading {}", path.display()), e))?;
-        let mut lines = text.lines();
-        if lines.next() != Some(MAGIC) {
-            return Err(damaged(format!("does not start with {MAGIC:?}")));
-        }
-        let mut holder = None;
-        for line in lines {
-            match line.split_once(' ') {
-                Some(("vm", v)) if v != vm_id => {
-                    return Err(damaged(format!("is for VM {v}, not {vm_id}")))
-                }
-                Some(("generation", g)) if g != generation.to_string() => {
-                    return Err(damaged(format!("is for generation {g}, not {generation}")))
-                }
-                Some(("holder", h)) => holder = Some(h.to_string()),
-                _ => {}
-            }
-        }
-        holder.ok_or_else(|| damaged("names no holder".into()))
+        claim_holder(&text, vm_id, generation).map_err(|reason| ArbiterError::Damaged {
+            arbiter: self.describe(),
+            what: path.display().to_string(),
+            reason,
+        })
     }
-}
-
-/// One line, printable: an identity never breaks the claim's format.
-fn clean(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(200)
-        .collect()
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
@@ -126,7 +98,7 @@ impl Arbiter for FileArbiter {
             ".{vm_id}.g{generation}.{}.{nanos}.tmp",
             std::process::id()
         ));
-        let text = format!("{MAGIC}\nvm {vm_id}\ngeneration {generation}\nholder {holder}\n");
+        let text = claim_text(vm_id, generation, &holder);
         let written = OpenOptions::new()
             .write(true)
             .create_new(true)

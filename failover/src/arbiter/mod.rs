@@ -7,10 +7,58 @@
 //! claim for `(V, G)` wins, every later one learns who won. A side that
 //! loses stops; a side that cannot reach the arbiter does not go live (a
 //! primary keeps its outputs held and stops).
+//!
+//! Backends: [`FileArbiter`] (`file:DIR`, a test-and-set on shared storage)
+//! and [`EtcdArbiter`] (`etcd:URL[,URL...]`, a key under an etcd lease that
+//! the winner keeps alive; it stops the process before the lease can end).
 
+mod etcd;
 mod file;
 
+pub use etcd::{EtcdArbiter, EtcdOptions, DEFAULT_TTL_S};
 pub use file::FileArbiter;
+
+/// Exit status of a side that stopped because it may not be live (it lost
+/// the arbiter, could not reach it, or could not keep its etcd lease).
+pub const STOPPED: i32 = 3;
+
+/// First line of a claim's text (a file arbiter's claim file, an etcd
+/// arbiter's key value).
+const MAGIC: &str = "tandem-claim 1";
+
+/// The text of a claim of `(vm_id, generation)` by `holder`.
+fn claim_text(vm_id: &str, generation: u64, holder: &str) -> String {
+    format!("{MAGIC}\nvm {vm_id}\ngeneration {generation}\nholder {holder}\n")
+}
+
+/// The holder named in a claim's `text`, checked to be the claim of
+/// `(vm_id, generation)`; `Err` says what is wrong with it.
+fn claim_holder(text: &str, vm_id: &str, generation: u64) -> Result<String, String> {
+    let mut lines = text.lines();
+    if lines.next() != Some(MAGIC) {
+        return Err(format!("does not start with {MAGIC:?}"));
+    }
+    let mut holder = None;
+    for line in lines {
+        match line.split_once(' ') {
+            Some(("vm", v)) if v != vm_id => return Err(format!("is for VM {v}, not {vm_id}")),
+            Some(("generation", g)) if g != generation.to_string() => {
+                return Err(format!("is for generation {g}, not {generation}"))
+            }
+            Some(("holder", h)) => holder = Some(h.to_string()),
+            _ => {}
+        }
+    }
+    holder.ok_or_else(|| "names no holder".into())
+}
+
+/// One line, printable: an identity never breaks the claim's format.
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect()
+}
 
 /// What a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,21 +108,42 @@ pub trait Arbiter: Send + Sync {
     /// Claim `(vm_id, generation)` for `holder` (a human-readable identity:
     /// host, role, process). Claiming again what `holder` already holds
     /// wins again (a retry after an ambiguous failure).
+    ///
+    /// A backend whose grant can lapse (etcd's lease) keeps it alive from
+    /// the `Won` on, for as long as the process runs, and ends the process
+    /// with [`STOPPED`] before it could lapse.
     fn claim(&self, vm_id: &str, generation: u64, holder: &str) -> Result<Verdict, ArbiterError>;
     /// The arbiter as the operator named it (for messages).
     fn describe(&self) -> String;
+    /// The fencing token of the claim of `(vm_id, generation)` this
+    /// arbiter won, if the backend has one: etcd's revision at which the
+    /// key was created, larger for every later claim in that etcd cluster.
+    /// The file arbiter has none.
+    fn fencing_token(&self, _vm_id: &str, _generation: u64) -> Option<u64> {
+        None
+    }
+}
+
+/// `" (fencing token N)"` for a claim `arbiter` won with a token, else `""`
+/// (for messages).
+pub fn token_note(arbiter: &dyn Arbiter, vm_id: &str, generation: u64) -> String {
+    arbiter
+        .fencing_token(vm_id, generation)
+        .map(|t| format!(" (fencing token {t})"))
+        .unwrap_or_default()
 }
 
 /// Parse `--arbiter SPEC`: `file:DIR` (a directory on storage both hosts
-/// reach). `etcd:URL[,URL...]` is named but not built yet.
+/// reach) or `etcd:URL[,URL...][?ttl=SECONDS]` (members of an etcd
+/// cluster, `http://HOST:PORT`).
 pub fn from_spec(spec: &str) -> Result<Box<dyn Arbiter>, ArbiterError> {
     match spec.split_once(':') {
         Some(("file", path)) if !path.is_empty() => Ok(Box::new(FileArbiter::new(path.into()))),
-        Some(("etcd", _)) => Err(ArbiterError::Config(format!(
-            "--arbiter {spec}: the etcd arbiter is not built yet; use file:DIR on storage both hosts share"
-        ))),
+        Some(("etcd", rest)) => Ok(Box::new(EtcdArbiter::from_spec(rest).map_err(|e| {
+            ArbiterError::Config(format!("--arbiter {spec}: {e}"))
+        })?)),
         _ => Err(ArbiterError::Config(format!(
-            "--arbiter {spec}: expected file:DIR (a directory both hosts reach)"
+            "--arbiter {spec}: expected file:DIR (a directory both hosts reach) or etcd:URL[,URL...][?ttl=SECONDS]"
         ))),
     }
 }
@@ -87,11 +156,19 @@ mod tests {
     fn specs_are_parsed() {
         assert!(from_spec("file:/tmp/x").is_ok());
         assert!(from_spec("file:").is_err());
-        assert!(from_spec("etcd:http://127.0.0.1:2379")
-            .err()
-            .unwrap()
-            .to_string()
-            .contains("not built"));
+        assert!(from_spec("etcd:http://127.0.0.1:2379").is_ok());
+        assert!(from_spec("etcd:http://127.0.0.1:2379,http://10.0.0.2:2379?ttl=5").is_ok());
+        for bad in [
+            "etcd:",
+            "etcd:http://a:1,",
+            "etcd:https://a:1",
+            "etcd:http://a:1?ttl=0",
+            "etcd:http://a:1?ttl=x",
+            "etcd:http://a:1?tll=3",
+        ] {
+            let e = from_spec(bad).err().unwrap().to_string();
+            assert!(e.contains(bad), "{e}");
+        }
         assert!(from_spec("/tmp/x").is_err());
     }
 }
