@@ -193,9 +193,11 @@ pub struct FailoverArgs {
     #[arg(long, default_value_t = failover::heartbeat::DEFAULT_FAILOVER_TIMEOUT_MS)]
     pub failover_timeout_ms: u64,
     /// Who may be live after the peer is lost: file:DIR (a directory on
-    /// storage both hosts reach; claims are files in it). Without it a side
-    /// that loses its peer never goes live (the primary stops, outputs
-    /// held; the secondary stops).
+    /// storage both hosts reach; claims are files in it) or
+    /// etcd:URL[,URL...][?ttl=SECONDS] (an etcd cluster, http://HOST:PORT;
+    /// the winner keeps a lease, default TTL 10 s, alive and stops before
+    /// it could end). Without it a side that loses its peer never goes live
+    /// (the primary stops, outputs held; the secondary stops).
     #[arg(long, value_name = "SPEC")]
     pub arbiter: Option<String>,
 }
