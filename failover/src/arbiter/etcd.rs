@@ -534,7 +534,7 @@ impl Job {
 
 impl Arbiter for EtcdArbiter {
     fn claim(&self, vm_id: &str, generation: u64, holder: &str) -> Result<Verdict, ArbiterError> {
-        check_vm_id(vm_id).map_err(ArbiterError::Config)?;
+        check_vm_id(vm_id)?;
         let job = self.job(vm_id, generation, &clean(holder));
         // Per member: connect, grant, transaction, revoke or renew.
         let bound = self.opts.claim_timeout * (4 * self.urls.len() as u32) + Duration::from_secs(1);
