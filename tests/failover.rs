@@ -5,8 +5,11 @@
 //! timeout itself.
 
 mod common;
+#[path = "common/etcd.rs"]
+mod etcd;
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use common::cluster::{
     final_digest, loopback_secondary, make_disk, run_tandem, status, wait_status, Pki, Proc,
@@ -45,11 +48,13 @@ fn joined(before: &str, after: &str) -> String {
     all.iter().map(|l| format!("{l}\n")).collect()
 }
 
-/// A protected pair over loopback with one arbiter directory.
+/// A protected pair over loopback with one arbiter directory (or etcd).
 struct Pair {
     dir: TempDir,
     pki: Pki,
     arbiter: String,
+    /// The arbiter's etcd, for `--arbiter etcd:...`.
+    etcd: Option<etcd::Etcd>,
 }
 
 impl Pair {
@@ -61,7 +66,23 @@ impl Pair {
             dir,
             pki: Pki::new(&["pri", "sec", "third"], &[]),
             arbiter,
+            etcd: None,
         }
+    }
+
+    /// With `--arbiter SPEC` (`None`: `etcd:` on a real etcd started for
+    /// the test, with `query` after its URL).
+    fn with_arbiter(tag: &str, spec: Option<&str>, query: &str) -> Pair {
+        let mut pair = Pair::new(tag);
+        match spec {
+            Some(s) => pair.arbiter = s.to_string(),
+            None => {
+                let e = etcd::Etcd::start(tag);
+                pair.arbiter = format!("etcd:{}{query}", e.url);
+                pair.etcd = Some(e);
+            }
+        }
+        pair
     }
 
     /// The secondary (live console to `live.txt`).
@@ -126,8 +147,13 @@ impl Pair {
         claims[0].1.clone()
     }
 
-    /// Every claim of the arbiter directory: (file name, holder), by name.
+    /// Every claim of the arbiter directory: (file name, holder), by name
+    /// (etcd: (key, holder)).
     fn claims(&self) -> Vec<(String, String)> {
+        if let Some(e) = &self.etcd {
+            let a = failover::arbiter::EtcdArbiter::new(vec![e.url.clone()], Default::default());
+            return a.claims().unwrap();
+        }
         let mut claims: Vec<_> = std::fs::read_dir(self.dir.file("arbiter"))
             .unwrap()
             .map(|e| {
@@ -168,7 +194,17 @@ fn primary_fails(
     kill_at: &dyn Fn(&str) -> bool,
     test_failover: bool,
 ) {
-    let pair = Pair::new(tag);
+    primary_fails_in(Pair::new(tag), cmdline, disk_len, kill_at, test_failover)
+}
+
+/// [`primary_fails`] with `pair`'s arbiter.
+fn primary_fails_in(
+    pair: Pair,
+    cmdline: &str,
+    disk_len: Option<usize>,
+    kill_at: &dyn Fn(&str) -> bool,
+    test_failover: bool,
+) {
     let (pri_img, sec_img, ref_img) = (
         pair.dir.s("pri.img"),
         pair.dir.s("sec.img"),
@@ -624,4 +660,81 @@ fn secondary_gone_live_seeds_its_spare() {
         want,
         "{berr}"
     );
+}
+
+/// `--arbiter etcd:...` on both sides (a real etcd on loopback): kill -9 of
+/// the primary; the secondary wins the key, goes live and finishes as the
+/// unfailed run; the one claim in etcd names it.
+#[test]
+fn etcd_primary_killed_the_secondary_goes_live() {
+    let at = random_round(40);
+    let pair = Pair::with_arbiter("fo-etcd-pri", None, "");
+    primary_fails_in(
+        pair,
+        "fill 4 60 3",
+        None,
+        &|c| rounds(c) as u64 >= at,
+        false,
+    );
+}
+
+/// etcd killed while the primary runs alone (its secondary killed, the
+/// lease won): it stops, status 3, before the lease's TTL (2 s) from the
+/// kill, saying why; its guest never finishes.
+#[test]
+fn etcd_killed_the_live_primary_stops_before_the_ttl() {
+    let mut pair = Pair::with_arbiter("fo-etcd-killed", None, "?ttl=2");
+    let (sec, addr) = pair.secondary(None);
+    let mut pri = pair.primary("fill 4 2000 3", &addr, None);
+    pri.wait_until("round 5", || rounds(&pair.console("pri.txt")) >= 5);
+    sec.signal(libc::SIGKILL);
+    pri.wait_for("runs on UNPROTECTED", true);
+    assert!(pri.err().contains("(fencing token "), "{}", pri.describe());
+    pair.etcd.as_mut().unwrap().kill();
+    let killed = Instant::now();
+    let (status, _, err) = pri.finish();
+    let after = killed.elapsed();
+    assert_eq!(status, 3, "{err}");
+    assert!(err.contains("could not be renewed"), "{err}");
+    assert!(
+        after < Duration::from_secs(2),
+        "stopped {after:?} after etcd was killed: not before the 2 s TTL\n{err}"
+    );
+    assert!(result_line(&pair.console("pri.txt")).is_none(), "{err}");
+    eprintln!("the live primary stopped {after:?} after etcd was killed (TTL 2 s)");
+}
+
+/// An etcd nobody answers at: the secondary that lost its primary does not
+/// go live, the primary that lost its secondary stops with its outputs
+/// held; both say which URL failed.
+#[test]
+fn etcd_unreachable_neither_side_goes_live() {
+    let dead = etcd::dead_url();
+    let spec = format!("etcd:{dead}");
+    let pair = Pair::with_arbiter("fo-etcd-dead-sec", Some(&spec), "");
+    let (mut sec, addr) = pair.secondary(None);
+    let mut pri = pair.primary("fill 4 60 3", &addr, None);
+    pri.wait_until("round 5", || rounds(&pair.console("pri.txt")) >= 5);
+    pri.signal(libc::SIGKILL);
+    sec.wait_for("does not go live", true);
+    let (status, _, err) = sec.finish();
+    assert_eq!(status, 3, "{err}");
+    assert!(
+        err.contains("cannot be reached") && err.contains(&dead),
+        "{err}"
+    );
+    assert_eq!(pair.console("live.txt"), "", "{err}");
+
+    let pair = Pair::with_arbiter("fo-etcd-dead-pri", Some(&spec), "");
+    let (sec, addr) = pair.secondary(None);
+    let mut pri = pair.primary("fill 4 60 3", &addr, None);
+    pri.wait_until("round 5", || rounds(&pair.console("pri.txt")) >= 5);
+    sec.signal(libc::SIGKILL);
+    let (status, _, err) = pri.finish();
+    assert_eq!(status, 3, "{err}");
+    assert!(
+        err.contains("cannot be reached") && err.contains(&dead),
+        "{err}"
+    );
+    assert!(result_line(&pair.console("pri.txt")).is_none(), "{err}");
 }
