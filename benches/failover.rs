@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{loopback_secondary, run_tandem, Pki, Proc};
+use common::num_after;
 use common::TempDir;
 
 fn env_num(name: &str, default: usize) -> usize {
@@ -37,15 +38,6 @@ fn env_num(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// The first number after `after` in `text`.
-fn num_after(text: &str, after: &str) -> Option<f64> {
-    let rest = &text[text.find(after)? + after.len()..];
-    let end = rest
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
 }
 
 fn rand_below(n: u64) -> u64 {

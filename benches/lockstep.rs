@@ -23,16 +23,8 @@ mod common;
 use std::time::Instant;
 
 use common::cluster::{loopback_secondary, run_tandem, source, Pki, Proc};
+use common::num_after;
 use common::TempDir;
-
-/// The first number after `after` in `text`.
-fn num_after(text: &str, after: &str) -> Option<f64> {
-    let rest = &text[text.find(after)? + after.len()..];
-    let end = rest
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
 
 /// The number just before `before` in `text`.
 fn num_before(text: &str, before: &str) -> Option<f64> {

@@ -32,6 +32,15 @@ pub struct Output {
     pub stderr: String,
 }
 
+/// The first number after `after` in `text`.
+pub fn num_after(text: &str, after: &str) -> Option<f64> {
+    let rest = &text[text.find(after)? + after.len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
 impl Output {
     /// The `RESULT <workload> <checksum>` line of the console output.
     pub fn result_line(&self) -> Option<&str> {
