@@ -250,6 +250,15 @@ fn primary_fails_in(
     assert_eq!(status, 0, "{err}");
     assert!(err.contains("UNPROTECTED"), "{err}");
     assert!(err.contains("failover gap: "), "{err}");
+    if pair.etcd.is_some() {
+        assert!(err.contains("(fencing token "), "{err}");
+    }
+    for l in err
+        .lines()
+        .filter(|l| l.contains("won the arbiter") || l.contains("gap:"))
+    {
+        eprintln!("{l}");
+    }
     let after = pair.console("live.txt");
     assert_eq!(result_line(&after), result_line(&want), "{err}");
     assert_eq!(
