@@ -329,7 +329,18 @@ fn secondary_killed_primary_runs_on() {
 /// and not one console byte leaves it after the secondary went live.
 #[test]
 fn frozen_primary_stops_when_it_wakes() {
-    let pair = Pair::new("fo-frozen-pri");
+    frozen_primary_stops_in(Pair::new("fo-frozen-pri"));
+}
+
+/// The same with `--arbiter etcd:...` on both sides: the secondary holds
+/// the key; the woken primary's claim loses to it.
+#[test]
+fn etcd_frozen_primary_stops_when_it_wakes() {
+    frozen_primary_stops_in(Pair::with_arbiter("fo-etcd-frozen", None, ""));
+}
+
+/// [`frozen_primary_stops_when_it_wakes`] with `pair`'s arbiter.
+fn frozen_primary_stops_in(pair: Pair) {
     let cmdline = "fill 4 60 3";
     let (sec, addr) = pair.secondary(None);
     let mut sec = sec;
