@@ -25,6 +25,7 @@ const SHIPPED: &[&str] = &[
     "console-pull-plug",
     "console-failover-then-reprotect",
     "console-partition",
+    "console-long-distance",
 ];
 
 fn scenario(name: &str) -> String {
@@ -72,6 +73,7 @@ fn every_shipped_scenario_parses() {
         "console-pull-plug",
         "console-failover-then-reprotect",
         "console-partition",
+        "console-long-distance",
     ] {
         let out = tandem(&["drill", "--check", &scenario(name)]);
         assert!(
@@ -545,5 +547,21 @@ fn console_partition_end_to_end() {
         "{}",
         out.describe()
     );
+    assert_no_namespaces_left();
+}
+
+/// Protected across a 150 ms RTT, 1% loss link (tandem-wan), then the plug
+/// of the primary's host pulled: the far secondary goes live, the console
+/// is the unfailed run's.
+#[test]
+fn console_long_distance_end_to_end() {
+    let out = tandem(&[
+        "drill",
+        &scenario("console-long-distance"),
+        "--seed",
+        "6",
+        "--json",
+    ]);
+    console_failover_passed(&out, "pull-plug");
     assert_no_namespaces_left();
 }

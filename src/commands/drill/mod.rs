@@ -33,6 +33,10 @@ use scenario::Scenario;
 /// ([`scenario::NETWORK_FAILOVER`]); until then the console workload.
 const BUILTIN: &str = include_str!("../../../scenarios/console-pull-plug.toml");
 const BUILTIN_NAME: &str = "scenarios/console-pull-plug.toml (built in)";
+/// As root, once a mail VM fails over with its network.
+const BUILTIN_MAIL: &str = include_str!("../../../scenarios/mail-pull-plug.toml");
+const BUILTIN_MAIL_NAME: &str = "scenarios/mail-pull-plug.toml (built in)";
+const BUILTIN_MAIL_NOTE: &str = "built-in drill: the plug of the mail VM's primary pulled (kill -9 and every link of its host cut) while clients send mail, hosts as network namespaces";
 const BUILTIN_NOTE_ROOT: &str = "built-in drill: the plug of a protected VM's primary pulled (kill -9 and every link of its host cut) while it writes its console, hosts as network namespaces; the mail version needs a secondary that goes live with the VM's network (--net), which this build does not have";
 const BUILTIN_NOTE_USER: &str = "built-in drill, not root (or --loopback): the hosts are processes over loopback on this machine (no namespaces, so the plug pulled is kill -9 of the primary's VMM, no links to cut), the workload a console one; as root it runs in network namespaces";
 
@@ -48,18 +52,21 @@ pub fn drill(args: DrillArgs) -> Result<i32, CmdError> {
             f.display().to_string(),
             None,
         ),
-        None => (
-            Scenario::parse(BUILTIN_NAME, BUILTIN).map_err(|e| CmdError::Input(e.to_string()))?,
-            BUILTIN_NAME.to_string(),
-            Some(
-                if root && !args.loopback {
-                    BUILTIN_NOTE_ROOT
-                } else {
-                    BUILTIN_NOTE_USER
-                }
-                .to_string(),
-            ),
-        ),
+        None => {
+            let namespaces = root && !args.loopback;
+            let (name, text, note) = if namespaces && scenario::NETWORK_FAILOVER {
+                (BUILTIN_MAIL_NAME, BUILTIN_MAIL, BUILTIN_MAIL_NOTE)
+            } else if namespaces {
+                (BUILTIN_NAME, BUILTIN, BUILTIN_NOTE_ROOT)
+            } else {
+                (BUILTIN_NAME, BUILTIN, BUILTIN_NOTE_USER)
+            };
+            (
+                Scenario::parse(name, text).map_err(|e| CmdError::Input(e.to_string()))?,
+                name.to_string(),
+                Some(note.to_string()),
+            )
+        }
     };
     let console = scn.workload() == scenario::WorkloadKind::Console;
     let missing = scn.missing();
