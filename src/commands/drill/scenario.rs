@@ -760,7 +760,7 @@ impl Scenario {
 /// Does a secondary that goes live take the VM's network with it (go-live
 /// with `--net`, issue 10)? Until it does, the drills that fail a mail VM
 /// over are refused; console workloads fail over already.
-pub const NETWORK_FAILOVER: bool = false;
+pub const NETWORK_FAILOVER: bool = true;
 
 /// What a missing capability says.
 const NO: &str = "which this build does not have";
