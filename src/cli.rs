@@ -146,6 +146,11 @@ pub struct SecondaryArgs {
     /// replay --log PATH`).
     #[arg(long, value_name = "PATH")]
     pub log: Option<PathBuf>,
+    /// Print the replica's state digest when its replay reaches each of
+    /// these exits (`tandem: state digest at exit N: HEX`), to compare with
+    /// `tandem replay --digest-at` of the primary's log.
+    #[arg(long, value_name = "EXIT,...", value_delimiter = ',')]
+    pub digest_at: Vec<u64>,
     /// The TAP the VM's NIC uses once this host goes live. While it is the
     /// secondary the replayed NIC takes its frames from the log and its
     /// sent frames (checked against the log) go nowhere: nothing is written
@@ -691,6 +696,11 @@ pub struct ReplayArgs {
     /// Follow a log that is still being written (wait for more entries).
     #[arg(long)]
     pub follow: bool,
+    /// Print the state digest when the replay reaches each of these exits
+    /// (`tandem: state digest at exit N: HEX`; before the exit's inputs are
+    /// served, as `tandem secondary --digest-at` does).
+    #[arg(long, value_name = "EXIT,...", value_delimiter = ',')]
+    pub digest_at: Vec<u64>,
 }
 
 #[derive(Debug, Args)]

@@ -422,6 +422,15 @@ impl Link {
                             }
                         }
                     }
+                    Ok(Some((failover::channel::kind::MESSAGE, payload))) => {
+                        let why = match postcard::from_bytes::<Message>(&payload) {
+                            Ok(Message::Abort { reason }) => {
+                                format!("the secondary {who} refused the log stream: {reason}")
+                            }
+                            _ => format!("an unexpected message from {who}"),
+                        };
+                        return a.secondary_lost(why);
+                    }
                     Ok(Some((k, _))) => {
                         return a.secondary_lost(format!("frame kind {k} from {who}"))
                     }

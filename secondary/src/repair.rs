@@ -18,6 +18,18 @@ use vmm::inputs::Divergence;
 
 use crate::lockstep::Follow;
 
+/// Refuse the log stream (damaged, another VM's, unusable): `reason` goes
+/// to the primary as an `Abort` and the receiving thread stops taking and
+/// acknowledging its bytes.
+pub fn refuse(to_primary: &Sender<Outgoing>, reason: &str) {
+    let msg = failover::channel::Message::Abort {
+        reason: reason.to_string(),
+    };
+    if let Ok(bytes) = postcard::to_stdvec(&msg) {
+        let _ = to_primary.send((failover::channel::kind::MESSAGE, bytes));
+    }
+}
+
 /// What a replayer in repair mode tells the world about its repairs.
 pub trait RepairHooks: Send {
     /// The replay diverged; it is about to skip to the next sync point.

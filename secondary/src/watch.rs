@@ -72,6 +72,16 @@ pub fn receive(
             if let Err(e) = conn.send_frame(k, &payload) {
                 return Ok((total, StreamEnd::Lost(e.to_string())));
             }
+            if k == chan_kind::MESSAGE {
+                // `repair::refuse`: nothing more is taken from this primary.
+                let why = match postcard::from_bytes::<Message>(&payload) {
+                    Ok(Message::Abort { reason }) => reason,
+                    _ => "refused".into(),
+                };
+                // Give the Abort a moment to leave before the connection goes.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                return Err(format!("this secondary refused the log stream: {why}"));
+            }
         }
         let frame = match conn.recv_frame_timeout(poll) {
             Ok(f) => f,
@@ -142,6 +152,21 @@ pub fn receive(
                     .map_err(|e| format!("unreadable protection identity from the primary: {e}"))?;
                 p.check()
                     .map_err(|e| format!("the primary's protection identity: {e}"))?;
+                let known = watch.protection.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(k) = known
+                    .as_ref()
+                    .filter(|k| (&k.vm_id, k.generation) != (&p.vm_id, p.generation))
+                {
+                    // One stream, one VM: a stream that changes its VM is
+                    // another VM's (or garbage), never a reason to follow it.
+                    let reason = format!(
+                        "the primary named VM {} generation {} at first, now VM {} generation {}: a log stream of another VM",
+                        k.vm_id, k.generation, p.vm_id, p.generation
+                    );
+                    abort(conn, &reason);
+                    return Err(reason);
+                }
+                drop(known);
                 if p.heartbeat_ms.saturating_mul(3) > timing.timeout.as_millis() as u64 {
                     eprintln!(
                         "tandem: warning: the primary sends heartbeats every {} ms; this secondary's --failover-timeout-ms {} covers fewer than three",

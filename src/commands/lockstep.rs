@@ -23,7 +23,7 @@ use vmm::machine::{DiskConfig, LogConfig};
 use super::golive::{
     go_live, GoLive, Keeper, LiveApi, ReplayConsole, ReplayFrames, Tapped, Unreleased,
 };
-use super::replay::replay_on;
+use super::replay::{replay_on, ReplayMode};
 use super::run::boot;
 use super::CmdError;
 use crate::cli::{SecondaryArgs, SerialTarget};
@@ -109,7 +109,7 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         )?),
         None => None,
     };
-    let seeded = protected.seeded.take();
+    let mut seeded = protected.seeded.take();
     match &seeded {
         Some(s) => eprintln!(
             "tandem: protecting the running VM of {}: seeded at exit {} after {} pre-copy rounds{}",
@@ -123,8 +123,18 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         ),
         None => eprintln!("tandem: protecting the VM of {}", protected.from),
     }
+    if let (Some(s), Some(log)) = (seeded.as_mut(), &args.log) {
+        keep_seed(&mut s.machine, log)?;
+    }
     let from = protected.from.clone();
-    let bad_log = |e: String| CmdError::Input(format!("the log stream from {from}: {e}"));
+    // A log this secondary cannot use is refused to the primary at once
+    // (it stops taking and acknowledging its bytes; nothing goes live).
+    let refuse_to = protected.to_primary.clone();
+    let peer = from.clone();
+    let bad_log = move |e: String| {
+        secondary::repair::refuse(&refuse_to, &e);
+        CmdError::Input(format!("the log stream from {peer}: {e}"))
+    };
     let closed = protected.closed.clone();
     let watch = protected.watch.clone();
     let offset = Arc::new(AtomicU64::new(0));
@@ -139,33 +149,46 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         },
     )
     .stop_when(move || closed.load(std::sync::atomic::Ordering::SeqCst));
-    let header = tail.wait_header().map_err(|e| bad_log(e.to_string()))?;
-    let config = LogConfig::decode(&header.vm_config).map_err(|e| bad_log(e.to_string()))?;
-    // The peer never chooses a local path: only the built-in guest, and
-    // this host's own disk.
-    if config.vm.kernel.is_some() || config.vm.initrd.is_some() {
-        return Err(bad_log(
-            "the VM boots a kernel file of the primary's host; a secondary runs only the built-in guest yet".into(),
-        ));
-    }
     let start_exit = seeded.as_ref().map_or(0, |s| s.machine.exit_seq);
-    let mut machine = match (seeded, &header.initial_state) {
-        // The log's initial digest is checked against the seed by the replay.
-        (Some(s), InitialState::Snapshot { .. }) => {
-            standby.check(s.machine.config.net.as_ref());
-            s.machine
-        }
-        (Some(_), InitialState::Boot) => {
+    let prepared = (|| {
+        let header = tail.wait_header().map_err(|e| bad_log(e.to_string()))?;
+        let config = LogConfig::decode(&header.vm_config).map_err(|e| bad_log(e.to_string()))?;
+        // The peer never chooses a local path: only the built-in guest, and
+        // this host's own disk.
+        if config.vm.kernel.is_some() || config.vm.initrd.is_some() {
             return Err(bad_log(
-                "the primary seeded this secondary but its log starts at boot".into(),
-            ))
+                "the VM boots a kernel file of the primary's host; a secondary runs only the built-in guest yet".into(),
+            ));
         }
-        (None, InitialState::Snapshot { .. }) => {
-            return Err(bad_log(
-                "the log starts from a snapshot the primary did not send (no seed)".into(),
-            ))
+        let machine = match (seeded, &header.initial_state) {
+            // The log's initial digest is checked against the seed by the replay.
+            (Some(s), InitialState::Snapshot { .. }) => {
+                standby.check(s.machine.config.net.as_ref());
+                s.machine
+            }
+            (Some(_), InitialState::Boot) => {
+                return Err(bad_log(
+                    "the primary seeded this secondary but its log starts at boot".into(),
+                ))
+            }
+            (None, InitialState::Snapshot { .. }) => {
+                return Err(bad_log(
+                    "the log starts from a snapshot the primary did not send (no seed)".into(),
+                ))
+            }
+            (None, InitialState::Boot) => boot_for_log(&config, &args, &standby, &bad_log)?,
+        };
+        Ok((config, machine))
+    })();
+    let (config, mut machine) = match prepared {
+        Ok(x) => x,
+        Err(e) => {
+            // Refused before replaying anything: the primary hears why
+            // (the receiving thread sends it, then stops).
+            secondary::repair::refuse(&protected.to_primary, &e.to_string());
+            let _ = protected.thread.join();
+            return Err(e);
         }
-        (None, InitialState::Boot) => boot_for_log(&config, &args, &standby, &bad_log)?,
     };
     let replayed = replay_on(
         &mut machine,
@@ -175,17 +198,21 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
             start_exit,
         )),
         config.fingerprint_interval,
-        (
-            true,
-            Some(Box::new(ChannelRepair::new(
+        ReplayMode {
+            repair: true,
+            hooks: Some(Box::new(ChannelRepair::new(
                 protected.to_primary.clone(),
                 follow.clone(),
             ))),
-        ),
+            digest_at: args.digest_at.clone(),
+        },
         out,
         Some(Box::new(ReplayFrames(keeper))),
         &bad_log,
     );
+    // A stream refused for a protocol error: this secondary stops (never
+    // goes live on it).
+    let mut stream_error = None;
     let lost = match protected.thread.join() {
         Ok(Ok((bytes, end))) => {
             eprintln!("tandem: received {bytes} log bytes from {from}");
@@ -196,6 +223,7 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         }
         Ok(Err(e)) => {
             eprintln!("tandem: the log stream from {from} ended: {e}");
+            stream_error = Some(e);
             None
         }
         Err(_) => {
@@ -217,6 +245,12 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         timing.timeout.as_millis()
     );
     let replayed = replayed?;
+    if let Some(e) = stream_error {
+        return Err(CmdError::Input(format!(
+            "the log stream from {from}: {e}; this secondary stopped at exit {} and does not go live",
+            machine.exit_seq
+        )));
+    }
     match (replayed.truncated_at_ns, lost) {
         (Some(virtual_ns), Some(why)) => go_live(
             &mut machine,
@@ -239,6 +273,31 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         ),
         _ => Ok(replayed.status),
     }
+}
+
+/// The kept log of a seeded secondary starts at the seed: keep the seed
+/// next to it as a snapshot, so that `tandem replay --log LOG` replays it.
+/// (Its disk, if any, is not kept: the replay needs a copy of the image as
+/// it was at the seed.)
+fn keep_seed(machine: &mut vmm::machine::Machine, log: &std::path::Path) -> Result<(), CmdError> {
+    let path = super::replay::seed_snapshot_path(log);
+    // Replay takes its virtual time from the log.
+    let state = machine
+        .save(0)
+        .map_err(|e| CmdError::Internal(format!("saving the seed: {e}")))?;
+    vmm::snapshot::write(&path, &state, &machine.vm.memory).map_err(|e| {
+        CmdError::Input(format!(
+            "--log: writing the seed to {}: {e}",
+            path.display()
+        ))
+    })?;
+    eprintln!(
+        "tandem: the seed (exit {}) is kept in {} for tandem replay --log {}",
+        machine.exit_seq,
+        path.display(),
+        log.display()
+    );
+    Ok(())
 }
 
 /// The VM of a log protected from boot, on this host's own disk.

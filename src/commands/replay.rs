@@ -54,7 +54,13 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
             boot(&vm)?
         }
         InitialState::Snapshot { digest, path_hint } => {
-            let path = args.snapshot.clone().unwrap_or_else(|| path_hint.into());
+            // A seeded secondary's --log has its seed next to it.
+            let seed = seed_snapshot_path(&args.log);
+            let path = args
+                .snapshot
+                .clone()
+                .or_else(|| seed.is_file().then_some(seed))
+                .unwrap_or_else(|| path_hint.into());
             let (mut m, _) = restore_machine(&path, disk)?;
             let own = m.digest().map_err(|e| CmdError::Internal(e.to_string()))?;
             if own != *digest {
@@ -72,7 +78,11 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
         machine,
         source,
         config.fingerprint_interval,
-        args.repair,
+        ReplayMode {
+            repair: args.repair,
+            hooks: None,
+            digest_at: args.digest_at.clone(),
+        },
         out,
         &bad_log,
     )
@@ -86,7 +96,7 @@ pub fn replay_machine(
     mut machine: Machine,
     source: Box<dyn EntrySource>,
     fingerprint_interval: u64,
-    repair: bool,
+    mode: ReplayMode,
     out: Box<dyn std::io::Write + Send>,
     bad_log: &dyn Fn(String) -> CmdError,
 ) -> Result<i32, CmdError> {
@@ -94,12 +104,67 @@ pub fn replay_machine(
         &mut machine,
         source,
         fingerprint_interval,
-        (repair, None),
+        mode,
         out,
         None,
         bad_log,
     )
     .map(|r| r.status)
+}
+
+/// Where a seeded secondary keeps the seed of the log it keeps at `log`
+/// (`LOG.seed`, a snapshot file); `tandem replay --log LOG` takes it from
+/// there.
+pub fn seed_snapshot_path(log: &std::path::Path) -> std::path::PathBuf {
+    let mut p = log.as_os_str().to_owned();
+    p.push(".seed");
+    p.into()
+}
+
+/// How a replay checks and reports.
+#[derive(Default)]
+pub struct ReplayMode {
+    /// Repair divergences by adopting the next sync point.
+    pub repair: bool,
+    /// Told of each divergence and repair (a secondary asks its primary).
+    pub hooks: Option<Box<dyn RepairHooks>>,
+    /// Print the state digest at these exits.
+    pub digest_at: Vec<u64>,
+}
+
+/// Run the replay to its end, stopping at each exit of `digest_at` (in
+/// order; one the replay jumps over, adopting a sync point, is skipped) to
+/// print the state digest there.
+fn run_with_digests(
+    machine: &mut Machine,
+    replayer: &mut Replayer<Box<dyn EntrySource>>,
+    mut digest_at: Vec<u64>,
+) -> Result<RunOutcome, RunError> {
+    digest_at.sort_unstable();
+    digest_at.dedup();
+    let mut stops = digest_at.into_iter().peekable();
+    loop {
+        while stops.next_if(|&e| e < machine.exit_seq).is_some() {}
+        let limits = RunLimits {
+            stop_at_exit: stops.peek().copied(),
+            ..Default::default()
+        };
+        match machine.run(replayer, limits)? {
+            RunOutcome::Stopped if stops.peek() == Some(&machine.exit_seq) => {
+                stops.next();
+                let digest = machine.digest().map_err(|source| RunError::Sync {
+                    exit_seq: machine.exit_seq,
+                    source,
+                })?;
+                eprintln!(
+                    "tandem: state digest at exit {}: {}",
+                    machine.exit_seq,
+                    digest.to_hex()
+                );
+            }
+            other => return Ok(other),
+        }
+    }
 }
 
 /// How [`replay_on`] ended.
@@ -118,11 +183,16 @@ pub fn replay_on(
     machine: &mut Machine,
     source: Box<dyn EntrySource>,
     fingerprint_interval: u64,
-    (repair, hooks): (bool, Option<Box<dyn RepairHooks>>),
+    mode: ReplayMode,
     out: Box<dyn std::io::Write + Send>,
     frames: Option<Box<dyn vmm::outputs::Outputs>>,
     bad_log: &dyn Fn(String) -> CmdError,
 ) -> Result<Replayed, CmdError> {
+    let ReplayMode {
+        repair,
+        hooks,
+        digest_at,
+    } = mode;
     let done = |status| Replayed {
         status,
         truncated_at_ns: None,
@@ -141,7 +211,7 @@ pub fn replay_on(
     check_initial_digest(machine, &mut replayer)?;
     let started = Instant::now();
     let start = machine.exit_seq;
-    let result = machine.run(&mut replayer, RunLimits::default());
+    let result = run_with_digests(machine, &mut replayer, digest_at);
     let elapsed = started.elapsed().as_secs_f64();
     let summary = |m: &Machine| {
         format!(

@@ -1,0 +1,228 @@
+//! A secondary refuses what no real primary of this VM would send (issue
+//! 8): a hand-made primary speaks the lockstep protocol and sends a real
+//! record log, damaged on purpose. A corrupt frame mid-stream, a frame cut
+//! short mid-stream, a stream that changes its VM, a log that is not one,
+//! an older protocol: each is refused with a clear error that reaches the
+//! primary, and changes nothing: the secondary stops, applies nothing of
+//! the bad bytes, prints no final digest and does not go live although it
+//! has an arbiter that would let it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::{self, run_tandem, Pki, Proc};
+use common::{TempDir, TIMEOUT};
+use failover::channel::{kind as chan_kind, BlockingConnection, ChannelConfig, Message, Role};
+use failover::heartbeat::{kind as hb_kind, Protection};
+use failover::lockstep::{kind, Header, LOCKSTEP_VERSION};
+
+/// A primary speaking the protocol by hand.
+struct FakePrimary {
+    conn: BlockingConnection,
+}
+
+impl FakePrimary {
+    fn connect(addr: &str, pki: &Pki) -> FakePrimary {
+        let dir = pki.dir.path();
+        let creds = failover::certs::Credentials::load(
+            &dir.join("ca.pem"),
+            &dir.join("pri.pem"),
+            &dir.join("pri.key"),
+        )
+        .unwrap();
+        let cfg = ChannelConfig::new(Role::Primary, "pri");
+        let conn =
+            BlockingConnection::connect(addr.parse().unwrap(), "127.0.0.1", &creds, &cfg).unwrap();
+        FakePrimary { conn }
+    }
+
+    /// The lockstep header of a diskless VM from boot: `Ok` accepted,
+    /// `Err(reason)` refused.
+    fn offer(&mut self, version: u32) -> Result<(), String> {
+        let h = Header {
+            version,
+            disk: None,
+            seed: None,
+        };
+        self.conn
+            .send_frame(kind::HEADER, &postcard::to_stdvec(&h).unwrap())
+            .unwrap();
+        match self.conn.recv_frame_timeout(TIMEOUT).unwrap() {
+            Some((kind::ACCEPTED, _)) => Ok(()),
+            Some((chan_kind::MESSAGE, p)) => match postcard::from_bytes::<Message>(&p) {
+                Ok(Message::Abort { reason }) => Err(reason),
+                m => panic!("answer {m:?}"),
+            },
+            other => panic!("answer {other:?}"),
+        }
+    }
+
+    fn protection(&mut self, vm_id: &str, generation: u64) {
+        let p = Protection {
+            vm_id: vm_id.into(),
+            generation,
+            heartbeat_ms: 50,
+        };
+        self.conn
+            .send_frame(hb_kind::PROTECTION, &postcard::to_stdvec(&p).unwrap())
+            .unwrap();
+    }
+
+    fn log(&mut self, bytes: &[u8]) {
+        self.conn
+            .send_msg(&Message::LogBytes(bytes.to_vec()))
+            .unwrap();
+    }
+
+    /// Read what the secondary sends until it refuses the stream: its
+    /// reason (an `Abort`, or the reason the connection was closed with).
+    fn refusal(&mut self) -> String {
+        let start = Instant::now();
+        while start.elapsed() < TIMEOUT {
+            match self.conn.recv_frame_timeout(Duration::from_millis(100)) {
+                Ok(Some((chan_kind::MESSAGE, p))) => match postcard::from_bytes::<Message>(&p) {
+                    Ok(Message::Abort { reason }) => return reason,
+                    m => panic!("message {m:?}"),
+                },
+                // Acknowledgements, heartbeats: the secondary took bytes.
+                Ok(_) => {}
+                Err(e) => return e.to_string(),
+            }
+        }
+        panic!("the secondary never refused the stream");
+    }
+}
+
+/// A real record log of `busy 3000` and the offsets its frames end at.
+fn real_log(dir: &TempDir) -> (Vec<u8>, Vec<u64>) {
+    let path = dir.s("real.log");
+    let (st, _, err) = run_tandem(&["record", "--cmdline", "busy 3000", "--log", &path]);
+    assert_eq!(st, 0, "{err}");
+    let bytes = std::fs::read(&path).unwrap();
+    let (mut r, _) = recordlog::LogReader::open(std::io::Cursor::new(bytes.clone())).unwrap();
+    let mut ends = vec![r.offset()];
+    while r.next_entry().unwrap().is_some() {
+        if ends.last() != Some(&r.offset()) {
+            ends.push(r.offset());
+        }
+    }
+    assert!(ends.len() > 8, "too few frames: {}", ends.len());
+    (bytes, ends)
+}
+
+/// A secondary with an arbiter (it could go live) and a long failover
+/// timeout (a refusal is not a lost primary).
+fn secondary(pki: &Pki, dir: &TempDir) -> (Proc, String) {
+    let arbiter = format!("file:{}", dir.s("arbiter"));
+    std::fs::create_dir_all(dir.s("arbiter")).unwrap();
+    cluster::secondary(
+        &[],
+        "127.0.0.1:0",
+        &pki.creds("sec"),
+        &[
+            "--arbiter",
+            &arbiter,
+            "--failover-timeout-ms",
+            "60000",
+            "--log",
+            &dir.s("received.log"),
+        ],
+    )
+}
+
+/// The secondary stopped on `reason` without going live or finishing.
+fn refused(sec: Proc, dir: &TempDir, reason: &str, want: &str) -> String {
+    let (status, _, err) = sec.finish();
+    assert!(reason.contains(want), "primary got {reason:?}\n{err}");
+    assert_ne!(status, 0, "the secondary took the stream\n{err}");
+    assert!(err.contains(want), "{err}");
+    assert!(!err.contains("final state digest"), "{err}");
+    assert!(!err.contains("replay verified"), "{err}");
+    assert!(!err.contains("the primary is lost"), "{err}");
+    let claims = std::fs::read_dir(dir.s("arbiter")).unwrap().count();
+    assert_eq!(claims, 0, "the secondary asked the arbiter\n{err}");
+    err
+}
+
+fn protected_stream(tag: &str) -> (Pki, TempDir, Proc, FakePrimary, Vec<u8>, Vec<u64>) {
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    let dir = TempDir::new(tag);
+    let (log, ends) = real_log(&dir);
+    let (sec, addr) = secondary(&pki, &dir);
+    let mut p = FakePrimary::connect(&addr, &pki);
+    p.offer(LOCKSTEP_VERSION).unwrap();
+    p.protection("0123abcd", 1);
+    (pki, dir, sec, p, log, ends)
+}
+
+#[test]
+fn a_corrupt_frame_mid_stream_is_refused() {
+    let (_pki, dir, sec, mut p, mut log, ends) = protected_stream("refuse-corrupt");
+    let k = ends.len() / 2;
+    let (start, end) = (ends[k] as usize, ends[k + 1] as usize);
+    // Good frames first, then one whose CRC is wrong, then the rest.
+    p.log(&log[..start]);
+    log[end - 1] ^= 0x5a;
+    p.log(&log[start..]);
+    let reason = p.refusal();
+    refused(
+        sec,
+        &dir,
+        &reason,
+        &format!("corrupt log entry at byte offset {start}"),
+    );
+}
+
+#[test]
+fn a_truncated_frame_mid_stream_is_refused() {
+    let (_pki, dir, sec, mut p, log, ends) = protected_stream("refuse-cut");
+    let k = ends.len() / 2;
+    let (start, end) = (ends[k] as usize, ends[k + 1] as usize);
+    // The frame at `start` loses its last 3 bytes; the stream goes on.
+    p.log(&log[..end - 3]);
+    p.log(&log[end..]);
+    let reason = p.refusal();
+    refused(
+        sec,
+        &dir,
+        &reason,
+        &format!("corrupt log entry at byte offset {start}"),
+    );
+}
+
+#[test]
+fn a_stream_that_changes_its_vm_is_refused() {
+    let (_pki, dir, sec, mut p, log, ends) = protected_stream("refuse-vm");
+    let half = ends[ends.len() / 2] as usize;
+    p.log(&log[..half]);
+    p.protection("ffff0000", 1);
+    p.log(&log[half..]);
+    let reason = p.refusal();
+    refused(sec, &dir, &reason, "a log stream of another VM");
+}
+
+#[test]
+fn a_log_stream_that_is_not_a_log_is_refused() {
+    let (_pki, dir, sec, mut p, _, _) = protected_stream("refuse-garbage");
+    p.log(&common::noise(4096, 7));
+    let reason = p.refusal();
+    refused(sec, &dir, &reason, "not a Tandem log");
+}
+
+#[test]
+fn an_older_lockstep_protocol_is_refused() {
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    let dir = TempDir::new("refuse-version");
+    let (sec, addr) = secondary(&pki, &dir);
+    let mut p = FakePrimary::connect(&addr, &pki);
+    let reason = p.offer(LOCKSTEP_VERSION - 1).unwrap_err();
+    assert!(
+        reason.contains(&format!(
+            "lockstep protocol version {} (this secondary speaks {LOCKSTEP_VERSION})",
+            LOCKSTEP_VERSION - 1
+        )),
+        "{reason}"
+    );
+    drop(sec);
+}
