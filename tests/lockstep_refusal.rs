@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{self, run_tandem, Pki, Proc};
 use common::{TempDir, TIMEOUT};
-use failover::channel::{kind as chan_kind, BlockingConnection, ChannelConfig, Message, Role};
+use failover::channel::{kind as chan_kind, BlockingConnection, Message, Role};
 use failover::heartbeat::{kind as hb_kind, Protection};
 use failover::lockstep::{kind, Header, LOCKSTEP_VERSION};
 
@@ -24,17 +24,9 @@ struct FakePrimary {
 
 impl FakePrimary {
     fn connect(addr: &str, pki: &Pki) -> FakePrimary {
-        let dir = pki.dir.path();
-        let creds = failover::certs::Credentials::load(
-            &dir.join("ca.pem"),
-            &dir.join("pri.pem"),
-            &dir.join("pri.key"),
-        )
-        .unwrap();
-        let cfg = ChannelConfig::new(Role::Primary, "pri");
-        let conn =
-            BlockingConnection::connect(addr.parse().unwrap(), "127.0.0.1", &creds, &cfg).unwrap();
-        FakePrimary { conn }
+        FakePrimary {
+            conn: pki.connect(addr, "pri", Role::Primary),
+        }
     }
 
     /// The lockstep header of a diskless VM from boot: `Ok` accepted,
@@ -156,15 +148,15 @@ fn protected_stream(tag: &str) -> (Pki, TempDir, Proc, FakePrimary, Vec<u8>, Vec
     (pki, dir, sec, p, log, ends)
 }
 
-#[test]
-fn a_corrupt_frame_mid_stream_is_refused() {
-    let (_pki, dir, sec, mut p, mut log, ends) = protected_stream("refuse-corrupt");
+/// The middle frame of a real log, damaged by `damage` (the log, where
+/// the frame starts and ends: the chunks to send), is refused by offset.
+fn a_damaged_frame_is_refused(tag: &str, damage: fn(Vec<u8>, usize, usize) -> Vec<Vec<u8>>) {
+    let (_pki, dir, sec, mut p, log, ends) = protected_stream(tag);
     let k = ends.len() / 2;
     let (start, end) = (ends[k] as usize, ends[k + 1] as usize);
-    // Good frames first, then one whose CRC is wrong, then the rest.
-    p.log(&log[..start]);
-    log[end - 1] ^= 0x5a;
-    p.log(&log[start..]);
+    for chunk in damage(log, start, end) {
+        p.log(&chunk);
+    }
     let reason = p.refusal();
     refused(
         sec,
@@ -175,20 +167,20 @@ fn a_corrupt_frame_mid_stream_is_refused() {
 }
 
 #[test]
+fn a_corrupt_frame_mid_stream_is_refused() {
+    // Good frames first, then one whose CRC is wrong, then the rest.
+    a_damaged_frame_is_refused("refuse-corrupt", |mut log, start, end| {
+        log[end - 1] ^= 0x5a;
+        vec![log[..start].to_vec(), log[start..].to_vec()]
+    });
+}
+
+#[test]
 fn a_truncated_frame_mid_stream_is_refused() {
-    let (_pki, dir, sec, mut p, log, ends) = protected_stream("refuse-cut");
-    let k = ends.len() / 2;
-    let (start, end) = (ends[k] as usize, ends[k + 1] as usize);
-    // The frame at `start` loses its last 3 bytes; the stream goes on.
-    p.log(&log[..end - 3]);
-    p.log(&log[end..]);
-    let reason = p.refusal();
-    refused(
-        sec,
-        &dir,
-        &reason,
-        &format!("corrupt log entry at byte offset {start}"),
-    );
+    // The frame loses its last 3 bytes; the stream goes on.
+    a_damaged_frame_is_refused("refuse-cut", |log, _, end| {
+        vec![log[..end - 3].to_vec(), log[end..].to_vec()]
+    });
 }
 
 #[test]

@@ -50,14 +50,8 @@ fn the_secondary_equals_a_replay_of_the_primary_log_at_several_exits() {
     let both = format!("--- primary ---\n{out}\n{pri_err}\n--- secondary ---\n{sec_err}");
     assert_eq!(status, 0, "{both}");
     assert_eq!(sec_status, 0, "{both}");
-    let (rs, _, replay_err) = run_tandem(&[
-        "replay",
-        "--log",
-        &pri_log,
-        "--quiet",
-        "--digest-at",
-        stops,
-    ]);
+    let (rs, _, replay_err) =
+        run_tandem(&["replay", "--log", &pri_log, "--quiet", "--digest-at", stops]);
     assert_eq!(rs, 0, "{replay_err}");
     assert!(replay_err.contains("replay verified"), "{replay_err}");
     let (theirs, ours) = (digests_at(&replay_err), digests_at(&sec_err));

@@ -19,7 +19,7 @@ use common::cluster::{
     make_disk, migrate, receiver, reference, run_tandem, same_image, source, Netns, Pki, Proc,
 };
 use common::{noise, read, result_line, TempDir, TIMEOUT};
-use failover::channel::{kind as channel_kind, BlockingConnection, ChannelConfig, Message, Role};
+use failover::channel::{kind as channel_kind, BlockingConnection, Message, Role};
 use failover::migration::{
     kind, new_nonce, DiskIdentity, DiskOffer, Header, MAX_DISK_NAME, MIGRATION_VERSION,
 };
@@ -205,17 +205,9 @@ struct FakeSource {
 
 impl FakeSource {
     fn connect(addr: &str, pki: &Pki) -> FakeSource {
-        let dir = pki.dir.path();
-        let creds = failover::certs::Credentials::load(
-            &dir.join("ca.pem"),
-            &dir.join("a.pem"),
-            &dir.join("a.key"),
-        )
-        .unwrap();
-        let cfg = ChannelConfig::new(Role::MigrationSource, "a");
-        let conn =
-            BlockingConnection::connect(addr.parse().unwrap(), "127.0.0.1", &creds, &cfg).unwrap();
-        FakeSource { conn }
+        FakeSource {
+            conn: pki.connect(addr, "a", Role::MigrationSource),
+        }
     }
 
     /// Send a header for a 16 MiB VM with a disk called `name`; the

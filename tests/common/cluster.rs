@@ -149,6 +149,31 @@ impl Pki {
         }
         Pki { dir }
     }
+    /// A channel connection to `addr` as `host` in `role` (a hand-made
+    /// peer, to send what a real one never would).
+    pub fn connect(
+        &self,
+        addr: &str,
+        host: &str,
+        role: failover::channel::Role,
+    ) -> failover::channel::BlockingConnection {
+        let dir = self.dir.path();
+        let creds = failover::certs::Credentials::load(
+            &dir.join("ca.pem"),
+            &dir.join(format!("{host}.pem")),
+            &dir.join(format!("{host}.key")),
+        )
+        .unwrap();
+        let cfg = failover::channel::ChannelConfig::new(role, host);
+        failover::channel::BlockingConnection::connect(
+            addr.parse().unwrap(),
+            "127.0.0.1",
+            &creds,
+            &cfg,
+        )
+        .unwrap()
+    }
+
     /// `--ca --cert --key` of `host`.
     pub fn creds(&self, host: &str) -> Vec<String> {
         vec![
