@@ -276,6 +276,12 @@ impl Pipeline {
         self.outstanding() <= self.in_flight(link) + slack
     }
 
+    /// No rate is measured yet, but the echo of what is outstanding will
+    /// measure one: a decision now would rest on a guess.
+    pub(crate) fn measuring(&self) -> bool {
+        self.rate.is_none() && self.outstanding() >= MIN_SAMPLE_BYTES
+    }
+
     /// The highest round the destination has echoed.
     pub(crate) fn acked_round(&self) -> Option<u32> {
         self.acked_round
@@ -407,6 +413,10 @@ mod tests {
         assert_eq!(p.acked_round(), Some(0));
         // An echo of a round never sent is refused.
         assert!(!p.acked(7, t0 + 201 * MS, rtt));
+        // Enough outstanding to measure a rate with: wait for its echo.
+        assert!(!p.measuring());
+        p.sent(2, 200 << 10, 25, t0 + 202 * MS);
+        assert!(p.measuring());
     }
 
     /// With a rate measured, the backlog is what the link cannot have sent

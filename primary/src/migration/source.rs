@@ -138,6 +138,7 @@ fn transfer<'a>(
         recording: false,
         pipe: Pipeline::new(Instant::now()),
         stashed: None,
+        answer_pending: false,
     };
     let mut result = source.run();
     // An `Abort` from the destination is an answer: it does not run the
@@ -216,6 +217,8 @@ struct Source<'a> {
     /// A message other than an acknowledgement, taken while polling for
     /// acknowledgements (after the switchover: `Running`).
     stashed: Option<Message>,
+    /// The header's answer is still to be read (see [`Source::answer`]).
+    answer_pending: bool,
 }
 
 /// A marker file next to the source's disk image
@@ -398,7 +401,7 @@ impl Source<'_> {
     /// Take the acknowledgements that have arrived, without waiting, and
     /// what the congestion controller knows of the link's rate.
     fn poll_echoes(&mut self) -> Result<(), MigrationError> {
-        if self.stashed.is_some() {
+        if self.stashed.is_some() || self.answer_pending {
             return Ok(());
         }
         if let Some(h) = &self.handle {
@@ -529,7 +532,30 @@ impl Source<'_> {
             ),
         };
         self.conn().send_frame(frame, &bytes)?;
-        let (k, payload) = self.conn().recv_frame()?;
+        if self.seeding.is_none() && header.disk.is_none() {
+            // Round 0 goes out while the header's answer travels (one
+            // round trip less; the destination's VM takes the pages from
+            // its receive window once it has accepted): read after the
+            // round's pages, in `answer`.
+            self.answer_pending = true;
+            return Ok(());
+        }
+        self.answer(header.disk.is_some())
+    }
+
+    /// Read the destination's answer to the header (`disk`: we offered
+    /// one).
+    fn answer(&mut self, disk: bool) -> Result<(), MigrationError> {
+        self.answer_pending = false;
+        let (k, payload) = match self.conn().recv_frame() {
+            Ok(f) => f,
+            // It refused and closed before we read its answer: its reason
+            // is the close's.
+            Err(e @ failover::channel::ChannelError::Closed { .. }) => {
+                return Err(MigrationError::Refused(e.to_string()))
+            }
+            Err(e) => return Err(e.into()),
+        };
         let seeded = self.seeding.as_ref().and_then(|s| s.accepted(k, &payload));
         let accepted = match seeded {
             Some(a) => Some(a.map_err(MigrationError::Protocol)?),
@@ -542,7 +568,7 @@ impl Source<'_> {
         match k {
             _ if accepted.is_some() => {
                 let a: Accepted = accepted.expect("checked");
-                let want = if header.disk.is_some() {
+                let want = if disk {
                     [DiskPlan::Copy, DiskPlan::Shared].contains(&a.disk)
                 } else {
                     a.disk == DiskPlan::None
@@ -771,7 +797,12 @@ impl Source<'_> {
                 // destination's fresh memory already holds it.
                 gpas = memory::possibly_nonzero(&vm.memory, &gpas);
             }
-            let sent = self.send_pages(&gpas, round)?;
+            let sent = self.send_pages(&gpas, round);
+            if self.answer_pending {
+                // A refusal says why, whatever sending met meanwhile.
+                self.answer(false)?;
+            }
+            let sent = sent?;
             let mut bytes = sent.bytes;
             if let (Some(d), Some(f)) = (&disk, &disk_file) {
                 let blocks: Vec<u64> = if round == 0 {
@@ -804,8 +835,10 @@ impl Source<'_> {
                 // Only the backlog stands between this round and the
                 // target: let it drain (no round, no throttle: neither
                 // would shorten it), then look again.
-                if queued > precopy.target()
-                    && dirty_only <= precopy.target()
+                // Nor decide before the first rate is measured, when the
+                // echo on its way will measure one.
+                if (queued > precopy.target() && dirty_only <= precopy.target()
+                    || self.pipe.measuring())
                     && self.pipe.outstanding() > 0
                 {
                     self.wait_for_echo()?;
