@@ -16,13 +16,12 @@ use failover::lockstep::{DiskHash, Header as LockstepHeader, LOCKSTEP_VERSION};
 use primary::held_audit::ReleaseAudit;
 use primary::lockstep::{Link, LinkParams};
 use primary::record::RecordOptions;
-use recordlog::{Header, InitialState, LogWriter, QueueWriter};
+use recordlog::{InitialState, QueueWriter};
 use vmm::inputs::LiveInputs;
-use vmm::machine::LogConfig;
 use vmm::outputs::LiveOutputs;
 use vmm::throttle::Throttle;
 
-use super::record::{record_run, Limits};
+use super::record::{log_file, record_run, start_log, Limits};
 use super::run::{boot, vm_config};
 use super::CmdError;
 use crate::cli::{ProtectArgs, RunArgs};
@@ -96,36 +95,16 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
         None => None,
     };
     let mut machine = boot(&config)?;
-    machine
-        .enable_sync_points(false)
-        .map_err(|e| CmdError::Internal(e.to_string()))?;
     let rec = RecordOptions {
         progress: Duration::from_millis(args.protect.lag.progress_ms),
         ..RecordOptions::default()
     };
-    let log_config = LogConfig {
-        vm: machine.config.clone(),
-        fingerprint_interval: rec.fingerprint_interval,
-        sync_interval: rec.sync_interval,
-    };
-    let header = Header::new(
-        log_config
-            .encode()
-            .map_err(|e| CmdError::Internal(e.to_string()))?,
-        InitialState::Boot,
-    );
+    let header = start_log(&mut machine, &rec, InitialState::Boot)?;
     let queue = lag.queue();
     let writer = QueueWriter::new(queue.clone(), &header)
         .map_err(|e| CmdError::Internal(format!("the log stream: {e}")))?;
     let keep = match &args.protect.keep_log {
-        Some(p) => {
-            let f = std::fs::File::create(p)
-                .map_err(|e| CmdError::Input(format!("--keep-log {}: {e}", p.display())))?;
-            Some(
-                LogWriter::new(std::io::BufWriter::new(f), &header)
-                    .map_err(|e| CmdError::Internal(format!("--keep-log {}: {e}", p.display())))?,
-            )
-        }
+        Some(p) => Some(log_file(p, &header, "--keep-log")?),
         None => None,
     };
     let mut link = Link::connect(

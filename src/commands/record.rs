@@ -52,32 +52,17 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
             (m, initial, snap.state.virtual_ns)
         }
     };
-    machine
-        .enable_sync_points(false)
-        .map_err(|e| CmdError::Internal(e.to_string()))?;
-    let config = LogConfig {
-        vm: machine.config.clone(),
+    let rec = RecordOptions {
         fingerprint_interval: args.fingerprint_interval,
         sync_interval: args.sync_interval,
+        ..RecordOptions::default()
     };
-    let header = Header::new(
-        config
-            .encode()
-            .map_err(|e| CmdError::Internal(e.to_string()))?,
-        initial,
-    );
-    let file = File::create(&args.log)
-        .map_err(|e| CmdError::Input(format!("--log {}: {e}", args.log.display())))?;
-    let writer = LogWriter::new(BufWriter::new(file), &header)
-        .map_err(|e| CmdError::Internal(format!("--log {}: {e}", args.log.display())))?;
+    let header = start_log(&mut machine, &rec, initial)?;
+    let writer = log_file(&args.log, &header, "--log")?;
     let limits = Limits {
         stop_at: args.stop_at,
         kick_grace: Some(Duration::from_micros(args.kick_grace_us)),
-        rec: RecordOptions {
-            fingerprint_interval: args.fingerprint_interval,
-            sync_interval: args.sync_interval,
-            ..RecordOptions::default()
-        },
+        rec,
         throttle: None,
         exit_gauge: None,
     };
@@ -112,6 +97,42 @@ pub fn record(args: RecordArgs) -> Result<i32, CmdError> {
         machine.stats.kicks,
     );
     Ok(status)
+}
+
+/// Make `machine` ready to be recorded with `rec` from `initial` (sync
+/// points on) and return its log's header (`tandem record` and `tandem
+/// run --protect-to` alike).
+pub fn start_log(
+    machine: &mut Machine,
+    rec: &RecordOptions,
+    initial: InitialState,
+) -> Result<Header, CmdError> {
+    machine
+        .enable_sync_points(false)
+        .map_err(|e| CmdError::Internal(e.to_string()))?;
+    let config = LogConfig {
+        vm: machine.config.clone(),
+        fingerprint_interval: rec.fingerprint_interval,
+        sync_interval: rec.sync_interval,
+    };
+    Ok(Header::new(
+        config
+            .encode()
+            .map_err(|e| CmdError::Internal(e.to_string()))?,
+        initial,
+    ))
+}
+
+/// A log file at `path` (named `flag` in errors) starting with `header`.
+pub fn log_file(
+    path: &Path,
+    header: &Header,
+    flag: &str,
+) -> Result<LogWriter<BufWriter<File>>, CmdError> {
+    let file = File::create(path)
+        .map_err(|e| CmdError::Input(format!("{flag} {}: {e}", path.display())))?;
+    LogWriter::new(BufWriter::new(file), header)
+        .map_err(|e| CmdError::Internal(format!("{flag} {}: {e}", path.display())))
 }
 
 /// How [`record_run`] records.
