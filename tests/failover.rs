@@ -378,20 +378,29 @@ fn frozen_primary_stops_in(pair: Pair) {
 fn frozen_secondary_does_not_go_live() {
     let pair = Pair::new("fo-frozen-sec");
     let cmdline = "fill 4 60 3";
-    let (mut sec, addr) = pair.secondary(None);
+    let (sec, addr) = pair.secondary(None);
     let mut pri = pair.primary(cmdline, &addr, None);
     pri.wait_until("round 5", || rounds(&pair.console("pri.txt")) >= 5);
     sec.signal(libc::SIGSTOP);
     pri.wait_for("runs on UNPROTECTED", true);
     sec.signal(libc::SIGCONT);
-    sec.wait_for("does not go live", true);
     let (status, _, err) = sec.finish();
-    assert_eq!(status, 3, "{err}");
-    assert!(err.contains("to primary pri"), "{err}");
+    assert!(!err.contains("going LIVE"), "{err}");
     assert_eq!(pair.console("live.txt"), "", "{err}");
-    let (status, _, perr) = pri.finish();
-    assert_eq!(status, 0, "{perr}");
+    let (pstatus, _, perr) = pri.finish();
+    assert_eq!(pstatus, 0, "{perr}");
     assert!(result_line(&pair.console("pri.txt")).is_some(), "{perr}");
+    if err.contains("does not go live") {
+        assert_eq!(status, 3, "{err}");
+        assert!(err.contains("to primary pri"), "{err}");
+    } else {
+        // The guest ended on the primary (recording runs ahead of the held
+        // outputs) before the frozen secondary missed a beat: the whole
+        // log, its end included, waited for it; the VM is over and the
+        // replay must match.
+        assert_eq!(status, 0, "{err}");
+        assert_eq!(final_digest(&perr), final_digest(&err), "{perr}\n{err}");
+    }
 }
 
 /// Without an arbiter neither side may go on alone: a primary that loses
