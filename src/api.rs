@@ -339,10 +339,19 @@ fn serve_conn(stream: UnixStream, target: &Target) {
             Request::Pause => result(ctl.pause()),
             Request::Resume => result(ctl.resume()),
             Request::Cancel => result(ctl.cancel_migration()),
-            Request::Failover => Event::Error {
-                error: "this VM is not protected: a test failover needs tandem run --protect-to"
-                    .into(),
-            },
+            Request::Failover => {
+                if ctl.status().protection.is_none() {
+                    Event::Error {
+                        error: "this VM is not protected: no secondary would take over (a test failover needs a protected VM)".into(),
+                    }
+                } else {
+                    send(&mut w, &Event::Ok);
+                    eprintln!("tandem: test failover: this primary stops now as if its host died");
+                    // SAFETY: kill(2) on our own process; nothing after it runs.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                    return;
+                }
+            }
             Request::Migrate(m) => {
                 ANSWERING.fetch_add(1, Ordering::SeqCst);
                 migrate(&mut w, ctl, &m);
@@ -437,28 +446,12 @@ fn migrate(w: &mut UnixStream, ctl: &VmController, m: &MigrateRequest) {
 }
 
 fn protect(w: &mut UnixStream, ctl: &VmController, m: &ProtectRequest) {
-    let made = failover::lineage::parse_spares(&m.spares)
-        .and_then(|spares| crate::spare::params(ctl, m).map(|p| (spares, p)));
-    let (spares, (params, failover)) = match made {
-        Ok(x) => x,
-        Err(error) => {
-            send(w, &Event::Error { error });
-            return;
-        }
-    };
-    if !spares.is_empty() {
-        ctl.lineage().spares = spares;
-    }
     eprintln!(
         "tandem: protecting the VM: seeding the secondary at {}",
-        params.to
+        m.to.to
     );
     let mut client = true;
-    let rec = primary::record::RecordOptions {
-        progress: std::time::Duration::from_millis(primary::lockstep::DEFAULT_PROGRESS_MS),
-        ..primary::record::RecordOptions::default()
-    };
-    let result = primary::protect::protect(ctl, &params, failover, rec, &mut |p| {
+    let result = crate::spare::protect(ctl, m, false, &mut |p| {
         if client {
             client = send(w, &Event::Progress(p.clone()));
         }
@@ -471,17 +464,12 @@ fn protect(w: &mut UnixStream, ctl: &VmController, m: &ProtectRequest) {
             );
             send(w, &Event::Protected(report));
         }
-        Err(e) => {
+        Err(error) => {
             eprintln!(
-                "tandem: protecting the VM failed: {e}; the VM {} unprotected",
+                "tandem: protecting the VM failed: {error}; the VM {} unprotected",
                 goes_on(ctl)
             );
-            send(
-                w,
-                &Event::Error {
-                    error: e.to_string(),
-                },
-            );
+            send(w, &Event::Error { error });
         }
     }
 }

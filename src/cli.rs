@@ -273,6 +273,13 @@ pub struct ProtectArgs {
     /// the secondary had acknowledged, emitted and released times).
     #[arg(long, value_name = "PATH", requires = "protect_to")]
     pub output_log: Option<PathBuf>,
+    /// Spare secondaries (HOST:PORT): when the secondary is lost and this
+    /// primary wins the arbiter, it seeds the first spare that takes the VM
+    /// by itself. With --spare the VM is seeded to --protect-to before its
+    /// first instruction (as `tandem protect` does, the disk copied) and is
+    /// served on --api-socket.
+    #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',', requires_all = ["protect_to", "api_socket"])]
+    pub spare: Vec<String>,
     #[command(flatten)]
     pub lag: LagArgs,
     #[command(flatten)]

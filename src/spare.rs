@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use primary::migration::{MigrationParams, VmController};
+use primary::protect::ProtectReport;
 
 use crate::api::{self, ProtectRequest};
 
@@ -42,6 +43,32 @@ pub fn params(
     Ok((p, f))
 }
 
+/// Protect the VM of `ctl` as `m` asks (its spares, if any, replace the
+/// VM's list). `paused_ok`: a paused VM is protected too (and stays
+/// paused). Progress as for a migration.
+pub fn protect(
+    ctl: &VmController,
+    m: &ProtectRequest,
+    paused_ok: bool,
+    on_progress: &mut dyn FnMut(&primary::migration::Progress),
+) -> Result<ProtectReport, String> {
+    let spares = failover::lineage::parse_spares(&m.spares)?;
+    let (params, failover) = params(ctl, m)?;
+    if !spares.is_empty() {
+        ctl.lineage().spares = spares;
+    }
+    let rec = primary::record::RecordOptions {
+        progress: std::time::Duration::from_millis(primary::lockstep::DEFAULT_PROGRESS_MS),
+        ..primary::record::RecordOptions::default()
+    };
+    let how = if paused_ok {
+        primary::protect::protect_paused
+    } else {
+        primary::protect::protect
+    };
+    how(ctl, &params, failover, rec, on_progress).map_err(|e| e.to_string())
+}
+
 /// Seed the first spare that takes the VM (see the module docs).
 pub fn seed_spare(ctl: &VmController, template: &ProtectRequest) {
     loop {
@@ -52,17 +79,9 @@ pub fn seed_spare(ctl: &VmController, template: &ProtectRequest) {
         let mut m = template.clone();
         m.to.to = addr.clone();
         note(ctl, format!("seeding the spare {addr}"));
-        let made = params(ctl, &m);
-        let result = made.and_then(|(p, f)| {
-            primary::protect::protect(
-                ctl,
-                &p,
-                f,
-                primary::record::RecordOptions::default(),
-                &mut |_| {},
-            )
-            .map_err(|e| e.to_string())
-        });
+        // The VM's list (without this one) stays as it is.
+        m.spares.clear();
+        let result = protect(ctl, &m, true, &mut |_| {});
         match result {
             Ok(r) => {
                 let generation = ctl.lineage().generation;

@@ -527,7 +527,9 @@ fn failover_then_reprotect_then_failover_again() {
     b.wait_until("a few rounds protected", || {
         rounds(&pair.console("live.txt")) >= r0 + 3
     });
-    b.signal(libc::SIGKILL);
+    // A test failover of the re-protected VM (its full control socket).
+    let (code, out, err) = run_tandem(&["failover", "--api", &b_sock]);
+    assert_eq!(code, 0, "{out}{err}");
     let _ = b.child.wait();
     c.wait_for("going LIVE", true);
     let c_pid = c.child.id();
@@ -766,4 +768,59 @@ fn etcd_unreachable_neither_side_goes_live() {
         "{err}"
     );
     assert!(result_line(&pair.console("pri.txt")).is_none(), "{err}");
+}
+
+/// `tandem run --protect-to --spare --api-socket`: seeded before its first
+/// instruction, so no output leaves unprotected; kill -9 of the secondary:
+/// the primary wins, seeds the spare (generation 2); the spare follows to
+/// the end with the primary's final digest; the console is the unfailed
+/// run's.
+#[test]
+fn protected_from_the_start_with_a_spare() {
+    let pair = Pair::new("fo-run-spare");
+    let cmdline = "fill 4 200 3";
+    let (st, want, err) = run_tandem(&["run", "--cmdline", cmdline]);
+    assert_eq!(st, 0, "{err}");
+    let (mut sec, addr) = pair.secondary(None);
+    let (mut spare, spare_addr) = pair.secondary_as("third", "live2.txt", None, &[]);
+    let sock = pair.dir.s("api.sock");
+    let serial = format!("file:{}", pair.dir.s("pri.txt"));
+    let mut args = vec![
+        "run",
+        "--api-socket",
+        &sock,
+        "--cmdline",
+        cmdline,
+        "--serial",
+        &serial,
+        "--protect-to",
+        &addr,
+        "--spare",
+        &spare_addr,
+        "--arbiter",
+        &pair.arbiter,
+    ];
+    args.extend(TIMING);
+    let creds = pair.pki.creds("pri");
+    args.extend(creds.iter().map(String::as_str));
+    let mut pri = Proc::spawn(&[], &args);
+    let seeded = pri.wait_for("protected by the secondary sec at ", true);
+    assert!(seeded.contains(" from exit 0 "), "{seeded}");
+    sec.wait_for("seeded at exit 0", true);
+    pri.wait_until("round 5", || rounds(&pair.console("pri.txt")) >= 5);
+    sec.signal(libc::SIGKILL);
+    let pri_pid = pri.child.id();
+    let (status_p, _, perr) = pri.finish();
+    assert_eq!(status_p, 0, "{perr}");
+    assert!(
+        perr.contains("spare: protected by the spare third"),
+        "{perr}"
+    );
+    spare.wait_for("final state digest", true);
+    let (status_s, _, serr) = spare.finish();
+    assert_eq!(status_s, 0, "{serr}");
+    assert!(serr.contains("replay verified"), "{serr}");
+    assert_eq!(final_digest(&perr), final_digest(&serr), "{perr}\n{serr}");
+    assert_eq!(pair.console("pri.txt"), want);
+    assert_eq!(pair.holder(), format!("primary pri (pid {pri_pid})"));
 }

@@ -284,6 +284,31 @@ pub fn protect(
     rec: RecordOptions,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<ProtectReport, ProtectError> {
+    if ctl.paused() {
+        return Err(ProtectError::Paused);
+    }
+    protect_vm(ctl, params, failover, rec, on_progress)
+}
+
+/// [`protect`] a VM that may be paused (it stays paused, recorded from the
+/// exit it is paused at): a VM protected before its first instruction.
+pub fn protect_paused(
+    ctl: &VmController,
+    params: &MigrationParams,
+    failover: FailoverParams,
+    rec: RecordOptions,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> Result<ProtectReport, ProtectError> {
+    protect_vm(ctl, params, failover, rec, on_progress)
+}
+
+fn protect_vm(
+    ctl: &VmController,
+    params: &MigrationParams,
+    failover: FailoverParams,
+    rec: RecordOptions,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> Result<ProtectReport, ProtectError> {
     if let Some(s) = ctl.protection_session() {
         if !s.acks.alone() {
             return Err(ProtectError::Already(s.info().peer.clone()));
@@ -291,9 +316,6 @@ pub fn protect(
         // Its secondary was lost and it won the arbiter: that recording
         // goes nowhere; end it before seeding the new secondary.
         abandon(ctl);
-    }
-    if ctl.paused() {
-        return Err(ProtectError::Paused);
     }
     if ctl.ended() {
         return Err(ProtectError::Ended);

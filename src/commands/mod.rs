@@ -15,6 +15,7 @@ mod receive;
 mod record;
 mod replay;
 mod run;
+mod run_spares;
 
 use vmm::run::RunError;
 

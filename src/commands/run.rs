@@ -205,6 +205,9 @@ pub fn stopped_by_signal(machine: &mut Machine, inputs: &mut dyn Inputs, flush: 
 }
 
 pub fn run(args: RunArgs) -> Result<i32, CmdError> {
+    if args.protect.protect_to.is_some() && !args.protect.spare.is_empty() {
+        return super::run_spares::run(args);
+    }
     if args.protect.protect_to.is_some() {
         return super::protect::run_protected(args);
     }
