@@ -376,18 +376,34 @@ fn frozen_primary_stops_in(pair: Pair) {
 /// go live.
 #[test]
 fn frozen_secondary_does_not_go_live() {
-    let pair = Pair::new("fo-frozen-sec");
+    frozen_secondary_in("fo-frozen-sec", false);
+}
+
+/// The same, the secondary continued only after the primary's run ended:
+/// its log stream was closed before the log's end, it still asks the
+/// arbiter (no silent exit), says who holds the VM and does not go live.
+#[test]
+fn frozen_secondary_woken_after_the_primary_ended() {
+    frozen_secondary_in("fo-frozen-sec-end", true);
+}
+
+/// [`frozen_secondary_does_not_go_live`]; with `after_end` the secondary
+/// is continued once the primary has ended.
+fn frozen_secondary_in(tag: &str, after_end: bool) {
+    let pair = Pair::new(tag);
     let cmdline = "fill 4 60 3";
     let (sec, addr) = pair.secondary(None);
-    let mut pri = pair.primary(cmdline, &addr, None);
-    pri.wait_until("round 5", || rounds(&pair.console("pri.txt")) >= 5);
+    let mut pri = Some(pair.primary(cmdline, &addr, None));
+    let p = pri.as_mut().unwrap();
+    p.wait_until("round 5", || rounds(&pair.console("pri.txt")) >= 5);
     sec.signal(libc::SIGSTOP);
-    pri.wait_for("runs on UNPROTECTED", true);
+    p.wait_for("runs on UNPROTECTED", true);
+    let ended = after_end.then(|| pri.take().unwrap().finish());
     sec.signal(libc::SIGCONT);
     let (status, _, err) = sec.finish();
     assert!(!err.contains("going LIVE"), "{err}");
     assert_eq!(pair.console("live.txt"), "", "{err}");
-    let (pstatus, _, perr) = pri.finish();
+    let (pstatus, _, perr) = ended.unwrap_or_else(|| pri.unwrap().finish());
     assert_eq!(pstatus, 0, "{perr}");
     assert!(result_line(&pair.console("pri.txt")).is_some(), "{perr}");
     if err.contains("does not go live") {

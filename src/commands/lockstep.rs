@@ -217,6 +217,12 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         Ok(Ok((bytes, end))) => {
             eprintln!("tandem: received {bytes} log bytes from {from}");
             match end {
+                // Closed before the log's end (no end entry, no unprotect):
+                // the primary may be live (it won the arbiter while this
+                // side was frozen) or gone; only the arbiter may say which.
+                StreamEnd::Closed if !follow.unprotected() => {
+                    Some("it closed the log stream before the log's end".to_string())
+                }
                 StreamEnd::Closed => None,
                 StreamEnd::Lost(why) => Some(why),
             }
