@@ -55,30 +55,46 @@ fn protected_over(subnet: u8, one_way_ms: f64) {
         std::fs::read_to_string(dir.s("sec.txt")).unwrap(),
         "{both}"
     );
-    // Every output waited at least the round trip, and the median output
-    // not much more (the recorder flushes at each output: no batching).
-    let mut held_ms: Vec<f64> = std::fs::read_to_string(&released)
-        .unwrap()
+    // The Output Rule, from the records: no output left before the
+    // secondary had acknowledged the log past its own entry.
+    let lines = std::fs::read_to_string(&released).unwrap();
+    let records: Vec<serde_json::Value> = lines
         .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        records.len() >= 30,
+        "{} outputs released\n{both}",
+        records.len()
+    );
+    for r in &records {
+        assert!(
+            r["acked"].as_u64().unwrap() >= r["entry_end"].as_u64().unwrap(),
+            "an output left before its entry was acknowledged: {r}\n{both}"
+        );
+    }
+    // And in time: outputs waited about the round trip, not batched much
+    // later. The emission stamp is taken on the vCPU thread just after the
+    // entry went to the log queue, so a vCPU thread descheduled in between
+    // (two loaded cores) can stamp an output late and make it look held for
+    // less than the round trip its entry really travelled: the tenth
+    // percentile, not the minimum, is held to the round trip.
+    let mut held_ms: Vec<f64> = records
+        .iter()
+        .map(|v| {
             (v["released_ns"].as_u64().unwrap() - v["emitted_ns"].as_u64().unwrap()) as f64 / 1e6
         })
         .collect();
     held_ms.sort_by(f64::total_cmp);
-    assert!(
-        held_ms.len() >= 30,
-        "{} outputs released\n{both}",
-        held_ms.len()
-    );
-    let (min, p50) = (held_ms[0], held_ms[held_ms.len() / 2]);
+    let n = held_ms.len();
+    let (min, p10, p50) = (held_ms[0], held_ms[n / 10], held_ms[n / 2]);
     eprintln!(
-        "one-way {one_way_ms} ms: outputs held min {min:.2} ms, p50 {p50:.2} ms, max {:.2} ms",
-        held_ms[held_ms.len() - 1]
+        "one-way {one_way_ms} ms: outputs held min {min:.2} ms, p10 {p10:.2} ms, p50 {p50:.2} ms, max {:.2} ms",
+        held_ms[n - 1]
     );
     assert!(
-        min >= rtt_ms * 0.95,
-        "an output left {min:.2} ms after it was produced, before a {rtt_ms} ms round trip\n{both}"
+        p10 >= rtt_ms * 0.95,
+        "outputs held p10 {p10:.2} ms (min {min:.2} ms), less than a {rtt_ms} ms round trip\n{both}"
     );
     assert!(
         p50 <= 2.0 * rtt_ms + 50.0,
