@@ -895,6 +895,14 @@ impl Source<'_> {
         self.report.target_ms = ms(precopy.target());
         self.report.note = self.progress.note.clone();
 
+        // Every streamed round must be acknowledged before the guest
+        // stops: a switchover sent towards a destination that died
+        // meanwhile would leave its outcome in doubt and the VM paused here,
+        // where waiting fails in pre-copy and the guest runs on.
+        while self.pipe.outstanding() > 0 {
+            self.wait_for_echo()?;
+        }
+
         // Stop-and-copy.
         self.progress.phase = "switchover".into();
         self.publish();
