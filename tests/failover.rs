@@ -594,7 +594,7 @@ fn secondary_killed_the_spare_is_seeded() {
     );
     pri.wait_until("round 3", || rounds(&pair.console("pri.txt")) >= 3);
     let (sec, addr) = pair.secondary(None);
-    let (mut spare, spare_addr) = pair.secondary_as("third", "live2.txt", None, &[]);
+    let (spare, spare_addr) = pair.secondary_as("third", "live2.txt", None, &[]);
     let mut args = vec![
         "protect",
         "--api",
@@ -643,13 +643,24 @@ fn secondary_killed_the_spare_is_seeded() {
         perr.contains("won the arbiter and runs on UNPROTECTED"),
         "{perr}"
     );
-    spare.wait_for("final state digest", true);
-    let (status_s, _, serr) = spare.finish();
-    assert_eq!(status_s, 0, "{serr}");
-    assert!(serr.contains("replay verified"), "{serr}");
-    assert_eq!(final_digest(&perr), final_digest(&serr), "{perr}\n{serr}");
+    spare_followed_to_the_end(spare, &perr);
     assert_eq!(pair.console("pri.txt"), want);
     assert_eq!(pair.holder(), format!("primary pri (pid {pri_pid})"));
+}
+
+/// The seeded spare replays to the end, verified, with the final digest of
+/// the primary it protected (`primary_err`: that primary's stderr).
+#[track_caller]
+fn spare_followed_to_the_end(mut spare: Proc, primary_err: &str) {
+    spare.wait_for("final state digest", true);
+    let (code, _, serr) = spare.finish();
+    assert_eq!(code, 0, "{serr}");
+    assert!(serr.contains("replay verified"), "{serr}");
+    assert_eq!(
+        final_digest(primary_err),
+        final_digest(&serr),
+        "{primary_err}\n{serr}"
+    );
 }
 
 /// `tandem secondary --spare`: the secondary goes live after kill -9 of the
@@ -662,7 +673,7 @@ fn secondary_gone_live_seeds_its_spare() {
     let (st, want, err) = run_tandem(&["run", "--cmdline", cmdline]);
     assert_eq!(st, 0, "{err}");
     let b_sock = pair.dir.s("b.sock");
-    let (mut spare, spare_addr) = pair.secondary_as("third", "live2.txt", None, &[]);
+    let (spare, spare_addr) = pair.secondary_as("third", "live2.txt", None, &[]);
     let (mut b, b_addr) = pair.secondary_as(
         "sec",
         "live.txt",
@@ -697,11 +708,7 @@ fn secondary_gone_live_seeds_its_spare() {
         berr.contains("spare: protected by the spare third"),
         "{berr}"
     );
-    spare.wait_for("final state digest", true);
-    let (code, _, serr) = spare.finish();
-    assert_eq!(code, 0, "{serr}");
-    assert!(serr.contains("replay verified"), "{serr}");
-    assert_eq!(final_digest(&berr), final_digest(&serr), "{berr}\n{serr}");
+    spare_followed_to_the_end(spare, &berr);
     assert_eq!(
         joined(&pair.console("pri.txt"), &pair.console("live.txt")),
         want,
@@ -798,7 +805,7 @@ fn protected_from_the_start_with_a_spare() {
     let (st, want, err) = run_tandem(&["run", "--cmdline", cmdline]);
     assert_eq!(st, 0, "{err}");
     let (mut sec, addr) = pair.secondary(None);
-    let (mut spare, spare_addr) = pair.secondary_as("third", "live2.txt", None, &[]);
+    let (spare, spare_addr) = pair.secondary_as("third", "live2.txt", None, &[]);
     let sock = pair.dir.s("api.sock");
     let serial = format!("file:{}", pair.dir.s("pri.txt"));
     let mut args = vec![
@@ -832,11 +839,7 @@ fn protected_from_the_start_with_a_spare() {
         perr.contains("spare: protected by the spare third"),
         "{perr}"
     );
-    spare.wait_for("final state digest", true);
-    let (status_s, _, serr) = spare.finish();
-    assert_eq!(status_s, 0, "{serr}");
-    assert!(serr.contains("replay verified"), "{serr}");
-    assert_eq!(final_digest(&perr), final_digest(&serr), "{perr}\n{serr}");
+    spare_followed_to_the_end(spare, &perr);
     assert_eq!(pair.console("pri.txt"), want);
     assert_eq!(pair.holder(), format!("primary pri (pid {pri_pid})"));
 }
