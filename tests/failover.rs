@@ -758,36 +758,79 @@ fn etcd_killed_the_live_primary_stops_before_the_ttl() {
     eprintln!("the live primary stopped {after:?} after etcd was killed (TTL 2 s)");
 }
 
-/// An etcd nobody answers at: the secondary that lost its primary does not
-/// go live, the primary that lost its secondary stops with its outputs
-/// held; both say which URL failed.
+/// An arbiter nobody can reach when protection starts (an etcd nobody
+/// answers at, a file arbiter's directory that is not there): both sides
+/// refuse to start (status 2, naming it) rather than protect for show, and
+/// no directory is created.
 #[test]
-fn etcd_unreachable_neither_side_goes_live() {
-    let dead = etcd::dead_url();
-    let spec = format!("etcd:{dead}");
-    let pair = Pair::with_arbiter("fo-etcd-dead-sec", Some(&spec), "");
+fn an_arbiter_unreachable_at_the_start_is_refused() {
+    let pair = Pair::new("fo-arb-refused");
+    let missing = format!("file:{}", pair.dir.s("no-such-dir"));
+    let dead = format!("etcd:{}", etcd::dead_url());
+    for spec in [missing.as_str(), dead.as_str()] {
+        let creds = pair.pki.creds("sec");
+        let mut args = vec!["secondary", "--listen", "127.0.0.1:0", "--arbiter", spec];
+        args.extend(creds.iter().map(String::as_str));
+        let (status, _, err) = run_tandem(&args);
+        assert_eq!(status, 2, "secondary with {spec}: {err}");
+        assert!(
+            err.contains(spec) && err.contains("could never fail over"),
+            "{err}"
+        );
+        let serial = format!("file:{}", pair.dir.s("pri.txt"));
+        let creds = pair.pki.creds("pri");
+        let mut args = vec![
+            "run",
+            "--cmdline",
+            "hello",
+            "--serial",
+            &serial,
+            "--protect-to",
+            "127.0.0.1:9",
+            "--arbiter",
+            spec,
+        ];
+        args.extend(creds.iter().map(String::as_str));
+        let (status, _, err) = run_tandem(&args);
+        assert_eq!(status, 2, "primary with {spec}: {err}");
+        assert!(err.contains(spec), "{err}");
+        assert_eq!(pair.console("pri.txt"), "", "the guest ran: {err}");
+    }
+    assert!(!pair.dir.file("no-such-dir").exists());
+}
+
+/// etcd lost after protection started: the secondary that then loses its
+/// primary does not go live, the primary that loses its secondary stops
+/// with its outputs held; both say which URL failed.
+#[test]
+fn etcd_lost_neither_side_goes_live() {
+    let mut pair = Pair::with_arbiter("fo-etcd-lost-sec", None, "");
+    let url = pair.etcd.as_ref().unwrap().url.clone();
     let (mut sec, addr) = pair.secondary(None);
     let mut pri = pair.primary("fill 4 60 3", &addr, None);
     pri.wait_until("round 5", || rounds(&pair.console("pri.txt")) >= 5);
+    pair.etcd.as_mut().unwrap().kill();
     pri.signal(libc::SIGKILL);
     sec.wait_for("does not go live", true);
     let (status, _, err) = sec.finish();
     assert_eq!(status, 3, "{err}");
     assert!(
-        err.contains("cannot be reached") && err.contains(&dead),
+        err.contains("cannot be reached") && err.contains(&url),
         "{err}"
     );
     assert_eq!(pair.console("live.txt"), "", "{err}");
 
-    let pair = Pair::with_arbiter("fo-etcd-dead-pri", Some(&spec), "");
+    let mut pair = Pair::with_arbiter("fo-etcd-lost-pri", None, "");
+    let url = pair.etcd.as_ref().unwrap().url.clone();
     let (sec, addr) = pair.secondary(None);
     let mut pri = pair.primary("fill 4 60 3", &addr, None);
     pri.wait_until("round 5", || rounds(&pair.console("pri.txt")) >= 5);
+    pair.etcd.as_mut().unwrap().kill();
     sec.signal(libc::SIGKILL);
     let (status, _, err) = pri.finish();
     assert_eq!(status, 3, "{err}");
     assert!(
-        err.contains("cannot be reached") && err.contains(&dead),
+        err.contains("cannot be reached") && err.contains(&url),
         "{err}"
     );
     assert!(result_line(&pair.console("pri.txt")).is_none(), "{err}");

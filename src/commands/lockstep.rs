@@ -54,7 +54,7 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         .failover
         .arbiter
         .as_deref()
-        .map(failover::arbiter::from_spec)
+        .map(failover::arbiter::open)
         .transpose()
         .map_err(|e| CmdError::Input(e.to_string()))?;
     let (creds, name) = super::load_creds(&args.creds, "secondary")?;

@@ -120,7 +120,7 @@ pub fn failover_params(
     let arbiter = a
         .arbiter
         .as_deref()
-        .map(failover::arbiter::from_spec)
+        .map(failover::arbiter::open)
         .transpose()
         .map_err(|e| CmdError::Input(e.to_string()))?;
     Ok(primary::failover::FailoverParams {

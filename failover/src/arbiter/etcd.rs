@@ -570,6 +570,11 @@ impl Arbiter for EtcdArbiter {
         s
     }
 
+    /// A member answers a read of the claims.
+    fn check(&self) -> Result<(), ArbiterError> {
+        self.claims().map(|_| ())
+    }
+
     fn fencing_token(&self, vm_id: &str, generation: u64) -> Option<u64> {
         let won = self.won.lock().unwrap_or_else(|e| e.into_inner());
         won.iter()

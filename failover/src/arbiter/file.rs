@@ -74,6 +74,27 @@ impl FileArbiter {
     }
 }
 
+impl FileArbiter {
+    /// `Err` unless the directory exists (it is never created here).
+    fn is_dir(&self) -> Result<(), ArbiterError> {
+        match std::fs::metadata(&self.dir) {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(self.unreachable(&self.dir.display().to_string(), "not a directory")),
+            Err(e) => Err(self.unreachable(&self.dir.display().to_string(), e)),
+        }
+    }
+
+    /// A private temporary name in the directory (ignored by everyone).
+    fn tmp_path(&self, what: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        self.dir
+            .join(format!(".{what}.{}.{nanos}.tmp", std::process::id()))
+    }
+}
+
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -82,22 +103,9 @@ impl Arbiter for FileArbiter {
     fn claim(&self, vm_id: &str, generation: u64, holder: &str) -> Result<Verdict, ArbiterError> {
         check_vm_id(vm_id)?;
         let holder = clean(holder);
-        match std::fs::metadata(&self.dir) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(self.unreachable(&self.dir.display().to_string(), "not a directory"))
-            }
-            Err(e) => return Err(self.unreachable(&self.dir.display().to_string(), e)),
-        }
+        self.is_dir()?;
         let path = self.claim_path(vm_id, generation);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        let tmp = self.dir.join(format!(
-            ".{vm_id}.g{generation}.{}.{nanos}.tmp",
-            std::process::id()
-        ));
+        let tmp = self.tmp_path(&format!("{vm_id}.g{generation}"));
         let text = claim_text(vm_id, generation, &holder);
         let written = OpenOptions::new()
             .write(true)
@@ -137,6 +145,21 @@ impl Arbiter for FileArbiter {
 
     fn describe(&self) -> String {
         format!("file:{}", self.dir.display())
+    }
+
+    /// The directory exists and a file can be created in it (and is
+    /// removed again): what a claim needs.
+    fn check(&self) -> Result<(), ArbiterError> {
+        self.is_dir()?;
+        let probe = self.tmp_path("probe");
+        let made = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&probe)
+            .and_then(|f| f.sync_all());
+        let _ = std::fs::remove_file(&probe);
+        made.map_err(|e| self.unreachable(&format!("creating {}", probe.display()), e))
     }
 }
 

@@ -115,6 +115,10 @@ pub trait Arbiter: Send + Sync {
     fn claim(&self, vm_id: &str, generation: u64, holder: &str) -> Result<Verdict, ArbiterError>;
     /// The arbiter as the operator named it (for messages).
     fn describe(&self) -> String;
+    /// Can a claim reach the arbiter now? Checked when protection starts:
+    /// a side whose arbiter cannot be reached could never go live (nor go
+    /// on alone), so its protection would be for show.
+    fn check(&self) -> Result<(), ArbiterError>;
     /// The fencing token of the claim of `(vm_id, generation)` this
     /// arbiter won, if the backend has one: etcd's revision at which the
     /// key was created, larger for every later claim in that etcd cluster.
@@ -148,6 +152,18 @@ pub fn from_spec(spec: &str) -> Result<Box<dyn Arbiter>, ArbiterError> {
     }
 }
 
+/// [`from_spec`], then [`Arbiter::check`]: the arbiter a side starts
+/// protection with, reachable now (an error says why not and names it).
+pub fn open(spec: &str) -> Result<Box<dyn Arbiter>, ArbiterError> {
+    let a = from_spec(spec)?;
+    a.check().map_err(|e| {
+        ArbiterError::Config(format!(
+            "--arbiter {spec}: {e}; protection with an arbiter nobody can reach could never fail over (a file arbiter's directory is never created: mount the shared storage or create it on it)"
+        ))
+    })?;
+    Ok(a)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +186,24 @@ mod tests {
             assert!(e.contains(bad), "{e}");
         }
         assert!(from_spec("/tmp/x").is_err());
+    }
+
+    #[test]
+    fn a_missing_directory_or_a_file_is_refused_at_open() {
+        let dir = std::env::temp_dir().join(format!("tandem-arb-open-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let spec = format!("file:{}", dir.display());
+        let e = open(&spec).err().unwrap().to_string();
+        assert!(e.contains(&spec) && e.contains("cannot be reached"), "{e}");
+        assert!(!dir.exists(), "open created {}", dir.display());
+        std::fs::write(&dir, b"not a dir").unwrap();
+        let e = open(&spec).err().unwrap().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        std::fs::remove_file(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        open(&spec).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert!(left.is_empty(), "the probe was left behind: {left:?}");
+        std::fs::remove_dir(&dir).unwrap();
     }
 }
