@@ -12,11 +12,12 @@
 //!   must pass; the second is the suite this test is part of;
 //! * `cargo bench --bench NAME`: the benchmark must exist (`benches/NAME.rs`
 //!   and a `[[bench]]` in Cargo.toml); benchmarks are not run by tests;
-//! * `truncate -s SIZE FILE` runs as is;
+//! * `truncate -s SIZE FILE` and `mkdir DIR` run as is;
 //! * `tandem ...` runs and must end with status 0; a line ending in `&`
-//!   runs in the background (a `receive` until it printed its address, a
-//!   `run --api-socket S` until S answers) and is stopped when the test
-//!   ends;
+//!   runs in the background (a `receive` or `secondary` until it printed
+//!   its address, a `run --api-socket S` until S answers) and is stopped
+//!   when the test ends; the receiver must have received the VM and the
+//!   secondary must have gone live (after the README's test failover);
 //! * `tandem run --kernel vmlinux ...` boots the Debian kernel that
 //!   `scripts/fetch-linux.sh` fetches (as `tests/linux_boot.rs` does) until
 //!   its `Linux version` banner appears: a whole boot takes minutes on the
@@ -37,6 +38,16 @@ const SUBSTITUTIONS: &[(&str, &str, &str)] = &[
         "--listen 0.0.0.0:4444",
         "--listen 127.0.0.1:0",
         "a fixed port may be taken on the test machine: listen on a free loopback port",
+    ),
+    (
+        "--listen 0.0.0.0:4445",
+        "--listen 127.0.0.1:0",
+        "a fixed port may be taken on the test machine: listen on a free loopback port",
+    ),
+    (
+        "HOST:4445",
+        "{secondary}",
+        "the address the README's `tandem secondary` printed",
     ),
     (
         "HOST:4444",
@@ -180,8 +191,9 @@ fn readme_commands_run() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut background: Vec<Proc> = Vec::new();
+    let mut background: Vec<(String, Proc)> = Vec::new();
     let mut receiver: Option<String> = None;
+    let mut secondary: Option<String> = None;
     let mut ran = 0;
     for cmd in &cmds[2..] {
         let w = words(cmd);
@@ -189,8 +201,8 @@ fn readme_commands_run() {
             "cargo" if w.len() == 4 && w[1] == "bench" && w[2] == "--bench" => {
                 bench_exists(&w[3]);
             }
-            "truncate" => {
-                let st = Command::new("truncate")
+            "truncate" | "mkdir" => {
+                let st = Command::new(&w[0])
                     .args(&w[1..])
                     .current_dir(dir.path())
                     .status()
@@ -209,10 +221,22 @@ fn readme_commands_run() {
                 if let Some(r) = &receiver {
                     vars.push(("receiver", r.as_str()));
                 }
+                if let Some(r) = &secondary {
+                    vars.push(("secondary", r.as_str()));
+                }
                 let line = substitute(cmd, &vars);
                 if let Some(line) = line.strip_suffix('&') {
-                    let p = start_background(dir.path(), &words(line)[1..], &mut receiver);
-                    background.push(p);
+                    let args = &words(line)[1..];
+                    let mut p = start_background(dir.path(), args);
+                    match args[0].as_str() {
+                        "receive" => receiver = Some(listening_on(&mut p, "waiting for a VM on ")),
+                        "secondary" => {
+                            secondary =
+                                Some(listening_on(&mut p, "secondary waiting for a primary on "))
+                        }
+                        _ => {}
+                    }
+                    background.push((args[0].clone(), p));
                 } else {
                     run_tandem_ok(dir.path(), cmd, &words(&line)[1..]);
                 }
@@ -225,10 +249,17 @@ fn readme_commands_run() {
     for f in ["disk.img", "vm.snap", "run.tlog", "new.img", "b.img"] {
         assert!(dir.file(f).is_file(), "the README's commands made no {f}");
     }
-    // The receiver got the VM and runs it.
-    for mut p in background {
-        if p.describe().contains("receive") {
-            p.wait_for("VM received from a", true);
+    // The receiver got the VM and runs it; after the test failover the
+    // secondary won the arbiter and runs the VM.
+    for (kind, mut p) in background {
+        match kind.as_str() {
+            "receive" => {
+                p.wait_for("VM received from a", true);
+            }
+            "secondary" => {
+                p.wait_for("going LIVE at exit", true);
+            }
+            _ => {}
         }
     }
 }
@@ -328,23 +359,27 @@ fn run_tandem_ok(dir: &Path, cmd: &str, args: &[String]) {
     );
 }
 
-/// Start a README command that ends in `&` and wait until it is ready.
-fn start_background(dir: &Path, args: &[String], receiver: &mut Option<String>) -> Proc {
+/// The address a background `receive` or `secondary` printed after
+/// `needle` (the rest of that line, once it is complete).
+fn listening_on(p: &mut Proc, needle: &str) -> String {
+    let start = Instant::now();
+    let mut rest = p.wait_for(needle, true);
+    while !rest.contains('\n') {
+        assert!(start.elapsed() < TIMEOUT, "{}", p.describe());
+        std::thread::sleep(Duration::from_millis(2));
+        rest = p.wait_for(needle, true);
+    }
+    rest.lines().next().unwrap().trim().to_string()
+}
+
+/// Start a README command that ends in `&` and wait until it is ready (a
+/// `receive` or `secondary`: see [`listening_on`]).
+fn start_background(dir: &Path, args: &[String]) -> Proc {
     let strs: Vec<&str> = args.iter().map(String::as_str).collect();
     // In `dir`, as the foreground commands (GNU env's --chdir).
     let mut p = Proc::spawn(&["env", "-C", dir.to_str().unwrap()], &strs);
     match strs.first() {
-        Some(&"receive") => {
-            let rest = p.wait_for("waiting for a VM on ", true);
-            let start = Instant::now();
-            let mut rest = rest;
-            while !rest.contains('\n') {
-                assert!(start.elapsed() < TIMEOUT, "{}", p.describe());
-                std::thread::sleep(Duration::from_millis(2));
-                rest = p.wait_for("waiting for a VM on ", true);
-            }
-            *receiver = Some(rest.lines().next().unwrap().trim().to_string());
-        }
+        Some(&"receive") | Some(&"secondary") => {}
         Some(&"run") => {
             let i = strs
                 .iter()
@@ -362,6 +397,10 @@ fn start_background(dir: &Path, args: &[String], receiver: &mut Option<String>) 
             }
         }
         _ => panic!("README background command {args:?}: the test does not know when it is ready"),
+    }
+    if strs.contains(&"--protect-to") {
+        // Protected from boot: ready once its secondary holds the seed.
+        p.wait_for("protected by the secondary", true);
     }
     p
 }
