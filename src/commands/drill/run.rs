@@ -867,10 +867,27 @@ impl Run<'_> {
             );
         }
         if let Some(limit) = e.max_gap_ms {
+            // The gap a fault caused (the failover gap, what a client felt
+            // of a migration); a drill without faults: the longest gap. A
+            // pause elsewhere in the run is the host's load, reported as
+            // the longest gap but not the fault's.
+            let across: Vec<f64> = report
+                .faults
+                .iter()
+                .filter_map(|f| f.client_gap_ms)
+                .collect();
+            let (worst, what) = if across.is_empty() {
+                (max_gap, "longest gap")
+            } else {
+                (
+                    across.iter().copied().fold(0.0, f64::max),
+                    "longest gap across a fault",
+                )
+            };
             check(
                 &format!("client-seen gap under {limit} ms"),
-                max_gap < limit as f64 && report.resets.is_empty(),
-                format!("longest gap {max_gap:.0} ms"),
+                worst < limit as f64 && report.resets.is_empty(),
+                format!("{what} {worst:.0} ms (in the whole run {max_gap:.0} ms)"),
             );
         }
         if let Some(limit) = e.max_migration_downtime_ms {
