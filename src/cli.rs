@@ -49,7 +49,10 @@ pub enum Command {
     /// new image); 1: it failed or was cancelled and the VM goes on here as
     /// before (running, or paused if it was paused).
     Migrate(MigrateArgs),
-    /// Where a VM with a control socket is: running, migrating, paused.
+    /// Where a VM with a control socket is: running, migrating, paused;
+    /// protected or not, its role (primary / secondary), the peer, the
+    /// secondary's lag, outputs held, heartbeats, the protection's
+    /// generation (--json for machines).
     Status(StatusArgs),
     /// Test failover: the protected primary (`tandem run --protect-to
     /// --api-socket`) stops at once as if its host died (no goodbye to the
@@ -77,14 +80,19 @@ pub enum Command {
     Unprotect(StatusArgs),
     /// Wait for a primary (`tandem run --protect-to`) and keep an exact
     /// copy of its VM: replay its log in lockstep as it arrives, its console
-    /// only to --serial. The exit status is the guest's; 1 if the replay
-    /// diverged.
+    /// only to --serial; when the primary is lost, win the arbiter and go
+    /// live. The exit status is the guest's when the VM ends here (followed
+    /// to its end, or run live after a failover); 3: it may not go live
+    /// (the arbiter chose the other side or could not be reached); 2: a
+    /// refused stream or bad input; 1: the replay diverged beyond repair.
     Secondary(SecondaryArgs),
     /// Rehearse a disaster on this machine: build the hosts of a drill
     /// (scenarios/*.toml) as network namespaces, run the mail VM with real
     /// clients sending mail, inject the drill's faults and check from the
     /// clients' side that nothing acknowledged was lost; report each run
-    /// and the total. Without FILE: a short built-in drill. Needs root.
+    /// and the total. Without FILE: a short built-in drill. As root the
+    /// hosts are network namespaces; without root (or with --loopback)
+    /// console workloads run over loopback.
     /// Exit status 0: every run passed; 1: an expectation failed (the
     /// report names the run and its seed); 2: a bad drill file or one this
     /// build cannot run (it says what is missing); 130: interrupted (all
