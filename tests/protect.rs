@@ -14,8 +14,8 @@ mod common;
 use std::path::Path;
 
 use common::cluster::{
-    final_digest as digest, loopback_secondary, make_disk, reference, run_tandem, source, status,
-    Pki,
+    final_digest as digest, loopback_secondary, make_disk, migrate, receiver, reference,
+    run_tandem, source, status, Pki,
 };
 use common::{result_line, TempDir};
 
@@ -171,6 +171,41 @@ fn unprotect_then_the_vm_finishes_alone() {
         pout, expected,
         "the console differs from an unprotected run"
     );
+}
+
+/// `tandem migrate` of a protected VM is refused before anything is sent:
+/// the secondary would find its primary gone and go live beside the
+/// migrated copy. The VM stays protected and the secondary follows it to
+/// its end.
+#[test]
+fn migrating_a_protected_vm_is_refused() {
+    let cmdline = "dirty 64 1500";
+    let expected = reference(cmdline, None);
+    let dir = TempDir::new("protect-migrate");
+    let pki = Pki::new(&["pri", "sec", "dst"], &[]);
+    let sock = dir.s("pri.sock");
+    let (sec, addr) = loopback_secondary(&pki.creds("sec"), &[]);
+    let (dst, dst_addr) = receiver(&[], "127.0.0.1:0", &pki.creds("dst"), &[]);
+    let mut pri = source(&[], &sock, cmdline, &[]);
+    pri.wait_for("round 100\n", false);
+    let (code, out, err) = protect(&sock, &addr, &pki.creds("pri"));
+    assert_eq!(code, 0, "protect failed\n{out}\n{err}\n{}", pri.describe());
+    let (code, out, err) = migrate(&sock, &dst_addr, &pki.creds("pri"), &[]);
+    assert_eq!(code, 1, "migrate of a protected VM\n{out}\n{err}");
+    assert!(
+        err.contains("protected by the secondary") && err.contains("two live copies"),
+        "{err}"
+    );
+    assert!(!dst.err().contains("receiving a VM"), "{}", dst.describe());
+    let s = status(&sock);
+    assert_eq!(s["protection"]["role"], "primary", "{s}");
+    let (scode, _, serr) = sec.finish();
+    assert_eq!(scode, 0, "secondary\n{serr}");
+    assert!(serr.contains("replay verified"), "{serr}");
+    let (pcode, pout, perr) = pri.finish();
+    assert_eq!(pcode, 0, "primary\n{perr}");
+    assert_eq!(pout, expected, "the console differs from an unfailed run");
+    assert_eq!(digest(&serr), digest(&perr));
 }
 
 /// A protect to an address where nobody listens fails with a clear error;

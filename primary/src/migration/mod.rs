@@ -154,6 +154,10 @@ pub enum MigrationError {
     /// This VM cannot be migrated (the reason).
     #[error("{0}")]
     NotMigratable(&'static str),
+    /// The VM is protected: moving it elsewhere would leave its secondary
+    /// to take the VM over beside the migrated copy.
+    #[error("this VM is protected by the secondary {0}: migrated elsewhere, that secondary would find its primary gone and go live beside the migrated VM (two live copies); end the protection first (tandem unprotect), migrate, then protect it again from its new host")]
+    Protected(String),
     #[error("cannot connect to the destination {addr}: {source}")]
     /// The destination could not be reached.
     Connect {

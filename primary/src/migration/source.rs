@@ -60,6 +60,9 @@ pub fn migrate(
     params: &MigrationParams,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, MigrationError> {
+    if let Some(p) = ctl.status().protection {
+        return Err(MigrationError::Protected(p.peer));
+    }
     transfer(ctl, params, on_progress, None).map(|(report, _)| report)
 }
 
