@@ -92,6 +92,31 @@ pub fn drill(args: DrillArgs) -> Result<i32, CmdError> {
             missing.join("; ")
         )));
     }
+    if let Some(a) = scn
+        .arbiter
+        .as_ref()
+        .filter(|a| a.kind == scenario::ArbiterKind::Etcd)
+    {
+        let host = a.host.as_deref().unwrap_or_default();
+        let found = std::process::Command::new("etcd")
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Err(CmdError::Input(format!(
+                "{file}: drill {} runs a real etcd as its arbiter on host {host}, and there is no `etcd` on PATH: install Debian's etcd-server",
+                scn.name
+            )));
+        }
+        if !root || args.loopback {
+            return Err(CmdError::Input(format!(
+                "{file}: drill {} runs etcd on a host of its own (host {host}, a network namespace): run it as root, without --loopback",
+                scn.name
+            )));
+        }
+    }
     if args.runs == 0 {
         return Err(CmdError::Input("--runs 0: give at least one run".into()));
     }

@@ -67,6 +67,17 @@ pub struct Total {
     /// The pause clients saw when the secondary died (the primary's
     /// detection and arbiter claim).
     pub secondary_loss_gap_ms: Option<Spread>,
+    /// Partitions that made the arbiter decide: how often the secondary
+    /// won (went live, the primary stopped) and how often the primary
+    /// (ran on alone, the secondary stopped).
+    pub partitions_won_by_secondary: u32,
+    pub partitions_won_by_primary: u32,
+    /// The pause clients saw across each partition that made the arbiter
+    /// decide (a failover, or the primary's claim).
+    pub partition_gap_ms: Option<Spread>,
+    /// The pause clients saw across each partition that decided nothing
+    /// (a host cut from the arbiter, a VM already alone).
+    pub undecided_partition_gap_ms: Option<Spread>,
     /// The pause clients saw across each planned migration.
     pub migration_client_gap_ms: Option<Spread>,
     /// Each planned migration's downtime, as `tandem migrate` measured it.
@@ -89,6 +100,7 @@ impl DrillReport {
         let mut reset = 0;
         let (mut fgap, mut mgap, mut down) = (Vec::new(), Vec::new(), Vec::new());
         let (mut sgap, mut vgap) = (Vec::new(), Vec::new());
+        let (mut pgap, mut ugap, mut by_sec, mut by_pri) = (Vec::new(), Vec::new(), 0, 0);
         let mut lines: Option<(u32, u32)> = None;
         for r in &runs {
             m.sent += r.messages.sent;
@@ -108,6 +120,15 @@ impl DrillReport {
                 if f.kind == "migrate" {
                     mgap.extend(f.client_gap_ms);
                     down.extend(f.downtime_ms);
+                } else if f.kind == "partition" {
+                    match f.winner.as_deref() {
+                        Some(w) => {
+                            pgap.extend(f.client_gap_ms);
+                            by_sec += (w == "secondary") as u32;
+                            by_pri += (w == "primary") as u32;
+                        }
+                        None => ugap.extend(f.client_gap_ms),
+                    }
                 } else if f.kind == "kill-secondary" {
                     sgap.extend(f.client_gap_ms);
                 } else if f.fails_over {
@@ -128,6 +149,10 @@ impl DrillReport {
             failover_gap_ms: Spread::of(fgap),
             failover_vmm_gap_ms: Spread::of(vgap),
             secondary_loss_gap_ms: Spread::of(sgap),
+            partitions_won_by_secondary: by_sec,
+            partitions_won_by_primary: by_pri,
+            partition_gap_ms: Spread::of(pgap),
+            undecided_partition_gap_ms: Spread::of(ugap),
             migration_client_gap_ms: Spread::of(mgap),
             migration_downtime_ms: Spread::of(down),
             added_latency_p99_ms: Spread::of(
@@ -315,6 +340,22 @@ impl DrillReport {
         }
         if let Some(g) = &t.secondary_loss_gap_ms {
             s += &format!("  gap when the secondary died  {}\n", g.text("ms"));
+        }
+        let decided = t.partitions_won_by_secondary + t.partitions_won_by_primary;
+        if decided > 0 {
+            s += &format!(
+                "  partitions     {decided} made the arbiter decide: the secondary went live {} times, the primary ran on alone {} times; the other side stopped\n",
+                t.partitions_won_by_secondary, t.partitions_won_by_primary
+            );
+        }
+        if let Some(g) = &t.partition_gap_ms {
+            s += &format!("  gap across a decided partition  {}\n", g.text("ms"));
+        }
+        if let Some(g) = &t.undecided_partition_gap_ms {
+            s += &format!(
+                "  gap across a partition that decided nothing  {}\n",
+                g.text("ms")
+            );
         }
         if let Some(d) = &t.migration_downtime_ms {
             s += &format!("  migration downtime    {}\n", d.text("ms"));

@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::procs::{output, Proc, WaitError, WaitResult};
 use super::scenario::{ClientKind, FaultKind, Scenario, Trigger, WorkloadKind};
 
+mod arbiter;
 mod console;
 mod failover;
 mod lag;
@@ -70,6 +71,10 @@ pub struct FaultReport {
     /// A failover: the new primary's own measure, from the old one's
     /// last sign of life to its first guest output (ms).
     pub vmm_gap_ms: Option<f64>,
+    /// A partition that made the arbiter decide: who won it
+    /// (`primary`: it runs on alone; `secondary`: it went live), the
+    /// other side stopped.
+    pub winner: Option<String>,
     /// What went wrong (the fault did not happen as planned).
     pub error: Option<String>,
 }
@@ -194,6 +199,8 @@ struct Run<'a> {
     stopped: Vec<Proc>,
     /// Asks the secondary for its lag.
     sampler: Option<lag::Sampler>,
+    /// The etcd arbiter (a drill with `[arbiter] kind = "etcd"`).
+    etcd: Option<Proc>,
     conns: Vec<Conn>,
     started: Instant,
     /// When each fault started and ended.
@@ -301,6 +308,7 @@ fn drive(ctx: &Ctx, run: u32, seed: u64, dir: &Path, report: &mut RunReport) -> 
         retired: Vec::new(),
         stopped: Vec::new(),
         sampler: None,
+        etcd: None,
         conns: Vec::new(),
         started: Instant::now(),
         fault_times: Vec::new(),
@@ -374,6 +382,14 @@ impl Run<'_> {
             self.run_ok(c, "tandem certs issue")?;
         }
 
+        if let Some(h) = self.etcd_host() {
+            (self.ctx.progress)(&format!(
+                "starting etcd (the arbiter) on host {}",
+                scn.hosts[h].name
+            ));
+            self.start_arbiter()?;
+        }
+
         let mail = scn.workload() == WorkloadKind::Mail;
         (self.ctx.progress)(&format!(
             "booting the {} VM on host {}",
@@ -385,7 +401,7 @@ impl Run<'_> {
         if let Some(sec) = &scn.vm.secondary {
             let addr = self.start_secondary(host_index(scn, sec))?;
             c.args(["--protect-to", &addr]).args(self.creds(self.at));
-            c.args(self.arbiter_args()?);
+            c.args(self.arbiter_args(self.at)?);
         }
         // A protected primary's control socket serves only the test
         // failover (and its SIGTERM then ends the run without the end
@@ -485,6 +501,7 @@ impl Run<'_> {
                             downtime_ms: None,
                             client_gap_ms: None,
                             vmm_gap_ms: None,
+                            winner: None,
                             error: Some(format!(
                                 "never fired: the work was done after {acked} {}",
                                 if mail.is_some() {
@@ -515,6 +532,7 @@ impl Run<'_> {
                     downtime_ms: None,
                     client_gap_ms: None,
                     vmm_gap_ms: None,
+                    winner: None,
                     error: None,
                 };
                 let done = match f.kind {
@@ -592,20 +610,6 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// `--arbiter file:DIR` (a directory of the run both hosts see), if
-    /// the drill has a file arbiter.
-    fn arbiter_args(&self) -> WaitResult<Vec<String>> {
-        match &self.ctx.scn.arbiter {
-            Some(a) if a.kind == super::scenario::ArbiterKind::File => {
-                let d = self.dir.join("arbiter");
-                std::fs::create_dir_all(&d)
-                    .map_err(|e| WaitError::Failed(format!("creating {}: {e}", d.display())))?;
-                Ok(vec!["--arbiter".into(), format!("file:{}", d.display())])
-            }
-            _ => Ok(Vec::new()),
-        }
-    }
-
     /// Kill the secondary (SIGKILL); the primary must find it lost, win
     /// the arbiter and run on.
     fn kill_secondary(&mut self) -> WaitResult<()> {
@@ -636,7 +640,7 @@ impl Run<'_> {
         let mut c = self.in_host(h);
         c.args(["secondary", "--listen", &format!("{addr}:0")])
             .args(self.creds(h))
-            .args(self.arbiter_args()?)
+            .args(self.arbiter_args(h)?)
             .arg("--api-socket")
             .arg(&self.secondary_sock)
             .env_remove("TANDEM_LOG");
@@ -1029,6 +1033,7 @@ impl Run<'_> {
         all.extend(self.vm.iter());
         all.extend(self.secondary.iter());
         all.extend(self.conns.iter().map(|c| &c.proc));
+        all.extend(self.etcd.iter());
         for (i, p) in all.iter().enumerate() {
             let text = format!(
                 "{}\n--- stdout ---\n{}--- stderr ---\n{}",

@@ -478,6 +478,25 @@ impl Scenario {
             } else if a.kind == ArbiterKind::Etcd {
                 return Err("arbiter.host: an etcd arbiter runs on a host; name it".into());
             }
+            if let (ArbiterKind::Etcd, Some(h)) = (a.kind, &a.host) {
+                // Every host a VMM runs on reaches etcd over its own link.
+                let vmm_hosts = std::iter::once(&self.vm.host)
+                    .chain(self.vm.secondary.iter())
+                    .chain(self.faults.iter().filter_map(|f| f.to.as_ref()))
+                    .filter(|v| self.hosts.iter().any(|x| x.name == **v));
+                for v in vmm_hosts {
+                    if v == h {
+                        return Err(format!(
+                            "arbiter.host = {h:?}: the VM runs on that host; etcd runs on a host of its own"
+                        ));
+                    }
+                    if !self.linked(v, h) {
+                        return Err(format!(
+                            "arbiter.host = {h:?}: no [[links]] between {v} (a VMM runs there) and {h}: the VMM could not reach etcd"
+                        ));
+                    }
+                }
+            }
         }
         let total = match (self.workload(), &self.client) {
             (WorkloadKind::Mail, Some(c)) => {
@@ -638,14 +657,44 @@ impl Scenario {
             for end in ends {
                 if end != "arbiter" {
                     self.host_known(&format!("{key}.between"), end)?;
-                } else if self.arbiter.is_none() {
-                    return Err(format!(
-                        "{key}.between: \"arbiter\" but the drill has no [arbiter]"
-                    ));
+                    continue;
+                }
+                match &self.arbiter {
+                    None => {
+                        return Err(format!(
+                            "{key}.between: \"arbiter\" but the drill has no [arbiter]"
+                        ))
+                    }
+                    Some(a) if a.kind == ArbiterKind::File => {
+                        return Err(format!(
+                            "{key}.between: \"arbiter\" with a file arbiter: it is storage both hosts reach, nothing to cut (an etcd arbiter runs on a host of its own)"
+                        ))
+                    }
+                    Some(_) => {}
                 }
             }
             if ends[0] == ends[1] {
                 return Err(format!("{key}.between: two different ends"));
+            }
+            // The host an end stands for ("arbiter": etcd's host).
+            let etcd = self.arbiter.as_ref().and_then(|a| a.host.as_deref());
+            let host = |e: &str| {
+                if e == "arbiter" {
+                    etcd.unwrap_or_default().to_string()
+                } else {
+                    e.to_string()
+                }
+            };
+            let (ha, hb) = (host(&ends[0]), host(&ends[1]));
+            if ha == hb {
+                return Err(format!(
+                    "{key}.between: the arbiter runs on host {ha}: two different hosts"
+                ));
+            }
+            if !self.linked(&ha, &hb) {
+                return Err(format!(
+                    "{key}.between: no [[links]] between {ha} and {hb} to cut"
+                ));
             }
             match f.duration_ms {
                 Some(1..=600_000) => {}
@@ -729,29 +778,21 @@ impl Scenario {
                 | FaultKind::Failover
                 | FaultKind::Reprotect
                     if !networked || NETWORK_FAILOVER => {}
-                FaultKind::Partition if !networked || NETWORK_FAILOVER => {
-                    if self.faults.iter().any(|g| {
-                        g.between
-                            .as_ref()
-                            .is_some_and(|e| e.iter().any(|x| x == "arbiter"))
-                    }) {
-                        out.push(format!(
-                            "fault partition from the arbiter needs the etcd arbiter on its own host (a file arbiter is storage both hosts reach: nothing to cut), {NO}"
-                        ));
-                    }
-                }
+                FaultKind::Partition if !networked || NETWORK_FAILOVER => {}
                 other => out.push(format!(
                     "fault {} needs failover of a networked VM (a secondary going live with --net: its frames and the TAP), {NO}",
                     other.name()
                 )),
             }
         }
-        match &self.arbiter {
-            Some(a) if a.kind == ArbiterKind::Etcd => {
-                out.push(format!("arbiter etcd needs an etcd arbiter, {NO}"))
+        if let Some(a) = &self.arbiter {
+            if !arbiter {
+                let kind = match a.kind {
+                    ArbiterKind::File => "file",
+                    ArbiterKind::Etcd => "etcd",
+                };
+                out.push(format!("arbiter {kind} needs failover, {NO}"));
             }
-            Some(_) if !arbiter => out.push(format!("arbiter file needs failover, {NO}")),
-            _ => {}
         }
         out
     }

@@ -130,7 +130,7 @@ impl Run<'_> {
             .arg(&self.sock)
             .args(["--to", &listen])
             .args(self.creds(self.at))
-            .args(self.arbiter_args()?)
+            .args(self.arbiter_args(self.at)?)
             .arg("--json")
             .env_remove("TANDEM_LOG");
         let (code, out, err) = output(c).map_err(WaitError::Failed)?;
@@ -148,11 +148,15 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Cut the link between hosts `x` and `y` for `duration_ms`, then heal
-    /// it; then wait (bounded) for what the arbiter decided: the
-    /// secondary went live and the primary stopped, or the primary runs on
-    /// alone and the secondary stopped (a partition shorter than the
-    /// failover timeout may change nothing).
+    /// Cut the link between `x` and `y` (hosts, or `arbiter`: the etcd
+    /// arbiter's host) for `duration_ms`, then heal it; then wait
+    /// (bounded) for what the arbiter decided: the secondary went live and
+    /// the primary stopped, or the primary runs on alone and the secondary
+    /// stopped (a partition shorter than the failover timeout may change
+    /// nothing). A cut that leaves the pair talking (a host and the
+    /// arbiter), or one of a VM that runs alone already, decides nothing:
+    /// the VM must run on through it (the live side rides out a cut from
+    /// the arbiter on its lease).
     pub(super) fn partition(
         &mut self,
         x: &str,
@@ -162,12 +166,21 @@ impl Run<'_> {
     ) -> WaitResult<()> {
         let stop = self.ctx.stop;
         let scn = self.ctx.scn;
-        let host = |n: &str| scn.hosts.iter().position(|h| h.name == n);
-        let (Some(a), Some(b)) = (host(x), host(y)) else {
+        let arbiter = self.etcd_host();
+        let end = |n: &str| {
+            if n == "arbiter" {
+                arbiter
+            } else {
+                scn.hosts.iter().position(|h| h.name == n)
+            }
+        };
+        let (Some(a), Some(b)) = (end(x), end(y)) else {
             return Err(WaitError::Failed(format!(
-                "partition {x} - {y}: only a link between two hosts can be cut by this runner"
+                "partition {x} - {y}: only a link between two hosts (the etcd arbiter's host among them) can be cut"
             )));
         };
+        let to_arbiter = x == "arbiter" || y == "arbiter";
+        let protected = self.secondary.is_some();
         self.topo.set_link(a, b, false).map_err(WaitError::Failed)?;
         let cut = Instant::now();
         let mut healed = false;
@@ -178,7 +191,15 @@ impl Run<'_> {
             }
             WaitResult::Ok(())
         };
-        fr.detail = format!("link {x} - {y} cut for {duration_ms} ms");
+        fr.detail = if to_arbiter {
+            let h = if x == "arbiter" { y } else { x };
+            format!(
+                "link {h} - {} (the arbiter's host) cut for {duration_ms} ms",
+                scn.hosts[arbiter.expect("resolved above")].name
+            )
+        } else {
+            format!("link {x} - {y} cut for {duration_ms} ms")
+        };
         let deadline = Duration::from_millis(duration_ms) + STEP;
         loop {
             heal(&self.topo, &mut healed)?;
@@ -195,7 +216,7 @@ impl Run<'_> {
                 .is_some_and(|p| Proc::text(&p.err).contains("runs on UNPROTECTED"));
             let pri_ended = self.vm.as_mut().is_some_and(|p| p.ended().is_some());
             let sec_ended = self.secondary.as_mut().is_some_and(|p| p.ended().is_some());
-            if sec_live && pri_ended {
+            if protected && sec_live && pri_ended {
                 let sec = self.secondary.take().expect("it went live");
                 let mut old = self.vm.replace(sec).expect("a VM runs");
                 fr.detail += &format!(
@@ -203,18 +224,41 @@ impl Run<'_> {
                     scn.hosts[self.secondary_at].name,
                     old.ended().map(|s| s.to_string()).unwrap_or_default()
                 );
+                fr.winner = Some("secondary".into());
                 self.retired.push(old);
                 self.at = self.secondary_at;
                 self.sock = self.secondary_sock.clone();
                 break;
             }
-            if pri_alone && sec_ended {
+            if protected && pri_alone && sec_ended {
                 let mut sec = self.secondary.take().expect("it ended");
                 fr.detail += &format!(
-                    "; the primary won the arbiter and runs on alone, the secondary stopped ({})",
+                    "; the primary on host {} won the arbiter and runs on alone, the secondary stopped ({})",
+                    scn.hosts[self.at].name,
                     sec.ended().map(|s| s.to_string()).unwrap_or_default()
                 );
+                fr.winner = Some("primary".into());
                 self.stopped.push(sec);
+                break;
+            }
+            let quiet = !sec_live && !pri_alone && !pri_ended && !sec_ended;
+            if healed && !protected {
+                if pri_ended {
+                    let vm = self.vm.as_mut().expect("it ended");
+                    return Err(WaitError::Failed(format!(
+                        "the VM, running alone on host {}, stopped during the cut: {}",
+                        scn.hosts[self.at].name,
+                        vm.describe()
+                    )));
+                }
+                fr.detail += &format!(
+                    "; the VM runs alone on host {} (nothing to decide) and ran on",
+                    scn.hosts[self.at].name
+                );
+                break;
+            }
+            if healed && to_arbiter && quiet {
+                fr.detail += "; the pair kept talking over its own link: nothing to decide";
                 break;
             }
             if healed && !sec_live && !pri_alone && (pri_ended || sec_ended) {
