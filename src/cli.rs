@@ -255,8 +255,11 @@ pub struct ProtectCmdArgs {
 #[derive(Debug, Args)]
 pub struct ProtectArgs {
     /// Protect the VM from its first exit: stream its log to the `tandem
-    /// secondary` at ADDR (HOST:PORT); every console byte leaves only after
-    /// the secondary has acknowledged the log up to the exit that wrote it.
+    /// secondary` at ADDR (HOST:PORT); every console byte and network frame
+    /// leaves only after the secondary has acknowledged the log up to the
+    /// exit that wrote it. A VM that boots --kernel/--initrd (needs
+    /// --api-socket) is seeded before its first instruction: the secondary
+    /// needs no copy of the kernel.
     #[arg(long, value_name = "ADDR", requires_all = ["ca", "cert", "key"])]
     pub protect_to: Option<String>,
     /// Name the secondary's certificate must carry (default: HOST of

@@ -153,13 +153,6 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
     let prepared = (|| {
         let header = tail.wait_header().map_err(|e| bad_log(e.to_string()))?;
         let config = LogConfig::decode(&header.vm_config).map_err(|e| bad_log(e.to_string()))?;
-        // The peer never chooses a local path: only the built-in guest, and
-        // this host's own disk.
-        if config.vm.kernel.is_some() || config.vm.initrd.is_some() {
-            return Err(bad_log(
-                "the VM boots a kernel file of the primary's host; a secondary runs only the built-in guest yet".into(),
-            ));
-        }
         let machine = match (seeded, &header.initial_state) {
             // The log's initial digest is checked against the seed by the replay.
             (Some(s), InitialState::Snapshot { .. }) => {
@@ -175,6 +168,16 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
                 return Err(bad_log(
                     "the log starts from a snapshot the primary did not send (no seed)".into(),
                 ))
+            }
+            // Booting from the log needs the guest's image here. The peer
+            // never chooses a local path: only the built-in guest, and this
+            // host's own disk. A seeded VM (any kernel) needs no image.
+            (None, InitialState::Boot)
+                if config.vm.kernel.is_some() || config.vm.initrd.is_some() =>
+            {
+                return Err(bad_log(
+                    "the VM boots a kernel file of the primary's host and was not seeded: a secondary boots only the built-in guest from a log (protect a VM that boots a kernel with tandem run --protect-to --api-socket, or tandem protect)".into(),
+                ));
             }
             (None, InitialState::Boot) => boot_for_log(&config, &args, &standby, &bad_log)?,
         };

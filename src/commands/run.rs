@@ -205,7 +205,11 @@ pub fn stopped_by_signal(machine: &mut Machine, inputs: &mut dyn Inputs, flush: 
 }
 
 pub fn run(args: RunArgs) -> Result<i32, CmdError> {
-    if args.protect.protect_to.is_some() && !args.protect.spare.is_empty() {
+    // Seeded before its first instruction (memory and state copied): with
+    // spares, and for a kernel file (a secondary boots only the built-in
+    // guest from a log; a seed needs no image).
+    let kernel = args.vm.kernel.is_some() || args.vm.initrd.is_some();
+    if args.protect.protect_to.is_some() && (!args.protect.spare.is_empty() || kernel) {
         return super::run_spares::run(args);
     }
     if args.protect.protect_to.is_some() {

@@ -1,6 +1,8 @@
 //! `tandem run --protect-to ADDR --spare ADDR[,ADDR...] --api-socket SOCK`
 //! (issue 10, `docs/failover.md`): a VM protected from before its first
-//! instruction that can seed spare secondaries by itself.
+//! instruction that can seed spare secondaries by itself. Also `tandem run
+//! --kernel F --protect-to ADDR --api-socket SOCK`: the secondary gets the
+//! booted kernel's memory in the seed, so it needs no copy of the file.
 //!
 //! A VM protected from boot (`super::protect`) records into a stream that
 //! cannot be handed to another secondary. This one is booted paused under
@@ -18,26 +20,28 @@ use crate::{console, net};
 
 pub fn run(args: RunArgs) -> Result<i32, CmdError> {
     let p = &args.protect;
+    let what = if p.spare.is_empty() {
+        "--protect-to with --kernel/--initrd (seeded before the first instruction)"
+    } else {
+        "--spare"
+    };
     let unsupported = [
         (p.keep_log.is_some(), "--keep-log"),
         (p.output_log.is_some(), "--output-log"),
-        (
-            args.vm.kernel.is_some() || args.vm.initrd.is_some(),
-            "--kernel/--initrd (the secondary runs the built-in guest only)",
-        ),
+        (args.snapshot_at.is_some(), "--snapshot-at"),
     ];
-    if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
+    if let Some((_, with)) = unsupported.iter().find(|(on, _)| *on) {
         return Err(CmdError::Input(format!(
-            "--spare cannot be combined with {what} yet"
+            "{what} cannot be combined with {with} yet"
         )));
     }
     let spares = failover::lineage::parse_spares(&p.spare).map_err(CmdError::Input)?;
     let (Some(to), Some(ca), Some(cert), Some(key), Some(sock)) =
         (&p.protect_to, &p.ca, &p.cert, &p.key, &args.api_socket)
     else {
-        return Err(CmdError::Input(
-            "--spare needs --protect-to, --ca, --cert, --key and --api-socket".into(),
-        ));
+        return Err(CmdError::Input(format!(
+            "{what} needs --protect-to, --ca, --cert, --key and --api-socket"
+        )));
     };
     let abs = super::migrate::absolute;
     let req = ProtectRequest {
@@ -77,12 +81,14 @@ pub fn run(args: RunArgs) -> Result<i32, CmdError> {
 fn protect_at_start(ctl: &primary::migration::VmController, req: &ProtectRequest) {
     match crate::spare::protect(ctl, req, true, &mut |_| {}) {
         Ok(r) => {
-            eprintln!(
-                "tandem: protected by the secondary {} from exit {} (seeded in {:.1} ms before the first instruction); spares {}",
-                r.secondary,
-                r.start_exit,
-                r.total_ms,
+            let spares = if req.spares.is_empty() {
+                "none".to_string()
+            } else {
                 req.spares.join(", ")
+            };
+            eprintln!(
+                "tandem: protected by the secondary {} from exit {} (seeded in {:.1} ms before the first instruction); spares {spares}",
+                r.secondary, r.start_exit, r.total_ms,
             );
             if let Err(e) = ctl.resume() {
                 eprintln!("tandem: starting the protected VM: {e}");
