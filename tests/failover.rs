@@ -12,7 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    final_digest, loopback_secondary, make_disk, run_tandem, status, wait_status, Pki, Proc,
+    final_digest, joined, loopback_secondary, make_disk, random_round, rounds, run_tandem, status,
+    wait_status, Pki, Proc,
 };
 use common::{result_line, TempDir};
 
@@ -20,33 +21,6 @@ use common::{result_line, TempDir};
 /// beside each other on a loaded host; a shorter timeout failed over
 /// falsely there once).
 const TIMING: [&str; 4] = ["--heartbeat-ms", "50", "--failover-timeout-ms", "1000"];
-
-/// A guest point to fail at: round 5..=(5+span) chosen from the clock.
-fn random_round(span: u64) -> u64 {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64;
-    5 + n % span
-}
-
-fn rounds(text: &str) -> usize {
-    text.matches("round ").count()
-}
-
-/// `before` (the old primary's console) followed by `after` (the new
-/// primary's), with the lines produced again at the boundary counted once.
-fn joined(before: &str, after: &str) -> String {
-    let b: Vec<&str> = before.lines().collect();
-    let a: Vec<&str> = after.lines().collect();
-    let overlap = (0..=b.len().min(a.len()))
-        .rev()
-        .find(|&k| b[b.len() - k..] == a[..k])
-        .unwrap_or(0);
-    let mut all: Vec<&str> = b.clone();
-    all.extend_from_slice(&a[overlap..]);
-    all.iter().map(|l| format!("{l}\n")).collect()
-}
 
 /// A protected pair over loopback with one arbiter directory (or etcd).
 struct Pair {

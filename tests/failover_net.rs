@@ -26,7 +26,9 @@ mod net;
 
 use std::time::Instant;
 
-use common::cluster::{protected_mail, MailStream, Netns, Pki, Proc};
+use common::cluster::{
+    protected_mail, run_tandem, secondary, MailStream, Netns, Pki, Proc, ThirdHost,
+};
 use common::TempDir;
 
 /// Each message's size (guest code is emulated).
@@ -34,6 +36,21 @@ const SIZE: usize = 1500;
 /// Messages before the failover, and after it.
 const BEFORE: usize = 3;
 const AFTER: usize = 3;
+
+/// The claims in the file arbiter's directory: (file name, text), by name.
+fn claims(dir: &std::path::Path) -> Vec<(String, String)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "claim"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(&p).unwrap())
+        })
+        .collect();
+    v.sort();
+    v
+}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Death {
@@ -44,7 +61,7 @@ enum Death {
 fn failover_under_smtp(tag: &str, subnet: u8, mac: &str, death: Death) {
     let hosts =
         Netns::new(tag, subnet).expect("two network namespaces joined by veth (needs root and ip)");
-    let c = net::client_network(tag, &hosts.a, &hosts.b);
+    let c = net::client_network(tag, &[&hosts.a, &hosts.b]);
     let sec_ip = format!("10.{subnet}.0.2");
     let pki = Pki::new(&["a", "b"], &[&sec_ip]);
     let dir = TempDir::new(tag);
@@ -148,14 +165,9 @@ fn failover_under_smtp(tag: &str, subnet: u8, mac: &str, death: Death) {
     );
 
     // The claim names the secondary.
-    let claims: Vec<_> = std::fs::read_dir(&arbiter_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "claim"))
-        .collect();
+    let claims = claims(&arbiter_dir);
     assert_eq!(claims.len(), 1, "{claims:?}");
-    let claim = std::fs::read_to_string(&claims[0]).unwrap();
-    assert!(claim.contains("secondary"), "{claim}");
+    assert!(claims[0].1.contains("secondary"), "{claims:?}");
 
     sec.signal(libc::SIGTERM);
     let (scode, _, serr) = sec.finish();
@@ -170,4 +182,149 @@ fn primary_killed_under_one_smtp_session() {
 #[test]
 fn both_plugs_pulled_under_one_smtp_session() {
     failover_under_smtp("fonetp", 234, "52:54:00:aa:bb:42", Death::PlugsPulled);
+}
+
+/// Failover, re-protection onto a third host, a second failover, all under
+/// ONE SMTP session: host A's primary killed (-9), B goes live; `tandem
+/// protect --to` seeds host C (its own TAP on the client network) while the
+/// session goes on; B killed (-9), C goes live. The session is never reset
+/// and every message that got 250, before, between and after the two
+/// failovers, is in the mailbox at the end (POP3 from the client network);
+/// the claims are `V.g1` by B and `V.g2` by C.
+#[test]
+fn failover_reprotect_failover_under_one_smtp_session() {
+    let (tag, subnet, mac) = ("fonet3", 239, "52:54:00:aa:bb:43");
+    let hosts =
+        Netns::new(tag, subnet).expect("two network namespaces joined by veth (needs root and ip)");
+    // Host C, linked to A and B; the channel B -> C takes the B–C link.
+    let third = ThirdHost::new(&hosts, tag);
+    let c = net::client_network(tag, &[&hosts.a, &hosts.b, &third.ns]);
+    let sec_ip = format!("10.{subnet}.0.2");
+    let pki = Pki::new(&["a", "b", "c"], &[&sec_ip, &third.ip_from_b]);
+    let dir = TempDir::new(tag);
+    let disks = [
+        dir.disk("a.img", 16 << 20),
+        dir.disk("b.img", 16 << 20),
+        dir.disk("c.img", 16 << 20),
+    ];
+    let arbiter_dir = dir.file("arbiter");
+    std::fs::create_dir(&arbiter_dir).unwrap();
+    let arbiter = format!("file:{}", arbiter_dir.display());
+    let b_sock = dir.s("b.sock");
+    let serial = |n: &str| format!("file:{}", dir.s(n));
+    let (b_serial, b_live) = (serial("b.txt"), serial("b-live.txt"));
+    let (mut a, mut b) = protected_mail(
+        &hosts,
+        &format!("{sec_ip}:0"),
+        &pki,
+        (&disks[0], &disks[1]),
+        mac,
+        (
+            &["--arbiter", &arbiter],
+            &[
+                "--arbiter",
+                &arbiter,
+                "--serial",
+                &b_serial,
+                "--live-serial",
+                &b_live,
+                "--api-socket",
+                &b_sock,
+            ],
+        ),
+    );
+    let script = dir.file("mail_client.py");
+    std::fs::write(&script, net::MAIL_CLIENT).unwrap();
+    let mut client =
+        MailStream::start(c.command("python3"), &script, SIZE, &dir.file("stop"), 1000);
+    let describe = |p: &[&Proc]| {
+        p.iter()
+            .map(|p| p.describe())
+            .collect::<Vec<_>>()
+            .join("\n------\n")
+    };
+    client.wait_sent(BEFORE, &|| describe(&[&a, &b]));
+
+    // First failover: A dies, B goes live.
+    let rarp = c.rarp_watch(dir.path(), mac, 1);
+    let at_kill = client.sent();
+    a.signal(libc::SIGKILL);
+    let _ = a.child.wait();
+    b.wait_for("going LIVE", true);
+    b.wait_for("serves the live VM now", true);
+    client.wait_sent(at_kill + 1, &|| b.describe());
+    assert!(rarp.finish().0 >= 1, "no RARP from B\n{}", b.describe());
+
+    // Re-protection onto C while the session goes on.
+    let px = ["ip", "netns", "exec", third.ns.as_str()];
+    let (c_serial, c_live) = (serial("c.txt"), serial("c-live.txt"));
+    let listen = format!("{}:0", third.ip_from_b);
+    let (mut cc, c_addr) = secondary(
+        &px,
+        &listen,
+        &pki.creds("c"),
+        &[
+            "--disk",
+            common::arg(&disks[2]),
+            "--net",
+            "tap=tn0",
+            "--arbiter",
+            &arbiter,
+            "--serial",
+            &c_serial,
+            "--live-serial",
+            &c_live,
+        ],
+    );
+    let mut args = vec![
+        "protect",
+        "--api",
+        &b_sock,
+        "--to",
+        &c_addr,
+        "--arbiter",
+        &arbiter,
+    ];
+    let creds = pki.creds("b");
+    args.extend(creds.iter().map(String::as_str));
+    let (code, out, err) = run_tandem(&args);
+    assert_eq!(code, 0, "{out}{err}\n{}", describe(&[&b, &cc]));
+    assert!(out.contains("protected by c"), "{out}");
+    let reprotected = client.sent();
+    client.wait_sent(reprotected + 2, &|| describe(&[&b, &cc]));
+
+    // Second failover: B dies, C goes live.
+    let rarp = c.rarp_watch(dir.path(), mac, 1);
+    let at_kill2 = client.sent();
+    b.signal(libc::SIGKILL);
+    let _ = b.child.wait();
+    cc.wait_for("going LIVE", true);
+    cc.wait_for("the NIC is attached to TAP tn0", true);
+    client.wait_sent(at_kill2 + AFTER, &|| cc.describe());
+    let total = client.finish(&|| cc.describe());
+    assert!(rarp.finish().0 >= 1, "no RARP from C\n{}", cc.describe());
+    eprintln!(
+        "{tag}: {at_kill} messages before the first failover, {} between, {} after the second",
+        at_kill2 - at_kill,
+        total - at_kill2
+    );
+
+    // Every message that got 250, read back from the client network.
+    c.check_stream(dir.path(), total, SIZE, &cc.describe());
+
+    // Generation 1 went to B, generation 2 to C.
+    let claims = claims(&arbiter_dir);
+    assert_eq!(claims.len(), 2, "{claims:?}");
+    assert!(claims[0].0.ends_with(".g1.claim"), "{claims:?}");
+    assert!(claims[0].1.contains("holder secondary b "), "{claims:?}");
+    assert!(claims[1].0.ends_with(".g2.claim"), "{claims:?}");
+    assert!(
+        claims[1]
+            .1
+            .contains(&format!("holder secondary c (pid {})", cc.pid())),
+        "{claims:?}"
+    );
+    cc.signal(libc::SIGTERM);
+    let (code, _, err) = cc.finish();
+    assert_eq!(code, 0, "{err}");
 }

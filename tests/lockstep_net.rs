@@ -136,7 +136,7 @@ fn wait_until(what: &str, procs: &mut [&mut Proc], mut cond: impl FnMut() -> boo
 fn protected_mail_frames_wait_for_the_secondary() {
     let hosts = Netns::new("locknet", 231)
         .expect("two network namespaces joined by veth (needs root and ip)");
-    let c = net::client_network("locknet", &hosts.a, &hosts.b);
+    let c = net::client_network("locknet", &[&hosts.a, &hosts.b]);
     let pki = Pki::new(&["a", "b"], &["10.231.0.2"]);
     let dir = TempDir::new("lockstep-net");
     let disk_a = dir.disk("a.img", 16 << 20);

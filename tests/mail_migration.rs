@@ -32,7 +32,7 @@ const AFTER: usize = 10;
 fn mail_vm_migrates_under_one_smtp_session() {
     let hosts = Netns::new("mailmig", 227)
         .expect("two network namespaces joined by veth (needs root and ip)");
-    let c = net::client_network("mail", &hosts.a, &hosts.b);
+    let c = net::client_network("mail", &[&hosts.a, &hosts.b]);
     let pki = Pki::new(&["a", "b"], &["10.227.0.2"]);
     let dir = TempDir::new("mail-migration");
     let disk_a = dir.disk("a.img", 16 << 20);

@@ -129,6 +129,34 @@ impl Drop for Proc {
     }
 }
 
+/// A guest point to fail at (a `fill` guest's console): round 5..=(5+span) chosen from the clock.
+pub fn random_round(span: u64) -> u64 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    5 + n % span
+}
+
+/// How many `round` lines a console holds.
+pub fn rounds(text: &str) -> usize {
+    text.matches("round ").count()
+}
+
+/// `before` (the old primary's console) followed by `after` (the new
+/// primary's), with the lines produced again at the boundary counted once.
+pub fn joined(before: &str, after: &str) -> String {
+    let b: Vec<&str> = before.lines().collect();
+    let a: Vec<&str> = after.lines().collect();
+    let overlap = (0..=b.len().min(a.len()))
+        .rev()
+        .find(|&k| b[b.len() - k..] == a[..k])
+        .unwrap_or(0);
+    let mut all: Vec<&str> = b.clone();
+    all.extend_from_slice(&a[overlap..]);
+    all.iter().map(|l| format!("{l}\n")).collect()
+}
+
 /// A cluster CA with host certificates.
 pub struct Pki {
     pub dir: TempDir,
@@ -282,10 +310,14 @@ pub fn make_disk(path: &Path, len: usize) {
     }
     std::fs::write(path, data).unwrap();
 }
-/// Two network namespaces joined by a veth pair.
+/// Two network namespaces joined by a veth pair (`va` in `a`, `vb` in
+/// `b`).
 pub struct Netns {
     pub a: String,
     pub b: String,
+    pub va: String,
+    pub vb: String,
+    subnet: u8,
 }
 
 impl Netns {
@@ -302,11 +334,14 @@ impl Netns {
             return None;
         }
         let id = std::process::id() % 100_000;
+        let (va, vb) = (format!("tva{subnet}.{id}"), format!("tvb{subnet}.{id}"));
         let n = Netns {
             a: format!("tandem-a-{tag}-{id}"),
             b: format!("tandem-b-{tag}-{id}"),
+            va: va.clone(),
+            vb: vb.clone(),
+            subnet,
         };
-        let (va, vb) = (format!("tva{subnet}.{id}"), format!("tvb{subnet}.{id}"));
         let (ipa, ipb) = (format!("10.{subnet}.0.1/24"), format!("10.{subnet}.0.2/24"));
         let steps: Vec<Vec<&str>> = vec![
             vec!["netns", "add", &n.a],
@@ -337,6 +372,130 @@ impl Drop for Netns {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
+}
+
+/// A third host `ns` joined by veth to both hosts of a [`Netns`] pair:
+/// device `xl` on A (10.S.1.1) to `xa` on it (10.S.1.2), `xl` on B
+/// (10.S.2.1) to `xb` on it (10.S.2.2). Removed on drop.
+pub struct ThirdHost {
+    pub ns: String,
+    /// Its address seen from A, and from B.
+    pub ip_from_a: String,
+    pub ip_from_b: String,
+}
+
+/// The device of A and of B towards the [`ThirdHost`].
+pub const TO_THIRD: &str = "xl";
+
+impl ThirdHost {
+    #[track_caller]
+    pub fn new(pair: &Netns, tag: &str) -> ThirdHost {
+        let s = pair.subnet;
+        let t = ThirdHost {
+            ns: format!("tandem-x-{tag}-{}", std::process::id() % 100_000),
+            ip_from_a: format!("10.{s}.1.2"),
+            ip_from_b: format!("10.{s}.2.2"),
+        };
+        let x = t.ns.as_str();
+        ip_ok(&["netns", "add", x]);
+        ip_ok(&["-n", x, "link", "set", "lo", "up"]);
+        for (host, dev, net) in [(&pair.a, "xa", 1), (&pair.b, "xb", 2)] {
+            ip_ok(&[
+                "-n", host, "link", "add", TO_THIRD, "type", "veth", "peer", "name", dev, "netns",
+                x,
+            ]);
+            ip_ok(&[
+                "-n",
+                host,
+                "addr",
+                "add",
+                &format!("10.{s}.{net}.1/24"),
+                "dev",
+                TO_THIRD,
+            ]);
+            ip_ok(&[
+                "-n",
+                x,
+                "addr",
+                "add",
+                &format!("10.{s}.{net}.2/24"),
+                "dev",
+                dev,
+            ]);
+            ip_ok(&["-n", host, "link", "set", TO_THIRD, "up"]);
+            ip_ok(&["-n", x, "link", "set", dev, "up"]);
+        }
+        t
+    }
+}
+
+impl Drop for ThirdHost {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+#[track_caller]
+fn ip_ok(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A partition by nftables in namespace `ns`: every packet in or out of
+/// `dev` dropped (100% loss, no error to either side), until [`heal`].
+#[track_caller]
+pub fn cut(ns: &str, dev: &str) {
+    let table = nft_table(dev);
+    let rules = format!(
+        "table inet {table} {{\n\
+         chain i {{ type filter hook input priority -10; policy accept; iifname \"{dev}\" drop; }}\n\
+         chain o {{ type filter hook output priority -10; policy accept; oifname \"{dev}\" drop; }}\n\
+         }}\n"
+    );
+    nft(ns, &["-f", "-"], &rules);
+}
+
+/// Undo [`cut`].
+#[track_caller]
+pub fn heal(ns: &str, dev: &str) {
+    nft(ns, &["delete", "table", "inet", &nft_table(dev)], "");
+}
+
+fn nft_table(dev: &str) -> String {
+    let d: String = dev
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("tandem_cut_{d}")
+}
+
+#[track_caller]
+fn nft(ns: &str, args: &[&str], stdin: &str) {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nft (Debian's nftables, installed by .ci/run)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft {args:?} in {ns}: {}\n{stdin}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 #[track_caller]
 pub fn same_image(path: &Path, want: &[u8], what: &str) {
@@ -555,6 +714,8 @@ pub struct MailStream {
     out: Arc<Mutex<Vec<u8>>>,
     err: Arc<Mutex<Vec<u8>>>,
     stop: std::path::PathBuf,
+    /// When each `sent K` line arrived (the client's 250s, in order).
+    times: Arc<Mutex<Vec<Instant>>>,
 }
 
 impl MailStream {
@@ -570,14 +731,37 @@ impl MailStream {
             .stderr(Stdio::piped())
             .spawn()
             .expect("python3");
-        let out = collect(child.stdout.take().unwrap());
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let times = Arc::new(Mutex::new(Vec::new()));
+        let (o, t) = (out.clone(), times.clone());
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.starts_with("sent ") {
+                    t.lock().unwrap().push(Instant::now());
+                }
+                let mut o = o.lock().unwrap();
+                o.extend_from_slice(line.as_bytes());
+                o.push(b'\n');
+            }
+        });
         let err = collect(child.stderr.take().unwrap());
         MailStream {
             child,
             out,
             err,
             stop: stop.to_path_buf(),
+            times,
         }
+    }
+
+    /// When each 250 so far arrived (`sent K` is element K-1).
+    pub fn times(&self) -> Vec<Instant> {
+        self.times.lock().unwrap().clone()
     }
 
     /// The number K of the last `sent K` line: messages that got 250.

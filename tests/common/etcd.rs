@@ -2,6 +2,9 @@
 //! etcd arbiter's tests: one member on loopback, on free ports, with a
 //! temporary data directory; killed when dropped (also when a test fails).
 //! A missing `etcd` fails the test: it never passes without one.
+//! [`Etcd::start_in`] runs it on a host of its own (a network namespace).
+
+#![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -45,11 +48,37 @@ impl Etcd {
     }
 
     fn try_start(tag: &str) -> Option<Etcd> {
-        let dir = TempDir::new(tag);
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let mut child = Command::new("etcd")
+        Etcd::spawn(tag, Command::new("etcd"), &url, url.clone(), &peer_url)
+    }
+
+    /// Start one in network namespace `ns` (its own host), serving clients
+    /// on port 2379 of each of `ips`; `url` is the first of them.
+    pub fn start_in(tag: &str, ns: &str, ips: &[&str]) -> Etcd {
+        let urls: Vec<String> = ips.iter().map(|ip| format!("http://{ip}:2379")).collect();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, "etcd"]);
+        Etcd::spawn(
+            tag,
+            cmd,
+            &urls.join(","),
+            urls[0].clone(),
+            "http://127.0.0.1:2380",
+        )
+        .unwrap_or_else(|| panic!("etcd did not start in {ns} (see above)"))
+    }
+
+    fn spawn(
+        tag: &str,
+        mut cmd: Command,
+        clients: &str,
+        url: String,
+        peer_url: &str,
+    ) -> Option<Etcd> {
+        let dir = TempDir::new(tag);
+        let mut child = cmd
             .args([
                 "--name",
                 "t",
@@ -60,12 +89,12 @@ impl Etcd {
             ])
             .args([
                 "--listen-client-urls",
-                &url,
+                clients,
                 "--advertise-client-urls",
-                &url,
+                clients,
             ])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--listen-peer-urls", peer_url])
+            .args(["--initial-advertise-peer-urls", peer_url])
             .args(["--initial-cluster", &format!("t={peer_url}")])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -117,6 +146,25 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Every claim (key, holder) in the etcd at `url`, asked from network
+/// namespace `ns` (the test's own namespace cannot reach a host's).
+pub fn claims_in(ns: &str, url: &str) -> Vec<(String, String)> {
+    let path = format!("/var/run/netns/{ns}");
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns(2) on a namespace file we opened; it moves only this
+        // thread (and the threads it starts: the arbiter's own) into it.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        failover::arbiter::EtcdArbiter::new(vec![url.clone()], Default::default())
+            .claims()
+            .unwrap_or_else(|e| panic!("reading the claims from {url}: {e}"))
+    })
+    .join()
+    .unwrap()
 }
 
 /// A loopback URL nobody listens on (a port just freed).

@@ -418,16 +418,16 @@ impl Drop for Vm {
 }
 
 /// The client network: netns `C` with bridge `br0` (10.0.2.2/24), and the
-/// bridges of host namespaces A and B (TAP `tn0` on each) joined to it by
-/// veth — built by the same code as `tandem drill`'s hosts.
-pub fn client_network(tag: &str, a: &str, b: &str) -> NetNs {
+/// bridges of the host namespaces `hosts` (TAP `tn0` on each) joined to it
+/// by veth — built by the same code as `tandem drill`'s hosts.
+pub fn client_network(tag: &str, hosts: &[&str]) -> NetNs {
     let id = std::process::id() % 100_000;
     let c = NetNs {
         name: format!("tandem-c-{tag}-{id}"),
     };
     ip(&["netns", "add", &c.name]);
     ip(&["-n", &c.name, "link", "set", "lo", "up"]);
-    if let Err(e) = topo::client_network(&c.name, &[a, b]) {
+    if let Err(e) = topo::client_network(&c.name, hosts) {
         panic!("building the client network: {e}");
     }
     c
