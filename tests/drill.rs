@@ -675,11 +675,11 @@ fn mail_partition_end_to_end() {
         .unwrap()
         .replace("messages = 40", "messages = 14")
         .replace(
-            "duration_ms = 3000\nwhen = { between_ms = [1000, 4000] }",
+            "duration_ms = 3000\nwhen = { between_ms = [1000, 3000] }",
             "duration_ms = 1500\nwhen = { between_ms = [300, 600] }",
         )
         .replace(
-            "duration_ms = 3000\nwhen = { between_ms = [500, 2000] }",
+            "duration_ms = 3000\nwhen = { between_ms = [300, 1500] }",
             "duration_ms = 800\nwhen = { between_ms = [100, 300] }",
         );
     assert_eq!(text.matches("duration_ms = 800").count(), 2, "{text}");
