@@ -103,6 +103,11 @@ pub struct ProtectRequest {
     /// lost and this primary won the arbiter (`crate::spare`).
     #[serde(default)]
     pub spares: Vec<String>,
+    /// The lag bound, log queue bound and progress marks' interval
+    /// (`--lag-bound-ms`, ...; checked before anything is done; absent:
+    /// the defaults).
+    #[serde(default)]
+    pub lag: Option<crate::cli::LagArgs>,
 }
 
 /// An answer line.

@@ -249,6 +249,8 @@ pub struct ProtectCmdArgs {
     /// first spare that takes the VM, by itself (each is used once).
     #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
     pub spare: Vec<String>,
+    #[command(flatten)]
+    pub lag: LagArgs,
 }
 
 /// `tandem run --protect-to`: the secondary and this host's credentials.
@@ -298,8 +300,8 @@ pub struct ProtectArgs {
 }
 
 /// How closely the secondary follows a protected primary
-/// (docs/lockstep.md, "Lag").
-#[derive(Debug, Clone, Args)]
+/// (docs/lockstep.md, "Lag"); also sent in a protect request.
+#[derive(Debug, Clone, Args, serde::Serialize, serde::Deserialize)]
 pub struct LagArgs {
     /// Progress marks: when nothing else was logged for MS milliseconds
     /// (a guest that exits without inputs, or idles), the primary logs a
@@ -325,14 +327,15 @@ pub struct LagArgs {
 }
 
 impl LagArgs {
-    /// The limits these arguments ask for.
-    pub fn limits(&self) -> primary::lag::LagLimits {
-        primary::lag::LagLimits {
-            bound: std::time::Duration::from_millis(self.lag_bound_ms),
-            queue_bytes: self
-                .log_queue_kib
-                .map_or(self.log_queue_mib << 20, |k| k << 10),
-        }
+    /// The limits these arguments ask for, each checked against its range
+    /// (the error names the option).
+    pub fn limits(&self) -> Result<primary::lag::LagLimits, primary::lag::LimitError> {
+        primary::lag::LagLimits::checked(
+            self.lag_bound_ms,
+            self.log_queue_mib,
+            self.log_queue_kib,
+            self.progress_ms,
+        )
     }
 }
 

@@ -53,12 +53,17 @@ pub fn protect(
     on_progress: &mut dyn FnMut(&primary::migration::Progress),
 ) -> Result<ProtectReport, String> {
     let spares = failover::lineage::parse_spares(&m.spares)?;
+    // Checked before anything is done: a bad value leaves the VM as it is.
+    let limits = match &m.lag {
+        Some(l) => l.limits().map_err(|e| e.to_string())?,
+        None => primary::lag::LagLimits::default(),
+    };
     let (params, failover) = params(ctl, m)?;
     if !spares.is_empty() {
         ctl.lineage().spares = spares;
     }
     let rec = primary::record::RecordOptions {
-        progress: std::time::Duration::from_millis(primary::lockstep::DEFAULT_PROGRESS_MS),
+        progress: limits.progress,
         ..primary::record::RecordOptions::default()
     };
     let how = if paused_ok {
@@ -66,7 +71,7 @@ pub fn protect(
     } else {
         primary::protect::protect
     };
-    how(ctl, &params, failover, rec, on_progress).map_err(|e| e.to_string())
+    how(ctl, &params, failover, rec, limits, on_progress).map_err(|e| e.to_string())
 }
 
 /// Seed the first spare that takes the VM (see the module docs).
@@ -131,5 +136,6 @@ pub fn at_go_live(
         failover_timeout_ms: args.failover.failover_timeout_ms,
         arbiter: args.failover.arbiter.clone(),
         spares,
+        lag: None,
     }))
 }

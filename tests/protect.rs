@@ -239,3 +239,70 @@ fn protect_to_nobody_fails_and_the_vm_runs_on() {
     pri.wait_for(&format!("round {}\n", rounds + 20), false);
     let _ = pri.child.kill();
 }
+
+/// `tandem protect --lag-bound-ms --log-queue-kib --progress-ms`: the
+/// bounds are the protection's (its status shows them; with
+/// `--progress-ms 0` the log has no progress mark although this guest
+/// idles between its rounds); a value out of range is refused naming it,
+/// and the VM runs on unprotected as if nothing was asked.
+#[test]
+fn protect_with_its_own_bounds() {
+    let dir = TempDir::new("protect-bounds");
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    let (sock, sec_log) = (dir.s("pri.sock"), dir.s("sec.log"));
+    let (sec, addr) = loopback_secondary(&pki.creds("sec"), &["--log", &sec_log]);
+    let mut pri = source(&[], &sock, "fill 4 400 1", &[]);
+    pri.wait_for("round 10\n", false);
+    let creds = pki.creds("pri");
+    let with = |extra: &[&str]| {
+        let mut args = vec!["protect", "--api", &sock, "--to", &addr];
+        args.extend(creds.iter().map(String::as_str));
+        args.extend_from_slice(extra);
+        run_tandem(&args)
+    };
+    let (code, out, err) = with(&["--lag-bound-ms", "99999999"]);
+    assert_eq!(code, 1, "a bad lag bound was taken\n{out}\n{err}");
+    assert!(err.contains("--lag-bound-ms 99999999"), "{err}");
+    assert!(err.contains("keeps running unprotected"), "{err}");
+    let s = status(&sock);
+    assert_eq!(s["state"], "running", "{s}");
+    assert!(s.get("protection").is_none(), "{s}");
+    let (code, out, err) = with(&["--log-queue-mib", "99999999999"]);
+    assert_eq!(code, 1, "a bad queue bound was taken\n{out}\n{err}");
+    assert!(err.contains("--log-queue-mib 99999999999"), "{err}");
+    assert!(status(&sock).get("protection").is_none());
+
+    let (code, out, err) = with(&[
+        "--lag-bound-ms",
+        "123",
+        "--log-queue-kib",
+        "256",
+        "--progress-ms",
+        "0",
+    ]);
+    assert_eq!(code, 0, "protect failed\n{out}\n{err}\n{}", pri.describe());
+    let s = status(&sock);
+    if s["state"] != "stopped" {
+        let b = &s["protection"]["bound"];
+        assert_eq!(b["lag_bound_ms"].as_u64(), Some(123), "{s}");
+        assert_eq!(b["queue_bound_bytes"].as_u64(), Some(256 << 10), "{s}");
+    }
+    let (pcode, pout, perr) = pri.finish();
+    let (scode, _, serr) = sec.finish();
+    let both = format!("--- primary ---\n{perr}\n--- secondary ---\n{serr}");
+    assert_eq!((pcode, scode), (0, 0), "{both}");
+    assert!(result_line(&pout).is_some(), "{pout}");
+    assert_eq!(digest(&perr), digest(&serr), "{both}");
+    let log = std::fs::read(&sec_log).unwrap();
+    let (mut r, _) = recordlog::LogReader::open(&log[..]).unwrap();
+    let (mut outputs, mut marks) = (0, 0);
+    while let Some(e) = r.next_entry().unwrap() {
+        match e {
+            recordlog::Entry::Output { .. } => outputs += 1,
+            recordlog::Entry::Progress { .. } => marks += 1,
+            _ => {}
+        }
+    }
+    assert!(outputs > 100, "{outputs} outputs in the secondary's log");
+    assert_eq!(marks, 0, "progress marks in spite of --progress-ms 0");
+}

@@ -41,13 +41,41 @@ const STEP: u32 = 20;
 /// Lag samples kept for the percentiles.
 const MAX_SAMPLES: usize = 1 << 16;
 
-/// The two limits.
+/// Largest lag bound accepted, ms (an hour).
+pub const MAX_LAG_BOUND_MS: u64 = 3_600_000;
+/// Largest log queue bound accepted, MiB (64 GiB).
+pub const MAX_LOG_QUEUE_MIB: u64 = 64 << 10;
+/// The same in KiB.
+pub const MAX_LOG_QUEUE_KIB: u64 = MAX_LOG_QUEUE_MIB << 10;
+/// Largest progress mark interval accepted, ms.
+pub const MAX_PROGRESS_MS: u64 = 60_000;
+
+/// A limit out of its range (named as the option that sets it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// The lag bound.
+    #[error("--lag-bound-ms {0}: at most {MAX_LAG_BOUND_MS} (0: never slow down)")]
+    LagBound(u64),
+    /// The log queue's bound in MiB.
+    #[error("--log-queue-mib {0}: at most {MAX_LOG_QUEUE_MIB} (0: unbounded)")]
+    QueueMib(u64),
+    /// The log queue's bound in KiB.
+    #[error("--log-queue-kib {0}: at most {MAX_LOG_QUEUE_KIB} (0: unbounded)")]
+    QueueKib(u64),
+    /// The progress marks' interval.
+    #[error("--progress-ms {0}: at most {MAX_PROGRESS_MS} (0: no progress marks)")]
+    Progress(u64),
+}
+
+/// The two limits, and the progress marks' interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LagLimits {
     /// Slow the vCPU past this lag (zero: never).
     pub bound: Duration,
     /// Most log bytes queued for the secondary (zero: unbounded).
     pub queue_bytes: u64,
+    /// A progress mark after this long without a flush (zero: none).
+    pub progress: Duration,
 }
 
 impl Default for LagLimits {
@@ -55,11 +83,42 @@ impl Default for LagLimits {
         LagLimits {
             bound: Duration::from_millis(DEFAULT_LAG_BOUND_MS),
             queue_bytes: DEFAULT_LOG_QUEUE_MIB << 20,
+            progress: Duration::from_millis(crate::lockstep::DEFAULT_PROGRESS_MS),
         }
     }
 }
 
 impl LagLimits {
+    /// The limits of `--lag-bound-ms`, `--log-queue-mib` (or the finer
+    /// `--log-queue-kib`, which overrides it) and `--progress-ms`, each
+    /// checked against its range (they may come from a control request).
+    pub fn checked(
+        lag_bound_ms: u64,
+        log_queue_mib: u64,
+        log_queue_kib: Option<u64>,
+        progress_ms: u64,
+    ) -> Result<LagLimits, LimitError> {
+        if lag_bound_ms > MAX_LAG_BOUND_MS {
+            return Err(LimitError::LagBound(lag_bound_ms));
+        }
+        if progress_ms > MAX_PROGRESS_MS {
+            return Err(LimitError::Progress(progress_ms));
+        }
+        let queue_bytes = match log_queue_kib {
+            Some(k) if k > MAX_LOG_QUEUE_KIB => return Err(LimitError::QueueKib(k)),
+            Some(k) => k << 10,
+            None if log_queue_mib > MAX_LOG_QUEUE_MIB => {
+                return Err(LimitError::QueueMib(log_queue_mib))
+            }
+            None => log_queue_mib << 20,
+        };
+        Ok(LagLimits {
+            bound: Duration::from_millis(lag_bound_ms),
+            queue_bytes,
+            progress: Duration::from_millis(progress_ms),
+        })
+    }
+
     /// The log queue these limits ask for.
     pub fn queue(&self) -> LogQueue {
         if self.queue_bytes == 0 {
@@ -253,5 +312,20 @@ mod tests {
         }
         let (p50, p99, max, n) = s.percentiles();
         assert_eq!((p50, p99, max, n), (51.0, 99.0, 100.0, 100));
+    }
+
+    #[test]
+    fn limits_out_of_range_are_named() {
+        let ok = LagLimits::checked(100, 1, Some(256), 2).unwrap();
+        assert_eq!(ok.queue_bytes, 256 << 10);
+        assert_eq!(LagLimits::checked(0, 0, None, 0).unwrap().queue_bytes, 0);
+        let e = LagLimits::checked(MAX_LAG_BOUND_MS + 1, 1, None, 2).unwrap_err();
+        assert!(e.to_string().starts_with("--lag-bound-ms 3600001"), "{e}");
+        let e = LagLimits::checked(1, u64::MAX, None, 2).unwrap_err();
+        assert!(e.to_string().starts_with("--log-queue-mib"), "{e}");
+        let e = LagLimits::checked(1, 1, Some(u64::MAX), 2).unwrap_err();
+        assert!(e.to_string().starts_with("--log-queue-kib"), "{e}");
+        let e = LagLimits::checked(1, 1, None, 60_001).unwrap_err();
+        assert!(e.to_string().starts_with("--progress-ms 60001"), "{e}");
     }
 }

@@ -161,9 +161,9 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    fn new(failover: FailoverParams) -> Arc<Session> {
+    fn new(failover: FailoverParams, limits: &LagLimits) -> Arc<Session> {
         Arc::new(Session {
-            queue: LagLimits::default().queue(),
+            queue: limits.queue(),
             acks: Arc::new(Acks::new(failover)),
             link: Mutex::new(None),
             governor: Mutex::new(None),
@@ -282,12 +282,13 @@ pub fn protect(
     params: &MigrationParams,
     failover: FailoverParams,
     rec: RecordOptions,
+    limits: LagLimits,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<ProtectReport, ProtectError> {
     if ctl.paused() {
         return Err(ProtectError::Paused);
     }
-    protect_vm(ctl, params, failover, rec, on_progress)
+    protect_vm(ctl, params, failover, rec, limits, on_progress)
 }
 
 /// [`protect`] a VM that may be paused (it stays paused, recorded from the
@@ -297,9 +298,10 @@ pub fn protect_paused(
     params: &MigrationParams,
     failover: FailoverParams,
     rec: RecordOptions,
+    limits: LagLimits,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<ProtectReport, ProtectError> {
-    protect_vm(ctl, params, failover, rec, on_progress)
+    protect_vm(ctl, params, failover, rec, limits, on_progress)
 }
 
 fn protect_vm(
@@ -307,6 +309,7 @@ fn protect_vm(
     params: &MigrationParams,
     failover: FailoverParams,
     rec: RecordOptions,
+    limits: LagLimits,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<ProtectReport, ProtectError> {
     if let Some(s) = ctl.protection_session() {
@@ -353,7 +356,7 @@ fn protect_vm(
             tracing::error!("ending the lost protection: {e}");
         }
     }));
-    let session = Session::new(failover);
+    let session = Session::new(failover, &limits);
     ctl.set_protection_session(Some(session.clone()));
     let mut seeder = Seeder {
         ctl,
@@ -378,7 +381,7 @@ fn protect_vm(
             *session.governor() = Some(Governor::start(
                 session.acks.clone(),
                 ctl.throttle(),
-                LagLimits::default().bound,
+                limits.bound,
             ));
             Ok(ProtectReport {
                 secondary: peer,

@@ -81,7 +81,11 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
     if let Some(sock) = &args.api_socket {
         super::failover_api::serve(sock, status_cell.clone())?;
     }
-    let lag = args.protect.lag.limits();
+    let lag = args
+        .protect
+        .lag
+        .limits()
+        .map_err(|e| CmdError::Input(e.to_string()))?;
     crate::signals::block();
     let params = link_params(&args.protect)?;
     let host_net = net::open(args.vm.net.net.as_ref())?;
@@ -96,7 +100,7 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
     };
     let mut machine = boot(&config)?;
     let rec = RecordOptions {
-        progress: Duration::from_millis(args.protect.lag.progress_ms),
+        progress: lag.progress,
         ..RecordOptions::default()
     };
     let header = start_log(&mut machine, &rec, InitialState::Boot)?;

@@ -46,6 +46,7 @@ pub fn protect(args: ProtectCmdArgs) -> Result<i32, CmdError> {
         failover_timeout_ms: args.failover.failover_timeout_ms,
         arbiter: args.failover.arbiter.clone(),
         spares: args.spare.clone(),
+        lag: Some(args.lag.clone()),
     });
     let (result, cancelled) =
         call_with_progress(&args.api, &req, args.json, "protect", |ev| match ev {

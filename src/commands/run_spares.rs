@@ -58,6 +58,7 @@ pub fn run(args: RunArgs) -> Result<i32, CmdError> {
         failover_timeout_ms: p.failover.failover_timeout_ms,
         arbiter: p.failover.arbiter.clone(),
         spares,
+        lag: Some(p.lag.clone()),
     };
     let host_net = net::open(args.vm.net.net.as_ref())?;
     let config = vm_config(&args.vm, host_net.as_ref())?;
