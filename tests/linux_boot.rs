@@ -252,31 +252,29 @@ fn linux_pvh_boot_records_and_replays() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Other people's kernel, protected: Linux booted with `tandem run --kernel
-/// --protect-to --api-socket` (seeded before its first instruction: the
-/// secondary needs no copy of the kernel file) is replayed in lockstep by
-/// the secondary up to its banner; `tandem unprotect` then ends the log,
-/// the secondary verifies its state digest against the primary's at that
-/// exit, and its console is the primary's up to there, byte for byte.
-#[test]
-fn linux_pvh_boot_protected_secondary_follows() {
-    use common::cluster::{loopback_secondary, run_tandem, Pki, Proc};
-    if skip() {
-        return;
-    }
+/// Debian's kernel booted protected (`tandem run --kernel --protect-to
+/// --api-socket`: seeded before its first instruction, the secondary needs
+/// no copy of the kernel file), until the secondary's replayed console
+/// shows the banner. The secondary gets `sec_extra`, both sides
+/// `extra` (the primary's console is `pri.txt`, the secondary's replayed
+/// one `sec.txt` in `dir`).
+fn linux_protected(
+    dir: &common::TempDir,
+    pki: &common::cluster::Pki,
+    sec_extra: &[&str],
+    extra: &[&str],
+) -> (common::cluster::Proc, common::cluster::Proc, String) {
+    use common::cluster::{loopback_secondary, Proc};
     let k = kernels();
-    let dir = common::TempDir::new("linux-protect");
-    let pki = Pki::new(&["pri", "sec"], &[]);
-    let (sec_txt, pri_txt) = (dir.file("sec.txt"), dir.file("pri.txt"));
-    let sec_serial = format!("file:{}", sec_txt.display());
-    // Detection is not what this tests: two emulated Linux boots on a
+    let sec_serial = format!("file:{}", dir.s("sec.txt"));
+    // Detection is not what these test: two emulated Linux boots on a
     // loaded host can starve a heartbeat thread for longer than 1 s.
-    let timeout = ["--failover-timeout-ms", "60000"];
-    let mut extra = vec!["--serial", &sec_serial];
-    extra.extend(timeout);
-    let (sec, addr) = loopback_secondary(&pki.creds("sec"), &extra);
+    let mut sec_args = vec!["--serial", &sec_serial, "--failover-timeout-ms", "3000"];
+    sec_args.extend_from_slice(sec_extra);
+    sec_args.extend_from_slice(extra);
+    let (sec, addr) = loopback_secondary(&pki.creds("sec"), &sec_args);
     let sock = dir.s("pri.sock");
-    let pri_serial = format!("file:{}", pri_txt.display());
+    let pri_serial = format!("file:{}", dir.s("pri.txt"));
     let kernel = k.vmlinux.display().to_string();
     let mut args = vec![
         "run",
@@ -292,16 +290,16 @@ fn linux_pvh_boot_protected_secondary_follows() {
         &addr,
         "--api-socket",
         &sock,
+        "--failover-timeout-ms",
+        "3000",
     ];
-    args.extend(timeout);
+    args.extend_from_slice(extra);
     let creds = pki.creds("pri");
     args.extend(creds.iter().map(String::as_str));
     let mut pri = Proc::spawn(&[], &args);
     pri.wait_for("protected by the secondary", true);
     let start = Instant::now();
-    let read =
-        |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
-    while !read(&sec_txt).contains("Linux version") {
+    while !console(dir, "sec.txt").contains("Linux version") {
         if let Ok(Some(st)) = pri.child.try_wait() {
             panic!(
                 "the primary ended ({st}) before the banner\n{}",
@@ -321,7 +319,27 @@ fn linux_pvh_boot_protected_secondary_follows() {
         "the secondary's console shows the banner after {:.1} s",
         start.elapsed().as_secs_f64()
     );
-    let (code, out, err) = run_tandem(&["unprotect", "--api", &sock]);
+    (pri, sec, sock)
+}
+
+/// A console file of `dir` ("" while it does not exist).
+fn console(dir: &common::TempDir, name: &str) -> String {
+    String::from_utf8_lossy(&std::fs::read(dir.file(name)).unwrap_or_default()).into_owned()
+}
+
+/// Other people's kernel, protected: Debian's kernel replayed in lockstep
+/// up to its banner; `tandem unprotect` then ends the log, the secondary
+/// verifies its state digest against the primary's at that exit, and its
+/// console is the primary's up to there, byte for byte.
+#[test]
+fn linux_pvh_boot_protected_secondary_follows() {
+    if skip() {
+        return;
+    }
+    let dir = common::TempDir::new("linux-protect");
+    let pki = common::cluster::Pki::new(&["pri", "sec"], &[]);
+    let (pri, sec, sock) = linux_protected(&dir, &pki, &[], &[]);
+    let (code, out, err) = common::cluster::run_tandem(&["unprotect", "--api", &sock]);
     assert_eq!(code, 0, "unprotect\n{out}\n{err}\n{}", pri.describe());
     let (scode, _, serr) = sec.finish();
     assert_eq!(scode, 0, "secondary\n{serr}");
@@ -329,10 +347,54 @@ fn linux_pvh_boot_protected_secondary_follows() {
         serr.contains("ended protection") && serr.contains("replay verified"),
         "{serr}"
     );
-    let (secondary, primary) = (read(&sec_txt), read(&pri_txt));
+    let (secondary, primary) = (console(&dir, "sec.txt"), console(&dir, "pri.txt"));
     assert!(
         primary.starts_with(&secondary),
         "the secondary's console is not the primary's\n--- secondary ---\n{secondary}\n--- primary ---\n{primary}"
+    );
+    drop(pri);
+}
+
+/// Other people's kernel, failed over: kill -9 of the primary after the
+/// banner; the secondary wins the arbiter and goes live, and the kernel
+/// boots on there: its live console goes on to lines the primary never
+/// reached, and the banner the primary printed is not printed again.
+#[test]
+fn linux_pvh_boot_protected_fails_over() {
+    if skip() {
+        return;
+    }
+    let dir = common::TempDir::new("linux-failover");
+    std::fs::create_dir(dir.file("arbiter")).unwrap();
+    let pki = common::cluster::Pki::new(&["pri", "sec"], &[]);
+    let arbiter = format!("file:{}", dir.s("arbiter"));
+    let live = format!("file:{}", dir.s("live.txt"));
+    let (pri, mut sec, _) = linux_protected(
+        &dir,
+        &pki,
+        &["--live-serial", &live],
+        &["--arbiter", &arbiter],
+    );
+    pri.signal(libc::SIGKILL);
+    sec.wait_for("going LIVE at exit", true);
+    let start = Instant::now();
+    // "Zone ranges:" follows the e820 map in every boot of this kernel;
+    // the primary's console, cut at the banner, never has it.
+    while !console(&dir, "live.txt").contains("Zone ranges:") {
+        assert!(
+            start.elapsed() < boot_timeout(),
+            "the kernel did not go on on the new primary\n{}",
+            sec.describe()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (primary, after) = (console(&dir, "pri.txt"), console(&dir, "live.txt"));
+    assert!(!primary.contains("Zone ranges:"), "{primary}");
+    let lines: Vec<&str> = primary.lines().chain(after.lines()).collect();
+    let banners = lines.iter().filter(|l| l.contains("Linux version")).count();
+    assert_eq!(
+        banners, 1,
+        "the banner printed {banners} times\n{primary}\n---\n{after}"
     );
     drop(pri);
 }
