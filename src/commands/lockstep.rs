@@ -285,9 +285,9 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
 }
 
 /// The kept log of a seeded secondary starts at the seed: keep the seed
-/// next to it as a snapshot, so that `tandem replay --log LOG` replays it.
-/// (Its disk, if any, is not kept: the replay needs a copy of the image as
-/// it was at the seed.)
+/// next to it as a snapshot, so that `tandem replay --log LOG` replays it,
+/// and its disk as it is at the seed (`LOG.seed.disk`, before the replay
+/// writes to the image), which that replay takes a copy of.
 fn keep_seed(machine: &mut vmm::machine::Machine, log: &std::path::Path) -> Result<(), CmdError> {
     let path = super::replay::seed_snapshot_path(log);
     // Replay takes its virtual time from the log.
@@ -300,8 +300,22 @@ fn keep_seed(machine: &mut vmm::machine::Machine, log: &std::path::Path) -> Resu
             path.display()
         ))
     })?;
+    let disk = match &machine.config.disk {
+        Some(d) => {
+            let kept = super::replay::seed_disk_path(log);
+            std::fs::copy(&d.path, &kept).map_err(|e| {
+                CmdError::Input(format!(
+                    "--log: keeping the seed's disk {} as {}: {e}",
+                    d.path.display(),
+                    kept.display()
+                ))
+            })?;
+            format!(" and its disk in {}", kept.display())
+        }
+        None => String::new(),
+    };
     eprintln!(
-        "tandem: the seed (exit {}) is kept in {} for tandem replay --log {}",
+        "tandem: the seed (exit {}) is kept in {}{disk} for tandem replay --log {}",
         machine.exit_seq,
         path.display(),
         log.display()

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use recordlog::{InitialState, LogReader, TailOptions, TailReader};
 use secondary::repair::RepairHooks;
 use secondary::replay::{EntrySource, LogEnd, Replayer};
-use vmm::machine::{LogConfig, Machine};
+use vmm::machine::{DiskConfig, LogConfig, Machine};
 use vmm::run::{RunError, RunLimits, RunOutcome};
 use vmm::sync::SyncPointCheck;
 
@@ -56,11 +56,18 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
         InitialState::Snapshot { digest, path_hint } => {
             // A seeded secondary's --log has its seed next to it.
             let seed = seed_snapshot_path(&args.log);
+            let from_seed = args.snapshot.is_none() && seed.is_file();
             let path = args
                 .snapshot
                 .clone()
-                .or_else(|| seed.is_file().then_some(seed))
+                .or_else(|| from_seed.then_some(seed))
                 .unwrap_or_else(|| path_hint.into());
+            // ... and the seed's disk: replayed on a copy, so that the kept
+            // image stays as it was at the seed.
+            let disk = match (disk, &config.vm.disk) {
+                (None, Some(d)) if from_seed => Some(seed_disk_copy(&args.log, d.read_only)?),
+                (disk, _) => disk,
+            };
             let (mut m, _) = restore_machine(&path, disk)?;
             let own = m.digest().map_err(|e| CmdError::Internal(e.to_string()))?;
             if own != *digest {
@@ -119,6 +126,40 @@ pub fn seed_snapshot_path(log: &std::path::Path) -> std::path::PathBuf {
     let mut p = log.as_os_str().to_owned();
     p.push(".seed");
     p.into()
+}
+
+/// Where a seeded secondary keeps the disk of the VM it was seeded with,
+/// as it was at the seed (`LOG.seed.disk`).
+pub fn seed_disk_path(log: &std::path::Path) -> std::path::PathBuf {
+    let mut p = log.as_os_str().to_owned();
+    p.push(".seed.disk");
+    p.into()
+}
+
+/// A fresh copy of the seed's disk of `log` to replay on (`LOG.replay.disk`,
+/// left for inspection: the replay's final image).
+fn seed_disk_copy(log: &std::path::Path, read_only: bool) -> Result<DiskConfig, CmdError> {
+    let kept = seed_disk_path(log);
+    let mut copy = log.as_os_str().to_owned();
+    copy.push(".replay.disk");
+    let copy = std::path::PathBuf::from(copy);
+    std::fs::copy(&kept, &copy).map_err(|e| {
+        CmdError::Input(format!(
+            "the VM of {} has a disk: copying its seed's disk {} to {} failed: {e} (or give --disk)",
+            log.display(),
+            kept.display(),
+            copy.display()
+        ))
+    })?;
+    eprintln!(
+        "tandem: replaying on {}, a copy of the seed's disk {}",
+        copy.display(),
+        kept.display()
+    );
+    Ok(DiskConfig {
+        path: copy,
+        read_only,
+    })
 }
 
 /// How a replay checks and reports.
