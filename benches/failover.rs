@@ -11,25 +11,38 @@
 //!   primary's console (polled every millisecond). Then the new primary is
 //!   protected again (`tandem protect --to` a third host): time to
 //!   protected and the primary pause. Printed: every run, then p50/p99/max.
-//! * **false** (`-- false`): the false-failover rate of the default
-//!   `--heartbeat-ms`/`--failover-timeout-ms` under CPU load:
+//! * **net** (`-- net`, as root): what a network client sees. The mail VM
+//!   on two namespace hosts, ONE SMTP session from the client network
+//!   sending message after message all along, `TANDEM_BENCH_KILLS` kill -9s
+//!   of whichever host runs the VM, each survivor protected again onto a
+//!   fresh secondary on the dead host; the gap is the longest silence
+//!   between two 250s from the last one before the kill on (for the new
+//!   primary's first 250 after it); at the end every message that got 250
+//!   is checked over POP3. Once per `--failover-timeout-ms` of
+//!   `TANDEM_BENCH_TIMEOUTS` (default `1000,300,200`).
+//! * **false** (`-- false`): the false-failover rate under CPU load, for
+//!   each timeout of `TANDEM_BENCH_TIMEOUTS` (heartbeat 50 ms):
 //!   `TANDEM_BENCH_FALSE_RUNS` (default 20) protected runs of `busy 200000`
 //!   with `TANDEM_BENCH_STRESS` (default 2) busy-loop threads spinning
 //!   throughout; a run failed over falsely if either side went on alone.
 //!   Printed: runs, protected seconds, false failovers, longest silence
 //!   seen by either side (p50/max).
 //!
-//! Without a filter both run. Default timing throughout (50 ms heartbeats,
-//! 1000 ms timeout): the gap is dominated by the timeout.
+//! Without a filter all run. `gap` uses the default timing (50 ms
+//! heartbeats, 1000 ms timeout): the gap is dominated by the timeout.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../tests/common/net.rs"]
+mod net;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{loopback_secondary, run_tandem, Pki, Proc};
+use common::cluster::{
+    loopback_secondary, protected_mail, run_tandem, secondary, MailStream, Netns, Pki, Proc,
+};
 use common::num_after;
 use common::TempDir;
 
@@ -38,6 +51,16 @@ fn env_num(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// `--failover-timeout-ms` values to compare (`TANDEM_BENCH_TIMEOUTS`,
+/// default `1000,300,200`).
+fn timeouts() -> Vec<u64> {
+    std::env::var("TANDEM_BENCH_TIMEOUTS")
+        .unwrap_or_else(|_| "1000,300,200".into())
+        .split(',')
+        .filter_map(|t| t.trim().parse().ok())
+        .collect()
 }
 
 fn rand_below(n: u64) -> u64 {
@@ -214,9 +237,17 @@ fn gap_bench() {
 }
 
 fn false_bench() {
+    for t in timeouts() {
+        false_bench_at(t);
+    }
+}
+
+fn false_bench_at(timeout_ms: u64) {
     let runs = env_num("TANDEM_BENCH_FALSE_RUNS", 20);
     let stress = env_num("TANDEM_BENCH_STRESS", 2);
     let pki = Pki::new(&["pri", "sec"], &[]);
+    let t = timeout_ms.to_string();
+    let timing = ["--heartbeat-ms", "50", "--failover-timeout-ms", t.as_str()];
     let stop = Arc::new(AtomicBool::new(false));
     let spinners: Vec<_> = (0..stress)
         .map(|_| {
@@ -229,14 +260,16 @@ fn false_bench() {
             })
         })
         .collect();
-    println!("false failovers: {runs} protected runs of busy 200000 under {stress} busy-loop threads (default timing: heartbeat 50 ms, timeout 1000 ms)");
+    println!("false failovers: {runs} protected runs of busy 200000 under {stress} busy-loop threads (heartbeat 50 ms, timeout {timeout_ms} ms)");
     let started = Instant::now();
     let mut false_failovers = 0;
     let mut silences = Vec::new();
     let mut protected_s = 0.0;
     for i in 0..runs {
         let (_dir, arbiter) = with_arbiter("bench-false");
-        let (b, b_addr) = on_loopback(&pki, "sec", &["--arbiter", &arbiter]);
+        let mut extra = vec!["--arbiter", &arbiter];
+        extra.extend(timing);
+        let (b, b_addr) = on_loopback(&pki, "sec", &extra);
         let mut args = vec![
             "run",
             "--cmdline",
@@ -246,6 +279,7 @@ fn false_bench() {
             "--arbiter",
             &arbiter,
         ];
+        args.extend(timing);
         let creds = pki.creds("pri");
         args.extend(creds.iter().map(String::as_str));
         let t0 = Instant::now();
@@ -274,7 +308,7 @@ fn false_bench() {
     }
     let max = silences.iter().cloned().fold(f64::NAN, f64::max);
     println!(
-        "summary: {false_failovers} false failovers in {runs} runs ({protected_s:.0} s protected, {:.0} s in all); longest silence p50 {:.1} ms, max {max:.1} ms (timeout 1000 ms)",
+        "summary: {false_failovers} false failovers in {runs} runs ({protected_s:.0} s protected, {:.0} s in all); longest silence p50 {:.1} ms, max {max:.1} ms (timeout {timeout_ms} ms)",
         started.elapsed().as_secs_f64(),
         pct(&mut silences, 50.0)
     );
@@ -289,7 +323,192 @@ fn main() {
     if want("gap") {
         gap_bench();
     }
+    if want("net") {
+        for t in timeouts() {
+            net_bench(t);
+        }
+    }
     if want("false") {
         false_bench();
+    }
+}
+
+/// One host's side of the network bench: its namespace, its address on
+/// the A–B link and its certificate.
+struct Host<'a> {
+    ns: &'a str,
+    ip: String,
+    cert: &'static str,
+}
+
+/// The failover gap a network client sees (`-- net`): the mail VM on two
+/// namespace hosts (`tests/failover_net.rs`' topology), ONE SMTP session
+/// from the client network sending message after message all along, and
+/// `TANDEM_BENCH_KILLS` kill -9s of whichever host runs the VM: after each,
+/// the survivor goes live and is protected again onto a fresh secondary on
+/// the dead host (`tandem protect --to`), and the next kill comes a few
+/// messages later. The gap: the longest silence between two 250s from the
+/// last one before the kill on (a 250 released by the old primary just
+/// before its death may reach the client just after the kill; the silence
+/// ends at the new primary's first). At the end every message that got
+/// 250 is checked over POP3.
+fn net_bench(timeout_ms: u64) {
+    let kills = env_num("TANDEM_BENCH_KILLS", 20);
+    const SIZE: usize = 200;
+    let tag = format!("bnet{timeout_ms}");
+    let subnet = 240;
+    let mac = "52:54:00:aa:bb:50";
+    let Some(hosts) = Netns::new(&tag, subnet) else {
+        println!("net: no network namespaces (needs root and ip): skipped");
+        return;
+    };
+    let c = net::client_network(&tag, &[&hosts.a, &hosts.b]);
+    let side = [
+        Host {
+            ns: &hosts.a,
+            ip: format!("10.{subnet}.0.1"),
+            cert: "a",
+        },
+        Host {
+            ns: &hosts.b,
+            ip: format!("10.{subnet}.0.2"),
+            cert: "b",
+        },
+    ];
+    let pki = Pki::new(&["a", "b"], &[&side[0].ip, &side[1].ip]);
+    let (dir, arbiter) = with_arbiter(&tag);
+    let t = timeout_ms.to_string();
+    let timing = ["--heartbeat-ms", "50", "--failover-timeout-ms", t.as_str()];
+    let sock = |i: usize| dir.s(&format!("api{i}.sock"));
+    let disk = |i: usize| dir.disk(&format!("d{i}.img"), 16 << 20);
+    let (d0, d1) = (disk(0), disk(1));
+    let s1 = sock(1);
+    let mut sec_extra = vec!["--arbiter", &arbiter, "--api-socket", &s1];
+    sec_extra.extend(timing);
+    let mut pri_extra = vec!["--arbiter", arbiter.as_str()];
+    pri_extra.extend(timing);
+    let (mut live, mut standby) = protected_mail(
+        &hosts,
+        &format!("{}:0", side[1].ip),
+        &pki,
+        (&d0, &d1),
+        mac,
+        (&pri_extra, &sec_extra),
+    );
+    let script = dir.file("mail_client.py");
+    std::fs::write(&script, net::MAIL_CLIENT).unwrap();
+    let mut client = MailStream::start(
+        c.command("python3"),
+        &script,
+        SIZE,
+        &dir.file("stop"),
+        100_000,
+    );
+    println!(
+        "failover gap (network): {kills} kill -9s, mail VM, one SMTP session of {SIZE}-byte messages, heartbeat 50 ms, timeout {timeout_ms} ms"
+    );
+    println!(
+        "{:>3} {:>10} {:>10} {:>12} {:>10}",
+        "run", "detect", "gap", "kill->250", "reprotect"
+    );
+    let (mut gaps, mut after_kill, mut detects) = (Vec::new(), Vec::new(), Vec::new());
+    let mut on = 0usize; // the host `live` runs on
+    for i in 0..kills {
+        let n = client.sent();
+        client.wait_sent(n + 3, &|| standby.describe());
+        let at_kill = client.sent();
+        let killed = Instant::now();
+        live.signal(libc::SIGKILL);
+        let _ = live.child.wait();
+        standby.wait_for("going LIVE", true);
+        standby.wait_for("serves the live VM now", true);
+        client.wait_sent(at_kill + 2, &|| standby.describe());
+        // The longest silence between two 250s from the last one before the
+        // kill on (a 250 the old primary released just before its death can
+        // reach the client just after the kill).
+        let times = client.times();
+        let Some(from) = times.iter().rposition(|t| *t <= killed) else {
+            println!("{:>3} no 250 before the kill", i + 1);
+            return;
+        };
+        let (before, after) = times[from..]
+            .windows(2)
+            .map(|w| (w[0], w[1]))
+            .max_by_key(|(a, b)| *b - *a)
+            .expect("two 250s after the kill");
+        let gap = (after - before).as_secs_f64() * 1e3;
+        let k = (after - killed).as_secs_f64() * 1e3;
+        let detect =
+            num_after(&standby.err(), "nothing heard from the primary for ").unwrap_or(f64::NAN);
+        // Protect the new primary again, onto the host that died.
+        let dead = &side[on];
+        let next_sock = sock(i + 2);
+        let next_disk = disk(i + 2);
+        let live_serial = format!("file:{}", dir.s(&format!("live{i}.txt")));
+        let mut extra = vec![
+            "--disk",
+            common::arg(&next_disk),
+            "--net",
+            "tap=tn0",
+            "--arbiter",
+            &arbiter,
+            "--api-socket",
+            &next_sock,
+            "--live-serial",
+            &live_serial,
+        ];
+        extra.extend(timing);
+        let (new_sec, addr) = secondary(
+            &["ip", "netns", "exec", dead.ns],
+            &format!("{}:0", dead.ip),
+            &pki.creds(dead.cert),
+            &extra,
+        );
+        let cur_sock = sock(i + 1);
+        let mut args = vec![
+            "protect",
+            "--api",
+            &cur_sock,
+            "--to",
+            &addr,
+            "--arbiter",
+            &arbiter,
+            "--json",
+        ];
+        args.extend(timing);
+        let creds = pki.creds(side[1 - on].cert);
+        args.extend(creds.iter().map(String::as_str));
+        let (code, out, perr) = run_tandem(&args);
+        if code != 0 {
+            println!("{:>3} re-protect failed: {out}{perr}", i + 1);
+            return;
+        }
+        let r: serde_json::Value =
+            serde_json::from_str(out.lines().last().unwrap_or_default()).unwrap_or_default();
+        println!(
+            "{:>3} {detect:>8.0}ms {gap:>8.0}ms {k:>10.0}ms {:>8.1}ms",
+            i + 1,
+            r["total_ms"].as_f64().unwrap_or(f64::NAN)
+        );
+        gaps.push(gap);
+        after_kill.push(k);
+        detects.push(detect);
+        live = std::mem::replace(&mut standby, new_sec);
+        on = 1 - on;
+    }
+    let total = client.finish(&|| live.describe());
+    c.check_stream(dir.path(), total, SIZE, &live.describe());
+    println!(
+        "summary over {} kills, timeout {timeout_ms} ms (ms): p50 / p99 / max; all {total} messages that got 250 are in the mailbox",
+        gaps.len()
+    );
+    for (name, mut v) in [
+        ("detection (silence when declared lost)", detects),
+        ("gap: 250 before -> the new primary's first", gaps),
+        ("kill -> the new primary's first 250", after_kill),
+    ] {
+        let (p50, p99) = (pct(&mut v, 50.0), pct(&mut v, 99.0));
+        let max = v.iter().cloned().fold(f64::NAN, f64::max);
+        println!("  {name:<40} {p50:>8.1} {p99:>8.1} {max:>8.1}");
     }
 }
