@@ -41,7 +41,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    loopback_secondary, protected_mail, run_tandem, secondary, MailStream, Netns, Pki, Proc,
+    loopback_secondary, protect, protected_mail, run_tandem, secondary, MailStream, Netns, Pki,
+    Proc,
 };
 use common::num_after;
 use common::TempDir;
@@ -167,19 +168,12 @@ fn one_kill(pki: &Pki) -> Result<Gap, String> {
     let gap = num_after(&err, "failover gap: ").ok_or_else(|| format!("no gap in\n{err}"))?;
     // Protect the new primary again, onto a third host.
     let (_c, c_addr) = on_loopback(pki, "third", &["--arbiter", &arbiter]);
-    let mut args = vec![
-        "protect",
-        "--api",
+    let (code, out, perr) = protect(
         &b_sock,
-        "--to",
         &c_addr,
-        "--arbiter",
-        &arbiter,
-        "--json",
-    ];
-    let creds = pki.creds("sec");
-    args.extend(creds.iter().map(String::as_str));
-    let (code, out, perr) = run_tandem(&args);
+        &pki.creds("sec"),
+        &["--arbiter", &arbiter, "--json"],
+    );
     if code != 0 {
         return Err(format!("re-protect failed: {out}{perr}"));
     }
@@ -465,20 +459,9 @@ fn net_bench(timeout_ms: u64) {
             &extra,
         );
         let cur_sock = sock(i + 1);
-        let mut args = vec![
-            "protect",
-            "--api",
-            &cur_sock,
-            "--to",
-            &addr,
-            "--arbiter",
-            &arbiter,
-            "--json",
-        ];
-        args.extend(timing);
-        let creds = pki.creds(side[1 - on].cert);
-        args.extend(creds.iter().map(String::as_str));
-        let (code, out, perr) = run_tandem(&args);
+        let mut extra = vec!["--arbiter", &arbiter, "--json"];
+        extra.extend(timing);
+        let (code, out, perr) = protect(&cur_sock, &addr, &pki.creds(side[1 - on].cert), &extra);
         if code != 0 {
             println!("{:>3} re-protect failed: {out}{perr}", i + 1);
             return;

@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    final_digest, joined, loopback_secondary, make_disk, random_round, rounds, run_tandem, status,
-    wait_status, Pki, Proc,
+    final_digest, joined, loopback_secondary, make_disk, protect, random_round, rounds, run_tandem,
+    status, wait_status, Pki, Proc,
 };
 use common::{result_line, TempDir};
 
@@ -481,19 +481,9 @@ fn failover_then_reprotect_then_failover_again() {
     );
     // Protect it again, onto a third host, while it runs.
     let (mut c, c_addr) = pair.secondary_as("third", "live2.txt", None, &["--api-socket", &c_sock]);
-    let mut args = vec![
-        "protect",
-        "--api",
-        &b_sock,
-        "--to",
-        &c_addr,
-        "--arbiter",
-        &pair.arbiter,
-    ];
-    args.extend(TIMING);
-    let creds = pair.pki.creds("sec");
-    args.extend(creds.iter().map(String::as_str));
-    let (code, out, err) = run_tandem(&args);
+    let mut extra = vec!["--arbiter", &pair.arbiter];
+    extra.extend(TIMING);
+    let (code, out, err) = protect(&b_sock, &c_addr, &pair.pki.creds("sec"), &extra);
     assert_eq!(code, 0, "{out}{err}\n{}", b.describe());
     assert!(out.contains("protected by third"), "{out}");
     let s = status(&b_sock);
@@ -569,21 +559,9 @@ fn secondary_killed_the_spare_is_seeded() {
     pri.wait_until("round 3", || rounds(&pair.console("pri.txt")) >= 3);
     let (sec, addr) = pair.secondary(None);
     let (spare, spare_addr) = pair.secondary_as("third", "live2.txt", None, &[]);
-    let mut args = vec![
-        "protect",
-        "--api",
-        &sock,
-        "--to",
-        &addr,
-        "--arbiter",
-        &pair.arbiter,
-        "--spare",
-        &spare_addr,
-    ];
-    args.extend(TIMING);
-    let creds = pair.pki.creds("pri");
-    args.extend(creds.iter().map(String::as_str));
-    let (code, out, err) = run_tandem(&args);
+    let mut extra = vec!["--arbiter", &pair.arbiter, "--spare", &spare_addr];
+    extra.extend(TIMING);
+    let (code, out, err) = protect(&sock, &addr, &pair.pki.creds("pri"), &extra);
     assert_eq!(code, 0, "{out}{err}\n{}", pri.describe());
     let s = status(&sock);
     assert_eq!(s["lineage"]["spares"][0], spare_addr.as_str(), "{s}");

@@ -27,7 +27,7 @@ mod net;
 use std::time::Instant;
 
 use common::cluster::{
-    protected_mail, run_tandem, secondary, MailStream, Netns, Pki, Proc, ThirdHost,
+    protect, protected_mail, secondary, MailStream, Netns, Pki, Proc, ThirdHost,
 };
 use common::TempDir;
 
@@ -276,18 +276,7 @@ fn failover_reprotect_failover_under_one_smtp_session() {
             &c_live,
         ],
     );
-    let mut args = vec![
-        "protect",
-        "--api",
-        &b_sock,
-        "--to",
-        &c_addr,
-        "--arbiter",
-        &arbiter,
-    ];
-    let creds = pki.creds("b");
-    args.extend(creds.iter().map(String::as_str));
-    let (code, out, err) = run_tandem(&args);
+    let (code, out, err) = protect(&b_sock, &c_addr, &pki.creds("b"), &["--arbiter", &arbiter]);
     assert_eq!(code, 0, "{out}{err}\n{}", describe(&[&b, &cc]));
     assert!(out.contains("protected by c"), "{out}");
     let reprotected = client.sent();

@@ -284,6 +284,15 @@ pub fn migrate(sock: &str, to: &str, creds: &[String], extra: &[&str]) -> (i32, 
     run_tandem(&args)
 }
 
+/// `tandem protect --api SOCK --to ADDR CREDS EXTRA`; returns (status,
+/// stdout, stderr).
+pub fn protect(sock: &str, to: &str, creds: &[String], extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec!["protect", "--api", sock, "--to", to];
+    args.extend(creds.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    run_tandem(&args)
+}
+
 /// Run `tandem ARGS` to completion; returns (status, stdout, stderr).
 pub fn run_tandem(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(TANDEM)
