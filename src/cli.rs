@@ -677,8 +677,8 @@ pub struct RecordArgs {
     /// Stop the recording at this exit (the VM is not run to its end).
     #[arg(long)]
     pub stop_at: Option<u64>,
-    /// Kick a guest that has not exited this long (µs) after a timer
-    /// deadline; each kick costs a sync point in the log.
+    /// Kick a guest that has run this long (µs of vCPU time) past a timer
+    /// deadline without an exit; each kick costs a sync point in the log.
     #[arg(long, default_value_t = 2000)]
     pub kick_grace_us: u64,
     /// Serve a control socket here (status, pause/resume; a recorded VM

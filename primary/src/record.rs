@@ -345,6 +345,10 @@ impl<I: Inputs, S: EntrySink> Inputs for Recorder<I, S> {
         self.live.host_instant_of(deadline_ns)
     }
 
+    fn kick_grace(&self) -> std::time::Duration {
+        self.live.kick_grace()
+    }
+
     fn fingerprint_interval(&self) -> Option<u64> {
         (self.opts.fingerprint_interval > 0).then_some(self.opts.fingerprint_interval)
     }

@@ -51,6 +51,12 @@ pub trait Inputs: Outputs + Send {
     /// Host time at which `deadline_ns` falls, for kicking a vCPU that does
     /// not exit by itself. `None` when virtual time is not host time (replay).
     fn host_instant_of(&self, deadline_ns: u64) -> Option<Instant>;
+    /// How much longer a vCPU that has not exited by the host instant of a
+    /// deadline may run before it is kicked: CPU time of the vCPU thread,
+    /// so that a thread the host did not schedule is not kicked for it.
+    fn kick_grace(&self) -> Duration {
+        Duration::ZERO
+    }
 
     // ---- Verification and sync points (DESIGN.md rules 4 and 5). The live
     // ---- implementation keeps the defaults: nothing to log or check.
@@ -194,7 +200,8 @@ pub struct LiveInputs {
     outputs: Box<dyn Outputs>,
     /// Wakes `wait_idle` when the run must stop (a signal).
     wakeup: Option<Receiver<()>>,
-    /// How long after a timer deadline a vCPU that has not exited is kicked.
+    /// How long (CPU time of the vCPU thread) after a timer deadline a vCPU
+    /// that has not exited is kicked.
     kick_grace: Duration,
     /// Set by a protected primary's link when its secondary asks for a
     /// sync point (a divergence to repair): taken at the next exit.
@@ -258,9 +265,9 @@ impl LiveInputs {
             .map_or(0, |n| n.dropped.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// Kick a vCPU that has not exited only `grace` after a deadline, so
-    /// that guests which exit often take their interrupts at exits (a
-    /// recorder then needs no sync point).
+    /// Kick a vCPU that has not exited only once it ran `grace` (CPU time)
+    /// past a deadline, so that guests which exit often take their
+    /// interrupts at exits (a recorder then needs no sync point).
     pub fn with_kick_grace(mut self, grace: Duration) -> Self {
         self.kick_grace = grace;
         self
@@ -400,11 +407,11 @@ impl Inputs for LiveInputs {
     }
 
     fn host_instant_of(&self, deadline_ns: u64) -> Option<Instant> {
-        Some(
-            self.start
-                + Duration::from_nanos(deadline_ns.saturating_sub(self.base_ns))
-                + self.kick_grace,
-        )
+        Some(self.start + Duration::from_nanos(deadline_ns.saturating_sub(self.base_ns)))
+    }
+
+    fn kick_grace(&self) -> Duration {
+        self.kick_grace
     }
 }
 

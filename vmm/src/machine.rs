@@ -160,6 +160,8 @@ pub struct Machine {
     /// The next loop iteration re-enters the guest without servicing
     /// (a replayer after an exit the recorder did not see).
     pub(crate) skip_service: bool,
+    /// How a pending interrupt the vCPU cannot take yet waits (run.rs).
+    pub(crate) blocked_irq: crate::run::BlockedIrq,
 }
 
 /// Largest guest Tandem builds (1 TiB of guest-physical RAM).
@@ -285,6 +287,7 @@ impl Machine {
             sync: None,
             stats: Default::default(),
             skip_service: false,
+            blocked_irq: Default::default(),
         })
     }
 
@@ -398,6 +401,7 @@ impl Incoming {
             sync: None,
             stats: Default::default(),
             skip_service: false,
+            blocked_irq: Default::default(),
         })
     }
 }

@@ -11,7 +11,8 @@
 //! 5. sync points: a replayer applies the logged one instead of running
 //!    (then goes back to 2); a recorder captures a periodic one (and also
 //!    goes back to 2, so both sides make the same calls in the same order);
-//! 6. arm the kicker at the host time of the next timer deadline;
+//! 6. arm the kicker at the host time of the next timer deadline (plus the
+//!    grace, in vCPU CPU time, of [`Inputs::kick_grace`]);
 //! 7. `KVM_RUN`; a guest-caused exit increments `exit_seq`, is handled, its
 //!    outputs (console bytes, sent frames) are emitted through
 //!    [`crate::outputs::Outputs`] tagged with that `exit_seq`, and every N
@@ -172,6 +173,21 @@ fn check_inputs(inputs: &mut dyn Inputs) -> Result<(), RunError> {
     }
 }
 
+/// How a pending interrupt that the vCPU cannot take yet (interrupts
+/// disabled, an interrupt shadow) waits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum BlockedIrq {
+    /// None is pending and blocked.
+    #[default]
+    No,
+    /// For the guest's next exit, within the kick grace: a guest that
+    /// exits often takes it there (an interrupt-window exit is handled as
+    /// a kick and costs a recorder a sync point).
+    UntilExit,
+    /// For the interrupt window (no kick grace, or it ran out).
+    Window,
+}
+
 /// What a handled exit asks for.
 enum Next {
     Continue,
@@ -273,17 +289,23 @@ impl Machine {
                 continue;
             }
             // A pending interrupt the guest cannot take yet waits for the
-            // interrupt window, which ends the run by itself: no kick.
+            // interrupt window, which ends the run by itself: no kick; or
+            // for the next exit, kicked if none comes within the grace.
             let deadline = self.devices.pit.next_irq0_deadline();
-            let timer_kick = if self.devices.pic.interrupt_pending() {
+            let timer_kick = if self.blocked_irq == BlockedIrq::UntilExit {
+                Some(std::time::Instant::now())
+            } else if self.devices.pic.interrupt_pending() {
                 None
             } else {
                 deadline.and_then(|d| inputs.host_instant_of(d))
             };
             // A throttled guest comes back at the end of its share even if
             // it makes no exit.
-            if let Some(at) = timer_kick.into_iter().chain(throttle_kick).min() {
-                kicker.arm(at);
+            let grace = inputs.kick_grace();
+            match (timer_kick, throttle_kick) {
+                (Some(t), th) if th.is_none_or(|th| t + grace <= th) => kicker.arm_after(t, grace),
+                (_, Some(th)) => kicker.arm(th),
+                _ => {}
             }
             let next = self.run_once(inputs);
             kicker.disarm();
@@ -304,6 +326,10 @@ impl Machine {
                 }
                 Next::Kicked => {
                     self.stats.kicks += 1;
+                    if self.blocked_irq == BlockedIrq::UntilExit {
+                        // No exit within the grace: the interrupt window.
+                        self.blocked_irq = BlockedIrq::Window;
+                    }
                     self.vcpu.derive_readiness_from_state()?;
                     if self.sync.is_some() && inputs.wants_sync_point(seq, SyncReason::Kick) {
                         self.record_sync_point(inputs, false)?;
@@ -418,6 +444,7 @@ impl Machine {
         self.devices.update_irq_lines();
         if !self.devices.pic.interrupt_pending() {
             self.vcpu.request_interrupt_window(false);
+            self.blocked_irq = BlockedIrq::No;
             return Ok(());
         }
         if self.vcpu.ready_for_interrupt() {
@@ -426,8 +453,15 @@ impl Machine {
                 inputs.interrupt_injected(seq, vector)?;
             }
             self.vcpu.request_interrupt_window(false);
+            self.blocked_irq = BlockedIrq::No;
+        } else if self.blocked_irq != BlockedIrq::Window && !inputs.kick_grace().is_zero() {
+            // The kick grace holds for a blocked interrupt as for a timer
+            // deadline: the guest may take it at its next exit.
+            self.vcpu.request_interrupt_window(false);
+            self.blocked_irq = BlockedIrq::UntilExit;
         } else {
             self.vcpu.request_interrupt_window(true);
+            self.blocked_irq = BlockedIrq::Window;
         }
         Ok(())
     }

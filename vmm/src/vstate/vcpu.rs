@@ -2,7 +2,7 @@
 //! and the crash report for exits that end a VM.
 
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
@@ -372,7 +372,12 @@ impl Vcpu {
 /// millisecond until the vCPU thread disarms, so that a signal arriving just
 /// before `KVM_RUN` is entered is not lost.
 ///
-/// Arming and disarming happen around every `KVM_RUN`, so they are two
+/// A deadline may carry a grace ([`Kicker::arm_after`]) counted in CPU time
+/// of the vCPU thread, not in wall time: a vCPU thread the host did not
+/// schedule could not have exited, so it is not kicked for that (on a
+/// loaded host a wall-clock grace kicked guests that exit every few µs).
+///
+/// Arming and disarming happen around every `KVM_RUN`, so they are a few
 /// atomic operations: the timer thread is woken only when a deadline moves
 /// earlier than the time it sleeps until.
 #[derive(Clone)]
@@ -385,10 +390,17 @@ const NONE: u64 = u64::MAX;
 struct KickerInner {
     /// The pthread to signal (0 = none yet).
     thread: AtomicU64,
+    /// The CPU-time clock of that thread (`NO_CLOCK`: none).
+    cpu_clock: AtomicI32,
     /// Origin of the ns values below.
     base: Instant,
     /// When to kick, ns since `base` (`NONE`: disarmed).
     deadline: AtomicU64,
+    /// CPU time (ns) the vCPU thread must run past `deadline` first.
+    grace: AtomicU64,
+    /// Bumped by every arming, so the timer thread measures each grace
+    /// from its own deadline.
+    armed: AtomicU64,
     /// When the timer thread wakes next, ns since `base` (0: it is awake).
     sleeping_until: AtomicU64,
     lock: Mutex<()>,
@@ -396,6 +408,8 @@ struct KickerInner {
     kicks: AtomicU64,
     started: AtomicBool,
 }
+
+const NO_CLOCK: i32 = i32::MIN;
 
 fn kick_signal() -> i32 {
     libc::SIGRTMIN() + 2
@@ -414,8 +428,11 @@ impl Kicker {
         Kicker {
             inner: Arc::new(KickerInner {
                 thread: AtomicU64::new(0),
+                cpu_clock: AtomicI32::new(NO_CLOCK),
                 base: Instant::now(),
                 deadline: AtomicU64::new(NONE),
+                grace: AtomicU64::new(0),
+                armed: AtomicU64::new(0),
                 sleeping_until: AtomicU64::new(0),
                 lock: Mutex::new(()),
                 cond: Condvar::new(),
@@ -429,8 +446,15 @@ impl Kicker {
     /// thread on first use.
     pub fn bind_current_thread(&self) {
         // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() } as u64;
-        self.inner.thread.store(me, Ordering::SeqCst);
+        let me = unsafe { libc::pthread_self() };
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `me` is the calling thread; `clock` is a valid out pointer.
+        let clock = match unsafe { libc::pthread_getcpuclockid(me, &mut clock) } {
+            0 => clock,
+            _ => NO_CLOCK,
+        };
+        self.inner.cpu_clock.store(clock, Ordering::SeqCst);
+        self.inner.thread.store(me as u64, Ordering::SeqCst);
         if !self.inner.started.swap(true, Ordering::SeqCst) {
             let weak = Arc::downgrade(&self.inner);
             std::thread::Builder::new()
@@ -442,7 +466,17 @@ impl Kicker {
 
     /// Kick the vCPU at `when` (and every millisecond after) until disarmed.
     pub fn arm(&self, when: Instant) {
+        self.arm_after(when, Duration::ZERO);
+    }
+
+    /// Kick the vCPU once it has run `cpu` of CPU time past `when` without
+    /// being disarmed (and every millisecond after, until disarmed).
+    pub fn arm_after(&self, when: Instant, cpu: Duration) {
         let at = when.saturating_duration_since(self.inner.base).as_nanos() as u64;
+        self.inner
+            .grace
+            .store(cpu.as_nanos() as u64, Ordering::SeqCst);
+        self.inner.armed.fetch_add(1, Ordering::SeqCst);
         self.inner.deadline.store(at, Ordering::SeqCst);
         if at < self.inner.sleeping_until.load(Ordering::SeqCst) {
             let _guard = self.inner.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -467,14 +501,54 @@ impl Kicker {
     }
 }
 
+/// CPU time the thread of `clock` has run (ns), if it can be read.
+fn thread_cpu_ns(clock: i32) -> Option<u64> {
+    if clock == NO_CLOCK {
+        return None;
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out pointer; a clock of a thread that ended
+    // makes the call fail, which is handled.
+    let r = unsafe { libc::clock_gettime(clock, &mut ts) };
+    (r == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
 fn kicker_thread(weak: std::sync::Weak<KickerInner>) {
+    // The arming whose grace is being measured, and the vCPU thread's CPU
+    // time when its deadline was seen passed.
+    let mut measuring: Option<(u64, u64)> = None;
     loop {
         let Some(inner) = weak.upgrade() else { return };
         let guard = inner.lock.lock().unwrap_or_else(|e| e.into_inner());
         inner.sleeping_until.store(0, Ordering::SeqCst);
         let now = inner.base.elapsed().as_nanos() as u64;
         let deadline = inner.deadline.load(Ordering::SeqCst);
-        if deadline != NONE && deadline <= now {
+        let armed = inner.armed.load(Ordering::SeqCst);
+        let grace = inner.grace.load(Ordering::SeqCst);
+        let mut due = deadline != NONE && deadline <= now;
+        // Still owed CPU time of its grace (ns), for a due deadline.
+        let mut owed = 0;
+        if due && grace > 0 {
+            match thread_cpu_ns(inner.cpu_clock.load(Ordering::SeqCst)) {
+                Some(cpu) => {
+                    let from = match measuring {
+                        Some((a, from)) if a == armed => from,
+                        _ => {
+                            measuring = Some((armed, cpu));
+                            cpu
+                        }
+                    };
+                    owed = grace.saturating_sub(cpu.saturating_sub(from));
+                }
+                // No CPU clock: the grace in wall time.
+                None => owed = (deadline + grace).saturating_sub(now),
+            }
+            due = owed == 0;
+        }
+        if due {
             drop(guard);
             let t = inner.thread.load(Ordering::SeqCst);
             if t != 0 {
@@ -489,11 +563,58 @@ fn kicker_thread(weak: std::sync::Weak<KickerInner>) {
             continue;
         }
         // Wake periodically even when disarmed, so the thread ends soon
-        // after the VM is gone.
-        let until = deadline.min(now + 200_000_000);
+        // after the VM is gone; with a grace owed, when it could be run
+        // at the earliest (CPU time never runs faster than the wall clock).
+        let until = if owed > 0 {
+            now + owed
+        } else {
+            deadline.min(now + 200_000_000)
+        };
         inner.sleeping_until.store(until, Ordering::SeqCst);
         let _ = inner
             .cond
             .wait_timeout(guard, Duration::from_nanos(until - now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CPU time the calling thread has run.
+    fn own_cpu() -> Duration {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `me` is the calling thread; `clock` is a valid out pointer.
+        assert_eq!(unsafe { libc::pthread_getcpuclockid(me, &mut clock) }, 0);
+        Duration::from_nanos(thread_cpu_ns(clock).expect("thread CPU clock"))
+    }
+
+    /// The grace is the armed thread's CPU time: a thread that does not run
+    /// (here: sleeps) is not kicked however long it waits; one that runs is
+    /// kicked once it ran the grace.
+    #[test]
+    fn a_grace_counts_only_time_the_vcpu_thread_ran() {
+        let kicker = Kicker::new();
+        kicker.bind_current_thread();
+        let grace = Duration::from_millis(20);
+        let cpu0 = own_cpu();
+        kicker.arm_after(Instant::now(), grace);
+        // Sleeping (several graces of wall time) costs almost no CPU time.
+        for _ in 0..5 {
+            std::thread::sleep(grace);
+        }
+        if own_cpu() - cpu0 < grace / 2 {
+            assert_eq!(kicker.kicks(), 0, "kicked while not running");
+        }
+        // Running: kicked within a generous failsafe.
+        let start = Instant::now();
+        while kicker.kicks() == 0 {
+            assert!(start.elapsed() < Duration::from_secs(60), "never kicked");
+            std::hint::spin_loop();
+        }
+        assert!(own_cpu() - cpu0 >= grace, "kicked before the grace ran");
+        kicker.disarm();
     }
 }
