@@ -7,6 +7,7 @@ use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{arg, TempDir, TANDEM, TIMEOUT};
@@ -16,13 +17,20 @@ pub struct Proc {
     pub child: Child,
     stdout: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
+    /// The threads reading stdout and stderr: finished at the pipes' end.
+    readers: [JoinHandle<()>; 2],
     what: String,
 }
 
-pub fn collect<R: Read + Send + 'static>(mut r: R) -> Arc<Mutex<Vec<u8>>> {
+pub fn collect<R: Read + Send + 'static>(r: R) -> Arc<Mutex<Vec<u8>>> {
+    collect_to_end(r).0
+}
+
+/// [`collect`], with the reading thread (it ends at the end of `r`).
+fn collect_to_end<R: Read + Send + 'static>(mut r: R) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {
     let buf = Arc::new(Mutex::new(Vec::new()));
     let b = buf.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let mut chunk = [0u8; 4096];
         while let Ok(n) = r.read(&mut chunk) {
             if n == 0 {
@@ -31,7 +39,7 @@ pub fn collect<R: Read + Send + 'static>(mut r: R) -> Arc<Mutex<Vec<u8>>> {
             b.lock().unwrap().extend_from_slice(&chunk[..n]);
         }
     });
-    buf
+    (buf, reader)
 }
 
 impl Proc {
@@ -48,13 +56,26 @@ impl Proc {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn tandem");
-        let stdout = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
+        let (stdout, out_reader) = collect_to_end(child.stdout.take().unwrap());
+        let (stderr, err_reader) = collect_to_end(child.stderr.take().unwrap());
         Proc {
             child,
             stdout,
             stderr,
+            readers: [out_reader, err_reader],
             what: format!("{prefix:?} tandem {args:?}"),
+        }
+    }
+
+    /// Once it ended: wait until everything it wrote has been read (its
+    /// pipes reached their end; bounded, in case a process it started
+    /// still holds them open).
+    pub fn drain(&self) {
+        let start = Instant::now();
+        while !self.readers.iter().all(JoinHandle::is_finished)
+            && start.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -83,8 +104,7 @@ impl Proc {
                 return text[i + needle.len()..].to_string();
             }
             if let Ok(Some(st)) = self.child.try_wait() {
-                // Let the readers drain.
-                std::thread::sleep(Duration::from_millis(50));
+                self.drain();
                 let text = if err { self.err() } else { self.out() };
                 if let Some(i) = text.find(needle) {
                     return text[i + needle.len()..].to_string();
@@ -114,7 +134,7 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        std::thread::sleep(Duration::from_millis(50));
+        self.drain();
         let code = st
             .code()
             .unwrap_or_else(|| panic!("killed: {st}\n{}", self.describe()));
@@ -563,7 +583,7 @@ impl Proc {
         let start = Instant::now();
         while !cond() {
             if let Ok(Some(st)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(50));
+                self.drain();
                 if cond() {
                     return;
                 }
