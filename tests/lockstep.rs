@@ -15,6 +15,7 @@ use common::cluster::{
     final_digest as digest, loopback_secondary, make_disk, run_tandem, Pki, Proc,
 };
 use common::{arg, result_line, TempDir};
+use recordlog::{Entry, LogReader, OutputKind};
 
 /// Protect `cmdline` from boot (with a disk: the primary runs on
 /// `primary.img`, the secondary on an identical copy) and check everything
@@ -97,16 +98,24 @@ fn size(p: &str) -> u64 {
 }
 
 /// The Output Rule: with the secondary stopped, the guest keeps running
-/// (its log grows) but not one more console byte leaves the primary; after
-/// SIGCONT the held bytes come out and the run ends as usual.
+/// (its log grows by several rounds) but no console byte of a log entry the
+/// secondary had not acknowledged leaves the primary before SIGCONT; then
+/// the held bytes come out and the run ends as usual. What the stopped
+/// secondary can have acknowledged is bounded by what it had received (its
+/// `--log`, written before each acknowledgement), not guessed from time.
 #[test]
 fn console_waits_for_the_secondary() {
     let dir = TempDir::new("lockstep-rule");
     let pki = Pki::new(&["pri", "sec"], &[]);
     let sec_serial = format!("file:{}", dir.s("sec.txt"));
-    let (sec, addr) = loopback_secondary(&pki.creds("sec"), &["--serial", &sec_serial]);
+    let sec_log = dir.s("sec.log");
+    let (sec, addr) = loopback_secondary(
+        &pki.creds("sec"),
+        &["--serial", &sec_serial, "--log", &sec_log],
+    );
     let pri_console = dir.s("pri.txt");
     let pri_log = dir.s("pri.log");
+    let out_log = dir.s("outputs.jsonl");
     let serial = format!("file:{pri_console}");
     let mut args = vec![
         "run",
@@ -116,6 +125,8 @@ fn console_waits_for_the_secondary() {
         &serial,
         "--keep-log",
         &pri_log,
+        "--output-log",
+        &out_log,
         "--protect-to",
         &addr,
         // The secondary is stopped on purpose: not a failover.
@@ -134,31 +145,24 @@ fn console_waits_for_the_secondary() {
     pri.wait_until("round 2 on the primary's console", || {
         rounds(&pri_console) >= 2
     });
-    let pid = sec.child.id() as i32;
-    // SAFETY: kill(2) on the child we spawned.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
-    // Acknowledgements already in flight may still release a line: wait for
-    // the guest to log more first, then take the console's size.
-    let l0 = size(&pri_log);
-    pri.wait_until("the guest's log to grow", || size(&pri_log) > l0 + 64);
-    let held_at = size(&pri_console);
-    let rounds_at = rounds(&pri_console);
-    let l1 = size(&pri_log);
-    // The guest goes on through several more rounds (each logs its output
-    // and timer ticks) ...
-    pri.wait_until("the guest's log to grow by several rounds", || {
-        size(&pri_log) > l1 + 2048
+    sec.signal(libc::SIGSTOP);
+    pri.wait_until("the secondary to be stopped", || stopped(sec.pid()));
+    // Every acknowledgement it sent covers at most what it had received.
+    let acked_at_most = size(&sec_log);
+    // The guest goes on: its log gets console outputs (lines) past what
+    // the secondary can have acknowledged ...
+    let mut logged = 0;
+    pri.wait_until("two console lines logged past the acknowledged log", || {
+        let ends = console_entry_ends(&pri_log);
+        let past: Vec<_> = ends.iter().filter(|&&e| e > acked_at_most).collect();
+        logged = past.get(1).map_or(0, |&&e| e);
+        past.len() >= 2
     });
-    // ... but its console does not.
-    assert_eq!(
-        size(&pri_console),
-        held_at,
-        "console output left the primary while the secondary was stopped"
-    );
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let console_at = size(&pri_console);
+    let cont_ns = realtime_ns();
+    sec.signal(libc::SIGCONT);
     pri.wait_until("held output to be released", || {
-        rounds(&pri_console) > rounds_at
+        size(&pri_console) > console_at
     });
     let (status, _, pri_err) = pri.finish();
     let (sec_status, _, sec_err) = sec.finish();
@@ -168,6 +172,80 @@ fn console_waits_for_the_secondary() {
     assert!(result_line(&console).is_some(), "{console}");
     assert_eq!(console, std::fs::read_to_string(dir.s("sec.txt")).unwrap());
     assert_eq!(digest(&pri_err), digest(&sec_err));
+    // ... but its console does not: what had left by SIGCONT is at most the
+    // console outputs of acknowledged entries, and every output past them
+    // was released only after SIGCONT.
+    let released: Vec<serde_json::Value> = std::fs::read_to_string(&out_log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["kind"] == "console")
+        .collect();
+    let field = |v: &serde_json::Value, f: &str| v[f].as_u64().unwrap();
+    let (acked, held): (Vec<_>, Vec<_>) = released
+        .iter()
+        .partition(|v| field(v, "entry_end") <= acked_at_most);
+    let acked_bytes: u64 = acked.iter().map(|v| field(v, "len")).sum();
+    assert!(
+        console_at <= acked_bytes,
+        "console output left the primary while the secondary was stopped: {console_at} bytes out, {acked_bytes} acknowledged"
+    );
+    for v in &held {
+        assert!(
+            field(v, "released_ns") >= cont_ns,
+            "released while the secondary was stopped (it had received {acked_at_most} log bytes): {v}"
+        );
+    }
+    let held_then = held
+        .iter()
+        .filter(|v| field(v, "entry_end") <= logged)
+        .count();
+    assert!(
+        held_then > 0,
+        "the guest produced no console output while the secondary was stopped"
+    );
+}
+
+/// The log offsets at which the console `Output` entries of the log at
+/// `path` (being written) end.
+fn console_entry_ends(path: &str) -> Vec<u64> {
+    let Ok(f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let Ok((mut r, _)) = LogReader::open(std::io::BufReader::new(f)) else {
+        return Vec::new();
+    };
+    let mut ends = Vec::new();
+    // A partly written last entry ends the reading.
+    while let Ok(Some(e)) = r.next_entry() {
+        if let Entry::Output { output, .. } = e {
+            if output.kind == OutputKind::Console {
+                ends.push(r.offset());
+            }
+        }
+    }
+    ends
+}
+
+/// Has the process `pid` stopped (every thread of it: a group stop)?
+fn stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| Some(s.rsplit_once(") ")?.1.starts_with('T')))
+            .unwrap_or(false)
+    })
+}
+
+/// Nanoseconds of the real-time clock (the `--output-log` times).
+fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
 
 /// A secondary whose certificate comes from another CA is refused in the
