@@ -208,6 +208,41 @@ fn migrating_a_protected_vm_is_refused() {
     assert_eq!(digest(&serr), digest(&perr));
 }
 
+/// A secondary whose `--disk` is the primary's own image (the same file:
+/// one host, or shared storage) is refused at the seed: its replay would
+/// write every block again behind the primary and corrupt the live image.
+/// The image is left as it was and the VM runs on, unprotected.
+#[test]
+fn a_secondary_on_the_primarys_own_image_is_refused() {
+    let dir = TempDir::new("protect-same-image");
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    let img = dir.file("disk.img");
+    make_disk(&img, 1 << 20);
+    let before = std::fs::read(&img).unwrap();
+    let (mut sec, addr) = loopback_secondary(&pki.creds("sec"), &["--disk", &dir.s("disk.img")]);
+    let sock = dir.s("pri.sock");
+    let mut pri = source(
+        &[],
+        &sock,
+        "dirty 64 1000000",
+        &["--disk", &dir.s("disk.img")],
+    );
+    pri.wait_for("round 10\n", false);
+    let (code, out, err) = protect(&sock, &addr, &pki.creds("pri"));
+    assert_eq!(code, 1, "protect onto the same image\n{out}\n{err}");
+    assert!(err.contains("the primary's own image"), "{err}");
+    // The secondary says why and waits for another primary.
+    sec.wait_for("the primary's own image", true);
+    let s = status(&sock);
+    assert_eq!(s["state"], "running", "{s}");
+    assert!(s.get("protection").is_none(), "{s}");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "the image was changed"
+    );
+    drop(pri);
+}
+
 /// A protect to an address where nobody listens fails with a clear error;
 /// the VM runs on, unprotected (its console goes on growing).
 #[test]

@@ -38,6 +38,7 @@ pub(crate) fn receive(
 ) -> Result<Seeded, ReceiveError> {
     let opts = ReceiveOptions {
         disk,
+        replica: true,
         ..Default::default()
     };
     let dest = match accept_header(header, &opts) {

@@ -28,6 +28,7 @@ pub fn receive(args: ReceiveArgs) -> Result<i32, CmdError> {
         disk_dir: args.disk_dir.clone(),
         control_socket: args.api_socket.is_some(),
         net: host_net.as_ref().map(|n| n.tx.clone()),
+        replica: false,
     };
     let received = accept_vm(&listener, &opts).map_err(|e| CmdError::Internal(e.to_string()))?;
     let mut machine = received.machine;

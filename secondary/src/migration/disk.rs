@@ -119,6 +119,11 @@ impl DestDisk {
                     .matches(&place)
                     .map_err(|e| format!("destination disk {shown}: {e}"))?;
                 let t = meta.file_type();
+                if same && opts.replica {
+                    return Err(format!(
+                        "the secondary's disk {shown} is the primary's own image (the same file): a secondary replays every write on a copy of its own, behind the primary (disks are replicated, not shared), and writing the primary's live image would corrupt it; give the secondary another file (--disk)"
+                    ));
+                }
                 if same {
                     if t.is_file() && meta.len() < offer.len {
                         return Err(format!(
@@ -413,6 +418,13 @@ mod tests {
         assert_eq!(d.plan(), DiskPlan::Shared);
         assert!(d.write(0, b"x").is_err());
         drop(d);
+        // A secondary's replica is never the primary's own image.
+        let replica = ReceiveOptions {
+            replica: true,
+            ..opts
+        };
+        let e = DestDisk::prepare(&replica, &same).err().unwrap();
+        assert!(e.contains("the primary's own image"), "{e}");
         assert_eq!(names(&dir), ["vm.img"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }

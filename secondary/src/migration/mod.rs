@@ -52,6 +52,11 @@ pub struct ReceiveOptions {
     /// The TAP the received VM's NIC is attached to here: the guest's MAC
     /// is announced from it after the switchover.
     pub net: Option<TapWriter>,
+    /// The disk is a secondary's replica (`tandem protect`, a seeded
+    /// secondary): its replay writes every block again, behind the
+    /// primary, so the primary's own image (the same file) is refused
+    /// instead of shared.
+    pub replica: bool,
 }
 
 /// A VM received and restored, about to run.
