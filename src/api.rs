@@ -12,6 +12,7 @@
 //! | `{"cmd":"cancel"}` | `{"event":"ok"}`: the migration or disk move in progress stops before its switchover (its own stream ends with an error) |
 //! | `{"cmd":"protect", "to":ADDR, "server_name":..., "ca":..., "cert":..., "key":..., "downtime_ms":...}` | `{"event":"progress", ...}` lines, then `{"event":"protected", ...}` (the VM runs protected by the secondary at ADDR) |
 //! | `{"cmd":"unprotect"}` | `{"event":"unprotected", ...}` (the secondary has stopped; the VM runs on unprotected) |
+//! | `{"cmd":"switchover"}` | `{"event":"switched_over", ...}` (a protected VM runs on its secondary's host now; this process ends) |
 //!
 //! A secondary's socket (`tandem secondary --api-socket`) answers `status`
 //! only (its `protection` says how far behind it is).
@@ -35,7 +36,7 @@ use primary::migration::{
     DiskMoveParams, DiskMoveReport, MigrationParams, MigrationReport, Progress, VmController,
     VmStatus,
 };
-use primary::protect::{ProtectReport, UnprotectReport};
+use primary::protect::{ProtectReport, SwitchoverReport, UnprotectReport};
 use serde::{Deserialize, Serialize};
 
 /// A request on the control socket.
@@ -56,6 +57,8 @@ pub enum Request {
     Protect(ProtectRequest),
     /// End its protection (`tandem unprotect`).
     Unprotect,
+    /// Hand the protected VM over to its secondary (`tandem switchover`).
+    Switchover,
 }
 
 /// The arguments of a local disk move.
@@ -122,6 +125,7 @@ pub enum Event {
     DiskMoved(DiskMoveReport),
     Protected(ProtectReport),
     Unprotected(UnprotectReport),
+    SwitchedOver(SwitchoverReport),
 }
 
 /// What a control socket serves: a VM, or a secondary (status only).
@@ -357,6 +361,12 @@ fn serve_conn(stream: UnixStream, target: &Target) {
                     return;
                 }
             }
+            Request::Switchover => {
+                ANSWERING.fetch_add(1, Ordering::SeqCst);
+                switchover(&mut w, ctl);
+                ANSWERING.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
             Request::Migrate(m) => {
                 ANSWERING.fetch_add(1, Ordering::SeqCst);
                 migrate(&mut w, ctl, &m);
@@ -475,6 +485,29 @@ fn protect(w: &mut UnixStream, ctl: &VmController, m: &ProtectRequest) {
                 goes_on(ctl)
             );
             send(w, &Event::Error { error });
+        }
+    }
+}
+
+fn switchover(w: &mut UnixStream, ctl: &VmController) {
+    eprintln!("tandem: switchover: handing the VM over to its secondary");
+    match primary::protect::switchover(ctl) {
+        Ok(r) => {
+            eprintln!(
+                "tandem: switchover: the VM runs on {} now (VM {} generation {}, from exit {}); downtime {:.1} ms (here {:.1} ms, one way {:.1} ms, go-live there {:.1} ms); this process ends",
+                r.to, r.vm_id, r.generation, r.exit_seq, r.downtime_ms, r.pause_here_ms, r.one_way_ms, r.go_live_ms
+            );
+            send(w, &Event::SwitchedOver(r));
+            let _ = w.shutdown(std::net::Shutdown::Write);
+        }
+        Err(e) => {
+            eprintln!("tandem: switchover failed: {e}");
+            send(
+                w,
+                &Event::Error {
+                    error: e.to_string(),
+                },
+            );
         }
     }
 }

@@ -78,6 +78,21 @@ pub enum Command {
     /// at the next exit, the secondary acknowledges it and stops, held
     /// outputs are released, the VM runs on unprotected.
     Unprotect(StatusArgs),
+    /// Planned migration of a protected VM (`tandem protect`, or `tandem
+    /// run --protect-to --spare --api-socket`) to its secondary's host,
+    /// without a copy: the secondary already holds the exact state. At the
+    /// next exit the primary pauses the guest and ends its log with a
+    /// handover; the secondary replays to that exit, wins the arbiter for
+    /// the VM's generation (fencing this copy, as a failover would) and
+    /// runs the VM at once, unprotected, its NIC and console live and the
+    /// guest's MAC announced; it releases the outputs this side still held.
+    /// The downtime (about one one-way trip plus the go-live) is measured
+    /// and printed. `tandem protect --api` of the new primary's socket
+    /// protects it again. Needs --arbiter on both sides. Exit status 0: the
+    /// VM runs on the secondary's host and the old primary has exited (0);
+    /// 1: refused (not protected, no arbiter, ...) or not completed (the
+    /// VM runs on here, unprotected, if this side won the arbiter).
+    Switchover(StatusArgs),
     /// Wait for a primary (`tandem run --protect-to`) and keep an exact
     /// copy of its VM: replay its log in lockstep as it arrives, its console
     /// only to --serial; when the primary is lost, win the arbiter and go

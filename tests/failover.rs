@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    final_digest, joined, loopback_secondary, make_disk, protect, random_round, rounds, run_tandem,
-    status, wait_status, Pki, Proc,
+    file_claims, final_digest, joined, loopback_secondary, make_disk, protect, random_round,
+    rounds, run_tandem, status, wait_status, Pki, Proc,
 };
 use common::{result_line, TempDir};
 
@@ -128,22 +128,7 @@ impl Pair {
             let a = failover::arbiter::EtcdArbiter::new(vec![e.url.clone()], Default::default());
             return a.claims().unwrap();
         }
-        let mut claims: Vec<_> = std::fs::read_dir(self.dir.file("arbiter"))
-            .unwrap()
-            .map(|e| {
-                let path = e.unwrap().path();
-                let text = std::fs::read_to_string(&path).unwrap();
-                let holder = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("holder "))
-                    .unwrap_or_else(|| panic!("no holder in {text}"))
-                    .to_string();
-                let name = path.file_name().unwrap().to_string_lossy().into_owned();
-                (name, holder)
-            })
-            .collect();
-        claims.sort();
-        claims
+        file_claims(&self.dir.file("arbiter"))
     }
 }
 

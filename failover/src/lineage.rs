@@ -30,6 +30,9 @@ pub enum Role {
     Protected,
     /// This host went live after its primary was lost: it runs alone.
     UnprotectedAfterFailover,
+    /// This host took the VM over from its primary (`tandem switchover`):
+    /// it runs alone.
+    UnprotectedAfterSwitchover,
     /// Its secondary was lost and this primary won the arbiter: it runs
     /// alone.
     UnprotectedSecondaryLost,
@@ -48,6 +51,7 @@ impl Role {
             Role::Seeding => "seeding a secondary",
             Role::Protected => "protected",
             Role::UnprotectedAfterFailover => "unprotected after failover",
+            Role::UnprotectedAfterSwitchover => "unprotected after switchover",
             Role::UnprotectedSecondaryLost => "unprotected after losing its secondary",
             Role::Secondary => "secondary (the copy)",
         }

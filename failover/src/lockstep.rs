@@ -30,6 +30,15 @@
 //! the operator ended protection (`tandem unprotect`); the guest runs on,
 //! unprotected, on the primary.
 //!
+//! Switchover (`tandem switchover`, a planned move of the VM to its
+//! secondary's host): the log ends with `Entry::Handover` and its `End` at
+//! the exit where the primary paused, then [`kind::HANDOVER`] (a
+//! [`Handover`]: the log offset up to which the primary released outputs;
+//! it releases nothing more). The secondary replays to that exit, claims
+//! the arbiter, goes live at once and answers [`kind::LIVE`] (a [`Live`]).
+//! A secondary of an older build never sees these frames: it refuses the
+//! log's format version 5 first.
+//!
 //! Repair (DESIGN.md rule 5): a secondary whose replay diverged sends
 //! [`kind::SYNC_REQUEST`] (a [`SyncRequest`]) at once; the primary captures
 //! a sync point (with its state digest) at its next exit and logs it like
@@ -64,6 +73,38 @@ pub mod kind {
     pub const SYNC_REQUEST: u8 = 30;
     /// [`super::Repaired`], secondary → primary: a divergence was repaired.
     pub const REPAIRED: u8 = 31;
+    /// [`super::Handover`], primary → secondary, after a log that ends in
+    /// a handover: take the VM on.
+    pub const HANDOVER: u8 = 32;
+    /// [`super::Live`], secondary → primary: it won the arbiter and runs
+    /// the VM.
+    pub const LIVE: u8 = 33;
+}
+
+/// The primary hands the VM over (after the log's handover `End`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    /// Outputs up to this log offset left the primary; none after it ever
+    /// will (the new primary produces them).
+    pub released: u64,
+}
+
+/// The secondary took the VM over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Live {
+    /// From the arrival of the [`Handover`] to the guest running here (ms,
+    /// the secondary's own clock): the replay's last exits, the claim,
+    /// the NIC's attach.
+    pub took_ms: f64,
+    /// The exit it goes live at.
+    pub exit_seq: u64,
+}
+
+impl Live {
+    /// Its [`kind::LIVE`] frame payload.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
 }
 
 /// The secondary's replay diverged at `exit_seq`: it asks for a sync point.

@@ -26,7 +26,7 @@ use crossbeam_channel::{unbounded, Sender};
 use failover::certs::Credentials;
 use failover::channel::{BlockingConnection, ChannelConfig, Message, Role};
 use failover::heartbeat::{self, lease_end, Liveness, PrimaryBeat, SecondaryBeat};
-use failover::lockstep::{kind, Ack, Header, Repaired, SyncRequest};
+use failover::lockstep::{kind, Ack, Handover, Header, Live, Repaired, SyncRequest};
 use recordlog::LogQueue;
 use vmm::inputs::Divergence;
 use vmm::outputs::{Output, Outputs};
@@ -82,6 +82,16 @@ pub(crate) struct AckState {
     pub(crate) repaired: u64,
     /// Sync points the secondary asked for (divergences to repair).
     pub(crate) sync_requests: u64,
+    /// A switchover is under way: no output is released until it is
+    /// decided ([`Acks::freeze_releases`]).
+    frozen: bool,
+    /// The release thread is releasing an output right now.
+    releasing: bool,
+    /// The VM was handed over: nothing held here ever leaves (the new
+    /// primary produces it).
+    handed_over: bool,
+    /// The secondary said it runs the VM (a switchover), and when.
+    pub(crate) live: Option<(Live, Instant)>,
 }
 
 impl AckState {
@@ -140,6 +150,49 @@ impl Acks {
     /// The secondary was lost and this primary won the arbiter.
     pub(crate) fn alone(&self) -> bool {
         self.lock().alone
+    }
+
+    /// Stop releasing outputs (a switchover): waits for an output being
+    /// released now, then returns the log offset up to which outputs
+    /// left; nothing after it leaves until [`Acks::thaw_releases`].
+    pub(crate) fn freeze_releases(&self) -> u64 {
+        let mut st = self.lock();
+        st.frozen = true;
+        while st.releasing {
+            st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        self.released.load(Ordering::SeqCst)
+    }
+
+    /// The switchover failed and this primary runs on: releases resume.
+    pub(crate) fn thaw_releases(&self) {
+        self.lock().frozen = false;
+        self.cond.notify_all();
+    }
+
+    /// The VM was handed over: what is still held never leaves here.
+    pub(crate) fn handed_over(&self) {
+        self.lock().handed_over = true;
+        self.cond.notify_all();
+    }
+
+    /// The release thread may release its next output (false: handed
+    /// over, it never leaves); pair with [`Acks::released_one`].
+    fn may_release(&self) -> bool {
+        let mut st = self.lock();
+        while st.frozen && !st.handed_over {
+            st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if st.handed_over {
+            return false;
+        }
+        st.releasing = true;
+        true
+    }
+
+    fn released_one(&self) {
+        self.lock().releasing = false;
+        self.cond.notify_all();
     }
 
     /// No secondary any more by decision: held outputs leave at once.
@@ -294,6 +347,9 @@ pub struct Link {
     /// Set before [`Link::finish`]: tell the secondary protection ends
     /// by decision (`kind::UNPROTECT` after the log).
     unprotect: Arc<std::sync::atomic::AtomicBool>,
+    /// Set before [`Link::finish_handover`]: after the log, hand the VM
+    /// over (`kind::HANDOVER` with this released offset).
+    handover: Arc<Mutex<Option<u64>>>,
     /// The lag bound ([`Link::govern`]).
     governor: Option<Arc<crate::lag::Governor>>,
     /// `NAME at ADDR` of the secondary.
@@ -410,6 +466,17 @@ impl Link {
                             }
                         }
                     }
+                    Ok(Some((kind::LIVE, payload))) => match postcard::from_bytes::<Live>(&payload)
+                    {
+                        Ok(l) => {
+                            a.life.touch();
+                            a.lock().live = Some((l, Instant::now()));
+                            a.cond.notify_all();
+                        }
+                        Err(e) => {
+                            return a.secondary_lost(format!("unreadable go-live from {who}: {e}"))
+                        }
+                    },
                     Ok(Some((kind::REPAIRED, payload))) => {
                         match postcard::from_bytes::<Repaired>(&payload) {
                             Ok(r) => {
@@ -451,6 +518,8 @@ impl Link {
         let a = acks.clone();
         let unprotect = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let bye = unprotect.clone();
+        let handover = Arc::new(Mutex::new(None::<u64>));
+        let hand = handover.clone();
         let sender = std::thread::Builder::new()
             .name("lockstep-out".into())
             .spawn(move || {
@@ -490,6 +559,17 @@ impl Link {
                         // After the whole log: protection ends by decision.
                         let _ = tx.send_frame(kind::UNPROTECT, &[]);
                     }
+                    let handing = if closed {
+                        hand.lock().unwrap_or_else(|e| e.into_inner()).take()
+                    } else {
+                        None
+                    };
+                    if let Some(released) = handing {
+                        // After the whole log (its handover end): the
+                        // secondary takes the VM on.
+                        let b = postcard::to_stdvec(&Handover { released }).unwrap_or_default();
+                        let _ = tx.send_frame(kind::HANDOVER, &b);
+                    }
                     if beat_at.elapsed() >= timing.interval {
                         beat_at = Instant::now();
                         let beat = PrimaryBeat {
@@ -512,6 +592,7 @@ impl Link {
             sender: Some(sender),
             handle,
             unprotect,
+            handover,
             governor: None,
             peer,
         })
@@ -577,7 +658,37 @@ impl Link {
     /// After the log's `End` was queued: close the stream and wait (up to
     /// `timeout`) until the secondary has acknowledged all of it. A primary
     /// running alone has nothing to wait for: `Ok(true)`.
-    pub fn finish(mut self, timeout: Duration) -> Result<bool, String> {
+    pub fn finish(self, timeout: Duration) -> Result<bool, String> {
+        self.finish_with(timeout, None).0
+    }
+
+    /// [`Link::finish`] of a log that ends in a handover: after the whole
+    /// log, [`Handover`] (outputs released up to `released`, none after);
+    /// once it is acknowledged, wait up to `live_within` for the
+    /// secondary's [`Live`]. Also the last acknowledgement round trip.
+    pub(crate) fn finish_handover(
+        self,
+        released: u64,
+        timeout: Duration,
+        live_within: Duration,
+    ) -> HandoverEnd {
+        *self.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(released);
+        let acks = self.acks.clone();
+        let (acked, sent) = self.finish_with(timeout, Some(live_within));
+        let st = acks.lock();
+        HandoverEnd {
+            acked,
+            sent,
+            live: st.live.clone(),
+            rtt: st.rtt,
+        }
+    }
+
+    fn finish_with(
+        mut self,
+        timeout: Duration,
+        live_within: Option<Duration>,
+    ) -> (Result<bool, String>, Option<Instant>) {
         if let Some(g) = self.governor.take() {
             g.stop();
         }
@@ -594,9 +705,17 @@ impl Link {
         // Ending protection: the sender says so after the whole log, before
         // the stream ends (it clears the flag once it has).
         let said = Instant::now() + Duration::from_secs(2);
-        while ok && self.unprotect.load(Ordering::SeqCst) && Instant::now() < said {
-            std::thread::sleep(Duration::from_millis(1));
+        let saying = |l: &Link| {
+            l.unprotect.load(Ordering::SeqCst)
+                || l.handover
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_some()
+        };
+        while ok && saying(&self) && Instant::now() < said {
+            std::thread::sleep(Duration::from_micros(100));
         }
+        let sent = (ok && !saying(&self)).then(Instant::now);
         let (lost, alone) = {
             let mut st = self.acks.lock();
             if st.repaired > 0 || st.sync_requests > 0 {
@@ -618,9 +737,23 @@ impl Link {
         if let Some(s) = self.sender.take() {
             let _ = s.join();
         }
+        if let (true, Some(within)) = (ok && !alone, live_within) {
+            // A handover: the secondary says when it runs the VM.
+            let deadline = Instant::now() + within;
+            let mut st = self.acks.lock();
+            while st.live.is_none() && st.lost.is_none() && Instant::now() < deadline {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                st = self
+                    .acks
+                    .cond
+                    .wait_timeout(st, wait.min(Duration::from_millis(50)))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
         self.handle
             .close_now(failover::channel::close_code::NORMAL, "done");
-        match (ok, lost) {
+        let r = match (ok, lost) {
             (_, _) if alone => Ok(true),
             (true, _) => Ok(false),
             (false, Some(why)) => Err(why),
@@ -628,8 +761,21 @@ impl Link {
                 "the secondary {} did not acknowledge the end of the log in {timeout:?}",
                 self.peer
             )),
-        }
+        };
+        (r, sent)
     }
+}
+
+/// How a log that ends in a handover ended ([`Link::finish_handover`]).
+pub(crate) struct HandoverEnd {
+    /// As [`Link::finish`]'s.
+    pub acked: Result<bool, String>,
+    /// When the handover left (after the whole log), if it did.
+    pub sent: Option<Instant>,
+    /// The secondary's go-live, and when it arrived.
+    pub live: Option<(Live, Instant)>,
+    /// The last acknowledgement round trip.
+    pub rtt: Option<Duration>,
 }
 
 /// Counters of [`HeldOutputs`].
@@ -715,7 +861,10 @@ impl HeldOutputs {
             .spawn(move || {
                 let mut stats = HeldStats::default();
                 for h in rx {
-                    if stats.withheld == 0 && acks.wait_for(h.entry_end, None, true) {
+                    if stats.withheld == 0
+                        && acks.wait_for(h.entry_end, None, true)
+                        && acks.may_release()
+                    {
                         let acked = acks.lock().offset;
                         let (exit_seq, kind) = (h.output.exit_seq, h.output.kind);
                         let bytes = h.output.bytes.clone();
@@ -724,6 +873,7 @@ impl HeldOutputs {
                         let released_ns = realtime_ns();
                         let _ = live.emit(h.output);
                         acks.released.fetch_max(h.entry_end, Ordering::SeqCst);
+                        acks.released_one();
                         audit.released(&Released {
                             exit_seq,
                             kind,

@@ -111,6 +111,41 @@ pub enum Step {
     Start(Box<Start>),
     /// End recording here.
     Stop(Stop),
+    /// Hand the VM over to the secondary here (`tandem switchover`).
+    Handover(Sender<Result<SwitchoverReport, String>>),
+}
+
+/// What `tandem switchover` reports: the VM runs on its secondary's host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwitchoverReport {
+    /// The secondary that runs the VM now (`NAME at ADDR`).
+    pub to: String,
+    /// The VM's identity and the protection generation it was handed over
+    /// in (the new primary's claim).
+    pub vm_id: String,
+    /// See `vm_id`.
+    pub generation: u64,
+    /// The exit the VM changed hosts at.
+    pub exit_seq: u64,
+    /// The guest's pause (ms): `pause_here_ms` + `one_way_ms` +
+    /// `go_live_ms`, from its last instruction here to its first there.
+    pub downtime_ms: f64,
+    /// From the vCPU's stop here to the handover leaving (ms: the final
+    /// sync point, the log's end).
+    pub pause_here_ms: f64,
+    /// Half the last acknowledgement round trip (ms): the handover's way
+    /// to the secondary.
+    pub one_way_ms: f64,
+    /// The secondary's own measure from the handover's arrival to the
+    /// guest running there (ms: the last exits of the replay, the
+    /// arbiter's claim, the NIC).
+    pub go_live_ms: f64,
+    /// From the request to the secondary's go-live arriving here (ms).
+    pub total_ms: f64,
+    /// Log bytes streamed in all.
+    pub log_bytes: u64,
+    /// Outputs that had not left here yet: the new primary produces them.
+    pub handed_outputs: u64,
 }
 
 /// Start recording: the session's queue gets the log.
@@ -452,6 +487,189 @@ pub fn unprotect(ctl: &VmController) -> Result<UnprotectReport, ProtectError> {
     r
 }
 
+/// Hand the VM over to its secondary (`tandem switchover`): at the next
+/// exit the log ends with its handover, the secondary replays to there,
+/// wins the arbiter for the VM's generation (fencing this copy as a
+/// failover would) and runs the VM at once; this process then ends. The
+/// VM must be protected by a secondary that holds its seed, with an
+/// arbiter. A switchover that does not complete leaves the VM running
+/// here, unprotected, if this primary wins the arbiter; otherwise the
+/// other copy is live and this process stops (status 3).
+pub fn switchover(ctl: &VmController) -> Result<SwitchoverReport, ProtectError> {
+    let Some(session) = ctl.protection_session() else {
+        return Err(ProtectError::NotProtected);
+    };
+    if session.info().state == "seeding" {
+        return Err(ProtectError::Stream(
+            "the secondary is still being seeded: a switchover needs a secondary that holds the VM"
+                .into(),
+        ));
+    }
+    if session.acks.alone() {
+        return Err(ProtectError::Stream(
+            "the secondary was lost: the VM runs here unprotected, nobody to hand it over to"
+                .into(),
+        ));
+    }
+    if session.acks.heard().0.arbiter.is_none() {
+        return Err(ProtectError::Stream(
+            "the VM is protected without --arbiter: a switchover needs the arbiter that fences this copy (the secondary goes live only by winning it)".into(),
+        ));
+    }
+    if ctl.paused() {
+        return Err(ProtectError::Paused);
+    }
+    let (tx, rx) = bounded(1);
+    ctl.protection(Step::Handover(tx))
+        .map_err(|_| ProtectError::Ended)?;
+    rx.recv_timeout(STEP_TIMEOUT * 2)
+        .map_err(|_| ProtectError::Ended)?
+        .map_err(ProtectError::Stream)
+}
+
+/// [`switchover`] on the vCPU thread, stopped at an exit.
+fn hand_over(
+    machine: &mut Machine,
+    r: Recording,
+    ctl: &VmController,
+) -> Result<SwitchoverReport, Box<(LiveInputs, String)>> {
+    let paused = Instant::now();
+    let Recording {
+        mut recorder,
+        release,
+        session,
+    } = r;
+    // From here nothing more leaves this host: the exact boundary is told
+    // to the secondary, which produces the rest.
+    let released = session.acks.freeze_releases();
+    let seq = machine.exit_seq;
+    match machine.capture_sync_point(true) {
+        Ok(sp) => {
+            let _ = recorder.sync_point(seq, sp);
+        }
+        Err(e) => tracing::error!("the final sync point: {e}"),
+    }
+    recorder.log(Entry::Handover { exit_seq: seq });
+    recorder.log(Entry::End {
+        exit_seq: seq,
+        status: 0,
+    });
+    let _ = recorder.flush();
+    let (mut live, writer) = recorder.into_parts();
+    drop(writer);
+    live.set_sync_requests(None);
+    // Dropping the held outputs ends the release thread once it has
+    // decided each (released after a failed switchover, else handed over).
+    drop(live.replace_outputs(Box::new(LiveOutputs::discard())));
+    let link = session.take_link(STEP_TIMEOUT);
+    if let Some(g) = session.governor().take() {
+        g.stop();
+    }
+    session.queue.close();
+    let (failover, _) = session.acks.heard();
+    let failover = failover.clone();
+    let p = &failover.protection;
+    let Some(link) = link else {
+        session.acks.thaw_releases();
+        session.acks.unprotect();
+        let (_, outputs) = release.wait_outputs();
+        live.replace_outputs(outputs.unwrap_or_else(|| Box::new(LiveOutputs::discard())));
+        return Err(Box::new((
+            live,
+            "the secondary was never connected; the VM runs on here unprotected".into(),
+        )));
+    };
+    let to = link.peer.clone();
+    // The secondary may have to catch up (up to the lag bound) before it
+    // claims the VM: its go-live is awaited as long as it is alive (a
+    // silent one is lost after the failover timeout).
+    let end = link.finish_handover(released, STEP_TIMEOUT, STEP_TIMEOUT);
+    let log_bytes = session.queue.stats().pushed_bytes;
+    // Who runs the VM now? The secondary said so, or the arbiter does.
+    let verdict = match (&end.acked, &end.live) {
+        (Ok(false), Some(_)) => Ok(()),
+        (Ok(true), _) => Err(
+            "the secondary was lost before it took the VM (this primary won the arbiter)"
+                .to_string(),
+        ),
+        (Ok(false), None) | (Err(_), _) => {
+            let why = match &end.acked {
+                Err(e) => e.clone(),
+                Ok(_) => match session.acks.lock().lost.clone() {
+                    Some(lost) => format!("the secondary {to} acknowledged the handover, then was lost ({lost})"),
+                    None => format!("the secondary {to} acknowledged the handover but did not say it runs the VM within {} s", STEP_TIMEOUT.as_secs()),
+                },
+            };
+            let arbiter = failover.arbiter.as_ref().expect("checked by switchover");
+            match arbiter.claim(&p.vm_id, p.generation, &failover.holder) {
+                Ok(failover::arbiter::Verdict::Won) => Err(format!(
+                    "{why}; this primary won the arbiter for VM {} generation {}",
+                    p.vm_id, p.generation
+                )),
+                Ok(failover::arbiter::Verdict::Lost { holder }) => {
+                    eprintln!(
+                        "tandem: switchover: {why}; the arbiter {} gave VM {} generation {} to {holder}: that copy runs the VM",
+                        arbiter.describe(),
+                        p.vm_id,
+                        p.generation
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!(
+                        "tandem: switchover: {why}; {e}: the VM may run there; this copy stops, its held outputs never released"
+                    );
+                    std::process::exit(crate::failover::STOPPED);
+                }
+            }
+        }
+    };
+    session.info().closed = true;
+    match verdict {
+        Ok(()) => {
+            session.acks.handed_over();
+            let (stats, _) = release.wait_outputs();
+            let pause_here_ms = end.sent.map_or(0.0, |t| (t - paused).as_secs_f64() * 1e3);
+            let one_way_ms = end.rtt.map_or(0.0, |r| r.as_secs_f64() * 1e3 / 2.0);
+            let (go_live_ms, exit_seq) = end
+                .live
+                .as_ref()
+                .map_or((0.0, seq), |(l, _)| (l.took_ms, l.exit_seq));
+            Ok(SwitchoverReport {
+                to,
+                vm_id: p.vm_id.clone(),
+                generation: p.generation,
+                exit_seq,
+                downtime_ms: pause_here_ms + one_way_ms + go_live_ms,
+                pause_here_ms,
+                one_way_ms,
+                go_live_ms,
+                total_ms: end
+                    .live
+                    .as_ref()
+                    .map_or(paused.elapsed(), |(_, at)| *at - paused)
+                    .as_secs_f64()
+                    * 1e3,
+                log_bytes,
+                handed_outputs: stats.withheld,
+            })
+        }
+        Err(e) => {
+            // This primary runs the VM: what it held leaves now.
+            session.acks.unprotect();
+            session.acks.thaw_releases();
+            let (_, outputs) = release.wait_outputs();
+            live.replace_outputs(outputs.unwrap_or_else(|| Box::new(LiveOutputs::discard())));
+            ctl.set_protection_session(None);
+            ctl.lineage().secondary_lost();
+            Err(Box::new((
+                live,
+                format!("the switchover did not complete: {e}; the VM runs on here UNPROTECTED"),
+            )))
+        }
+    }
+}
+
 /// How a protected run ended (the guest's end, protected).
 #[derive(Debug)]
 pub struct ProtectedEnd {
@@ -542,6 +760,21 @@ pub fn run_protectable(
                 }));
                 mode = Some(Mode::Plain(live));
             }
+            (ControlledOutcome::Protection(Step::Handover(reply)), Mode::Recording(r)) => {
+                match hand_over(machine, *r, &ctl) {
+                    Ok(report) => {
+                        let to = report.to.clone();
+                        let _ = reply.send(Ok(report));
+                        ctl.set_protection_session(None);
+                        return Ok((ControlledOutcome::Migrated(to), None));
+                    }
+                    Err(failed) => {
+                        let (live, e) = *failed;
+                        let _ = reply.send(Err(e));
+                        mode = Some(Mode::Plain(live));
+                    }
+                }
+            }
             (ControlledOutcome::Protection(step), m) => {
                 // Nothing to start or stop in this mode.
                 match step {
@@ -550,6 +783,9 @@ pub fn run_protectable(
                     }
                     Step::Stop(s) => {
                         let _ = s.reply.send(Err("the VM is not protected".into()));
+                    }
+                    Step::Handover(reply) => {
+                        let _ = reply.send(Err("the VM is not protected".into()));
                     }
                 }
                 mode = Some(m);

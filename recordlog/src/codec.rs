@@ -26,6 +26,7 @@
 //! | 0x14 | `End`                    | status: zigzag varint |
 //! | 0x15 | `Output`                 | kind:u8 len:varint hash:u64le |
 //! | 0x16 | `Progress`               | (empty) |
+//! | 0x17 | `Handover`               | (empty); only the `End` at the same exit may follow |
 //!
 //! A payload is at most [`MAX_FRAME_PAYLOAD`] bytes. A batch holds at least
 //! one inner entry and no nested batch; an `End` entry is the last entry of
@@ -56,10 +57,11 @@ pub(crate) mod tag {
     pub const END: u8 = 0x14;
     pub const OUTPUT: u8 = 0x15;
     pub const PROGRESS: u8 = 0x16;
+    pub const HANDOVER: u8 = 0x17;
     pub const BATCH: u8 = 0x7f;
 
     pub fn is_entry(t: u8) -> bool {
-        matches!(t, 0x01..=0x05 | 0x10..=0x16)
+        matches!(t, 0x01..=0x05 | 0x10..=0x17)
     }
 }
 
@@ -317,6 +319,7 @@ fn entry_tag(e: &Entry) -> u8 {
         Entry::Digest { .. } => tag::DIGEST,
         Entry::End { .. } => tag::END,
         Entry::Progress { .. } => tag::PROGRESS,
+        Entry::Handover { .. } => tag::HANDOVER,
     }
 }
 
@@ -356,7 +359,7 @@ fn payload_len(e: &Entry, delta: u64) -> usize {
             Entry::SyncPoint { sync, .. } => sync_len(sync),
             Entry::Digest { .. } => 32,
             Entry::End { status, .. } => varint_len(zigzag(*status)),
-            Entry::Progress { .. } => 0,
+            Entry::Progress { .. } | Entry::Handover { .. } => 0,
         }
 }
 
@@ -396,7 +399,7 @@ fn put_payload(out: &mut Vec<u8>, e: &Entry, delta: u64) {
         }
         Entry::Digest { digest, .. } => out.extend_from_slice(&digest.0),
         Entry::End { status, .. } => put_varint(out, zigzag(*status)),
-        Entry::Progress { .. } => {}
+        Entry::Progress { .. } | Entry::Handover { .. } => {}
     }
 }
 
@@ -715,6 +718,7 @@ fn decode_payload<S: Sink>(
             })
         }
         tag::PROGRESS => out.put(Entry::Progress { exit_seq }),
+        tag::HANDOVER => out.put(Entry::Handover { exit_seq }),
         _ => return Err(corrupt(format!("unknown entry type 0x{t:02x}"))),
     };
     if c.remaining() != 0 {
@@ -738,6 +742,7 @@ fn tag_kind(t: u8) -> &'static str {
         tag::END => "end",
         tag::OUTPUT => "output",
         tag::PROGRESS => "progress",
+        tag::HANDOVER => "handover",
         _ => "unknown",
     }
 }
@@ -782,6 +787,8 @@ pub(crate) struct DecodeState {
     pub last_seq: u64,
     /// An `End` entry was decoded.
     pub ended: bool,
+    /// The previous entry was a `Handover` (only its `End` may follow).
+    pub handover: bool,
 }
 
 /// Decodes the frame at the start of `buf`: the entry of a plain entry frame
@@ -850,7 +857,14 @@ fn decode_one<S: Sink>(
     if st.ended {
         return Err(corrupt("entry after the End entry"));
     }
+    let before = st.last_seq;
     st.last_seq = decode_payload(t, payload, st.last_seq, out)?;
+    if st.handover && (t != tag::END || st.last_seq != before) {
+        return Err(corrupt(
+            "a handover must be followed by the End entry at the same exit",
+        ));
+    }
+    st.handover = t == tag::HANDOVER;
     st.ended = t == tag::END;
     Ok(())
 }

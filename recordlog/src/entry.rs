@@ -167,6 +167,14 @@ pub enum Entry {
         /// The exit the recorder had reached.
         exit_seq: u64,
     },
+    /// The VM is handed over at `exit_seq` (a planned switchover to the
+    /// replayer, `tandem switchover`): the recording ends here because the
+    /// replaying side takes the VM on from this exit, not because the guest
+    /// ended. Only the `End` at the same exit may follow. Log format 5.
+    Handover {
+        /// The exit where the VM changes hosts.
+        exit_seq: u64,
+    },
     /// The recorded run ended at `exit_seq` with `status`; nothing follows.
     End {
         /// The last exit of the run.
@@ -187,6 +195,7 @@ impl Entry {
             | Entry::SyncPoint { exit_seq, .. }
             | Entry::Digest { exit_seq, .. }
             | Entry::Progress { exit_seq }
+            | Entry::Handover { exit_seq }
             | Entry::End { exit_seq, .. } => exit_seq,
         }
     }
@@ -210,6 +219,7 @@ impl Entry {
             Entry::SyncPoint { .. } => "sync_point",
             Entry::Digest { .. } => "digest",
             Entry::Progress { .. } => "progress",
+            Entry::Handover { .. } => "handover",
             Entry::End { .. } => "end",
         }
     }

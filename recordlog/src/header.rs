@@ -23,12 +23,18 @@ use crate::digest::Digest;
 /// The version this crate writes and reads.
 /// Version 2 added `Output` entries (0x15); version 3 encodes sync point
 /// pages against their previous version (`crate::page::encode_delta`);
-/// version 4 added `Progress` marks (0x16).
-/// Older logs are refused: a version-1 replay would miss every output
-/// check, a version-2 sync point's raw pages would be read as deltas, a
-/// version-3 reader would call a progress mark an unknown entry (so a
-/// version-3 log is refused too rather than read by two rules).
-pub const FORMAT_VERSION: u32 = 4;
+/// version 4 added `Progress` marks (0x16); version 5 added the
+/// `Handover` end (0x17: a planned switchover to the secondary).
+/// A version-4 log is a version-5 log without handovers and is read as one
+/// (one set of rules; [`OLDEST_READABLE`]). Older logs are refused: a
+/// version-1 replay would miss every output check, a version-2 sync point's
+/// raw pages would be read as deltas, a version-3 reader would call a
+/// progress mark an unknown entry (so a version-3 log is refused too
+/// rather than read by two rules). A version-4 reader refuses a version-5
+/// log by its version, not at its first handover.
+pub const FORMAT_VERSION: u32 = 5;
+/// The oldest format version read (as [`FORMAT_VERSION`]: it is a subset).
+pub const OLDEST_READABLE: u32 = 4;
 /// First 8 bytes of every log.
 pub const MAGIC: [u8; 8] = *b"TNDMLOG\0";
 /// Largest accepted header body (the VM configuration is small).
@@ -71,7 +77,9 @@ pub enum HeaderError {
         found: Vec<u8>,
     },
     /// The log was written in a format version this crate does not handle.
-    #[error("unsupported log format version: expected {expected}, found {found}")]
+    #[error(
+        "unsupported log format version: expected {expected} (or {OLDEST_READABLE}), found {found}"
+    )]
     UnsupportedVersion {
         /// [`FORMAT_VERSION`].
         expected: u32,
@@ -148,7 +156,7 @@ impl Header {
             Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         };
         let version = le32(8)?;
-        if version != FORMAT_VERSION {
+        if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&version) {
             return Err(HeaderError::UnsupportedVersion {
                 expected: FORMAT_VERSION,
                 found: version,
@@ -265,14 +273,29 @@ mod tests {
         assert_eq!(
             e,
             HeaderError::UnsupportedVersion {
-                expected: 4,
+                expected: 5,
                 found: 7
             }
         );
         assert_eq!(
             e.to_string(),
-            "unsupported log format version: expected 4, found 7"
+            "unsupported log format version: expected 5 (or 4), found 7"
         );
+        for v in [0u32, 1, 2, 3, 6] {
+            let mut b = snap().encode().unwrap();
+            b[8..12].copy_from_slice(&v.to_le_bytes());
+            assert!(
+                matches!(Header::decode(&b), Err(HeaderError::UnsupportedVersion { found, .. }) if found == v),
+                "version {v}"
+            );
+        }
+        // A version-4 log (no handovers) is read as version 5.
+        let mut b = snap().encode().unwrap();
+        b[8..12].copy_from_slice(&4u32.to_le_bytes());
+        let body_end = b.len() - 4;
+        let crc = crc32c::crc32c(&b[8..body_end]);
+        b[body_end..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(Header::decode(&b), Ok((snap(), b.len())));
         let mut h = snap();
         h.format_version = 1;
         assert!(matches!(

@@ -79,7 +79,9 @@ pub mod writer;
 pub use codec::{BatchLimits, CodecError, FrameEncoder, MAX_FRAME_PAYLOAD};
 pub use digest::{Digest, DigestError, Hasher};
 pub use entry::{Entry, Fingerprint, Input, OutputKind, OutputRecord, SyncPoint};
-pub use header::{Header, HeaderError, InitialState, FORMAT_VERSION, MAGIC, MAX_HEADER_BODY};
+pub use header::{
+    Header, HeaderError, InitialState, FORMAT_VERSION, MAGIC, MAX_HEADER_BODY, OLDEST_READABLE,
+};
 pub use queue::{Drained, LogQueue, QueueError, QueueStats, QueueWriter};
 pub use reader::{LogReader, ReadError};
 pub use stream::StreamDecoder;

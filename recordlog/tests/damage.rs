@@ -108,7 +108,7 @@ fn wrong_magic_and_version_are_named() {
         bytes[8] = old;
         match LogReader::open(&bytes[..]) {
             Err(ReadError::Header(HeaderError::UnsupportedVersion { expected, found })) => {
-                assert_eq!((expected, found), (4, old as u32));
+                assert_eq!((expected, found), (5, old as u32));
             }
             other => panic!("{other:?}"),
         }

@@ -85,6 +85,8 @@ pub struct Follow {
     start_exit: AtomicU64,
     /// The primary ended protection (`tandem unprotect`).
     unprotected: AtomicBool,
+    /// The primary handed the VM over (`tandem switchover`), when.
+    handed_over: std::sync::Mutex<Option<Instant>>,
     ended: AtomicBool,
     from: std::sync::Mutex<String>,
     /// Divergences repaired ([`crate::repair`]).
@@ -104,6 +106,7 @@ impl Follow {
             bytes: AtomicU64::new(0),
             start_exit: AtomicU64::new(0),
             unprotected: AtomicBool::new(false),
+            handed_over: std::sync::Mutex::new(None),
             ended: AtomicBool::new(false),
             from: std::sync::Mutex::new(String::new()),
             repaired: AtomicU64::new(0),
@@ -119,6 +122,27 @@ impl Follow {
     /// The primary said protection ends by decision.
     pub(crate) fn set_unprotected(&self) {
         self.unprotected.store(true, Ordering::SeqCst);
+    }
+
+    /// The primary handed the VM over (its `Handover` frame arrived).
+    pub(crate) fn set_handed_over(&self) {
+        let mut h = self.handed_over.lock().unwrap_or_else(|e| e.into_inner());
+        h.get_or_insert_with(Instant::now);
+    }
+
+    /// When the primary's `Handover` arrived, waiting up to `within` for
+    /// it (it follows the log's handover end on the same stream).
+    pub fn handed_over_within(&self, within: Duration) -> Option<Instant> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(at) = *self.handed_over.lock().unwrap_or_else(|e| e.into_inner()) {
+                return Some(at);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     /// The acknowledgement of `offset` received bytes, with the replay's

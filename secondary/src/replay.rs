@@ -100,6 +100,8 @@ pub struct Replayer<S: EntrySource> {
     frame_offset: u64,
     peeked: Option<Entry>,
     end: LogEnd,
+    /// The log's end is a handover at this exit.
+    handover: Option<u64>,
     fingerprint_interval: u64,
     repair: bool,
     divergence: Option<Divergence>,
@@ -141,6 +143,7 @@ impl<S: EntrySource> Replayer<S> {
             frame_offset,
             peeked: None,
             end: LogEnd::Open,
+            handover: None,
             fingerprint_interval,
             repair,
             divergence: None,
@@ -187,6 +190,12 @@ impl<S: EntrySource> Replayer<S> {
         &self.end
     }
 
+    /// The log ends with a handover at this exit (`Entry::Handover`): the
+    /// replaying side takes the VM on from there.
+    pub fn handover(&self) -> Option<u64> {
+        self.handover
+    }
+
     /// The next entry from the source, with the offset of its frame.
     fn read(&mut self) -> (u64, Result<Option<Entry>, ReadError>) {
         let before = self.source.offset();
@@ -199,9 +208,11 @@ impl<S: EntrySource> Replayer<S> {
     }
 
     fn peek(&mut self) -> Option<&Entry> {
-        if self.peeked.is_none() && self.end == LogEnd::Open {
+        while self.peeked.is_none() && self.end == LogEnd::Open {
             let (offset, r) = self.read();
             match r {
+                // The codec lets only the `End` at the same exit follow it.
+                Ok(Some(Entry::Handover { exit_seq })) => self.handover = Some(exit_seq),
                 Ok(Some(Entry::End { exit_seq, status })) => {
                     self.end = self.after_end(exit_seq, status);
                 }
@@ -231,6 +242,11 @@ impl<S: EntrySource> Replayer<S> {
 
     /// After the `End` entry the log must end: anything more is damage.
     fn after_end(&mut self, exit_seq: u64, status: i32) -> LogEnd {
+        if self.handover == Some(exit_seq) {
+            // A handover's stream stays open after it (the old primary
+            // waits for the new one's go-live): nothing more is read.
+            return LogEnd::End { exit_seq, status };
+        }
         let end = self.source.offset();
         match self.source.next_entry() {
             Ok(None) => LogEnd::End { exit_seq, status },

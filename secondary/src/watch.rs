@@ -85,7 +85,17 @@ pub fn receive(
         }
         let frame = match conn.recv_frame_timeout(poll) {
             Ok(f) => f,
-            Err(e) if e.is_closed() => return Ok((total, StreamEnd::Closed)),
+            Err(e) if e.is_closed() => {
+                if follow
+                    .handed_over_within(std::time::Duration::ZERO)
+                    .is_some()
+                {
+                    // The old primary's stream ends after its handover; it
+                    // waits for our go-live: send it before closing.
+                    send_live(conn, outgoing);
+                }
+                return Ok((total, StreamEnd::Closed));
+            }
             Err(e) => return Ok((total, StreamEnd::Lost(e.to_string()))),
         };
         let mut answer = false;
@@ -180,6 +190,14 @@ pub fn receive(
                 watch.life.touch();
                 follow.set_unprotected();
             }
+            Some((kind::HANDOVER, payload)) => {
+                watch.life.touch();
+                let h: failover::lockstep::Handover = postcard::from_bytes(&payload)
+                    .map_err(|e| format!("unreadable handover from the primary: {e}"))?;
+                // Exact: the primary releases nothing after this offset.
+                watch.released.fetch_max(h.released, Ordering::SeqCst);
+                follow.set_handed_over();
+            }
             Some((k, _)) => {
                 let reason = format!("unexpected frame kind {k} in the log stream");
                 abort(conn, &reason);
@@ -208,6 +226,22 @@ pub fn receive(
             if let Err(e) = conn.send_frame(hb_kind::HEARTBEAT, &beat) {
                 return Ok((total, StreamEnd::Lost(e.to_string())));
             }
+        }
+    }
+}
+
+/// After a handover: send what the go-live queues for the old primary
+/// (its `LIVE`), waiting for it as long as a go-live may take here; the
+/// process ends anyway if this side does not go live.
+fn send_live(conn: &mut BlockingConnection, outgoing: &Receiver<crate::repair::Outgoing>) {
+    loop {
+        match outgoing.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok((k, payload)) => {
+                if conn.send_frame(k, &payload).is_err() || k == kind::LIVE {
+                    return;
+                }
+            }
+            Err(_) => return,
         }
     }
 }

@@ -109,6 +109,9 @@ fn serve_conn(stream: UnixStream, status: &StatusCell) {
                 return;
             }
             Ok(Request::Status) => Event::Status(status_of(status)),
+            Ok(Request::Switchover) => Event::Error {
+                error: "a VM protected from boot (tandem run --protect-to) cannot switch over yet: run it with --api-socket and protect it with tandem protect --api (or give --spare)".into(),
+            },
             Ok(_) => Event::Error {
                 error: "a VM protected from boot serves only {\"cmd\":\"status\"} and {\"cmd\":\"failover\"} on its control socket yet".into(),
             },

@@ -136,6 +136,8 @@ pub(super) struct FirstOutput {
     since: Instant,
     first: Option<f64>,
     first_frame: Option<f64>,
+    /// "failover" or "switchover".
+    event: &'static str,
 }
 
 impl FirstOutput {
@@ -145,7 +147,8 @@ impl FirstOutput {
             let ms = self.since.elapsed().as_secs_f64() * 1e3;
             self.first_frame = Some(ms);
             eprintln!(
-                "tandem: failover gap (network): {ms:.1} ms from the primary's last sign of life to the first frame of the new primary ({what})"
+                "tandem: {} gap (network): {ms:.1} ms from the primary's last sign of life to the first frame of the new primary ({what})",
+                self.event
             );
         }
     }
@@ -160,8 +163,8 @@ impl Outputs for FirstOutput {
             let ms = self.since.elapsed().as_secs_f64() * 1e3;
             self.first = Some(ms);
             eprintln!(
-                "tandem: failover gap: {ms:.1} ms from the primary's last sign of life to the first guest output of the new primary (exit {})",
-                output.exit_seq
+                "tandem: {} gap: {ms:.1} ms from the primary's last sign of life to the first guest output of the new primary (exit {})",
+                self.event, output.exit_seq
             );
         }
         self.inner.emit(output)
@@ -182,6 +185,17 @@ pub struct GoLive<'a> {
     /// `--api-socket`: the new primary serves the VM's control socket there
     /// (`tandem status`, `tandem protect` to re-protect it).
     pub api: Option<LiveApi>,
+    /// A switchover (`tandem switchover`), not a failure: the primary
+    /// handed the VM over at the exit the replay stands at.
+    pub handover: Option<HandedOver>,
+}
+
+/// What a switchover's go-live needs besides a failover's.
+pub struct HandedOver {
+    /// When the primary's handover arrived.
+    pub arrived: Instant,
+    /// Frames to the old primary (our `Live`).
+    pub to_primary: std::sync::mpsc::Sender<secondary::repair::Outgoing>,
 }
 
 /// The control socket of the new primary.
@@ -201,14 +215,26 @@ pub struct LiveApi {
 /// Returns the guest's status, or [`NOT_LIVE`] when this side may not go
 /// live (the message says why).
 pub fn go_live(machine: &mut Machine, g: GoLive<'_>) -> Result<i32, CmdError> {
-    let last = g.watch.life.last();
+    let last = match &g.handover {
+        Some(h) => h.arrived,
+        None => g.watch.life.last(),
+    };
     let detected = last.elapsed();
-    eprintln!(
-        "tandem: the primary is lost ({}) at exit {}; detected {} ms after its last sign of life",
-        g.why,
-        machine.exit_seq,
-        detected.as_millis()
-    );
+    let event = if g.handover.is_some() {
+        eprintln!(
+            "tandem: {} at exit {}: taking the VM over now",
+            g.why, machine.exit_seq
+        );
+        "switchover"
+    } else {
+        eprintln!(
+            "tandem: the primary is lost ({}) at exit {}; detected {} ms after its last sign of life",
+            g.why,
+            machine.exit_seq,
+            detected.as_millis()
+        );
+        "failover"
+    };
     let Some(arbiter) = g.arbiter else {
         eprintln!("tandem: no --arbiter: this secondary does not go live; the copy of the VM stays at exit {}", machine.exit_seq);
         return Ok(NOT_LIVE);
@@ -267,6 +293,7 @@ pub fn go_live(machine: &mut Machine, g: GoLive<'_>) -> Result<i32, CmdError> {
         since: last,
         first: None,
         first_frame: None,
+        event,
     };
     // What the old primary may not have released: produced again, console
     // bytes and frames in the order the guest produced them.
@@ -305,11 +332,23 @@ pub fn go_live(machine: &mut Machine, g: GoLive<'_>) -> Result<i32, CmdError> {
     }
     let (rx, tx) = net.unzip();
     outputs.inner = LiveOutputs::new(out, tx);
+    if let Some(h) = &g.handover {
+        // The old primary waits for this to end (and measures the downtime).
+        let took_ms = h.arrived.elapsed().as_secs_f64() * 1e3;
+        let live = failover::lockstep::Live {
+            took_ms,
+            exit_seq: machine.exit_seq,
+        };
+        let _ = h
+            .to_primary
+            .send((failover::lockstep::kind::LIVE, live.encode()));
+        eprintln!("tandem: switchover: running the VM {took_ms:.1} ms after the handover arrived");
+    }
     if let Some(api) = g.api {
         return super::live_api::run(
             machine,
             api,
-            &p,
+            (&p, event),
             (g.virtual_ns, g.console.input, rx),
             outputs,
         );
@@ -327,7 +366,7 @@ pub fn go_live(machine: &mut Machine, g: GoLive<'_>) -> Result<i32, CmdError> {
     super::run::stopped_by_signal(machine, &mut inputs, true);
     let status = outcome_status(outcome);
     eprintln!(
-        "tandem: the VM ended at exit {} with status {status}, running unprotected on this host since the failover",
+        "tandem: the VM ended at exit {} with status {status}, running unprotected on this host since the {event}",
         machine.exit_seq
     );
     Ok(status)

@@ -20,13 +20,16 @@ use super::CmdError;
 pub(super) fn run(
     machine: &mut Machine,
     api: LiveApi,
-    p: &Protection,
+    (p, event): (&Protection, &'static str),
     (virtual_ns, input, net): (u64, Option<Receiver<Vec<u8>>>, Option<TapReceiver>),
     outputs: FirstOutput,
 ) -> Result<i32, CmdError> {
     // The secondary's status server gives the path up first.
     drop(api.server);
-    let lineage = Lineage::after_failover(p.vm_id.clone(), p.generation, api.from);
+    let mut lineage = Lineage::after_failover(p.vm_id.clone(), p.generation, api.from);
+    if event == "switchover" {
+        lineage.role = failover::lineage::Role::UnprotectedAfterSwitchover;
+    }
     eprintln!(
         "tandem: the control socket {} serves the live VM now (tandem status, tandem protect --to NEWHOST protects it again with generation {})",
         api.sock.display(),
@@ -53,7 +56,7 @@ pub(super) fn run(
         }
     })?;
     eprintln!(
-        "tandem: the VM ended at exit {} with status {status}, running on this host since the failover",
+        "tandem: the VM ended at exit {} with status {status}, running on this host since the {event}",
         machine.exit_seq
     );
     Ok(status)

@@ -213,6 +213,49 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         Some(Box::new(ReplayFrames(keeper))),
         &bad_log,
     );
+    if let Ok(super::replay::Replayed {
+        handover_ns: Some(virtual_ns),
+        ..
+    }) = &replayed
+    {
+        // A switchover: the log ended with the primary's handover, verified
+        // at this exit. Go live at once (no failure timeout); the receiving
+        // thread carries on until the old primary closes, sending our
+        // go-live to it.
+        let arrived = follow.handed_over_within(timing.timeout);
+        if arrived.is_none() {
+            eprintln!(
+                "tandem: the log from {from} ends with a handover but its release offset did not follow within {} ms: outputs after its last heartbeat are produced again (duplicates possible at the boundary)",
+                timing.timeout.as_millis()
+            );
+        }
+        follow.set_ended();
+        // The listener stays open: closing it would close the old
+        // primary's connection before our go-live reaches it.
+        return go_live(
+            &mut machine,
+            GoLive {
+                watch: &watch,
+                why: format!("{from} handed the VM over (tandem switchover)"),
+                arbiter: arbiter.as_deref(),
+                holder: format!("secondary {name} (pid {})", std::process::id()),
+                kept: &kept,
+                console: console::open(&args.live_serial)?,
+                standby: &standby,
+                virtual_ns: *virtual_ns,
+                api: args.api_socket.clone().map(|sock| LiveApi {
+                    sock,
+                    server: server.take(),
+                    from: from.clone(),
+                    spare: spare.take(),
+                }),
+                handover: Some(super::golive::HandedOver {
+                    arrived: arrived.unwrap_or_else(std::time::Instant::now),
+                    to_primary: protected.to_primary.clone(),
+                }),
+            },
+        );
+    }
     // A stream refused for a protocol error: this secondary stops (never
     // goes live on it).
     let mut stream_error = None;
@@ -278,6 +321,7 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
                     from: from.clone(),
                     spare: spare.take(),
                 }),
+                handover: None,
             },
         ),
         _ => Ok(replayed.status),

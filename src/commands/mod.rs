@@ -106,6 +106,7 @@ pub fn dispatch(cli: Cli) -> Result<i32, CmdError> {
         Command::Drill(args) => drill::drill(args),
         Command::Protect(args) => protect_running::protect(args),
         Command::Unprotect(args) => protect_running::unprotect(args),
+        Command::Switchover(args) => protect_running::switchover(args),
     }
 }
 

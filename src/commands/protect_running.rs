@@ -81,18 +81,32 @@ pub fn protect(args: ProtectCmdArgs) -> Result<i32, CmdError> {
     }
 }
 
-pub fn unprotect(args: StatusArgs) -> Result<i32, CmdError> {
+/// Send `req` and take its one answer: `pick` it, or the error it is.
+fn one_answer<T>(
+    sock: &std::path::Path,
+    req: &Request,
+    pick: impl Fn(Event) -> Option<T>,
+) -> Result<T, CmdError> {
     let mut result = Err("no answer".to_string());
-    api::call(&args.api, &Request::Unprotect, |ev| {
+    api::call(sock, req, |ev| {
         result = match ev {
-            Event::Unprotected(r) => Ok(r),
             Event::Error { error } => Err(error),
-            other => Err(format!("unexpected answer {other:?}")),
+            other => {
+                let text = format!("unexpected answer {other:?}");
+                pick(other).ok_or(text)
+            }
         };
         false
     })
     .map_err(CmdError::Input)?;
-    let r = result.map_err(CmdError::Input)?;
+    result.map_err(CmdError::Input)
+}
+
+pub fn unprotect(args: StatusArgs) -> Result<i32, CmdError> {
+    let r = one_answer(&args.api, &Request::Unprotect, |ev| match ev {
+        Event::Unprotected(r) => Some(r),
+        _ => None,
+    })?;
     if args.json {
         println!(
             "{}",
@@ -209,4 +223,33 @@ pub fn report_end(end: &ProtectedEnd) {
         ),
     }
     eprintln!("tandem: final state digest {}", end.digest.to_hex());
+}
+
+/// `tandem switchover --api SOCK`: hand a protected VM over to its
+/// secondary (`primary::protect::switchover`).
+pub fn switchover(args: StatusArgs) -> Result<i32, CmdError> {
+    let r = one_answer(&args.api, &Request::Switchover, |ev| match ev {
+        Event::SwitchedOver(r) => Some(r),
+        _ => None,
+    })?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&Event::SwitchedOver(r.clone())).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "switched over at exit {}: the VM runs on {} now (VM {} generation {}, unprotected until `tandem protect --api` of its socket)",
+            r.exit_seq, r.to, r.vm_id, r.generation
+        );
+        println!(
+            "  downtime       {:.1} ms (here {:.1} ms to the handover, one way {:.1} ms, go-live there {:.1} ms)",
+            r.downtime_ms, r.pause_here_ms, r.one_way_ms, r.go_live_ms
+        );
+        println!(
+            "  total          {:.1} ms; {} log bytes; {} held outputs released by the new primary",
+            r.total_ms, r.log_bytes, r.handed_outputs
+        );
+    }
+    Ok(0)
 }

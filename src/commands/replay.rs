@@ -216,6 +216,10 @@ pub struct Replayed {
     /// stands at the last exit the log covers, and this was the guest's
     /// last virtual time read there (a go-live continues from it).
     pub truncated_at_ns: Option<u64>,
+    /// The log ends with a handover (`tandem switchover`) at the exit the
+    /// machine stands at, verified: the guest's last virtual time there
+    /// (the new primary continues from it).
+    pub handover_ns: Option<u64>,
 }
 
 /// [`replay_machine`] on a machine the caller keeps (a secondary may go
@@ -237,6 +241,7 @@ pub fn replay_on(
     let done = |status| Replayed {
         status,
         truncated_at_ns: None,
+        handover_ns: None,
     };
     machine
         .enable_sync_points(true)
@@ -290,6 +295,7 @@ pub fn replay_on(
         return Ok(Replayed {
             status: 0,
             truncated_at_ns: Some(replayer.last_clock_ns()),
+            handover_ns: None,
         });
     }
     // The recorder closed the log with a digest-carrying sync point and the
@@ -358,6 +364,16 @@ pub fn replay_on(
         .digest()
         .map_err(|e| CmdError::Internal(e.to_string()))?;
     eprintln!("tandem: final state digest {}", digest.to_hex());
+    if replayer.handover() == Some(seq) {
+        eprintln!(
+            "tandem: the log ends with a handover at exit {seq} (tandem switchover): the VM went on from there on the replaying side"
+        );
+        return Ok(Replayed {
+            status: 0,
+            truncated_at_ns: None,
+            handover_ns: Some(replayer.last_clock_ns()),
+        });
+    }
     Ok(done(0))
 }
 

@@ -845,3 +845,24 @@ impl Drop for MailStream {
         let _ = self.child.wait();
     }
 }
+
+/// Every claim of a `file:` arbiter directory: (file name, holder), by
+/// name.
+pub fn file_claims(dir: &Path) -> Vec<(String, String)> {
+    let mut claims: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let holder = text
+                .lines()
+                .find_map(|l| l.strip_prefix("holder "))
+                .unwrap_or_else(|| panic!("no holder in {text}"))
+                .to_string();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, holder)
+        })
+        .collect();
+    claims.sort();
+    claims
+}

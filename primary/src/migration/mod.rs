@@ -156,7 +156,7 @@ pub enum MigrationError {
     NotMigratable(&'static str),
     /// The VM is protected: moving it elsewhere would leave its secondary
     /// to take the VM over beside the migrated copy.
-    #[error("this VM is protected by the secondary {0}: migrated elsewhere, that secondary would find its primary gone and go live beside the migrated VM (two live copies); end the protection first (tandem unprotect), migrate, then protect it again from its new host")]
+    #[error("this VM is protected by the secondary {0}: migrated elsewhere, that secondary would find its primary gone and go live beside the migrated VM (two live copies); to move it to that secondary's host, `tandem switchover` (no copy); elsewhere: end the protection first (tandem unprotect), migrate, then protect it again from its new host")]
     Protected(String),
     #[error("cannot connect to the destination {addr}: {source}")]
     /// The destination could not be reached.

@@ -73,6 +73,7 @@ pub fn sample_entries() -> Vec<Entry> {
             exit_seq: 1003,
             digest: Digest::of(b"d"),
         },
+        Entry::Handover { exit_seq: 2000 },
         Entry::End {
             exit_seq: 2000,
             status: -1,
@@ -207,10 +208,12 @@ pub fn entries() -> impl Strategy<Value = Vec<Entry>> {
                 });
             }
             if let Some((d, status)) = end {
-                out.push(Entry::End {
-                    exit_seq: seq.saturating_add(d),
-                    status,
-                });
+                let exit_seq = seq.saturating_add(d);
+                // Some logs end in a handover (the End follows it at once).
+                if status % 2 == 0 {
+                    out.push(Entry::Handover { exit_seq });
+                }
+                out.push(Entry::End { exit_seq, status });
             }
             out
         })

@@ -398,7 +398,12 @@ impl Run<'_> {
         ));
         let mut c = self.in_host(self.at);
         c.args(["run", "--cmdline", &scn.vm.workload]);
-        if let Some(sec) = &scn.vm.secondary {
+        // A protected VM that migrates switches over to its secondary
+        // (`tandem switchover`): it needs the full control socket of a VM
+        // protected while it runs (`tandem protect`), right after boot.
+        let switching =
+            scn.vm.secondary.is_some() && scn.faults.iter().any(|f| f.kind == FaultKind::Migrate);
+        if let (Some(sec), false) = (&scn.vm.secondary, switching) {
             let addr = self.start_secondary(host_index(scn, sec))?;
             c.args(["--protect-to", &addr]).args(self.creds(self.at));
             c.args(self.arbiter_args(self.at)?);
@@ -406,7 +411,10 @@ impl Run<'_> {
         // A protected primary's control socket serves only the test
         // failover (and its SIGTERM then ends the run without the end
         // report): only a drill with that fault gets one.
-        if scn.vm.secondary.is_none() || scn.faults.iter().any(|f| f.kind == FaultKind::Failover) {
+        if scn.vm.secondary.is_none()
+            || switching
+            || scn.faults.iter().any(|f| f.kind == FaultKind::Failover)
+        {
             c.arg("--api-socket").arg(&self.sock);
         }
         if mail {
@@ -418,6 +426,13 @@ impl Run<'_> {
             .env_remove("TANDEM_LOG");
         let what = format!("the VM on host {}", scn.vm.host);
         let mut vm = Proc::spawn(&what, c).map_err(WaitError::Failed)?;
+        if let (Some(sec), true) = (&scn.vm.secondary, switching) {
+            let start = Instant::now();
+            while !self.sock.exists() && vm.ended().is_none() && start.elapsed() < STEP {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            self.protect_vm(host_index(scn, sec))?;
+        }
         if !mail {
             // The console is the client: counting starts at its first line.
             vm.wait_line("", false, BOOT, stop)?;
@@ -548,7 +563,11 @@ impl Run<'_> {
                             "host {} -> host {}",
                             scn.hosts[self.at].name, scn.hosts[to].name
                         );
-                        self.migrate(to).map(|d| fr.downtime_ms = d)
+                        if self.secondary.is_some() {
+                            self.switch_over(to, &mut fr)
+                        } else {
+                            self.migrate(to).map(|d| fr.downtime_ms = d)
+                        }
                     }
                     FaultKind::KillSecondary => {
                         fr.detail = "SIGKILL; the primary runs on".into();
@@ -1004,8 +1023,11 @@ impl Run<'_> {
             .map(|p| Proc::text(&p.err))
             .unwrap_or_default();
         let sec = Proc::text(&sec.err);
+        // The last one: a VM that went live after a switchover printed its
+        // replay's digest at the handover first.
         let digest = |text: &str| {
             text.lines()
+                .rev()
                 .find_map(|l| l.strip_prefix("tandem: final state digest "))
                 .map(|d| d.trim().to_string())
         };

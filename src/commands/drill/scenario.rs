@@ -763,14 +763,11 @@ impl Scenario {
                 continue;
             }
             match f.kind {
-                FaultKind::Migrate => {
-                    if self.vm.secondary.is_some() {
-                        out.push(
-                            "fault migrate of a protected VM (vm.secondary) is not driven by this build's drill runner"
-                                .into(),
-                        );
-                    }
-                }
+                // A protected VM switches over to its secondary's host.
+                FaultKind::Migrate if self.vm.secondary.is_some() && !arbiter => out.push(
+                    format!("fault migrate of a protected VM (a switchover) needs failover, {NO}"),
+                ),
+                FaultKind::Migrate => {}
                 _ if !arbiter => out.push(format!("fault {} needs failover, {NO}", f.kind.name())),
                 FaultKind::KillSecondary => {}
                 FaultKind::KillPrimary

@@ -124,6 +124,13 @@ impl Run<'_> {
             "host {} protected again to host {}",
             self.ctx.scn.hosts[self.at].name, self.ctx.scn.hosts[to].name
         );
+        fr.downtime_ms = self.protect_vm(to)?;
+        Ok(())
+    }
+
+    /// `tandem protect` the VM (its control socket) to a new secondary on
+    /// host `to`; the primary's pause.
+    pub(super) fn protect_vm(&mut self, to: usize) -> WaitResult<Option<f64>> {
         let listen = self.start_secondary(to)?;
         let mut c = self.tandem();
         c.args(["protect", "--api"])
@@ -141,10 +148,66 @@ impl Run<'_> {
                 err.trim()
             )));
         }
+        Ok(out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|v| super::find_number(&v, "pause_ms")))
+    }
+
+    /// The migrate fault of a protected VM: `tandem switchover` to its
+    /// secondary's host `to` (no copy: the secondary holds the VM), then
+    /// protected again onto the host it left, so that it is protected
+    /// before the next fault.
+    pub(super) fn switch_over(&mut self, to: usize, fr: &mut FaultReport) -> WaitResult<()> {
+        let stop = self.ctx.stop;
+        let hosts = &self.ctx.scn.hosts;
+        if to != self.secondary_at {
+            return Err(WaitError::Failed(format!(
+                "migrate of a protected VM to host {}: it switches over to its secondary's host {} only",
+                hosts[to].name, hosts[self.secondary_at].name
+            )));
+        }
+        let from = self.at;
+        let mut c = self.tandem();
+        c.args(["switchover", "--api"])
+            .arg(&self.sock)
+            .arg("--json")
+            .env_remove("TANDEM_LOG");
+        let (code, out, err) = output(c).map_err(WaitError::Failed)?;
+        if code != 0 {
+            return Err(WaitError::Failed(format!(
+                "tandem switchover failed (status {code}): {}{}",
+                out.trim(),
+                err.trim()
+            )));
+        }
         fr.downtime_ms = out
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find_map(|v| super::find_number(&v, "pause_ms"));
+            .find_map(|v| super::find_number(&v, "downtime_ms"));
+        let mut old = self.vm.take().expect("a VM runs");
+        let ended = old.wait_end(STEP, stop);
+        let status = old.ended();
+        self.retired.push(old);
+        ended?;
+        if status.is_some_and(|s| !s.success()) {
+            return Err(WaitError::Failed(format!(
+                "the old primary ended with {} after the switchover",
+                status.map(|s| s.to_string()).unwrap_or_default()
+            )));
+        }
+        let mut new = self.secondary.take().expect("checked by the caller");
+        new.wait_line("going LIVE", true, STEP, stop)?;
+        self.vm = Some(new);
+        self.at = self.secondary_at;
+        self.sock = self.secondary_sock.clone();
+        let pause = self.protect_vm(from)?;
+        fr.detail += &format!(
+            " (tandem switchover, downtime {}); protected again onto host {} (primary paused {})",
+            fr.downtime_ms.map_or("?".into(), |d| format!("{d:.1} ms")),
+            hosts[from].name,
+            pause.map_or("?".into(), |d| format!("{d:.1} ms")),
+        );
         Ok(())
     }
 

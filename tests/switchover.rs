@@ -1,0 +1,181 @@
+//! Planned switchover of a protected VM (`tandem switchover`), over
+//! loopback: the primary hands the VM over at an exit, its secondary goes
+//! live at once (no failure timeout), the old primary exits 0, and the
+//! console (the old primary's, then the new one's) is byte for byte the
+//! unfailed run's. Every wait is bounded by a guest event or a process's
+//! message.
+
+mod common;
+
+use common::cluster::{
+    file_claims, final_digest, loopback_secondary, protect, rounds, run_tandem, status,
+    wait_status, Pki, Proc,
+};
+use common::{result_line, TempDir};
+
+/// Heartbeat and timeout: the defaults.
+const TIMING: [&str; 4] = ["--heartbeat-ms", "50", "--failover-timeout-ms", "1000"];
+
+struct Cluster {
+    dir: TempDir,
+    pki: Pki,
+    arbiter: String,
+}
+
+impl Cluster {
+    fn new(tag: &str) -> Cluster {
+        let dir = TempDir::new(tag);
+        std::fs::create_dir(dir.file("arbiter")).unwrap();
+        let arbiter = format!("file:{}", dir.s("arbiter"));
+        Cluster {
+            dir,
+            pki: Pki::new(&["pri", "sec", "third"], &[]),
+            arbiter,
+        }
+    }
+
+    /// A secondary with the certificate `cert`, its live console to the
+    /// file `live`, its control socket `sock`.
+    fn secondary(&self, cert: &str, live: &str, sock: &str) -> (Proc, String) {
+        let live = format!("file:{}", self.dir.s(live));
+        let mut args = vec![
+            "--arbiter",
+            &self.arbiter,
+            "--live-serial",
+            &live,
+            "--api-socket",
+            sock,
+        ];
+        args.extend(TIMING);
+        loopback_secondary(&self.pki.creds(cert), &args)
+    }
+
+    /// `tandem protect --api SOCK --to ADDR` with the credentials of `cert`.
+    fn protect(&self, sock: &str, addr: &str, cert: &str) -> (i32, String, String) {
+        let mut extra = vec!["--arbiter", &self.arbiter];
+        extra.extend(TIMING);
+        protect(sock, addr, &self.pki.creds(cert), &extra)
+    }
+
+    fn console(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.file(name)).unwrap_or_default()
+    }
+
+    /// Every claim of the arbiter directory: (file name, holder), by name.
+    fn claims(&self) -> Vec<(String, String)> {
+        file_claims(&self.dir.file("arbiter"))
+    }
+}
+
+/// A VM protected while it runs (`tandem protect`) is switched over in the
+/// middle of its work: the secondary takes it at the handover's exit and
+/// goes live at once; the old primary exits 0 saying where the VM went;
+/// the consoles joined are byte for byte the unfailed run's (the new
+/// primary released what the old one still held, nothing twice); the new
+/// primary's status says unprotected after switchover, generation 1; then
+/// it is protected again (generation 2) onto a third secondary, which
+/// follows it to the end with its final digest.
+#[test]
+fn switchover_mid_run_then_reprotect() {
+    let c = Cluster::new("switchover");
+    let cmdline = "fill 4 300 3";
+    let (st, want, err) = run_tandem(&["run", "--cmdline", cmdline]);
+    assert_eq!(st, 0, "{err}");
+    let a_sock = c.dir.s("a.sock");
+    let b_sock = c.dir.s("b.sock");
+    let c_sock = c.dir.s("c.sock");
+    let serial = format!("file:{}", c.dir.s("pri.txt"));
+    let mut pri = Proc::spawn(
+        &[],
+        &[
+            "run",
+            "--api-socket",
+            &a_sock,
+            "--cmdline",
+            cmdline,
+            "--serial",
+            &serial,
+        ],
+    );
+    pri.wait_until("round 2", || rounds(&c.console("pri.txt")) >= 2);
+    // An unprotected VM has no secondary to take it: refused, it runs on.
+    let (code, out, err) = run_tandem(&["switchover", "--api", &a_sock]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("the VM is not protected"), "{err}");
+    let (mut sec, addr) = c.secondary("sec", "live.txt", &b_sock);
+    let (code, out, err) = c.protect(&a_sock, &addr, "pri");
+    assert_eq!(code, 0, "{out}{err}\n{}", pri.describe());
+    let r0 = rounds(&c.console("pri.txt"));
+    pri.wait_until("a few rounds protected", || {
+        rounds(&c.console("pri.txt")) >= r0 + 3
+    });
+    let vm = status(&a_sock)["protection"]["vm_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, out, err) = run_tandem(&["switchover", "--api", &a_sock]);
+    assert_eq!(
+        code,
+        0,
+        "{out}{err}\n{}\n{}",
+        pri.describe(),
+        sec.describe()
+    );
+    assert!(
+        out.contains("switched over at exit") && out.contains("runs on sec at "),
+        "{out}"
+    );
+    assert!(out.contains("downtime"), "{out}");
+    // The measured downtime over loopback (a figure, not an assertion).
+    eprintln!("{out}");
+    let (code_p, _, perr) = pri.finish();
+    assert_eq!(code_p, 0, "the old primary exits cleanly\n{perr}");
+    assert!(perr.contains("runs on sec at "), "{perr}");
+    sec.wait_for("going LIVE", true);
+    sec.wait_for("serves the live VM now", true);
+    let s = wait_status(&b_sock, "the new primary's status", |s| {
+        s["lineage"]["role"] == "unprotected_after_switchover"
+    });
+    assert_eq!(s["lineage"]["generation"], 1, "{s}");
+    assert_eq!(s["lineage"]["vm_id"], vm.as_str(), "{s}");
+    assert!(
+        s["lineage"]["took_over_from"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("pri at ")),
+        "{s}"
+    );
+    let (code, text, err) = run_tandem(&["status", "--api", &b_sock]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("unprotected after switchover"), "{text}");
+    // Re-protection, as the drill runner does after a switchover.
+    let (third, third_addr) = c.secondary("third", "live2.txt", &c_sock);
+    let (code, out, err) = c.protect(&b_sock, &third_addr, "sec");
+    assert_eq!(code, 0, "{out}{err}\n{}", sec.describe());
+    let s = status(&b_sock);
+    assert_eq!(s["protection"]["generation"], 2, "{s}");
+    let (code_s, _, serr) = sec.finish();
+    assert_eq!(code_s, 0, "{serr}");
+    let (code_t, _, terr) = third.finish();
+    assert_eq!(code_t, 0, "{terr}");
+    // The new primary printed its replay's digest at the handover first,
+    // then the protected run's at the guest's end.
+    let last = serr
+        .rsplit_once("tandem: final state digest ")
+        .map(|(_, d)| d.lines().next().unwrap_or(""));
+    assert_eq!(
+        Some(final_digest(&terr).as_str()),
+        last,
+        "{serr}
+{terr}"
+    );
+    let all = c.console("pri.txt") + &c.console("live.txt");
+    assert_eq!(result_line(&all), result_line(&want), "{serr}");
+    assert_eq!(
+        all, want,
+        "old primary's console + new primary's != the unfailed run\n{serr}"
+    );
+    let claims = c.claims();
+    assert_eq!(claims.len(), 1, "{claims:?}");
+    assert_eq!(claims[0].0, format!("{vm}.g1.claim"));
+    assert!(claims[0].1.starts_with("secondary sec (pid "), "{claims:?}");
+}
