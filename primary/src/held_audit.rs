@@ -58,9 +58,9 @@ pub struct Released<'a> {
     pub entry_end: u64,
     /// The acknowledged offset at release.
     pub acked: u64,
-    /// When it was handed to the held outputs (real time, ns).
+    /// When the guest produced it (real time, ns).
     pub emitted_ns: u64,
-    /// When it was handed to the held outputs (monotonic).
+    /// When the guest produced it (monotonic; `Output::produced`).
     pub emitted: Instant,
     /// When it was released (real time, ns; taken just before it left).
     pub released_ns: u64,

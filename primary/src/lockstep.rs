@@ -902,14 +902,70 @@ impl HeldOutputs {
 impl Outputs for HeldOutputs {
     fn emit(&mut self, output: Output) -> Result<(), Divergence> {
         // The recorder flushed the output's entry: everything pushed so far
-        // must be acknowledged before the output leaves.
-        self.waiting.lock().push_back(Instant::now());
+        // must be acknowledged before the output leaves. Its hold counts
+        // from when the guest produced it (at its exit, before the entry
+        // was logged and flushed, which may have waited for room in the
+        // log queue), not from now.
+        let emitted = output.produced;
+        let emitted_ns = realtime_ns().saturating_sub(emitted.elapsed().as_nanos() as u64);
+        self.waiting.lock().push_back(emitted);
         let _ = self.tx.send(Held {
             entry_end: self.queue.stats().pushed_bytes,
             output,
-            emitted: Instant::now(),
-            emitted_ns: realtime_ns(),
+            emitted,
+            emitted_ns,
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use failover::heartbeat::{Protection, Timing};
+    use vmm::outputs::{LiveOutputs, OutputKind};
+
+    /// The hold of an output counts from when the guest produced it (its
+    /// exit), not from when it reached the held outputs after its entry
+    /// was logged and flushed.
+    #[test]
+    fn the_hold_counts_from_the_output_s_exit() {
+        let acks = Arc::new(Acks::new(FailoverParams {
+            timing: Timing::from_ms(50, 1000).unwrap(),
+            protection: Protection {
+                vm_id: "00".into(),
+                generation: 1,
+                heartbeat_ms: 50,
+            },
+            arbiter: None,
+            holder: "test".into(),
+            on_alone: None,
+        }));
+        // Released as soon as it comes.
+        acks.unprotect();
+        let (mut held, release) = HeldOutputs::new(
+            LogQueue::new(),
+            acks,
+            Box::new(LiveOutputs::discard()),
+            ReleaseAudit::new(None),
+        )
+        .unwrap();
+        // Produced at an exit 300 ms ago; logging it took that long.
+        let produced = Instant::now() - Duration::from_millis(300);
+        held.emit(Output {
+            exit_seq: 7,
+            kind: OutputKind::Console,
+            bytes: b"x\n".to_vec(),
+            produced,
+        })
+        .unwrap();
+        drop(held);
+        let stats = release.wait();
+        assert_eq!(stats.released, 1);
+        assert!(
+            stats.latency.p50 >= Duration::from_millis(300),
+            "{:?}",
+            stats.latency
+        );
     }
 }

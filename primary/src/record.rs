@@ -535,6 +535,7 @@ mod tests {
             exit_seq: 12,
             kind: OutputKind::Console,
             bytes: b"hello\n".to_vec(),
+            produced: std::time::Instant::now(),
         };
         r.emit(out.clone()).unwrap();
         assert_eq!(
@@ -665,6 +666,7 @@ mod tests {
             exit_seq: 3,
             kind: OutputKind::Console,
             bytes: b"x".to_vec(),
+            produced: std::time::Instant::now(),
         })
         .unwrap();
         assert_eq!(host.emitted.lock().unwrap().len(), 1);

@@ -693,6 +693,7 @@ mod tests {
             exit_seq,
             kind,
             bytes: bytes.to_vec(),
+            produced: std::time::Instant::now(),
         }
     }
 

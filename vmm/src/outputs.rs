@@ -26,7 +26,7 @@ pub use crate::inputs::Divergence;
 pub use recordlog::{OutputKind, OutputRecord};
 
 /// Bytes leaving the VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Output {
     /// The exit at which the guest produced them.
     pub exit_seq: u64,
@@ -34,7 +34,19 @@ pub struct Output {
     pub kind: OutputKind,
     /// The bytes (one frame, or a run of console bytes).
     pub bytes: Vec<u8>,
+    /// When the guest produced them (taken at their exit, before anything
+    /// logs or holds them: the Output Rule's hold is measured from here).
+    /// Not part of what an output is: equality ignores it.
+    pub produced: std::time::Instant,
 }
+
+impl PartialEq for Output {
+    fn eq(&self, other: &Self) -> bool {
+        (self.exit_seq, self.kind, &self.bytes) == (other.exit_seq, other.kind, &other.bytes)
+    }
+}
+
+impl Eq for Output {}
 
 impl Output {
     /// What the log keeps of it.

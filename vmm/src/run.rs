@@ -213,11 +213,13 @@ impl Machine {
     /// device state of the log's final sync point).
     pub fn emit_outputs(&mut self, inputs: &mut dyn Inputs, force: bool) -> Result<(), RunError> {
         let exit_seq = self.exit_seq;
+        let produced = std::time::Instant::now();
         for (kind, bytes) in self.devices.take_outputs(force) {
             inputs.emit(Output {
                 exit_seq,
                 kind,
                 bytes,
+                produced,
             })?;
         }
         Ok(())
