@@ -120,10 +120,7 @@ fn a_seeded_secondary_log_of_a_disk_vm_replays_on_the_seed_s_disk() {
     let sock = dir.s("pri.sock");
     let mut pri = source(&[], &sock, "disk 512", &["--disk", &pri_img]);
     pri.wait_for("disk capacity", false);
-    let mut args = vec!["protect", "--api", &sock, "--to", &addr];
-    let creds = pki.creds("pri");
-    args.extend(creds.iter().map(String::as_str));
-    let (code, out, err) = run_tandem(&args);
+    let (code, out, err) = cluster::protect(&sock, &addr, &pki.creds("pri"), &[]);
     assert_eq!(code, 0, "protect failed\n{out}\n{err}\n{}", pri.describe());
     let (pcode, _, perr) = pri.finish();
     let (scode, _, serr) = sec.finish();
