@@ -27,6 +27,8 @@ const SIZE: usize = 2000;
 /// Messages before the migration and after it.
 const BEFORE: usize = 10;
 const AFTER: usize = 10;
+/// The destination's announcement rounds (QEMU's default count).
+const ROUNDS: usize = 5;
 
 #[test]
 fn mail_vm_migrates_under_one_smtp_session() {
@@ -67,8 +69,9 @@ fn mail_vm_migrates_under_one_smtp_session() {
     );
     src.wait_for("mail ready", false);
 
-    // The RARP watch on the client bridge, from before the migration.
-    let rarp = c.rarp_watch(dir.path(), MAC, 1);
+    // The RARP watch on the client bridge, from before the migration:
+    // every round the destination announces.
+    let rarp = c.rarp_watch(dir.path(), MAC, ROUNDS);
 
     // One SMTP session from the client network, sending until told to stop.
     let script = dir.file("mail_client.py");
@@ -103,12 +106,22 @@ fn mail_vm_migrates_under_one_smtp_session() {
     // The receiver's own image is the one the guest uses now.
     assert_eq!(std::fs::metadata(&disk_b).unwrap().len(), 16 << 20);
 
+    // The client network forwards the guest's frames to the new host: the
+    // client bridge's entry for the guest's MAC is the port towards B.
+    let port = c.fdb_port("br0", MAC);
+    assert_eq!(
+        port.as_deref(),
+        Some("h1"),
+        "br0's forwarding entry for {MAC} after the migration\n{}",
+        dst.describe()
+    );
     // The destination announced the guest's MAC on the client network.
     let (from_guest, lines) = rarp.finish();
-    // At least the first round reaches the client bridge. The destination
-    // writes all five rounds to its TAP (tests/net_device.rs counts them
-    // there), but under load one round can be lost between the TAP and the
-    // client bridge (open defect, see docs/migration.md, protocol step 4).
+    eprintln!("RARP rounds from {MAC} seen on br0: {from_guest} of {ROUNDS}");
+    // At least one round reached the client bridge. The destination
+    // writes all five to its TAP (tests/net_device.rs counts them there);
+    // whether every one always crosses both bridges under load is still
+    // open (docs/migration.md, protocol step 4), so one is required here.
     assert!(
         from_guest >= 1,
         "RARP frames from {MAC} on br0: {from_guest}\n{lines}\n--- destination ---\n{}",

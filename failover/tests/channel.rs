@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use failover::certs::{self, Credentials};
 use failover::channel::{
-    connect, kind, BlockingConnection, BlockingListener, ChannelConfig, ChannelError, Listener,
-    Message, Page, Role, PROTOCOL_VERSION,
+    connect, connect_with, kind, BlockingConnection, BlockingListener, ChannelConfig, ChannelError,
+    Listener, Message, Page, Role, PROTOCOL_VERSION,
 };
 use tempfile::TempDir;
 
@@ -273,6 +273,66 @@ async fn other_protocol_version_is_refused() {
         e => panic!("client: {e}"),
     }
     assert!(s_msg_names_both(PROTOCOL_VERSION, PROTOCOL_VERSION + 1));
+    // Through `connect_with` the client sees the mismatch at
+    // `finish_hello`, named the same way.
+    let client = async {
+        let mut conn = connect_with(addr, "localhost", &alpha, &cfg, Some((42, b"header")))
+            .await
+            .unwrap();
+        conn.finish_hello().await.expect_err("client must refuse")
+    };
+    let (s, cl) = tokio::join!(listener.accept(), client);
+    assert!(
+        matches!(s, Err(ChannelError::Version { .. })),
+        "{:?}",
+        s.err()
+    );
+    match cl {
+        ChannelError::Version { ours, theirs } => {
+            assert_eq!((ours, theirs), (PROTOCOL_VERSION + 1, PROTOCOL_VERSION))
+        }
+        e => panic!("client (connect_with): {e}"),
+    }
+}
+
+/// `connect_with`: the frame sent behind our Hello reaches the listener
+/// after the Hello exchange; the listener's Hello is read by the first
+/// receive, and until then `peer()` has no name.
+#[tokio::test]
+async fn a_frame_sent_behind_the_hello_arrives_after_it() {
+    let c = Cluster::new();
+    let listener = Listener::bind(loopback(), &c.host("beta"), &server_cfg()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let alpha = c.host("alpha");
+    let server = async {
+        let mut conn = listener.accept().await.unwrap();
+        assert_eq!(conn.peer().hello.name, "alpha");
+        let (k, payload) = conn.recv_frame().await.unwrap();
+        conn.send_msg(&Message::Running).await.unwrap();
+        (k, payload, conn)
+    };
+    let client = async {
+        let mut conn = connect_with(
+            addr,
+            "localhost",
+            &alpha,
+            &client_cfg(),
+            Some((42, b"header")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            conn.peer().hello.name,
+            "",
+            "the listener's Hello is not read yet"
+        );
+        let m: Message = conn.recv_msg().await.unwrap();
+        (m, conn)
+    };
+    let ((k, payload, _s), (m, cl)) = tokio::join!(server, client);
+    assert_eq!((k, payload.as_slice()), (42, &b"header"[..]));
+    assert_eq!(m, Message::Running);
+    assert_eq!(cl.peer().hello.name, "beta");
 }
 
 fn s_msg_names_both(a: u32, b: u32) -> bool {

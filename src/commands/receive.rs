@@ -27,7 +27,6 @@ pub fn receive(args: ReceiveArgs) -> Result<i32, CmdError> {
         disk: args.disk.clone(),
         disk_dir: args.disk_dir.clone(),
         control_socket: args.api_socket.is_some(),
-        net: host_net.as_ref().map(|n| n.tx.clone()),
         replica: false,
     };
     let received = accept_vm(&listener, &opts).map_err(|e| CmdError::Internal(e.to_string()))?;
@@ -48,6 +47,9 @@ pub fn receive(args: ReceiveArgs) -> Result<i32, CmdError> {
         "tandem: VM received from {} after {} pre-copy rounds; {what}",
         received.from, received.rounds
     );
+    // The guest starts now: announce its MAC from here (QEMU's order, once
+    // the VM runs; the rounds go on on their own thread).
+    secondary::migration::announce_guest_mac(&machine, host_net.as_ref().map(|n| &n.tx));
     let status = match &args.api_socket {
         Some(sock) => super::migrate::run_with_api(machine, inputs, sock, received.paused),
         None => {

@@ -178,6 +178,24 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// The port of `bridge` (in this namespace) whose forwarding entry
+    /// holds `mac`, if it has one (`bridge fdb show`).
+    pub fn fdb_port(&self, bridge: &str, mac: &str) -> Option<String> {
+        let out = self
+            .command("bridge")
+            .args(["fdb", "show", "br", bridge])
+            .output()
+            .expect("running bridge (iproute2)");
+        assert!(out.status.success(), "bridge fdb show failed");
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some(mac) && w.next() == Some("dev"))
+                .then(|| w.next().unwrap_or_default().to_string())
+        })
+    }
+}
+
 impl RarpWatch {
     /// Wait for the capture's end: (frames from the MAC seen, what it
     /// printed).

@@ -12,7 +12,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::runtime::Runtime;
 
-use super::conn::{connect, Connection, Handle, Listener, PeerInfo, Pending, RecvHalf, SendHalf};
+use super::conn::{
+    connect_with, Connection, Handle, Listener, PeerInfo, Pending, RecvHalf, SendHalf,
+};
 use super::{ChannelConfig, Credentials, Result};
 
 /// The process-wide runtime that drives every blocking channel object.
@@ -160,14 +162,32 @@ impl BlockingConnection {
         creds: &Credentials,
         cfg: &ChannelConfig,
     ) -> Result<Self> {
+        Self::connect_with(addr, server_name, creds, cfg, None)
+    }
+
+    /// Connect, sending `first` right behind our Hello, without waiting
+    /// for the peer's (see [`connect_with`] and
+    /// [`BlockingConnection::finish_hello`]).
+    pub fn connect_with(
+        addr: SocketAddr,
+        server_name: &str,
+        creds: &Credentials,
+        cfg: &ChannelConfig,
+        first: Option<(u8, &[u8])>,
+    ) -> Result<Self> {
         let rt = runtime()?;
-        let inner = rt.block_on(connect(addr, server_name, creds, cfg))?;
+        let inner = rt.block_on(connect_with(addr, server_name, creds, cfg, first))?;
         Ok(Self { rt, inner })
     }
 
     /// Who the peer is.
     pub fn peer(&self) -> &PeerInfo {
         self.inner.peer()
+    }
+
+    /// See [`Connection::finish_hello`].
+    pub fn finish_hello(&mut self) -> Result<()> {
+        self.rt.block_on(self.inner.finish_hello())
     }
 
     /// Send a typed message on the control stream (pipelined: returns once queued).

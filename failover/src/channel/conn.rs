@@ -389,12 +389,41 @@ pub struct Connection {
     handle: Handle,
     tx: SendHalf,
     rx: RecvHalf,
+    /// Made by [`connect_with`]: the peer's Hello is still to be read,
+    /// within this time.
+    hello_pending: Option<Duration>,
 }
 
 impl Connection {
-    /// Who the peer is (address and its [`Hello`]).
+    /// Who the peer is (address and its [`Hello`]; for a connection made by
+    /// [`connect_with`], only after [`Connection::finish_hello`]).
     pub fn peer(&self) -> &PeerInfo {
         self.handle.peer()
+    }
+
+    /// Read and check the peer's Hello if [`connect_with`] left it unread
+    /// (a no-op otherwise); errors as [`connect`]'s would be (version,
+    /// refused certificate, the handshake timeout). Handles taken before
+    /// keep the address only.
+    pub async fn finish_hello(&mut self) -> Result<()> {
+        let Some(timeout) = self.hello_pending else {
+            return Ok(());
+        };
+        let ctx = self.rx.ctx.clone();
+        let theirs = match tokio::time::timeout(timeout, read_hello(&mut self.rx)).await {
+            Ok(r) => r,
+            Err(_) => Err(ChannelError::Handshake {
+                peer: ctx.peer,
+                reason: format!("no Hello within {timeout:?}"),
+            }),
+        };
+        let hello = checked_hello(&ctx.conn, ctx.ours, false, theirs).await?;
+        self.hello_pending = None;
+        self.handle.peer = Arc::new(PeerInfo {
+            addr: ctx.peer,
+            hello,
+        });
+        Ok(())
     }
 
     /// A cloneable handle (bulk streams, close, stats).
@@ -414,11 +443,13 @@ impl Connection {
 
     /// Receive one frame from the control stream.
     pub async fn recv_frame(&mut self) -> Result<(u8, Vec<u8>)> {
+        self.finish_hello().await?;
         self.rx.recv_frame().await
     }
 
     /// Receive a typed message from the control stream.
     pub async fn recv_msg<T: DeserializeOwned>(&mut self) -> Result<T> {
+        self.finish_hello().await?;
         self.rx.recv_msg().await
     }
 
@@ -433,8 +464,10 @@ impl Connection {
     }
 
     /// Split into independently usable halves (e.g. one task sends the log,
-    /// another receives acks) plus a handle.
+    /// another receives acks) plus a handle. A connection made by
+    /// [`connect_with`] must have read the peer's Hello first.
     pub fn split(self) -> (SendHalf, RecvHalf, Handle) {
+        debug_assert!(self.hello_pending.is_none(), "split before finish_hello");
         (self.tx, self.rx, self.handle)
     }
 
@@ -657,6 +690,24 @@ pub async fn connect(
     creds: &Credentials,
     cfg: &ChannelConfig,
 ) -> Result<Connection> {
+    connect_with(addr, server_name, creds, cfg, None).await
+}
+
+/// [`connect`], sending `first` (a frame `(kind, payload)`) right behind
+/// our Hello and returning without waiting for the peer's Hello: a
+/// protocol whose first steps after the Hello exchange are ours (a
+/// migration's header, then its first pages) saves a round trip. The peer
+/// reads `first` after our Hello, as if it had come later. The peer's
+/// Hello is read (and checked: version, a refusal of our certificate) by
+/// [`Connection::finish_hello`], which the first receive calls if the
+/// caller did not; until then [`Connection::peer`] knows only the address.
+pub async fn connect_with(
+    addr: SocketAddr,
+    server_name: &str,
+    creds: &Credentials,
+    cfg: &ChannelConfig,
+    first: Option<(u8, &[u8])>,
+) -> Result<Connection> {
     let client_cfg = tls::client_config(creds, cfg)?;
     let bind: SocketAddr = if addr.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
@@ -667,7 +718,7 @@ pub async fn connect(
     endpoint.set_default_client_config(client_cfg);
     let res = tokio::time::timeout(
         cfg.handshake_timeout,
-        connect_inner(&endpoint, addr, server_name, cfg),
+        connect_inner(&endpoint, addr, server_name, cfg, first),
     )
     .await;
     let res = match res {
@@ -690,22 +741,25 @@ async fn connect_inner(
     addr: SocketAddr,
     server_name: &str,
     cfg: &ChannelConfig,
+    first: Option<(u8, &[u8])>,
 ) -> Result<Connection> {
     let connecting = endpoint.connect(addr, server_name).map_err(|e| {
         ChannelError::Config(format!("cannot connect to {addr} as {server_name:?}: {e}"))
     })?;
-    establish(connecting, addr, cfg, endpoint, Side::Client).await
+    establish(connecting, addr, cfg, endpoint, Side::Client(first)).await
 }
 
 /// Which end of a connection we are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
+enum Side<'a> {
     /// Accepted by a [`Listener`]: accepts the control stream, reads the
     /// peer's Hello first.
     Server,
     /// Made by [`connect`]: opens the control stream, sends its Hello first
-    /// and owns its endpoint.
-    Client,
+    /// and owns its endpoint. With a frame ([`connect_with`]): sends it
+    /// right behind the Hello and leaves the peer's Hello for
+    /// [`Connection::finish_hello`].
+    Client(Option<(u8, &'a [u8])>),
 }
 
 /// Finish a connection whose TLS handshake is under way: wait for the
@@ -717,7 +771,7 @@ async fn establish(
     peer: SocketAddr,
     cfg: &ChannelConfig,
     endpoint: &Endpoint,
-    side: Side,
+    side: Side<'_>,
 ) -> Result<Connection> {
     let ours = cfg.protocol_version;
     let conn = connecting
@@ -738,7 +792,7 @@ async fn establish(
     };
     let streams = match side {
         Side::Server => conn.accept_bi().await,
-        Side::Client => conn.open_bi().await,
+        Side::Client(_) => conn.open_bi().await,
     };
     let (send, recv) = streams.map_err(|e| ctx.conn_err(&e))?;
     let mut tx = SendHalf {
@@ -758,18 +812,62 @@ async fn establish(
             tx.send_msg(&Message::Hello(cfg.hello())).await?;
             theirs
         }
-        Side::Client => {
+        Side::Client(first) => {
             // In TLS 1.3 the server checks our certificate after we consider
             // the handshake done; a refusal shows up here as a crypto close
             // code and is mapped to ChannelError::Handshake.
             tx.send_msg(&Message::Hello(cfg.hello())).await?;
+            if let Some((kind, payload)) = first {
+                tx.send_frame(kind, payload).await?;
+                // The peer's Hello is read later (finish_hello).
+                return Ok(Connection {
+                    handle: Handle {
+                        ctx,
+                        endpoint: endpoint.clone(),
+                        owns_endpoint: true,
+                        peer: Arc::new(PeerInfo {
+                            addr: peer,
+                            hello: Hello {
+                                protocol_version: 0,
+                                role: cfg.role,
+                                name: String::new(),
+                            },
+                        }),
+                    },
+                    tx,
+                    rx,
+                    hello_pending: Some(cfg.handshake_timeout),
+                });
+            }
             read_hello(&mut rx).await
         }
     };
-    let hello = match theirs {
-        Ok(h) => h,
+    let hello = checked_hello(&conn, ours, side == Side::Server, theirs).await?;
+    Ok(Connection {
+        handle: Handle {
+            ctx,
+            endpoint: endpoint.clone(),
+            owns_endpoint: side != Side::Server,
+            peer: Arc::new(PeerInfo { addr: peer, hello }),
+        },
+        tx,
+        rx,
+        hello_pending: None,
+    })
+}
+
+/// The peer's Hello as read; on a version mismatch the connection is
+/// closed with [`close_code::VERSION_MISMATCH`] and our version.
+async fn checked_hello(
+    conn: &quinn::Connection,
+    ours: u32,
+    server: bool,
+    theirs: Result<Hello>,
+) -> Result<Hello> {
+    match theirs {
+        Ok(h) => Ok(h),
         Err(e @ ChannelError::Version { .. }) => {
-            if side == Side::Server {
+            if server {
                 // Give the peer a moment to read our Hello and close itself.
                 let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
             }
@@ -777,18 +875,8 @@ async fn establish(
                 VarInt::from_u32(close_code::VERSION_MISMATCH),
                 format!("{VERSION_REASON_PREFIX}{ours}").as_bytes(),
             );
-            return Err(e);
+            Err(e)
         }
-        Err(e) => return Err(e),
-    };
-    Ok(Connection {
-        handle: Handle {
-            ctx,
-            endpoint: endpoint.clone(),
-            owns_endpoint: side == Side::Client,
-            peer: Arc::new(PeerInfo { addr: peer, hello }),
-        },
-        tx,
-        rx,
-    })
+        Err(e) => Err(e),
+    }
 }

@@ -45,6 +45,7 @@ mod congestion;
 mod conn;
 mod frame;
 mod message;
+mod probe;
 mod tls;
 mod udp;
 
@@ -54,9 +55,12 @@ use std::time::Duration;
 pub use blocking::{
     BlockingConnection, BlockingListener, BlockingPending, BlockingReceiver, BlockingSender,
 };
-pub use conn::{connect, Connection, Handle, Listener, PeerInfo, Pending, RecvHalf, SendHalf};
+pub use conn::{
+    connect, connect_with, Connection, Handle, Listener, PeerInfo, Pending, RecvHalf, SendHalf,
+};
 pub use frame::{decode_header, encode_header, kind, FRAME_HEADER_LEN};
 pub use message::{DiskBlock, Hello, Message, Page, Role, PROTOCOL_VERSION};
+pub use probe::{TailProbe, PROBE_GAP};
 
 pub use crate::certs::Credentials;
 

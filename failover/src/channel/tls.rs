@@ -76,8 +76,9 @@ pub(crate) fn transport(cfg: &ChannelConfig) -> Result<Arc<TransportConfig>> {
     // Before the first RTT sample every timer derives from this; quinn's
     // default (333 ms) makes one lost handshake packet cost a second.
     t.initial_rtt(INITIAL_RTT);
-    // Datagrams are unused.
-    t.datagram_receive_buffer_size(None);
+    // Datagrams carry only tail-loss probes (probe.rs), never read: a
+    // small buffer whose oldest entries quinn drops.
+    t.datagram_receive_buffer_size(Some(super::probe::DATAGRAM_BUFFER));
     Ok(Arc::new(t))
 }
 

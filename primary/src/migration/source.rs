@@ -42,6 +42,9 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 const CANCEL_POLL: Duration = Duration::from_millis(50);
 /// How long the destination may take to confirm after `SwitchoverReady`.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long tail-loss probes follow `SwitchoverReady` at most (a
+/// destination restoring slowly still answers within it, mostly).
+const TAIL_PROBE_MAX: Duration = Duration::from_secs(5);
 /// A destination silent this long is gone (the migration fails and the
 /// guest goes on here).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -506,15 +509,11 @@ impl Source<'_> {
         let mut cfg = ChannelConfig::new(role, params.name.clone());
         cfg.idle_timeout = IDLE_TIMEOUT;
         cfg.keep_alive = IDLE_TIMEOUT / 6;
-        let mut conn =
-            BlockingConnection::connect(params.to, &params.server_name, &params.creds, &cfg)
-                .map_err(|source| MigrationError::Connect {
-                    addr: params.to,
-                    source,
-                })?;
-        self.handle = Some(conn.as_async().handle().clone());
-        self.report.destination = format!("{} at {}", conn.peer().hello.name, params.to);
-        self.conn = Some(conn);
+        // The header is ready before the connection: it goes right behind
+        // our Hello, and round 0 after it, without waiting for the
+        // destination's Hello (one round trip less; the destination reads
+        // the header after the Hello exchange; its Hello comes with its
+        // answer).
         let vm = self.ctl.vm();
         let disk = match self.ctl.disk() {
             None => None,
@@ -534,7 +533,20 @@ impl Source<'_> {
                     .map_err(|e| MigrationError::Protocol(e.to_string()))?,
             ),
         };
-        self.conn().send_frame(frame, &bytes)?;
+        let mut conn = BlockingConnection::connect_with(
+            params.to,
+            &params.server_name,
+            &params.creds,
+            &cfg,
+            Some((frame, &bytes)),
+        )
+        .map_err(|source| MigrationError::Connect {
+            addr: params.to,
+            source,
+        })?;
+        // The destination's Hello is read with its answer (`answer`).
+        self.handle = Some(conn.as_async().handle().clone());
+        self.conn = Some(conn);
         if self.seeding.is_none() && header.disk.is_none() {
             // Round 0 goes out while the header's answer travels (one
             // round trip less; the destination's VM takes the pages from
@@ -550,6 +562,11 @@ impl Source<'_> {
     /// one).
     fn answer(&mut self, disk: bool) -> Result<(), MigrationError> {
         self.answer_pending = false;
+        let to = self.params.to;
+        self.conn()
+            .finish_hello()
+            .map_err(|source| MigrationError::Connect { addr: to, source })?;
+        self.report.destination = format!("{} at {to}", self.conn().peer().hello.name);
         let (k, payload) = match self.conn().recv_frame() {
             Ok(f) => f,
             // It refused and closed before we read its answer: its reason
@@ -760,6 +777,20 @@ impl Source<'_> {
         }
     }
 
+    /// The end-of-round policy for this link; says up front (once the
+    /// link's round trip is known: not while the header's answer is
+    /// pending) if the target cannot be met.
+    fn precopy(&mut self) -> Precopy {
+        let precopy = Precopy::new(self.params.downtime, self.link(None).floor());
+        if !self.answer_pending {
+            if let Some(note) = precopy.unreachable() {
+                tracing::warn!("migration to {}: {note}", self.params.to);
+                self.progress.note = Some(note);
+            }
+        }
+        precopy
+    }
+
     fn run(&mut self) -> Result<MigrationReport, MigrationError> {
         self.publish();
         self.connect()?;
@@ -780,12 +811,11 @@ impl Source<'_> {
             d.dirty.take();
         }
         // The handshake measured the round trip: say now if the target
-        // cannot be met on this link.
-        let mut precopy = Precopy::new(self.params.downtime, self.link(None).floor());
-        if let Some(note) = precopy.unreachable() {
-            tracing::warn!("migration to {}: {note}", self.params.to);
-            self.progress.note = Some(note);
-        }
+        // cannot be met on this link. (Without a disk the header's answer
+        // is read after round 0's pages, and so is the floor: the
+        // handshake's lone sample, taken while TLS runs on a slow CPU, is
+        // far above the link's round trip.)
+        let mut precopy = self.precopy();
         let mut round = 0u32;
         let vm = self.ctl.vm().clone();
         self.progress.phase = "precopy".into();
@@ -804,6 +834,7 @@ impl Source<'_> {
             if self.answer_pending {
                 // A refusal says why, whatever sending met meanwhile.
                 self.answer(false)?;
+                precopy = self.precopy();
             }
             let sent = sent?;
             let mut bytes = sent.bytes;
@@ -968,7 +999,13 @@ impl Source<'_> {
             },
             1,
         )?;
-        match self.recv(CONFIRM_TIMEOUT)? {
+        // A packet lost at the end of the final copy is found one round
+        // trip later, not at QUIC's probe timeout (failover::channel's
+        // probe.rs).
+        let probe = self.handle.as_ref().map(|h| h.probe_tail(TAIL_PROBE_MAX));
+        let answer = self.recv(CONFIRM_TIMEOUT);
+        let probes = probe.map_or(0, |p| p.stop());
+        match answer? {
             Message::Running => {}
             other => {
                 return Err(MigrationError::Protocol(format!(
@@ -977,6 +1014,7 @@ impl Source<'_> {
             }
         }
         let confirmed = frozen.at.elapsed();
+        tracing::debug!("{probes} tail-loss probes sent");
         // The guest started there one trip before its confirmation got here.
         let downtime = confirmed.saturating_sub(self.min_rtt() / 2);
         tracing::debug!("confirmed after {confirmed:?}; downtime {downtime:?}");

@@ -49,9 +49,6 @@ pub struct ReceiveOptions {
     /// operator can arrive paused (and be resumed there). Without one a
     /// paused VM is refused at the switchover: it stays on the source.
     pub control_socket: bool,
-    /// The TAP the received VM's NIC is attached to here: the guest's MAC
-    /// is announced from it after the switchover.
-    pub net: Option<TapWriter>,
     /// The disk is a secondary's replica (`tandem protect`, a seeded
     /// secondary): its replay writes every block again, behind the
     /// primary, so the primary's own image (the same file) is refused
@@ -102,8 +99,10 @@ pub enum ReceiveError {
 /// Announce the guest's MAC address from its new host, as QEMU's
 /// announce-self does (RARP broadcasts, several rounds with growing gaps:
 /// `vmm::devices::virtio::net::announce`), so that switches learn where it
-/// went. Called right after the switchover's `Running`; the rounds (about
-/// 0.8 s) run on a thread of their own while the guest runs. The MAC is the
+/// went. Called by whoever runs the guest, as it starts it (as QEMU does
+/// once the VM runs): `tandem receive` after the switchover's `Running`,
+/// `tandem golive` after the failover's claim; the rounds (about 0.8 s) run
+/// on a thread of their own while the guest runs. The MAC is the
 /// guest's own (its saved device state), whatever the destination's `--net`
 /// says. Returns the thread, or `None` when there is nothing to announce
 /// (no NIC, or no TAP here: said on stderr).
@@ -243,15 +242,18 @@ fn receive_one(
                 std::process::exit(137);
             }
             conn.send_msg(&Message::Running)?;
+            // A lost `Running` is found one round trip later, not at
+            // QUIC's probe timeout (failover::channel's probe.rs).
+            let probe = conn.as_async().handle().probe_tail(Duration::from_secs(2));
             if let Some(d) = disk {
                 d.keep();
             }
-            announce_guest_mac(&machine, opts.net.as_ref());
             let goodbye = std::thread::Builder::new()
                 .name("migration-goodbye".into())
                 .spawn(move || {
                     // The source closes once it has our confirmation.
                     let _ = conn.recv_msg_timeout::<Message>(Duration::from_secs(10));
+                    drop(probe);
                 })
                 .map_err(|e| ReceiveError::Local(e.to_string()))?;
             Ok(Received {
