@@ -373,7 +373,9 @@ fn qemu_args(elf: &Path, cmdline: &str) -> Vec<String> {
     .collect()
 }
 
-fn qemu_once(dir: &Path, elf: &Path, net: Net, case: &Case) -> Sample {
+/// One QEMU migration; `Err` says why QEMU gave no figures (it failed, or
+/// never converged: its row then says so and the bench goes on).
+fn qemu_once(dir: &Path, elf: &Path, net: Net, case: &Case) -> Result<Sample, String> {
     let (in_src, in_dst, dst_ip) = net.hosts();
     let incoming = format!("tcp:{dst_ip}:{}", free_port());
     let (src_qmp, dst_qmp) = (dir.join("qs.qmp"), dir.join("qd.qmp"));
@@ -443,21 +445,26 @@ fn qemu_once(dir: &Path, elf: &Path, net: Net, case: &Case) -> Sample {
                     std::thread::sleep(Duration::from_millis(1));
                 };
                 let stopped = q.event("STOP").expect("QEMU's source sent no STOP event");
-                return Sample {
+                return Ok(Sample {
                     total_ms: (resumed - requested) * 1e3,
                     downtime_ms: (resumed - stopped) * 1e3,
                     bytes: v["ram"]["transferred"].as_f64().unwrap_or(0.0),
                     own_total_ms: v["total-time"].as_f64().unwrap_or(0.0),
                     own_downtime_ms: v["downtime"].as_f64().unwrap_or(0.0),
-                };
+                });
             }
-            Some("failed") | Some("cancelled") => panic!("QEMU migration failed: {v}"),
+            Some("failed") | Some("cancelled") => {
+                return Err(format!("QEMU's migration failed: {v}"))
+            }
             _ => {}
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(180),
-            "QEMU migration hangs: {v}"
-        );
+        if start.elapsed() > Duration::from_secs(180) {
+            q.cmd(r#"{"execute":"migrate_cancel"}"#);
+            return Err(format!(
+                "QEMU's migration did not converge within 180 s ({} of RAM sent, status {})",
+                v["ram"]["transferred"], v["status"]
+            ));
+        }
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -613,9 +620,12 @@ fn main() {
         };
         let repeat = repeat_env.unwrap_or(if case.link.is_some() { 1 } else { 3 });
         // What the WAN dropped during one VMM's runs.
-        let drops = |run: &mut dyn FnMut() -> Sample| {
+        let drops = |run: &mut dyn FnMut() -> Result<Sample, String>| {
             let before = wan.as_ref().map(|(_, w)| w.counters());
-            let s = median((0..repeat).map(|_| run()).collect());
+            let s = (0..repeat)
+                .map(|_| run())
+                .collect::<Result<Vec<_>, _>>()
+                .map(median);
             let after = wan.as_ref().map(|(_, w)| w.counters());
             let d = match (before, after) {
                 (Some(b), Some(a)) => format!(
@@ -627,10 +637,15 @@ fn main() {
             };
             (s, d)
         };
-        let (t, t_drops) = drops(&mut || tandem_once(&dir, net, case));
+        let (t, t_drops) = drops(&mut || Ok(tandem_once(&dir, net, case)));
+        let t = t.expect("tandem_once has no Err");
         let q = qemu.then(|| drops(&mut || qemu_once(&dir, &elf, net, case)));
         let (q, q_drops) = match q {
-            Some((s, d)) => (Some(s), d),
+            Some((Ok(s), d)) => (Some(s), d),
+            Some((Err(e), d)) => {
+                notes.push(format!("{}: no QEMU figures: {e}", case.label));
+                (None, d)
+            }
             None => (None, String::new()),
         };
         if case.link.is_some() {
