@@ -339,14 +339,7 @@ fn linux_pvh_boot_protected_secondary_follows() {
     let dir = common::TempDir::new("linux-protect");
     let pki = common::cluster::Pki::new(&["pri", "sec"], &[]);
     let (pri, sec, sock) = linux_protected(&dir, &pki, &[], &[]);
-    let (code, out, err) = common::cluster::run_tandem(&["unprotect", "--api", &sock]);
-    assert_eq!(code, 0, "unprotect\n{out}\n{err}\n{}", pri.describe());
-    let (scode, _, serr) = sec.finish();
-    assert_eq!(scode, 0, "secondary\n{serr}");
-    assert!(
-        serr.contains("ended protection") && serr.contains("replay verified"),
-        "{serr}"
-    );
+    common::cluster::unprotect_verified(&sock, &pri, sec);
     let (secondary, primary) = (console(&dir, "sec.txt"), console(&dir, "pri.txt"));
     assert!(
         primary.starts_with(&secondary),

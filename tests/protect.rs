@@ -15,7 +15,7 @@ use std::path::Path;
 
 use common::cluster::{
     final_digest as digest, loopback_secondary, make_disk, migrate, receiver, reference,
-    run_tandem, source, status, Pki,
+    run_tandem, source, status, unprotect_verified, Pki,
 };
 use common::{result_line, TempDir};
 
@@ -201,14 +201,7 @@ fn migrating_a_protected_vm_is_refused() {
     assert_eq!(s["protection"]["role"], "primary", "{s}");
     // Still protected: the secondary follows to the end of the log that
     // unprotect ends, verified.
-    let (code, out, err) = run_tandem(&["unprotect", "--api", &sock]);
-    assert_eq!(code, 0, "unprotect\n{out}\n{err}\n{}", pri.describe());
-    let (scode, _, serr) = sec.finish();
-    assert_eq!(scode, 0, "secondary\n{serr}");
-    assert!(
-        serr.contains("ended protection") && serr.contains("replay verified"),
-        "{serr}"
-    );
+    unprotect_verified(&sock, &pri, sec);
     drop(pri);
 }
 

@@ -866,3 +866,19 @@ pub fn file_claims(dir: &Path) -> Vec<(String, String)> {
     claims.sort();
     claims
 }
+
+/// `tandem unprotect --api SOCK` of the primary `pri`; its secondary `sec`
+/// must then end (status 0) having verified the replay to the end of the
+/// log. Returns the secondary's stderr.
+#[track_caller]
+pub fn unprotect_verified(sock: &str, pri: &Proc, sec: Proc) -> String {
+    let (code, out, err) = run_tandem(&["unprotect", "--api", sock]);
+    assert_eq!(code, 0, "unprotect\n{out}\n{err}\n{}", pri.describe());
+    let (scode, _, serr) = sec.finish();
+    assert_eq!(scode, 0, "secondary\n{serr}");
+    assert!(
+        serr.contains("ended protection") && serr.contains("replay verified"),
+        "{serr}"
+    );
+    serr
+}
