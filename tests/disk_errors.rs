@@ -7,6 +7,10 @@
 //! control socket the VM ends with status 123; a replay whose own copy of
 //! the disk fails stops with 123 too (a host problem, not a divergence).
 //!
+//! A secondary whose own copy of the disk fails cannot follow: it tells
+//! its primary at once and stops (never goes live); the primary, which must
+//! not wait on it, wins the arbiter and runs on unprotected to the end.
+//!
 //! Mounting a tmpfs needs root (CI runs as root): without it the test fails
 //! and says so, it never passes without having run.
 
@@ -17,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cluster::{run_tandem, status, Proc};
+use common::cluster::{loopback_secondary, protected_primary, run_tandem, status, Pki, Proc};
 use common::{arg, result_line, TempDir, TIMEOUT};
 
 /// Status of a VM stopped by a host disk error.
@@ -217,5 +221,62 @@ fn disk_full_pauses_the_vm_resume_finishes_it_and_the_recording_replays() {
     assert_eq!(code, DISK_ERROR, "{err}");
     assert!(err.contains("No space left on device"), "{err}");
     assert!(err.contains("--api-socket"), "{err}");
+    drop(filler);
+}
+
+/// The secondary's image fills up while it replays a VM protected from
+/// boot: it stops at once with the host error and tells the primary, which
+/// wins the arbiter and finishes the guest unprotected with the unfailed
+/// run's RESULT. Before, the secondary went on taking (and acknowledging)
+/// the log with its replay stopped, and the primary's lag bound slowed the
+/// VM to a standstill for as long as the primary ran.
+#[test]
+fn a_secondary_whose_disk_fails_stops_and_the_primary_runs_on_unprotected() {
+    let dir = TempDir::new("secdiskfull");
+    let fs = SmallFs::mount(dir.file("fs"));
+    let ref_disk = dir.file("ref.img");
+    sparse_disk(&ref_disk);
+    let (code, out, err) = run_tandem(&["run", "--cmdline", CMDLINE, "--disk", arg(&ref_disk)]);
+    assert_eq!(code, 0, "reference run: {err}");
+    let want = result_line(&out).expect("RESULT line").to_string();
+
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    let arbiter = dir.file("arbiter");
+    std::fs::create_dir(&arbiter).unwrap();
+    let arbiter = format!("file:{}", arg(&arbiter));
+    let pri_disk = dir.file("pri.img");
+    sparse_disk(&pri_disk);
+    let sec_disk = fs.path("sec.img");
+    sparse_disk(&sec_disk);
+    let filler = fs.fill(64 << 10);
+    let (sec, addr) = loopback_secondary(
+        &pki.creds("sec"),
+        &["--disk", arg(&sec_disk), "--arbiter", &arbiter],
+    );
+    let pri = protected_primary(
+        &[],
+        CMDLINE,
+        &addr,
+        &pki.creds("pri"),
+        &["--disk", arg(&pri_disk), "--arbiter", &arbiter],
+    );
+    let (scode, _, serr) = sec.finish();
+    let (pcode, pout, perr) = pri.finish();
+    let both = format!("--- primary ---\n{perr}\n--- secondary ---\n{serr}");
+    assert_eq!(scode, DISK_ERROR, "{both}");
+    assert!(serr.contains("No space left on device"), "{both}");
+    assert!(serr.contains("does not go live"), "{both}");
+    assert!(!serr.contains("going LIVE"), "{both}");
+    assert_eq!(pcode, 0, "{both}");
+    assert_eq!(result_line(&pout), Some(want.as_str()), "{both}");
+    assert!(
+        perr.contains("runs on UNPROTECTED") && perr.contains("No space left on device"),
+        "the primary says why it runs on alone\n{both}"
+    );
+    assert_eq!(
+        std::fs::read(&pri_disk).unwrap(),
+        std::fs::read(&ref_disk).unwrap(),
+        "the primary's image is the unfailed run's"
+    );
     drop(filler);
 }

@@ -492,7 +492,7 @@ impl Link {
                     Ok(Some((failover::channel::kind::MESSAGE, payload))) => {
                         let why = match postcard::from_bytes::<Message>(&payload) {
                             Ok(Message::Abort { reason }) => {
-                                format!("the secondary {who} refused the log stream: {reason}")
+                                format!("the secondary {who} stopped taking the log: {reason}")
                             }
                             _ => format!("an unexpected message from {who}"),
                         };

@@ -256,6 +256,29 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
             },
         );
     }
+    // A copy that can go no further (a host problem with its disk, a
+    // divergence it could not repair, a replay error) tells the primary at
+    // once: the primary must not wait on it (its lag bound would slow the
+    // VM to a halt), and it runs on unprotected once it holds the arbiter.
+    // This copy never goes live.
+    let gave_up = match &replayed {
+        Err(e) => Some(e.to_string()),
+        Ok(r) if r.diverged => Some("its replay diverged and could not be repaired".to_string()),
+        Ok(_) => None,
+    };
+    if let Some(why) = &gave_up {
+        eprintln!(
+            "tandem: this secondary stops at exit {}: {why}; the primary {from} is told (it runs on unprotected once it holds the arbiter); this copy does not go live",
+            machine.exit_seq
+        );
+        secondary::repair::refuse(
+            &protected.to_primary,
+            &format!(
+                "its copy stopped at exit {} and does not go live: {why}",
+                machine.exit_seq
+            ),
+        );
+    }
     // A stream refused for a protocol error: this secondary stops (never
     // goes live on it).
     let mut stream_error = None;

@@ -117,6 +117,10 @@ pub fn replay_machine(
         bad_log,
     )
     .map(|r| r.status)
+    .map_err(|e| match e {
+        CmdError::DiskIo(m) => CmdError::DiskIo(format!("{m}; fix it and replay again")),
+        other => other,
+    })
 }
 
 /// Where a seeded secondary keeps the seed of the log it keeps at `log`
@@ -220,6 +224,8 @@ pub struct Replayed {
     /// machine stands at, verified: the guest's last virtual time there
     /// (the new primary continues from it).
     pub handover_ns: Option<u64>,
+    /// The replay diverged and was not repaired (`status` is then 1).
+    pub diverged: bool,
 }
 
 /// [`replay_machine`] on a machine the caller keeps (a secondary may go
@@ -242,6 +248,11 @@ pub fn replay_on(
         status,
         truncated_at_ns: None,
         handover_ns: None,
+        diverged: false,
+    };
+    let diverged = || Replayed {
+        diverged: true,
+        ..done(DIVERGED)
     };
     machine
         .enable_sync_points(true)
@@ -272,7 +283,7 @@ pub fn replay_on(
         Err(RunError::Divergence(d)) => {
             eprintln!("tandem: replay diverged: {d}");
             eprintln!("tandem: replayed {}", summary(machine));
-            return Ok(done(DIVERGED));
+            return Ok(diverged());
         }
         Err(RunError::Inputs(e)) => {
             eprintln!("tandem: replayed {}", summary(machine));
@@ -281,7 +292,7 @@ pub fn replay_on(
         Err(RunError::DiskIo { exit_seq, source }) => {
             eprintln!("tandem: replayed {}", summary(machine));
             return Err(CmdError::DiskIo(format!(
-                "replay stopped at exit {exit_seq}: {source}: a host problem with this copy of the disk, not a divergence (the recorded run completed this request); fix it and replay again"
+                "replay stopped at exit {exit_seq}: {source}: a host problem with this copy of the disk, not a divergence (the recorded run completed this request)"
             )));
         }
         Err(e) => return Err(e.into()),
@@ -296,6 +307,7 @@ pub fn replay_on(
             status: 0,
             truncated_at_ns: Some(replayer.last_clock_ns()),
             handover_ns: None,
+            diverged: false,
         });
     }
     // The recorder closed the log with a digest-carrying sync point and the
@@ -307,7 +319,7 @@ pub fn replay_on(
             Err(RunError::Divergence(d)) => {
                 eprintln!("tandem: replay diverged: {d}");
                 eprintln!("tandem: replayed {}", summary(machine));
-                return Ok(done(DIVERGED));
+                return Ok(diverged());
             }
             // The sync point comes from the log: one that cannot be
             // applied is damage in the log.
@@ -326,7 +338,7 @@ pub fn replay_on(
             "tandem: replay diverged: the guest ended at exit {seq} but the log continues with {:?}",
             extra.kind()
         );
-        return Ok(done(DIVERGED));
+        return Ok(diverged());
     }
     match replayer.log_end().clone() {
         LogEnd::End {
@@ -340,7 +352,7 @@ pub fn replay_on(
             eprintln!(
                 "tandem: replay diverged: the recorded run ended at exit {exit_seq} with status {logged}, the replay at exit {seq} with status {status}"
             );
-            return Ok(done(DIVERGED));
+            return Ok(diverged());
         }
         LogEnd::Corrupt(e) => return Err(bad_log(e.to_string())),
         LogEnd::Truncated | LogEnd::Open => {
@@ -372,6 +384,7 @@ pub fn replay_on(
             status: 0,
             truncated_at_ns: None,
             handover_ns: Some(replayer.last_clock_ns()),
+            diverged: false,
         });
     }
     Ok(done(0))
