@@ -274,9 +274,12 @@ pub struct ProtectArgs {
     /// Protect the VM from its first exit: stream its log to the `tandem
     /// secondary` at ADDR (HOST:PORT); every console byte and network frame
     /// leaves only after the secondary has acknowledged the log up to the
-    /// exit that wrote it. A VM that boots --kernel/--initrd (needs
-    /// --api-socket) is seeded before its first instruction: the secondary
-    /// needs no copy of the kernel.
+    /// exit that wrote it. With --api-socket (needed with --kernel/--initrd
+    /// or --spare) the VM is seeded instead, before its first instruction,
+    /// as `tandem protect` seeds a running VM (memory and disk copied; the
+    /// secondary needs no copy of the kernel or the image), and its control
+    /// socket serves `tandem status`, `unprotect`, `switchover`, `failover`
+    /// and `protect` again.
     #[arg(long, value_name = "ADDR", requires_all = ["ca", "cert", "key"])]
     pub protect_to: Option<String>,
     /// Name the secondary's certificate must carry (default: HOST of

@@ -655,8 +655,9 @@ fn secondary_gone_live_seeds_its_spare() {
         &["--api-socket", &b_sock, "--spare", &spare_addr],
     );
     let mut a = pair.primary(cmdline, &b_addr, None);
-    // Its control socket serves once it took the primary.
-    b.wait_for("protecting the VM of", true);
+    // Its control socket serves once it took the primary (seeded before
+    // the first instruction: the primary has a control socket).
+    b.wait_for("protecting the running VM of", true);
     let s = wait_status(&b_sock, "the VM named on the secondary", |s| {
         s["protection"]["generation"] == 1
     });

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use common::cluster::{
     final_digest as digest, loopback_secondary, make_disk, migrate, receiver, reference,
-    run_tandem, source, status, unprotect_verified, Pki,
+    run_tandem, source, status, unprotect_verified, Pki, Proc,
 };
 use common::{result_line, TempDir};
 
@@ -170,6 +170,71 @@ fn unprotect_then_the_vm_finishes_alone() {
     assert_eq!(
         pout, expected,
         "the console differs from an unprotected run"
+    );
+}
+
+/// A VM protected from boot with a control socket (`tandem run
+/// --protect-to ADDR --api-socket SOCK`) is protected the one way `tandem
+/// protect` protects a running VM (seeded before its first instruction),
+/// so `tandem unprotect` ends it as it ends any protection: the secondary
+/// replays verified to the log's end and stops, the primary runs on to the
+/// guest's end unprotected with the console of an unprotected run, and
+/// `tandem status` says unprotected, ended by the operator.
+#[test]
+fn protected_from_boot_with_a_control_socket_then_unprotected() {
+    // Long enough to outlive the unprotect on a loaded host.
+    let cmdline = "dirty 64 6000";
+    let expected = reference(cmdline, None);
+    let dir = TempDir::new("boot-unprotect");
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    let sock = dir.s("pri.sock");
+    let sec_serial = format!("file:{}", dir.s("sec.txt"));
+    let (sec, addr) = loopback_secondary(&pki.creds("sec"), &["--serial", &sec_serial]);
+    let mut args = vec![
+        "run",
+        "--cmdline",
+        cmdline,
+        "--api-socket",
+        &sock,
+        "--protect-to",
+        &addr,
+    ];
+    let creds = pki.creds("pri");
+    args.extend(creds.iter().map(String::as_str));
+    let mut pri = Proc::spawn(&[], &args);
+    pri.wait_for("protected by the secondary", true);
+    pri.wait_for("round 300\n", false);
+    let s = status(&sock);
+    assert_eq!(s["protection"]["role"], "primary", "{s}");
+    assert_eq!(s["protection"]["start_exit"], 0, "{s}");
+    assert_eq!(s["lineage"]["role"], "protected", "{s}");
+    let serr = unprotect_verified(&sock, &pri, sec);
+    assert!(serr.contains("seeded at exit 0"), "{serr}");
+    let s = status(&sock);
+    assert!(s.get("protection").is_none(), "{s}");
+    assert_eq!(s["lineage"]["role"], "ended_by_operator", "{s}");
+    let (_, text, _) = run_tandem(&["status", "--api", &sock]);
+    assert!(
+        text.contains("unprotected (protection ended by tandem unprotect)"),
+        "{text}"
+    );
+    let (pcode, pout, perr) = pri.finish();
+    assert_eq!(pcode, 0, "primary\n{perr}");
+    assert_eq!(
+        pout, expected,
+        "the console differs from an unprotected run\n{perr}"
+    );
+    assert!(
+        perr.contains("the run ended at exit ")
+            && perr.contains("unprotected (protection ended by tandem unprotect)"),
+        "{perr}"
+    );
+    // The secondary's console (replayed from the first exit) is the
+    // primary's up to where protection ended.
+    let sec_console = std::fs::read_to_string(dir.file("sec.txt")).unwrap();
+    assert!(
+        sec_console.contains("round 300\n") && expected.starts_with(&sec_console),
+        "the secondary's console is not the primary's up to the unprotect\n{sec_console}"
     );
 }
 

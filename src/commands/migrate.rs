@@ -43,12 +43,14 @@ pub fn run_with_api_as(
     setup(&ctl);
     let side = if paused { side.start_paused() } else { side };
     let side = side.with_api_socket(sock);
+    let lineage = ctl.clone();
     let server = api::serve(sock, ctl)
         .map_err(|e| CmdError::Input(format!("--api-socket {}: {e}", sock.display())))?;
     // `tandem protect` and `tandem unprotect` start and end recording.
     let outcome = run_protectable(machine, inputs, side, outcome_status).map(|(o, end)| {
-        if let Some(end) = end {
-            super::protect_running::report_end(&end);
+        match end {
+            Some(end) => super::protect_running::report_end(&end),
+            None => ended_unprotected(machine, &o, lineage.lineage().role),
         }
         o
     });
@@ -67,6 +69,32 @@ pub fn run_with_api_as(
         }
         // Handled by run_protectable.
         ControlledOutcome::Protection(_) => Ok(0),
+    }
+}
+
+/// A guest that ends on a VM that was protected once and is no longer
+/// (its secondary lost, `tandem unprotect`): say so, with the final digest
+/// (a secondary that verified up to an unprotect can be compared with it
+/// only at that end; a spare seeded since has its own end).
+fn ended_unprotected(
+    machine: &mut Machine,
+    outcome: &ControlledOutcome,
+    role: failover::lineage::Role,
+) {
+    use failover::lineage::Role;
+    let ControlledOutcome::Guest(_) = outcome else {
+        return;
+    };
+    if matches!(role, Role::Unprotected | Role::Secondary) {
+        return;
+    }
+    eprintln!(
+        "tandem: the run ended at exit {}, {}",
+        machine.exit_seq,
+        role.describe()
+    );
+    if let Ok(d) = machine.digest() {
+        eprintln!("tandem: final state digest {}", d.to_hex());
     }
 }
 

@@ -1,4 +1,8 @@
-//! `tandem run --protect-to`: a protected primary, from the first exit.
+//! `tandem run --protect-to` without a control socket: a protected
+//! primary, from the first exit. (With `--api-socket` the VM is seeded
+//! before its first instruction instead, `super::run_spares`, so that
+//! `tandem unprotect` and the rest of the control socket work as for a VM
+//! protected with `tandem protect`.)
 //!
 //! The VM is booted here and recorded (as `tandem record` does) into a
 //! queue that streams to the `tandem secondary` (`primary::lockstep`); its
@@ -76,11 +80,9 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
             "--protect-to cannot be combined with {what} yet"
         )));
     }
+    // A control socket makes it the seeded protection (`super::run_spares`).
+    debug_assert!(args.api_socket.is_none());
     let started = Instant::now();
-    let status_cell = super::failover_api::StatusCell::default();
-    if let Some(sock) = &args.api_socket {
-        super::failover_api::serve(sock, status_cell.clone())?;
-    }
     let lag = args
         .protect
         .lag
@@ -153,7 +155,7 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
     let throttle = Arc::new(Throttle::new());
     link.govern(throttle.clone(), lag.bound);
     let exit = Arc::new(AtomicU64::new(0));
-    let _ = status_cell.set(link.status_source(&held, exit.clone()));
+    let lag_status = link.status_source(&held, exit.clone());
     let mut live = LiveInputs::new(0, console.input)
         .with_outputs(Box::new(held))
         .with_net(host_net.as_ref().map(|n| n.rx.clone()));
@@ -201,7 +203,7 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
         held.latency.p99.as_secs_f64() * 1e3,
         stats.sync_points,
     );
-    if let Some(b) = status_cell.get().and_then(|s| s.status().bound) {
+    if let Some(b) = lag_status.status().bound {
         eprintln!(
             "tandem: secondary lag at acknowledgements p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} acks); lag bound {} ms: slowed {} times, vCPU held {:.0} ms; log queue at most {} bytes (bound {}), full {} times",
             b.lag_p50_us / 1e3,

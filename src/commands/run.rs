@@ -206,10 +206,13 @@ pub fn stopped_by_signal(machine: &mut Machine, inputs: &mut dyn Inputs, flush: 
 
 pub fn run(args: RunArgs) -> Result<i32, CmdError> {
     // Seeded before its first instruction (memory and state copied): with
-    // spares, and for a kernel file (a secondary boots only the built-in
-    // guest from a log; a seed needs no image).
+    // spares, for a kernel file (a secondary boots only the built-in guest
+    // from a log; a seed needs no image), and with a control socket (its
+    // protection is then the one `tandem protect` makes: status,
+    // unprotect, switchover, failover, re-protection all work the same).
     let kernel = args.vm.kernel.is_some() || args.vm.initrd.is_some();
-    if args.protect.protect_to.is_some() && (!args.protect.spare.is_empty() || kernel) {
+    let seeded = !args.protect.spare.is_empty() || kernel || args.api_socket.is_some();
+    if args.protect.protect_to.is_some() && seeded {
         return super::run_spares::run(args);
     }
     if args.protect.protect_to.is_some() {

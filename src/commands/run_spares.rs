@@ -1,16 +1,22 @@
-//! `tandem run --protect-to ADDR --spare ADDR[,ADDR...] --api-socket SOCK`
-//! (issue 10, `docs/failover.md`): a VM protected from before its first
-//! instruction that can seed spare secondaries by itself. Also `tandem run
-//! --kernel F --protect-to ADDR --api-socket SOCK`: the secondary gets the
-//! booted kernel's memory in the seed, so it needs no copy of the file.
+//! `tandem run --protect-to ADDR --api-socket SOCK [--spare ADDR[,ADDR...]]`
+//! (issues 8 and 10, `docs/lockstep.md`, `docs/failover.md`): a VM
+//! protected from before its first instruction and served on its control
+//! socket. This is how every `run --protect-to` with a control socket is
+//! protected (`--kernel` and `--spare` need one), so that such a VM has
+//! exactly the protection `tandem protect` gives a running VM: `tandem
+//! unprotect`, `status`, `switchover`, `failover`, re-protection and
+//! spares work the one way they work there. With `--kernel` the secondary
+//! gets the booted kernel's memory in the seed, so it needs no copy of
+//! the file.
 //!
-//! A VM protected from boot (`super::protect`) records into a stream that
-//! cannot be handed to another secondary. This one is booted paused under
-//! the control socket instead, seeded to `--protect-to` exactly as
-//! `tandem protect` seeds a running VM (memory and disk copied; nothing
-//! has run yet, so nothing leaves unprotected), then resumed: from then on
-//! it is a protected VM like any other, and the loss of its secondary
-//! seeds the next spare (`crate::spare`).
+//! A VM protected from boot without a control socket (`super::protect`)
+//! records into a stream that nothing can end early or hand to another
+//! secondary. This one is booted paused under the control socket instead,
+//! seeded to `--protect-to` exactly as `tandem protect` seeds a running VM
+//! (memory and disk copied; nothing has run yet, so nothing leaves
+//! unprotected), then resumed: from then on it is a protected VM like any
+//! other, and the loss of its secondary seeds the next spare
+//! (`crate::spare`).
 
 use super::run::{boot, vm_config};
 use super::CmdError;
@@ -20,10 +26,12 @@ use crate::{console, net};
 
 pub fn run(args: RunArgs) -> Result<i32, CmdError> {
     let p = &args.protect;
-    let what = if p.spare.is_empty() {
-        "--protect-to with --kernel/--initrd (seeded before the first instruction)"
-    } else {
+    let what = if !p.spare.is_empty() {
         "--spare"
+    } else if args.api_socket.is_some() {
+        "--protect-to with --api-socket (seeded before the first instruction)"
+    } else {
+        "--protect-to with --kernel/--initrd (seeded before the first instruction)"
     };
     let unsupported = [
         (p.keep_log.is_some(), "--keep-log"),

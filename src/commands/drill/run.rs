@@ -408,9 +408,10 @@ impl Run<'_> {
             c.args(["--protect-to", &addr]).args(self.creds(self.at));
             c.args(self.arbiter_args(self.at)?);
         }
-        // A protected primary's control socket serves only the test
-        // failover (and its SIGTERM then ends the run without the end
-        // report): only a drill with that fault gets one.
+        // A protected primary with a control socket is seeded before its
+        // first instruction (its end report is then the seeded one's, and
+        // SIGTERM ends it without one): only a drill whose test failover
+        // needs the socket gets one.
         if scn.vm.secondary.is_none()
             || switching
             || scn.faults.iter().any(|f| f.kind == FaultKind::Failover)
