@@ -136,9 +136,14 @@ pub struct DiskHash {
 }
 
 impl DiskHash {
-    /// Hash the image at `path`.
+    /// Hash the image at `path` (opened read-only and locked shared:
+    /// `vmm::image`; an image another process writes is refused).
     pub fn of(path: &Path) -> std::io::Result<DiskHash> {
-        let mut f = std::fs::File::open(path)?;
+        let img = vmm::image::Image::open(path, vmm::image::Access::Read).map_err(|e| match e {
+            vmm::image::ImageError::Open { source, .. } => source,
+            other => std::io::Error::other(other.to_string()),
+        })?;
+        let mut f = img.file();
         let mut h = Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut len = 0u64;

@@ -36,6 +36,11 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
             "--serial stdio: a secondary's console must not reach the outside world; use null or file:PATH".into(),
         ));
     }
+    // This host's copy of the disk is held from now on (`vmm::image`): an
+    // image another process uses (the primary's own, on this host) is
+    // refused before anything is created, and none can take it while the
+    // secondary waits. The replay's device shares the lock.
+    let mut held = None;
     if let Some(d) = &args.disk {
         // A path that does not exist yet is where a seeded VM's disk goes.
         if d.exists() && !d.is_file() {
@@ -43,6 +48,12 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
                 "--disk {}: not a regular file",
                 d.display()
             )));
+        }
+        if d.exists() {
+            // Write access if we have it (a boot-start replay writes it; a
+            // seed only replaces it).
+            let writable = std::fs::OpenOptions::new().write(true).open(d).is_ok();
+            held = Some(super::run::hold_disk(d, !writable)?);
         }
     }
     let timing = Timing::from_ms(
@@ -193,6 +204,8 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
             return Err(e);
         }
     };
+    // The VM's device (or the seed's image) holds the disk now.
+    drop(held);
     let replayed = replay_on(
         &mut machine,
         Box::new(Tracked::new(

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 
+use vmm::image::{Access, Image, ImageError};
 use vmm::inputs::Inputs;
 use vmm::machine::{DiskConfig, Machine, MachineError, VmConfig};
 use vmm::run::{RunLimits, RunOutcome};
@@ -78,10 +79,31 @@ pub fn disk_config(disk: Option<&DiskArg>) -> Result<Option<DiskConfig>, CmdErro
             d.path.display()
         )));
     }
+    // An image another process uses is refused now, before anything is
+    // created or started; the VM's device takes the lock for good.
+    drop(hold_disk(&d.path, d.read_only)?);
     Ok(Some(DiskConfig {
         path: d.path.clone(),
         read_only: d.read_only,
     }))
+}
+
+/// Open and lock the image at `path` (`vmm::image`: exclusive, or shared
+/// when `read_only`): refused with status 2 if another process holds it.
+/// While the result lives, this process's own opens of the image share
+/// the lock.
+pub fn hold_disk(path: &std::path::Path, read_only: bool) -> Result<Image, CmdError> {
+    let access = if read_only {
+        Access::Read
+    } else {
+        Access::Write
+    };
+    Image::open(path, access).map_err(|e| match e {
+        ImageError::Open { source, .. } => {
+            CmdError::Input(format!("--disk {}: {source}", path.display()))
+        }
+        other => CmdError::Input(other.to_string()),
+    })
 }
 
 /// Map a machine-building error to bad input or an internal failure.

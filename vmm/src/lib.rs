@@ -16,6 +16,7 @@
 
 pub mod devices;
 pub mod dirty;
+pub mod image;
 pub mod inputs;
 pub mod loader;
 pub mod machine;

@@ -19,6 +19,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::{Deserialize, Serialize};
 use vmm::devices::virtio::block::{BlockConfig, DirtyBlocks};
 use vmm::dirty::DirtyTracker;
+use vmm::image::ImageLock;
 use vmm::inputs::Inputs;
 use vmm::machine::{Machine, MachineState, VmConfig};
 use vmm::run::{RunError, RunLimits, RunOutcome};
@@ -98,6 +99,10 @@ pub struct DiskInfo {
     pub len: u64,
     /// Blocks written by the guest.
     pub dirty: DirtyBlocks,
+    /// The device's lock on the image (`vmm::image`): the migration thread
+    /// opens the image through it (sharing it) and, for a destination on
+    /// shared storage, lets it go at the switchover.
+    pub lock: ImageLock,
 }
 
 struct Shared {
@@ -177,6 +182,10 @@ pub enum ControlError {
     /// This VM cannot be migrated (said why).
     #[error("{0}")]
     Refused(&'static str),
+    /// The VM's disk image was let go for a migration's destination and
+    /// another process holds it now: the guest must not run here.
+    #[error("not resumed: {0}; the migration's destination may be running the VM")]
+    DiskLocked(String),
 }
 
 /// Why a disk move's switch to the new image failed (the guest goes on
@@ -210,6 +219,7 @@ pub fn controller(machine: &Machine) -> (VmController, VcpuSide) {
         path: b.config().path.clone(),
         len: b.capacity_sectors() * vmm::devices::virtio::block::SECTOR_SIZE,
         dirty: b.dirty_blocks(),
+        lock: b.image_lock().clone(),
     });
     let shared = Arc::new(Shared {
         pause: Arc::new(AtomicBool::new(false)),
@@ -336,8 +346,15 @@ impl VmController {
         self.request(Request::Pause(tx), &rx)
     }
 
-    /// Resume a paused guest.
+    /// Resume a paused guest. After a switchover in doubt onto shared
+    /// storage the image's lock is taken back first: refused if another
+    /// process (the destination) holds the image.
     pub fn resume(&self) -> Result<(), ControlError> {
+        if let Some(d) = self.disk() {
+            d.lock
+                .retake()
+                .map_err(|e| ControlError::DiskLocked(e.to_string()))?;
+        }
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.request(Request::Resume(tx), &rx)
     }
@@ -607,6 +624,7 @@ fn replace_disk(
         .as_mut()
         .ok_or(ReplaceDiskError::NoDisk)?;
     block.replace_backing(config.clone())?;
+    let lock = block.image_lock().clone();
     if let Some(d) = machine.config.disk.as_mut() {
         d.path = config.path.clone();
     }
@@ -619,6 +637,8 @@ fn replace_disk(
         .as_mut()
     {
         d.path = config.path;
+        // The old image's lock goes with the last handle on it.
+        d.lock = lock;
     }
     Ok(())
 }

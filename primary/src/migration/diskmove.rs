@@ -18,13 +18,14 @@
 //! image, and a new image this move created is removed. The move only ever
 //! reads the old image; after the switch nothing writes it any more.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vmm::devices::virtio::block::{BlockConfig, DIRTY_BLOCK_SIZE};
+use vmm::image::{Access, Image, ImageError};
 
 use super::control::{ControlError, DiskInfo, VmController};
 use super::precopy::{Next, Precopy, MAX_ROUNDS};
@@ -139,6 +140,10 @@ pub enum DiskMoveError {
     #[error("cancelled by the operator")]
     /// The operator cancelled the move.
     Cancelled,
+    /// The destination (or the current image) is locked by another
+    /// process, or cannot be locked (`vmm::image`).
+    #[error(transparent)]
+    Locked(vmm::image::ImageError),
 }
 
 fn control_error(e: ControlError) -> DiskMoveError {
@@ -146,6 +151,10 @@ fn control_error(e: ControlError) -> DiskMoveError {
         ControlError::Busy => DiskMoveError::Busy,
         ControlError::Ended | ControlError::NotMigrating => DiskMoveError::VmEnded,
         ControlError::Refused(why) => DiskMoveError::Refused(why),
+        // Only a resume meets it.
+        ControlError::DiskLocked(_) => {
+            DiskMoveError::Refused("the disk image is held by another process")
+        }
     }
 }
 
@@ -306,16 +315,19 @@ impl Mover<'_> {
     ) -> Result<DiskMoveReport, DiskMoveError> {
         let dest = self.params.dest.clone();
         let existed = check_dest(&dest, &self.disk.path, self.params.force)?;
-        let mut opts = OpenOptions::new();
-        opts.read(true).write(true);
-        if !existed {
-            opts.create_new(true);
-        }
-        let dst = opts.open(&dest).map_err(|source| DiskMoveError::Create {
-            path: dest.clone(),
-            source,
+        // Locked before anything is truncated: an image another process
+        // uses is refused as it is. The device shares this lock once it
+        // switches to the new image (vmm::image).
+        let access = if existed {
+            Access::Write
+        } else {
+            Access::CreateNew
+        };
+        let dst = Image::open(&dest, access).map_err(|e| match e {
+            ImageError::Open { path, source } => DiskMoveError::Create { path, source },
+            other => DiskMoveError::Locked(other),
         })?;
-        let result = self.copy_and_switch(&dst, on_progress);
+        let result = self.copy_and_switch(dst.file(), on_progress);
         if result.is_err() && !existed {
             // Ours, and never used by the VM.
             let _ = std::fs::remove_file(&dest);
@@ -340,10 +352,12 @@ impl Mover<'_> {
             // The new name must survive a crash once the VM uses it.
             let _ = File::open(dir).and_then(|d| d.sync_all());
         }
-        let src = File::open(&self.disk.path).map_err(|source| DiskMoveError::Read {
-            path: self.disk.path.clone(),
-            source,
+        // Read through its own descriptor; the lock is the device's.
+        let src = Image::open(&self.disk.path, Access::Read).map_err(|e| match e {
+            ImageError::Open { path, source } => DiskMoveError::Read { path, source },
+            other => DiskMoveError::Locked(other),
         })?;
+        let src = src.file();
         let dirty = self.disk.dirty.clone();
         // The whole disk goes in round 0: forget older writes.
         dirty.take();
@@ -362,7 +376,7 @@ impl Mover<'_> {
             } else {
                 dirty.take()
             };
-            let copied = self.copy(&src, dst, &blocks, round == 0, true)?;
+            let copied = self.copy(src, dst, &blocks, round == 0, true)?;
             // Each round's data on stable storage: the sync in the pause
             // only covers the last blocks.
             dst.sync_data().map_err(|e| self.write_err(e))?;
@@ -405,7 +419,7 @@ impl Mover<'_> {
         let held = self.ctl.hold().map_err(control_error)?;
         let last = (|| {
             let blocks = dirty.take();
-            self.copy(&src, dst, &blocks, false, false)?;
+            self.copy(src, dst, &blocks, false, false)?;
             // Metadata too: the file may be new or resized.
             dst.sync_all().map_err(|e| self.write_err(e))?;
             Ok(blocks.len() as u64)

@@ -15,6 +15,7 @@ use failover::migration::{
 };
 use vmm::devices::virtio::block::DIRTY_BLOCK_SIZE;
 use vmm::dirty::ConsumerId;
+use vmm::image::{Access, Image, ImageError, ImageLock};
 use vmm::vstate::memory::{self, page_is_zero, read_page};
 use vmm::PAGE_SIZE;
 
@@ -108,6 +109,7 @@ fn transfer<'a>(
         ControlError::Busy => MigrationError::Busy,
         ControlError::Ended | ControlError::NotMigrating => MigrationError::VmEnded,
         ControlError::Refused(why) => MigrationError::NotMigratable(why),
+        ControlError::DiskLocked(why) => MigrationError::Source(why),
     })?;
     let vm = ctl.vm().clone();
     let consumer = match ctl.dirty().register(&vm.fd, &vm.memory, true) {
@@ -145,11 +147,21 @@ fn transfer<'a>(
         pipe: Pipeline::new(Instant::now()),
         stashed: None,
         answer_pending: false,
+        released: None,
     };
     let mut result = source.run();
     // An `Abort` from the destination is an answer: it does not run the
     // guest. Anything else after `SwitchoverReady` leaves it in doubt.
-    let in_doubt = source.in_doubt && !matches!(result, Err(MigrationError::Aborted(_)));
+    let mut in_doubt = source.in_doubt && !matches!(result, Err(MigrationError::Aborted(_)));
+    if let (false, Err(e), Some(lock)) = (in_doubt, &result, &source.released) {
+        // The switchover failed with the image let go (shared storage):
+        // take it back before the guest runs on here. If another process
+        // has it now, the guest must not run here.
+        if let Err(le) = retake(lock) {
+            in_doubt = true;
+            result = Err(MigrationError::Source(format!("{e}; {le}")));
+        }
+    }
     if let (true, Err(e)) = (in_doubt, &result) {
         // `SwitchoverReady` went out but no `Running` came back: the
         // destination may be running the guest. Resuming here could make
@@ -225,7 +237,28 @@ struct Source<'a> {
     stashed: Option<Message>,
     /// The header's answer is still to be read (see [`Source::answer`]).
     answer_pending: bool,
+    /// The image's lock, let go for a destination on shared storage at
+    /// the switchover (taken back if the switchover fails).
+    released: Option<ImageLock>,
 }
+
+/// Take back the image's lock after a failed switchover, waiting a little
+/// for a destination that is letting go of it.
+fn retake(lock: &ImageLock) -> Result<(), ImageError> {
+    let deadline = Instant::now() + RETAKE_WAIT;
+    loop {
+        match lock.retake() {
+            Err(ImageError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long a failed switchover waits for the destination to let go of a
+/// shared image.
+const RETAKE_WAIT: Duration = Duration::from_secs(2);
 
 /// A marker file next to the source's disk image
 /// (`failover::migration::marker_path`), so that a destination on storage
@@ -800,12 +833,14 @@ impl Source<'_> {
             DiskPlan::Shared => self.ctl.disk(),
             _ => None,
         };
-        let disk_file = match &disk {
-            Some(d) => Some(File::open(&d.path).map_err(|e| {
+        // Read through a descriptor of its own; the lock is the device's.
+        let disk_image = match &disk {
+            Some(d) => Some(Image::open(&d.path, Access::Read).map_err(|e| {
                 MigrationError::Source(format!("opening disk {}: {e}", d.path.display()))
             })?),
             None => None,
         };
+        let disk_file = disk_image.as_ref().map(Image::file);
         // The whole disk goes in round 0: forget older writes.
         if let Some(d) = &disk {
             d.dirty.take();
@@ -945,6 +980,7 @@ impl Source<'_> {
             ControlError::Busy => MigrationError::Busy,
             ControlError::NotMigrating => MigrationError::Protocol(e.to_string()),
             ControlError::Refused(why) => MigrationError::NotMigratable(why),
+            ControlError::DiskLocked(why) => MigrationError::Source(why),
         })?;
         // Frozen: from here on, finishing fast is all that matters.
         self.cancellable = false;
@@ -971,8 +1007,9 @@ impl Source<'_> {
         if let Some(d) = &shared_disk {
             // Every write the guest made is in the image, durable, before
             // the destination opens it.
-            File::open(&d.path)
-                .and_then(|f| f.sync_all())
+            Image::open(&d.path, Access::Read)
+                .map_err(|e| e.to_string())
+                .and_then(|img| img.file().sync_all().map_err(|e| e.to_string()))
                 .map_err(|e| {
                     MigrationError::Source(format!("syncing disk {}: {e}", d.path.display()))
                 })?;
@@ -991,6 +1028,14 @@ impl Source<'_> {
             self.recording = true;
             self.report.downtime_ms = ms(resumed.saturating_duration_since(at));
             return self.seeded();
+        }
+        if let Some(d) = &shared_disk {
+            // The guest is frozen and its writes are on the storage: the
+            // destination may open (and lock) the image now.
+            d.lock.release().map_err(|e| {
+                MigrationError::Source(format!("unlocking disk {}: {e}", d.path.display()))
+            })?;
+            self.released = Some(d.lock.clone());
         }
         self.in_doubt = true;
         self.send(

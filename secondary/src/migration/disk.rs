@@ -15,11 +15,12 @@
 //! [`DiskIdentity::matches`]) nothing is written at all: the plan is
 //! [`DiskPlan::Shared`] and only memory moves.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 use failover::migration::{check_disk_block, check_disk_name, new_nonce, DiskOffer, DiskPlan};
+use vmm::image::{Access, Image, ImageLock};
 
 use super::ReceiveOptions;
 
@@ -38,7 +39,7 @@ enum Kind {
     /// The source's own image: written by nobody here.
     Shared,
     /// A device node, written in place.
-    Device(File),
+    Device(Image),
     /// A regular file, staged.
     Staged(Staged),
 }
@@ -47,6 +48,12 @@ enum Kind {
 struct Staged {
     /// `None` once committed.
     file: Option<File>,
+    /// The lock of the new image (kept past the commit, so that the VM's
+    /// device takes it over with no gap: `vmm::image`).
+    lock: Option<ImageLock>,
+    /// The file at the place, locked against other processes until the VM
+    /// runs on the new one (a VM running on it refuses the migration).
+    replaced: Option<Image>,
     tmp: PathBuf,
     previous: PathBuf,
     /// Was there a file at the place before?
@@ -141,14 +148,17 @@ impl DestDisk {
                         "destination disk {shown} exists and is not the source's image; the receiver does not replace files in --disk-dir"
                     ));
                 } else if t.is_block_device() || t.is_char_device() {
-                    let f = OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .open(&place)
-                        .map_err(|e| format!("destination disk {shown}: {e}"))?;
+                    let f = Image::open(&place, Access::Write)
+                        .map_err(|e| format!("destination disk: {e}"))?;
                     Kind::Device(f)
                 } else if t.is_file() {
-                    Self::stage(&place, offer.len, true)?
+                    // Not replaced under a process that writes it: a VM
+                    // running on it would go on writing the old file. (A
+                    // shared lock excludes writers, and needs no write
+                    // permission on a file that is only renamed.)
+                    let replaced = Image::open(&place, Access::Read)
+                        .map_err(|e| format!("destination disk: {e}"))?;
+                    Self::stage(&place, offer.len, Some(replaced))?
                 } else {
                     return Err(format!(
                         "destination disk {shown} is neither a regular file nor a device"
@@ -156,7 +166,7 @@ impl DestDisk {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Self::stage(&place, offer.len, false)?
+                Self::stage(&place, offer.len, None)?
             }
             Err(e) => return Err(format!("destination disk {shown}: {e}")),
         };
@@ -169,7 +179,8 @@ impl DestDisk {
 
     /// A fresh sparse temporary file of `len` bytes next to `place` (blocks
     /// the source does not send are zero).
-    fn stage(place: &Path, len: u64, replaces: bool) -> Result<Kind, String> {
+    fn stage(place: &Path, len: u64, replaced: Option<Image>) -> Result<Kind, String> {
+        let replaces = replaced.is_some();
         let nonce = new_nonce().map_err(|e| format!("random nonce: {e}"))?;
         let name = place
             .file_name()
@@ -177,18 +188,17 @@ impl DestDisk {
             .unwrap_or_default();
         let tmp = place.with_file_name(format!(".{name}.tandem-incoming-{nonce}"));
         let previous = place.with_file_name(format!(".{name}.tandem-previous-{nonce}"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+        let (file, lock) = Image::open(&tmp, Access::CreateNew)
+            .map_err(|e| format!("creating {}: {e}", tmp.display()))?
+            .into_parts();
         if let Err(e) = file.set_len(len) {
             let _ = std::fs::remove_file(&tmp);
             return Err(format!("sizing {}: {e}", tmp.display()));
         }
         Ok(Kind::Staged(Staged {
             file: Some(file),
+            lock: Some(lock),
+            replaced,
             tmp,
             previous,
             replaces,
@@ -211,7 +221,7 @@ impl DestDisk {
 
     fn file(&self) -> Result<&File, String> {
         match &self.kind {
-            Kind::Device(f) => Ok(f),
+            Kind::Device(f) => Ok(f.file()),
             Kind::Staged(Staged { file: Some(f), .. }) => Ok(f),
             Kind::Staged(Staged { file: None, .. }) => Err("the disk was already committed".into()),
             Kind::Shared => Err(format!(
@@ -265,6 +275,9 @@ impl DestDisk {
                 let _ = std::fs::remove_file(&st.previous);
             }
             st.stage = Stage::Kept;
+            // The VM's device holds the new image's lock now.
+            st.lock = None;
+            st.replaced = None;
         }
     }
 }

@@ -39,7 +39,7 @@
 //! the error would have produced, so a recording holds only the retried
 //! success and a replay reproduces it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -52,6 +52,7 @@ use crate::devices::virtio::mmio::{
     read_config_space, MmioEvent, MmioTransport, CONFIG_SPACE_OFFSET, QUEUE_MAX_SIZE,
     VIRTIO_F_VERSION_1,
 };
+use crate::image::{Access, Image, ImageError, ImageLock};
 use crate::GuestMemory;
 
 /// Size of the MMIO window of one device.
@@ -166,6 +167,10 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
+    /// The image is locked by another process, or cannot be locked
+    /// ([`crate::image`]).
+    #[error(transparent)]
+    Image(crate::image::ImageError),
     /// A replacement image whose size is not the disk's capacity.
     #[error("disk image {path} is {got} bytes, the disk is {expected} bytes")]
     SizeMismatch {
@@ -250,6 +255,8 @@ pub struct BlockConfig {
 pub struct VirtioBlock {
     config: BlockConfig,
     file: File,
+    /// The image's lock, held while the device may write it.
+    lock: ImageLock,
     capacity_sectors: u64,
     serial: String,
     transport: MmioTransport,
@@ -385,7 +392,7 @@ impl VirtioBlock {
     /// Opens the image (read-only when asked); errors name the path (missing
     /// file, permission, a directory).
     pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
-        let (file, len) = open_image(&config)?;
+        let (file, lock, len) = open_image(&config)?;
         let capacity_sectors = len / SECTOR_SIZE;
         let mut features =
             VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH;
@@ -396,6 +403,7 @@ impl VirtioBlock {
         Ok(VirtioBlock {
             config,
             file,
+            lock,
             capacity_sectors,
             serial: DEFAULT_SERIAL.to_owned(),
             transport: MmioTransport::new(VIRTIO_ID_BLOCK, features, 1),
@@ -861,7 +869,7 @@ impl VirtioBlock {
                 ),
             });
         }
-        let (file, len) = open_image(&config)?;
+        let (file, lock, len) = open_image(&config)?;
         let expected = self.capacity_sectors * SECTOR_SIZE;
         if len != expected {
             return Err(BlockError::SizeMismatch {
@@ -871,15 +879,23 @@ impl VirtioBlock {
             });
         }
         self.file = file;
+        self.lock = lock;
         self.config = config;
         Ok(())
     }
+
+    /// The lock on the image (a migration onto shared storage lets it go
+    /// at the switchover, and takes it back if the switchover fails).
+    pub fn image_lock(&self) -> &ImageLock {
+        &self.lock
+    }
 }
 
-/// Opens the image at `config.path` (read-only when asked) and returns it
-/// with its length in bytes; errors name the path (missing file,
-/// permission, a directory, an unsizable image).
-fn open_image(config: &BlockConfig) -> Result<(File, u64), BlockError> {
+/// Opens and locks the image at `config.path` (read-only and shared when
+/// asked, else exclusive: [`crate::image`]) and returns it with its length
+/// in bytes; errors name the path (missing file, permission, a directory,
+/// another process holding the image, an unsizable image).
+fn open_image(config: &BlockConfig) -> Result<(File, ImageLock, u64), BlockError> {
     let path = &config.path;
     let meta = std::fs::metadata(path).map_err(|source| BlockError::Open {
         path: path.clone(),
@@ -888,14 +904,17 @@ fn open_image(config: &BlockConfig) -> Result<(File, u64), BlockError> {
     if meta.is_dir() {
         return Err(BlockError::IsDirectory { path: path.clone() });
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!config.read_only)
-        .open(path)
-        .map_err(|source| BlockError::Open {
-            path: path.clone(),
-            source,
-        })?;
+    let access = if config.read_only {
+        Access::Read
+    } else {
+        Access::Write
+    };
+    let (file, lock) = Image::open(path, access)
+        .map_err(|e| match e {
+            ImageError::Open { path, source } => BlockError::Open { path, source },
+            other => BlockError::Image(other),
+        })?
+        .into_parts();
     // Seeking to the end also sizes block devices, whose metadata length is 0.
     let len = (&file)
         .seek(SeekFrom::End(0))
@@ -903,7 +922,7 @@ fn open_image(config: &BlockConfig) -> Result<(File, u64), BlockError> {
             path: path.clone(),
             source,
         })?;
-    Ok((file, len))
+    Ok((file, lock, len))
 }
 
 /// Every segment lies in guest memory.
@@ -999,6 +1018,7 @@ fn copy_from_guest(
 pub(crate) mod tests {
     use super::*;
     use crate::devices::virtio::mmio::{reg, status, INT_VRING, MMIO_MAGIC, VENDOR_ID};
+    use std::fs::OpenOptions;
     use std::sync::atomic::{AtomicU32, Ordering};
     use vm_memory::bitmap::Bitmap;
     use vm_memory::GuestMemoryRegion;
@@ -1880,6 +1900,38 @@ pub(crate) mod tests {
             assert!(err.to_string().contains(&*img.path.to_string_lossy()));
         }
         assert!(VirtioBlock::new(img.config(true)).is_ok());
+    }
+
+    #[test]
+    fn an_image_another_process_holds_is_refused() {
+        let img = TempImage::new("locked", 4096);
+        let before = img.contents();
+        // Another process's lock: an open file description of its own.
+        let theirs = File::open(&img.path).unwrap();
+        theirs.try_lock_shared().unwrap();
+        let err = VirtioBlock::new(img.config(false)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BlockError::Image(ImageError::Locked { write: true, .. })
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&*img.path.to_string_lossy()),
+            "{err}"
+        );
+        // Readers share.
+        let ro = VirtioBlock::new(img.config(true)).unwrap();
+        drop(ro);
+        theirs.unlock().unwrap();
+        // While a device holds it, nobody else gets it; dropped, it is free.
+        let dev = VirtioBlock::new(img.config(false)).unwrap();
+        assert!(dev.image_lock().is_exclusive());
+        assert!(theirs.try_lock_shared().is_err());
+        drop(dev);
+        theirs.try_lock().unwrap();
+        assert_eq!(img.contents(), before);
     }
 
     /// Replace the device's image handle (same file) by one opened with

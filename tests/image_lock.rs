@@ -1,0 +1,254 @@
+//! Two writers on one disk image destroy it: every Tandem process that may
+//! write an image holds an exclusive lock on it, readers a shared one
+//! (docs/disks.md, "Image locking"). While a VM runs on an image:
+//!
+//! - (a) a second `tandem run` on it (read-write or `,ro`) is refused with
+//!   status 2 and a message naming the image;
+//! - (b) a `tandem secondary --disk` on it is refused at once (status 2);
+//!   the other order too: a protected primary given the image a waiting
+//!   secondary holds is refused;
+//! - (c) `tandem receive --disk` onto it refuses the migration of another
+//!   VM (the header's answer), and neither image is touched;
+//!
+//! each time the running VM ends with the result of an undisturbed run and
+//! its image is byte-identical to that run's; once it ended, the image is
+//! free again. A local disk move locks the new image (and refuses one
+//! another process holds, unchanged) and frees the old one.
+
+mod common;
+
+use std::fs::File;
+use std::path::Path;
+
+use common::cluster::{
+    make_disk, migrate, protected_primary, receiver, reference, run_tandem, same_image, secondary,
+    source, Pki, Proc,
+};
+use common::{read, result_line, TempDir};
+
+/// 512 sectors written, flushed and read back: several seconds of guest
+/// time, paused by the tests while they try the image.
+const CMDLINE: &str = "disk 512";
+const DISK_SIZE: usize = 1 << 20;
+
+/// Does some process hold a lock on `path` that excludes a writer? (A
+/// probe of our own: an open file description of the test process.)
+fn locked(path: &Path) -> bool {
+    File::open(path).unwrap().try_lock().is_err()
+}
+
+/// Start a VM with a control socket on `img` and pause it once its guest
+/// has seen the disk: it holds the image's lock, mid-workload.
+fn paused_vm(sock: &str, img: &Path) -> Proc {
+    let img_s = img.to_string_lossy().into_owned();
+    let mut vm = source(&[], sock, CMDLINE, &["--disk", &img_s]);
+    vm.wait_for("disk capacity", false);
+    let (code, _, err) = run_tandem(&["pause", "--api", sock]);
+    assert_eq!(code, 0, "pause: {err}\n{}", vm.describe());
+    vm
+}
+
+/// Resume the VM and check it ends as an undisturbed run did.
+#[track_caller]
+fn resume_and_check(vm: Proc, sock: &str, img: &Path, expected: &str, expected_img: &[u8]) {
+    let (code, _, err) = run_tandem(&["resume", "--api", sock]);
+    assert_eq!(code, 0, "resume: {err}");
+    let (code, out, err) = vm.finish();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(result_line(&out), result_line(expected), "{out}\n{err}");
+    assert_eq!(out, expected);
+    same_image(img, expected_img, "the running VM's image");
+}
+
+#[track_caller]
+fn assert_refused(code: i32, err: &str, img: &Path) {
+    assert_eq!(code, 2, "refused with status 2: {err}");
+    assert!(
+        err.contains(&img.display().to_string()) && err.contains("in use by another process"),
+        "the message names the image and says another process uses it: {err}"
+    );
+}
+
+#[test]
+fn a_second_writer_is_refused_and_the_running_vm_is_unaffected() {
+    let tmp = TempDir::new("lock");
+    let (ref_img, img) = (tmp.file("ref.img"), tmp.file("vm.img"));
+    make_disk(&ref_img, DISK_SIZE);
+    std::fs::copy(&ref_img, &img).unwrap();
+    let expected = reference(CMDLINE, Some(&ref_img));
+    let expected_img = read(&ref_img);
+    let img_s = img.to_string_lossy().into_owned();
+    let sock = tmp.s("a.sock");
+    let vm = paused_vm(&sock, &img);
+    assert!(locked(&img), "the running VM holds its image");
+    let during = read(&img);
+
+    // (a) Another VM on the image, writing or reading.
+    for disk in [img_s.clone(), format!("{img_s},ro")] {
+        let (code, out, err) = run_tandem(&["run", "--cmdline", CMDLINE, "--disk", &disk]);
+        assert_refused(code, &err, &img);
+        assert!(!out.contains("cmdline:"), "no guest ran: {out}");
+    }
+    let (code, _, err) = run_tandem(&[
+        "record",
+        "--cmdline",
+        CMDLINE,
+        "--disk",
+        &img_s,
+        "--log",
+        &tmp.s("r.log"),
+    ]);
+    assert_refused(code, &err, &img);
+    assert!(!tmp.file("r.log").exists(), "nothing was created");
+
+    // (b) A secondary given the running VM's own image.
+    let pki = Pki::new(&["a", "b"], &[]);
+    let mut args = vec!["secondary", "--listen", "127.0.0.1:0", "--disk", &img_s];
+    let creds = pki.creds("b");
+    args.extend(creds.iter().map(String::as_str));
+    let (code, _, err) = run_tandem(&args);
+    assert_refused(code, &err, &img);
+    assert!(!err.contains("waiting for a primary"), "{err}");
+
+    // (c) A receiver whose --disk is the running VM's image, and another
+    // VM migrated to it.
+    let other_img = tmp.file("other.img");
+    std::fs::copy(&ref_img, &other_img).unwrap();
+    let (dst, addr) = receiver(&[], "127.0.0.1:0", &pki.creds("b"), &["--disk", &img_s]);
+    let other_sock = tmp.s("b.sock");
+    let other = paused_vm(&other_sock, &other_img);
+    let other_during = read(&other_img);
+    let names_before = names(tmp.path());
+    let (code, out, err) = migrate(&other_sock, &addr, &pki.creds("a"), &[]);
+    assert_ne!(code, 0, "the migration is refused: {out}");
+    assert!(
+        err.contains(&img.display().to_string()) && err.contains("in use by another process"),
+        "the refusal names the destination image: {err}"
+    );
+    assert_eq!(names(tmp.path()), names_before, "no staging file was made");
+    same_image(&other_img, &other_during, "the migrated VM's image");
+    drop(dst);
+    same_image(&img, &during, "the running VM's image, while it is paused");
+
+    // Both VMs run on as if nothing happened.
+    resume_and_check(other, &other_sock, &other_img, &expected, &expected_img);
+    resume_and_check(vm, &sock, &img, &expected, &expected_img);
+
+    // The lock ended with the VM: the image is free for the next one.
+    assert!(!locked(&img), "the lock is released when the VM ends");
+    std::fs::copy(&ref_img, &img).unwrap();
+    let (code, out, err) = run_tandem(&["run", "--cmdline", CMDLINE, "--disk", &img_s]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, expected);
+}
+
+#[test]
+fn a_protected_primary_is_refused_the_image_its_secondary_holds() {
+    let tmp = TempDir::new("lock-sec");
+    let img = tmp.file("vm.img");
+    make_disk(&img, DISK_SIZE);
+    let before = read(&img);
+    let img_s = img.to_string_lossy().into_owned();
+    let pki = Pki::new(&["a", "b"], &[]);
+    let (mut sec, addr) = secondary(&[], "127.0.0.1:0", &pki.creds("b"), &["--disk", &img_s]);
+    assert!(locked(&img), "the waiting secondary holds its copy");
+    let pri = protected_primary(&[], CMDLINE, &addr, &pki.creds("a"), &["--disk", &img_s]);
+    let (code, out, err) = pri.finish();
+    assert_refused(code, &err, &img);
+    assert!(!out.contains("cmdline:"), "no guest ran: {out}");
+    assert!(!sec.ended(), "the secondary waits on\n{}", sec.describe());
+    assert!(!sec.err().contains("protecting"), "{}", sec.describe());
+    same_image(&img, &before, "the secondary's image");
+}
+
+#[test]
+fn a_disk_move_locks_the_new_image_and_frees_the_old_one() {
+    let tmp = TempDir::new("lock-move");
+    let (ref_img, img) = (tmp.file("ref.img"), tmp.file("vm.img"));
+    make_disk(&ref_img, DISK_SIZE);
+    std::fs::copy(&ref_img, &img).unwrap();
+    let expected = reference(CMDLINE, Some(&ref_img));
+    let expected_img = read(&ref_img);
+    let sock = tmp.s("a.sock");
+    let vm = paused_vm(&sock, &img);
+
+    // A destination another process holds is refused as it is.
+    let busy = tmp.write("busy.img", b"someone else's data");
+    let theirs = File::open(&busy).unwrap();
+    theirs.try_lock_shared().unwrap();
+    let (code, out, err) = run_tandem(&[
+        "migrate",
+        "--api",
+        &sock,
+        "--disk-dest",
+        &tmp.s("busy.img"),
+        "--force",
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains(&busy.display().to_string()) && err.contains("in use by another process"),
+        "{err}"
+    );
+    assert_eq!(read(&busy), b"someone else's data");
+    drop(theirs);
+
+    // Moved: the new image is the VM's, locked; the old one is free.
+    let new = tmp.file("new.img");
+    let (code, out, err) =
+        run_tandem(&["migrate", "--api", &sock, "--disk-dest", &tmp.s("new.img")]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(locked(&new), "the new image is locked");
+    assert!(!locked(&img), "the old image is free");
+    let (code, _, err) = run_tandem(&["run", "--cmdline", CMDLINE, "--disk", &tmp.s("new.img")]);
+    assert_refused(code, &err, &new);
+    resume_and_check(vm, &sock, &new, &expected, &expected_img);
+    assert!(!locked(&new));
+}
+
+/// Shared storage (here: a hard link, on loopback): the source lets go of
+/// the image at the switchover for the destination to take. When the
+/// switchover fails (a paused VM, a receiver without --api-socket: refused
+/// after `SwitchoverReady`), the source takes the lock back before its VM
+/// goes on: another VM is refused the image again, and the VM ends as an
+/// undisturbed run.
+#[test]
+fn a_failed_switchover_onto_shared_storage_takes_the_lock_back() {
+    let tmp = TempDir::new("lock-shared");
+    let (ref_img, img) = (tmp.file("ref.img"), tmp.file("vm.img"));
+    make_disk(&ref_img, DISK_SIZE);
+    std::fs::copy(&ref_img, &img).unwrap();
+    let expected = reference(CMDLINE, Some(&ref_img));
+    let expected_img = read(&ref_img);
+    std::fs::hard_link(&img, tmp.file("link.img")).unwrap();
+    let pki = Pki::new(&["a", "b"], &[]);
+    let (dst, addr) = receiver(
+        &[],
+        "127.0.0.1:0",
+        &pki.creds("b"),
+        &["--disk", &tmp.s("link.img")],
+    );
+    let sock = tmp.s("a.sock");
+    let vm = paused_vm(&sock, &img);
+    let (code, out, err) = migrate(&sock, &addr, &pki.creds("a"), &[]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("no --api-socket"),
+        "refused at the switchover: {err}"
+    );
+    drop(dst);
+    assert!(locked(&img), "the source holds its image again");
+    let (code, _, err) = run_tandem(&["run", "--cmdline", CMDLINE, "--disk", &tmp.s("vm.img")]);
+    assert_refused(code, &err, &img);
+    resume_and_check(vm, &sock, &img, &expected, &expected_img);
+}
+
+/// Files in `dir` (names), sorted, but the control sockets.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".sock"))
+        .collect();
+    v.sort();
+    v
+}
