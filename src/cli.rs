@@ -702,8 +702,7 @@ pub struct RecordArgs {
     /// Serve a control socket here (status, pause/resume; a recorded VM
     /// is not migrated). A host disk error then pauses the VM until
     /// `tandem resume` instead of ending the recording. SIGTERM ends the
-    /// process at once, as for `tandem run --api-socket` (the log has no
-    /// end entry).
+    /// process at once (the log has no end entry).
     #[arg(long, conflicts_with = "stop_at")]
     pub api_socket: Option<PathBuf>,
 }

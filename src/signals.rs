@@ -18,11 +18,7 @@ use vmm::vstate::vcpu::Kicker;
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
 
 /// What the waiter does when a signal comes: stop this VM.
-struct Target {
-    flag: Arc<AtomicBool>,
-    wakeup: crossbeam_channel::Sender<()>,
-    kicker: Kicker,
-}
+type Target = Box<dyn Fn() + Send>;
 
 static TARGET: Mutex<Option<Target>> = Mutex::new(None);
 
@@ -60,11 +56,7 @@ pub fn block() {
                 }
                 let target = TARGET.lock().unwrap_or_else(|e| e.into_inner());
                 match target.as_ref() {
-                    Some(t) => {
-                        t.flag.store(true, Ordering::SeqCst);
-                        let _ = t.wakeup.try_send(());
-                        t.kicker.kick_now();
-                    }
+                    Some(stop) => stop(),
                     None => std::process::exit(128 + sig),
                 }
             }
@@ -85,12 +77,21 @@ pub struct Stop {
 pub fn on_stop(kicker: Kicker) -> Stop {
     let flag = Arc::new(AtomicBool::new(false));
     let (tx, wakeup) = crossbeam_channel::bounded(1);
-    *TARGET.lock().unwrap_or_else(|e| e.into_inner()) = Some(Target {
-        flag: flag.clone(),
-        wakeup: tx,
-        kicker,
+    let raised = flag.clone();
+    on_stop_call(move || {
+        raised.store(true, Ordering::SeqCst);
+        let _ = tx.try_send(());
+        kicker.kick_now();
     });
     Stop { flag, wakeup }
+}
+
+/// From now on SIGTERM/SIGINT call `stop` (a VM run under its control
+/// socket: its controller stops the vCPU at its next exit and ends the
+/// run as the guest's end, closing a protection's log with its `End`).
+/// Without [`block`] first, the signals keep their default action.
+pub fn on_stop_call(stop: impl Fn() + Send + 'static) {
+    *TARGET.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(stop));
 }
 
 /// The name of the signal that stopped the VM, if one did.

@@ -75,6 +75,7 @@ fn every_shipped_scenario_parses() {
         "console-partition",
         "console-long-distance",
         "mail-partition",
+        "long-distance",
     ] {
         let out = tandem(&["drill", "--check", &scenario(name)]);
         assert!(
@@ -725,6 +726,64 @@ fn mail_partition_end_to_end() {
         t["partitions_won_by_secondary"].as_u64().unwrap()
             + t["partitions_won_by_primary"].as_u64().unwrap(),
         1
+    );
+    assert_no_namespaces_left();
+}
+
+/// `long-distance` once, as shipped (about 50 s on a quiet machine): 150
+/// ms RTT and 1% loss between the hosts (tandem-wan); the mail VM
+/// protected across that link switches over there and back (`tandem
+/// switchover`, each followed by its re-protection onto the host it
+/// left), then its primary is killed and the far secondary goes live.
+/// Every fault fires while mail flows; nothing acknowledged is lost, no
+/// session reset, one live copy.
+#[test]
+fn long_distance_end_to_end() {
+    let out = tandem(&["drill", &scenario("long-distance"), "--seed", "1", "--json"]);
+    let v = passed_report(&out);
+    let run = &v["runs"][0];
+    assert_eq!(run["messages"]["acknowledged"], 40, "{}", out.describe());
+    assert_eq!(run["messages"]["found"], 40, "{}", out.describe());
+    assert_eq!(run["messages"]["lost"], 0);
+    assert_eq!(run["connections_reset"], 0);
+    assert_eq!(run["live_copies"], 1);
+    let f = run["faults"].as_array().unwrap();
+    let kinds: Vec<&str> = f.iter().map(|f| f["kind"].as_str().unwrap_or("")).collect();
+    assert_eq!(
+        kinds,
+        ["migrate", "migrate", "kill-primary"],
+        "{}",
+        out.describe()
+    );
+    for (m, way) in f[..2].iter().zip(["host a -> host b", "host b -> host a"]) {
+        let d = m["detail"].as_str().unwrap_or("");
+        assert!(
+            d.starts_with(way)
+                && d.contains("tandem switchover")
+                && d.contains("protected again onto host"),
+            "{}",
+            out.describe()
+        );
+        assert!(m["downtime_ms"].as_f64().is_some(), "{}", out.describe());
+        assert!(m["client_gap_ms"].as_f64().is_some(), "{}", out.describe());
+    }
+    let k = &f[2];
+    assert_eq!(k["fails_over"], true);
+    assert!(
+        k["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("on host a -> host b"),
+        "{}",
+        out.describe()
+    );
+    assert!(k["vmm_gap_ms"].as_f64().is_some(), "{}", out.describe());
+    // The session was still sending after the failover (its gap measured).
+    assert!(k["client_gap_ms"].as_f64().is_some(), "{}", out.describe());
+    assert!(
+        k["at_messages"].as_u64().unwrap() < 40,
+        "{}",
+        out.describe()
     );
     assert_no_namespaces_left();
 }

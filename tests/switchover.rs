@@ -179,3 +179,63 @@ fn switchover_mid_run_then_reprotect() {
     assert_eq!(claims[0].0, format!("{vm}.g1.claim"));
     assert!(claims[0].1.starts_with("secondary sec (pid "), "{claims:?}");
 }
+
+/// The drill's shutdown of a switched-over, re-protected VM: SIGTERM of
+/// the new primary (a secondary that went live and serves the VM's control
+/// socket) ends its run as the guest's end, protected: it closes the log
+/// with its `End`, exits 0 saying so and prints its final state digest,
+/// and its secondary verifies the log to that end with the same digest
+/// (it printed none: the signal ended the process at once).
+#[test]
+fn a_reprotected_vm_stopped_by_sigterm_ends_its_log_verified() {
+    let c = Cluster::new("switchover-term");
+    // Long enough for any load: the signal, not the guest, ends it.
+    let cmdline = "fill 4 100000 3";
+    let a_sock = c.dir.s("a.sock");
+    let b_sock = c.dir.s("b.sock");
+    let c_sock = c.dir.s("c.sock");
+    let serial = format!("file:{}", c.dir.s("pri.txt"));
+    let mut pri = Proc::spawn(
+        &[],
+        &[
+            "run",
+            "--api-socket",
+            &a_sock,
+            "--cmdline",
+            cmdline,
+            "--serial",
+            &serial,
+        ],
+    );
+    pri.wait_until("round 2", || rounds(&c.console("pri.txt")) >= 2);
+    let (mut sec, addr) = c.secondary("sec", "live.txt", &b_sock);
+    let (code, out, err) = c.protect(&a_sock, &addr, "pri");
+    assert_eq!(code, 0, "{out}{err}\n{}", pri.describe());
+    let (code, out, err) = run_tandem(&["switchover", "--api", &a_sock]);
+    assert_eq!(code, 0, "{out}{err}\n{}", sec.describe());
+    let (code_p, _, perr) = pri.finish();
+    assert_eq!(code_p, 0, "{perr}");
+    sec.wait_for("serves the live VM now", true);
+    let (third, third_addr) = c.secondary("third", "live2.txt", &c_sock);
+    let (code, out, err) = c.protect(&b_sock, &third_addr, "sec");
+    assert_eq!(code, 0, "{out}{err}\n{}", sec.describe());
+    // Some rounds protected (the third replays them to the log's end).
+    let r0 = rounds(&c.console("live.txt"));
+    sec.wait_until("rounds protected", || {
+        rounds(&c.console("live.txt")) >= r0 + 3
+    });
+    sec.signal(libc::SIGTERM);
+    let (code_s, _, serr) = sec.finish();
+    let (code_t, _, terr) = third.finish();
+    let both = format!("--- new primary ---\n{serr}\n--- its secondary ---\n{terr}");
+    assert_eq!(code_s, 0, "{both}");
+    assert_eq!(code_t, 0, "{both}");
+    assert!(serr.contains("stopped by SIGTERM at exit"), "{both}");
+    assert!(serr.contains("protected run ended at exit"), "{both}");
+    assert!(terr.contains("replay verified"), "{both}");
+    assert!(!terr.contains("going LIVE"), "{both}");
+    let last = serr
+        .rsplit_once("tandem: final state digest ")
+        .map(|(_, d)| d.lines().next().unwrap_or(""));
+    assert_eq!(Some(final_digest(&terr).as_str()), last, "{both}");
+}

@@ -99,6 +99,9 @@ pub struct Replayer<S: EntrySource> {
     /// Offset of the frame the last entry came from.
     frame_offset: u64,
     peeked: Option<Entry>,
+    /// The entry read past `peeked` (looking for the log's end behind a
+    /// sync point: [`Inputs::take_final_sync_point`]).
+    after: Option<Entry>,
     end: LogEnd,
     /// The log's end is a handover at this exit.
     handover: Option<u64>,
@@ -142,6 +145,7 @@ impl<S: EntrySource> Replayer<S> {
             check,
             frame_offset,
             peeked: None,
+            after: None,
             end: LogEnd::Open,
             handover: None,
             fingerprint_interval,
@@ -208,6 +212,9 @@ impl<S: EntrySource> Replayer<S> {
     }
 
     fn peek(&mut self) -> Option<&Entry> {
+        if self.peeked.is_none() {
+            self.peeked = self.after.take();
+        }
         while self.peeked.is_none() && self.end == LogEnd::Open {
             let (offset, r) = self.read();
             match r {
@@ -238,6 +245,29 @@ impl<S: EntrySource> Replayer<S> {
             self.peeked = None;
         }
         self.peek()
+    }
+
+    /// Is the next entry a sync point at `exit_seq` behind which the log
+    /// ends at that exit (nothing but its `End`, after a handover's)?
+    /// Reads one entry past the sync point to know.
+    fn final_sync_point_next(&mut self, exit_seq: u64) -> bool {
+        if !matches!(self.peek_at(exit_seq), Some(Entry::SyncPoint { exit_seq: s, .. }) if *s == exit_seq)
+        {
+            return false;
+        }
+        if self.after.is_none() {
+            let sp = self.peeked.take();
+            // Progress marks up to this exit say nothing (`peek_at`).
+            self.after = loop {
+                self.peek();
+                match self.peeked.take() {
+                    Some(Entry::Progress { exit_seq: e }) if e <= exit_seq => continue,
+                    other => break other,
+                }
+            };
+            self.peeked = sp;
+        }
+        self.after.is_none() && matches!(self.end, LogEnd::End { exit_seq: e, .. } if e == exit_seq)
     }
 
     /// After the `End` entry the log must end: anything more is damage.
@@ -568,6 +598,16 @@ impl<S: EntrySource> Inputs for Replayer<S> {
 
     fn take_divergence(&mut self) -> Option<Divergence> {
         self.divergence.take()
+    }
+
+    fn take_final_sync_point(&mut self, exit_seq: u64) -> Option<SyncPoint> {
+        if !self.final_sync_point_next(exit_seq) {
+            return None;
+        }
+        match self.take() {
+            Some(Entry::SyncPoint { sync, .. }) => Some(*sync),
+            _ => None,
+        }
     }
 
     fn take_sync_point(&mut self, exit_seq: u64) -> Option<SyncPoint> {
@@ -927,6 +967,91 @@ mod validation_tests {
         assert!(e.to_string().contains("byte offset 100"), "{e}");
         assert!(r.take_divergence().is_none());
         assert!(r.ended(2));
+    }
+
+    /// A sync point that passes the replayer's check (fresh states).
+    fn sync_point(exit_seq: u64) -> Entry {
+        let vcpu = vmm::vstate::vcpu::VcpuState {
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Vec::new(),
+            xcrs: Default::default(),
+            msrs: Vec::new(),
+            debug_regs: Default::default(),
+            events: Default::default(),
+            mp_state: Default::default(),
+        };
+        let devices = vmm::devices::bus::Devices::new(1 << 20, 0, None, None)
+            .unwrap()
+            .save();
+        Entry::SyncPoint {
+            exit_seq,
+            sync: Box::new(SyncPoint {
+                vcpu_state: vmm::persist::encode_state("v", &vcpu).unwrap(),
+                device_state: vmm::persist::encode_state("d", &devices).unwrap(),
+                pages: Vec::new(),
+                digest: recordlog::Digest::ZERO,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_recorder_s_final_sync_point_is_taken_before_the_exit_is_serviced() {
+        // A switchover's end: the sync point, the handover, the end, all
+        // at the exit where the recorder stopped.
+        let mut r = replayer(
+            vec![
+                Entry::Interrupt {
+                    exit_seq: 3,
+                    vector: 0x20,
+                },
+                sync_point(5),
+                Entry::Handover { exit_seq: 5 },
+                end(5),
+            ],
+            false,
+        );
+        assert!(r.take_final_sync_point(3).is_none());
+        assert!(r.interrupt_injected(3, 0x20).is_ok());
+        assert!(r.take_final_sync_point(4).is_none());
+        assert!(r.take_final_sync_point(5).is_some());
+        assert!(r.ended(5));
+        assert_eq!(r.handover(), Some(5));
+        assert!(r.take_divergence().is_none());
+        // Stopped by a signal (no handover), a progress mark between.
+        let mut r = replayer(
+            vec![sync_point(7), Entry::Progress { exit_seq: 7 }, end(7)],
+            false,
+        );
+        assert!(r.take_final_sync_point(7).is_some());
+        assert!(r.ended(7));
+    }
+
+    #[test]
+    fn a_sync_point_the_log_goes_on_after_is_left_for_its_exit_s_service() {
+        // A periodic sync point: the entries behind it stay in order.
+        let mut r = replayer(
+            vec![
+                sync_point(5),
+                Entry::Input {
+                    exit_seq: 5,
+                    input: Input::Clock(9),
+                },
+                sync_point(8),
+                end(9),
+            ],
+            false,
+        );
+        assert!(r.take_final_sync_point(5).is_none());
+        assert!(r.take_final_sync_point(5).is_none());
+        assert!(r.take_sync_point(5).is_some());
+        assert_eq!(r.clock_ns(5), 9);
+        // The log ends at another exit than this sync point's.
+        assert!(r.take_final_sync_point(8).is_none());
+        assert!(r.take_sync_point(8).is_some());
+        assert!(!r.ended(8));
+        assert!(r.ended(9));
+        assert!(r.take_divergence().is_none());
     }
 
     #[test]

@@ -40,6 +40,12 @@ pub fn run_with_api_as(
     setup: impl FnOnce(&primary::migration::VmController),
 ) -> Result<i32, CmdError> {
     let (ctl, side) = controller(machine);
+    // SIGTERM/SIGINT end the run at the next exit as the guest's end: a
+    // protected VM closes its log (final sync point, `End`) and prints its
+    // final state digest, which its secondary verifies (`signals::block`
+    // ran first in every command that gets here).
+    let stopper = ctl.clone();
+    crate::signals::on_stop_call(move || stopper.stop());
     setup(&ctl);
     let side = if paused { side.start_paused() } else { side };
     let side = side.with_api_socket(sock);
@@ -48,6 +54,9 @@ pub fn run_with_api_as(
         .map_err(|e| CmdError::Input(format!("--api-socket {}: {e}", sock.display())))?;
     // `tandem protect` and `tandem unprotect` start and end recording.
     let outcome = run_protectable(machine, inputs, side, outcome_status).map(|(o, end)| {
+        if let (ControlledOutcome::Guest(_), Some(sig)) = (&o, crate::signals::received()) {
+            eprintln!("tandem: stopped by {sig} at exit {}", machine.exit_seq);
+        }
         match end {
             Some(end) => super::protect_running::report_end(&end),
             None => ended_unprotected(machine, &o, lineage.lineage().role),

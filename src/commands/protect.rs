@@ -88,7 +88,7 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
         .lag
         .limits()
         .map_err(|e| CmdError::Input(e.to_string()))?;
-    crate::signals::block();
+    // `run` blocked SIGTERM/SIGINT before any thread.
     let params = link_params(&args.protect)?;
     let host_net = net::open(args.vm.net.net.as_ref())?;
     let config = vm_config(&args.vm, host_net.as_ref())?;

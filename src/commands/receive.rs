@@ -11,9 +11,7 @@ use crate::cli::ReceiveArgs;
 use crate::{console, net};
 
 pub fn receive(args: ReceiveArgs) -> Result<i32, CmdError> {
-    if args.api_socket.is_none() {
-        crate::signals::block();
-    }
+    crate::signals::block();
     let (creds, name) = super::load_creds(&args.creds, "destination")?;
     let listener = listen(args.listen, &creds, &name)
         .map_err(|e| CmdError::Input(format!("--listen {}: {e}", args.listen)))?;

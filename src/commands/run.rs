@@ -227,6 +227,9 @@ pub fn stopped_by_signal(machine: &mut Machine, inputs: &mut dyn Inputs, flush: 
 }
 
 pub fn run(args: RunArgs) -> Result<i32, CmdError> {
+    // Before any thread: SIGTERM/SIGINT stop the VM cleanly on every path
+    // (a VM with a control socket or protected, too).
+    signals::block();
     // Seeded before its first instruction (memory and state copied): with
     // spares, for a kernel file (a secondary boots only the built-in guest
     // from a log; a seed needs no image), and with a control socket (its
@@ -239,9 +242,6 @@ pub fn run(args: RunArgs) -> Result<i32, CmdError> {
     }
     if args.protect.protect_to.is_some() {
         return super::protect::run_protected(args);
-    }
-    if args.api_socket.is_none() {
-        signals::block();
     }
     let host_net = net::open(args.vm.net.net.as_ref())?;
     let config = vm_config(&args.vm, host_net.as_ref())?;

@@ -83,6 +83,16 @@ pub trait Inputs: Outputs + Send {
     fn sync_point(&mut self, _exit_seq: u64, _sp: SyncPoint) -> Result<(), Divergence> {
         Ok(())
     }
+    /// Replayer, before the exit `exit_seq` is serviced: the recorder's
+    /// final sync point, when the log ends with it at this exit (its `End`,
+    /// a handover's too, right behind it). A recorder that stopped here
+    /// (a pause, a signal, `--stop-at`, a switchover's handover) captured
+    /// it before servicing the exit, so the replay must apply it before
+    /// servicing it too: an interrupt pending here was never injected by
+    /// the recorder.
+    fn take_final_sync_point(&mut self, _exit_seq: u64) -> Option<SyncPoint> {
+        None
+    }
     /// Replayer: the logged sync point to apply at `exit_seq` instead of
     /// running the guest, if the log has one there.
     fn take_sync_point(&mut self, _exit_seq: u64) -> Option<SyncPoint> {

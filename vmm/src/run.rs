@@ -3,6 +3,8 @@
 //! Order at every exit (and at the start of a run, which is "at" the exit
 //! the machine was saved or booted at):
 //! 1. stop here if asked (`stop_at_exit`), completing pending I/O first;
+//!    a replayer whose log ends here with the recorder's final sync point
+//!    (taken when the recorder stopped at this step) applies it and ends;
 //! 2. take inputs: console bytes, network frames (while the NIC has a
 //!    receive buffer), timer deadline (through [`Inputs`]);
 //! 3. propagate device interrupt lines to the PIC;
@@ -263,6 +265,18 @@ impl Machine {
             {
                 self.vcpu.complete_pending_io()?;
                 return Ok(RunOutcome::Paused);
+            }
+            // A recorder that stopped at this exit (as just above) logged
+            // its final sync point before servicing it: the replay ends
+            // there too, without servicing it.
+            if let Some(sp) = inputs.take_final_sync_point(self.exit_seq) {
+                let seq = self.exit_seq;
+                self.replay_sync_point(inputs, seq, &sp)?;
+                if inputs.ended(seq) {
+                    self.vcpu.complete_pending_io()?;
+                    return Ok(RunOutcome::LogEnded);
+                }
+                continue;
             }
             let serviced = if std::mem::take(&mut self.skip_service) {
                 Ok(())

@@ -78,6 +78,8 @@ enum Request {
     /// Start or end protection (`crate::protect`): handled by
     /// `protect::run_protectable` around [`run_controlled`].
     Protection(crate::protect::Step),
+    /// End the run here (SIGTERM/SIGINT), as if the guest had ended.
+    Stop,
 }
 
 /// The guest stopped for the switchover.
@@ -116,6 +118,8 @@ struct Shared {
     /// Paused by the operator (`tandem pause`), also while migrating.
     user_paused: AtomicBool,
     ended: AtomicBool,
+    /// [`VmController::stop`] was called: the run ends once not frozen.
+    stop: AtomicBool,
     throttle: Arc<Throttle>,
     vm: Arc<Vm>,
     dirty: DirtyTracker,
@@ -237,6 +241,7 @@ pub fn controller(machine: &Machine) -> (VmController, VcpuSide) {
         cancel: AtomicBool::new(false),
         user_paused: AtomicBool::new(false),
         ended: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
         throttle: Arc::new(Throttle::new()),
         vm: machine.vm.clone(),
         dirty: machine.dirty.clone(),
@@ -398,6 +403,19 @@ impl VmController {
     /// at `whereto` now).
     pub fn finish_migrated(&self, whereto: String) {
         self.post(Request::Finish(whereto));
+    }
+
+    /// End the run at the guest's next exit, as if the guest had ended
+    /// there (SIGTERM/SIGINT of the VMM): [`run_controlled`] returns
+    /// [`ControlledOutcome::Guest`] with [`RunOutcome::Paused`], paused or
+    /// not, so that a protected VM closes its log with the final sync
+    /// point and its `End` (`protect::run_protectable`) and the secondary
+    /// verifies it. In a migration's freeze the stop waits for its end:
+    /// a completed migration ends the run anyway, a failed one thaws.
+    /// Returns at once.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.post(Request::Stop);
     }
 
     /// Auto-converge: hold the guest `pct` % of the time (0 = no
@@ -603,6 +621,8 @@ fn handle(
             let _ = reply.send(result.map(|()| Instant::now()));
         }
         Request::Protection(step) => return Some(ControlledOutcome::Protection(step)),
+        // Seen in `shared.stop` (it outlives a protection step's return).
+        Request::Stop => {}
         Request::Finish(whereto) => {
             set_state(shared, "stopped", machine.exit_seq);
             return Some(ControlledOutcome::Migrated(whereto));
@@ -692,6 +712,11 @@ pub fn run_controlled(
         shared.pause.store(true, Ordering::SeqCst);
     }
     loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            // Asked before this call (with a protection step handled since).
+            set_state(&shared, "stopped", machine.exit_seq);
+            return Ok(ControlledOutcome::Guest(RunOutcome::Paused));
+        }
         let limits = RunLimits {
             pause: Some(shared.pause.clone()),
             throttle: Some(shared.throttle.clone()),
@@ -716,6 +741,10 @@ pub fn run_controlled(
                 if let Some(end) = handle(req, machine, inputs, &mut flags, &shared) {
                     return Ok(end);
                 }
+            }
+            if shared.stop.load(Ordering::SeqCst) && !flags.frozen {
+                set_state(&shared, "stopped", machine.exit_seq);
+                return Ok(ControlledOutcome::Guest(RunOutcome::Paused));
             }
             if !(flags.user_paused || flags.frozen || flags.disk_error) {
                 break;
