@@ -36,6 +36,7 @@ impl FakePrimary {
             version,
             disk: None,
             seed: None,
+            arbiter: None,
         };
         self.conn
             .send_frame(kind::HEADER, &postcard::to_stdvec(&h).unwrap())
@@ -132,7 +133,17 @@ fn refused(sec: Proc, dir: &TempDir, reason: &str, want: &str) -> String {
     assert!(!err.contains("final state digest"), "{err}");
     assert!(!err.contains("replay verified"), "{err}");
     assert!(!err.contains("the primary is lost"), "{err}");
-    let claims = std::fs::read_dir(dir.s("arbiter")).unwrap().count();
+    // The arbiter's id file aside (made when the secondary opened it).
+    let claims = std::fs::read_dir(dir.s("arbiter"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".claim")
+        })
+        .count();
     assert_eq!(claims, 0, "the secondary asked the arbiter\n{err}");
     err
 }
@@ -217,4 +228,42 @@ fn an_older_lockstep_protocol_is_refused() {
         "{reason}"
     );
     drop(sec);
+}
+
+/// A primary and a secondary given different arbiters (two directories, as
+/// when one host mounts the wrong share) could each win a partition and
+/// both go live: the secondary refuses the VM before anything runs, naming
+/// both arbiters.
+#[test]
+fn a_primary_with_another_arbiter_is_refused() {
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    let dir = TempDir::new("arbmismatch");
+    let (a, b) = (dir.file("arb-a"), dir.file("arb-b"));
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    let (sa, sb) = (
+        format!("file:{}", common::arg(&a)),
+        format!("file:{}", common::arg(&b)),
+    );
+    let (_sec, addr) = cluster::loopback_secondary(&pki.creds("sec"), &["--arbiter", &sb]);
+    let pri =
+        cluster::protected_primary(&[], "hello", &addr, &pki.creds("pri"), &["--arbiter", &sa]);
+    let (code, out, err) = pri.finish();
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("both go live") && err.contains("--arbiter"),
+        "{err}"
+    );
+    assert!(!out.contains("RESULT"), "the VM ran: {out}");
+    // The same directory reached by another path is the same arbiter.
+    let link = dir.file("arb-b-link");
+    std::os::unix::fs::symlink(&b, &link).unwrap();
+    let sl = format!("file:{}", common::arg(&link));
+    let (sec, addr) = cluster::loopback_secondary(&pki.creds("sec"), &["--arbiter", &sb]);
+    let pri =
+        cluster::protected_primary(&[], "hello", &addr, &pki.creds("pri"), &["--arbiter", &sl]);
+    let (code, _, err) = pri.finish();
+    assert_eq!(code, 0, "{err}");
+    let (code, _, serr) = sec.finish();
+    assert_eq!(code, 0, "{serr}");
 }

@@ -55,7 +55,9 @@ use serde::{Deserialize, Serialize};
 /// Version of this protocol. 2: [`Header::seed`]. 3: [`kind::SYNC_REQUEST`]
 /// and [`kind::REPAIRED`] (a version-2 primary would take them for a
 /// protocol error and drop its secondary, so version 2 is refused).
-pub const LOCKSTEP_VERSION: u32 = 3;
+/// 4: [`Header::arbiter`] (a header is read by its version first:
+/// [`decode_header`]).
+pub const LOCKSTEP_VERSION: u32 = 4;
 
 /// Application frame kinds of the lockstep stream.
 pub mod kind {
@@ -175,6 +177,9 @@ pub struct Header {
     /// A running VM is seeded first (the migration pre-copy): its migration
     /// header. `None`: the log starts at boot.
     pub seed: Option<crate::migration::Header>,
+    /// The primary's arbiter (`Arbiter::identity`), if it has one: a
+    /// secondary with another arbiter refuses the VM.
+    pub arbiter: Option<String>,
 }
 
 /// The secondary has received this many bytes of the log stream.
@@ -307,6 +312,12 @@ pub enum HeaderError {
         "the VM has a {0}-byte disk: give the secondary a copy of the primary's image with --disk"
     )]
     NeedsDisk(u64),
+    /// The header's bytes do not decode.
+    #[error("unreadable lockstep header: {0}")]
+    Unreadable(String),
+    /// The primary asks another arbiter than this secondary's.
+    #[error("{0}")]
+    Arbiter(String),
     /// `--disk` cannot be read.
     #[error("--disk {}: {source}", path.display())]
     ReadDisk {
@@ -337,12 +348,29 @@ pub enum HeaderError {
     },
 }
 
+/// A primary's header frame: its version first (a header of another
+/// version is refused by its number, not as garbage), then the rest.
+pub fn decode_header(payload: &[u8]) -> Result<Header, HeaderError> {
+    let (version, _) = postcard::take_from_bytes::<u32>(payload)
+        .map_err(|e| HeaderError::Unreadable(e.to_string()))?;
+    if version != LOCKSTEP_VERSION {
+        return Err(HeaderError::Version(version));
+    }
+    postcard::from_bytes(payload).map_err(|e| HeaderError::Unreadable(e.to_string()))
+}
+
 /// Does the secondary take a primary's header? `disk`: the secondary's own
-/// image (`--disk`), if any.
-pub fn check_header(header: &Header, disk: Option<&Path>) -> Result<(), HeaderError> {
+/// image (`--disk`), if any; `arbiter`: its own arbiter's identity.
+pub fn check_header(
+    header: &Header,
+    disk: Option<&Path>,
+    arbiter: Option<&str>,
+) -> Result<(), HeaderError> {
     if header.version != LOCKSTEP_VERSION {
         return Err(HeaderError::Version(header.version));
     }
+    crate::arbiter::same_arbiter(header.arbiter.as_deref(), arbiter)
+        .map_err(HeaderError::Arbiter)?;
     if let Some(seed) = &header.seed {
         // The disk is copied during the seeding, to --disk.
         return match (&seed.disk, disk) {
@@ -394,19 +422,44 @@ mod tests {
             version: LOCKSTEP_VERSION,
             disk: Some(DiskHash::of(&a).unwrap()),
             seed: None,
+            arbiter: None,
         };
-        assert!(check_header(&h, Some(&a)).is_ok());
-        let e = check_header(&h, Some(&b)).unwrap_err();
+        assert!(check_header(&h, Some(&a), None).is_ok());
+        let e = check_header(&h, Some(&b), None).unwrap_err();
         assert!(matches!(e, HeaderError::DiskContent { .. }), "{e}");
         assert!(e.to_string().contains("differs"), "{e}");
-        let e = check_header(&h, None).unwrap_err();
+        let e = check_header(&h, None, None).unwrap_err();
         assert!(matches!(e, HeaderError::NeedsDisk(4096)), "{e}");
         assert!(e.to_string().contains("--disk"));
-        let old = Header { version: 2, ..h };
+        let mine = Header {
+            arbiter: Some("file arbiter 12".into()),
+            ..h.clone()
+        };
+        assert!(check_header(&mine, Some(&a), Some("file arbiter 12")).is_ok());
+        let e = check_header(&mine, Some(&a), Some("file arbiter 34")).unwrap_err();
+        assert!(matches!(e, HeaderError::Arbiter(_)), "{e}");
+        let bytes = postcard::to_stdvec(&mine).unwrap();
+        assert_eq!(decode_header(&bytes).unwrap(), mine);
+        assert!(decode_header(&bytes[..bytes.len() - 3]).is_err());
+        let old = Header { version: 3, ..h };
         assert!(matches!(
-            check_header(&old, Some(&a)),
-            Err(HeaderError::Version(2))
+            check_header(&old, Some(&a), None),
+            Err(HeaderError::Version(3))
         ));
+        // A version-3 header (no arbiter field) is refused by its number.
+        #[derive(Serialize)]
+        struct V3 {
+            version: u32,
+            disk: Option<DiskHash>,
+            seed: Option<crate::migration::Header>,
+        }
+        let v3 = postcard::to_stdvec(&V3 {
+            version: 3,
+            disk: None,
+            seed: None,
+        })
+        .unwrap();
+        assert!(matches!(decode_header(&v3), Err(HeaderError::Version(3))));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

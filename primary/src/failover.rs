@@ -27,6 +27,9 @@ pub struct FailoverParams {
     pub protection: Protection,
     /// `--arbiter`, if given.
     pub arbiter: Option<Arc<dyn Arbiter>>,
+    /// Its identity (`Arbiter::identity`, taken when it was opened): the
+    /// secondary refuses a primary that asks another arbiter than its own.
+    pub arbiter_id: Option<String>,
     /// Our identity in a claim.
     pub holder: String,
     /// Called (on its own thread's behalf: it must not block) once this

@@ -938,6 +938,7 @@ mod tests {
                 heartbeat_ms: 50,
             },
             arbiter: None,
+            arbiter_id: None,
             holder: "test".into(),
             on_alone: None,
         }));

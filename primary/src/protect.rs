@@ -273,6 +273,7 @@ impl crate::migration::Seeding for Seeder<'_> {
             version: LOCKSTEP_VERSION,
             disk: None,
             seed: Some(migration.clone()),
+            arbiter: self.session.acks.heard().0.arbiter_id.clone(),
         };
         Ok((
             kind::HEADER,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use failover::channel::{BlockingConnection, BlockingListener, ChannelError, Role};
 use failover::heartbeat::Timing;
-use failover::lockstep::{check_header, kind, Ack, Header, ProtectionStatus};
+use failover::lockstep::{check_header, decode_header, kind, Ack, Header, ProtectionStatus};
 use recordlog::{Entry, Input, ReadError};
 
 use crate::replay::EntrySource;
@@ -34,7 +34,7 @@ pub(crate) fn realtime_ns() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
-use crate::migration::{abort, read_first, ReceiveError};
+use crate::migration::{abort, read_first_frame, ReceiveError};
 
 /// How the secondary is set up (paths are its operator's).
 #[derive(Debug, Default)]
@@ -47,6 +47,9 @@ pub struct SecondaryOptions {
     pub ack_log: Option<File>,
     /// Heartbeat interval and failover timeout.
     pub timing: Timing,
+    /// This side's arbiter (`Arbiter::identity`): a primary asking another
+    /// is refused.
+    pub arbiter: Option<String>,
 }
 
 /// A primary that was accepted: its log arrives through `reader`.
@@ -274,6 +277,7 @@ pub fn accept(
             disk: opts.disk,
             log: std::sync::Mutex::new((opts.log, opts.ack_log)),
             timing: opts.timing,
+            arbiter: opts.arbiter,
         },
     )
 }
@@ -282,6 +286,7 @@ struct Lockstep {
     disk: Option<PathBuf>,
     log: std::sync::Mutex<(Option<File>, Option<File>)>,
     timing: Timing,
+    arbiter: Option<String>,
 }
 
 impl Intake for Lockstep {
@@ -290,13 +295,18 @@ impl Intake for Lockstep {
     const WHAT: &'static str = "log stream";
 
     fn read_header(&self, conn: &mut BlockingConnection) -> Result<Header, ReceiveError> {
-        read_first(
+        let payload = read_first_frame(
             conn,
             Role::Primary,
             "a primary",
             kind::HEADER,
             "lockstep header",
-        )
+        )?;
+        decode_header(&payload).map_err(|e| {
+            let reason = e.to_string();
+            abort(conn, &reason);
+            ReceiveError::Refused(reason)
+        })
     }
 
     fn take(
@@ -304,7 +314,7 @@ impl Intake for Lockstep {
         mut conn: BlockingConnection,
         header: &Header,
     ) -> Result<Protected, ReceiveError> {
-        if let Err(e) = check_header(header, self.disk.as_deref()) {
+        if let Err(e) = check_header(header, self.disk.as_deref(), self.arbiter.as_deref()) {
             let reason = e.to_string();
             abort(&mut conn, &reason);
             return Err(ReceiveError::Refused(reason));

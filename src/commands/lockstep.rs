@@ -61,13 +61,15 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         args.failover.failover_timeout_ms,
     )
     .map_err(|e| CmdError::Input(e.to_string()))?;
-    let arbiter = args
+    let opened = args
         .failover
         .arbiter
         .as_deref()
         .map(failover::arbiter::open)
         .transpose()
         .map_err(|e| CmdError::Input(e.to_string()))?;
+    let arbiter_id = opened.as_ref().map(|o| o.identity.clone());
+    let arbiter = opened.map(|o| o.arbiter);
     let (creds, name) = super::load_creds(&args.creds, "secondary")?;
     let mut spare = crate::spare::at_go_live(&args)?;
     let log = match &args.log {
@@ -107,6 +109,7 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
         log,
         ack_log,
         timing,
+        arbiter: arbiter_id,
     };
     let mut protected = accept(&listener, opts).map_err(|e| CmdError::Internal(e.to_string()))?;
     let follow = protected.follow.clone();

@@ -131,7 +131,8 @@ pub fn failover_params(
             generation: 1,
             heartbeat_ms: a.heartbeat_ms,
         },
-        arbiter: arbiter.map(std::sync::Arc::from),
+        arbiter_id: arbiter.as_ref().map(|o| o.identity.clone()),
+        arbiter: arbiter.map(|o| std::sync::Arc::from(o.arbiter)),
         holder: format!("primary {name} (pid {})", std::process::id()),
         on_alone: None,
     })

@@ -119,6 +119,7 @@ pub fn run_protected(args: RunArgs) -> Result<i32, CmdError> {
             version: LOCKSTEP_VERSION,
             disk,
             seed: None,
+            arbiter: params.failover.arbiter_id.clone(),
         },
         queue.clone(),
     )

@@ -851,8 +851,10 @@ impl Drop for MailStream {
 pub fn file_claims(dir: &Path) -> Vec<(String, String)> {
     let mut claims: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
-        .map(|e| {
-            let path = e.unwrap().path();
+        .map(|e| e.unwrap().path())
+        // The arbiter's id file aside.
+        .filter(|p| p.extension().is_some_and(|x| x == "claim"))
+        .map(|path| {
             let text = std::fs::read_to_string(&path).unwrap();
             let holder = text
                 .lines()

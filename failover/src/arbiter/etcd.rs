@@ -249,6 +249,11 @@ impl EtcdArbiter {
     /// Every claim held in etcd now: `(key, holder)` (for operators and
     /// tests).
     pub fn claims(&self) -> Result<Vec<(String, String)>, ArbiterError> {
+        self.read_claims().map(|(_, all)| all)
+    }
+
+    /// [`Self::claims`] and the etcd cluster's id (from the answer's header).
+    fn read_claims(&self) -> Result<(u64, Vec<(String, String)>), ArbiterError> {
         let job = self.job("", 0, "");
         let bound = self.opts.claim_timeout * self.urls.len() as u32 + Duration::from_secs(1);
         self.on_thread(bound, move |tx| async move {
@@ -280,7 +285,8 @@ impl EtcdArbiter {
                                 (String::from_utf8_lossy(kv.key()).into_owned(), holder)
                             })
                             .collect();
-                        let _ = tx.send(Ok(all));
+                        let cluster = r.header().map_or(0, |h| h.cluster_id());
+                        let _ = tx.send(Ok((cluster, all)));
                         return;
                     }
                     Err(e) => errs.push(format!("{url}: {e}")),
@@ -573,6 +579,13 @@ impl Arbiter for EtcdArbiter {
     /// A member answers a read of the claims.
     fn check(&self) -> Result<(), ArbiterError> {
         self.claims().map(|_| ())
+    }
+
+    /// The etcd cluster's id, as its members report it: every member of
+    /// one cluster gives the same, another cluster another.
+    fn identity(&self) -> Result<String, ArbiterError> {
+        let (cluster, _) = self.read_claims()?;
+        Ok(format!("etcd cluster {cluster:016x}"))
     }
 
     fn fencing_token(&self, vm_id: &str, generation: u64) -> Option<u64> {

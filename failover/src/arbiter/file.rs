@@ -36,6 +36,11 @@ use crate::heartbeat::check_vm_id;
 /// Largest claim file read back.
 const MAX_CLAIM: u64 = 4096;
 
+/// The directory's id file: `tandem-arbiter-id HEX`, made once by the
+/// first side to open the arbiter, the same for every host whatever path
+/// it mounts the directory at (`Arbiter::identity`).
+pub const ID_FILE: &str = "tandem-arbiter.id";
+
 /// See the module docs.
 #[derive(Debug, Clone)]
 pub struct FileArbiter {
@@ -75,6 +80,32 @@ impl FileArbiter {
 }
 
 impl FileArbiter {
+    /// Write `text` to the private `tmp`, make it durable, then link it to
+    /// `path` (atomic: `path` never exists with partial content).
+    fn publish(
+        &self,
+        tmp: &Path,
+        path: &Path,
+        text: &str,
+    ) -> Result<std::io::Result<()>, ArbiterError> {
+        let written = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(tmp)
+            .and_then(|mut f| {
+                f.write_all(text.as_bytes())?;
+                f.sync_all()
+            });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(tmp);
+            return Err(self.unreachable(&format!("writing {}", tmp.display()), e));
+        }
+        let linked = std::fs::hard_link(tmp, path);
+        let _ = std::fs::remove_file(tmp);
+        Ok(linked)
+    }
+
     /// `Err` unless the directory exists (it is never created here).
     fn is_dir(&self) -> Result<(), ArbiterError> {
         match std::fs::metadata(&self.dir) {
@@ -107,22 +138,7 @@ impl Arbiter for FileArbiter {
         let path = self.claim_path(vm_id, generation);
         let tmp = self.tmp_path(&format!("{vm_id}.g{generation}"));
         let text = claim_text(vm_id, generation, &holder);
-        let written = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&tmp)
-            .and_then(|mut f| {
-                f.write_all(text.as_bytes())?;
-                f.sync_all()
-            });
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(self.unreachable(&format!("writing {}", tmp.display()), e));
-        }
-        let linked = std::fs::hard_link(&tmp, &path);
-        let _ = std::fs::remove_file(&tmp);
-        match linked {
+        match self.publish(&tmp, &path, &text)? {
             Ok(()) => {
                 fsync_dir(&self.dir)
                     .map_err(|e| self.unreachable(&format!("fsync {}", self.dir.display()), e))?;
@@ -160,6 +176,36 @@ impl Arbiter for FileArbiter {
             .and_then(|f| f.sync_all());
         let _ = std::fs::remove_file(&probe);
         made.map_err(|e| self.unreachable(&format!("creating {}", probe.display()), e))
+    }
+
+    /// The id in [`ID_FILE`], made now if this is the directory's first use
+    /// (two first users at once: one link wins, both read its id).
+    fn identity(&self) -> Result<String, ArbiterError> {
+        self.is_dir()?;
+        let path = self.dir.join(ID_FILE);
+        if !path.exists() {
+            let id = crate::heartbeat::new_vm_id(self.dir.as_os_str().as_encoded_bytes());
+            let text = format!("tandem-arbiter-id {id}\n");
+            match self.publish(&self.tmp_path("id"), &path, &text)? {
+                Ok(()) => fsync_dir(&self.dir)
+                    .map_err(|e| self.unreachable(&format!("fsync {}", self.dir.display()), e))?,
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(self.unreachable(&format!("link {}", path.display()), e)),
+            }
+        }
+        let mut text = String::new();
+        File::open(&path)
+            .and_then(|f| f.take(MAX_CLAIM).read_to_string(&mut text))
+            .map_err(|e| self.unreachable(&format!("reading {}", path.display()), e))?;
+        text.strip_prefix("tandem-arbiter-id ")
+            .map(str::trim_end)
+            .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(|id| format!("file arbiter {id}"))
+            .ok_or_else(|| ArbiterError::Damaged {
+                arbiter: self.describe(),
+                what: path.display().to_string(),
+                reason: "not a tandem arbiter id (expected `tandem-arbiter-id HEX`)".into(),
+            })
     }
 }
 

@@ -119,6 +119,12 @@ pub trait Arbiter: Send + Sync {
     /// a side whose arbiter cannot be reached could never go live (nor go
     /// on alone), so its protection would be for show.
     fn check(&self) -> Result<(), ArbiterError>;
+    /// What identifies this arbiter whatever path or address a host
+    /// reaches it by (a file arbiter's id file, the etcd cluster's id):
+    /// the primary and its secondary must ask the same arbiter, or a
+    /// partition lets each win its own claim and both go live. Implies
+    /// [`Self::check`].
+    fn identity(&self) -> Result<String, ArbiterError>;
     /// The fencing token of the claim of `(vm_id, generation)` this
     /// arbiter won, if the backend has one: etcd's revision at which the
     /// key was created, larger for every later claim in that etcd cluster.
@@ -152,16 +158,47 @@ pub fn from_spec(spec: &str) -> Result<Box<dyn Arbiter>, ArbiterError> {
     }
 }
 
-/// [`from_spec`], then [`Arbiter::check`]: the arbiter a side starts
-/// protection with, reachable now (an error says why not and names it).
-pub fn open(spec: &str) -> Result<Box<dyn Arbiter>, ArbiterError> {
-    let a = from_spec(spec)?;
-    a.check().map_err(|e| {
+/// [`from_spec`], then [`Arbiter::check`] and [`Arbiter::identity`]: the
+/// arbiter a side starts protection with, reachable now (an error says why
+/// not and names it), and its identity.
+pub fn open(spec: &str) -> Result<Opened, ArbiterError> {
+    let arbiter = from_spec(spec)?;
+    let unreachable = |e: ArbiterError| {
         ArbiterError::Config(format!(
             "--arbiter {spec}: {e}; protection with an arbiter nobody can reach could never fail over (a file arbiter's directory is never created: mount the shared storage or create it on it)"
         ))
-    })?;
-    Ok(a)
+    };
+    arbiter.check().map_err(unreachable)?;
+    let identity = arbiter.identity().map_err(unreachable)?;
+    Ok(Opened { arbiter, identity })
+}
+
+/// An arbiter reachable when protection started, with its identity.
+pub struct Opened {
+    /// The arbiter.
+    pub arbiter: Box<dyn Arbiter>,
+    /// Its [`Arbiter::identity`] then.
+    pub identity: String,
+}
+
+/// Longest arbiter identity accepted from a peer.
+pub const MAX_IDENTITY: usize = 128;
+
+/// Do a primary whose arbiter is `primary` (its identity, from the peer)
+/// and a secondary whose own is `mine` ask the same arbiter? Two sides
+/// with different arbiters could both win a partition and both go live;
+/// a side with none never goes on alone, so one missing is safe.
+pub fn same_arbiter(primary: Option<&str>, mine: Option<&str>) -> Result<(), String> {
+    match (primary, mine) {
+        (Some(p), _) if p.len() > MAX_IDENTITY => Err(format!(
+            "the primary's arbiter identity is {} bytes long (at most {MAX_IDENTITY})",
+            p.len()
+        )),
+        (Some(p), Some(m)) if p != m => Err(format!(
+            "the primary's arbiter is {p:?}, this secondary's {m:?}: both sides must give --arbiter the same arbiter (the same shared directory or etcd cluster), or a partition would let each win its own claim and both go live"
+        )),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -201,9 +238,32 @@ mod tests {
         assert!(e.contains("not a directory"), "{e}");
         std::fs::remove_file(&dir).unwrap();
         std::fs::create_dir(&dir).unwrap();
-        open(&spec).unwrap();
-        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-        assert!(left.is_empty(), "the probe was left behind: {left:?}");
-        std::fs::remove_dir(&dir).unwrap();
+        let first = open(&spec).unwrap().identity;
+        // Only the id file is left (the probe is removed), and it names
+        // the directory for whoever opens it next, by any path.
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, [file::ID_FILE], "{left:?}");
+        let other = std::env::temp_dir().join(format!("tandem-arb-link-{}", std::process::id()));
+        let _ = std::fs::remove_file(&other);
+        std::os::unix::fs::symlink(&dir, &other).unwrap();
+        let again = open(&format!("file:{}", other.display())).unwrap().identity;
+        assert_eq!(first, again);
+        std::fs::remove_file(&other).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn different_arbiters_are_refused_one_missing_is_not() {
+        assert!(same_arbiter(Some("file:a"), Some("file:a")).is_ok());
+        assert!(same_arbiter(None, Some("file:a")).is_ok());
+        assert!(same_arbiter(Some("file:a"), None).is_ok());
+        assert!(same_arbiter(None, None).is_ok());
+        let e = same_arbiter(Some("file:a"), Some("file:b")).unwrap_err();
+        assert!(e.contains("both go live"), "{e}");
+        let long = "x".repeat(MAX_IDENTITY + 1);
+        assert!(same_arbiter(Some(&long), None).is_err());
     }
 }

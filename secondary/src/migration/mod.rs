@@ -163,6 +163,22 @@ pub(crate) fn read_first<T: serde::de::DeserializeOwned>(
     frame_kind: u8,
     what: &str,
 ) -> Result<T, ReceiveError> {
+    let payload = read_first_frame(conn, role, who, frame_kind, what)?;
+    postcard::from_bytes(&payload).map_err(|e| {
+        let reason = format!("unreadable {what}: {e}");
+        abort(conn, &reason);
+        ReceiveError::Refused(reason)
+    })
+}
+
+/// [`read_first`]'s frame, undecoded.
+pub(crate) fn read_first_frame(
+    conn: &mut BlockingConnection,
+    role: Role,
+    who: &str,
+    frame_kind: u8,
+    what: &str,
+) -> Result<Vec<u8>, ReceiveError> {
     let peer = conn.peer().clone();
     if peer.hello.role != role {
         let reason = format!("expected {who}, the peer is a {:?}", peer.hello.role);
@@ -179,11 +195,7 @@ pub(crate) fn read_first<T: serde::de::DeserializeOwned>(
         abort(conn, &reason);
         return Err(ReceiveError::Protocol(reason));
     }
-    postcard::from_bytes(&payload).map_err(|e| {
-        let reason = format!("unreadable {what}: {e}");
-        abort(conn, &reason);
-        ReceiveError::Refused(reason)
-    })
+    Ok(payload)
 }
 
 /// Take the VM announced by `header`.
