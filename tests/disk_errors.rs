@@ -99,17 +99,23 @@ fn sparse_disk(path: &Path) {
         .unwrap();
 }
 
+/// The workload run on an ordinary file system: its image and RESULT line.
+fn unfailed_run(dir: &TempDir) -> (PathBuf, String) {
+    let ref_disk = dir.file("ref.img");
+    sparse_disk(&ref_disk);
+    let (code, out, err) = run_tandem(&["run", "--cmdline", CMDLINE, "--disk", arg(&ref_disk)]);
+    assert_eq!(code, 0, "reference run: {err}");
+    let want = result_line(&out).expect("RESULT line").to_string();
+    (ref_disk, want)
+}
+
 #[test]
 fn disk_full_pauses_the_vm_resume_finishes_it_and_the_recording_replays() {
     let dir = TempDir::new("diskfull");
     let fs = SmallFs::mount(dir.file("fs"));
 
     // The unfailed run, on an ordinary file system.
-    let ref_disk = dir.file("ref.img");
-    sparse_disk(&ref_disk);
-    let (code, out, err) = run_tandem(&["run", "--cmdline", CMDLINE, "--disk", arg(&ref_disk)]);
-    assert_eq!(code, 0, "reference run: {err}");
-    let want = result_line(&out).expect("RESULT line").to_string();
+    let (ref_disk, want) = unfailed_run(&dir);
 
     // The recorded run on the small file system, 64 KiB left: a quarter
     // of the guest's writes fit.
@@ -234,11 +240,7 @@ fn disk_full_pauses_the_vm_resume_finishes_it_and_the_recording_replays() {
 fn a_secondary_whose_disk_fails_stops_and_the_primary_runs_on_unprotected() {
     let dir = TempDir::new("secdiskfull");
     let fs = SmallFs::mount(dir.file("fs"));
-    let ref_disk = dir.file("ref.img");
-    sparse_disk(&ref_disk);
-    let (code, out, err) = run_tandem(&["run", "--cmdline", CMDLINE, "--disk", arg(&ref_disk)]);
-    assert_eq!(code, 0, "reference run: {err}");
-    let want = result_line(&out).expect("RESULT line").to_string();
+    let (ref_disk, want) = unfailed_run(&dir);
 
     let pki = Pki::new(&["pri", "sec"], &[]);
     let arbiter = dir.file("arbiter");
