@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Ok(h) = postcard::from_bytes::<Header>(data) {
         // No --disk: nothing is read from the host.
-        let _ = check_header(&h, None);
+        let _ = check_header(&h, None, None);
     }
     if let Ok(p) = postcard::from_bytes::<Protection>(data) {
         let _ = p.check();
