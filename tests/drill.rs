@@ -16,6 +16,7 @@ use common::{tandem, TempDir};
 const SHIPPED: &[&str] = &[
     "mail-pull-plug",
     "mail-partition",
+    "mail-partition-overlap",
     "migrate-under-load",
     "secondary-dies",
     "failover-then-reprotect",
@@ -75,6 +76,7 @@ fn every_shipped_scenario_parses() {
         "console-partition",
         "console-long-distance",
         "mail-partition",
+        "mail-partition-overlap",
         "long-distance",
     ] {
         let out = tandem(&["drill", "--check", &scenario(name)]);
@@ -245,6 +247,44 @@ fn arbiter_partitions_are_checked() {
     ] {
         assert!(base.contains(from), "{from:?} not in mail-partition.toml");
         let dir = TempDir::new("drill-arbiter");
+        let path = dir.write("bad.toml", base.replacen(from, to, 1).as_bytes());
+        let out = tandem(&["drill", "--check", common::arg(&path)]);
+        out.assert_status(2);
+        assert!(out.stderr.contains(says), "no {says:?}\n{}", out.describe());
+    }
+}
+
+/// `counted_from = "start"` (overlapping cuts) only on a partition right
+/// after a partition, with a time to wait, once each.
+#[test]
+fn overlapping_partitions_are_checked() {
+    let base = std::fs::read_to_string(scenario("mail-partition-overlap")).unwrap();
+    let second = "between = [\"a\", \"arbiter\"]\nduration_ms = 3000\ncounted_from = \"start\"\nwhen = { between_ms = [0, 2500] }";
+    let first = "between = [\"a\", \"b\"]\nduration_ms = 3000\n";
+    for (from, to, says) in [
+        (
+            first,
+            "between = [\"a\", \"b\"]\nduration_ms = 3000\ncounted_from = \"start\"\n",
+            "faults[0].counted_from = \"start\": only a partition right after a partition",
+        ),
+        (
+            second,
+            "between = [\"a\", \"arbiter\"]\nduration_ms = 3000\ncounted_from = \"start\"\nwhen = { at_message = 3 }",
+            "faults[1].when: counted from the start of the cut before, the wait is a time",
+        ),
+        (
+            second,
+            "between = [\"a\", \"arbiter\"]\nduration_ms = 3000\ncounted_from = \"start\"\nrepeat = 2\nwhen = { at_ms = 5 }",
+            "faults[1].counted_from = \"start\": overlapping partitions fire once each",
+        ),
+        (
+            "duration_ms = 3000\ncounted_from = \"start\"",
+            "duration_ms = 3000\ncounted_from = \"middle\"",
+            "unknown variant `middle`, expected `end` or `start`",
+        ),
+    ] {
+        assert!(base.contains(from), "{from:?} not in mail-partition-overlap.toml");
+        let dir = TempDir::new("drill-overlap");
         let path = dir.write("bad.toml", base.replacen(from, to, 1).as_bytes());
         let out = tandem(&["drill", "--check", common::arg(&path)]);
         out.assert_status(2);
@@ -726,6 +766,75 @@ fn mail_partition_end_to_end() {
         t["partitions_won_by_secondary"].as_u64().unwrap()
             + t["partitions_won_by_primary"].as_u64().unwrap(),
         1
+    );
+    assert_no_namespaces_left();
+}
+
+/// `mail-partition-overlap` in a short form whose draws always overlap:
+/// the hosts cut apart for 1.5 s, each host cut from etcd 0-0.3 s after
+/// the cut before for 2.5 s, so both cuts from etcd fall on the claims
+/// both sides make after the 1 s failover timeout: neither reaches the
+/// arbiter at first, both keep asking, and the first to reach it when its
+/// cut heals wins, the other stops (status 3). Before claims were asked
+/// again, both stopped and no copy was live. Nothing acknowledged lost.
+#[test]
+fn mail_partition_overlap_end_to_end() {
+    let text = std::fs::read_to_string(scenario("mail-partition-overlap"))
+        .unwrap()
+        .replace("messages = 50", "messages = 16")
+        .replace(
+            "duration_ms = 3000\nwhen = { between_ms = [1000, 3000] }",
+            "duration_ms = 1500\nwhen = { between_ms = [300, 600] }",
+        )
+        .replace(
+            "duration_ms = 3000\ncounted_from = \"start\"\nwhen = { between_ms = [0, 2500] }",
+            "duration_ms = 2500\ncounted_from = \"start\"\nwhen = { between_ms = [0, 300] }",
+        );
+    assert_eq!(text.matches("duration_ms = 1500").count(), 1, "{text}");
+    assert_eq!(text.matches("duration_ms = 2500").count(), 2, "{text}");
+    let dir = TempDir::new("drill-mail-overlap");
+    let path = dir.write("mail-partition-overlap-short.toml", text.as_bytes());
+    let out = tandem(&["drill", common::arg(&path), "--seed", "7", "--json"]);
+    let v = passed_report(&out);
+    let run = &v["runs"][0];
+    assert_eq!(run["messages"]["lost"], 0, "{}", out.describe());
+    assert!(
+        run["messages"]["acknowledged"].as_u64().unwrap_or(0) > 10,
+        "{}",
+        out.describe()
+    );
+    assert_eq!(run["live_copies"], 1, "{}", out.describe());
+    let f = run["faults"].as_array().unwrap();
+    assert_eq!(f.len(), 3, "{}", out.describe());
+    let winner = f[0]["winner"].as_str().unwrap_or("");
+    assert!(
+        ["primary", "secondary"].contains(&winner)
+            && f[0]["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("stopped (exit status: 3)"),
+        "{}",
+        out.describe()
+    );
+    for cut in &f[1..] {
+        let d = cut["detail"].as_str().unwrap_or("");
+        assert!(
+            d.contains("(the arbiter's host) cut")
+                && d.contains("overlapping the cut of a - b")
+                && cut["error"].is_null(),
+            "{}",
+            out.describe()
+        );
+    }
+    // The claims fell on the cuts from etcd: the sides asked again, which
+    // is what left one copy live.
+    assert!(
+        f[0]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("could not be reached at first; asked again"),
+        "{}",
+        out.describe()
     );
     assert_no_namespaces_left();
 }

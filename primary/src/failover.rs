@@ -57,7 +57,9 @@ pub fn decide(p: &FailoverParams, why: &str) -> Decision {
     };
     let vm = &p.protection.vm_id;
     let g = p.protection.generation;
-    match arbiter.claim(vm, g, &p.holder) {
+    let say = |m: &str| eprintln!("tandem: protection lost ({why}): {m}");
+    let patience = failover::arbiter::CLAIM_PATIENCE;
+    match failover::arbiter::claim_patiently(arbiter.as_ref(), vm, g, &p.holder, patience, say) {
         Ok(Verdict::Won) => {
             let note = failover::arbiter::token_note(arbiter.as_ref(), vm, g);
             if !note.is_empty() {

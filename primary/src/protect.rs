@@ -602,7 +602,15 @@ fn hand_over(
                 },
             };
             let arbiter = failover.arbiter.as_ref().expect("checked by switchover");
-            match arbiter.claim(&p.vm_id, p.generation, &failover.holder) {
+            let say = |m: &str| eprintln!("tandem: switchover: {m}");
+            match failover::arbiter::claim_patiently(
+                arbiter.as_ref(),
+                &p.vm_id,
+                p.generation,
+                &failover.holder,
+                failover::arbiter::CLAIM_PATIENCE,
+                say,
+            ) {
                 Ok(failover::arbiter::Verdict::Won) => Err(format!(
                     "{why}; this primary won the arbiter for VM {} generation {}",
                     p.vm_id, p.generation

@@ -250,7 +250,15 @@ pub fn go_live(machine: &mut Machine, g: GoLive<'_>) -> Result<i32, CmdError> {
         return Ok(NOT_LIVE);
     };
     let asked = Instant::now();
-    match arbiter.claim(&p.vm_id, p.generation, &g.holder) {
+    let say = |m: &str| eprintln!("tandem: {m}");
+    match failover::arbiter::claim_patiently(
+        arbiter,
+        &p.vm_id,
+        p.generation,
+        &g.holder,
+        failover::arbiter::CLAIM_PATIENCE,
+        say,
+    ) {
         Ok(Verdict::Won) => {}
         Ok(Verdict::Lost { holder }) => {
             eprintln!(

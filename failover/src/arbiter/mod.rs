@@ -15,6 +15,8 @@
 mod etcd;
 mod file;
 
+use std::time::{Duration, Instant};
+
 pub use etcd::{EtcdArbiter, EtcdOptions, DEFAULT_TTL_S};
 pub use file::FileArbiter;
 
@@ -131,6 +133,67 @@ pub trait Arbiter: Send + Sync {
     /// The file arbiter has none.
     fn fencing_token(&self, _vm_id: &str, _generation: u64) -> Option<u64> {
         None
+    }
+}
+
+/// How long a side that wants to be live keeps retrying a claim the
+/// arbiter does not answer (an etcd leader election, a partition between
+/// this host and the arbiter that heals) before it gives up: the claim is
+/// an atomic test-and-set, so asking again is always safe, and a VM whose
+/// two hosts both lost the arbiter for a moment just as they lost each
+/// other still gets exactly one live copy once it answers.
+pub const CLAIM_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Pause between two attempts of [`claim_patiently`].
+const CLAIM_RETRY: Duration = Duration::from_millis(250);
+
+/// [`Arbiter::claim`], retried for up to `patience` while the arbiter
+/// cannot be reached (every other answer, a damaged claim among them, is
+/// final). `say` is told once, at the first failure, what failed and how
+/// long this side keeps trying. The last error, if it never answered,
+/// names the attempts and the time they took.
+pub fn claim_patiently(
+    arbiter: &dyn Arbiter,
+    vm_id: &str,
+    generation: u64,
+    holder: &str,
+    patience: Duration,
+    mut say: impl FnMut(&str),
+) -> Result<Verdict, ArbiterError> {
+    let start = Instant::now();
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        match arbiter.claim(vm_id, generation, holder) {
+            Err(ArbiterError::Unreachable { arbiter: a, reason }) => {
+                if start.elapsed() + CLAIM_RETRY >= patience {
+                    return Err(ArbiterError::Unreachable {
+                        arbiter: a,
+                        reason: format!(
+                            "{reason} (no answer to {attempts} claims over {:.1} s)",
+                            start.elapsed().as_secs_f64()
+                        ),
+                    });
+                }
+                if attempts == 1 {
+                    say(&format!(
+                        "the arbiter {a} cannot be reached ({reason}); asking again for up to {:.0} s",
+                        patience.as_secs_f64()
+                    ));
+                }
+                std::thread::sleep(CLAIM_RETRY);
+            }
+            other => {
+                if attempts > 1 {
+                    say(&format!(
+                        "the arbiter {} answered after {attempts} claims ({:.1} s)",
+                        arbiter.describe(),
+                        start.elapsed().as_secs_f64()
+                    ));
+                }
+                return other;
+            }
+        }
     }
 }
 
@@ -265,5 +328,98 @@ mod tests {
         assert!(e.contains("both go live"), "{e}");
         let long = "x".repeat(MAX_IDENTITY + 1);
         assert!(same_arbiter(Some(&long), None).is_err());
+    }
+
+    /// Fails `fail` claims as unreachable (or damaged), then wins.
+    struct Flaky {
+        fail: std::sync::atomic::AtomicU32,
+        damaged: bool,
+    }
+
+    impl Arbiter for Flaky {
+        fn claim(&self, _: &str, _: u64, _: &str) -> Result<Verdict, ArbiterError> {
+            use std::sync::atomic::Ordering;
+            if self.fail.load(Ordering::SeqCst) == 0 {
+                return Ok(Verdict::Won);
+            }
+            self.fail.fetch_sub(1, Ordering::SeqCst);
+            Err(if self.damaged {
+                ArbiterError::Damaged {
+                    arbiter: "flaky".into(),
+                    what: "c".into(),
+                    reason: "bad".into(),
+                }
+            } else {
+                ArbiterError::Unreachable {
+                    arbiter: "flaky".into(),
+                    reason: "no answer".into(),
+                }
+            })
+        }
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+        fn check(&self) -> Result<(), ArbiterError> {
+            Ok(())
+        }
+        fn identity(&self) -> Result<String, ArbiterError> {
+            Ok("flaky".into())
+        }
+    }
+
+    fn flaky(fail: u32, damaged: bool) -> Flaky {
+        Flaky {
+            fail: fail.into(),
+            damaged,
+        }
+    }
+
+    #[test]
+    fn an_unreachable_arbiter_is_asked_again_within_the_patience() {
+        let mut said = Vec::new();
+        let v = claim_patiently(
+            &flaky(3, false),
+            "ab",
+            1,
+            "me",
+            Duration::from_secs(5),
+            |m| said.push(m.to_string()),
+        );
+        assert_eq!(v.unwrap(), Verdict::Won);
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(said[0].contains("asking again for up to 5 s"), "{said:?}");
+        assert!(said[1].contains("answered after 4 claims"), "{said:?}");
+    }
+
+    #[test]
+    fn patience_runs_out_and_a_damaged_claim_is_final() {
+        let start = Instant::now();
+        let e = claim_patiently(
+            &flaky(1000, false),
+            "ab",
+            1,
+            "me",
+            Duration::from_millis(800),
+            |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        let e = e.to_string();
+        assert!(
+            e.contains("cannot be reached") && e.contains("no answer to"),
+            "{e}"
+        );
+        let arb = flaky(5, true);
+        let e = claim_patiently(&arb, "ab", 1, "me", Duration::from_secs(5), |_| {}).unwrap_err();
+        assert!(matches!(e, ArbiterError::Damaged { .. }), "{e}");
+        assert_eq!(
+            arb.fail.load(std::sync::atomic::Ordering::SeqCst),
+            4,
+            "asked once only"
+        );
     }
 }

@@ -11,12 +11,13 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use super::procs::{output, Proc, WaitError, WaitResult};
-use super::scenario::{ClientKind, FaultKind, Scenario, Trigger, WorkloadKind};
+use super::scenario::{ClientKind, CountedFrom, FaultKind, Scenario, Trigger, WorkloadKind};
 
 mod arbiter;
 mod console;
 mod failover;
 mod lag;
+mod partition;
 use super::topo::{LinkSpec, Topology, TAP};
 
 /// The guest's MAC (its RARP announcements after a migration carry it).
@@ -485,17 +486,27 @@ impl Run<'_> {
         let stop = self.ctx.stop;
 
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut pick = |lo: u64, hi: u64| {
+            if lo == hi {
+                lo
+            } else {
+                rng.random_range(lo..=hi)
+            }
+        };
         let mut base_msgs = 0;
         let mut base_t = self.started;
-        'faults: for f in &scn.faults {
+        let mut next = 0;
+        'faults: while next < scn.faults.len() {
+            let f = &scn.faults[next];
+            // The partitions that overlap this one (each counted from the
+            // start of the one before) are carried out with it.
+            let overlapping = &scn.faults[next + 1..][..scn.faults[next + 1..]
+                .iter()
+                .take_while(|g| g.counted_from == CountedFrom::Start)
+                .count()];
+            next += 1 + overlapping.len();
             for _ in 0..f.repeat {
-                let trigger = f.when.resolve(|lo, hi| {
-                    if lo == hi {
-                        lo
-                    } else {
-                        rng.random_range(lo..=hi)
-                    }
-                });
+                let trigger = f.when.resolve(&mut pick);
                 loop {
                     let acked = self.work_seen();
                     let due = match trigger {
@@ -579,9 +590,46 @@ impl Run<'_> {
                         self.reprotect(to, &mut fr)
                     }
                     FaultKind::Partition => {
-                        let [x, y] = f.between.clone().unwrap_or_default();
-                        let ms = f.duration_ms.unwrap_or_default();
-                        self.partition(&x, &y, ms, &mut fr)
+                        let mut cuts = Vec::with_capacity(1 + overlapping.len());
+                        for (i, g) in std::iter::once(f).chain(overlapping).enumerate() {
+                            let [x, y] = g.between.clone().unwrap_or_default();
+                            let after_ms = match (i, g.when.resolve(&mut pick)) {
+                                (0, _) => 0,
+                                (_, Trigger::Ms(ms)) => ms,
+                                // Checked when the drill was loaded.
+                                (_, other) => unreachable!("a time, not {other:?}"),
+                            };
+                            let duration_ms = g.duration_ms.unwrap_or_default();
+                            cuts.push(partition::Cut {
+                                x,
+                                y,
+                                after_ms,
+                                duration_ms,
+                            });
+                        }
+                        let mut frs = vec![(fr, start)];
+                        let done = self.partitions(&cuts, &mut frs);
+                        let end = Instant::now();
+                        let last = frs.len() - 1;
+                        let mut bad = false;
+                        for (i, (mut fr, at)) in frs.into_iter().enumerate() {
+                            if let (true, Err(WaitError::Failed(e))) = (i == last, &done) {
+                                fr.error = Some(e.clone());
+                            }
+                            fr.took_ms = ms(end - at);
+                            bad |= fr.error.is_some();
+                            self.fault_times.push((at, end));
+                            report.faults.push(fr);
+                        }
+                        if let Err(WaitError::Interrupted) = done {
+                            return Err(WaitError::Interrupted);
+                        }
+                        if bad {
+                            break 'faults;
+                        }
+                        base_msgs = self.work_seen();
+                        base_t = Instant::now();
+                        continue;
                     }
                     FaultKind::KillPrimary | FaultKind::PullPlug | FaultKind::Failover => {
                         self.fail_over(f.kind, &mut fr)

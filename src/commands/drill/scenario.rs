@@ -222,6 +222,13 @@ pub struct Fault {
     /// from the end of the one before.
     #[serde(default = "one")]
     pub repeat: u32,
+    /// What `when` counts from: the `end` of the fault before (the
+    /// default: faults come one after the other) or its `start` (a
+    /// partition after a partition: the cuts overlap when the first lasts
+    /// longer than the wait; the runner carries them out together and
+    /// waits for the arbiter's decision over all of them).
+    #[serde(default)]
+    pub counted_from: CountedFrom,
     /// The destination host (migrate, reprotect).
     #[serde(default)]
     pub to: Option<String>,
@@ -231,6 +238,17 @@ pub struct Fault {
     /// How long the cut lasts (partition), ms.
     #[serde(default)]
     pub duration_ms: Option<u64>,
+}
+
+/// What a fault's `when` counts from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CountedFrom {
+    /// The end of the fault before (or the clients' start).
+    #[default]
+    End,
+    /// The start of the fault before (overlapping partitions).
+    Start,
 }
 
 /// When a fault fires: after a number of acknowledged messages (counted
@@ -709,6 +727,28 @@ impl Scenario {
                 "{key}: between and duration_ms are for partitions, not {}",
                 f.kind.name()
             ));
+        }
+        if f.counted_from == CountedFrom::Start {
+            let before = i.checked_sub(1).map(|j| &self.faults[j]);
+            if f.kind != FaultKind::Partition
+                || before.is_none_or(|b| b.kind != FaultKind::Partition)
+            {
+                return Err(format!(
+                    "{key}.counted_from = \"start\": only a partition right after a partition can count from the start of the one before (their cuts overlap); here it is {} after {}",
+                    f.kind.name(),
+                    before.map_or("the start of the drill", |b| b.kind.name())
+                ));
+            }
+            if w.at_ms.is_none() && w.between_ms.is_none() {
+                return Err(format!(
+                    "{key}.when: counted from the start of the cut before, the wait is a time (at_ms, between_ms)"
+                ));
+            }
+            if f.repeat != 1 || before.is_some_and(|b| b.repeat != 1) {
+                return Err(format!(
+                    "{key}.counted_from = \"start\": overlapping partitions fire once each (repeat = 1, also on the one before)"
+                ));
+            }
         }
         let protected = matches!(
             f.kind,
