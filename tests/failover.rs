@@ -7,130 +7,18 @@
 mod common;
 #[path = "common/etcd.rs"]
 mod etcd;
+#[path = "common/pair.rs"]
+mod pair;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    file_claims, final_digest, joined, loopback_secondary, make_disk, protect, random_round,
-    rounds, run_tandem, status, wait_status, Pki, Proc,
+    final_digest, joined, loopback_secondary, make_disk, random_round, rounds, run_tandem, status,
+    wait_status, Pki, Proc,
 };
 use common::{result_line, TempDir};
-
-/// Heartbeat and timeout of these tests: the defaults (the tests run
-/// beside each other on a loaded host; a shorter timeout failed over
-/// falsely there once).
-const TIMING: [&str; 4] = ["--heartbeat-ms", "50", "--failover-timeout-ms", "1000"];
-
-/// A protected pair over loopback with one arbiter directory (or etcd).
-struct Pair {
-    dir: TempDir,
-    pki: Pki,
-    arbiter: String,
-    /// The arbiter's etcd, for `--arbiter etcd:...`.
-    etcd: Option<etcd::Etcd>,
-}
-
-impl Pair {
-    fn new(tag: &str) -> Pair {
-        let dir = TempDir::new(tag);
-        std::fs::create_dir(dir.file("arbiter")).unwrap();
-        let arbiter = format!("file:{}", dir.s("arbiter"));
-        Pair {
-            dir,
-            pki: Pki::new(&["pri", "sec", "third"], &[]),
-            arbiter,
-            etcd: None,
-        }
-    }
-
-    /// With `--arbiter SPEC` (`None`: `etcd:` on a real etcd started for
-    /// the test, with `query` after its URL).
-    fn with_arbiter(tag: &str, spec: Option<&str>, query: &str) -> Pair {
-        let mut pair = Pair::new(tag);
-        match spec {
-            Some(s) => pair.arbiter = s.to_string(),
-            None => {
-                let e = etcd::Etcd::start(tag);
-                pair.arbiter = format!("etcd:{}{query}", e.url);
-                pair.etcd = Some(e);
-            }
-        }
-        pair
-    }
-
-    /// The secondary (live console to `live.txt`).
-    fn secondary(&self, disk: Option<&str>) -> (Proc, String) {
-        self.secondary_as("sec", "live.txt", disk, &[])
-    }
-
-    /// A secondary with the certificate `cert`, its live console to `live`
-    /// (a file in the test's directory), and `extra` options.
-    fn secondary_as(
-        &self,
-        cert: &str,
-        live: &str,
-        disk: Option<&str>,
-        extra: &[&str],
-    ) -> (Proc, String) {
-        let live = format!("file:{}", self.dir.s(live));
-        let mut args = vec!["--arbiter", &self.arbiter, "--live-serial", &live];
-        args.extend(TIMING);
-        if let Some(d) = disk {
-            args.extend(["--disk", d]);
-        }
-        args.extend_from_slice(extra);
-        loopback_secondary(&self.pki.creds(cert), &args)
-    }
-
-    /// The primary, its console in `pri.txt` (its control socket is
-    /// `api.sock`).
-    fn primary(&self, cmdline: &str, addr: &str, disk: Option<&str>) -> Proc {
-        let serial = format!("file:{}", self.dir.s("pri.txt"));
-        let sock = self.dir.s("api.sock");
-        let mut args = vec![
-            "run",
-            "--api-socket",
-            &sock,
-            "--cmdline",
-            cmdline,
-            "--serial",
-            &serial,
-            "--protect-to",
-            addr,
-            "--arbiter",
-            &self.arbiter,
-        ];
-        args.extend(TIMING);
-        let creds = self.pki.creds("pri");
-        args.extend(creds.iter().map(String::as_str));
-        if let Some(d) = disk {
-            args.extend(["--disk", d]);
-        }
-        Proc::spawn(&[], &args)
-    }
-
-    fn console(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.file(name)).unwrap_or_default()
-    }
-
-    /// The holder written in the one claim of the arbiter directory.
-    fn holder(&self) -> String {
-        let claims = self.claims();
-        assert_eq!(claims.len(), 1, "{claims:?}");
-        claims[0].1.clone()
-    }
-
-    /// Every claim of the arbiter directory: (file name, holder), by name
-    /// (etcd: (key, holder)).
-    fn claims(&self) -> Vec<(String, String)> {
-        if let Some(e) = &self.etcd {
-            let a = failover::arbiter::EtcdArbiter::new(vec![e.url.clone()], Default::default());
-            return a.claims().unwrap();
-        }
-        file_claims(&self.dir.file("arbiter"))
-    }
-}
+use pair::{took_over, Pair, TIMING};
 
 /// kill -9 of the primary at `kill_at` (console bytes of the primary that
 /// must be out first): the secondary goes live, the guest finishes with the
@@ -485,15 +373,11 @@ fn failover_then_reprotect_then_failover_again() {
     let _ = a.child.wait();
     b.wait_for("going LIVE", true);
     b.wait_for("serves the live VM now", true);
-    let s = wait_status(&b_sock, "the live VM's status", |s| {
-        s["lineage"]["role"] == "unprotected_after_failover"
-    });
-    assert_eq!(s["lineage"]["generation"], 1, "{s}");
-    assert!(
-        s["lineage"]["took_over_from"]
-            .as_str()
-            .is_some_and(|f| f.starts_with("pri at ")),
-        "{s}"
+    took_over(
+        &b_sock,
+        "the live VM's status",
+        "unprotected_after_failover",
+        1,
     );
     let (code, text, err) = run_tandem(&["status", "--api", &b_sock]);
     assert_eq!(code, 0, "{err}");
@@ -503,9 +387,7 @@ fn failover_then_reprotect_then_failover_again() {
     );
     // Protect it again, onto a third host, while it runs.
     let (mut c, c_addr) = pair.secondary_as("third", "live2.txt", None, &["--api-socket", &c_sock]);
-    let mut extra = vec!["--arbiter", &pair.arbiter];
-    extra.extend(TIMING);
-    let (code, out, err) = protect(&b_sock, &c_addr, &pair.pki.creds("sec"), &extra);
+    let (code, out, err) = pair.protect(&b_sock, &c_addr, "sec", &[]);
     assert_eq!(code, 0, "{out}{err}\n{}", b.describe());
     assert!(out.contains("protected by third"), "{out}");
     let s = status(&b_sock);
@@ -565,25 +447,11 @@ fn secondary_killed_the_spare_is_seeded() {
     let (st, want, err) = run_tandem(&["run", "--cmdline", cmdline]);
     assert_eq!(st, 0, "{err}");
     let sock = pair.dir.s("api.sock");
-    let serial = format!("file:{}", pair.dir.s("pri.txt"));
-    let mut pri = Proc::spawn(
-        &[],
-        &[
-            "run",
-            "--api-socket",
-            &sock,
-            "--cmdline",
-            cmdline,
-            "--serial",
-            &serial,
-        ],
-    );
+    let mut pri = pair.unprotected(&sock, cmdline);
     pri.wait_until("round 3", || rounds(&pair.console("pri.txt")) >= 3);
     let (sec, addr) = pair.secondary(None);
     let (spare, spare_addr) = pair.secondary_as("third", "live2.txt", None, &[]);
-    let mut extra = vec!["--arbiter", &pair.arbiter, "--spare", &spare_addr];
-    extra.extend(TIMING);
-    let (code, out, err) = protect(&sock, &addr, &pair.pki.creds("pri"), &extra);
+    let (code, out, err) = pair.protect(&sock, &addr, "pri", &["--spare", &spare_addr]);
     assert_eq!(code, 0, "{out}{err}\n{}", pri.describe());
     let s = status(&sock);
     assert_eq!(s["lineage"]["spares"][0], spare_addr.as_str(), "{s}");
@@ -667,16 +535,7 @@ fn secondary_gone_live_seeds_its_spare() {
     a.signal(libc::SIGKILL);
     let _ = a.child.wait();
     b.wait_for("going LIVE", true);
-    let s = wait_status(&b_sock, "protected by the spare", |s| {
-        s["lineage"]["role"] == "protected"
-    });
-    assert_eq!(s["lineage"]["generation"], 2, "{s}");
-    assert!(
-        s["lineage"]["took_over_from"]
-            .as_str()
-            .is_some_and(|f| f.starts_with("pri at ")),
-        "{s}"
-    );
+    took_over(&b_sock, "protected by the spare", "protected", 2);
     let (code, _, berr) = b.finish();
     assert_eq!(code, 0, "{berr}");
     assert!(
@@ -824,27 +683,7 @@ fn protected_from_the_start_with_a_spare() {
     assert_eq!(st, 0, "{err}");
     let (mut sec, addr) = pair.secondary(None);
     let (spare, spare_addr) = pair.secondary_as("third", "live2.txt", None, &[]);
-    let sock = pair.dir.s("api.sock");
-    let serial = format!("file:{}", pair.dir.s("pri.txt"));
-    let mut args = vec![
-        "run",
-        "--api-socket",
-        &sock,
-        "--cmdline",
-        cmdline,
-        "--serial",
-        &serial,
-        "--protect-to",
-        &addr,
-        "--spare",
-        &spare_addr,
-        "--arbiter",
-        &pair.arbiter,
-    ];
-    args.extend(TIMING);
-    let creds = pair.pki.creds("pri");
-    args.extend(creds.iter().map(String::as_str));
-    let mut pri = Proc::spawn(&[], &args);
+    let mut pri = pair.primary_with(cmdline, &addr, None, &["--spare", &spare_addr]);
     let seeded = pri.wait_for("protected by the secondary sec at ", true);
     assert!(seeded.contains(" from exit 0 "), "{seeded}");
     sec.wait_for("seeded at exit 0", true);

@@ -18,7 +18,7 @@
 mod common;
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::cluster::{
     make_disk, migrate, protected_primary, receiver, reference, run_tandem, same_image, secondary,
@@ -48,16 +48,57 @@ fn paused_vm(sock: &str, img: &Path) -> Proc {
     vm
 }
 
-/// Resume the VM and check it ends as an undisturbed run did.
-#[track_caller]
-fn resume_and_check(vm: Proc, sock: &str, img: &Path, expected: &str, expected_img: &[u8]) {
-    let (code, _, err) = run_tandem(&["resume", "--api", sock]);
-    assert_eq!(code, 0, "resume: {err}");
-    let (code, out, err) = vm.finish();
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(result_line(&out), result_line(expected), "{out}\n{err}");
-    assert_eq!(out, expected);
-    same_image(img, expected_img, "the running VM's image");
+/// A temporary directory with a fresh image `ref.img` and its copy
+/// `vm.img`, and what an undisturbed run on the image prints and leaves
+/// in it.
+struct Images {
+    tmp: TempDir,
+    ref_img: PathBuf,
+    img: PathBuf,
+    expected: String,
+    expected_img: Vec<u8>,
+}
+
+impl Images {
+    fn new(tag: &str) -> Images {
+        let tmp = TempDir::new(tag);
+        let (ref_img, img) = (tmp.file("ref.img"), tmp.file("vm.img"));
+        make_disk(&ref_img, DISK_SIZE);
+        std::fs::copy(&ref_img, &img).unwrap();
+        let expected = reference(CMDLINE, Some(&ref_img));
+        let expected_img = read(&ref_img);
+        Images {
+            tmp,
+            ref_img,
+            img,
+            expected,
+            expected_img,
+        }
+    }
+
+    /// The VM on `vm.img`, paused mid-workload ([`paused_vm`]), and its
+    /// control socket `a.sock`.
+    fn paused_vm(&self) -> (Proc, String) {
+        let sock = self.tmp.s("a.sock");
+        (paused_vm(&sock, &self.img), sock)
+    }
+
+    /// Resume the VM and check it ends as an undisturbed run did, its
+    /// image `img` as the undisturbed run left it.
+    #[track_caller]
+    fn resume_and_check(&self, vm: Proc, sock: &str, img: &Path) {
+        let (code, _, err) = run_tandem(&["resume", "--api", sock]);
+        assert_eq!(code, 0, "resume: {err}");
+        let (code, out, err) = vm.finish();
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(
+            result_line(&out),
+            result_line(&self.expected),
+            "{out}\n{err}"
+        );
+        assert_eq!(out, self.expected);
+        same_image(img, &self.expected_img, "the running VM's image");
+    }
 }
 
 #[track_caller]
@@ -71,22 +112,19 @@ fn assert_refused(code: i32, err: &str, img: &Path) {
 
 #[test]
 fn a_second_writer_is_refused_and_the_running_vm_is_unaffected() {
-    let tmp = TempDir::new("lock");
-    let (ref_img, img) = (tmp.file("ref.img"), tmp.file("vm.img"));
-    make_disk(&ref_img, DISK_SIZE);
-    std::fs::copy(&ref_img, &img).unwrap();
-    let expected = reference(CMDLINE, Some(&ref_img));
-    let expected_img = read(&ref_img);
+    let images = Images::new("lock");
+    let Images {
+        tmp, ref_img, img, ..
+    } = &images;
     let img_s = img.to_string_lossy().into_owned();
-    let sock = tmp.s("a.sock");
-    let vm = paused_vm(&sock, &img);
-    assert!(locked(&img), "the running VM holds its image");
-    let during = read(&img);
+    let (vm, sock) = images.paused_vm();
+    assert!(locked(img), "the running VM holds its image");
+    let during = read(img);
 
     // (a) Another VM on the image, writing or reading.
     for disk in [img_s.clone(), format!("{img_s},ro")] {
         let (code, out, err) = run_tandem(&["run", "--cmdline", CMDLINE, "--disk", &disk]);
-        assert_refused(code, &err, &img);
+        assert_refused(code, &err, img);
         assert!(!out.contains("cmdline:"), "no guest ran: {out}");
     }
     let (code, _, err) = run_tandem(&[
@@ -98,7 +136,7 @@ fn a_second_writer_is_refused_and_the_running_vm_is_unaffected() {
         "--log",
         &tmp.s("r.log"),
     ]);
-    assert_refused(code, &err, &img);
+    assert_refused(code, &err, img);
     assert!(!tmp.file("r.log").exists(), "nothing was created");
 
     // (b) A secondary given the running VM's own image.
@@ -107,13 +145,13 @@ fn a_second_writer_is_refused_and_the_running_vm_is_unaffected() {
     let creds = pki.creds("b");
     args.extend(creds.iter().map(String::as_str));
     let (code, _, err) = run_tandem(&args);
-    assert_refused(code, &err, &img);
+    assert_refused(code, &err, img);
     assert!(!err.contains("waiting for a primary"), "{err}");
 
     // (c) A receiver whose --disk is the running VM's image, and another
     // VM migrated to it.
     let other_img = tmp.file("other.img");
-    std::fs::copy(&ref_img, &other_img).unwrap();
+    std::fs::copy(ref_img, &other_img).unwrap();
     let (dst, addr) = receiver(&[], "127.0.0.1:0", &pki.creds("b"), &["--disk", &img_s]);
     let other_sock = tmp.s("b.sock");
     let other = paused_vm(&other_sock, &other_img);
@@ -128,18 +166,18 @@ fn a_second_writer_is_refused_and_the_running_vm_is_unaffected() {
     assert_eq!(names(tmp.path()), names_before, "no staging file was made");
     same_image(&other_img, &other_during, "the migrated VM's image");
     drop(dst);
-    same_image(&img, &during, "the running VM's image, while it is paused");
+    same_image(img, &during, "the running VM's image, while it is paused");
 
     // Both VMs run on as if nothing happened.
-    resume_and_check(other, &other_sock, &other_img, &expected, &expected_img);
-    resume_and_check(vm, &sock, &img, &expected, &expected_img);
+    images.resume_and_check(other, &other_sock, &other_img);
+    images.resume_and_check(vm, &sock, img);
 
     // The lock ended with the VM: the image is free for the next one.
-    assert!(!locked(&img), "the lock is released when the VM ends");
-    std::fs::copy(&ref_img, &img).unwrap();
+    assert!(!locked(img), "the lock is released when the VM ends");
+    std::fs::copy(ref_img, img).unwrap();
     let (code, out, err) = run_tandem(&["run", "--cmdline", CMDLINE, "--disk", &img_s]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out, expected);
+    assert_eq!(out, images.expected);
 }
 
 #[test]
@@ -163,14 +201,9 @@ fn a_protected_primary_is_refused_the_image_its_secondary_holds() {
 
 #[test]
 fn a_disk_move_locks_the_new_image_and_frees_the_old_one() {
-    let tmp = TempDir::new("lock-move");
-    let (ref_img, img) = (tmp.file("ref.img"), tmp.file("vm.img"));
-    make_disk(&ref_img, DISK_SIZE);
-    std::fs::copy(&ref_img, &img).unwrap();
-    let expected = reference(CMDLINE, Some(&ref_img));
-    let expected_img = read(&ref_img);
-    let sock = tmp.s("a.sock");
-    let vm = paused_vm(&sock, &img);
+    let images = Images::new("lock-move");
+    let Images { tmp, img, .. } = &images;
+    let (vm, sock) = images.paused_vm();
 
     // A destination another process holds is refused as it is.
     let busy = tmp.write("busy.img", b"someone else's data");
@@ -198,10 +231,10 @@ fn a_disk_move_locks_the_new_image_and_frees_the_old_one() {
         run_tandem(&["migrate", "--api", &sock, "--disk-dest", &tmp.s("new.img")]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(locked(&new), "the new image is locked");
-    assert!(!locked(&img), "the old image is free");
+    assert!(!locked(img), "the old image is free");
     let (code, _, err) = run_tandem(&["run", "--cmdline", CMDLINE, "--disk", &tmp.s("new.img")]);
     assert_refused(code, &err, &new);
-    resume_and_check(vm, &sock, &new, &expected, &expected_img);
+    images.resume_and_check(vm, &sock, &new);
     assert!(!locked(&new));
 }
 
@@ -213,13 +246,9 @@ fn a_disk_move_locks_the_new_image_and_frees_the_old_one() {
 /// undisturbed run.
 #[test]
 fn a_failed_switchover_onto_shared_storage_takes_the_lock_back() {
-    let tmp = TempDir::new("lock-shared");
-    let (ref_img, img) = (tmp.file("ref.img"), tmp.file("vm.img"));
-    make_disk(&ref_img, DISK_SIZE);
-    std::fs::copy(&ref_img, &img).unwrap();
-    let expected = reference(CMDLINE, Some(&ref_img));
-    let expected_img = read(&ref_img);
-    std::fs::hard_link(&img, tmp.file("link.img")).unwrap();
+    let images = Images::new("lock-shared");
+    let Images { tmp, img, .. } = &images;
+    std::fs::hard_link(img, tmp.file("link.img")).unwrap();
     let pki = Pki::new(&["a", "b"], &[]);
     let (dst, addr) = receiver(
         &[],
@@ -227,8 +256,7 @@ fn a_failed_switchover_onto_shared_storage_takes_the_lock_back() {
         &pki.creds("b"),
         &["--disk", &tmp.s("link.img")],
     );
-    let sock = tmp.s("a.sock");
-    let vm = paused_vm(&sock, &img);
+    let (vm, sock) = images.paused_vm();
     let (code, out, err) = migrate(&sock, &addr, &pki.creds("a"), &[]);
     assert_ne!(code, 0, "{out}");
     assert!(
@@ -236,10 +264,10 @@ fn a_failed_switchover_onto_shared_storage_takes_the_lock_back() {
         "refused at the switchover: {err}"
     );
     drop(dst);
-    assert!(locked(&img), "the source holds its image again");
+    assert!(locked(img), "the source holds its image again");
     let (code, _, err) = run_tandem(&["run", "--cmdline", CMDLINE, "--disk", &tmp.s("vm.img")]);
-    assert_refused(code, &err, &img);
-    resume_and_check(vm, &sock, &img, &expected, &expected_img);
+    assert_refused(code, &err, img);
+    images.resume_and_check(vm, &sock, img);
 }
 
 /// Files in `dir` (names), sorted, but the control sockets.

@@ -133,18 +133,11 @@ fn refused(sec: Proc, dir: &TempDir, reason: &str, want: &str) -> String {
     assert!(!err.contains("final state digest"), "{err}");
     assert!(!err.contains("replay verified"), "{err}");
     assert!(!err.contains("the primary is lost"), "{err}");
-    // The arbiter's id file aside (made when the secondary opened it).
-    let claims = std::fs::read_dir(dir.s("arbiter"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".claim")
-        })
-        .count();
-    assert_eq!(claims, 0, "the secondary asked the arbiter\n{err}");
+    let claims = cluster::file_claims(&dir.file("arbiter"));
+    assert!(
+        claims.is_empty(),
+        "the secondary asked the arbiter: {claims:?}\n{err}"
+    );
     err
 }
 

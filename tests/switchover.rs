@@ -6,65 +6,33 @@
 //! message.
 
 mod common;
+#[path = "common/etcd.rs"]
+mod etcd;
+#[path = "common/pair.rs"]
+mod pair;
 
-use common::cluster::{
-    file_claims, final_digest, loopback_secondary, protect, rounds, run_tandem, status,
-    wait_status, Pki, Proc,
-};
-use common::{result_line, TempDir};
+use common::cluster::{final_digest, rounds, run_tandem, status, Proc};
+use common::result_line;
+use pair::{took_over, Pair};
 
-/// Heartbeat and timeout: the defaults.
-const TIMING: [&str; 4] = ["--heartbeat-ms", "50", "--failover-timeout-ms", "1000"];
-
-struct Cluster {
-    dir: TempDir,
-    pki: Pki,
-    arbiter: String,
+/// The control sockets of the three hosts (A the first primary, B its
+/// secondary, C the third) in `pair`'s directory.
+fn sockets(pair: &Pair) -> [String; 3] {
+    ["a.sock", "b.sock", "c.sock"].map(|n| pair.dir.s(n))
 }
 
-impl Cluster {
-    fn new(tag: &str) -> Cluster {
-        let dir = TempDir::new(tag);
-        std::fs::create_dir(dir.file("arbiter")).unwrap();
-        let arbiter = format!("file:{}", dir.s("arbiter"));
-        Cluster {
-            dir,
-            pki: Pki::new(&["pri", "sec", "third"], &[]),
-            arbiter,
-        }
-    }
+/// The VM `cmdline` run unprotected on host A (control socket `a_sock`,
+/// console `pri.txt`), once its guest is in round 2.
+fn running(pair: &Pair, a_sock: &str, cmdline: &str) -> Proc {
+    let mut pri = pair.unprotected(a_sock, cmdline);
+    pri.wait_until("round 2", || rounds(&pair.console("pri.txt")) >= 2);
+    pri
+}
 
-    /// A secondary with the certificate `cert`, its live console to the
-    /// file `live`, its control socket `sock`.
-    fn secondary(&self, cert: &str, live: &str, sock: &str) -> (Proc, String) {
-        let live = format!("file:{}", self.dir.s(live));
-        let mut args = vec![
-            "--arbiter",
-            &self.arbiter,
-            "--live-serial",
-            &live,
-            "--api-socket",
-            sock,
-        ];
-        args.extend(TIMING);
-        loopback_secondary(&self.pki.creds(cert), &args)
-    }
-
-    /// `tandem protect --api SOCK --to ADDR` with the credentials of `cert`.
-    fn protect(&self, sock: &str, addr: &str, cert: &str) -> (i32, String, String) {
-        let mut extra = vec!["--arbiter", &self.arbiter];
-        extra.extend(TIMING);
-        protect(sock, addr, &self.pki.creds(cert), &extra)
-    }
-
-    fn console(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.file(name)).unwrap_or_default()
-    }
-
-    /// Every claim of the arbiter directory: (file name, holder), by name.
-    fn claims(&self) -> Vec<(String, String)> {
-        file_claims(&self.dir.file("arbiter"))
-    }
+/// A secondary with the certificate `cert`, its live console to the file
+/// `live`, its control socket `sock`.
+fn secondary(pair: &Pair, cert: &str, live: &str, sock: &str) -> (Proc, String) {
+    pair.secondary_as(cert, live, None, &["--api-socket", sock])
 }
 
 /// A VM protected while it runs (`tandem protect`) is switched over in the
@@ -77,37 +45,22 @@ impl Cluster {
 /// follows it to the end with its final digest.
 #[test]
 fn switchover_mid_run_then_reprotect() {
-    let c = Cluster::new("switchover");
+    let pair = Pair::new("switchover");
     let cmdline = "fill 4 300 3";
     let (st, want, err) = run_tandem(&["run", "--cmdline", cmdline]);
     assert_eq!(st, 0, "{err}");
-    let a_sock = c.dir.s("a.sock");
-    let b_sock = c.dir.s("b.sock");
-    let c_sock = c.dir.s("c.sock");
-    let serial = format!("file:{}", c.dir.s("pri.txt"));
-    let mut pri = Proc::spawn(
-        &[],
-        &[
-            "run",
-            "--api-socket",
-            &a_sock,
-            "--cmdline",
-            cmdline,
-            "--serial",
-            &serial,
-        ],
-    );
-    pri.wait_until("round 2", || rounds(&c.console("pri.txt")) >= 2);
+    let [a_sock, b_sock, c_sock] = sockets(&pair);
+    let mut pri = running(&pair, &a_sock, cmdline);
     // An unprotected VM has no secondary to take it: refused, it runs on.
     let (code, out, err) = run_tandem(&["switchover", "--api", &a_sock]);
     assert_ne!(code, 0, "{out}{err}");
     assert!(err.contains("the VM is not protected"), "{err}");
-    let (mut sec, addr) = c.secondary("sec", "live.txt", &b_sock);
-    let (code, out, err) = c.protect(&a_sock, &addr, "pri");
+    let (mut sec, addr) = secondary(&pair, "sec", "live.txt", &b_sock);
+    let (code, out, err) = pair.protect(&a_sock, &addr, "pri", &[]);
     assert_eq!(code, 0, "{out}{err}\n{}", pri.describe());
-    let r0 = rounds(&c.console("pri.txt"));
+    let r0 = rounds(&pair.console("pri.txt"));
     pri.wait_until("a few rounds protected", || {
-        rounds(&c.console("pri.txt")) >= r0 + 3
+        rounds(&pair.console("pri.txt")) >= r0 + 3
     });
     let vm = status(&a_sock)["protection"]["vm_id"]
         .as_str()
@@ -133,23 +86,19 @@ fn switchover_mid_run_then_reprotect() {
     assert!(perr.contains("runs on sec at "), "{perr}");
     sec.wait_for("going LIVE", true);
     sec.wait_for("serves the live VM now", true);
-    let s = wait_status(&b_sock, "the new primary's status", |s| {
-        s["lineage"]["role"] == "unprotected_after_switchover"
-    });
-    assert_eq!(s["lineage"]["generation"], 1, "{s}");
-    assert_eq!(s["lineage"]["vm_id"], vm.as_str(), "{s}");
-    assert!(
-        s["lineage"]["took_over_from"]
-            .as_str()
-            .is_some_and(|f| f.starts_with("pri at ")),
-        "{s}"
+    let s = took_over(
+        &b_sock,
+        "the new primary's status",
+        "unprotected_after_switchover",
+        1,
     );
+    assert_eq!(s["lineage"]["vm_id"], vm.as_str(), "{s}");
     let (code, text, err) = run_tandem(&["status", "--api", &b_sock]);
     assert_eq!(code, 0, "{err}");
     assert!(text.contains("unprotected after switchover"), "{text}");
     // Re-protection, as the drill runner does after a switchover.
-    let (third, third_addr) = c.secondary("third", "live2.txt", &c_sock);
-    let (code, out, err) = c.protect(&b_sock, &third_addr, "sec");
+    let (third, third_addr) = secondary(&pair, "third", "live2.txt", &c_sock);
+    let (code, out, err) = pair.protect(&b_sock, &third_addr, "sec", &[]);
     assert_eq!(code, 0, "{out}{err}\n{}", sec.describe());
     let s = status(&b_sock);
     assert_eq!(s["protection"]["generation"], 2, "{s}");
@@ -168,13 +117,13 @@ fn switchover_mid_run_then_reprotect() {
         "{serr}
 {terr}"
     );
-    let all = c.console("pri.txt") + &c.console("live.txt");
+    let all = pair.console("pri.txt") + &pair.console("live.txt");
     assert_eq!(result_line(&all), result_line(&want), "{serr}");
     assert_eq!(
         all, want,
         "old primary's console + new primary's != the unfailed run\n{serr}"
     );
-    let claims = c.claims();
+    let claims = pair.claims();
     assert_eq!(claims.len(), 1, "{claims:?}");
     assert_eq!(claims[0].0, format!("{vm}.g1.claim"));
     assert!(claims[0].1.starts_with("secondary sec (pid "), "{claims:?}");
@@ -188,41 +137,26 @@ fn switchover_mid_run_then_reprotect() {
 /// (it printed none: the signal ended the process at once).
 #[test]
 fn a_reprotected_vm_stopped_by_sigterm_ends_its_log_verified() {
-    let c = Cluster::new("switchover-term");
+    let pair = Pair::new("switchover-term");
     // Long enough for any load: the signal, not the guest, ends it.
     let cmdline = "fill 4 100000 3";
-    let a_sock = c.dir.s("a.sock");
-    let b_sock = c.dir.s("b.sock");
-    let c_sock = c.dir.s("c.sock");
-    let serial = format!("file:{}", c.dir.s("pri.txt"));
-    let mut pri = Proc::spawn(
-        &[],
-        &[
-            "run",
-            "--api-socket",
-            &a_sock,
-            "--cmdline",
-            cmdline,
-            "--serial",
-            &serial,
-        ],
-    );
-    pri.wait_until("round 2", || rounds(&c.console("pri.txt")) >= 2);
-    let (mut sec, addr) = c.secondary("sec", "live.txt", &b_sock);
-    let (code, out, err) = c.protect(&a_sock, &addr, "pri");
+    let [a_sock, b_sock, c_sock] = sockets(&pair);
+    let pri = running(&pair, &a_sock, cmdline);
+    let (mut sec, addr) = secondary(&pair, "sec", "live.txt", &b_sock);
+    let (code, out, err) = pair.protect(&a_sock, &addr, "pri", &[]);
     assert_eq!(code, 0, "{out}{err}\n{}", pri.describe());
     let (code, out, err) = run_tandem(&["switchover", "--api", &a_sock]);
     assert_eq!(code, 0, "{out}{err}\n{}", sec.describe());
     let (code_p, _, perr) = pri.finish();
     assert_eq!(code_p, 0, "{perr}");
     sec.wait_for("serves the live VM now", true);
-    let (third, third_addr) = c.secondary("third", "live2.txt", &c_sock);
-    let (code, out, err) = c.protect(&b_sock, &third_addr, "sec");
+    let (third, third_addr) = secondary(&pair, "third", "live2.txt", &c_sock);
+    let (code, out, err) = pair.protect(&b_sock, &third_addr, "sec", &[]);
     assert_eq!(code, 0, "{out}{err}\n{}", sec.describe());
     // Some rounds protected (the third replays them to the log's end).
-    let r0 = rounds(&c.console("live.txt"));
+    let r0 = rounds(&pair.console("live.txt"));
     sec.wait_until("rounds protected", || {
-        rounds(&c.console("live.txt")) >= r0 + 3
+        rounds(&pair.console("live.txt")) >= r0 + 3
     });
     sec.signal(libc::SIGTERM);
     let (code_s, _, serr) = sec.finish();
