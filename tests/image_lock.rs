@@ -280,3 +280,103 @@ fn names(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// A probe that tries to take `path`'s lock in a loop until `stop`, noting
+/// each change (`true`: it got the lock, and let go at once). It holds the
+/// lock only for an instant every 50 µs, so that it rarely stands in the
+/// way of the VM's own first check.
+fn probe(
+    path: &Path,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<bool>> {
+    let f = File::open(path).unwrap();
+    std::thread::spawn(move || {
+        let mut seen: Vec<bool> = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let got = f.try_lock().is_ok();
+            if got {
+                f.unlock().unwrap();
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+            if seen.last() != Some(&got) {
+                seen.push(got);
+            }
+        }
+        seen
+    })
+}
+
+/// From the moment `tandem run` (plain, and protected from boot, which
+/// hashes its image for the secondary first) checks its image to the end
+/// of its run, nobody else can take the image. Before, the early check let
+/// go of the lock and the VM's device took it again later, with the
+/// primary's BLAKE3 check in between: a probe trying in a loop got the
+/// image in the middle of the start, and the VM was refused by its own
+/// device (another writer could have had the image).
+#[test]
+fn the_image_is_held_without_a_gap_from_the_first_check_on() {
+    let tmp = TempDir::new("lock-gap");
+    let img = tmp.file("vm.img");
+    // Big enough that hashing it takes a while.
+    make_disk(&img, 64 << 20);
+    let img_s = img.to_string_lossy().into_owned();
+    let pki = Pki::new(&["a", "b"], &[]);
+    let mut checked = 0;
+    let mut tries = 0;
+    while checked < 6 {
+        tries += 1;
+        assert!(tries < 30, "the probe stood in the way of 24 first checks");
+        let protected = checked >= 3;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = probe(&img, stop.clone());
+        let mut sec = None;
+        let mut args = vec!["run", "--cmdline", CMDLINE, "--disk", &img_s];
+        let (creds, addr);
+        if protected {
+            let sec_img = tmp.file(&format!("sec-{tries}.img"));
+            std::fs::copy(&img, &sec_img).unwrap();
+            let sec_s = sec_img.to_string_lossy().into_owned();
+            let s;
+            (s, addr) = secondary(&[], "127.0.0.1:0", &pki.creds("b"), &["--disk", &sec_s]);
+            sec = Some(s);
+            creds = pki.creds("a");
+            args.extend(["--protect-to", addr.as_str()]);
+            args.extend(creds.iter().map(String::as_str));
+        }
+        let mut vm = Proc::spawn(&[], &args);
+        let started = loop {
+            if vm.out().contains("disk capacity") {
+                break true;
+            }
+            if let Ok(Some(_)) = vm.child.try_wait() {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        };
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let seen = seen.join().unwrap();
+        vm.signal(libc::SIGKILL);
+        let _ = vm.child.wait();
+        vm.drain();
+        let err = vm.err();
+        if let Some(s) = sec {
+            s.signal(libc::SIGKILL);
+        }
+        if !started {
+            // Refused at its very first check, while the probe held the
+            // image for an instant: no VM started, nothing to judge.
+            let first = err.contains("in use by another process") && !err.contains("virtio-blk");
+            assert!(first, "the VM did not start:\n{}", vm.describe());
+            continue;
+        }
+        let first_held = seen
+            .iter()
+            .position(|g| !*g)
+            .expect("the VM took the image");
+        assert!(
+            seen[first_held..].iter().all(|g| !*g),
+            "protected {protected}: the image was free again after the VM first held it ({seen:?})\n{err}"
+        );
+        checked += 1;
+    }
+}

@@ -80,12 +80,31 @@ pub fn disk_config(disk: Option<&DiskArg>) -> Result<Option<DiskConfig>, CmdErro
         )));
     }
     // An image another process uses is refused now, before anything is
-    // created or started; the VM's device takes the lock for good.
-    drop(hold_disk(&d.path, d.read_only)?);
+    // created or started, and stays held until the VM's device has taken
+    // the lock for good (`boot`, `restore_machine`): no moment between the
+    // two in which another process could take the image.
+    let held = hold_disk(&d.path, d.read_only)?;
+    EARLY_HOLDS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(held);
     Ok(Some(DiskConfig {
         path: d.path.clone(),
         read_only: d.read_only,
     }))
+}
+
+/// The images [`disk_config`] locked, held until the machine is built
+/// (its device's open shares the lock: `vmm::image`), then let go.
+static EARLY_HOLDS: std::sync::Mutex<Vec<Image>> = std::sync::Mutex::new(Vec::new());
+
+/// The machine is built (or failed to be): its device holds its image now.
+fn built<T>(r: T) -> T {
+    EARLY_HOLDS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+    r
 }
 
 /// Open and lock the image at `path` (`vmm::image`: exclusive, or shared
@@ -196,8 +215,8 @@ pub fn cpu_model(name: Option<&str>) -> Result<CpuModel, CmdError> {
 
 /// Boot the VM `config` describes.
 pub fn boot(config: &VmConfig) -> Result<Machine, CmdError> {
-    let kernel = KernelImage::resolve(config.kernel.as_ref())?;
-    Machine::boot(config, &kernel.path).map_err(machine_error)
+    let kernel = KernelImage::resolve(config.kernel.as_ref());
+    built(kernel.and_then(|k| Machine::boot(config, &k.path).map_err(machine_error)))
 }
 
 /// Read a snapshot and build its machine (`disk` overrides the saved one).
@@ -205,12 +224,14 @@ pub fn restore_machine(
     path: &std::path::Path,
     disk: Option<DiskConfig>,
 ) -> Result<(Machine, snapshot::Snapshot), CmdError> {
-    let snap = snapshot::read(path).map_err(|e| CmdError::Input(e.to_string()))?;
-    let machine = snap.restore(disk).map_err(|e| match e {
-        snapshot::SnapshotError::Restore { source, .. } => machine_error(source),
-        other => CmdError::Input(other.to_string()),
-    })?;
-    Ok((machine, snap))
+    built((|| {
+        let snap = snapshot::read(path).map_err(|e| CmdError::Input(e.to_string()))?;
+        let machine = snap.restore(disk).map_err(|e| match e {
+            snapshot::SnapshotError::Restore { source, .. } => machine_error(source),
+            other => CmdError::Input(other.to_string()),
+        })?;
+        Ok((machine, snap))
+    })())
 }
 
 /// After a run that SIGTERM/SIGINT stopped: the console's last partial
