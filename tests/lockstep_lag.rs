@@ -202,3 +202,120 @@ fn a_stopped_secondary_slows_the_primary_within_its_bounds() {
         "{both}"
     );
 }
+
+/// The secondary's own status measures its lag against what it has
+/// received (the primary's chunk times: the exit and the guest time the
+/// received log reaches), not against what its replayer has read. Stopped
+/// (SIGSTOP) while the primary runs on unslowed, the secondary receives the
+/// backlog at once when it runs again and replays it afterwards: asked at
+/// once, it shows itself behind by many exits and by the guest time
+/// between, never beyond what it received nor more than the primary ran;
+/// once it caught up (the `fill` guest idles a tick every round, the
+/// primary marks it), 0 and 0.
+#[test]
+fn a_stopped_secondary_s_own_status_shows_its_lag() {
+    let dir = TempDir::new("lag-own");
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    let (sec_sock, sec_log) = (dir.s("sec.sock"), dir.s("sec.log"));
+    let (sec, addr) = cluster::secondary(
+        &[],
+        "127.0.0.1:0",
+        &pki.creds("sec"),
+        &[
+            "--api-socket",
+            &sec_sock,
+            "--log",
+            &sec_log,
+            // Stopped on purpose: not a failover.
+            "--failover-timeout-ms",
+            "600000",
+        ],
+    );
+    let sock = dir.s("pri.sock");
+    let mut args = vec![
+        "run",
+        "--cmdline",
+        "fill 4 100000 1",
+        "--api-socket",
+        &sock,
+        "--protect-to",
+        &addr,
+        // The primary runs on at full speed while its secondary is stopped.
+        "--lag-bound-ms",
+        "0",
+        "--failover-timeout-ms",
+        "600000",
+    ];
+    let creds = pki.creds("pri");
+    args.extend(creds.iter().map(String::as_str));
+    let mut pri = Proc::spawn(&[], &args);
+    pri.wait_until("the control socket", || {
+        std::path::Path::new(&sock).exists()
+    });
+    let mut sec = sec;
+    sec.wait_until("the secondary's control socket", || {
+        std::path::Path::new(&sec_sock).exists()
+    });
+    let p = |s: &serde_json::Value| s["protection"].clone();
+    let num = |s: &serde_json::Value, k: &str| p(s)[k].as_u64().unwrap_or(0);
+    cluster::wait_status(&sec_sock, "the secondary replaying", |s| {
+        p(s)["state"] == "replaying" && num(s, "replayed_exit") > num(s, "start_exit")
+    });
+    // Stop the secondary until the primary ran `gap` exits past it, then
+    // ask it at once; a replay that caught up before the answer (this host
+    // is loaded) is stopped again for longer.
+    let mut gap = 2000;
+    let behind = loop {
+        assert!(
+            gap <= 32000,
+            "the secondary never showed its lag\n{}",
+            pri.describe()
+        );
+        let from = num(&status(&sec_sock), "replayed_exit");
+        sec.signal(libc::SIGSTOP);
+        let stopped = std::time::Instant::now();
+        cluster::wait_status(&sock, "the primary running on", |s| {
+            s["exit_seq"].as_u64() >= Some(from + gap)
+        });
+        sec.signal(libc::SIGCONT);
+        let s = status(&sec_sock);
+        let ran_us = stopped.elapsed().as_secs_f64() * 1e6;
+        if num(&s, "lag_exits") >= 100 {
+            break (s, ran_us);
+        }
+        gap *= 2;
+    };
+    let (s, ran_us) = behind;
+    let (exit, replayed, lag) = (
+        num(&s, "exit_seq"),
+        num(&s, "replayed_exit"),
+        num(&s, "lag_exits"),
+    );
+    let lag_us = p(&s)["lag_us"].as_f64().unwrap();
+    assert_eq!(exit, replayed + lag, "{s}");
+    // What it reaches was received: the kept log (written before the
+    // chunk's time is taken) holds an entry at that exit.
+    let received = entries(&sec_log);
+    assert!(
+        received.iter().any(|e| e.exit_seq() == exit),
+        "the secondary says the log reaches exit {exit}, its kept log does not (last {:?}): {s}",
+        received.last()
+    );
+    // Guest time behind: more than a millisecond (100 exits of `fill` are
+    // several ticks), less than the primary ran since the stop plus its lag
+    // before it.
+    assert!(lag_us > 1000.0, "{s}");
+    assert!(
+        lag_us < ran_us + 1e6,
+        "{lag_us} µs behind after {ran_us} µs: {s}"
+    );
+    eprintln!("the secondary behind: {lag} exits, {lag_us} µs (stopped {ran_us} µs)");
+    // Caught up: the replay stands where the received log ends.
+    cluster::wait_status(&sec_sock, "the secondary caught up", |s| {
+        num(s, "exit_seq") > exit
+            && num(s, "lag_exits") == 0
+            && p(s)["lag_us"].as_f64() == Some(0.0)
+    });
+    pri.signal(libc::SIGKILL);
+    sec.signal(libc::SIGKILL);
+}

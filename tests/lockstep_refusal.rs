@@ -1,8 +1,8 @@
 //! A secondary refuses what no real primary of this VM would send (issue
 //! 8): a hand-made primary speaks the lockstep protocol and sends a real
 //! record log, damaged on purpose. A corrupt frame mid-stream, a frame cut
-//! short mid-stream, a stream that changes its VM, a log that is not one,
-//! an older protocol: each is refused with a clear error that reaches the
+//! short mid-stream, a stream that changes its VM, a chunk time that goes
+//! back, a log that is not one, an older protocol: each is refused with a clear error that reaches the
 //! primary, and changes nothing: the secondary stops, applies nothing of
 //! the bad bytes, prints no final digest and does not go live although it
 //! has an arbiter that would let it.
@@ -15,7 +15,7 @@ use common::cluster::{self, run_tandem, Pki, Proc};
 use common::{TempDir, TIMEOUT};
 use failover::channel::{kind as chan_kind, BlockingConnection, Message, Role};
 use failover::heartbeat::{kind as hb_kind, Protection};
-use failover::lockstep::{kind, Header, LOCKSTEP_VERSION};
+use failover::lockstep::{kind, ChunkTime, Header, LOCKSTEP_VERSION};
 
 /// A primary speaking the protocol by hand.
 struct FakePrimary {
@@ -196,6 +196,29 @@ fn a_stream_that_changes_its_vm_is_refused() {
     p.log(&log[half..]);
     let reason = p.refusal();
     refused(sec, &dir, &reason, "a log stream of another VM");
+}
+
+/// The primary's chunk times (how far the log reaches: exit and guest
+/// time) never go back; one that does is refused, naming both.
+#[test]
+fn a_chunk_time_that_goes_back_is_refused() {
+    let (_pki, dir, sec, mut p, log, ends) = protected_stream("refuse-chunk-time");
+    let (a, b) = (ends[ends.len() / 3] as usize, ends[ends.len() / 2] as usize);
+    let time = |p: &mut FakePrimary, exit, guest_us| {
+        let t = ChunkTime { exit, guest_us };
+        p.conn.send_frame(kind::CHUNK_TIME, &t.encode()).unwrap();
+    };
+    p.log(&log[..a]);
+    time(&mut p, 100, 5000);
+    p.log(&log[a..b]);
+    time(&mut p, 99, 6000);
+    let reason = p.refusal();
+    refused(
+        sec,
+        &dir,
+        &reason,
+        "a bad chunk time from the primary: the log goes back: it reached exit 100 at 5000 µs, now exit 99 at 6000 µs",
+    );
 }
 
 #[test]

@@ -14,6 +14,11 @@
 //!    carrying an [`Ack`]: the log bytes it has received so far. The primary
 //!    releases an output once the acknowledged offset covers the log entry
 //!    of that output (the Output Rule).
+//! 5. primary → secondary: after each chunk that holds entries, a frame of
+//!    kind [`kind::CHUNK_TIME`] carrying a [`ChunkTime`]: the exit the log
+//!    reaches with that chunk and the primary's guest time (µs) when it
+//!    left. The secondary's own lag (`tandem status`) is measured against
+//!    them: what it has received, not what its replayer has read.
 //!
 //! A *seeded* stream (`tandem protect` of a running VM) has
 //! [`Header::seed`]: the migration header of the VM. The secondary answers
@@ -56,8 +61,10 @@ use serde::{Deserialize, Serialize};
 /// and [`kind::REPAIRED`] (a version-2 primary would take them for a
 /// protocol error and drop its secondary, so version 2 is refused).
 /// 4: [`Header::arbiter`] (a header is read by its version first:
-/// [`decode_header`]).
-pub const LOCKSTEP_VERSION: u32 = 4;
+/// [`decode_header`]). 5: [`kind::CHUNK_TIME`] after every log chunk (a
+/// version-4 secondary refuses the stream at the first one: an unexpected
+/// frame kind).
+pub const LOCKSTEP_VERSION: u32 = 5;
 
 /// Application frame kinds of the lockstep stream.
 pub mod kind {
@@ -81,6 +88,130 @@ pub mod kind {
     /// [`super::Live`], secondary → primary: it won the arbiter and runs
     /// the VM.
     pub const LIVE: u8 = 33;
+    /// [`super::ChunkTime`], primary → secondary, after each log chunk
+    /// that holds entries: how far the log reaches with it.
+    pub const CHUNK_TIME: u8 = 34;
+}
+
+/// How far the log stream reaches with the chunk just sent: the highest
+/// exit of its entries, and the primary's guest time when it left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkTime {
+    /// The highest `exit_seq` of an entry in the chunk (a progress mark's
+    /// exit is the exit the primary had reached).
+    pub exit: u64,
+    /// The primary's guest virtual time when the chunk left, in µs since
+    /// its stream started (the primary's guest time is its host's
+    /// monotonic time: only differences mean anything).
+    pub guest_us: u64,
+}
+
+impl ChunkTime {
+    /// Its [`kind::CHUNK_TIME`] frame payload.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// A peer's [`kind::CHUNK_TIME`] payload: exactly one [`ChunkTime`]
+    /// (two varints, at most 20 bytes), nothing after it.
+    pub fn decode(payload: &[u8]) -> Result<ChunkTime, String> {
+        if payload.len() > 20 {
+            return Err(format!(
+                "a chunk time of {} bytes (at most 20)",
+                payload.len()
+            ));
+        }
+        match postcard::take_from_bytes::<ChunkTime>(payload) {
+            Ok((t, [])) => Ok(t),
+            Ok((_, rest)) => Err(format!("{} bytes after the chunk time", rest.len())),
+            Err(e) => Err(format!("unreadable chunk time: {e}")),
+        }
+    }
+
+    /// Does this chunk time follow `prev` (the previous one of the same
+    /// stream)? Neither the exit nor the guest time goes back.
+    pub fn check_after(&self, prev: &ChunkTime) -> Result<(), String> {
+        if self.exit < prev.exit || self.guest_us < prev.guest_us {
+            return Err(format!(
+                "the log goes back: it reached exit {} at {} µs, now exit {} at {} µs",
+                prev.exit, prev.guest_us, self.exit, self.guest_us
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// When the primary had reached which exit (one pair per log chunk, oldest
+/// first, at most a fixed number: the oldest are forgotten), to answer
+/// "when was the primary where the secondary is now?". `T`: the primary's
+/// clock (an `Instant` on the primary, [`ChunkTime::guest_us`] on the
+/// secondary).
+#[derive(Debug, Clone)]
+pub struct ExitTimes<T> {
+    reached: std::collections::VecDeque<(u64, T)>,
+    cap: usize,
+}
+
+/// Pairs an [`ExitTimes`] holds by default (16 to 24 bytes each): at a
+/// chunk every progress mark interval (2 ms), about two minutes of them.
+pub const EXIT_TIMES: usize = 1 << 16;
+
+impl<T: Copy> Default for ExitTimes<T> {
+    fn default() -> Self {
+        ExitTimes::new(EXIT_TIMES)
+    }
+}
+
+impl<T: Copy> ExitTimes<T> {
+    /// An empty history of at most `cap` (≥ 2) pairs.
+    pub fn new(cap: usize) -> Self {
+        ExitTimes {
+            reached: std::collections::VecDeque::new(),
+            cap: cap.max(2),
+        }
+    }
+
+    /// A chunk reaching `exit` left at `at`.
+    pub fn push(&mut self, exit: u64, at: T) {
+        if self.reached.len() >= self.cap {
+            self.reached.pop_front();
+        }
+        self.reached.push_back((exit, at));
+    }
+
+    /// The newest pair: how far the log reaches.
+    pub fn last(&self) -> Option<(u64, T)> {
+        self.reached.back().copied()
+    }
+
+    /// Forget what lies wholly behind `replayed` (the newest pair at or
+    /// before it stays: it is where the answer of [`ExitTimes::at`] starts).
+    pub fn forget_behind(&mut self, replayed: u64) {
+        while self.reached.len() > 1 && self.reached[1].0 <= replayed {
+            self.reached.pop_front();
+        }
+    }
+
+    /// When the primary first reached (or passed) exit `replayed`, after
+    /// [`ExitTimes::forget_behind`]`(replayed)`: `None` past every exit
+    /// known (caught up).
+    pub fn at(&self, replayed: u64) -> Option<T> {
+        match (self.reached.front(), self.reached.get(1)) {
+            (Some(&(exit, at)), _) if exit >= replayed => Some(at),
+            (_, Some(&(_, at))) => Some(at),
+            _ => None,
+        }
+    }
+
+    /// Pairs held.
+    pub fn len(&self) -> usize {
+        self.reached.len()
+    }
+
+    /// None held.
+    pub fn is_empty(&self) -> bool {
+        self.reached.is_empty()
+    }
 }
 
 /// The primary hands the VM over (after the log's handover `End`).
@@ -205,13 +336,16 @@ pub struct ProtectionStatus {
     pub peer: String,
     /// The exit protection started at (0: from boot).
     pub start_exit: u64,
-    /// The primary's exit (as of its last status or mark the secondary has).
+    /// The primary's exit (the secondary: the exit the log it received
+    /// reaches, as the primary's [`ChunkTime`]s say).
     pub exit_seq: u64,
     /// The exit the secondary's replay has reached (its last ack).
     pub replayed_exit: u64,
     /// Exits the secondary is behind.
     pub lag_exits: u64,
-    /// Guest virtual time the secondary is behind (µs).
+    /// Guest virtual time the secondary is behind (µs; the secondary: from
+    /// the primary's being at `replayed_exit` to the end of what it
+    /// received).
     pub lag_us: f64,
     /// Log bytes streamed (primary) or received (secondary).
     pub log_bytes: u64,
@@ -409,6 +543,61 @@ pub fn check_header(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_times_are_checked() {
+        let t = ChunkTime {
+            exit: 1 << 40,
+            guest_us: u64::MAX,
+        };
+        assert_eq!(ChunkTime::decode(&t.encode()), Ok(t));
+        let mut long = t.encode();
+        long.push(0);
+        assert!(ChunkTime::decode(&long)
+            .unwrap_err()
+            .contains("1 bytes after"));
+        assert!(ChunkTime::decode(&[0x80]).is_err());
+        assert!(ChunkTime::decode(&[0; 21])
+            .unwrap_err()
+            .contains("at most 20"));
+        let prev = ChunkTime {
+            exit: 10,
+            guest_us: 500,
+        };
+        let same = prev;
+        assert!(same.check_after(&prev).is_ok());
+        let back = ChunkTime { exit: 9, ..prev };
+        assert!(back.check_after(&prev).unwrap_err().contains("goes back"));
+        let earlier = ChunkTime {
+            guest_us: 499,
+            ..prev
+        };
+        assert!(earlier.check_after(&prev).is_err());
+    }
+
+    #[test]
+    fn exit_times_answer_when_the_primary_was_there() {
+        let mut t = ExitTimes::new(3);
+        assert_eq!(t.at(0), None);
+        t.push(10, 100u64);
+        t.push(20, 200);
+        t.push(30, 300);
+        t.forget_behind(5);
+        assert_eq!((t.len(), t.at(5)), (3, Some(100)));
+        // Between two chunks: the one that passed it.
+        t.forget_behind(15);
+        assert_eq!((t.len(), t.at(15)), (3, Some(200)));
+        t.forget_behind(20);
+        assert_eq!((t.len(), t.at(20)), (2, Some(200)));
+        // Past every exit known: caught up.
+        t.forget_behind(31);
+        assert_eq!((t.len(), t.at(31), t.last()), (1, None, Some((30, 300))));
+        // Bounded: the oldest go.
+        for i in 4..10 {
+            t.push(i * 10, i * 100);
+        }
+        assert_eq!((t.len(), t.at(0)), (3, Some(700)));
+    }
 
     #[test]
     fn disk_mismatch_is_refused() {

@@ -1,10 +1,11 @@
 //! The lockstep protocol's frames from a peer (header, acknowledgements,
 //! sync point requests, repair reports, heartbeats, the protection
-//! identity): decoding never panics, and the checks they feed never panic.
+//! identity, chunk times): decoding never panics, and the checks they feed
+//! never panic.
 #![no_main]
 
 use failover::heartbeat::{PrimaryBeat, Protection, SecondaryBeat};
-use failover::lockstep::{check_header, Ack, Header, Repaired, SyncRequest};
+use failover::lockstep::{check_header, Ack, ChunkTime, Header, Repaired, SyncRequest};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -20,4 +21,12 @@ fuzz_target!(|data: &[u8]| {
     let _ = postcard::from_bytes::<Repaired>(data);
     let _ = postcard::from_bytes::<PrimaryBeat>(data);
     let _ = postcard::from_bytes::<SecondaryBeat>(data);
+    if let Ok(t) = ChunkTime::decode(data) {
+        let prev = ChunkTime {
+            exit: 1000,
+            guest_us: 1000,
+        };
+        let _ = t.check_after(&prev);
+        let _ = prev.check_after(&t);
+    }
 });

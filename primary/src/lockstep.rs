@@ -26,7 +26,9 @@ use crossbeam_channel::{unbounded, Sender};
 use failover::certs::Credentials;
 use failover::channel::{BlockingConnection, ChannelConfig, Message, Role};
 use failover::heartbeat::{self, lease_end, Liveness, PrimaryBeat, SecondaryBeat};
-use failover::lockstep::{kind, Ack, Handover, Header, Live, Repaired, SyncRequest};
+use failover::lockstep::{
+    kind, Ack, ChunkTime, ExitTimes, Handover, Header, Live, Repaired, SyncRequest,
+};
 use recordlog::LogQueue;
 use vmm::inputs::Divergence;
 use vmm::outputs::{Output, Outputs};
@@ -62,7 +64,7 @@ pub(crate) struct AckState {
     /// The exits the primary had reached when chunks left (the highest
     /// exit in each), oldest first: when was the primary where the
     /// secondary is now?
-    reached: std::collections::VecDeque<(u64, Instant)>,
+    reached: ExitTimes<Instant>,
     /// How long ago the primary was at the exit the secondary had replayed
     /// when it last acknowledged (its lag in time; the primary's virtual
     /// clock is host time).
@@ -98,12 +100,10 @@ impl AckState {
     /// When the primary first reached (or passed) exit `replayed`, seen
     /// from `now`.
     fn lag_at(&self, replayed: u64, now: Instant) -> Duration {
-        match (self.reached.front(), self.reached.get(1)) {
-            (Some(&(exit, at)), _) if exit >= replayed => now - at,
-            (_, Some(&(_, at))) => now - at,
-            // Past every exit sent so far: caught up.
-            _ => Duration::ZERO,
-        }
+        // Past every exit sent so far: caught up.
+        self.reached
+            .at(replayed)
+            .map_or(Duration::ZERO, |at| now.saturating_duration_since(at))
     }
 }
 
@@ -231,9 +231,7 @@ impl Acks {
             st.rtt = Some(now - at);
             st.sent.pop_front();
         }
-        while st.reached.len() > 1 && st.reached[1].0 <= ack.replayed {
-            st.reached.pop_front();
-        }
+        st.reached.forget_behind(ack.replayed);
         let lag = st.lag_at(ack.replayed, now);
         st.lag = Some(lag);
         st.lag_samples.push(lag);
@@ -258,10 +256,7 @@ impl Acks {
         }
         st.sent.push_back((end, now));
         if let Some(exit) = exit {
-            if st.reached.len() >= MAX_SENT {
-                st.reached.pop_front();
-            }
-            st.reached.push_back((exit, now));
+            st.reached.push(exit, now);
         }
     }
 
@@ -554,6 +549,19 @@ impl Link {
                             continue;
                         }
                         a.sent(offset, exit);
+                        if let Some(exit) = exit {
+                            // How far the secondary's log reaches now, in
+                            // exits and in our guest time (its own lag).
+                            let t = ChunkTime {
+                                exit,
+                                guest_us: a.life.now_us(),
+                            };
+                            if let Err(e) = tx.send_frame(kind::CHUNK_TIME, &t.encode()) {
+                                sending = false;
+                                a.secondary_lost(format!("sending the log: {e}"));
+                                continue;
+                            }
+                        }
                     }
                     if closed && bye.swap(false, Ordering::SeqCst) {
                         // After the whole log: protection ends by decision.

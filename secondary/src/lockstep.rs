@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use failover::channel::{BlockingConnection, BlockingListener, ChannelError, Role};
 use failover::heartbeat::Timing;
-use failover::lockstep::{check_header, decode_header, kind, Ack, Header, ProtectionStatus};
+use failover::lockstep::{
+    check_header, decode_header, kind, Ack, ChunkTime, ExitTimes, Header, ProtectionStatus,
+};
 use recordlog::{Entry, Input, ReadError};
 
 use crate::replay::EntrySource;
@@ -79,9 +81,9 @@ pub struct Protected {
 #[derive(Debug)]
 pub struct Follow {
     started: Instant,
-    /// The primary's exit as last known (the log's entries and marks).
-    primary_exit: AtomicU64,
-    primary_ns: AtomicU64,
+    /// How far the received log reaches, chunk by chunk (the primary's
+    /// [`ChunkTime`]s: exit and guest time), behind the replay forgotten.
+    received: std::sync::Mutex<Received>,
     replayed_exit: AtomicU64,
     replayed_ns: AtomicU64,
     bytes: AtomicU64,
@@ -102,8 +104,7 @@ impl Follow {
     fn new() -> Arc<Follow> {
         Arc::new(Follow {
             started: Instant::now(),
-            primary_exit: AtomicU64::new(0),
-            primary_ns: AtomicU64::new(0),
+            received: std::sync::Mutex::new(Received::default()),
             replayed_exit: AtomicU64::new(0),
             replayed_ns: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -159,6 +160,33 @@ impl Follow {
         }
     }
 
+    /// The primary's [`ChunkTime`] of the chunk received last (`total`:
+    /// the stream's bytes so far): checked against the one before it.
+    pub(crate) fn chunk_time(&self, t: ChunkTime, total: u64) -> Result<(), String> {
+        let mut r = self.received.lock().unwrap_or_else(|e| e.into_inner());
+        if total == 0 {
+            return Err(format!(
+                "a chunk time (exit {}) before any log chunk",
+                t.exit
+            ));
+        }
+        if r.bytes == Some(total) {
+            return Err(format!(
+                "a second chunk time (exit {}) for the log chunk ending at byte {total}",
+                t.exit
+            ));
+        }
+        if let Some(prev) = &r.last {
+            t.check_after(prev)?;
+        }
+        r.last = Some(t);
+        r.bytes = Some(total);
+        r.times
+            .forget_behind(self.replayed_exit.load(Ordering::SeqCst));
+        r.times.push(t.exit, t.guest_us);
+        Ok(())
+    }
+
     /// The replay has ended.
     pub fn set_ended(&self) {
         self.ended.store(true, Ordering::SeqCst);
@@ -167,7 +195,20 @@ impl Follow {
     /// The secondary's side of `tandem status`.
     pub fn status(&self) -> ProtectionStatus {
         let replayed = self.replayed_exit.load(Ordering::SeqCst);
-        let primary = self.primary_exit.load(Ordering::SeqCst).max(replayed);
+        let (primary, lag_us) = {
+            let mut r = self.received.lock().unwrap_or_else(|e| e.into_inner());
+            r.times.forget_behind(replayed);
+            match r.times.last() {
+                // The received log reaches further than the replay: the
+                // guest time between the primary's being where the replay
+                // is and the end of the received log.
+                Some((exit, end_us)) if exit > replayed => {
+                    let at = r.times.at(replayed).unwrap_or(end_us);
+                    (exit, end_us.saturating_sub(at) as f64)
+                }
+                _ => (replayed, 0.0),
+            }
+        };
         let bytes = self.bytes.load(Ordering::SeqCst);
         let secs = self.started.elapsed().as_secs_f64();
         ProtectionStatus {
@@ -182,11 +223,7 @@ impl Follow {
             exit_seq: primary,
             replayed_exit: replayed,
             lag_exits: primary - replayed,
-            lag_us: self
-                .primary_ns
-                .load(Ordering::SeqCst)
-                .saturating_sub(self.replayed_ns.load(Ordering::SeqCst)) as f64
-                / 1e3,
+            lag_us,
             log_bytes: bytes,
             log_bandwidth_bps: if secs > 0.0 {
                 bytes as f64 * 8.0 / secs
@@ -199,6 +236,18 @@ impl Follow {
             ..Default::default()
         }
     }
+}
+
+/// What the secondary has received of the log, as the primary's
+/// [`ChunkTime`]s say.
+#[derive(Debug, Default)]
+struct Received {
+    /// The newest chunk time.
+    last: Option<ChunkTime>,
+    /// The stream's bytes when it came.
+    bytes: Option<u64>,
+    /// Exit → the primary's guest time (µs), one pair per chunk.
+    times: ExitTimes<u64>,
 }
 
 /// An [`EntrySource`] that tells [`Follow`] how far the replay is. The
@@ -214,7 +263,6 @@ impl<S: EntrySource> Tracked<S> {
     /// Track `inner`'s entries into `follow`.
     pub fn new(inner: S, follow: Arc<Follow>, start_exit: u64) -> Self {
         follow.replayed_exit.store(start_exit, Ordering::SeqCst);
-        follow.primary_exit.store(start_exit, Ordering::SeqCst);
         follow.start_exit.store(start_exit, Ordering::SeqCst);
         Tracked {
             inner,
@@ -234,7 +282,6 @@ impl<S: EntrySource> EntrySource for Tracked<S> {
         }
         let e = self.inner.next_entry()?;
         if let Some(entry) = &e {
-            let exit = entry.exit_seq();
             let ns = match entry {
                 Entry::Input {
                     input: Input::Clock(v),
@@ -242,11 +289,7 @@ impl<S: EntrySource> EntrySource for Tracked<S> {
                 } => Some(*v),
                 _ => None,
             };
-            self.follow.primary_exit.fetch_max(exit, Ordering::SeqCst);
-            if let Some(ns) = ns {
-                self.follow.primary_ns.fetch_max(ns, Ordering::SeqCst);
-            }
-            self.last = Some((exit, ns));
+            self.last = Some((entry.exit_seq(), ns));
         }
         Ok(e)
     }
@@ -408,5 +451,61 @@ impl Read for LogPipe {
         buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(exit: u64, guest_us: u64) -> ChunkTime {
+        ChunkTime { exit, guest_us }
+    }
+
+    #[test]
+    fn the_lag_is_what_was_received_against_what_was_replayed() {
+        let f = Follow::new();
+        let lag = |f: &Follow| {
+            let s = f.status();
+            (s.exit_seq, s.replayed_exit, s.lag_exits, s.lag_us)
+        };
+        assert_eq!(lag(&f), (0, 0, 0, 0.0));
+        f.chunk_time(at(10, 1_000), 100).unwrap();
+        f.chunk_time(at(20, 3_000), 200).unwrap();
+        f.chunk_time(at(50, 9_000), 300).unwrap();
+        // Nothing replayed yet: the primary was at exit 0 when the first
+        // chunk left.
+        assert_eq!(lag(&f), (50, 0, 50, 8_000.0));
+        f.replayed_exit.store(15, Ordering::SeqCst);
+        assert_eq!(lag(&f), (50, 15, 35, 6_000.0));
+        f.replayed_exit.store(20, Ordering::SeqCst);
+        assert_eq!(lag(&f), (50, 20, 30, 6_000.0));
+        f.replayed_exit.store(50, Ordering::SeqCst);
+        assert_eq!(lag(&f), (50, 50, 0, 0.0));
+        // The replay may pass the last chunk time (it follows its chunk).
+        f.replayed_exit.store(60, Ordering::SeqCst);
+        assert_eq!(lag(&f), (60, 60, 0, 0.0));
+    }
+
+    #[test]
+    fn bad_chunk_times_are_refused() {
+        let f = Follow::new();
+        assert!(f
+            .chunk_time(at(1, 1), 0)
+            .unwrap_err()
+            .contains("before any log chunk"));
+        f.chunk_time(at(10, 1_000), 100).unwrap();
+        assert!(f
+            .chunk_time(at(11, 1_001), 100)
+            .unwrap_err()
+            .contains("second chunk time"));
+        assert!(f
+            .chunk_time(at(9, 2_000), 200)
+            .unwrap_err()
+            .contains("goes back"));
+        assert!(f.chunk_time(at(10, 999), 200).is_err());
+        // The refused ones changed nothing.
+        assert_eq!(f.status().exit_seq, 10);
+        f.chunk_time(at(10, 1_000), 200).unwrap();
     }
 }

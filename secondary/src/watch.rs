@@ -186,6 +186,16 @@ pub fn receive(
                 }
                 *watch.protection.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
             }
+            Some((kind::CHUNK_TIME, payload)) => {
+                watch.life.touch();
+                let checked = failover::lockstep::ChunkTime::decode(&payload)
+                    .and_then(|t| follow.chunk_time(t, total));
+                if let Err(e) = checked {
+                    let reason = format!("a bad chunk time from the primary: {e}");
+                    abort(conn, &reason);
+                    return Err(reason);
+                }
+            }
             Some((kind::UNPROTECT, _)) => {
                 watch.life.touch();
                 follow.set_unprotected();
