@@ -270,6 +270,73 @@ fn a_failed_switchover_onto_shared_storage_takes_the_lock_back() {
     images.resume_and_check(vm, &sock, img);
 }
 
+/// The same failed switchover, but another process takes the image in the
+/// moment the source let go of it (a probe that grabs the lock as soon as
+/// it is free and keeps it): the source cannot take it back, so its guest
+/// must not run on (it would write an image someone else holds). The VM
+/// stays paused, `tandem migrate` says why naming the image, `tandem
+/// resume` is refused while the other holds it; once that one lets go,
+/// resume takes the lock back and the VM ends as an undisturbed run.
+#[test]
+fn a_failed_switchover_whose_image_was_taken_meanwhile_stays_paused() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let images = Images::new("lock-taken");
+    let Images { tmp, img, .. } = &images;
+    std::fs::hard_link(img, tmp.file("link.img")).unwrap();
+    let pki = Pki::new(&["a", "b"], &[]);
+    let (dst, addr) = receiver(
+        &[],
+        "127.0.0.1:0",
+        &pki.creds("b"),
+        &["--disk", &tmp.s("link.img")],
+    );
+    let (vm, sock) = images.paused_vm();
+    // The grabber: takes the lock the moment it is free, keeps it until
+    // told to let go.
+    let (got, release) = (
+        std::sync::Arc::new(AtomicBool::new(false)),
+        std::sync::Arc::new(AtomicBool::new(false)),
+    );
+    let grabber = {
+        let f = File::open(img).unwrap();
+        let (got, release) = (got.clone(), release.clone());
+        std::thread::spawn(move || {
+            while !release.load(Ordering::SeqCst) {
+                if !got.load(Ordering::SeqCst) && f.try_lock().is_ok() {
+                    got.store(true, Ordering::SeqCst);
+                }
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+            drop(f);
+        })
+    };
+    let (code, out, err) = migrate(&sock, &addr, &pki.creds("a"), &[]);
+    drop(dst);
+    assert!(
+        got.load(Ordering::SeqCst),
+        "the grabber got the image when the source let go: {err}"
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("no --api-socket")
+            && err.contains(&img.display().to_string())
+            && err.contains("in use by another process"),
+        "the failure names the refusal and the image the source could not take back: {err}"
+    );
+    let (code, _, rerr) = run_tandem(&["resume", "--api", &sock]);
+    assert_ne!(
+        code, 0,
+        "resume while another process holds the image: {rerr}"
+    );
+    assert!(
+        rerr.contains("in use by another process"),
+        "resume says why: {rerr}"
+    );
+    release.store(true, Ordering::SeqCst);
+    grabber.join().unwrap();
+    images.resume_and_check(vm, &sock, img);
+}
+
 /// Files in `dir` (names), sorted, but the control sockets.
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)

@@ -10,8 +10,10 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(h) = postcard::from_bytes::<Header>(data) {
-        // No --disk: nothing is read from the host.
+        // No --disk: nothing is read from the host. Without an arbiter of
+        // our own, and with one (the identity comparison and its bounds).
         let _ = check_header(&h, None, None);
+        let _ = check_header(&h, None, Some("file arbiter 12"));
     }
     if let Ok(p) = postcard::from_bytes::<Protection>(data) {
         let _ = p.check();
