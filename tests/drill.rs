@@ -710,6 +710,35 @@ fn failover_then_reprotect_end_to_end() {
     assert_eq!(kinds, ["kill-primary", "reprotect", "kill-primary"]);
 }
 
+/// The checks every mail partition drill's run passes: nothing
+/// acknowledged lost, more than 10 acknowledged, one live copy, three cuts,
+/// the first decided for one side while the other stopped with status 3.
+/// Returns the cuts' reports.
+#[track_caller]
+fn partition_run_checked(v: &serde_json::Value, out: &common::Output) -> Vec<serde_json::Value> {
+    let run = &v["runs"][0];
+    assert_eq!(run["messages"]["lost"], 0, "{}", out.describe());
+    assert!(
+        run["messages"]["acknowledged"].as_u64().unwrap_or(0) > 10,
+        "{}",
+        out.describe()
+    );
+    assert_eq!(run["live_copies"], 1, "{}", out.describe());
+    let f = run["faults"].as_array().unwrap().clone();
+    assert_eq!(f.len(), 3, "{}", out.describe());
+    let winner = f[0]["winner"].as_str().unwrap_or("");
+    assert!(
+        ["primary", "secondary"].contains(&winner)
+            && f[0]["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("stopped (exit status: 3)"),
+        "{}",
+        out.describe()
+    );
+    f
+}
+
 /// `mail-partition` in a short form (shorter cuts and fewer messages than
 /// the shipped campaign's): a real etcd on its own host is the arbiter;
 /// the hosts cut apart, one side wins, the other stops with status 3;
@@ -733,26 +762,7 @@ fn mail_partition_end_to_end() {
     let path = dir.write("mail-partition-short.toml", text.as_bytes());
     let out = tandem(&["drill", common::arg(&path), "--seed", "4", "--json"]);
     let v = passed_report(&out);
-    let run = &v["runs"][0];
-    assert_eq!(run["messages"]["lost"], 0, "{}", out.describe());
-    assert!(
-        run["messages"]["acknowledged"].as_u64().unwrap_or(0) > 10,
-        "{}",
-        out.describe()
-    );
-    assert_eq!(run["live_copies"], 1, "{}", out.describe());
-    let f = run["faults"].as_array().unwrap();
-    assert_eq!(f.len(), 3, "{}", out.describe());
-    let winner = f[0]["winner"].as_str().unwrap_or("");
-    assert!(
-        ["primary", "secondary"].contains(&winner)
-            && f[0]["detail"]
-                .as_str()
-                .unwrap_or("")
-                .contains("stopped (exit status: 3)"),
-        "{}",
-        out.describe()
-    );
+    let f = partition_run_checked(&v, &out);
     for cut in &f[1..] {
         let d = cut["detail"].as_str().unwrap_or("");
         assert!(
@@ -796,26 +806,7 @@ fn mail_partition_overlap_end_to_end() {
     let path = dir.write("mail-partition-overlap-short.toml", text.as_bytes());
     let out = tandem(&["drill", common::arg(&path), "--seed", "7", "--json"]);
     let v = passed_report(&out);
-    let run = &v["runs"][0];
-    assert_eq!(run["messages"]["lost"], 0, "{}", out.describe());
-    assert!(
-        run["messages"]["acknowledged"].as_u64().unwrap_or(0) > 10,
-        "{}",
-        out.describe()
-    );
-    assert_eq!(run["live_copies"], 1, "{}", out.describe());
-    let f = run["faults"].as_array().unwrap();
-    assert_eq!(f.len(), 3, "{}", out.describe());
-    let winner = f[0]["winner"].as_str().unwrap_or("");
-    assert!(
-        ["primary", "secondary"].contains(&winner)
-            && f[0]["detail"]
-                .as_str()
-                .unwrap_or("")
-                .contains("stopped (exit status: 3)"),
-        "{}",
-        out.describe()
-    );
+    let f = partition_run_checked(&v, &out);
     for cut in &f[1..] {
         let d = cut["detail"].as_str().unwrap_or("");
         assert!(

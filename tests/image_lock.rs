@@ -238,6 +238,20 @@ fn a_disk_move_locks_the_new_image_and_frees_the_old_one() {
     assert!(!locked(&new));
 }
 
+/// A receiver on "shared storage" with the VM of `images`: its `--disk`
+/// is a hard link to the VM's image (the same file, on loopback). Returns
+/// it and its address.
+fn shared_storage_receiver(images: &Images, pki: &Pki) -> (Proc, String) {
+    let link = images.tmp.file("link.img");
+    std::fs::hard_link(&images.img, &link).unwrap();
+    receiver(
+        &[],
+        "127.0.0.1:0",
+        &pki.creds("b"),
+        &["--disk", &link.to_string_lossy()],
+    )
+}
+
 /// Shared storage (here: a hard link, on loopback): the source lets go of
 /// the image at the switchover for the destination to take. When the
 /// switchover fails (a paused VM, a receiver without --api-socket: refused
@@ -248,14 +262,8 @@ fn a_disk_move_locks_the_new_image_and_frees_the_old_one() {
 fn a_failed_switchover_onto_shared_storage_takes_the_lock_back() {
     let images = Images::new("lock-shared");
     let Images { tmp, img, .. } = &images;
-    std::fs::hard_link(img, tmp.file("link.img")).unwrap();
     let pki = Pki::new(&["a", "b"], &[]);
-    let (dst, addr) = receiver(
-        &[],
-        "127.0.0.1:0",
-        &pki.creds("b"),
-        &["--disk", &tmp.s("link.img")],
-    );
+    let (dst, addr) = shared_storage_receiver(&images, &pki);
     let (vm, sock) = images.paused_vm();
     let (code, out, err) = migrate(&sock, &addr, &pki.creds("a"), &[]);
     assert_ne!(code, 0, "{out}");
@@ -281,18 +289,14 @@ fn a_failed_switchover_onto_shared_storage_takes_the_lock_back() {
 fn a_failed_switchover_whose_image_was_taken_meanwhile_stays_paused() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let images = Images::new("lock-taken");
-    let Images { tmp, img, .. } = &images;
-    std::fs::hard_link(img, tmp.file("link.img")).unwrap();
+    let Images { img, .. } = &images;
     let pki = Pki::new(&["a", "b"], &[]);
-    let (dst, addr) = receiver(
-        &[],
-        "127.0.0.1:0",
-        &pki.creds("b"),
-        &["--disk", &tmp.s("link.img")],
-    );
+    let (dst, addr) = shared_storage_receiver(&images, &pki);
     let (vm, sock) = images.paused_vm();
-    // The grabber: takes the lock the moment it is free, keeps it until
-    // told to let go.
+    // The grabber: waits on the lock (a blocking flock at real-time
+    // priority, woken and running the instant the source lets go, before an
+    // answer from the destination could make the source take it back),
+    // keeps it until told to let go.
     let (got, release) = (
         std::sync::Arc::new(AtomicBool::new(false)),
         std::sync::Arc::new(AtomicBool::new(false)),
@@ -301,11 +305,17 @@ fn a_failed_switchover_whose_image_was_taken_meanwhile_stays_paused() {
         let f = File::open(img).unwrap();
         let (got, release) = (got.clone(), release.clone());
         std::thread::spawn(move || {
+            // Real-time priority: woken by the unlock, it runs at once,
+            // ahead of the source's own retake, however loaded the host.
+            let param = libc::sched_param { sched_priority: 10 };
+            // SAFETY: sets this thread's own scheduling policy; `param`
+            // is a valid sched_param for the call's duration.
+            let rt = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+            assert_eq!(rt, 0, "SCHED_FIFO: {}", std::io::Error::last_os_error());
+            f.lock().unwrap();
+            got.store(true, Ordering::SeqCst);
             while !release.load(Ordering::SeqCst) {
-                if !got.load(Ordering::SeqCst) && f.try_lock().is_ok() {
-                    got.store(true, Ordering::SeqCst);
-                }
-                std::thread::sleep(std::time::Duration::from_micros(20));
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
             drop(f);
         })
@@ -411,10 +421,16 @@ fn the_image_is_held_without_a_gap_from_the_first_check_on() {
             args.extend(creds.iter().map(String::as_str));
         }
         let mut vm = Proc::spawn(&[], &args);
+        let t0 = std::time::Instant::now();
         let started = loop {
             if vm.out().contains("disk capacity") {
                 break true;
             }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(180),
+                "no disk in 180 s\n{}",
+                vm.describe()
+            );
             if let Ok(Some(_)) = vm.child.try_wait() {
                 break false;
             }

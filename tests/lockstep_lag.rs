@@ -24,16 +24,22 @@ fn entries(path: &str) -> Vec<Entry> {
     out
 }
 
-/// The `echo` guest idles in HLT between timer ticks once it said `echo
-/// ready`: before each idle wait the primary logs a progress mark at the
-/// exit it idles at, after the tick's last event. Stopped there (SIGSTOP,
-/// nothing more is logged), the primary leaves the secondary with a log
-/// whose last entry is such a mark, and the secondary replays exactly up
-/// to the mark's exit: past its last event, never past what the log covers.
-#[test]
-fn an_idle_guest_s_secondary_replays_up_to_the_primary_s_exit() {
-    let dir = TempDir::new("lag-idle");
-    let pki = Pki::new(&["pri", "sec"], &[]);
+/// Start the protected primary `args` (without credentials) with the
+/// credentials of "pri", and wait for its control socket `sock`.
+fn primary_on(args: Vec<&str>, pki: &Pki, sock: &str) -> Proc {
+    let creds = pki.creds("pri");
+    let mut args: Vec<&str> = args;
+    let more: Vec<&str> = creds.iter().map(String::as_str).collect();
+    args.extend(more);
+    let mut pri = Proc::spawn(&[], &args);
+    pri.wait_until("the control socket", || std::path::Path::new(sock).exists());
+    pri
+}
+
+/// A secondary with a control socket and its received log kept, that
+/// takes no silence for a failover (the tests stop one side on purpose):
+/// (the process, its address, its socket, its log).
+fn watched_secondary(dir: &TempDir, pki: &Pki) -> (Proc, String, String, String) {
     let (sec_sock, sec_log) = (dir.s("sec.sock"), dir.s("sec.log"));
     let (sec, addr) = cluster::secondary(
         &[],
@@ -44,11 +50,24 @@ fn an_idle_guest_s_secondary_replays_up_to_the_primary_s_exit() {
             &sec_sock,
             "--log",
             &sec_log,
-            // The primary is stopped on purpose: not a failover.
             "--failover-timeout-ms",
             "600000",
         ],
     );
+    (sec, addr, sec_sock, sec_log)
+}
+
+/// The `echo` guest idles in HLT between timer ticks once it said `echo
+/// ready`: before each idle wait the primary logs a progress mark at the
+/// exit it idles at, after the tick's last event. Stopped there (SIGSTOP,
+/// nothing more is logged), the primary leaves the secondary with a log
+/// whose last entry is such a mark, and the secondary replays exactly up
+/// to the mark's exit: past its last event, never past what the log covers.
+#[test]
+fn an_idle_guest_s_secondary_replays_up_to_the_primary_s_exit() {
+    let dir = TempDir::new("lag-idle");
+    let pki = Pki::new(&["pri", "sec"], &[]);
+    let (sec, addr, sec_sock, sec_log) = watched_secondary(&dir, &pki);
     let console = dir.s("pri.txt");
     let serial = format!("file:{console}");
     let mut args = vec![
@@ -135,7 +154,7 @@ fn a_stopped_secondary_slows_the_primary_within_its_bounds() {
         &["--failover-timeout-ms", "600000"],
     );
     let sock = dir.s("pri.sock");
-    let mut args = vec![
+    let args = vec![
         "run",
         "--cmdline",
         "fill 4 400 1",
@@ -151,12 +170,7 @@ fn a_stopped_secondary_slows_the_primary_within_its_bounds() {
         "--failover-timeout-ms",
         "600000",
     ];
-    let creds = pki.creds("pri");
-    args.extend(creds.iter().map(String::as_str));
-    let mut pri = Proc::spawn(&[], &args);
-    pri.wait_until("the control socket", || {
-        std::path::Path::new(&sock).exists()
-    });
+    let pri = primary_on(args, &pki, &sock);
     let bound = |s: &serde_json::Value| s["protection"]["bound"].clone();
     cluster::wait_status(&sock, "the log streaming", |s| {
         bound(s)["lag_samples"].as_u64() > Some(5)
@@ -216,23 +230,9 @@ fn a_stopped_secondary_slows_the_primary_within_its_bounds() {
 fn a_stopped_secondary_s_own_status_shows_its_lag() {
     let dir = TempDir::new("lag-own");
     let pki = Pki::new(&["pri", "sec"], &[]);
-    let (sec_sock, sec_log) = (dir.s("sec.sock"), dir.s("sec.log"));
-    let (sec, addr) = cluster::secondary(
-        &[],
-        "127.0.0.1:0",
-        &pki.creds("sec"),
-        &[
-            "--api-socket",
-            &sec_sock,
-            "--log",
-            &sec_log,
-            // Stopped on purpose: not a failover.
-            "--failover-timeout-ms",
-            "600000",
-        ],
-    );
+    let (sec, addr, sec_sock, sec_log) = watched_secondary(&dir, &pki);
     let sock = dir.s("pri.sock");
-    let mut args = vec![
+    let args = vec![
         "run",
         "--cmdline",
         "fill 4 100000 1",
@@ -246,12 +246,7 @@ fn a_stopped_secondary_s_own_status_shows_its_lag() {
         "--failover-timeout-ms",
         "600000",
     ];
-    let creds = pki.creds("pri");
-    args.extend(creds.iter().map(String::as_str));
-    let mut pri = Proc::spawn(&[], &args);
-    pri.wait_until("the control socket", || {
-        std::path::Path::new(&sock).exists()
-    });
+    let pri = primary_on(args, &pki, &sock);
     let mut sec = sec;
     sec.wait_until("the secondary's control socket", || {
         std::path::Path::new(&sec_sock).exists()

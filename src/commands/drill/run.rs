@@ -80,6 +80,27 @@ pub struct FaultReport {
     pub error: Option<String>,
 }
 
+impl FaultReport {
+    /// A fault of `kind` that fired at `trigger`, `at_messages` and
+    /// `at_ms` into the run; the rest is filled in as it happens.
+    fn new(kind: FaultKind, trigger: Trigger, at_messages: u32, at_ms: f64) -> FaultReport {
+        FaultReport {
+            kind: kind.name().into(),
+            fails_over: kind.fails_over(),
+            trigger,
+            at_messages,
+            at_ms,
+            detail: String::new(),
+            took_ms: 0.0,
+            downtime_ms: None,
+            client_gap_ms: None,
+            vmm_gap_ms: None,
+            winner: None,
+            error: None,
+        }
+    }
+}
+
 /// A protected VM's numbers, from its primary's and secondary's own
 /// reports at the end of the run.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -517,18 +538,8 @@ impl Run<'_> {
                         break;
                     }
                     if self.work_done() {
+                        let at = ms(self.started.elapsed());
                         report.faults.push(FaultReport {
-                            kind: f.kind.name().into(),
-                            fails_over: f.kind.fails_over(),
-                            trigger,
-                            at_messages: acked,
-                            at_ms: ms(self.started.elapsed()),
-                            detail: String::new(),
-                            took_ms: 0.0,
-                            downtime_ms: None,
-                            client_gap_ms: None,
-                            vmm_gap_ms: None,
-                            winner: None,
                             error: Some(format!(
                                 "never fired: the work was done after {acked} {}",
                                 if mail.is_some() {
@@ -537,6 +548,7 @@ impl Run<'_> {
                                     "console lines"
                                 }
                             )),
+                            ..FaultReport::new(f.kind, trigger, acked, at)
                         });
                         break 'faults;
                     }
@@ -548,20 +560,8 @@ impl Run<'_> {
                 let at_messages = self.work_seen();
                 let start = Instant::now();
                 (self.ctx.progress)(&format!("fault {}", f.kind.name()));
-                let mut fr = FaultReport {
-                    kind: f.kind.name().into(),
-                    fails_over: f.kind.fails_over(),
-                    trigger,
-                    at_messages,
-                    at_ms: ms(start - self.started),
-                    detail: String::new(),
-                    took_ms: 0.0,
-                    downtime_ms: None,
-                    client_gap_ms: None,
-                    vmm_gap_ms: None,
-                    winner: None,
-                    error: None,
-                };
+                let mut fr =
+                    FaultReport::new(f.kind, trigger, at_messages, ms(start - self.started));
                 let done = match f.kind {
                     FaultKind::Migrate => {
                         let to = host_index(scn, f.to.as_deref().unwrap_or_default());

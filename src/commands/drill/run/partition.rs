@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{ms, FaultReport, Proc, Run, WaitError, WaitResult, STEP};
+use super::{ms, FaultKind, FaultReport, Proc, Run, WaitError, WaitResult, STEP};
 use crate::commands::drill::scenario::Trigger;
 
 /// One cut of a partition fault.
@@ -125,7 +125,7 @@ impl Run<'_> {
                         .map_err(WaitError::Failed)?;
                     made[i] = true;
                     if i > 0 {
-                        let fr = self.cut_report(frs[0].0.kind.clone(), cuts[i].after_ms);
+                        let fr = self.cut_report(cuts[i].after_ms);
                         frs.push((fr, Instant::now()));
                         frs[i].0.detail = describe(i);
                     }
@@ -259,20 +259,13 @@ impl Run<'_> {
     }
 
     /// The report of a later cut of an overlapping partition, as it is made.
-    fn cut_report(&self, kind: String, after_ms: u64) -> FaultReport {
-        FaultReport {
-            kind,
-            fails_over: false,
-            trigger: Trigger::Ms(after_ms),
-            at_messages: self.work_seen(),
-            at_ms: ms(self.started.elapsed()),
-            detail: String::new(),
-            took_ms: 0.0,
-            downtime_ms: None,
-            client_gap_ms: None,
-            vmm_gap_ms: None,
-            winner: None,
-            error: None,
-        }
+    fn cut_report(&self, after_ms: u64) -> FaultReport {
+        let at = ms(self.started.elapsed());
+        FaultReport::new(
+            FaultKind::Partition,
+            Trigger::Ms(after_ms),
+            self.work_seen(),
+            at,
+        )
     }
 }
