@@ -272,10 +272,11 @@ pub fn replay_on(
     let elapsed = started.elapsed().as_secs_f64();
     let summary = |m: &Machine| {
         format!(
-            "{} exits in {elapsed:.2} s, {} sync points applied, {} divergences repaired",
+            "{} exits in {elapsed:.2} s, {} sync points applied, {} divergences repaired, {} kicks reached and verified",
             m.exit_seq - start,
             m.stats.sync_points,
-            m.stats.repaired
+            m.stats.repaired,
+            m.stats.kicks_verified
         )
     };
     let outcome = match result {

@@ -160,6 +160,8 @@ pub struct Machine {
     /// The next loop iteration re-enters the guest without servicing
     /// (a replayer after an exit the recorder did not see).
     pub(crate) skip_service: bool,
+    /// A replayer said once that this host cannot verify kicks.
+    pub(crate) kick_check_warned: bool,
     /// How a pending interrupt the vCPU cannot take yet waits (run.rs).
     pub(crate) blocked_irq: crate::run::BlockedIrq,
 }
@@ -287,6 +289,7 @@ impl Machine {
             sync: None,
             stats: Default::default(),
             skip_service: false,
+            kick_check_warned: false,
             blocked_irq: Default::default(),
         })
     }
@@ -401,6 +404,7 @@ impl Incoming {
             sync: None,
             stats: Default::default(),
             skip_service: false,
+            kick_check_warned: false,
             blocked_irq: Default::default(),
         })
     }
