@@ -165,6 +165,47 @@ fn busy_produces_sync_points_and_replays_verified() {
         "the replay applied no sync point\n{}",
         rep.describe()
     );
+    // Every kick's sync point was reached at its instruction and verified
+    // there in full, not adopted.
+    let verified = count_before(&rep.stderr, " kicks reached and verified", &rep);
+    assert_eq!(verified, s.kicks, "{}", rep.describe());
+}
+
+/// A divergence made between the last exit and a kick is found at the
+/// kick: the replayer runs to the kick's instruction and compares the whole
+/// state there instead of adopting the sync point. `tsc` with interrupts
+/// off makes no exit in its loop, so the recorder kicks it there, and the
+/// replay's registers (TSC deltas, counters) differ at every kick; before
+/// this check the replay only diverged later, at the loop's output.
+#[test]
+fn a_divergence_before_a_kick_is_found_at_the_kick() {
+    let dir = TempDir::new("rr-tsc-kick");
+    let log = dir.file("tsc.tlog");
+    let (_, s) = record(&log, "tsc 100000", &[], None);
+    assert!(s.kicks > 0, "the tsc loop was never kicked: {s:?}");
+
+    let rep = replay(&log, &["--quiet"]);
+    rep.assert_status(1);
+    assert!(
+        rep.stderr
+            .contains("expected the primary's state at the instruction it was kicked at (RIP 0x"),
+        "the divergence was not found at the kick\n{}",
+        rep.describe()
+    );
+    assert!(
+        !rep.stderr.contains("replay verified"),
+        "{}",
+        rep.describe()
+    );
+
+    // Repaired: each diverged kick counts, and none of them is "verified".
+    let fixed = replay(&log, &["--quiet", "--repair"]);
+    fixed.assert_status(0);
+    let repaired = count_before(&fixed.stderr, " divergences repaired", &fixed);
+    assert!(repaired >= s.kicks, "{s:?}\n{}", fixed.describe());
+    let verified = count_before(&fixed.stderr, " kicks reached and verified", &fixed);
+    assert_eq!(verified, 0, "{}", fixed.describe());
+    assert_repaired_not_verified(&fixed);
 }
 
 /// Disks are replicated (rule 7): the replay re-does the writes on its own

@@ -29,6 +29,14 @@ use super::CmdError;
 use crate::cli::{SecondaryArgs, SerialTarget};
 use crate::{console, net};
 
+/// Debug exits (breakpoint hits and the steps past them) a live secondary
+/// spends at most on reaching a kick's instruction before it adopts the
+/// kick's sync point unverified: a kick in a tight loop would cost one per
+/// pass and let the secondary fall behind (docs/determinism.md). The
+/// replica is the primary's state either way; `tandem replay` of the kept
+/// `--log` verifies every kick.
+const LIVE_KICK_HITS: u32 = 64;
+
 pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
     crate::signals::block();
     if matches!(args.serial, SerialTarget::Stdio) {
@@ -224,6 +232,9 @@ pub fn secondary(args: SecondaryArgs) -> Result<i32, CmdError> {
                 follow.clone(),
             ))),
             digest_at: args.digest_at.clone(),
+            // Keep up with the primary: a kick in a tight loop would cost a
+            // breakpoint exit per pass (docs/determinism.md).
+            kick_hits: Some(LIVE_KICK_HITS),
         },
         out,
         Some(Box::new(ReplayFrames(keeper))),

@@ -89,6 +89,7 @@ pub fn replay(args: ReplayArgs) -> Result<i32, CmdError> {
             repair: args.repair,
             hooks: None,
             digest_at: args.digest_at.clone(),
+            kick_hits: None,
         },
         out,
         &bad_log,
@@ -175,6 +176,10 @@ pub struct ReplayMode {
     pub hooks: Option<Box<dyn RepairHooks>>,
     /// Print the state digest at these exits.
     pub digest_at: Vec<u64>,
+    /// Breakpoint hits a kick's instruction may take to reach before its
+    /// sync point is adopted unverified (`vmm::kick`); `None`: no limit,
+    /// every kick is verified (`tandem replay`).
+    pub kick_hits: Option<u32>,
 }
 
 /// Run the replay to its end, stopping at each exit of `digest_at` (in
@@ -243,7 +248,9 @@ pub fn replay_on(
         repair,
         hooks,
         digest_at,
+        kick_hits,
     } = mode;
+    machine.kick_seek_hits = kick_hits;
     let done = |status| Replayed {
         status,
         truncated_at_ns: None,
@@ -272,10 +279,18 @@ pub fn replay_on(
     let elapsed = started.elapsed().as_secs_f64();
     let summary = |m: &Machine| {
         format!(
-            "{} exits in {elapsed:.2} s, {} sync points applied, {} divergences repaired",
+            "{} exits in {elapsed:.2} s, {} sync points applied, {} divergences repaired, {} kicks reached and verified{}",
             m.exit_seq - start,
             m.stats.sync_points,
-            m.stats.repaired
+            m.stats.repaired,
+            m.stats.kicks_verified,
+            match m.stats.kicks_unverified {
+                0 => String::new(),
+                n => format!(
+                    ", {n} adopted unverified (more than {} debug exits away)",
+                    m.kick_seek_hits.unwrap_or_default()
+                ),
+            }
         )
     };
     let outcome = match result {

@@ -171,12 +171,27 @@ impl Tracker {
         mem: &GuestMemory,
         id: ConsumerId,
     ) -> Result<Vec<u64>, DirtyError> {
+        let out = self.peek(vm, mem, id)?;
+        if let Some(bits) = self.consumers.get_mut(id.0).and_then(Option::as_mut) {
+            bits.iter_mut().for_each(|w| *w = 0);
+        }
+        Ok(out)
+    }
+
+    /// Collect, then list consumer `id`'s dirty pages (guest-physical
+    /// addresses, ascending), keeping its set.
+    fn peek(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        id: ConsumerId,
+    ) -> Result<Vec<u64>, DirtyError> {
         self.collect(vm, mem)?;
         let regions = self.regions.clone();
         let bits = self
             .consumers
-            .get_mut(id.0)
-            .and_then(Option::as_mut)
+            .get(id.0)
+            .and_then(Option::as_ref)
             .ok_or(DirtyError::UnknownConsumer(id.0))?;
         let mut out = Vec::new();
         let mut base = 0usize;
@@ -189,7 +204,6 @@ impl Tracker {
             }
             base += pages;
         }
-        bits.iter_mut().for_each(|w| *w = 0);
         Ok(out)
     }
 
@@ -251,6 +265,18 @@ impl DirtyTracker {
         id: ConsumerId,
     ) -> Result<Vec<u64>, DirtyError> {
         self.lock().take(vm, mem, id)
+    }
+
+    /// Collect, then list consumer `id`'s dirty pages without clearing
+    /// them (a replayer comparing its state before a sync point decides
+    /// what to roll back).
+    pub fn peek(
+        &self,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        id: ConsumerId,
+    ) -> Result<Vec<u64>, DirtyError> {
+        self.lock().peek(vm, mem, id)
     }
 
     /// How many pages consumer `id` has pending (without collecting).

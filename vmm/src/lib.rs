@@ -18,6 +18,7 @@ pub mod devices;
 pub mod dirty;
 pub mod image;
 pub mod inputs;
+pub mod kick;
 pub mod loader;
 pub mod machine;
 pub mod outputs;

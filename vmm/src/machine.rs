@@ -160,6 +160,12 @@ pub struct Machine {
     /// The next loop iteration re-enters the guest without servicing
     /// (a replayer after an exit the recorder did not see).
     pub(crate) skip_service: bool,
+    /// A replayer said once that this host cannot verify kicks.
+    pub(crate) kick_check_warned: bool,
+    /// Breakpoint hits a replayer spends at most on reaching a kick's
+    /// instruction before it adopts the sync point unverified (`None`: no
+    /// limit; [`crate::kick`]).
+    pub kick_seek_hits: Option<u32>,
     /// How a pending interrupt the vCPU cannot take yet waits (run.rs).
     pub(crate) blocked_irq: crate::run::BlockedIrq,
 }
@@ -287,6 +293,8 @@ impl Machine {
             sync: None,
             stats: Default::default(),
             skip_service: false,
+            kick_check_warned: false,
+            kick_seek_hits: None,
             blocked_irq: Default::default(),
         })
     }
@@ -401,6 +409,8 @@ impl Incoming {
             sync: None,
             stats: Default::default(),
             skip_service: false,
+            kick_check_warned: false,
+            kick_seek_hits: None,
             blocked_irq: Default::default(),
         })
     }

@@ -35,6 +35,7 @@ use std::sync::Arc;
 
 use crate::devices::IoAction;
 use crate::inputs::{Divergence, Fingerprint, Inputs, InputsError, SyncReason};
+use crate::kick::KickCheck;
 use crate::machine::Machine;
 use crate::outputs::Output;
 use crate::sync::SyncError;
@@ -85,6 +86,12 @@ pub struct RunStats {
     pub fingerprints: u64,
     /// Divergences found and repaired (replay with repair).
     pub repaired: u64,
+    /// Kicks' sync points a replayer reached at their instruction and
+    /// verified in full there ([`crate::kick`]).
+    pub kicks_verified: u64,
+    /// Kicks' sync points adopted unverified: their instruction was more
+    /// breakpoint hits away than the replayer may spend.
+    pub kicks_unverified: u64,
     /// The exit of the sync point that repaired the last divergence: the
     /// replica is exact again from there on.
     pub last_repair_exit: Option<u64>,
@@ -597,20 +604,51 @@ impl Machine {
         seq: u64,
         sp: &crate::inputs::SyncPoint,
     ) -> Result<(), RunError> {
-        let applied = self
-            .apply_sync_point(seq, sp)
-            .map_err(|source| RunError::Sync {
-                exit_seq: seq,
-                source,
-            })?;
+        let sync = |source| RunError::Sync {
+            exit_seq: seq,
+            source,
+        };
+        // A kick's sync point (no digest: the recorder's state at an
+        // instruction after this exit) is reached and verified first.
+        let kick = if sp.digest == recordlog::Digest::ZERO && self.sync.is_some() {
+            Some(self.seek_kick(sp).map_err(sync)?)
+        } else {
+            None
+        };
+        let applied = self.apply_sync_point(seq, sp).map_err(sync)?;
         self.stats.sync_points += 1;
-        if applied.diverged() {
-            let (expected, found) = match applied.digest_mismatch {
-                Some(own) => (
+        let kick_miss = match kick {
+            Some(KickCheck::Reached) if !applied.diverged() => {
+                self.stats.kicks_verified += 1;
+                None
+            }
+            Some(KickCheck::Missed { rip, found }) => Some((rip, found)),
+            Some(KickCheck::OverBudget) => {
+                self.stats.kicks_unverified += 1;
+                None
+            }
+            Some(KickCheck::Unsupported(why)) => {
+                if !self.kick_check_warned {
+                    self.kick_check_warned = true;
+                    tracing::warn!("kicks' sync points are adopted unverified: {why}");
+                }
+                None
+            }
+            _ => None,
+        };
+        if applied.diverged() || kick_miss.is_some() {
+            let (expected, found) = match (kick_miss, applied.digest_mismatch) {
+                (Some((rip, found)), _) => (
+                    format!(
+                        "the primary's state at the instruction it was kicked at (RIP {rip:#x})"
+                    ),
+                    found,
+                ),
+                (None, Some(own)) => (
                     format!("state digest {}", sp.digest.to_hex()),
                     format!("state digest {}", own.to_hex()),
                 ),
-                None => (
+                (None, None) => (
                     "the primary's memory at the sync point".into(),
                     format!("{} pages written only by the replayer", applied.rolled_back),
                 ),

@@ -119,7 +119,7 @@ impl SyncPointCheck {
     }
 }
 
-fn decode_states(sp: &SyncPoint) -> Result<(VcpuState, DevicesState), SyncError> {
+pub(crate) fn decode_states(sp: &SyncPoint) -> Result<(VcpuState, DevicesState), SyncError> {
     let vcpu: VcpuState = decode_state("sync point's vCPU state", &sp.vcpu_state)?;
     let devices: DevicesState = decode_state("sync point's device state", &sp.device_state)?;
     Ok((vcpu, devices))
@@ -219,14 +219,18 @@ pub fn state_digest(
     let mut h = Hasher::new();
     memory_digest(&mut h, mem)?;
     vcpu_digest(&mut h, vcpu)?;
-    // Host resources are not guest state: each side replays its own copy
-    // of the disk, wherever it lives (DESIGN.md rule 7).
+    devices_digest(&mut h, devices)?;
+    Ok(h.finalize())
+}
+
+/// Digest of the device state, without host resources: each side replays
+/// its own copy of the disk, wherever it lives (DESIGN.md rule 7).
+pub fn devices_digest(h: &mut Hasher, devices: &DevicesState) -> Result<(), StateError> {
     let mut devices = devices.clone();
     if let Some(b) = devices.block.as_mut() {
         b.path = Default::default();
     }
-    hash_pod(&mut h, "device state", &devices)?;
-    Ok(h.finalize())
+    hash_pod(h, "device state", &devices)
 }
 
 #[cfg(test)]
@@ -270,7 +274,7 @@ impl Checkpoint {
     }
 
     /// The page at `gpa` as of the checkpoint.
-    fn page(&self, gpa: u64) -> &[u8] {
+    pub(crate) fn page(&self, gpa: u64) -> &[u8] {
         self.pages.get(&gpa).map_or(&ZERO_PAGE[..], Vec::as_slice)
     }
 
@@ -302,10 +306,10 @@ impl Applied {
 
 /// Sync-point machinery attached to a machine.
 pub struct SyncState {
-    consumer: ConsumerId,
+    pub(crate) consumer: ConsumerId,
     /// Memory as of the last sync point: what its pages are encoded
     /// against, and where a replayer rolls back to.
-    checkpoint: Checkpoint,
+    pub(crate) checkpoint: Checkpoint,
 }
 
 impl Machine {
