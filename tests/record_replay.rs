@@ -107,6 +107,24 @@ fn roundtrip(cmdline: &str, extra: &[&str]) -> Summary {
     s
 }
 
+/// Replaying `log` without repair fails (status 1) saying `says`, and
+/// never says it verified.
+#[track_caller]
+fn replay_diverges(log: &Path, says: &str) {
+    let rep = replay(log, &["--quiet"]);
+    rep.assert_status(1);
+    assert!(
+        rep.stderr.contains(says),
+        "no {says:?}: the divergence was not reported\n{}",
+        rep.describe()
+    );
+    assert!(
+        !rep.stderr.contains("replay verified"),
+        "{}",
+        rep.describe()
+    );
+}
+
 #[test]
 fn hello_replays_verified() {
     let s = roundtrip("hello", &["--fingerprint-interval", "10"]);
@@ -184,18 +202,9 @@ fn a_divergence_before_a_kick_is_found_at_the_kick() {
     let (_, s) = record(&log, "tsc 100000", &[], None);
     assert!(s.kicks > 0, "the tsc loop was never kicked: {s:?}");
 
-    let rep = replay(&log, &["--quiet"]);
-    rep.assert_status(1);
-    assert!(
-        rep.stderr
-            .contains("expected the primary's state at the instruction it was kicked at (RIP 0x"),
-        "the divergence was not found at the kick\n{}",
-        rep.describe()
-    );
-    assert!(
-        !rep.stderr.contains("replay verified"),
-        "{}",
-        rep.describe()
+    replay_diverges(
+        &log,
+        "expected the primary's state at the instruction it was kicked at (RIP 0x",
     );
 
     // Repaired: each diverged kick counts, and none of them is "verified".
@@ -360,18 +369,7 @@ fn tsc_divergence_is_detected_every_time_and_repaired() {
         assert!(s.fingerprints > 0, "{s:?}");
         assert_eq!(s.kicks, 0, "{s:?}");
 
-        let rep = replay(&log, &["--quiet"]);
-        rep.assert_status(1);
-        assert!(
-            rep.stderr.contains("replay diverged: divergence at exit "),
-            "round {round}: divergence not reported\n{}",
-            rep.describe()
-        );
-        assert!(
-            !rep.stderr.contains("replay verified"),
-            "{}",
-            rep.describe()
-        );
+        replay_diverges(&log, "replay diverged: divergence at exit ");
 
         let fixed = replay(&log, &["--quiet", "--repair"]);
         fixed.assert_status(0);
