@@ -98,10 +98,11 @@ impl Cap {
         self.largest_sent = self.largest_sent.max(last_packet_number);
     }
 
-    fn on_ack(&mut self, bytes: u64, min_rtt: Duration) {
+    /// `rtt`: from the packet's send to its acknowledgement.
+    fn on_ack(&mut self, bytes: u64, rtt: Duration) {
         self.acked += bytes;
-        if !min_rtt.is_zero() {
-            self.min_rtt = Some(self.min_rtt.map_or(min_rtt, |m| m.min(min_rtt)));
+        if !rtt.is_zero() {
+            self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
         }
     }
 
@@ -130,8 +131,16 @@ impl Cap {
             self.max_rate = self.max_rate.max(self.acked as f64 / took.as_secs_f64());
         }
         let sent = self.acked + self.lost;
-        if self.lost >= LOSSY_MIN_BYTES && self.lost as f64 > LOSSY_ROUND * sent as f64 {
+        if !self.settled
+            && self.lost >= LOSSY_MIN_BYTES
+            && self.lost as f64 > LOSSY_ROUND * sent as f64
+        {
             self.settled = true;
+            tracing::debug!(
+                "congestion: a round trip lost {} of {sent} bytes, window bound settles at {:?} bytes",
+                self.lost,
+                self.bound()
+            );
         }
         self.round_start = Some(now);
         self.round_end = self.largest_sent;
@@ -176,7 +185,9 @@ impl Controller for Floored {
         app_limited: bool,
         rtt: &RttEstimator,
     ) {
-        self.cap.on_ack(bytes, rtt.min());
+        // Not `rtt.min()`: quinn starts it at the initial RTT (100 ms here)
+        // and only ever lowers it, so on a 150 ms path it stays 100 ms.
+        self.cap.on_ack(bytes, now.saturating_duration_since(sent));
         self.inner.on_ack(now, sent, bytes, app_limited, rtt)
     }
 
