@@ -594,11 +594,16 @@ impl Source<'_> {
     /// Read the destination's answer to the header (`disk`: we offered
     /// one).
     fn answer(&mut self, disk: bool) -> Result<(), MigrationError> {
-        self.answer_pending = false;
+        // Pipelined: round 0 was already on its way, pre-copy under way; a
+        // destination that is gone now was lost, not never reached.
+        let pipelined = std::mem::replace(&mut self.answer_pending, false);
         let to = self.params.to;
-        self.conn()
-            .finish_hello()
-            .map_err(|source| MigrationError::Connect { addr: to, source })?;
+        self.conn().finish_hello().map_err(|source| match source {
+            source @ failover::channel::ChannelError::Closed { .. } if pipelined => {
+                MigrationError::Channel(source)
+            }
+            source => MigrationError::Connect { addr: to, source },
+        })?;
         self.report.destination = format!("{} at {to}", self.conn().peer().hello.name);
         let (k, payload) = match self.conn().recv_frame() {
             Ok(f) => f,
